@@ -1,0 +1,166 @@
+"""The running bridge: storage, ingest transport and commit pipeline, started and stopped in order.
+
+It also keeps the books: the gap log, the state file and the periodic rate line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mqtt_backup.config import Settings
+from mqtt_backup.errors import StorageError
+from mqtt_backup.ingest import CommitPipeline
+from mqtt_backup.mqtt import PahoIngest, Session
+from mqtt_backup.storage import Store
+from mqtt_backup.storage.journal import BridgeState, Gap
+from mqtt_backup.times import NS_PER_S
+from mqtt_backup.topics import Router
+
+log = logging.getLogger(__name__)
+
+STATE_EVERY_S = 5.0
+RATE_LOG_EVERY_S = 30.0
+
+
+@dataclass(slots=True)
+class _Clock:
+    state_at: float = 0.0
+    rate_at: float = 0.0
+    rate_stored: int = 0
+
+
+class Bridge:
+    """Ingest into the store until stopped. `stop()` is the one call safe from outside."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._router = Router(settings.templates, settings.namespace)
+        self.store = Store.open(settings.data, settings.partitions, settings.client_id)
+        self._state = BridgeState.load(settings.data)
+        self._clock = _Clock()
+        self._disconnected_at: int | None = None
+        self._transport = PahoIngest(self._session(), self._router.filters, self)
+        self.pipeline = CommitPipeline(
+            self.store,
+            self._router,
+            self._transport.ack,
+            batch_max=settings.batch_max,
+            batch_ms=settings.batch_ms,
+        )
+
+    def _session(self) -> Session:
+        s = self.settings
+        return Session(
+            address=s.broker_address,
+            client_id=self.store.client_id,
+            protocol=s.protocol,
+            keepalive=s.keepalive,
+            session_expiry=s.session_expiry,
+            receive_maximum=min(65535, max(s.batch_max, 100)),
+            ca=str(s.ca) if s.ca else None,
+            cert=str(s.cert) if s.cert else None,
+            key=str(s.key) if s.key else None,
+        )
+
+    def connect(self) -> None:
+        """Connect and subscribe; BrokerError when the broker is unreachable or refuses."""
+        try:
+            self._transport.connect(self.pipeline, self._state.subscriptions)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def run(self) -> None:
+        """Ingest until `stop()`; then store what is pending, acknowledge it and close."""
+        s = self.settings
+        log.info(
+            "mqtt-backup running: broker %s, data %s, %d partitions, client id %s, topics %s",
+            s.broker_address,
+            s.data,
+            len(self.store.manifest.partitions),
+            self.store.client_id,
+            ", ".join(s.topic),
+        )
+        try:
+            self._transport.run(self.pipeline, self._stop)
+        finally:
+            self._save_state()
+            self.store.close()
+            log.info("stopped: %d messages stored this run", self.pipeline.counters.stored)
+
+    def stop(self) -> None:
+        """Ask the bridge to stop (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    # ---- hooks the transport calls -----------------------------------------------------------
+
+    def connected(self, session_present: bool, subscribed: Sequence[str]) -> None:
+        """Record a gap when the broker lost our session (it dropped what it held for us)."""
+        now = time.time_ns()
+        had_session = bool(self._state.subscriptions)
+        if not session_present and had_session:
+            since = self._disconnected_at or self._state.last_alive_ns or now
+            downtime = (now - since) / NS_PER_S
+            reason = "downtime" if downtime > self.settings.session_expiry else "session-lost"
+            log.warning(
+                "the broker has no session for %s: messages published since %s may be lost "
+                "(recorded as a %s gap). Enable persistence on the broker to avoid this.",
+                self.store.client_id,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since / NS_PER_S)),
+                reason,
+            )
+            self._record_gap(Gap(since, now, reason))
+        self._disconnected_at = None
+        self._state.subscriptions = list(subscribed)
+        self._save_state()
+
+    def disconnected(self, reason: str) -> None:
+        """Note when the connection dropped; the transport reconnects by itself."""
+        self._disconnected_at = time.time_ns()
+        log.warning("lost the broker connection (%s); reconnecting", reason)
+
+    def tick(self) -> None:
+        """Periodic work, called from the transport loop: state file and rate log."""
+        now = time.monotonic()
+        if now - self._clock.state_at >= STATE_EVERY_S:
+            self._save_state()
+        if now - self._clock.rate_at >= RATE_LOG_EVERY_S:
+            self._log_rate(now)
+
+    def _log_rate(self, now: float) -> None:
+        c = self.pipeline.counters
+        if self._clock.rate_at:
+            stored = c.stored - self._clock.rate_stored
+            elapsed = now - self._clock.rate_at
+            log.info(
+                "ingest: %d msg in %.0fs (%.0f msg/s), %d total, %d redelivered copies, "
+                "%d pending, %d skipped",
+                stored,
+                elapsed,
+                stored / elapsed,
+                c.stored,
+                c.duplicates,
+                self.pipeline.pending,
+                c.skipped,
+            )
+        self._clock.rate_at, self._clock.rate_stored = now, c.stored
+
+    def _save_state(self) -> None:
+        self._clock.state_at = time.monotonic()
+        if self._disconnected_at is None:
+            self._state.last_alive_ns = time.time_ns()
+        try:
+            self._state.save(self.settings.data)
+        except StorageError as exc:
+            log.warning("could not save the bridge state: %s", exc.detail)
+
+    def _record_gap(self, gap: Gap) -> None:
+        try:
+            self.store.gaps.record(gap)
+        except StorageError as exc:
+            log.error("could not record a %s gap: %s", gap.reason, exc.detail)

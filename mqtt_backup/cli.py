@@ -1,0 +1,307 @@
+"""The `mqtt-backup` command line: the only module that prints or exits.
+
+Errors become one line on stderr and an exit code: 0 ok, 1 runtime failure, 2 usage or bad input,
+3 broker unreachable or refused, 4 storage problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mqtt_backup import config
+from mqtt_backup.bridge import Bridge
+from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
+from mqtt_backup.errors import EXIT_USAGE, BackupError, UsageError
+from mqtt_backup.storage import DeviceInfo, StoreReader
+from mqtt_backup.times import format_ts, parse_time
+from mqtt_backup.topics import check_filter
+
+PROG = "mqtt-backup"
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+app = typer.Typer(
+    name=PROG,
+    help="Back up every message an MQTT broker delivers; give it back over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML config file [default: ./mqtt-backup.toml when present]"),
+]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="data directory [default: ./mqtt-backup-data]")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document")]
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        help="mqtt://[user:pass@]host[:port] or mqtts://... [default: mqtt://127.0.0.1:1883]",
+    ),
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    raise typer.Exit(code)
+
+
+def reports_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn a BackupError into its one line and exit code, also under typer's test runner."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except BackupError as exc:
+            _fail(exc.message(), exc.exit_code)
+
+    return wrapper
+
+
+def load_settings(config_file: Path | None, **flags: Any) -> config.Settings:
+    """Settings for a command: defaults < file < MQTT_BACKUP_* < flags."""
+    return config.load(flags, os.environ, config_file)
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def run(
+    broker: BrokerOpt = None,
+    data: DataOpt = None,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--topic",
+            help="topic template with a {device} level; repeatable [default: devices/{device}/#]",
+        ),
+    ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option(help="MQTT client id [default: generated once, kept in the data directory]"),
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option(help="partitions of a new data directory [default: 4]")
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="the bridge's own topics, never stored [default: backup]")
+    ] = None,
+    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    session_expiry: Annotated[
+        int | None,
+        typer.Option(
+            help="seconds the broker keeps the session while the bridge is away [default: 604800]"
+        ),
+    ] = None,
+    batch_max: Annotated[
+        int | None, typer.Option(help="messages per commit at most [default: 1000]")
+    ] = None,
+    batch_ms: Annotated[
+        int | None, typer.Option(help="longest a batch waits for more messages [default: 20]")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Run the bridge: store every message of the topic templates, acknowledged after fsync."""
+    settings = load_settings(
+        config_file,
+        broker=broker,
+        data=data,
+        topic=topic,
+        client_id=client_id,
+        partitions=partitions,
+        namespace=namespace,
+        protocol=protocol,
+        ca=ca,
+        cert=cert,
+        key=key,
+        session_expiry=session_expiry,
+        batch_max=batch_max,
+        batch_ms=batch_ms,
+        log_level=log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    bridge = Bridge(settings)
+    bridge.connect()
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        bridge.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bridge.run()
+
+
+# ---- devices ------------------------------------------------------------------------------------
+
+
+class DeviceSort(Enum):
+    """Orders of the device listing (all but `device` largest or newest first)."""
+
+    DEVICE = "device"
+    COUNT = "count"
+    BYTES = "bytes"
+    FIRST = "first"
+    LAST = "last"
+
+
+def _device_json(d: DeviceInfo) -> dict[str, Any]:
+    return {
+        "device": d.device,
+        "first": format_ts(d.first_ns),
+        "last": format_ts(d.last_ns),
+        "count": d.count,
+        "bytes": d.size,
+        "duplicates": d.dups,
+        "partition": d.partition,
+    }
+
+
+@app.command()
+@reports_errors
+def devices(
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+    sort: Annotated[DeviceSort, typer.Option(help="order of the listing")] = DeviceSort.DEVICE,
+    config_file: ConfigOpt = None,
+) -> None:
+    """List stored devices: id, first, last, count, bytes, partition (also while running)."""
+    settings = load_settings(config_file, data=data)
+    with StoreReader(settings.data) as reader:
+        found = reader.devices()
+    field = {"first": "first_ns", "last": "last_ns", "bytes": "size"}.get(sort.value, sort.value)
+    found.sort(key=lambda d: getattr(d, field), reverse=sort is not DeviceSort.DEVICE)
+    if as_json:
+        json.dump([_device_json(d) for d in found], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    table = Table("device", "first", "last", "count", "bytes", "dups", "partition")
+    for d in found:
+        row = _device_json(d)
+        table.add_row(
+            d.device,
+            row["first"],
+            row["last"],
+            str(d.count),
+            str(d.size),
+            str(d.dups),
+            d.partition,
+        )
+    # Piped output is for reading in full: do not truncate columns to 80 characters.
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+class ExportFormat(Enum):
+    """Formats of `export`."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+@contextmanager
+def _output(path: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdout
+        return
+    try:
+        with Path(path).open("w", encoding="utf-8", newline="") as handle:
+            yield handle
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _time_opt(value: str | None, what: str) -> int | None:
+    return None if value is None else parse_time(value, what)
+
+
+@app.command()
+@reports_errors
+def export(
+    data: DataOpt = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="only this device; repeatable")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="from (RFC 3339 or epoch s), inclusive")] = None,
+    until: Annotated[str | None, typer.Option(help="to (RFC 3339 or epoch s), exclusive")] = None,
+    topic: Annotated[str | None, typer.Option("--topic", help="MQTT filter on the topic")] = None,
+    fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.JSONL,
+    output: Annotated[str, typer.Option("--output", help="file, or - for stdout")] = "-",
+    config_file: ConfigOpt = None,
+) -> None:
+    """Write stored messages as JSON lines (the restore envelope) or CSV."""
+    settings = load_settings(config_file, data=data)
+    since_ns, until_ns = _time_opt(since, "--since"), _time_opt(until, "--until")
+    if since_ns is not None and until_ns is not None and since_ns > until_ns:
+        raise UsageError("--since is after --until")
+    if topic is not None:
+        check_filter(topic)
+    with StoreReader(settings.data) as reader, _output(output) as out:
+        ids = device or [d.device for d in reader.devices()]
+        writer = csv.writer(out) if fmt is ExportFormat.CSV else None
+        if writer is not None:
+            writer.writerow(CSV_COLUMNS)
+        for dev in ids:
+            for msg in reader.messages(dev, since_ns, until_ns, topic):
+                envelope = message_envelope(msg.device, msg.ts_ns, msg.record)
+                if writer is not None:
+                    writer.writerow(csv_row(envelope))
+                else:
+                    out.write(json.dumps(envelope, ensure_ascii=False) + "\n")
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console script: run the app, turning every error into one line and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else PROG
+        sys.stderr.write(f"{PROG}: {exc.format_message().rstrip('.')}. Try: {where} --help\n")
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        sys.stderr.write(f"{PROG}: {exc.format_message()}\n")
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except BackupError as exc:
+        sys.stderr.write(f"{PROG}: {exc.message()}\n")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

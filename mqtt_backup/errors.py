@@ -1,0 +1,77 @@
+"""Error classes: each carries its exit code; its docstring is the user-facing message.
+
+Only `cli.py` turns them into output. A message says what is wrong and, after "Try:", what to do.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_BROKER = 3
+EXIT_STORAGE = 4
+
+
+class BackupError(Exception):
+    """{detail}"""
+
+    exit_code: ClassVar[int] = EXIT_RUNTIME
+
+    def __init__(self, detail: str = "", hint: str = "") -> None:
+        self.detail = detail
+        self.hint = hint
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        """The one line the user sees."""
+        template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        text = template.format(detail=self.detail)
+        return f"{text}. Try: {self.hint}" if self.hint else text
+
+
+class UsageError(BackupError):
+    """{detail}"""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(UsageError):
+    """bad configuration: {detail}"""
+
+
+class BrokerError(BackupError):
+    """broker problem: {detail}"""
+
+    exit_code = EXIT_BROKER
+
+
+class BrokerUnreachable(BrokerError):
+    """cannot reach the broker: {detail}"""
+
+
+class BrokerRefused(BrokerError):
+    """the broker refused the bridge: {detail}"""
+
+
+class StorageError(BackupError):
+    """storage problem: {detail}"""
+
+    exit_code = EXIT_STORAGE
+
+
+class DataDirLocked(StorageError):
+    """data directory is in use: {detail}"""
+
+
+class DataDirMissing(StorageError):
+    """no data directory: {detail}"""
+
+
+class CorruptRecord(StorageError):
+    """corrupt record: {detail}"""
+
+
+class StorageUnavailable(StorageError):
+    """cannot write to storage: {detail}"""

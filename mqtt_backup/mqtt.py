@@ -1,0 +1,451 @@
+"""MQTT connections: the only module that imports paho-mqtt or aiomqtt.
+
+`PahoIngest` is the ingest transport: a paho client with a persistent session and manual acks,
+driven by its own loop so that a batch closes the moment the socket has nothing more to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from mqtt_backup.config import BrokerAddress
+from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, StorageUnavailable
+from mqtt_backup.records import Properties, Record
+
+log = logging.getLogger(__name__)
+
+REPLAY_PROPERTY = "mqtt-backup-replay"
+CONNECT_TIMEOUT_S = 10.0
+_BACKOFF_MAX_S = 30.0
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """How the bridge connects: who it is and how long the broker keeps its session."""
+
+    address: BrokerAddress
+    client_id: str
+    protocol: str = "5"
+    keepalive: int = 30
+    session_expiry: int = 7 * 24 * 3600
+    receive_maximum: int = 1000
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class Sink(Protocol):
+    """What the transport feeds: the commit pipeline, seen from the network side."""
+
+    @property
+    def pending(self) -> int:
+        """Messages received, not yet stored."""
+
+    @property
+    def has_work(self) -> bool:
+        """Something waits to be stored or acknowledged."""
+
+    def offer(self, record: Record, token: object | None, replayed: bool = False) -> None:
+        """Take one message."""
+
+    def full(self) -> bool:
+        """The batch reached its size limit."""
+
+    def due(self) -> bool:
+        """The batch should close now."""
+
+    def seconds_left(self) -> float:
+        """How long the open batch may wait."""
+
+    def commit(self) -> int:
+        """Store and acknowledge the batch; StorageUnavailable when storage fails."""
+
+    def drop_tokens(self, keep: Callable[[object], bool]) -> None:
+        """Forget tokens of a closed connection."""
+
+
+class Hooks(Protocol):
+    """What the bridge wants to hear from the transport."""
+
+    def connected(self, session_present: bool, subscribed: Sequence[str]) -> None:
+        """A connection is up and subscribed."""
+
+    def disconnected(self, reason: str) -> None:
+        """The connection was lost."""
+
+    def tick(self) -> None:
+        """Called every loop turn, for periodic work."""
+
+
+def _paho_properties(props: Any) -> Properties | None:
+    if props is None:
+        return None
+    user = getattr(props, "UserProperty", None)
+    result = Properties(
+        payload_format=getattr(props, "PayloadFormatIndicator", None),
+        message_expiry=getattr(props, "MessageExpiryInterval", None),
+        content_type=getattr(props, "ContentType", None),
+        response_topic=getattr(props, "ResponseTopic", None),
+        correlation_data=getattr(props, "CorrelationData", None),
+        user=tuple((str(k), str(v)) for k, v in user) if user else (),
+    )
+    return None if result.is_empty() else result
+
+
+def _is_replay(props: Properties | None) -> bool:
+    return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
+
+
+class PahoIngest:
+    """Ingest transport on paho-mqtt: persistent session, QoS 1, manual acks after the sync."""
+
+    def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
+        self.session = session
+        self.filters = list(filters)
+        self._hooks = hooks
+        self._sink: Sink | None = None
+        self._generation = 0
+        self._connack: tuple[bool, ReasonCode | None] | None = None
+        self._suback: list[ReasonCode] | None = None
+        self._connected = False
+        self._client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        v5 = self.session.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.session.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        addr = self.session.address
+        if addr.username is not None:
+            client.username_pw_set(addr.username, addr.password)
+        if addr.tls:
+            client.tls_set(
+                ca_certs=self.session.ca, certfile=self.session.cert, keyfile=self.session.key
+            )
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        return client
+
+    # ---- paho callbacks (run inside loop_read on this thread) -------------------------------
+
+    def _on_connect(
+        self, _c: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
+    ) -> None:
+        self._connack = (flags.session_present, rc)
+
+    def _on_subscribe(
+        self, _c: paho.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object
+    ) -> None:
+        self._suback = codes
+
+    def _on_disconnect(
+        self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
+    ) -> None:
+        if self._connected:
+            self._connected = False
+            self._hooks.disconnected(str(rc))
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        if self._sink is None:
+            return
+        props = _paho_properties(msg.properties)
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        record = Record(msg.topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), props)
+        token = (self._generation, msg.mid, msg.qos) if msg.qos else None
+        self._sink.offer(record, token, _is_replay(props))
+
+    # ---- connecting --------------------------------------------------------------------------
+
+    def connect(self, sink: Sink, known_filters: Sequence[str]) -> bool:
+        """First connection: BrokerError when the broker cannot be reached or refuses.
+
+        Messages may arrive as soon as the broker answers (a stored queue), so the sink comes first.
+
+        Returns whether the broker still had the session. `known_filters` are the subscriptions
+        the session had before, so MQTT 3.1.1 need not subscribe again (which re-sends retained).
+        """
+        self._sink = sink
+        addr = self.session.address
+        try:
+            self._open_socket()
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerUnreachable(
+                f"{addr}: {exc.strerror or exc if isinstance(exc, OSError) else exc}",
+                "check --broker and that the broker runs",
+            ) from exc
+        return self._handshake(known_filters)
+
+    def _open_socket(self) -> None:
+        self._connack = None
+        # A new connection voids the acks of the old one; count it before any packet is read.
+        self._generation += 1
+        properties = None
+        if self.session.protocol == "5":
+            properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session.session_expiry
+            properties.ReceiveMaximum = self.session.receive_maximum
+            self._client.connect(
+                self.session.address.host,
+                self.session.address.port,
+                self.session.keepalive,
+                # paho's default (FIRST_ONLY) wipes the session at every process start.
+                clean_start=False,
+                properties=properties,
+            )
+        else:
+            self._client.connect(
+                self.session.address.host, self.session.address.port, self.session.keepalive
+            )
+
+    def _handshake(self, known_filters: Sequence[str]) -> bool:
+        session_present, rc = self._wait_for("CONNACK", lambda: self._connack)
+        if rc is not None and rc.is_failure:
+            self._client.disconnect()
+            raise BrokerRefused(f"{self.session.address}: {rc}", "check the user name and password")
+        self._subscribe(
+            self.filters
+            if self._is_v5() or not session_present
+            else [f for f in self.filters if f not in known_filters]
+        )
+        gone = [f for f in known_filters if f not in self.filters]
+        if gone and session_present:
+            self._client.unsubscribe(gone)
+        self._connected = True
+        self._hooks.connected(session_present, self.filters)
+        return session_present
+
+    def _is_v5(self) -> bool:
+        return self.session.protocol == "5"
+
+    def _subscribe(self, filters: Sequence[str]) -> None:
+        if not filters:
+            return
+        self._suback = None
+        if self._is_v5():
+            options = SubscribeOptions(
+                qos=1,
+                noLocal=True,
+                retainAsPublished=True,
+                retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+            )
+            self._client.subscribe([(f, options) for f in filters])
+        else:
+            self._client.subscribe([(f, 1) for f in filters])
+        codes = self._wait_for("SUBACK", lambda: self._suback)
+        refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
+        if refused:
+            raise BrokerRefused(
+                f"subscription to {', '.join(refused)} refused",
+                "check the broker's ACL for the bridge's user",
+            )
+
+    def _wait_for(self, what: str, ready: Callable[[], _T | None]) -> _T:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while (value := ready()) is None:
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(f"no {what} from {self.session.address} in time")
+            # Not client.loop(): it would add a wake-up socketpair write to every later ack.
+            if not self._pump(0.1):
+                raise BrokerUnreachable(
+                    f"{self.session.address} closed the connection before {what}"
+                )
+        return value
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
+        self._sink = sink
+        stall = _Stall()
+        while not stop.is_set():
+            self._hooks.tick()
+            if not self._connected:
+                self._reconnect(stop)
+                continue
+            self._serve(sink, stall)
+        self._shutdown(sink)
+
+    def _serve(self, sink: Sink, stall: _Stall) -> None:
+        if stall.active:
+            # Storage is failing: hold what we have (the broker's window bounds it), retry later.
+            self._pump(min(stall.seconds_left(), 0.2), read=not sink.full())
+            if stall.seconds_left() == 0:
+                self._commit(sink, stall)
+            return
+        wait = sink.seconds_left() if sink.has_work else 0.5
+        self._pump(wait, read=not sink.full())
+        if sink.has_work and (sink.due() or not self._readable()):
+            self._commit(sink, stall)
+
+    def _commit(self, sink: Sink, stall: _Stall) -> None:
+        try:
+            sink.commit()
+        except StorageUnavailable as exc:
+            stall.failed(exc)
+            return
+        stall.cleared()
+        self._client.loop_write()
+
+    def _readable(self) -> bool:
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+
+    def _pump(self, timeout: float, read: bool = True) -> bool:
+        """Wait up to `timeout` for the socket, then read while it has data and the batch has room.
+
+        Returns False when the connection is gone.
+        """
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return self._connection_lost("socket closed")
+        wlist = [sock] if client.want_write() else []
+        rlist = [sock] if read else []
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError):
+            return self._connection_lost("socket error")
+        if writable and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return self._connection_lost("write failed")
+        if read and (readable or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
+            rc = self._read_available()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return self._connection_lost(paho.error_string(rc))
+        if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return self._connection_lost("keepalive timed out")
+        return True
+
+    def _read_available(self) -> MQTTErrorCode:
+        sink = self._sink
+        while True:
+            rc = self._client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+            if (sink is not None and sink.full()) or not self._readable():
+                return rc
+
+    def _connection_lost(self, why: str) -> bool:
+        if self._connected:
+            self._connected = False
+            self._hooks.disconnected(why)
+        return False
+
+    def _reconnect(self, stop: threading.Event) -> None:
+        """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
+        sink = self._sink
+        if sink is not None:
+            # Acks of the closed connection are void: the broker resends those messages (DUP set).
+            sink.drop_tokens(lambda _token: False)
+            self._commit_unacked(sink)
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self._open_socket()
+                self._handshake(self.filters)
+            except (OSError, ssl.SSLError, BrokerError) as exc:
+                log.warning(
+                    "broker %s unreachable (%s); retrying in %.1fs",
+                    self.session.address,
+                    exc,
+                    delay,
+                )
+                stop.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
+                continue
+            log.info("reconnected to %s", self.session.address)
+            return
+
+    def _commit_unacked(self, sink: Sink) -> None:
+        # Keep what was received on the lost connection: storing it twice is safe, losing it is not.
+        try:
+            sink.commit()
+        except StorageUnavailable as exc:
+            log.warning("storage still failing while disconnected: %s", exc.detail)
+
+    def _shutdown(self, sink: Sink) -> None:
+        """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
+        if self._connected:
+            try:
+                sink.commit()
+            except StorageUnavailable as exc:
+                log.error(
+                    "could not store %d pending messages at shutdown (the broker keeps them): %s",
+                    sink.pending,
+                    exc.detail,
+                )
+            self._flush_writes()
+            self._connected = False  # a disconnect we asked for is not a lost connection
+            self._client.disconnect()
+            self._flush_writes()
+        else:
+            self._commit_unacked(sink)
+        self._connected = False
+
+    def _flush_writes(self) -> None:
+        deadline = time.monotonic() + 5
+        while self._client.want_write() and time.monotonic() < deadline:
+            if self._client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            time.sleep(0.001)
+
+    def ack(self, tokens: Sequence[object]) -> None:
+        """Acknowledge stored messages in receive order (tokens of old connections are skipped)."""
+        ack = self._client.ack
+        generation = self._generation
+        for token in tokens:
+            gen, mid, qos = cast("tuple[int, int, int]", token)
+            if gen == generation:
+                ack(mid, qos)
+
+
+class _Stall:
+    """Backoff state while storage fails: when to retry, and saying it once, not per message."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._retry_at = 0.0
+        self._delay = 0.5
+
+    def seconds_left(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def failed(self, exc: StorageUnavailable) -> None:
+        if not self.active:
+            log.error(
+                "storage failed: %s. Not acknowledging or reading more; the broker keeps the "
+                "messages. Retrying by itself.",
+                exc.detail,
+            )
+        self.active = True
+        self._retry_at = time.monotonic() + self._delay
+        self._delay = min(self._delay * 2, _BACKOFF_MAX_S)
+
+    def cleared(self) -> None:
+        self.active = False
+        self._delay = 0.5

@@ -1,0 +1,200 @@
+"""The stored record and its versioned binary encoding (an on-disk contract, golden-pinned).
+
+Layout, version 1 (all integers big-endian):
+
+    version  u8   = 1
+    crc32    u32  of every byte after this field
+    flags    u8   bits 0-1 QoS, bit 2 retain, bit 3 DUP (redelivered), bit 4 properties follow
+    ts_ns    u64  the receive time (the same as in the key)
+    topic    u16 length + UTF-8
+    props    u32 length + MQTT 5 properties (only when flag bit 4), see below
+    payload  the remaining bytes, exactly as received
+
+Properties reuse the MQTT 5 identifiers: 0x01 payload format indicator (u8), 0x02 message
+expiry (u32), 0x03 content type, 0x08 response topic (u16 length + UTF-8), 0x09 correlation data
+(u16 length + bytes), 0x26 user property (two u16-length UTF-8 strings); in that order.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from mqtt_backup.errors import CorruptRecord
+
+FORMAT_VERSION = 1
+
+_HEAD = struct.Struct(">BI")  # version, crc32
+_BODY = struct.Struct(">BQH")  # flags, ts_ns, topic length
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+_FLAG_RETAIN = 0x04
+_FLAG_DUP = 0x08
+_FLAG_PROPS = 0x10
+
+_PAYLOAD_FORMAT = 0x01
+_MESSAGE_EXPIRY = 0x02
+_CONTENT_TYPE = 0x03
+_RESPONSE_TOPIC = 0x08
+_CORRELATION_DATA = 0x09
+_USER_PROPERTY = 0x26
+
+
+@dataclass(frozen=True, slots=True)
+class Properties:
+    """The MQTT 5 publish properties worth keeping for a faithful restore."""
+
+    payload_format: int | None = None
+    message_expiry: int | None = None
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+
+    def is_empty(self) -> bool:
+        """True when no property is set (the record then stores none)."""
+        return self == _NO_PROPERTIES
+
+
+_NO_PROPERTIES = Properties()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message as the broker delivered it to the bridge."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    dup: bool = False
+    properties: Properties | None = None
+
+
+def encode_record(record: Record, ts_ns: int) -> bytes:
+    """The record's stored bytes; `ts_ns` is the receive time also held in its key."""
+    topic = record.topic.encode("utf-8")
+    flags = record.qos & 0x03
+    if record.retain:
+        flags |= _FLAG_RETAIN
+    if record.dup:
+        flags |= _FLAG_DUP
+    props_part = b""
+    props = record.properties
+    if props is not None and not props.is_empty():
+        flags |= _FLAG_PROPS
+        encoded = _encode_properties(props)
+        props_part = _U32.pack(len(encoded)) + encoded
+    body = b"".join((_BODY.pack(flags, ts_ns, len(topic)), topic, props_part, record.payload))
+    return _HEAD.pack(FORMAT_VERSION, zlib.crc32(body)) + body
+
+
+def decode_record(value: bytes) -> tuple[int, Record]:
+    """(receive time in ns, record) from stored bytes; CorruptRecord when they do not check out."""
+    if len(value) < _HEAD.size + _BODY.size:
+        raise CorruptRecord(f"record of {len(value)} bytes is too short")
+    version, crc = _HEAD.unpack_from(value)
+    if version != FORMAT_VERSION:
+        raise CorruptRecord(f"unknown record format version {version}")
+    body = memoryview(value)[_HEAD.size :]
+    if zlib.crc32(body) != crc:
+        raise CorruptRecord("checksum mismatch")
+    try:
+        return _decode_body(body)
+    except (struct.error, UnicodeDecodeError, IndexError) as exc:
+        raise CorruptRecord(f"malformed record: {exc}") from exc
+
+
+def _decode_body(body: memoryview) -> tuple[int, Record]:
+    flags, ts_ns, topic_len = _BODY.unpack_from(body)
+    pos = _BODY.size
+    topic = str(body[pos : pos + topic_len], "utf-8")
+    pos += topic_len
+    properties = None
+    if flags & _FLAG_PROPS:
+        (props_len,) = _U32.unpack_from(body, pos)
+        pos += _U32.size
+        properties = _decode_properties(body[pos : pos + props_len])
+        pos += props_len
+    if pos > len(body):
+        raise CorruptRecord("record is truncated")
+    record = Record(
+        topic=topic,
+        payload=bytes(body[pos:]),
+        qos=flags & 0x03,
+        retain=bool(flags & _FLAG_RETAIN),
+        dup=bool(flags & _FLAG_DUP),
+        properties=properties,
+    )
+    return ts_ns, record
+
+
+def _pack_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return _U16.pack(len(raw)) + raw
+
+
+def _encode_properties(props: Properties) -> bytes:
+    out = bytearray()
+    if props.payload_format is not None:
+        out += _U8.pack(_PAYLOAD_FORMAT) + _U8.pack(props.payload_format)
+    if props.message_expiry is not None:
+        out += _U8.pack(_MESSAGE_EXPIRY) + _U32.pack(props.message_expiry)
+    if props.content_type is not None:
+        out += _U8.pack(_CONTENT_TYPE) + _pack_str(props.content_type)
+    if props.response_topic is not None:
+        out += _U8.pack(_RESPONSE_TOPIC) + _pack_str(props.response_topic)
+    if props.correlation_data is not None:
+        out += _U8.pack(_CORRELATION_DATA) + _U16.pack(len(props.correlation_data))
+        out += props.correlation_data
+    for key, value in props.user:
+        out += _U8.pack(_USER_PROPERTY) + _pack_str(key) + _pack_str(value)
+    return bytes(out)
+
+
+def _decode_properties(raw: memoryview) -> Properties:
+    fields: dict[str, object] = {}
+    user: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(raw):
+        ident = raw[pos]
+        pos += 1
+        match ident:
+            case 0x01:
+                fields["payload_format"] = raw[pos]
+                pos += 1
+            case 0x02:
+                (fields["message_expiry"],) = _U32.unpack_from(raw, pos)
+                pos += _U32.size
+            case 0x03 | 0x08 | 0x09:
+                (length,) = _U16.unpack_from(raw, pos)
+                chunk = bytes(raw[pos + 2 : pos + 2 + length])
+                pos += 2 + length
+                _store_property(fields, ident, chunk)
+            case 0x26:
+                key, pos = _read_str(raw, pos)
+                value, pos = _read_str(raw, pos)
+                user.append((key, value))
+            case _:
+                raise CorruptRecord(f"unknown property id {ident:#x}")
+    return Properties(user=tuple(user), **fields)  # type: ignore[arg-type]
+
+
+def _store_property(fields: dict[str, object], ident: int, chunk: bytes) -> None:
+    if ident == _CORRELATION_DATA:
+        fields["correlation_data"] = chunk
+    elif ident == _CONTENT_TYPE:
+        fields["content_type"] = chunk.decode("utf-8")
+    else:
+        fields["response_topic"] = chunk.decode("utf-8")
+
+
+def _read_str(raw: memoryview, pos: int) -> tuple[str, int]:
+    (length,) = _U16.unpack_from(raw, pos)
+    end = pos + 2 + length
+    if end > len(raw):
+        raise CorruptRecord("property is truncated")
+    return str(raw[pos + 2 : end], "utf-8"), end

@@ -1,0 +1,81 @@
+"""Small durable-file helpers: atomic replace, fsynced append, the data directory lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mqtt_backup.errors import DataDirLocked, StorageError
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file, fsync it, rename it over `path`, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def append_line_synced(path: Path, line: str) -> None:
+    """Append one line and fsync, so the line survives a crash right after."""
+    try:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(line + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise StorageError(f"cannot append to {path}: {exc.strerror or exc}") from exc
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirLock:
+    """An exclusive flock on `<data>/LOCK`: one writer per data directory, released on exit."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "LOCK"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise DataDirLocked saying who may hold it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DataDirLocked(
+                f"{self.path.parent} is held by pid {holder}",
+                "stop the other bridge, or give this one its own --data directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (closing the descriptor drops the flock)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None

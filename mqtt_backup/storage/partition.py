@@ -1,0 +1,269 @@
+"""One partition = one RocksDB database with three column families.
+
+- default: the records, `device_key | ts_ns | seq` -> encoded record
+- `index`: one entry per device (first/last receive time, count, stored bytes, redelivered copies)
+- `meta`:  format version, the hybrid clock's high-water mark, the sequence counter
+
+Records, index entries and meta of one commit go in one WriteBatch written with a synced WAL, so
+after a crash the three always agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rocksdict import (
+    AccessType,
+    DBCompressionType,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
+
+from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
+from mqtt_backup.keys import KEY_LEN, device_range, record_key
+from mqtt_backup.records import FORMAT_VERSION, Record, encode_record
+
+CF_INDEX = "index"
+CF_META = "meta"
+META_FORMAT = b"format"
+META_CLOCK = b"clock"
+META_SEQ = b"seq"
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_INDEX = struct.Struct(">BQQQQQ")  # version, first_ns, last_ns, count, bytes, dups; then the id
+_INDEX_VERSION = 1
+
+
+@dataclass(slots=True)
+class Pending:
+    """A message received and not yet stored: where it goes and what it is."""
+
+    device_id: str
+    device_key: bytes
+    received_ns: int
+    record: Record
+
+
+@dataclass(slots=True)
+class IndexEntry:
+    """What the per-device index knows about one device in one partition."""
+
+    device_id: str
+    first_ns: int
+    last_ns: int
+    count: int
+    size: int
+    dups: int
+
+    def encode(self) -> bytes:
+        """Stored bytes of the entry."""
+        head = _INDEX.pack(
+            _INDEX_VERSION, self.first_ns, self.last_ns, self.count, self.size, self.dups
+        )
+        return head + self.device_id.encode("utf-8")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> IndexEntry:
+        """Entry from stored bytes; CorruptRecord when they do not parse."""
+        try:
+            version, first, last, count, size, dups = _INDEX.unpack_from(raw)
+            device = raw[_INDEX.size :].decode("utf-8")
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise CorruptRecord(f"index entry does not parse: {exc}") from None
+        if version != _INDEX_VERSION:
+            raise CorruptRecord(f"unknown index entry version {version}")
+        return cls(device, first, last, count, size, dups)
+
+
+def _options(compress: bool) -> Options:
+    opts = Options(raw_mode=True)
+    if compress:
+        opts.set_compression_type(DBCompressionType.lz4())
+        opts.set_bottommost_compression_type(DBCompressionType.zstd())
+    return opts
+
+
+def _families() -> dict[str, Options]:
+    return {CF_INDEX: _options(compress=False), CF_META: _options(compress=False)}
+
+
+def storage_failure(exc: Exception, what: str) -> StorageError:
+    """Map rocksdict's bare Exception to our errors by its message."""
+    text = str(exc)
+    if "lock" in text.lower() and "LOCK" in text:
+        return DataDirLocked(f"{what}: {text}", "stop the process that holds it")
+    if "Corruption" in text:
+        return CorruptRecord(f"{what}: {text}")
+    return StorageUnavailable(f"{what}: {text}")
+
+
+class Partition:
+    """A RocksDB database holding the devices placement gives it."""
+
+    def __init__(self, name: str, path: Path, db: Rdict, writable: bool) -> None:
+        self.name = name
+        self.path = path
+        self._db = db
+        self._writable = writable
+        self._index = db.get_column_family_handle(CF_INDEX)
+        self._meta = db.get_column_family_handle(CF_META)
+        self._index_cf = db.get_column_family(CF_INDEX)
+        self._meta_cf = db.get_column_family(CF_META)
+        self._entries: dict[bytes, IndexEntry] = {}
+        self.clock_ns = self._meta_int(META_CLOCK, _U64)
+        self.seq = self._meta_int(META_SEQ, _U32)
+        self._sync = WriteOptions()
+        self._sync.sync = True
+
+    @classmethod
+    def open_writer(cls, name: str, path: Path) -> Partition:
+        """Open (creating if needed) for writing; proves the disk takes a synced write."""
+        opts = _options(compress=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.set_keep_log_file_num(3)
+        try:
+            db = Rdict(str(path), opts, column_families=_families())
+        except Exception as exc:
+            raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
+        part = cls(name, path, db, writable=True)
+        part._check_format()
+        return part
+
+    @classmethod
+    def open_reader(cls, name: str, path: Path) -> Partition:
+        """Open read-only: works beside a running writer, sees what it had synced at open."""
+        if not (path / "CURRENT").is_file():
+            raise StorageError(f"partition {name} at {path} is missing or not a RocksDB database")
+        access = AccessType.read_only(False)
+        try:
+            db = Rdict(str(path), _options(compress=True), _families(), access_type=access)
+        except Exception as exc:
+            raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
+        return cls(name, path, db, writable=False)
+
+    def _meta_int(self, key: bytes, codec: struct.Struct) -> int:
+        raw = self._meta_cf.get(key)
+        return int(codec.unpack(raw)[0]) if raw is not None else 0
+
+    def _check_format(self) -> None:
+        raw = self._meta_cf.get(META_FORMAT)
+        if raw is None:
+            self._write_meta_only()
+            return
+        (version,) = _U32.unpack(raw)
+        if version != FORMAT_VERSION:
+            raise StorageError(
+                f"partition {self.name} has record format {version}; this version reads "
+                f"{FORMAT_VERSION}"
+            )
+
+    def _write_meta_only(self) -> None:
+        batch = WriteBatch(raw_mode=True)
+        self._put_meta(batch, self.clock_ns, self.seq)
+        self._commit(batch)
+
+    def _put_meta(self, batch: WriteBatch, clock_ns: int, seq: int) -> None:
+        batch.put(META_FORMAT, _U32.pack(FORMAT_VERSION), self._meta)
+        batch.put(META_CLOCK, _U64.pack(clock_ns), self._meta)
+        batch.put(META_SEQ, _U32.pack(seq & 0xFFFFFFFF), self._meta)
+
+    def _commit(self, batch: WriteBatch) -> None:
+        # A write with sync=True is RocksDB's durable write: it returns after the WAL is fsynced,
+        # the same as write() then flush_wal(True), with one call.
+        try:
+            self._db.write(batch, self._sync)
+        except Exception as exc:
+            raise storage_failure(exc, f"write to partition {self.name} failed") from exc
+
+    def write(self, items: Sequence[Pending]) -> None:
+        """Store the messages in one synced WriteBatch; nothing changes in memory if it fails."""
+        batch = WriteBatch(raw_mode=True)
+        clock, seq = self.clock_ns, self.seq
+        touched: dict[bytes, IndexEntry] = {}
+        for item in items:
+            clock = max(item.received_ns, clock + 1)
+            seq = (seq + 1) & 0xFFFFFFFF
+            key = record_key(item.device_key, clock, seq)
+            value = encode_record(item.record, clock)
+            batch.put(key, value)
+            entry = touched.get(item.device_key) or self._entry_copy(item)
+            _account(entry, clock, len(key) + len(value), item.record.dup)
+            touched[item.device_key] = entry
+        for dev_key, entry in touched.items():
+            batch.put(dev_key, entry.encode(), self._index)
+        self._put_meta(batch, clock, seq)
+        self._commit(batch)
+        self.clock_ns, self.seq = clock, seq
+        self._entries.update(touched)
+
+    def _entry_copy(self, item: Pending) -> IndexEntry:
+        known = self._entries.get(item.device_key) or self.index_entry(item.device_key)
+        if known is None:
+            return IndexEntry(item.device_id, 0, 0, 0, 0, 0)
+        return IndexEntry(
+            known.device_id, known.first_ns, known.last_ns, known.count, known.size, known.dups
+        )
+
+    def index_entry(self, dev_key: bytes) -> IndexEntry | None:
+        """The device's index entry in this partition, if it has messages here."""
+        raw = self._index_cf.get(dev_key)
+        return IndexEntry.decode(raw) if raw is not None else None
+
+    def index_entries(self) -> Iterator[tuple[bytes, IndexEntry]]:
+        """Every (device key, index entry) in this partition, in device-key order."""
+        it = self._index_cf.iter()
+        it.seek_to_first()
+        while it.valid():
+            yield it.key(), IndexEntry.decode(it.value())
+            it.next()
+
+    def scan(
+        self,
+        dev_key: bytes,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of one device's messages in [since, until): a seek, then a short scan."""
+        lower, upper = device_range(dev_key, since_ns, until_ns)
+        opts = ReadOptions()
+        opts.set_iterate_lower_bound(lower)
+        opts.set_iterate_upper_bound(upper)
+        it = self._db.iter(opts)
+        if reverse:
+            it.seek_to_last()
+        else:
+            it.seek(lower)
+        while it.valid():
+            key = it.key()
+            if len(key) == KEY_LEN:
+                yield key, it.value()
+            if reverse:
+                it.prev()
+            else:
+                it.next()
+
+    def close(self) -> None:
+        """Close the database (flushes nothing: the WAL already holds every commit)."""
+        self._entries.clear()
+        # Closing a handle after an I/O error may raise again; it is gone either way.
+        with contextlib.suppress(Exception):
+            self._db.close()
+
+
+def _account(entry: IndexEntry, ts_ns: int, size: int, dup: bool) -> None:
+    if entry.count == 0:
+        entry.first_ns = ts_ns
+    entry.last_ns = ts_ns
+    entry.count += 1
+    entry.size += size
+    entry.dups += int(dup)

@@ -1,0 +1,235 @@
+"""The partitioned store: a manifest, N partitions, placement, the lock, the gap log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
+from mqtt_backup.keys import device_key, split_key
+from mqtt_backup.placement import place
+from mqtt_backup.records import Record, decode_record
+from mqtt_backup.storage.files import DirLock
+from mqtt_backup.storage.journal import GapLog
+from mqtt_backup.storage.manifest import (
+    Manifest,
+    load_manifest,
+    manifest_path,
+    new_manifest,
+    save_manifest,
+)
+from mqtt_backup.storage.partition import Partition, Pending
+from mqtt_backup.topics import filter_matches
+
+DEFAULT_PARTITIONS = 4
+_LOCATE_CACHE = 100_000
+_MIN_FREE_BYTES = 16 * 1024 * 1024
+
+__all__ = ["DeviceInfo", "Pending", "Store", "StoreReader", "StoredMessage"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device as `mqtt-backup devices` lists it."""
+
+    device: str
+    first_ns: int
+    last_ns: int
+    count: int
+    size: int
+    dups: int
+    partition: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A record read back, with its device and place in the key order."""
+
+    device: str
+    ts_ns: int
+    seq: int
+    record: Record
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StorageError(f"{data_dir} exists and is not a directory", "choose another --data")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {data_dir}: {exc.strerror or exc}") from exc
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise StorageError(f"{data_dir} is not writable by this user", "fix its permissions")
+    free = shutil.disk_usage(data_dir).free
+    if free < _MIN_FREE_BYTES:
+        raise StorageUnavailable(
+            f"only {free // 1024} KiB free on the disk holding {data_dir}", "free some space"
+        )
+
+
+class Store:
+    """The writer of a data directory. One per directory: the directory is locked while open."""
+
+    def __init__(self, data_dir: Path, manifest: Manifest, lock: DirLock) -> None:
+        self.data_dir = data_dir
+        self.manifest = manifest
+        self.gaps = GapLog(data_dir)
+        self._lock = lock
+        self._weighted = manifest.weighted
+        self._located: dict[str, tuple[str, bytes]] = {}
+        self.partitions: dict[str, Partition] = {}
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, partitions: int | None = None, client_id: str | None = None
+    ) -> Store:
+        """Open (or create) the data directory for writing; StorageError says why it cannot."""
+        _check_data_dir(data_dir)
+        lock = DirLock(data_dir)
+        lock.acquire()
+        try:
+            store = cls(data_dir, _load_or_create(data_dir, partitions, client_id), lock)
+            store.open_partitions()
+        except BaseException:
+            lock.release()
+            raise
+        return store
+
+    @property
+    def client_id(self) -> str:
+        """The bridge's stable MQTT client id, kept in the manifest."""
+        return self.manifest.client_id
+
+    def open_partitions(self) -> None:
+        """Open every partition's database (again, after a failure)."""
+        self.close_partitions()
+        for spec in self.manifest.partitions:
+            path = spec.directory(self.data_dir)
+            self.partitions[spec.name] = Partition.open_writer(spec.name, path)
+
+    def close_partitions(self) -> None:
+        """Drop every database handle (rocksdict has no resume after an I/O error)."""
+        for part in self.partitions.values():
+            part.close()
+        self.partitions.clear()
+
+    def locate(self, device_id: str) -> tuple[str, bytes]:
+        """(partition name, device key) of a device; cached, as this runs per message."""
+        found = self._located.get(device_id)
+        if found is None:
+            dev_key = device_key(device_id)
+            found = (place(dev_key, self._weighted), dev_key)
+            if len(self._located) >= _LOCATE_CACHE:
+                self._located.clear()
+            self._located[device_id] = found
+        return found
+
+    def write(self, partition: str, items: Sequence[Pending]) -> None:
+        """Store items in one partition with a synced WAL; StorageUnavailable when it fails."""
+        part = self.partitions.get(partition)
+        if part is None:
+            raise StorageUnavailable(f"partition {partition} is not open")
+        part.write(items)
+
+    def close(self) -> None:
+        """Close every partition and release the directory lock."""
+        self.close_partitions()
+        self._lock.release()
+
+
+def _load_or_create(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
+    if not manifest_path(data_dir).exists():
+        manifest = new_manifest(partitions or DEFAULT_PARTITIONS, client_id)
+        save_manifest(data_dir, manifest)
+        return manifest
+    manifest = load_manifest(data_dir)
+    have = len(manifest.partitions)
+    if partitions is not None and partitions != have:
+        raise UsageError(
+            f"{data_dir} has {have} partitions, not {partitions}",
+            "drop --partitions, or change the set with 'mqtt-backup partitions add/remove'",
+        )
+    if client_id is not None and client_id != manifest.client_id:
+        manifest = manifest.with_client_id(client_id)
+        save_manifest(data_dir, manifest)
+    return manifest
+
+
+class StoreReader:
+    """Read-only view of a data directory; works while a bridge writes to it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.manifest = load_manifest(data_dir)
+        self.gaps = GapLog(data_dir)
+        self.partitions: dict[str, Partition] = {}
+        try:
+            for spec in self.manifest.partitions:
+                path = spec.directory(data_dir)
+                self.partitions[spec.name] = Partition.open_reader(spec.name, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> StoreReader:
+        """Use as a context manager to close the partitions."""
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Close on leaving the block."""
+        self.close()
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every device with its index entry, sorted by device id."""
+        found = [
+            DeviceInfo(e.device_id, e.first_ns, e.last_ns, e.count, e.size, e.dups, name)
+            for name, part in self.partitions.items()
+            for _, e in part.index_entries()
+        ]
+        return sorted(found, key=lambda d: d.device)
+
+    def device(self, device_id: str) -> DeviceInfo | None:
+        """One device's index entry, wherever it lies."""
+        dev_key = device_key(device_id)
+        for name, part in self.partitions.items():
+            e = part.index_entry(dev_key)
+            if e is not None:
+                return DeviceInfo(e.device_id, e.first_ns, e.last_ns, e.count, e.size, e.dups, name)
+        return None
+
+    def messages(
+        self,
+        device_id: str,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        topic_filter: str | None = None,
+        reverse: bool = False,
+    ) -> Iterator[StoredMessage]:
+        """One device's messages in key (= receive time) order, filtered by window and topic."""
+        dev_key = device_key(device_id)
+        for part in self._holders(dev_key):
+            for key, value in part.scan(dev_key, since_ns, until_ns, reverse):
+                ts_ns, record = decode_record(value)
+                if topic_filter is None or filter_matches(topic_filter, record.topic):
+                    yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
+
+    def _holders(self, dev_key: bytes) -> list[Partition]:
+        # The index says which partition holds the device (normally exactly one).
+        return [p for p in self.partitions.values() if p.index_entry(dev_key) is not None]
+
+    def close(self) -> None:
+        """Close every partition."""
+        for part in self.partitions.values():
+            part.close()
+        self.partitions.clear()
+
+
+def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
+    """{partition: [pending...]} keeping receive order within each partition."""
+    groups: dict[str, list[Pending]] = {}
+    for name, item in items:
+        groups.setdefault(name, []).append(item)
+    return groups

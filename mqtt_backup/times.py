@@ -1,0 +1,67 @@
+"""Timestamps: nanosecond receive times, RFC 3339 rendering and user-given time parsing."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+
+from mqtt_backup.errors import UsageError
+
+NS_PER_S = 1_000_000_000
+_FRACTION = re.compile(r"^(?P<head>[^.]+)\.(?P<frac>\d+)(?P<tz>.*)$")
+
+
+def format_ts(ts_ns: int) -> str:
+    """RFC 3339 UTC with nine fractional digits: 2026-11-24T10:00:00.123456789Z."""
+    seconds, nanos = divmod(ts_ns, NS_PER_S)
+    whole = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{whole}.{nanos:09d}Z"
+
+
+def parse_time(value: str | float, what: str = "time") -> int:
+    """Nanoseconds since the epoch from RFC 3339 text or epoch seconds (fractions allowed).
+
+    Raises UsageError naming `what` when the value is neither.
+    """
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be RFC 3339 text or epoch seconds, not {value!r}")
+    if isinstance(value, int | float):
+        return _from_epoch(float(value) if isinstance(value, float) else value, what)
+    text = value.strip()
+    try:
+        return _from_epoch(float(text) if "." in text else int(text), what)
+    except ValueError:
+        return _from_rfc3339(text, what)
+
+
+def _from_epoch(seconds: float, what: str) -> int:
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise UsageError(f"{what} must be a finite number of seconds, not {seconds!r}")
+    if seconds < 0:
+        raise UsageError(f"{what} must not be before 1970, got {seconds!r}")
+    if isinstance(seconds, int):
+        return seconds * NS_PER_S
+    whole = int(seconds)
+    return whole * NS_PER_S + round((seconds - whole) * NS_PER_S)
+
+
+def _from_rfc3339(text: str, what: str) -> int:
+    # datetime keeps microseconds only; carry the nanosecond digits separately.
+    nanos = 0
+    match = _FRACTION.match(text)
+    if match:
+        digits = match["frac"][:9].ljust(9, "0")
+        nanos = int(digits)
+        text = match["head"] + match["tz"]
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{what} {text!r} is neither RFC 3339 (2026-11-24T10:00:00Z) nor epoch seconds"
+        ) from None
+    if moment.tzinfo is None:
+        raise UsageError(f"{what} {text!r} needs a time zone (e.g. a trailing Z for UTC)")
+    return _from_epoch(int(moment.timestamp()), what) + nanos

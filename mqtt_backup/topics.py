@@ -1,0 +1,115 @@
+"""Topic templates, device-id extraction, filter matching and the bridge's own topics (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mqtt_backup.errors import UsageError
+
+DEVICE = "{device}"
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A topic template such as `devices/{device}/#`: one subscription and one extractor."""
+
+    text: str
+    levels: tuple[str, ...]
+    device_level: int
+
+    @property
+    def filter(self) -> str:
+        """The MQTT subscription filter: `{device}` becomes `+`."""
+        return "/".join("+" if i == self.device_level else lvl for i, lvl in enumerate(self.levels))
+
+    def device_of(self, levels: Sequence[str]) -> str | None:
+        """The device id when the topic (split into levels) matches this template, else None."""
+        if not _levels_match(self.levels, levels, self.device_level):
+            return None
+        return levels[self.device_level]
+
+
+def parse_template(text: str) -> Template:
+    """Parse and check a template; UsageError says what is wrong with it."""
+    hint = "a template is a topic filter with one whole level '{device}', e.g. devices/{device}/#"
+    if not text:
+        raise UsageError("topic template is empty", hint)
+    levels = tuple(text.split("/"))
+    device_levels = [i for i, lvl in enumerate(levels) if lvl == DEVICE]
+    if text.count(DEVICE) != 1 or len(device_levels) != 1:
+        found = text.count(DEVICE)
+        detail = "has no" if found == 0 else f"has {found}" if found > 1 else "embeds its"
+        raise UsageError(f"topic template {text!r} {detail} '{{device}}' level", hint)
+    for i, lvl in enumerate(levels):
+        if i == device_levels[0]:
+            continue
+        if ("#" in lvl and (lvl != "#" or i != len(levels) - 1)) or ("+" in lvl and lvl != "+"):
+            raise UsageError(f"topic template {text!r} has a misplaced wildcard in {lvl!r}", hint)
+        if "{" in lvl or "}" in lvl:
+            raise UsageError(f"topic template {text!r} has an unknown placeholder {lvl!r}", hint)
+    if levels[0].startswith("$"):
+        raise UsageError(f"topic template {text!r} starts with '$' (broker-internal topics)", hint)
+    return Template(text=text, levels=levels, device_level=device_levels[0])
+
+
+def _levels_match(pattern: Sequence[str], topic: Sequence[str], wildcard_at: int = -1) -> bool:
+    for i, want in enumerate(pattern):
+        if want == "#":
+            return True
+        if i >= len(topic):
+            return False
+        if want != "+" and i != wildcard_at and want != topic[i]:
+            return False
+    return len(topic) == len(pattern)
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching (`+` one level, `#` the rest) of a topic name."""
+    return _levels_match(topic_filter.split("/"), topic.split("/"))
+
+
+def check_filter(topic_filter: str) -> None:
+    """UsageError when the text is not a valid MQTT topic filter."""
+    levels = topic_filter.split("/")
+    for i, lvl in enumerate(levels):
+        if ("#" in lvl and (lvl != "#" or i != len(levels) - 1)) or ("+" in lvl and lvl != "+"):
+            raise UsageError(
+                f"topic filter {topic_filter!r} misplaces a wildcard: '#' must be a whole last "
+                "level and '+' a whole level"
+            )
+
+
+def check_namespace(namespace: str) -> None:
+    """UsageError when the namespace is not a plain topic prefix (no wildcards, no empty level)."""
+    if not namespace or any(c in namespace for c in "+#") or "" in namespace.split("/"):
+        raise UsageError(
+            f"namespace {namespace!r} must be one or more non-empty topic levels without wildcards",
+            "--namespace backup",
+        )
+    if namespace.startswith("$"):
+        raise UsageError(f"namespace {namespace!r} must not start with '$'", "--namespace backup")
+
+
+class Router:
+    """Maps an incoming topic to the device it belongs to, or None when it is not to be stored."""
+
+    def __init__(self, templates: Sequence[Template], namespace: str) -> None:
+        self._templates = tuple(templates)
+        self._own_prefix = namespace + "/"
+
+    @property
+    def filters(self) -> list[str]:
+        """The subscription filters, one per template, without repeats."""
+        return list(dict.fromkeys(t.filter for t in self._templates))
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id for a topic; None for the bridge's own namespace and unmatched topics."""
+        if topic.startswith(self._own_prefix):
+            return None
+        levels = topic.split("/")
+        for template in self._templates:
+            device = template.device_of(levels)
+            if device is not None:
+                return device
+        return None

@@ -1,0 +1,116 @@
+"""Render and start a local Mosquitto from the project's own `mosquitto/*.conf`.
+
+Used by `make run` (see tools/run-dev.sh) and by the test fixtures, so both run the broker the
+README describes: only the port, the persistence directory and the user are filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "mosquitto"
+INSTALL_HINT = "apt-get install -y mosquitto mosquitto-clients"
+
+
+class BrokerStartError(RuntimeError):
+    """Mosquitto could not be started; the message says why."""
+
+
+def render_config(template: Path, port: int, state_dir: Path) -> str:
+    """Return the template with its listener port and persistence directory replaced.
+
+    Started as root, Mosquitto drops to the `mosquitto` user, which often cannot write the
+    persistence directory (persistence then fails silently). Running as the current user avoids it.
+    """
+    text = template.read_text(encoding="utf-8")
+    text, listeners = re.subn(r"(?m)^listener\s+\d+", f"listener {port}", text)
+    if listeners != 1:
+        raise BrokerStartError(f"{template} must have exactly one 'listener PORT' line")
+    location = f"persistence_location {state_dir.resolve()}/"
+    text = re.sub(r"(?m)^persistence_location\s+.*$", location, text)
+    if os.geteuid() == 0:
+        text += (
+            "\n# Filled in: stay the current user so the persistence directory stays writable.\n"
+        )
+        text += f"user {getpass.getuser()}\n"
+    return text
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def mosquitto_binary() -> str:
+    """Path of the mosquitto binary, or an error naming the package to install."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise BrokerStartError(f"mosquitto is not installed. Try: {INSTALL_HINT}")
+    return found
+
+
+def start(
+    conf_name: str, port: int, state_dir: Path, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start mosquitto with a config rendered from `mosquitto/<conf_name>`; wait for its port."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conf_path = state_dir / "mosquitto.conf"
+    conf_path.write_text(render_config(CONF_DIR / conf_name, port, state_dir), encoding="utf-8")
+    log = (log_path or state_dir / "mosquitto.log").open("ab")
+    proc = subprocess.Popen(
+        [mosquitto_binary(), "-c", str(conf_path)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 10
+    while not port_open(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise BrokerStartError(f"mosquitto did not start on port {port}; see {log.name}")
+        time.sleep(0.02)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop mosquitto the way an operator would (SIGTERM saves its persistence file)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    """`python -m tools.devbroker render ...`: print a rendered config (run-dev.sh)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["render"])
+    parser.add_argument("--conf", default="dev.conf")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--state-dir", type=Path, default=Path(".run/mosquitto"))
+    args = parser.parse_args()
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.write(render_config(CONF_DIR / args.conf, args.port, args.state_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

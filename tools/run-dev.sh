@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make run`: a local Mosquitto from mosquitto/dev.conf (unless MQTT_BACKUP_BROKER points elsewhere),
+# then the bridge in the foreground. Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=1883
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then return; fi
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "mqtt-backup: mosquitto is not installed. Run: sudo apt-get install -y mosquitto mosquitto-clients" >&2
+    exit 2
+  fi
+  echo "Installing mosquitto with apt-get..." >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  # The package starts a system broker on 1883; this project runs its own, configured one.
+  if command -v systemctl >/dev/null; then systemctl stop mosquitto 2>/dev/null || true; fi
+  pkill -x mosquitto 2>/dev/null || true
+  sleep 0.5
+}
+
+port_in_use() {
+  .venv/bin/python -c "import sys; from tools.devbroker import port_open; sys.exit(0 if port_open($PORT) else 1)"
+}
+
+broker_pid=""
+cleanup() {
+  if [ -n "$broker_pid" ] && kill -0 "$broker_pid" 2>/dev/null; then
+    kill -TERM "$broker_pid" 2>/dev/null || true
+    wait "$broker_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+if [ -z "${MQTT_BACKUP_BROKER:-}" ]; then
+  ensure_mosquitto
+  if port_in_use; then
+    echo "mqtt-backup: port $PORT is already taken (another broker?). To back up that broker instead, run: MQTT_BACKUP_BROKER=mqtt://127.0.0.1:$PORT make run" >&2
+    exit 2
+  fi
+  mkdir -p .run/mosquitto
+  .venv/bin/python -m tools.devbroker render --conf dev.conf --port "$PORT" --state-dir .run/mosquitto > .run/mosquitto.conf
+  mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+  "$mosquitto_bin" -c .run/mosquitto.conf 2> >(sed 's/^/[mosquitto] /' >&2) &
+  broker_pid=$!
+  for _ in $(seq 100); do port_in_use && break; sleep 0.05; done
+  port_in_use || { echo "mqtt-backup: mosquitto did not start; see the lines above" >&2; exit 3; }
+  echo "Mosquitto listening on 127.0.0.1:$PORT (config .run/mosquitto.conf)" >&2
+fi
+
+# Not exec: the trap must stop the broker after the bridge has flushed and disconnected.
+.venv/bin/mqtt-backup run "$@" &
+bridge_pid=$!
+trap 'kill -TERM $bridge_pid 2>/dev/null || true' INT TERM
+wait "$bridge_pid" || rc=$?
+wait "$bridge_pid" 2>/dev/null || true
+exit "${rc:-0}"
