@@ -25,19 +25,21 @@ class BrokerStartError(RuntimeError):
     """Mosquitto could not be started; the message says why."""
 
 
-def render_config(template: Path, port: int, state_dir: Path) -> str:
-    """Return the template with its listener port and persistence directory replaced.
+def render_config(
+    template: Path, port: int, state_dir: Path | str, bind: str = "127.0.0.1", as_user: bool = True
+) -> str:
+    """Return the template with its listener, persistence directory and user filled in.
 
     Started as root, Mosquitto drops to the `mosquitto` user, which often cannot write the
     persistence directory (persistence then fails silently). Running as the current user avoids it.
     """
     text = template.read_text(encoding="utf-8")
-    text, listeners = re.subn(r"(?m)^listener\s+\d+", f"listener {port}", text)
+    text, listeners = re.subn(r"(?m)^listener\s+\d+.*$", f"listener {port} {bind}", text)
     if listeners != 1:
         raise BrokerStartError(f"{template} must have exactly one 'listener PORT' line")
-    location = f"persistence_location {state_dir.resolve()}/"
-    text = re.sub(r"(?m)^persistence_location\s+.*$", location, text)
-    if os.geteuid() == 0:
+    where = state_dir.resolve() if isinstance(state_dir, Path) else state_dir
+    text = re.sub(r"(?m)^persistence_location\s+.*$", f"persistence_location {where}/", text)
+    if as_user and os.geteuid() == 0:
         text += (
             "\n# Filled in: stay the current user so the persistence directory stays writable.\n"
         )

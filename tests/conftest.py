@@ -1,0 +1,274 @@
+"""Shared fixtures: a real Mosquitto from the project's own config, real RocksDB in temp dirs.
+
+Each test gets its own data directory and should use its own topics (`unique` fixture), so a
+session-wide broker can serve them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from mqtt_backup import config
+from mqtt_backup.bridge import Bridge
+from mqtt_backup.storage import StoredMessage, StoreReader
+from tools import devbroker
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Broker:
+    """A Mosquitto started from mosquitto/<conf> on a free port; can be stopped and restarted."""
+
+    conf: str
+    state_dir: Path
+    port: int = field(default_factory=devbroker.free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The bridge's --broker value for this broker."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start (again) on the same port and state directory."""
+        self.proc = devbroker.start(self.conf, self.port, self.state_dir)
+
+    def stop(self) -> None:
+        """SIGTERM: Mosquitto saves its persistence file on the way out."""
+        if self.proc is not None:
+            devbroker.stop(self.proc)
+            self.proc = None
+
+    def wipe(self) -> None:
+        """Forget everything the broker persisted (sessions, queues): a broker that lost state."""
+        self.stop()
+        for item in self.state_dir.glob("*.db"):
+            item.unlink()
+
+
+class ContainerBroker(Broker):
+    """The same broker config in the eclipse-mosquitto:2 image, for machines with Docker only."""
+
+    container: Any = None
+
+    def start(self) -> None:
+        """Run the container with the rendered config and the state dir mounted; fixed host port."""
+        from testcontainers.core.container import DockerContainer  # noqa: PLC0415 - optional
+
+        conf_dir = self.state_dir / "config"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        rendered = devbroker.render_config(
+            devbroker.CONF_DIR / self.conf, 1883, "/mosquitto/data", bind="0.0.0.0", as_user=False
+        )
+        (conf_dir / "mosquitto.conf").write_text(rendered, encoding="utf-8")
+        self.container = (
+            DockerContainer("eclipse-mosquitto:2")
+            .with_bind_ports(1883, self.port)
+            .with_volume_mapping(str(conf_dir), "/mosquitto/config", "ro")
+            .with_volume_mapping(str(self.state_dir), "/mosquitto/data", "rw")
+        )
+        self.container.start()
+        wait_until(lambda: devbroker.port_open(self.port), 30, "the mosquitto container")
+
+    def stop(self) -> None:
+        """Stop and remove the container (its persistence stays in the mounted state dir)."""
+        if self.container is not None:
+            self.container.stop()
+            self.container = None
+
+
+def _start_broker(conf: str, state_dir: Path) -> Iterator[Broker]:
+    broker = Broker(conf, state_dir) if _has_mosquitto() else _container_broker(conf, state_dir)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _has_mosquitto() -> bool:
+    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+def _container_broker(conf: str, state_dir: Path) -> Broker:
+    docker_ok = shutil.which("docker") is not None and (
+        subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+    )
+    if not (docker_ok and importlib.util.find_spec("testcontainers") is not None):
+        pytest.fail(
+            "mosquitto is not installed. Run: apt-get install -y mosquitto mosquitto-clients "
+            "(or, with a Docker engine: pip install -e '.[docker]')"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return ContainerBroker(conf, state_dir)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One broker for the session, from mosquitto/dev.conf."""
+    yield from _start_broker("dev.conf", tmp_path_factory.mktemp("broker"))
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of this test alone, for tests that stop, restart or wipe it."""
+    yield from _start_broker("dev.conf", tmp_path / "broker")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MQTT_BACKUP_* from the developer's shell, and no ./mqtt-backup.toml from the repo."""
+    for name in list(os.environ):
+        if name.startswith(config.ENV_PREFIX):
+            monkeypatch.delenv(name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short random id for this test's topics and devices."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """This test's data directory (not yet created: the bridge creates it)."""
+    return tmp_path / "data"
+
+
+def make_settings(broker: Broker, data: Path, **changes: Any) -> config.Settings:
+    """Small settings, so edge cases show with small data: 3 partitions, batches of 50."""
+    base = config.Settings(
+        broker=broker.url, data=data, partitions=3, batch_max=50, batch_ms=10, keepalive=10
+    )
+    return config.with_overrides(base, **changes)
+
+
+class BridgeThread:
+    """A bridge running in this process, on its own thread."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.bridge = Bridge(settings)
+        self.bridge.connect()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.bridge.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def stop(self) -> None:
+        """Stop in order (store, ack, disconnect) and re-raise what the thread raised."""
+        self.bridge.stop()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "bridge did not stop within 30 s"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def run_bridge() -> Iterator[Callable[[config.Settings], BridgeThread]]:
+    """Start bridges in threads; every one still running is stopped after the test."""
+    running: list[BridgeThread] = []
+
+    def start(settings: config.Settings) -> BridgeThread:
+        bridge = BridgeThread(settings)
+        running.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in running:
+        if bridge._thread.is_alive():
+            bridge.stop()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A message a test published."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+async def publish_async(
+    url: str, messages: Sequence[Sent], protocol: aiomqtt.ProtocolVersion | None = None
+) -> list[Sent]:
+    """Publish in order; returns those the broker acknowledged (QoS 1) or accepted (QoS 0)."""
+    port = int(url.rsplit(":", 1)[1])
+    done: list[Sent] = []
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        protocol=protocol or aiomqtt.ProtocolVersion.V5,
+        max_queued_outgoing_messages=0,
+    ) as client:
+        for msg in messages:
+            await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+            done.append(msg)
+    return done
+
+
+def publish(url: str, messages: Sequence[Sent]) -> list[Sent]:
+    """Synchronous wrapper around publish_async."""
+    return asyncio.run(publish_async(url, messages))
+
+
+def read_all(data: Path) -> dict[str, list[StoredMessage]]:
+    """Every stored message by device, in key order (a fresh read-only open sees what is synced)."""
+    with StoreReader(data) as reader:
+        return {d.device: list(reader.messages(d.device)) for d in reader.devices()}
+
+
+def stored_count(data: Path) -> int:
+    """How many messages the index says are stored (0 before the store exists)."""
+    try:
+        with StoreReader(data) as reader:
+            return sum(d.count for d in reader.devices())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `check` until it holds; fail the test with `what` when it does not in time."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def bridge_process(
+    broker: Broker, data: Path, *args: str, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m mqtt_backup run` as a real subprocess (for kill -9 and signal tests)."""
+    cmd = [sys.executable, "-m", "mqtt_backup", "run", "--broker", broker.url, "--data", str(data)]
+    out = log.open("ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        [*cmd, "--partitions", "3", "--batch-max", "50", "--batch-ms", "10", *args],
+        stdout=out,
+        stderr=out,
+        cwd=REPO,
+    )
