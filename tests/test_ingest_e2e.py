@@ -1,0 +1,267 @@
+"""End to end: a real Mosquitto, bridge and RocksDB; what is published is what is stored."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mqtt_backup.config import Settings
+from mqtt_backup.errors import DataDirLocked, StorageUnavailable
+from mqtt_backup.mqtt import PahoIngest
+from mqtt_backup.storage import StoreReader
+from mqtt_backup.storage.journal import GapLog
+from mqtt_backup.storage.partition import Partition
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    read_all,
+    stored_count,
+    wait_until,
+)
+
+RunBridge = Callable[[Settings], BridgeThread]
+TEMPLATES = ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
+
+
+def _fleet(unique: str, devices: int, per_device: int) -> list[Sent]:
+    """A mixed fleet: three topic shapes, unicode ids, binary, empty and 256 KiB payloads."""
+    rng = random.Random(7)
+    messages = []
+    for i in range(per_device):
+        for d in range(devices):
+            device = f"{unique}-dev{d}" if d % 5 else f"{unique}-Gerät-ü-{d}"
+            shape = d % 3
+            topic = (
+                f"devices/{device}/telemetry/{i % 4}"
+                if shape == 0
+                else f"tele/{device}/SENSOR"
+                if shape == 1
+                else f"zigbee2mqtt/{device}"
+            )
+            kind = (i + d) % 50
+            if kind == 0:
+                payload = b""
+            elif kind == 1:
+                payload = rng.randbytes(256 * 1024)
+            elif kind % 3 == 0:
+                payload = rng.randbytes(rng.randint(1, 64)) + b"\xff\x00"
+            else:
+                payload = f'{{"seq": {i}, "device": "{device}", "t": 21.5}}'.encode()
+            messages.append(Sent(topic, payload))
+    return messages
+
+
+def _by_device(messages: list[Sent]) -> dict[str, list[Sent]]:
+    out: dict[str, list[Sent]] = {}
+    for msg in messages:
+        levels = msg.topic.split("/")
+        out.setdefault(levels[1], []).append(msg)
+    return out
+
+
+def _assert_stored_exactly(data: Path, sent: list[Sent]) -> None:
+    stored = read_all(data)
+    expected = _by_device(sent)
+    assert sorted(stored) == sorted(expected)
+    for device, msgs in expected.items():
+        got = [(m.record.topic, m.record.payload) for m in stored[device]]
+        assert got == [(m.topic, m.payload) for m in msgs], f"{device}: order or content differs"
+
+
+def test_fleet_of_50_devices_is_stored_once_byte_exact_in_order(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    settings = make_settings(broker, data_dir, topic=TEMPLATES)
+    bridge = run_bridge(settings)
+    sent = _fleet(unique, devices=50, per_device=100)
+    assert len(sent) == 5000
+    publish(broker.url, sent)
+    wait_until(lambda: stored_count(data_dir) >= 5000, 60, "5,000 stored messages")
+    bridge.stop()
+    _assert_stored_exactly(data_dir, sent)
+    stored = read_all(data_dir)
+    assert all(not m.record.dup and m.record.qos == 1 for ms in stored.values() for m in ms)
+    assert bridge.bridge.pipeline.counters.stored == 5000
+    # Each device lives in exactly one partition, and all three partitions got some.
+    with StoreReader(data_dir) as reader:
+        listed = reader.devices()
+    assert len(listed) == 50
+    assert {d.partition for d in listed} == {"p0", "p1", "p2"}
+
+
+def test_mqtt_311_bridge_stores_the_same(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    bridge = run_bridge(make_settings(broker, data_dir, protocol="3.1.1", topic=TEMPLATES))
+    sent = _fleet(unique, devices=6, per_device=30)
+    publish(broker.url, sent)
+    wait_until(lambda: stored_count(data_dir) >= len(sent), 30, "stored messages")
+    bridge.stop()
+    _assert_stored_exactly(data_dir, sent)
+
+
+def test_messages_published_while_the_bridge_is_down_arrive_after_restart(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    settings = make_settings(broker, data_dir)
+    run_bridge(settings).stop()  # creates the persistent session and its subscription
+    sent = [Sent(f"devices/{unique}-{i % 7}/t", f"offline {i}".encode()) for i in range(700)]
+    publish(broker.url, sent)
+    bridge = run_bridge(settings)
+    wait_until(lambda: stored_count(data_dir) >= 700, 30, "queued messages")
+    bridge.stop()
+    _assert_stored_exactly(data_dir, sent)
+    assert GapLog(data_dir).all() == [], "the session survived: no gap"
+
+
+def test_own_namespace_and_unmatched_topics_are_not_stored(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    # `{device}/#` would match the bridge's own `backup/...` topics: they must still be skipped.
+    bridge = run_bridge(make_settings(broker, data_dir, topic=("{device}/#",)))
+    publish(
+        broker.url,
+        [
+            Sent(f"backup/restore/{unique}", b"{}"),
+            Sent(f"backup/restore/{unique}/response", b'{"done": true}'),
+            Sent(f"backup/status/{unique}", b"online"),
+            Sent(f"{unique}/temp", b"21"),
+        ],
+    )
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "the device message")
+    bridge.stop()
+    stored = read_all(data_dir)
+    assert list(stored) == [unique]
+    assert bridge.bridge.pipeline.counters.skipped >= 3
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_retained_messages_are_not_stored_again_on_restart(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, protocol: str
+) -> None:
+    topic = f"devices/{unique}/state"
+    publish(broker.url, [Sent(topic, b"on", retain=True)])
+    settings = make_settings(broker, data_dir, protocol=protocol)
+    first = run_bridge(settings)
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "the retained message")
+    first.stop()
+    second = run_bridge(settings)
+    publish(broker.url, [Sent(topic, b"off")])
+    wait_until(lambda: stored_count(data_dir) >= 2, 20, "the live message")
+    second.stop()
+    stored = read_all(data_dir)[unique]
+    assert [(m.record.payload, m.record.retain) for m in stored] == [(b"on", True), (b"off", False)]
+    publish(broker.url, [Sent(topic, b"", retain=True)])  # clear the retained value
+
+
+def test_lost_broker_session_is_recorded_as_a_gap(
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    settings = make_settings(own_broker, data_dir)
+    run_bridge(settings).stop()
+    own_broker.wipe()  # the broker forgets the bridge's session and queue
+    own_broker.start()
+    bridge = run_bridge(settings)
+    publish(own_broker.url, [Sent(f"devices/{unique}/t", b"1")])
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "a message after the new session")
+    bridge.stop()
+    gaps = GapLog(data_dir).all()
+    assert [g.reason for g in gaps] == ["session-lost"]
+    assert gaps[0].since_ns < gaps[0].until_ns
+
+
+def test_bridge_reconnects_after_a_broker_restart(
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    bridge = run_bridge(make_settings(own_broker, data_dir))
+    before = [Sent(f"devices/{unique}/t", f"before {i}".encode()) for i in range(50)]
+    publish(own_broker.url, before)
+    wait_until(lambda: stored_count(data_dir) >= 50, 20, "messages before the restart")
+    own_broker.stop()
+    own_broker.start()
+    after = [Sent(f"devices/{unique}/t", f"after {i}".encode()) for i in range(50)]
+    wait_until(lambda: bridge.bridge._transport._connected, 30, "the bridge to reconnect")
+    publish(own_broker.url, after)
+    wait_until(lambda: stored_count(data_dir) >= 100, 30, "messages after the restart")
+    bridge.stop()
+    _assert_stored_exactly(data_dir, before + after)
+    assert GapLog(data_dir).all() == [], "broker persistence kept the session"
+
+
+def test_storage_failure_withholds_acks_and_recovers_by_itself(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = {"on": True}
+    real_commit = Partition._commit
+
+    def flaky_commit(self: Partition, batch: object) -> None:
+        if failing["on"]:
+            raise StorageUnavailable("IO error: No space left on device (injected)")
+        real_commit(self, batch)  # type: ignore[arg-type]
+
+    settings = make_settings(broker, data_dir)
+    run_bridge(settings).stop()  # create the store and the session without faults
+    monkeypatch.setattr(Partition, "_commit", flaky_commit)
+    bridge = run_bridge(settings)
+    sent = [Sent(f"devices/{unique}-{i % 3}/t", f"m{i}".encode()) for i in range(120)]
+    publish(broker.url, sent)
+    wait_until(lambda: bridge.bridge.pipeline.pending > 0, 20, "the bridge to hold messages")
+    assert stored_count(data_dir) == 0
+    # Stopping while storage fails must not acknowledge: a new bridge gets everything again.
+    bridge.stop()
+    restarted = run_bridge(settings)
+    wait_until(lambda: restarted.bridge.pipeline.pending > 0, 20, "redelivered messages")
+    failing["on"] = False  # the disk has room again: the bridge resumes by itself
+    wait_until(lambda: stored_count(data_dir) >= 120, 40, "all messages after recovery")
+    restarted.stop()
+    stored = read_all(data_dir)
+    payloads = Counter(m.record.payload for ms in stored.values() for m in ms)
+    assert set(payloads) == {m.payload for m in sent}
+    assert all(count == 1 for count in payloads.values()), "stored once each after recovery"
+
+
+def test_data_dir_is_single_writer(broker: Broker, data_dir: Path, run_bridge: RunBridge) -> None:
+    run_bridge(make_settings(broker, data_dir))
+    with pytest.raises(DataDirLocked, match=str(os.getpid())):
+        run_bridge(make_settings(broker, data_dir))
+
+
+def test_crash_between_sync_and_ack_stores_flagged_duplicates(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = make_settings(broker, data_dir)
+    # The first bridge syncs but "dies" before its acks leave: they are never sent.
+    monkeypatch.setattr(PahoIngest, "ack", lambda _self, _tokens: None)
+    first = run_bridge(settings)
+    sent = [Sent(f"devices/{unique}/t", f"m{i}".encode()) for i in range(20)]
+    publish(broker.url, sent)
+    wait_until(lambda: stored_count(data_dir) >= 20, 20, "the first copies")
+    first.stop()
+    monkeypatch.undo()
+    second = run_bridge(settings)
+    wait_until(lambda: stored_count(data_dir) >= 40, 20, "the redelivered copies")
+    second.stop()
+    stored = read_all(data_dir)[unique]
+    assert [m.record.payload for m in stored if not m.record.dup] == [m.payload for m in sent]
+    assert [m.record.payload for m in stored if m.record.dup] == [m.payload for m in sent]
+    with StoreReader(data_dir) as reader:
+        info = reader.device(unique)
+    assert info is not None
+    assert (info.count, info.dups) == (40, 20)
+    assert second.bridge.pipeline.counters.duplicates == 20
