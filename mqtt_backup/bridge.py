@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mqtt_backup import metrics
 from mqtt_backup.config import Settings
 from mqtt_backup.errors import StorageError
 from mqtt_backup.ingest import CommitPipeline
@@ -44,6 +45,8 @@ class Bridge:
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._disconnected_at: int | None = None
+        self._gaps_recorded = len(self.store.gaps.all())
+        self._stop_metrics: Callable[[], None] = lambda: None
         self._transport = PahoIngest(self._session(), self._router.filters, self)
         self.pipeline = CommitPipeline(
             self.store,
@@ -68,10 +71,13 @@ class Bridge:
         )
 
     def connect(self) -> None:
-        """Connect and subscribe; BrokerError when the broker is unreachable or refuses."""
+        """Connect and subscribe (and serve metrics when asked); BrokerError, UsageError."""
         try:
+            if self.settings.metrics_port is not None:
+                self._stop_metrics = metrics.serve(self.settings.metrics_port, self.snapshot)
             self._transport.connect(self.pipeline, self._state.subscriptions)
         except BaseException:
+            self._stop_metrics()
             self.store.close()
             raise
 
@@ -91,7 +97,24 @@ class Bridge:
         finally:
             self._save_state()
             self.store.close()
+            self._stop_metrics()
             log.info("stopped: %d messages stored this run", self.pipeline.counters.stored)
+
+    def snapshot(self) -> metrics.Snapshot:
+        """The bridge's counters and state right now (for /metrics)."""
+        c = self.pipeline.counters
+        return metrics.Snapshot(
+            stored=c.stored,
+            skipped=c.skipped,
+            duplicates=c.duplicates,
+            batches=c.batches,
+            payload_bytes=c.bytes,
+            commit_seconds=c.commit_seconds,
+            pending=self.pipeline.pending,
+            connected=self._transport.connected,
+            storage_stalled=self._transport.stall.active,
+            gaps=self._gaps_recorded,
+        )
 
     def stop(self) -> None:
         """Ask the bridge to stop (safe from a signal handler or another thread)."""
@@ -162,5 +185,6 @@ class Bridge:
     def _record_gap(self, gap: Gap) -> None:
         try:
             self.store.gaps.record(gap)
+            self._gaps_recorded += 1
         except StorageError as exc:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)

@@ -112,6 +112,9 @@ def run(
         str | None, typer.Option(help="the bridge's own topics, never stored [default: backup]")
     ] = None,
     protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    ] = None,
     ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
     cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
     key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
@@ -140,6 +143,7 @@ def run(
         partitions=partitions,
         namespace=namespace,
         protocol=protocol,
+        metrics_port=metrics_port,
         ca=ca,
         cert=cert,
         key=key,

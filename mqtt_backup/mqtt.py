@@ -124,6 +124,7 @@ class PahoIngest:
         self._connack: tuple[bool, ReasonCode | None] | None = None
         self._suback: list[ReasonCode] | None = None
         self._connected = False
+        self.stall = Stall()
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -159,6 +160,11 @@ class PahoIngest:
         self, _c: paho.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object
     ) -> None:
         self._suback = codes
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the broker is up."""
+        return self._connected
 
     def _on_disconnect(
         self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
@@ -278,16 +284,15 @@ class PahoIngest:
     def run(self, sink: Sink, stop: threading.Event) -> None:
         """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
         self._sink = sink
-        stall = _Stall()
         while not stop.is_set():
             self._hooks.tick()
             if not self._connected:
                 self._reconnect(stop)
                 continue
-            self._serve(sink, stall)
+            self._serve(sink, self.stall)
         self._shutdown(sink)
 
-    def _serve(self, sink: Sink, stall: _Stall) -> None:
+    def _serve(self, sink: Sink, stall: Stall) -> None:
         if stall.active:
             # Storage is failing: hold what we have (the broker's window bounds it), retry later.
             self._pump(min(stall.seconds_left(), 0.2), read=not sink.full())
@@ -299,7 +304,7 @@ class PahoIngest:
         if sink.has_work and (sink.due() or not self._readable()):
             self._commit(sink, stall)
 
-    def _commit(self, sink: Sink, stall: _Stall) -> None:
+    def _commit(self, sink: Sink, stall: Stall) -> None:
         try:
             sink.commit()
         except StorageUnavailable as exc:
@@ -424,8 +429,8 @@ class PahoIngest:
                 ack(mid, qos)
 
 
-class _Stall:
-    """Backoff state while storage fails: when to retry, and saying it once, not per message."""
+class Stall:
+    """Backoff state while storage fails: when to retry, and saying so once, not per message."""
 
     def __init__(self) -> None:
         self.active = False
@@ -433,9 +438,11 @@ class _Stall:
         self._delay = 0.5
 
     def seconds_left(self) -> float:
+        """Time until the next retry."""
         return max(0.0, self._retry_at - time.monotonic())
 
     def failed(self, exc: StorageUnavailable) -> None:
+        """A commit failed: log it the first time, schedule the next try."""
         if not self.active:
             log.error(
                 "storage failed: %s. Not acknowledging or reading more; the broker keeps the "
@@ -447,5 +454,6 @@ class _Stall:
         self._delay = min(self._delay * 2, _BACKOFF_MAX_S)
 
     def cleared(self) -> None:
+        """A commit worked: back to normal."""
         self.active = False
         self._delay = 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+from tools import devbroker
 
 RunBridge = Callable[[Settings], BridgeThread]
 TEMPLATES = ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
@@ -265,3 +267,23 @@ def test_crash_between_sync_and_ack_stores_flagged_duplicates(
     assert info is not None
     assert (info.count, info.dups) == (40, 20)
     assert second.bridge.pipeline.counters.duplicates == 20
+
+
+def test_metrics_endpoint_reports_the_bridge(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    port = devbroker.free_port()
+    bridge = run_bridge(make_settings(broker, data_dir, metrics_port=port))
+    publish(broker.url, [Sent(f"devices/{unique}/t", b"x" * 10) for _ in range(7)])
+    wait_until(lambda: stored_count(data_dir) >= 7, 20, "stored messages")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    bridge.stop()
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("mqtt_backup_")
+    )
+    assert float(values["mqtt_backup_messages_stored_total"]) == 7
+    assert float(values["mqtt_backup_payload_bytes_total"]) == 70
+    assert float(values["mqtt_backup_connected"]) == 1
+    assert float(values["mqtt_backup_storage_stalled"]) == 0
+    assert float(values["mqtt_backup_pending_messages"]) == 0
