@@ -45,9 +45,13 @@ class Bridge:
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._disconnected_at: int | None = None
-        self._gaps_recorded = len(self.store.gaps.all())
         self._stop_metrics: Callable[[], None] = lambda: None
-        self._transport = PahoIngest(self._session(), self._router.filters, self)
+        try:
+            self._gaps_recorded = len(self.store.gaps.all())
+            self._transport = PahoIngest(self._session(), self._router.filters, self)
+        except BaseException:
+            self.store.close()
+            raise
         self.pipeline = CommitPipeline(
             self.store,
             self._router,

@@ -231,8 +231,20 @@ def _validate(settings: Settings) -> None:
     for template in templates:
         if template.levels[: len(own)] == own:
             raise ConfigError(f"topic template {template.text!r} lies under the bridge's namespace")
+    _validate_tls(settings)
     if settings.client_id is not None and not settings.client_id:
         raise ConfigError("client_id must not be empty")
+
+
+def _validate_tls(settings: Settings) -> None:
+    for name in ("ca", "cert", "key"):
+        path = getattr(settings, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{name} file {path} does not exist or is not a file")
+    if (settings.ca or settings.cert) and not settings.broker_address.tls:
+        raise ConfigError("--ca and --cert are for TLS", "use an mqtts:// broker URL")
+    if settings.key and not settings.cert:
+        raise ConfigError("--key needs --cert (the client certificate it belongs to)")
 
 
 def with_overrides(settings: Settings, **changes: Any) -> Settings:

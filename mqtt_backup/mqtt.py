@@ -24,7 +24,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.config import BrokerAddress
-from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, StorageUnavailable
+from mqtt_backup.errors import (
+    BrokerError,
+    BrokerRefused,
+    BrokerUnreachable,
+    ConfigError,
+    StorageUnavailable,
+)
 from mqtt_backup.records import Properties, Record
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,15 @@ def _paho_properties(props: Any) -> Properties | None:
     return None if result.is_empty() else result
 
 
+def _describe(exc: BaseException) -> str:
+    """The useful part of a socket or TLS error, on one line."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _is_replay(props: Properties | None) -> bool:
     return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
 
@@ -140,9 +155,12 @@ class PahoIngest:
         if addr.username is not None:
             client.username_pw_set(addr.username, addr.password)
         if addr.tls:
-            client.tls_set(
-                ca_certs=self.session.ca, certfile=self.session.cert, keyfile=self.session.key
-            )
+            try:
+                client.tls_set(
+                    ca_certs=self.session.ca, certfile=self.session.cert, keyfile=self.session.key
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(f"cannot load the TLS files: {_describe(exc)}") from exc
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -196,10 +214,11 @@ class PahoIngest:
         addr = self.session.address
         try:
             self._open_socket()
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError (e.g. certificate verify failed) included
+            hint = "check --ca" if isinstance(exc, ssl.SSLError) else "check --broker and that "
             raise BrokerUnreachable(
-                f"{addr}: {exc.strerror or exc if isinstance(exc, OSError) else exc}",
-                "check --broker and that the broker runs",
+                f"{addr}: {_describe(exc)}",
+                hint if isinstance(exc, ssl.SSLError) else hint + "the broker runs",
             ) from exc
         return self._handshake(known_filters)
 
@@ -273,7 +292,7 @@ class PahoIngest:
             if time.monotonic() > deadline:
                 raise BrokerUnreachable(f"no {what} from {self.session.address} in time")
             # Not client.loop(): it would add a wake-up socketpair write to every later ack.
-            if not self._pump(0.1):
+            if not self._pump(0.1) and (value := ready()) is None:
                 raise BrokerUnreachable(
                     f"{self.session.address} closed the connection before {what}"
                 )

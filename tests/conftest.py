@@ -37,17 +37,19 @@ class Broker:
 
     conf: str
     state_dir: Path
+    overlays: tuple[str, ...] = ()
     port: int = field(default_factory=devbroker.free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The bridge's --broker value for this broker."""
-        return f"mqtt://127.0.0.1:{self.port}"
+        scheme = "mqtts" if "tls.conf" in self.overlays else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Start (again) on the same port and state directory."""
-        self.proc = devbroker.start(self.conf, self.port, self.state_dir)
+        self.proc = devbroker.start(self.conf, self.port, self.state_dir, overlays=self.overlays)
 
     def stop(self) -> None:
         """SIGTERM: Mosquitto saves its persistence file on the way out."""
@@ -74,7 +76,12 @@ class ContainerBroker(Broker):
         conf_dir = self.state_dir / "config"
         conf_dir.mkdir(parents=True, exist_ok=True)
         rendered = devbroker.render_config(
-            devbroker.CONF_DIR / self.conf, 1883, "/mosquitto/data", bind="0.0.0.0", as_user=False
+            devbroker.CONF_DIR / self.conf,
+            1883,
+            "/mosquitto/data",
+            bind="0.0.0.0",
+            as_user=False,
+            overlays=[devbroker.CONF_DIR / o for o in self.overlays],
         )
         (conf_dir / "mosquitto.conf").write_text(rendered, encoding="utf-8")
         self.container = (
@@ -93,8 +100,12 @@ class ContainerBroker(Broker):
             self.container = None
 
 
-def _start_broker(conf: str, state_dir: Path) -> Iterator[Broker]:
-    broker = Broker(conf, state_dir) if _has_mosquitto() else _container_broker(conf, state_dir)
+def _start_broker(conf: str, state_dir: Path, *overlays: str) -> Iterator[Broker]:
+    broker = (
+        Broker(conf, state_dir, overlays)
+        if _has_mosquitto()
+        else _container_broker(conf, state_dir, overlays)
+    )
     broker.start()
     try:
         yield broker
@@ -106,7 +117,7 @@ def _has_mosquitto() -> bool:
     return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
 
 
-def _container_broker(conf: str, state_dir: Path) -> Broker:
+def _container_broker(conf: str, state_dir: Path, overlays: tuple[str, ...]) -> Broker:
     docker_ok = shutil.which("docker") is not None and (
         subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
     )
@@ -116,7 +127,7 @@ def _container_broker(conf: str, state_dir: Path) -> Broker:
             "(or, with a Docker engine: pip install -e '.[docker]')"
         )
     state_dir.mkdir(parents=True, exist_ok=True)
-    return ContainerBroker(conf, state_dir)
+    return ContainerBroker(conf, state_dir, overlays)
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +140,83 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def own_broker(tmp_path: Path) -> Iterator[Broker]:
     """A broker of this test alone, for tests that stop, restart or wipe it."""
     yield from _start_broker("dev.conf", tmp_path / "broker")
+
+
+BRIDGE_USER, BRIDGE_PASSWORD = "bridge", "s3cret:/@x"
+
+
+@pytest.fixture(scope="session")
+def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """dev.conf + mosquitto/auth.conf: only BRIDGE_USER with BRIDGE_PASSWORD may connect."""
+    state = tmp_path_factory.mktemp("auth-broker")
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(state / "passwd"), BRIDGE_USER, BRIDGE_PASSWORD],
+        check=True,
+        capture_output=True,
+    )
+    yield from _start_broker("dev.conf", state, "auth.conf")
+
+
+def make_test_ca(directory: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 (ca.crt, server.crt, server.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mqtt-backup test CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """dev.conf + mosquitto/tls.conf: the listener speaks TLS with a throwaway CA (ca.crt)."""
+    state = tmp_path_factory.mktemp("tls-broker")
+    make_test_ca(state)
+    yield from _start_broker("dev.conf", state, "tls.conf")
 
 
 @pytest.fixture(autouse=True)
@@ -154,10 +242,10 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def make_settings(broker: Broker, data: Path, **changes: Any) -> config.Settings:
+def make_settings(on: Broker, data: Path, **changes: Any) -> config.Settings:
     """Small settings, so edge cases show with small data: 3 partitions, batches of 50."""
     base = config.Settings(
-        broker=broker.url, data=data, partitions=3, batch_max=50, batch_ms=10, keepalive=10
+        broker=on.url, data=data, partitions=3, batch_max=50, batch_ms=10, keepalive=10
     )
     return config.with_overrides(base, **changes)
 
@@ -213,27 +301,30 @@ class Sent:
     retain: bool = False
 
 
-async def publish_async(
-    url: str, messages: Sequence[Sent], protocol: aiomqtt.ProtocolVersion | None = None
-) -> list[Sent]:
+def device_client(broker: Broker, **options: Any) -> aiomqtt.Client:
+    """An aiomqtt client of a test device on `broker` (credentials and CA as that broker needs)."""
+    if "auth.conf" in broker.overlays:
+        options.setdefault("username", BRIDGE_USER)
+        options.setdefault("password", BRIDGE_PASSWORD)
+    if "tls.conf" in broker.overlays:
+        options["tls_params"] = aiomqtt.TLSParameters(ca_certs=str(broker.state_dir / "ca.crt"))
+    options.setdefault("protocol", aiomqtt.ProtocolVersion.V5)
+    return aiomqtt.Client("127.0.0.1", broker.port, **options)
+
+
+async def publish_async(broker: Broker, messages: Sequence[Sent]) -> list[Sent]:
     """Publish in order; returns those the broker acknowledged (QoS 1) or accepted (QoS 0)."""
-    port = int(url.rsplit(":", 1)[1])
     done: list[Sent] = []
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        protocol=protocol or aiomqtt.ProtocolVersion.V5,
-        max_queued_outgoing_messages=0,
-    ) as client:
+    async with device_client(broker) as client:
         for msg in messages:
             await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
             done.append(msg)
     return done
 
 
-def publish(url: str, messages: Sequence[Sent]) -> list[Sent]:
+def publish(broker: Broker, messages: Sequence[Sent]) -> list[Sent]:
     """Synchronous wrapper around publish_async."""
-    return asyncio.run(publish_async(url, messages))
+    return asyncio.run(publish_async(broker, messages))
 
 
 def read_all(data: Path) -> dict[str, list[StoredMessage]]:

@@ -8,10 +8,16 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import aiomqtt
-
 from mqtt_backup.storage import StoreReader
-from tests.conftest import Broker, Sent, bridge_process, read_all, stored_count, wait_until
+from tests.conftest import (
+    Broker,
+    Sent,
+    bridge_process,
+    device_client,
+    read_all,
+    stored_count,
+    wait_until,
+)
 
 
 def _wait_running(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -22,10 +28,9 @@ def _wait_running(proc: subprocess.Popen[bytes], log: Path) -> None:
     wait_until(running, 20, "the bridge to start")
 
 
-async def _publish_with_ledger(url: str, messages: list[Sent], ledger: list[Sent]) -> None:
+async def _publish_with_ledger(broker: Broker, messages: list[Sent], ledger: list[Sent]) -> None:
     """Publish QoS 1 in order; a message enters the ledger once the broker acknowledged it."""
-    port = int(url.rsplit(":", 1)[1])
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+    async with device_client(broker) as client:
         for msg in messages:
             await client.publish(msg.topic, msg.payload, qos=1)
             ledger.append(msg)
@@ -48,7 +53,7 @@ def test_kill_9_mid_publish_loses_nothing_the_broker_accepted(
     killed_at: list[int] = []
 
     async def scenario() -> None:
-        publisher = asyncio.create_task(_publish_with_ledger(broker.url, messages, ledger))
+        publisher = asyncio.create_task(_publish_with_ledger(broker, messages, ledger))
         await _kill_when_stored(proc, data_dir, 800)
         killed_at.append(len(ledger))
         await publisher
@@ -84,7 +89,7 @@ def test_sigterm_stores_pending_and_exits_zero(
     proc = bridge_process(broker, data_dir, log=log)
     _wait_running(proc, log)
     messages = [Sent(f"devices/{unique}/t", f"{i}".encode()) for i in range(200)]
-    asyncio.run(_publish_with_ledger(broker.url, messages, []))
+    asyncio.run(_publish_with_ledger(broker, messages, []))
     wait_until(lambda: stored_count(data_dir) >= 200, 30, "the messages")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

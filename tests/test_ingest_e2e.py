@@ -85,7 +85,7 @@ def test_fleet_of_50_devices_is_stored_once_byte_exact_in_order(
     bridge = run_bridge(settings)
     sent = _fleet(unique, devices=50, per_device=100)
     assert len(sent) == 5000
-    publish(broker.url, sent)
+    publish(broker, sent)
     wait_until(lambda: stored_count(data_dir) >= 5000, 60, "5,000 stored messages")
     bridge.stop()
     _assert_stored_exactly(data_dir, sent)
@@ -104,7 +104,7 @@ def test_mqtt_311_bridge_stores_the_same(
 ) -> None:
     bridge = run_bridge(make_settings(broker, data_dir, protocol="3.1.1", topic=TEMPLATES))
     sent = _fleet(unique, devices=6, per_device=30)
-    publish(broker.url, sent)
+    publish(broker, sent)
     wait_until(lambda: stored_count(data_dir) >= len(sent), 30, "stored messages")
     bridge.stop()
     _assert_stored_exactly(data_dir, sent)
@@ -116,7 +116,7 @@ def test_messages_published_while_the_bridge_is_down_arrive_after_restart(
     settings = make_settings(broker, data_dir)
     run_bridge(settings).stop()  # creates the persistent session and its subscription
     sent = [Sent(f"devices/{unique}-{i % 7}/t", f"offline {i}".encode()) for i in range(700)]
-    publish(broker.url, sent)
+    publish(broker, sent)
     bridge = run_bridge(settings)
     wait_until(lambda: stored_count(data_dir) >= 700, 30, "queued messages")
     bridge.stop()
@@ -130,7 +130,7 @@ def test_own_namespace_and_unmatched_topics_are_not_stored(
     # `{device}/#` would match the bridge's own `backup/...` topics: they must still be skipped.
     bridge = run_bridge(make_settings(broker, data_dir, topic=("{device}/#",)))
     publish(
-        broker.url,
+        broker,
         [
             Sent(f"backup/restore/{unique}", b"{}"),
             Sent(f"backup/restore/{unique}/response", b'{"done": true}'),
@@ -150,18 +150,18 @@ def test_retained_messages_are_not_stored_again_on_restart(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, protocol: str
 ) -> None:
     topic = f"devices/{unique}/state"
-    publish(broker.url, [Sent(topic, b"on", retain=True)])
+    publish(broker, [Sent(topic, b"on", retain=True)])
     settings = make_settings(broker, data_dir, protocol=protocol)
     first = run_bridge(settings)
     wait_until(lambda: stored_count(data_dir) >= 1, 20, "the retained message")
     first.stop()
     second = run_bridge(settings)
-    publish(broker.url, [Sent(topic, b"off")])
+    publish(broker, [Sent(topic, b"off")])
     wait_until(lambda: stored_count(data_dir) >= 2, 20, "the live message")
     second.stop()
     stored = read_all(data_dir)[unique]
     assert [(m.record.payload, m.record.retain) for m in stored] == [(b"on", True), (b"off", False)]
-    publish(broker.url, [Sent(topic, b"", retain=True)])  # clear the retained value
+    publish(broker, [Sent(topic, b"", retain=True)])  # clear the retained value
 
 
 def test_lost_broker_session_is_recorded_as_a_gap(
@@ -172,7 +172,7 @@ def test_lost_broker_session_is_recorded_as_a_gap(
     own_broker.wipe()  # the broker forgets the bridge's session and queue
     own_broker.start()
     bridge = run_bridge(settings)
-    publish(own_broker.url, [Sent(f"devices/{unique}/t", b"1")])
+    publish(own_broker, [Sent(f"devices/{unique}/t", b"1")])
     wait_until(lambda: stored_count(data_dir) >= 1, 20, "a message after the new session")
     bridge.stop()
     gaps = GapLog(data_dir).all()
@@ -185,13 +185,13 @@ def test_bridge_reconnects_after_a_broker_restart(
 ) -> None:
     bridge = run_bridge(make_settings(own_broker, data_dir))
     before = [Sent(f"devices/{unique}/t", f"before {i}".encode()) for i in range(50)]
-    publish(own_broker.url, before)
+    publish(own_broker, before)
     wait_until(lambda: stored_count(data_dir) >= 50, 20, "messages before the restart")
     own_broker.stop()
     own_broker.start()
     after = [Sent(f"devices/{unique}/t", f"after {i}".encode()) for i in range(50)]
     wait_until(lambda: bridge.bridge._transport._connected, 30, "the bridge to reconnect")
-    publish(own_broker.url, after)
+    publish(own_broker, after)
     wait_until(lambda: stored_count(data_dir) >= 100, 30, "messages after the restart")
     bridge.stop()
     _assert_stored_exactly(data_dir, before + after)
@@ -218,7 +218,7 @@ def test_storage_failure_withholds_acks_and_recovers_by_itself(
     monkeypatch.setattr(Partition, "_commit", flaky_commit)
     bridge = run_bridge(settings)
     sent = [Sent(f"devices/{unique}-{i % 3}/t", f"m{i}".encode()) for i in range(120)]
-    publish(broker.url, sent)
+    publish(broker, sent)
     wait_until(lambda: bridge.bridge.pipeline.pending > 0, 20, "the bridge to hold messages")
     assert stored_count(data_dir) == 0
     # Stopping while storage fails must not acknowledge: a new bridge gets everything again.
@@ -252,7 +252,7 @@ def test_crash_between_sync_and_ack_stores_flagged_duplicates(
     monkeypatch.setattr(PahoIngest, "ack", lambda _self, _tokens: None)
     first = run_bridge(settings)
     sent = [Sent(f"devices/{unique}/t", f"m{i}".encode()) for i in range(20)]
-    publish(broker.url, sent)
+    publish(broker, sent)
     wait_until(lambda: stored_count(data_dir) >= 20, 20, "the first copies")
     first.stop()
     monkeypatch.undo()
@@ -274,7 +274,7 @@ def test_metrics_endpoint_reports_the_bridge(
 ) -> None:
     port = devbroker.free_port()
     bridge = run_bridge(make_settings(broker, data_dir, metrics_port=port))
-    publish(broker.url, [Sent(f"devices/{unique}/t", b"x" * 10) for _ in range(7)])
+    publish(broker, [Sent(f"devices/{unique}/t", b"x" * 10) for _ in range(7)])
     wait_until(lambda: stored_count(data_dir) >= 7, 20, "stored messages")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()

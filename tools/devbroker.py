@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "mosquitto"
@@ -25,19 +26,36 @@ class BrokerStartError(RuntimeError):
     """Mosquitto could not be started; the message says why."""
 
 
+_FILE_OPTION = re.compile(r"(?m)^(password_file|acl_file|cafile|certfile|keyfile)\s+(\S+)\s*$")
+
+
 def render_config(
-    template: Path, port: int, state_dir: Path | str, bind: str = "127.0.0.1", as_user: bool = True
+    template: Path,
+    port: int,
+    state_dir: Path | str,
+    *,
+    bind: str = "127.0.0.1",
+    as_user: bool = True,
+    overlays: Sequence[Path] = (),
 ) -> str:
     """Return the template with its listener, persistence directory and user filled in.
 
+    Overlays (e.g. mosquitto/tls.conf) are appended; Mosquitto lets a later line win. Their
+    relative file names (password_file, cafile, ...) are resolved against the state directory.
     Started as root, Mosquitto drops to the `mosquitto` user, which often cannot write the
     persistence directory (persistence then fails silently). Running as the current user avoids it.
     """
+    where = state_dir.resolve() if isinstance(state_dir, Path) else state_dir
     text = template.read_text(encoding="utf-8")
+    for overlay in overlays:
+        extra = _FILE_OPTION.sub(
+            lambda m: f"{m[1]} {m[2] if m[2].startswith('/') else f'{where}/{m[2]}'}",
+            overlay.read_text(encoding="utf-8"),
+        )
+        text += f"\n# ---- overlay {overlay.name} ----\n{extra}"
     text, listeners = re.subn(r"(?m)^listener\s+\d+.*$", f"listener {port} {bind}", text)
     if listeners != 1:
         raise BrokerStartError(f"{template} must have exactly one 'listener PORT' line")
-    where = state_dir.resolve() if isinstance(state_dir, Path) else state_dir
     text = re.sub(r"(?m)^persistence_location\s+.*$", f"persistence_location {where}/", text)
     if as_user and os.geteuid() == 0:
         text += (
@@ -71,12 +89,19 @@ def mosquitto_binary() -> str:
 
 
 def start(
-    conf_name: str, port: int, state_dir: Path, log_path: Path | None = None
+    conf_name: str,
+    port: int,
+    state_dir: Path,
+    log_path: Path | None = None,
+    overlays: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start mosquitto with a config rendered from `mosquitto/<conf_name>`; wait for its port."""
     state_dir.mkdir(parents=True, exist_ok=True)
     conf_path = state_dir / "mosquitto.conf"
-    conf_path.write_text(render_config(CONF_DIR / conf_name, port, state_dir), encoding="utf-8")
+    rendered = render_config(
+        CONF_DIR / conf_name, port, state_dir, overlays=[CONF_DIR / o for o in overlays]
+    )
+    conf_path.write_text(rendered, encoding="utf-8")
     log = (log_path or state_dir / "mosquitto.log").open("ab")
     proc = subprocess.Popen(
         [mosquitto_binary(), "-c", str(conf_path)], stdout=log, stderr=subprocess.STDOUT

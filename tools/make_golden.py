@@ -20,7 +20,7 @@ OUT = Path(__file__).resolve().parent.parent / "tests" / "golden" / "vectors.jso
 
 DEVICE_IDS: tuple[str, ...] = (
     "sensor-1",
-    "sensor-2",
+    "sensor-8",  # lands on the small-weight partition of the weighted set
     "A",
     "",
     "Gerät-ü",
@@ -41,6 +41,8 @@ PARTITION_SETS: dict[str, tuple[tuple[str, float], ...]] = {
     "p0..p63": tuple((f"p{i}", 1.0) for i in range(64)),
     "weighted p0:1 p1:2 p2:0.5": (("p0", 1.0), ("p1", 2.0), ("p2", 0.5)),
 }
+# The set whose raw rendezvous scores are recorded too (they pin the formula, not just the winner).
+WEIGHTED = "weighted p0:1 p1:2 p2:0.5"
 
 # (device id, receive time ns, sequence as given to record_key)
 RECORD_KEYS: tuple[tuple[str, int, int], ...] = (
@@ -166,6 +168,10 @@ def build() -> dict[str, Any]:
                 "placement": {
                     name: placement.place(dev_key, partitions_from_json(pairs))
                     for name, pairs in sets.items()
+                },
+                "weighted_scores": {
+                    part.name: placement.score(dev_key, part.name, part.weight)
+                    for part in partitions_from_json(sets[WEIGHTED])
                 },
             }
         )
