@@ -1,0 +1,470 @@
+"""Settings: defaults < file < MQTT_BACKUP_* environment < flags, and a ConfigError per bad value.
+
+The autouse `clean_env` fixture (conftest.py) runs every test in an empty temporary directory with
+no MQTT_BACKUP_* variables set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_backup import config
+from mqtt_backup.config import BrokerAddress, Settings, parse_broker_url
+from mqtt_backup.errors import EXIT_USAGE, ConfigError
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    return config.load(flags or {}, env or {}, config_file)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> str:
+    """The message of the ConfigError that loading these settings raises."""
+    with pytest.raises(ConfigError) as info:
+        load(flags, env, config_file)
+    assert info.value.exit_code == EXIT_USAGE
+    message = str(info.value)
+    assert message.startswith("bad configuration: ")
+    assert "\n" not in message
+    return message
+
+
+# --- precedence ----------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    settings = load()
+    assert settings == Settings()
+    assert settings.broker == "mqtt://127.0.0.1:1883"
+    assert settings.data == Path("mqtt-backup-data")
+    assert settings.topic == ("devices/{device}/#",)
+    assert settings.namespace == "backup"
+    assert settings.protocol == "5"
+    assert settings.client_id is None
+    assert settings.partitions is None
+    assert settings.broker_address == BrokerAddress("127.0.0.1", 1883)
+    assert [t.filter for t in settings.templates] == ["devices/+/#"]
+
+
+def test_default_config_file_in_the_cwd_is_read() -> None:
+    write(Path("mqtt-backup.toml"), 'namespace = "from-file"\nkeepalive = 60\n')
+    settings = load()
+    assert settings.namespace == "from-file"
+    assert settings.keepalive == 60
+
+
+def test_no_default_config_file_is_fine() -> None:
+    assert not Path("mqtt-backup.toml").exists()
+    assert load() == Settings()
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        'namespace = "file"\nclient_id = "file"\nkeepalive = 40\nbatch_ms = 7\n',
+    )
+    env = {"MQTT_BACKUP_CLIENT_ID": "env", "MQTT_BACKUP_KEEPALIVE": "50"}
+    flags = {"keepalive": 60, "namespace": None}  # None means "flag not given"
+    settings = load(flags, env, path)
+    assert settings.batch_max == Settings().batch_max  # default
+    assert settings.batch_ms == 7  # file
+    assert settings.namespace == "file"  # file (the flag was not given)
+    assert settings.client_id == "env"  # env over file
+    assert settings.keepalive == 60  # flag over env and file
+
+
+def test_explicit_config_wins_over_the_default_file(tmp_path: Path) -> None:
+    write(Path("mqtt-backup.toml"), 'namespace = "default-file"\n')
+    other = write(tmp_path / "other.toml", 'namespace = "other-file"\n')
+    assert load(config_file=other).namespace == "other-file"
+
+
+def test_config_path_from_the_environment(tmp_path: Path) -> None:
+    write(Path("mqtt-backup.toml"), 'namespace = "default-file"\n')
+    other = write(tmp_path / "env.toml", 'namespace = "env-file"\n')
+    third = write(tmp_path / "flag.toml", 'namespace = "flag-file"\n')
+    assert load(env={"MQTT_BACKUP_CONFIG": str(other)}).namespace == "env-file"
+    assert load(env={"MQTT_BACKUP_CONFIG": str(other)}, config_file=third).namespace == "flag-file"
+
+
+def test_real_environment_through_monkeypatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTT_BACKUP_BROKER", "mqtts://user:secret@broker.example")
+    monkeypatch.setenv("MQTT_BACKUP_PARTITIONS", "4")
+    monkeypatch.setenv("MQTT_BACKUP_DATA", "/srv/backup")
+    settings = config.load({}, os.environ)
+    assert settings.broker_address == BrokerAddress(
+        "broker.example", 8883, tls=True, username="user", password="secret"
+    )
+    assert settings.partitions == 4
+    assert settings.data == Path("/srv/backup")
+
+
+def test_empty_environment_value_is_unset() -> None:
+    settings = load(env={"MQTT_BACKUP_NAMESPACE": "", "MQTT_BACKUP_PARTITIONS": ""})
+    assert settings.namespace == "backup"
+    assert settings.partitions is None
+
+
+def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
+    pems = {name: write(tmp_path / f"{name}.pem", "-") for name in ("ca", "cert", "key")}
+    values = {
+        "broker": "mqtts://h:1",
+        "data": "/d",
+        "topic": "x/{device}",
+        "client_id": "c",
+        "partitions": "2",
+        "namespace": "ns",
+        "protocol": "3.1.1",
+        "metrics_port": "9100",
+        "ca": str(pems["ca"]),
+        "cert": str(pems["cert"]),
+        "key": str(pems["key"]),
+        "session_expiry": "60",
+        "keepalive": "10",
+        "batch_max": "5",
+        "batch_ms": "3",
+        "log_level": "debug",
+    }
+    assert set(values) == set(config.field_names())
+    settings = load(env={f"MQTT_BACKUP_{k.upper()}": v for k, v in values.items()})
+    assert settings == Settings(
+        broker="mqtts://h:1",
+        data=Path("/d"),
+        topic=("x/{device}",),
+        client_id="c",
+        partitions=2,
+        namespace="ns",
+        protocol="3.1.1",
+        metrics_port=9100,
+        ca=pems["ca"],
+        cert=pems["cert"],
+        key=pems["key"],
+        session_expiry=60,
+        keepalive=10,
+        batch_max=5,
+        batch_ms=3,
+        log_level="debug",
+    )
+
+
+def test_topic_list_from_environment_is_comma_separated() -> None:
+    env = {"MQTT_BACKUP_TOPIC": "devices/{device}/#, tele/{device}/+ ,,zigbee2mqtt/{device}"}
+    settings = load(env=env)
+    assert settings.topic == ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
+    assert [t.filter for t in settings.templates] == ["devices/+/#", "tele/+/+", "zigbee2mqtt/+"]
+
+
+def test_topic_list_from_file_and_flags(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", 'topic = ["a/{device}", "b/{device}/#"]\n')
+    assert load(config_file=path).topic == ("a/{device}", "b/{device}/#")
+    flags = {"topic": ["c/{device}"]}
+    assert load(flags, {"MQTT_BACKUP_TOPIC": "d/{device}"}, path).topic == ("c/{device}",)
+
+
+def test_file_keys_with_dash_or_underscore(tmp_path: Path) -> None:
+    dashed = write(tmp_path / "d.toml", 'client-id = "x"\nbatch-max = 9\nlog-level = "error"\n')
+    under = write(tmp_path / "u.toml", 'client_id = "x"\nbatch_max = 9\nlog_level = "error"\n')
+    assert load(config_file=dashed) == load(config_file=under)
+    settings = load(config_file=dashed)
+    assert (settings.client_id, settings.batch_max, settings.log_level) == ("x", 9, "error")
+
+
+def test_file_value_types(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        'data = "~/backup"\npartitions = 8\nmetrics_port = "9100"\nlog_level = "WARNING"\n',
+    )
+    settings = load(config_file=path)
+    assert settings.data == Path("~/backup").expanduser()
+    assert settings.partitions == 8
+    assert settings.metrics_port == 9100
+    assert settings.log_level == "WARNING"
+
+
+def test_flags_accept_parsed_values() -> None:
+    settings = load({"data": Path("/x"), "partitions": 3, "topic": ("a/{device}",)})
+    assert (settings.data, settings.partitions, settings.topic) == (Path("/x"), 3, ("a/{device}",))
+
+
+def test_with_overrides() -> None:
+    assert config.with_overrides(Settings(), namespace="x").namespace == "x"
+
+
+# --- bad values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "names"),
+    [
+        ('brokr = "mqtt://x"', "'brokr'"),
+        ("[broker]\nhost = 'x'", "'broker'"),
+        ("partitions = 'many'", "'partitions'"),
+        ("partitions = 2.5", "'partitions'"),
+        ("partitions = true", "'partitions'"),
+        ("keepalive = [30]", "'keepalive'"),
+        ("namespace = 5", "'namespace'"),
+        ("protocol = 5", "'protocol'"),
+        ("topic = [1, 2]", "'topic'"),
+        ("topic = 7", "'topic'"),
+        ("data = 1", "'data'"),
+        ("client-id = 3", "'client_id'"),
+        ("log_level = false", "'log_level'"),
+    ],
+)
+def test_bad_file_values_name_the_key(tmp_path: Path, toml: str, names: str) -> None:
+    path = write(tmp_path / "c.toml", toml + "\n")
+    message = config_error(config_file=path)
+    assert names in message
+    assert str(path) in message
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(config_file=write(tmp_path / "c.toml", "colour = 'blue'\n"))
+    assert "unknown key 'colour'" in str(info.value)
+    for name in config.field_names():
+        assert name in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"MQTT_BACKUP_PARTITIONS": "two"}, "MQTT_BACKUP_PARTITIONS"),
+        ({"MQTT_BACKUP_METRICS_PORT": "9100.5"}, "MQTT_BACKUP_METRICS_PORT"),
+        ({"MQTT_BACKUP_KEEPALIVE": "0x10"}, "MQTT_BACKUP_KEEPALIVE"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env: dict[str, str], names: str) -> None:
+    message = config_error(env=env)
+    assert names in message
+    assert repr(next(iter(env.values()))) in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        ({"partitions": "x"}, "flag 'partitions'"),
+        ({"partitions": True}, "flag 'partitions'"),
+        ({"namespace": 3}, "flag 'namespace'"),
+        ({"topic": [1]}, "flag 'topic'"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(flags: dict[str, Any], names: str) -> None:
+    assert names in config_error(flags)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "low", "high"),
+    [
+        ("partitions", 0, 1, 1024),
+        ("partitions", 1025, 1, 1024),
+        ("metrics_port", 0, 1, 65535),
+        ("metrics_port", 65536, 1, 65535),
+        ("session_expiry", 0, 1, 0xFFFFFFFF),
+        ("session_expiry", 2**32, 1, 0xFFFFFFFF),
+        ("keepalive", 4, 5, 65535),
+        ("keepalive", -1, 5, 65535),
+        ("batch_max", 0, 1, 100_000),
+        ("batch_max", 100_001, 1, 100_000),
+        ("batch_ms", 0, 1, 10_000),
+        ("batch_ms", 10_001, 1, 10_000),
+    ],
+)
+def test_out_of_range_numbers(name: str, bad: int, low: int, high: int) -> None:
+    message = config_error({name: bad})
+    assert f"{name} must be between {low} and {high}, got {bad}" in message
+    # The bounds themselves are fine.
+    assert getattr(load({name: low}), name) == low
+    assert getattr(load({name: high}), name) == high
+
+
+def test_out_of_range_from_file_and_env(tmp_path: Path) -> None:
+    assert "partitions" in config_error(env={"MQTT_BACKUP_PARTITIONS": "0"})
+    assert "keepalive" in config_error(config_file=write(tmp_path / "c.toml", "keepalive = 1\n"))
+
+
+@pytest.mark.parametrize("protocol", ["4", "3", "3.1", "5.0", "mqtt5", ""])
+def test_bad_protocol(protocol: str) -> None:
+    assert "protocol must be 5 or 3.1.1" in config_error({"protocol": protocol})
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_good_protocol(protocol: str) -> None:
+    assert load({"protocol": protocol}).protocol == protocol
+
+
+@pytest.mark.parametrize("level", ["verbose", "trace", "critical", "", "warn"])
+def test_bad_log_level(level: str) -> None:
+    assert "log_level must be" in config_error({"log_level": level})
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error"])
+def test_good_log_level(level: str) -> None:
+    assert load({"log_level": level}).log_level == level
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://host", "must start with mqtt:// or mqtts://"),
+        ("http://host:1883", "must start with mqtt:// or mqtts://"),
+        ("host:1883", "must start with mqtt:// or mqtts://"),
+        ("127.0.0.1", "must start with mqtt:// or mqtts://"),
+        ("", "must start with mqtt:// or mqtts://"),
+        ("mqtt://", "has no host"),
+        ("mqtt://:1883", "has no host"),
+        ("mqtts://user:pw@", "has no host"),
+        ("mqtt://host/path", "must not have a path or query"),
+        ("mqtt://host:1883/x/y", "must not have a path or query"),
+        ("mqtt://host?x=1", "must not have a path or query"),
+        ("mqtt://host#frag", "must not have a path or query"),
+        ("mqtt://host:port", "broker URL"),
+        ("mqtt://host:65536", "broker URL"),
+        ("mqtt://host:-1", "broker URL"),
+        ("mqtt://[::1", "broker URL"),
+    ],
+)
+def test_bad_broker_urls(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_broker_url(url)
+    assert problem in str(info.value)
+    assert repr(url) in str(info.value)
+    assert "mqtt://host:1883" in info.value.hint
+    # The same through load: validated at load time, not first use.
+    message = config_error({"broker": url})
+    assert "broker URL" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("mqtt://host", BrokerAddress("host", 1883)),
+        ("mqtt://host/", BrokerAddress("host", 1883)),
+        ("mqtt://host:1884", BrokerAddress("host", 1884)),
+        ("mqtts://host", BrokerAddress("host", 8883, tls=True)),
+        ("mqtts://host:443", BrokerAddress("host", 443, tls=True)),
+        ("mqtt://10.0.0.7:1883", BrokerAddress("10.0.0.7", 1883)),
+        ("mqtt://[::1]:1885", BrokerAddress("::1", 1885)),
+        ("mqtt://u@host", BrokerAddress("host", 1883, username="u")),
+        ("mqtt://u:@host", BrokerAddress("host", 1883, username="u", password="")),
+        ("mqtt://u:p@host:1", BrokerAddress("host", 1, username="u", password="p")),
+        (
+            "mqtts://us%40er:p%3Aa%2Fs%25s%20w@broker.example:8884",
+            BrokerAddress("broker.example", 8884, True, "us@er", "p:a/s%s w"),
+        ),
+        (
+            "mqtt://b%C3%A4r:%F0%9F%99%82@h",
+            BrokerAddress("h", 1883, username="bär", password="🙂"),
+        ),
+    ],
+)
+def test_parse_broker_url(url: str, address: BrokerAddress) -> None:
+    assert parse_broker_url(url) == address
+
+
+def test_broker_address_str_hides_the_password() -> None:
+    address = parse_broker_url("mqtts://alice:s3cr%40t@broker.example")
+    assert address.password == "s3cr@t"
+    text = str(address)
+    assert text == "mqtts://alice@broker.example:8883"
+    assert "s3cr" not in text
+    assert str(parse_broker_url("mqtt://h")) == "mqtt://h:1883"
+    assert str(parse_broker_url("mqtt://:pw@h")) == "mqtt://h:1883"
+
+
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        ("devices/#", "has no '{device}' level"),
+        ("dev{device}", "embeds its '{device}' level"),
+        ("{device}/#/x", "misplaced wildcard"),
+        ("{site}/{device}", "unknown placeholder"),
+        ("$SYS/{device}", "starts with '$'"),
+    ],
+)
+def test_bad_template(topic: str, problem: str) -> None:
+    message = config_error({"topic": [topic]})
+    assert problem in message
+    assert "topic template" in message
+    assert "{device}" in message
+
+
+def test_no_template() -> None:
+    assert "at least one topic template" in config_error({"topic": []})
+    assert "at least one topic template" in config_error(env={"MQTT_BACKUP_TOPIC": " , "})
+
+
+@pytest.mark.parametrize(
+    ("namespace", "topic"),
+    [
+        ("backup", "backup/{device}"),
+        ("backup", "backup/{device}/#"),
+        ("backup", "backup/restore/{device}"),
+        ("ops/backup", "ops/backup/{device}/#"),
+    ],
+)
+def test_template_under_the_namespace(namespace: str, topic: str) -> None:
+    message = config_error({"namespace": namespace, "topic": [topic]})
+    assert "lies under the bridge's namespace" in message
+    assert repr(topic) in message
+
+
+def test_template_beside_the_namespace_is_fine() -> None:
+    settings = load({"namespace": "ops/backup", "topic": ["ops/{device}", "backups/{device}"]})
+    assert len(settings.templates) == 2
+
+
+@pytest.mark.parametrize("namespace", ["", "a/+", "a/#", "/a", "a/", "$ns"])
+def test_bad_namespace(namespace: str) -> None:
+    assert "namespace" in config_error({"namespace": namespace})
+
+
+def test_empty_client_id() -> None:
+    assert "client_id must not be empty" in config_error({"client_id": ""})
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "broker = \n")
+    message = config_error(config_file=path)
+    assert "is not valid TOML" in message
+    assert str(path) in message
+
+
+def test_invalid_default_toml_in_the_cwd() -> None:
+    write(Path("mqtt-backup.toml"), "[[[\n")
+    assert "mqtt-backup.toml is not valid TOML" in config_error()
+
+
+def test_unreadable_config_file(tmp_path: Path) -> None:
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes(b'namespace = "b\xe4ckup"\n')
+    assert "cannot read config file" in config_error(config_file=not_utf8)
+    a_directory = tmp_path / "dir.toml"
+    a_directory.mkdir()
+    message = config_error(config_file=a_directory)
+    assert "cannot read config file" in message
+    assert str(a_directory) in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    message = config_error(config_file=missing)
+    assert f"config file {missing} does not exist" in message
+    assert "does not exist" in config_error(env={"MQTT_BACKUP_CONFIG": str(missing)})
