@@ -50,7 +50,7 @@ class Bridge:
             self._gaps_recorded = len(self.store.gaps.all())
             self._transport = PahoIngest(self._session(), self._router.filters, self)
         except BaseException:
-            self.store.close()
+            self.store.discard_new()
             raise
         self.pipeline = CommitPipeline(
             self.store,
@@ -81,8 +81,9 @@ class Bridge:
                 self._stop_metrics = metrics.serve(self.settings.metrics_port, self.snapshot)
             self._transport.connect(self.pipeline, self._state.subscriptions)
         except BaseException:
+            # Bad input changes nothing: a data directory made by this failed start goes again.
             self._stop_metrics()
-            self.store.close()
+            self.store.discard_new()
             raise
 
     def run(self) -> None:

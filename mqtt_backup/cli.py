@@ -291,13 +291,30 @@ def export(
 # ---- entry point --------------------------------------------------------------------------------
 
 
+def _command_path(exc: click.UsageError, argv: list[str]) -> str:
+    # A missing option value is reported with the group's context: name the subcommand anyway.
+    if exc.ctx is not None and exc.ctx.command_path != PROG:
+        return exc.ctx.command_path
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return f"{PROG} {command}" if command in app_commands() else PROG
+
+
+def app_commands() -> set[str]:
+    """Names of the subcommands."""
+    group = typer.main.get_command(app)
+    return set(group.commands) if isinstance(group, click.Group) else set()
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console script: run the app, turning every error into one line and an exit code."""
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        sys.stderr.write(exc.format_message() + "\n")
+        sys.exit(EXIT_USAGE)
     except click.UsageError as exc:
-        where = exc.ctx.command_path if exc.ctx else PROG
+        where = _command_path(exc, argv if argv is not None else sys.argv[1:])
         sys.stderr.write(f"{PROG}: {exc.format_message().rstrip('.')}. Try: {where} --help\n")
         sys.exit(EXIT_USAGE)
     except click.ClickException as exc:

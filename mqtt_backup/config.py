@@ -35,12 +35,13 @@ class BrokerAddress:
     def __str__(self) -> str:
         """The URL without the password, for logs."""
         user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError says what is wrong."""
-    hint = "--broker mqtt://host:1883 (or mqtts://host:8883 for TLS)"
+    hint = "a URL such as mqtt://host:1883 (or mqtts://host:8883 for TLS)"
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -50,6 +51,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://", hint)
     if not parts.hostname:
         raise ConfigError(f"broker URL {url!r} has no host", hint)
+    if port == 0:
+        raise ConfigError(f"broker URL {url!r} has port 0", hint)
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(f"broker URL {url!r} must not have a path or query", hint)
     tls = parts.scheme == "mqtts"
@@ -128,7 +131,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "client_id": _text,
     "partitions": _int,
     "namespace": _text,
-    "protocol": _text,
+    "protocol": lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else _text(v),
     "metrics_port": _int,
     "ca": _path,
     "cert": _path,
@@ -155,15 +158,21 @@ def load(
     env: Mapping[str, str],
     config_file: Path | None = None,
 ) -> Settings:
-    """Settings from defaults < file < environment < flags (flags given as None are unset)."""
+    """Settings from defaults < file < environment < flags (flags given as None are unset).
+
+    Each value is checked where it comes from, so an error names the flag, the variable or the
+    file key to fix; checks that span several options run on the merged result.
+    """
     values: dict[str, Any] = {}
     path = config_file or _env_config(env)
     if path is not None or DEFAULT_CONFIG.is_file():
         values.update(_from_file(path or DEFAULT_CONFIG))
     values.update(_from_env(env))
-    values.update({k: _parse(k, v, "flag") for k, v in flags.items() if v is not None})
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = _parse(name, value, "--" + name.replace("_", "-"))
     settings = Settings(**values)
-    _validate(settings)
+    _validate_together(settings)
     return settings
 
 
@@ -173,10 +182,40 @@ def _env_config(env: Mapping[str, str]) -> Path | None:
 
 
 def _parse(name: str, value: Any, origin: str) -> Any:
+    """Parse and check one value; a ConfigError names its origin (flag, variable or file key)."""
     try:
-        return _PARSERS[name](value)
+        parsed = _PARSERS[name](value)
+        _check(name, parsed)
     except TypeError as exc:
-        raise ConfigError(f"{origin} {name!r} {exc}, got {value!r}") from None
+        raise ConfigError(f"{origin} {exc}, got {value!r}") from None
+    except UsageError as exc:
+        raise ConfigError(f"{origin}: {exc.detail}", exc.hint) from None
+    return parsed
+
+
+def _check(name: str, value: Any) -> None:
+    if name in _RANGES:
+        low, high = _RANGES[name]
+        if not low <= value <= high:
+            raise UsageError(f"must be between {low} and {high}, got {value}")
+    match name:
+        case "protocol" if value not in ("5", "3.1.1"):
+            raise UsageError(f"must be 5 or 3.1.1, got {value!r}")
+        case "log_level" if value.lower() not in ("debug", "info", "warning", "error"):
+            raise UsageError(f"must be debug, info, warning or error, got {value!r}")
+        case "topic" if not value:
+            raise UsageError("needs at least one topic template", "devices/{device}/#")
+        case "topic":
+            for text in value:
+                parse_template(text)
+        case "namespace":
+            check_namespace(value)
+        case "broker":
+            parse_broker_url(value)
+        case "client_id" if not value:
+            raise UsageError("must not be empty")
+        case "ca" | "cert" | "key" if not value.is_file():
+            raise UsageError(f"{value} does not exist or is not a file")
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -184,8 +223,10 @@ def _from_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     values = {}
@@ -195,52 +236,31 @@ def _from_file(path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"unknown key {key!r} in {path}", f"one of {', '.join(sorted(_PARSERS))}"
             )
-        values[name] = _parse(name, value, f"{path}:")
+        values[name] = _parse(name, value, f"{key!r} in {path}")
     return values
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values = {}
     for name in _PARSERS:
-        raw = env.get(ENV_PREFIX + name.upper())
+        variable = ENV_PREFIX + name.upper()
+        raw = env.get(variable)
         if raw is not None and raw != "":
-            values[name] = _parse(name, raw, f"environment {ENV_PREFIX}{name.upper()}:")
+            values[name] = _parse(name, raw, variable)
     return values
 
 
-def _validate(settings: Settings) -> None:
-    for name, (low, high) in _RANGES.items():
-        value = getattr(settings, name)
-        if value is not None and not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    if settings.protocol not in ("5", "3.1.1"):
-        raise ConfigError(f"protocol must be 5 or 3.1.1, got {settings.protocol!r}")
-    if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(
-            f"log_level must be debug, info, warning or error: {settings.log_level!r}"
-        )
-    if not settings.topic:
-        raise ConfigError("at least one topic template is needed", "--topic 'devices/{device}/#'")
-    try:
-        check_namespace(settings.namespace)
-        templates = settings.templates
-    except UsageError as exc:
-        raise ConfigError(exc.detail, exc.hint) from None
-    settings.broker_address  # noqa: B018 - parsing is the validation
+def _validate_together(settings: Settings) -> None:
     own = tuple(settings.namespace.split("/"))
-    for template in templates:
+    for template in settings.templates:
         if template.levels[: len(own)] == own:
-            raise ConfigError(f"topic template {template.text!r} lies under the bridge's namespace")
+            raise ConfigError(
+                f"topic template {template.text!r} lies under the bridge's namespace {own[0]!r}"
+            )
     _validate_tls(settings)
-    if settings.client_id is not None and not settings.client_id:
-        raise ConfigError("client_id must not be empty")
 
 
 def _validate_tls(settings: Settings) -> None:
-    for name in ("ca", "cert", "key"):
-        path = getattr(settings, name)
-        if path is not None and not path.is_file():
-            raise ConfigError(f"{name} file {path} does not exist or is not a file")
     if (settings.ca or settings.cert) and not settings.broker_address.tls:
         raise ConfigError("--ca and --cert are for TLS", "use an mqtts:// broker URL")
     if settings.key and not settings.cert:

@@ -76,8 +76,10 @@ class Record:
 
 def encode_record(record: Record, ts_ns: int) -> bytes:
     """The record's stored bytes; `ts_ns` is the receive time also held in its key."""
+    if record.qos not in (0, 1, 2):
+        raise ValueError(f"QoS must be 0, 1 or 2, not {record.qos}")
     topic = record.topic.encode("utf-8")
-    flags = record.qos & 0x03
+    flags = record.qos
     if record.retain:
         flags |= _FLAG_RETAIN
     if record.dup:
@@ -171,6 +173,8 @@ def _decode_properties(raw: memoryview) -> Properties:
                 pos += _U32.size
             case 0x03 | 0x08 | 0x09:
                 (length,) = _U16.unpack_from(raw, pos)
+                if pos + 2 + length > len(raw):
+                    raise CorruptRecord("property is truncated")
                 chunk = bytes(raw[pos + 2 : pos + 2 + length])
                 pos += 2 + length
                 _store_property(fields, ident, chunk)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from mqtt_backup.errors import UsageError
 
 NS_PER_S = 1_000_000_000
+# Keys hold the receive time as 64-bit nanoseconds: the last representable moment is in 2554.
+MAX_NS = 2**64 - 1
+_EPOCH = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)$")
 _FRACTION = re.compile(r"^(?P<head>[^.]+)\.(?P<frac>\d+)(?P<tz>.*)$")
 
 
@@ -29,10 +33,13 @@ def parse_time(value: str | float, what: str = "time") -> int:
     if isinstance(value, int | float):
         return _from_epoch(float(value) if isinstance(value, float) else value, what)
     text = value.strip()
-    try:
-        return _from_epoch(float(text) if "." in text else int(text), what)
-    except ValueError:
-        return _from_rfc3339(text, what)
+    if _EPOCH.match(text):
+        # Decimal, not float: "1700000000.123456789" keeps every nanosecond digit.
+        seconds = Decimal(text)
+        if seconds < 0:
+            raise UsageError(f"{what} must not be before 1970, got {text!r}")
+        return _in_range(int(seconds.scaleb(9).to_integral_value(ROUND_HALF_EVEN)), what)
+    return _from_rfc3339(text, what)
 
 
 def _from_epoch(seconds: float, what: str) -> int:
@@ -41,13 +48,20 @@ def _from_epoch(seconds: float, what: str) -> int:
     if seconds < 0:
         raise UsageError(f"{what} must not be before 1970, got {seconds!r}")
     if isinstance(seconds, int):
-        return seconds * NS_PER_S
+        return _in_range(seconds * NS_PER_S, what)
     whole = int(seconds)
-    return whole * NS_PER_S + round((seconds - whole) * NS_PER_S)
+    return _in_range(whole * NS_PER_S + round((seconds - whole) * NS_PER_S), what)
+
+
+def _in_range(ts_ns: int, what: str) -> int:
+    if ts_ns > MAX_NS:
+        raise UsageError(f"{what} is after {format_ts(MAX_NS)}, the last time the store can hold")
+    return ts_ns
 
 
 def _from_rfc3339(text: str, what: str) -> int:
     # datetime keeps microseconds only; carry the nanosecond digits separately.
+    given = text
     nanos = 0
     match = _FRACTION.match(text)
     if match:
@@ -60,8 +74,8 @@ def _from_rfc3339(text: str, what: str) -> int:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
-            f"{what} {text!r} is neither RFC 3339 (2026-11-24T10:00:00Z) nor epoch seconds"
+            f"{what} {given!r} is neither RFC 3339 (2026-11-24T10:00:00Z) nor epoch seconds"
         ) from None
     if moment.tzinfo is None:
-        raise UsageError(f"{what} {text!r} needs a time zone (e.g. a trailing Z for UTC)")
-    return _from_epoch(int(moment.timestamp()), what) + nanos
+        raise UsageError(f"{what} {given!r} needs a time zone (e.g. a trailing Z for UTC)")
+    return _in_range(_from_epoch(int(moment.timestamp()), what) + nanos, what)

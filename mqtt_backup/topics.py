@@ -39,8 +39,10 @@ def parse_template(text: str) -> Template:
     device_levels = [i for i, lvl in enumerate(levels) if lvl == DEVICE]
     if text.count(DEVICE) != 1 or len(device_levels) != 1:
         found = text.count(DEVICE)
-        detail = "has no" if found == 0 else f"has {found}" if found > 1 else "embeds its"
-        raise UsageError(f"topic template {text!r} {detail} '{{device}}' level", hint)
+        detail = {0: "has no '{device}' level", 1: "embeds '{device}' in a level"}.get(
+            found, f"has {found} '{{device}}' levels"
+        )
+        raise UsageError(f"topic template {text!r} {detail}", hint)
     for i, lvl in enumerate(levels):
         if i == device_levels[0]:
             continue
@@ -65,12 +67,19 @@ def _levels_match(pattern: Sequence[str], topic: Sequence[str], wildcard_at: int
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (`+` one level, `#` the rest) of a topic name."""
+    """MQTT filter matching (`+` one level, `#` the rest) of a topic name.
+
+    As in MQTT (4.7.2), a filter starting with a wildcard does not match a `$` topic.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
     return _levels_match(topic_filter.split("/"), topic.split("/"))
 
 
 def check_filter(topic_filter: str) -> None:
     """UsageError when the text is not a valid MQTT topic filter."""
+    if not topic_filter:
+        raise UsageError("topic filter is empty", "use '#' for every topic")
     levels = topic_filter.split("/")
     for i, lvl in enumerate(levels):
         if ("#" in lvl and (lvl != "#" or i != len(levels) - 1)) or ("+" in lvl and lvl != "+"):
@@ -96,6 +105,7 @@ class Router:
 
     def __init__(self, templates: Sequence[Template], namespace: str) -> None:
         self._templates = tuple(templates)
+        self._namespace = namespace
         self._own_prefix = namespace + "/"
 
     @property
@@ -105,7 +115,7 @@ class Router:
 
     def device_of(self, topic: str) -> str | None:
         """The device id for a topic; None for the bridge's own namespace and unmatched topics."""
-        if topic.startswith(self._own_prefix):
+        if topic.startswith(self._own_prefix) or topic == self._namespace:
             return None
         levels = topic.split("/")
         for template in self._templates:

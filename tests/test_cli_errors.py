@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -246,14 +245,13 @@ def test_bad_run_option(cwd: Path, closed_url: str, flag: str, value: str) -> No
 # ---- broker -------------------------------------------------------------------------------------
 
 
-def test_unreachable_broker_fails_fast(cwd: Path, closed_url: str) -> None:
-    started = time.monotonic()
-    result = cli("run", "--broker", closed_url, "--data", "data", cwd=cwd, timeout=30)
-    elapsed = time.monotonic() - started
+def test_unreachable_broker_fails_and_leaves_nothing_behind(cwd: Path, closed_url: str) -> None:
+    # It must not hang: a subprocess still running after 15 s fails the test (TimeoutExpired).
+    result = cli("run", "--broker", closed_url, "--data", "data", cwd=cwd, timeout=15)
     line = one_line_error(result, EXIT_BROKER)
     assert closed_url.removeprefix("mqtt://") in line
     assert "Try:" in line
-    assert elapsed < 15, f"took {elapsed:.1f}s"
+    assert not (cwd / "data").exists(), "a failed start must not leave a new data directory"
 
 
 def test_locked_data_dir(broker: Broker, tmp_path: Path, cwd: Path) -> None:

@@ -773,3 +773,30 @@ def test_pipeline_stores_qos0_without_acks(store: Store, data_dir: Path) -> None
     assert pipeline.commit() == 5
     assert acks.tokens == []
     assert all_payloads(data_dir) == {"dev-9": [f"m{n}" for n in range(5)]}
+
+
+def test_missing_partition_is_an_error_not_a_new_history(data_dir: Path) -> None:
+    Store.open(data_dir, partitions=3).close()
+    moved = data_dir / "partitions" / "p1"
+    moved.rename(data_dir / "elsewhere")  # e.g. its disk is not mounted
+    with pytest.raises(StorageError, match="partition p1 is missing") as caught:
+        Store.open(data_dir)
+    assert caught.value.exit_code == EXIT_STORAGE
+    assert not moved.exists(), "nothing may be created in its place"
+    (data_dir / "elsewhere").rename(moved)
+    Store.open(data_dir).close()
+
+
+def test_new_store_writes_its_manifest_last(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise StorageUnavailable("injected crash before the manifest")
+
+    monkeypatch.setattr(Partition, "open_writer", crash)
+    with pytest.raises(StorageUnavailable):
+        Store.open(data_dir, partitions=2)
+    assert not data_dir.exists(), "a failed first start removes what it created"
+    monkeypatch.undo()
+    Store.open(data_dir, partitions=2).close()
+    assert len(load_manifest(data_dir).partitions) == 2

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mqtt_backup import times
 from mqtt_backup.errors import EXIT_USAGE, UsageError
 from mqtt_backup.times import NS_PER_S, format_ts, parse_time
 
 T0 = 1_795_514_400  # 2026-11-24T10:00:00Z
 RFC3339_NS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}Z$")
 # Up to the end of 9999 (what datetime renders).
-MAX_NS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * NS_PER_S
+MAX_NS = times.MAX_NS  # keys hold 64-bit nanoseconds: 2554-07-21T23:34:33.709551615Z
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_parse_rfc3339(text: str, ts_ns: int) -> None:
         (0.000000001, 1),
         (0.25, 250_000_000),
         (float(T0), T0 * NS_PER_S),
-        (10**12, 10**21),  # large ints stay exact
+        (10**10, 10**19),  # large ints stay exact
         ("0", 0),
         (str(T0), T0 * NS_PER_S),
         (f" {T0} ", T0 * NS_PER_S),
@@ -93,7 +93,7 @@ def test_parse_epoch_seconds(value: str | float, ts_ns: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(seconds=st.integers(0, 2**40))
+@given(seconds=st.integers(0, 2**34))
 def test_epoch_int_and_text_agree(seconds: int) -> None:
     assert parse_time(seconds) == parse_time(str(seconds)) == seconds * NS_PER_S
 

@@ -30,8 +30,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def append_line_synced(path: Path, line: str) -> None:
     """Append one line and fsync, so the line survives a crash right after."""
     try:
-        with path.open("a", encoding="utf-8") as out:
-            out.write(line + "\n")
+        with path.open("ab+") as out:
+            # A crash mid-append leaves a line without its newline: end it before adding ours.
+            torn = out.seek(0, os.SEEK_END) > 0 and out.seek(-1, os.SEEK_END) >= 0
+            if torn and out.read(1) != b"\n":
+                out.write(b"\n")
+            out.write(line.encode("utf-8") + b"\n")
             out.flush()
             os.fsync(out.fileno())
     except OSError as exc:

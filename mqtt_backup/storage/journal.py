@@ -58,7 +58,11 @@ class GapLog:
         append_line_synced(self.path, line)
 
     def all(self) -> list[Gap]:
-        """Every recorded gap, oldest first; a torn last line (crash mid-append) is skipped."""
+        """Every recorded gap, oldest first.
+
+        A torn line (a crash mid-append cut one of our own lines short) is skipped; anything else
+        that does not parse is corruption.
+        """
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -69,14 +73,19 @@ class GapLog:
                 raw = json.loads(line)
                 gaps.append(Gap(int(raw["since_ns"]), int(raw["until_ns"]), str(raw["reason"])))
             except (ValueError, KeyError, TypeError):
-                if number == len(lines):
-                    break
+                if _is_torn(line):
+                    continue
                 raise CorruptRecord(f"{self.path} line {number} does not parse") from None
         return gaps
 
     def overlapping(self, since_ns: int | None, until_ns: int | None) -> list[Gap]:
         """Gaps that touch the window [since, until)."""
         return [g for g in self.all() if g.overlaps(since_ns, until_ns)]
+
+
+def _is_torn(line: str) -> bool:
+    # Our lines start with this prefix and end with "}"; a torn one has the first, not the last.
+    return line.startswith('{"since_ns": ') and not line.rstrip().endswith("}")
 
 
 @dataclass(slots=True)

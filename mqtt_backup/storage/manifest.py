@@ -82,8 +82,10 @@ def load_manifest(data_dir: Path) -> Manifest:
             for p in raw["partitions"]
         )
         manifest = Manifest(fmt, str(raw["client_id"]), parts)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptRecord(f"{path} is malformed: {exc!r}") from None
+    except KeyError as exc:
+        raise CorruptRecord(f"{path} is malformed: missing key {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CorruptRecord(f"{path} is malformed: {exc}") from None
     if fmt != MANIFEST_FORMAT:
         raise StorageError(f"{path} has format {fmt}; this version reads {MANIFEST_FORMAT}")
     if not parts:

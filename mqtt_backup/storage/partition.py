@@ -124,10 +124,19 @@ class Partition:
         self._sync.sync = True
 
     @classmethod
-    def open_writer(cls, name: str, path: Path) -> Partition:
-        """Open (creating if needed) for writing; proves the disk takes a synced write."""
+    def open_writer(cls, name: str, path: Path, create: bool = False) -> Partition:
+        """Open for writing (creating it only when asked); proves the disk takes a synced write.
+
+        A partition the manifest lists but that is gone is an error, not a new empty history:
+        its disk may just not be mounted.
+        """
+        if not create and not (path / "CURRENT").is_file():
+            raise StorageError(
+                f"partition {name} is missing at {path}",
+                "mount its disk, or restore the data directory from a snapshot",
+            )
         opts = _options(compress=True)
-        opts.create_if_missing(True)
+        opts.create_if_missing(create)
         opts.create_missing_column_families(True)
         opts.set_keep_log_file_num(3)
         try:
@@ -236,7 +245,7 @@ class Partition:
         """(key, value) of one device's messages in [since, until): a seek, then a short scan."""
         lower, upper = device_range(dev_key, since_ns, until_ns)
         opts = ReadOptions()
-        opts.set_iterate_lower_bound(lower)
+        # rocksdict honours the upper bound but not the lower one: the reverse walk checks it.
         opts.set_iterate_upper_bound(upper)
         it = self._db.iter(opts)
         if reverse:
@@ -245,6 +254,8 @@ class Partition:
             it.seek(lower)
         while it.valid():
             key = it.key()
+            if key < lower:
+                return
             if len(key) == KEY_LEN:
                 yield key, it.value()
             if reverse:

@@ -81,34 +81,65 @@ class Store:
         self._weighted = manifest.weighted
         self._located: dict[str, tuple[str, bytes]] = {}
         self.partitions: dict[str, Partition] = {}
+        self.created_dir = False
 
     @classmethod
     def open(
         cls, data_dir: Path, partitions: int | None = None, client_id: str | None = None
     ) -> Store:
         """Open (or create) the data directory for writing; StorageError says why it cannot."""
+        existed = data_dir.exists()
         _check_data_dir(data_dir)
         lock = DirLock(data_dir)
         lock.acquire()
         try:
-            store = cls(data_dir, _load_or_create(data_dir, partitions, client_id), lock)
-            store.open_partitions()
+            store = cls(data_dir, _load_manifest(data_dir, partitions, client_id), lock)
+            store.created_dir = not existed
+            if store.manifest is _UNSAVED:
+                store.create(partitions or DEFAULT_PARTITIONS, client_id)
+            else:
+                store.open_partitions()
         except BaseException:
             lock.release()
+            if not existed:
+                _remove_new_dir(data_dir)
             raise
         return store
+
+    def create(self, partitions: int, client_id: str | None) -> None:
+        """Lay out a new data directory: the partitions first, the manifest last.
+
+        The manifest is the commit point: a crash before it leaves a directory that the next
+        start simply lays out again.
+        """
+        self.manifest = new_manifest(partitions, client_id)
+        self._weighted = self.manifest.weighted
+        self.open_partitions(create=True)
+        save_manifest(self.data_dir, self.manifest)
+
+    def discard_new(self) -> None:
+        """Close, and remove the data directory if this store created it (start-up failed)."""
+        self.close()
+        if self.created_dir:
+            _remove_new_dir(self.data_dir)
 
     @property
     def client_id(self) -> str:
         """The bridge's stable MQTT client id, kept in the manifest."""
         return self.manifest.client_id
 
-    def open_partitions(self) -> None:
+    def open_partitions(self, create: bool = False) -> None:
         """Open every partition's database (again, after a failure)."""
         self.close_partitions()
-        for spec in self.manifest.partitions:
-            path = spec.directory(self.data_dir)
-            self.partitions[spec.name] = Partition.open_writer(spec.name, path)
+        try:
+            for spec in self.manifest.partitions:
+                path = spec.directory(self.data_dir)
+                if create:
+                    path.mkdir(parents=True, exist_ok=True)
+                self.partitions[spec.name] = Partition.open_writer(spec.name, path, create)
+        except BaseException:
+            self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
+            raise
 
     def close_partitions(self) -> None:
         """Drop every database handle (rocksdict has no resume after an I/O error)."""
@@ -140,11 +171,18 @@ class Store:
         self._lock.release()
 
 
-def _load_or_create(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
+# Stands for "no manifest yet": Store.open then lays out a new data directory.
+_UNSAVED = Manifest(0, "", ())
+
+
+def _remove_new_dir(data_dir: Path) -> None:
+    # Only ever called for a directory this process created moments ago.
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
     if not manifest_path(data_dir).exists():
-        manifest = new_manifest(partitions or DEFAULT_PARTITIONS, client_id)
-        save_manifest(data_dir, manifest)
-        return manifest
+        return _UNSAVED
     manifest = load_manifest(data_dir)
     have = len(manifest.partitions)
     if partitions is not None and partitions != have:
