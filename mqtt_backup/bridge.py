@@ -5,19 +5,25 @@ It also keeps the books: the gap log, the state file and the periodic rate line.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from mqtt_backup import metrics
 from mqtt_backup.config import Settings
 from mqtt_backup.errors import StorageError
 from mqtt_backup.ingest import CommitPipeline
-from mqtt_backup.mqtt import PahoIngest, Session
-from mqtt_backup.storage import Store
-from mqtt_backup.storage.journal import BridgeState, Gap
+from mqtt_backup.mqtt import PahoIngest, Session, TlsFiles
+from mqtt_backup.restore import RestoreService, ServeOptions, serve
+from mqtt_backup.storage import Store, StoreReader
+from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.times import NS_PER_S
 from mqtt_backup.topics import Router
 
@@ -97,9 +103,12 @@ class Bridge:
             self.store.client_id,
             ", ".join(s.topic),
         )
+        restore = RestoreThread(self.settings, self.store.client_id + "-restore", self.store.gaps)
+        restore.start()
         try:
             self._transport.run(self.pipeline, self._stop)
         finally:
+            restore.stop()
             self._save_state()
             self.store.close()
             self._stop_metrics()
@@ -193,3 +202,63 @@ class Bridge:
             self._gaps_recorded += 1
         except StorageError as exc:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
+
+
+class RestoreThread:
+    """The restore service on its own thread and event loop, beside ingest, never in its way."""
+
+    def __init__(self, settings: Settings, client_id: str, gaps: GapLog) -> None:
+        self._settings = settings
+        self._options = ServeOptions(
+            address=settings.broker_address,
+            client_id=client_id,
+            protocol=settings.protocol,
+            tls_files=TlsFiles(
+                *(str(p) if p else None for p in (settings.ca, settings.cert, settings.key))
+            ),
+            keepalive=settings.keepalive,
+        )
+        self._gaps = gaps
+        self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        """Start serving; returns once the thread's loop runs."""
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except Exception:
+            log.exception("the restore service stopped on an unexpected error")
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        scratch = Path(tempfile.mkdtemp(prefix="mqtt-backup-restore-"))
+        try:
+            # A secondary RocksDB instance follows the writer without sharing its handles.
+            reader = StoreReader(self._settings.data, secondary=scratch)
+            try:
+                service = RestoreService(
+                    reader,
+                    self._gaps,
+                    self._settings.namespace,
+                    any_response_topic=self._settings.response_topics == "any",
+                )
+                await serve(service, self._options, self._stop)
+            finally:
+                reader.close()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Stop serving (restores in progress are cancelled) and wait for the thread."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

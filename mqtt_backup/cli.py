@@ -6,6 +6,7 @@ Errors become one line on stderr and an exit code: 0 ok, 1 runtime failure, 2 us
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import functools
 import json
@@ -23,12 +24,15 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TextIO, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mqtt_backup import config
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
-from mqtt_backup.errors import EXIT_USAGE, BackupError, UsageError
+from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError, UsageError
+from mqtt_backup.mqtt import TlsFiles
+from mqtt_backup.restore_client import Ask, ask, check_device
 from mqtt_backup.storage import DeviceInfo, StoreReader
 from mqtt_backup.times import format_ts, parse_time
 from mqtt_backup.topics import check_filter
@@ -131,6 +135,13 @@ def run(
         int | None, typer.Option(help="longest a batch waits for more messages [default: 20]")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    response_topics: Annotated[
+        str | None,
+        typer.Option(
+            help="strict: MQTT 5 response topics must lie under "
+            "<namespace>/restore/<device>/; any: allow every topic [default: strict]"
+        ),
+    ] = None,
     config_file: ConfigOpt = None,
 ) -> None:
     """Run the bridge: store every message of the topic templates, acknowledged after fsync."""
@@ -151,6 +162,7 @@ def run(
         batch_max=batch_max,
         batch_ms=batch_ms,
         log_level=log_level,
+        response_topics=response_topics,
     )
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -286,6 +298,140 @@ def export(
                     writer.writerow(csv_row(envelope))
                 else:
                     out.write(json.dumps(envelope, ensure_ascii=False) + "\n")
+
+
+# ---- restore ------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """Writes restored messages as JSON lines (the export shape) and keeps count."""
+
+    def __init__(self, out: TextIO, progress: Callable[[int], None]) -> None:
+        self.out = out
+        self.count = 0
+        self._progress = progress
+
+    def __call__(self, body: dict[str, Any]) -> None:
+        envelope = {k: v for k, v in body.items() if k not in ("id", "seq")}
+        self.out.write(json.dumps(envelope, ensure_ascii=False) + "\n")
+        self.count += 1
+        self._progress(self.count)
+
+
+def _restore_fields(
+    since: str | None, until: str | None, topic: str | None, limit: int | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    since_ns, until_ns = _time_opt(since, "--since"), _time_opt(until, "--until")
+    if since_ns is not None and until_ns is not None and since_ns > until_ns:
+        raise UsageError("--since is after --until")
+    for name, ts_ns in (("since", since_ns), ("until", until_ns)):
+        if ts_ns is not None:
+            fields[name] = format_ts(ts_ns)
+    if topic is not None:
+        check_filter(topic)
+        fields["topic"] = topic
+    if limit is not None:
+        if limit < 1:
+            raise UsageError("--limit must be at least 1")
+        fields["limit"] = limit
+    return fields
+
+
+def _summary(device: str, terminal: dict[str, Any], written: int) -> str:
+    count = terminal.get("count", written)
+    text = f"restored {count} messages of {device}"
+    if terminal.get("complete", True):
+        return text + " (complete)"
+    spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in terminal["gaps"])
+    return text + f" (INCOMPLETE: the bridge may have missed messages in {spans})"
+
+
+@app.command()
+@reports_errors
+def restore(
+    device: Annotated[str, typer.Argument(help="the device id (one topic level)")],
+    broker: BrokerOpt = None,
+    since: Annotated[str | None, typer.Option(help="from (RFC 3339 or epoch s), inclusive")] = None,
+    until: Annotated[str | None, typer.Option(help="to (RFC 3339 or epoch s), exclusive")] = None,
+    topic: Annotated[str | None, typer.Option("--topic", help="MQTT filter on the topic")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many messages")] = None,
+    desc: Annotated[bool, typer.Option("--desc", help="newest first")] = False,
+    replay: Annotated[
+        bool, typer.Option("--replay", help="republish to the original topics instead")
+    ] = False,
+    rate: Annotated[float | None, typer.Option(help="replay: messages per second")] = None,
+    retain: Annotated[
+        bool, typer.Option("--retain", help="replay: keep stored retain flags")
+    ] = False,
+    output: Annotated[str, typer.Option("--output", help="file, or - for stdout")] = "-",
+    timeout: Annotated[
+        float, typer.Option(help="give up when nothing arrives for this many seconds")
+    ] = 10.0,
+    namespace: Annotated[str | None, typer.Option(help="[default: backup]")] = None,
+    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Ask the running bridge for a device's history over MQTT; JSON lines on stdout."""
+    settings = load_settings(
+        config_file,
+        broker=broker,
+        namespace=namespace,
+        protocol=protocol,
+        ca=ca,
+        cert=cert,
+        key=key,
+    )
+    check_device(device)
+    fields = _restore_fields(since, until, topic, limit)
+    if desc:
+        fields["order"] = "desc"
+    if replay:
+        fields["mode"] = "replay"
+        fields["retain"] = retain
+        if rate is not None:
+            if not rate > 0:
+                raise UsageError("--rate must be > 0")
+            fields["rate"] = rate
+    if not timeout > 0:
+        raise UsageError("--timeout must be > 0")
+    question = Ask(
+        address=settings.broker_address,
+        device=device,
+        fields=fields,
+        namespace=settings.namespace,
+        protocol=settings.protocol,
+        tls_files=TlsFiles(
+            *(str(p) if p else None for p in (settings.ca, settings.cert, settings.key))
+        ),
+        timeout=timeout,
+    )
+    with _output(output) as out, _progress() as progress:
+        stream = _Stream(out, progress)
+        terminal = asyncio.run(ask(question, stream))
+    if "error" in terminal:
+        _fail(f"the bridge answered with an error: {terminal['error']}", EXIT_RUNTIME)
+    sys.stderr.write(_summary(device, terminal, stream.count) + "\n")
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[int], None]]:
+    """A live count on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda _count: None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.completed} messages"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("restore", total=None)
+        yield lambda count: bar.update(task, completed=count)
 
 
 # ---- entry point --------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Settings:
     batch_max: int = 1000
     batch_ms: int = 20
     log_level: str = "info"
+    response_topics: str = "strict"
 
     @property
     def broker_address(self) -> BrokerAddress:
@@ -141,6 +142,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "batch_max": _int,
     "batch_ms": _int,
     "log_level": _text,
+    "response_topics": _text,
 }
 
 _RANGES: dict[str, tuple[int, int]] = {
@@ -203,6 +205,8 @@ def _check(name: str, value: Any) -> None:
             raise UsageError(f"must be 5 or 3.1.1, got {value!r}")
         case "log_level" if value.lower() not in ("debug", "info", "warning", "error"):
             raise UsageError(f"must be debug, info, warning or error, got {value!r}")
+        case "response_topics" if value not in ("strict", "any"):
+            raise UsageError(f"must be strict or any, got {value!r}")
         case "topic" if not value:
             raise UsageError("needs at least one topic template", "devices/{device}/#")
         case "topic":

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mqtt_backup.times import format_ts
 GAPS = "gaps.jsonl"
 STATE = "state.json"
 GAP_REASONS = ("session-lost", "downtime", "broker-dropped")
+_APPENDING = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +53,12 @@ class GapLog:
         self.path = data_dir / GAPS
 
     def record(self, gap: Gap) -> None:
-        """Append a gap durably."""
+        """Append a gap durably (ingest and the restore service both record gaps)."""
         line = json.dumps(
             {"since_ns": gap.since_ns, "until_ns": gap.until_ns, "reason": gap.reason}
         )
-        append_line_synced(self.path, line)
+        with _APPENDING:
+            append_line_synced(self.path, line)
 
     def all(self) -> list[Gap]:
         """Every recorded gap, oldest first.

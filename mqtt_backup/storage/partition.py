@@ -148,11 +148,19 @@ class Partition:
         return part
 
     @classmethod
-    def open_reader(cls, name: str, path: Path) -> Partition:
-        """Open read-only: works beside a running writer, sees what it had synced at open."""
+    def open_reader(cls, name: str, path: Path, secondary: Path | None = None) -> Partition:
+        """Open read-only: works beside a running writer, sees what it had synced at open.
+
+        With `secondary` (a scratch directory) it is a RocksDB secondary instance instead, which
+        `catch_up()` brings level with the writer at any time (the restore service uses that).
+        """
         if not (path / "CURRENT").is_file():
             raise StorageError(f"partition {name} at {path} is missing or not a RocksDB database")
-        access = AccessType.read_only(False)
+        access = (
+            AccessType.read_only(False)
+            if secondary is None
+            else AccessType.secondary(str(secondary / name))
+        )
         try:
             db = Rdict(str(path), _options(compress=True), _families(), access_type=access)
         except Exception as exc:
@@ -262,6 +270,13 @@ class Partition:
                 it.prev()
             else:
                 it.next()
+
+    def catch_up(self) -> None:
+        """A secondary instance reads what the writer committed since (WAL included)."""
+        try:
+            self._db.try_catch_up_with_primary()
+        except Exception as exc:
+            raise storage_failure(exc, f"cannot read partition {self.name}") from exc
 
     def close(self) -> None:
         """Close the database (flushes nothing: the WAL already holds every commit)."""

@@ -197,9 +197,13 @@ def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None
 
 
 class StoreReader:
-    """Read-only view of a data directory; works while a bridge writes to it."""
+    """Read-only view of a data directory; works while a bridge writes to it.
 
-    def __init__(self, data_dir: Path) -> None:
+    By default it sees what was synced when it opened. With `secondary` (a scratch directory)
+    `refresh()` brings it level with the writer, for a reader that lives as long as the bridge.
+    """
+
+    def __init__(self, data_dir: Path, secondary: Path | None = None) -> None:
         self.data_dir = data_dir
         self.manifest = load_manifest(data_dir)
         self.gaps = GapLog(data_dir)
@@ -207,10 +211,15 @@ class StoreReader:
         try:
             for spec in self.manifest.partitions:
                 path = spec.directory(data_dir)
-                self.partitions[spec.name] = Partition.open_reader(spec.name, path)
+                self.partitions[spec.name] = Partition.open_reader(spec.name, path, secondary)
         except BaseException:
             self.close()
             raise
+
+    def refresh(self) -> None:
+        """Catch up with the writer (secondary readers only)."""
+        for part in self.partitions.values():
+            part.catch_up()
 
     def __enter__(self) -> StoreReader:
         """Use as a context manager to close the partitions."""

@@ -1,4 +1,4 @@
-"""MQTT connections: the only module that imports paho-mqtt or aiomqtt.
+"""The ingest transport on paho-mqtt.
 
 `PahoIngest` is the ingest transport: a paho client with a persistent session and manual acks,
 driven by its own loop so that a batch closes the moment the socket has nothing more to read.
@@ -114,7 +114,7 @@ def _paho_properties(props: Any) -> Properties | None:
     return None if result.is_empty() else result
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """The useful part of a socket or TLS error, on one line."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
@@ -160,7 +160,7 @@ class PahoIngest:
                     ca_certs=self.session.ca, certfile=self.session.cert, keyfile=self.session.key
                 )
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise ConfigError(f"cannot load the TLS files: {_describe(exc)}") from exc
+                raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -217,7 +217,7 @@ class PahoIngest:
         except OSError as exc:  # ssl.SSLError (e.g. certificate verify failed) included
             hint = "check --ca" if isinstance(exc, ssl.SSLError) else "check --broker and that "
             raise BrokerUnreachable(
-                f"{addr}: {_describe(exc)}",
+                f"{addr}: {describe(exc)}",
                 hint if isinstance(exc, ssl.SSLError) else hint + "the broker runs",
             ) from exc
         return self._handshake(known_filters)

@@ -1,0 +1,208 @@
+"""An asyncio MQTT connection on aiomqtt, for the restore service and the restore client.
+
+It speaks in plain values (`Inbound`, `OutProps`) so callers never touch aiomqtt or paho, and it
+turns their errors into ours: BrokerUnreachable, BrokerRefused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from mqtt_backup.config import BrokerAddress
+from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
+
+DEFAULT_INFLIGHT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """CA file for an mqtts:// broker; client certificate and key for mTLS."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message as a restore request or a response: what the receiver needs of it."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutProps:
+    """MQTT 5 properties of an outgoing message (ignored on MQTT 3.1.1)."""
+
+    correlation_data: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    payload_format: int | None = None
+    message_expiry: int | None = None
+    response_topic: str | None = None
+
+    def to_paho(self) -> PahoProperties:
+        """The PUBLISH properties object of paho."""
+        props = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if self.correlation_data is not None:
+            props.CorrelationData = self.correlation_data
+        if self.user:
+            props.UserProperty = list(self.user)
+        if self.content_type is not None:
+            props.ContentType = self.content_type
+        if self.payload_format is not None:
+            props.PayloadFormatIndicator = self.payload_format
+        if self.message_expiry is not None:
+            props.MessageExpiryInterval = self.message_expiry
+        if self.response_topic is not None:
+            props.ResponseTopic = self.response_topic
+        return props
+
+
+def _inbound(message: aiomqtt.Message) -> Inbound:
+    props = message.properties
+    user = getattr(props, "UserProperty", None) if props is not None else None
+    return Inbound(
+        topic=message.topic.value,
+        payload=bytes(message.payload),
+        qos=message.qos,
+        retain=bool(message.retain),
+        response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+        correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
+        user=tuple((str(k), str(v)) for k, v in user) if user else (),
+    )
+
+
+class AsyncConnection:
+    """`async with AsyncConnection(address, ...) as conn:` one MQTT client on the running loop."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str | None = None,
+        *,
+        protocol: str = "5",
+        tls_files: TlsFiles | None = None,
+        keepalive: int = 30,
+        max_inflight: int = DEFAULT_INFLIGHT,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
+        self.mqtt5 = protocol == "5"
+        self._options: dict[str, Any] = {
+            "username": address.username,
+            "password": address.password,
+            "identifier": self.client_id,
+            "protocol": aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311,
+            "keepalive": keepalive,
+            "timeout": 10,
+            "max_inflight_messages": max_inflight,
+            "max_queued_incoming_messages": 10_000,
+        }
+        if address.tls:
+            files = tls_files or TlsFiles()
+            self._options["tls_params"] = aiomqtt.TLSParameters(
+                ca_certs=files.ca, certfile=files.cert, keyfile=files.key
+            )
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> Self:
+        """Connect; BrokerRefused on a negative CONNACK, BrokerUnreachable otherwise."""
+        client = aiomqtt.Client(self.address.host, self.address.port, **self._options)
+        try:
+            await client.__aenter__()
+        except MqttConnectError as exc:
+            raise BrokerRefused(
+                f"{self.address}: {exc}", "check the user name and password"
+            ) from exc
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnreachable(
+                f"{self.address}: {exc}", "check --broker and that the broker runs"
+            ) from exc
+        self._client = client
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Disconnect (quietly when the connection is already gone)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(exc_type, exc, tb)
+
+    def _live(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise BrokerUnreachable(f"{self.address}: not connected")
+        return self._client
+
+    async def subscribe(self, filters: Sequence[str], qos: int = 1) -> None:
+        """Subscribe (MQTT 5: no retained messages re-sent for an existing subscription)."""
+        client = self._live()
+        try:
+            if self.mqtt5:
+                options = SubscribeOptions(
+                    qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                )
+                codes = await client.subscribe([(f, options) for f in filters])
+            else:
+                codes = await client.subscribe([(f, qos) for f in filters])
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnreachable(f"{self.address}: subscribe failed: {exc}") from exc
+        refused = [f for f, rc in zip(filters, codes, strict=False) if _failed(rc)]
+        if refused:
+            raise BrokerRefused(
+                f"subscription to {', '.join(refused)} refused", "check the broker's ACL"
+            )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        props: OutProps | None = None,
+    ) -> None:
+        """Publish and wait for the broker's PUBACK (QoS 1); BrokerUnreachable when it fails."""
+        properties = props.to_paho() if props is not None and self.mqtt5 else None
+        try:
+            client = self._live()
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnreachable(f"{self.address}: publish failed: {exc}") from exc
+
+    async def messages(self) -> AsyncIterator[Inbound]:
+        """Incoming messages until the connection drops (then BrokerUnreachable)."""
+        try:
+            async for message in self._live().messages:
+                yield _inbound(message)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnreachable(f"{self.address}: connection lost: {exc}") from exc
+
+
+def _failed(code: object) -> bool:
+    # MQTT 5 gives ReasonCodes, 3.1.1 the granted QoS (128 = failure).
+    is_failure = getattr(code, "is_failure", None)
+    if isinstance(is_failure, bool):
+        return is_failure
+    return code == 128

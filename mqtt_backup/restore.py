@@ -1,0 +1,622 @@
+"""The restore service: answers `<namespace>/restore/<device>` requests over MQTT.
+
+A request is parsed strictly (an unknown field is an error, never "everything"), the device's key
+range is scanned (a seek, never a full scan), and each stored message goes out as a JSON envelope,
+as its original bytes (`format: raw`), or back to its original topic (`mode: replay`), followed by
+exactly one terminal message: `done` (with count and completeness) or `error`.
+
+Publishing is windowed: at most WINDOW messages wait for their PUBACK, so a slow subscriber or a
+million-message restore cannot grow memory, and a few restores run at once beside ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mqtt_backup.config import BrokerAddress
+from mqtt_backup.envelope import message_envelope
+from mqtt_backup.errors import BackupError, StorageError, UsageError
+from mqtt_backup.mqtt import REPLAY_PROPERTY, AsyncConnection, Inbound, OutProps, TlsFiles
+from mqtt_backup.storage import StoredMessage, StoreReader
+from mqtt_backup.storage.journal import Gap, GapLog
+from mqtt_backup.times import format_ts, parse_time
+from mqtt_backup.topics import check_filter
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_ID_CHARS = 1024
+WINDOW = 64
+MAX_ACTIVE = 4
+MAX_WAITING = 64
+DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+FIELDS = ("since", "until", "topic", "limit", "order", "mode", "format", "id", "rate", "retain")
+_YIELD_EVERY = 128
+
+
+class BadRequest(Exception):
+    """A restore request that cannot be served; the message is the terminal's `error`."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed restore request (DESIGN.md section 4)."""
+
+    device: str
+    since_ns: int | None = None
+    until_ns: int | None = None
+    topic: str | None = None
+    limit: int | None = None
+    descending: bool = False
+    replay: bool = False
+    raw: bool = False
+    request_id: str | None = None
+    rate: float | None = None
+    retain: bool = False
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+
+def parse_request(device: str, payload: bytes) -> Request:
+    """The request for `device` from its payload; BadRequest says what is wrong with it."""
+    if not device:
+        raise BadRequest("the request topic has no device: publish to <namespace>/restore/<device>")
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"request is {len(payload)} bytes; at most {MAX_REQUEST_BYTES} allowed")
+    if not payload.strip():
+        return Request(device)
+    fields = _json_object(payload)
+    request_id = _request_id(fields)
+    try:
+        return _build(device, fields, request_id)
+    except BadRequest as exc:
+        raise BadRequest(exc.reason, request_id) from None
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(
+            payload.decode("utf-8"),
+            parse_constant=_no_constants,
+            object_pairs_hook=_no_duplicates,
+        )
+    except UnicodeDecodeError:
+        raise BadRequest("request is not UTF-8 text") from None
+    except RecursionError:
+        raise BadRequest("request JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"request is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"request must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _no_constants(name: str) -> None:
+    raise BadRequest(f"request contains {name}, which is not a JSON number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadRequest(f"field {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _request_id(fields: dict[str, Any]) -> str | None:
+    value = fields.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise BadRequest(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _build(device: str, fields: dict[str, Any], request_id: str | None) -> Request:
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        raise BadRequest(f"unknown field {names}; known fields: {', '.join(FIELDS)}")
+    since_ns = _time(fields, "since")
+    until_ns = _time(fields, "until")
+    if since_ns is not None and until_ns is not None and since_ns > until_ns:
+        raise BadRequest("'since' is after 'until'")
+    return Request(
+        device=device,
+        since_ns=since_ns,
+        until_ns=until_ns,
+        topic=_topic(fields),
+        limit=_limit(fields),
+        descending=_choice(fields, "order", ("asc", "desc")) == "desc",
+        replay=_choice(fields, "mode", ("response", "replay")) == "replay",
+        raw=_choice(fields, "format", ("json", "raw")) == "raw",
+        request_id=request_id,
+        rate=_rate(fields),
+        retain=_flag(fields, "retain"),
+    )
+
+
+def _time(fields: dict[str, Any], name: str) -> int | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest(f"{name!r} must be RFC 3339 text or epoch seconds")
+    try:
+        return parse_time(value, repr(name))
+    except UsageError as exc:
+        raise BadRequest(exc.detail) from None
+
+
+def _topic(fields: dict[str, Any]) -> str | None:
+    value = fields.get("topic")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("'topic' must be an MQTT topic filter (a string)")
+    try:
+        check_filter(value)
+    except UsageError as exc:
+        raise BadRequest(exc.detail) from None
+    return value
+
+
+def _limit(fields: dict[str, Any]) -> int | None:
+    value = fields.get("limit")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest("'limit' must be an integer >= 1")
+    return value
+
+
+def _choice(fields: dict[str, Any], name: str, allowed: tuple[str, str]) -> str:
+    value = fields.get(name, allowed[0])
+    if value not in allowed:
+        raise BadRequest(f"{name!r} must be {allowed[0]!r} or {allowed[1]!r}")
+    return str(value)
+
+
+def _rate(fields: dict[str, Any]) -> float | None:
+    value = fields.get("rate")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise BadRequest("'rate' must be a number of messages per second > 0")
+    return float(value)
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name!r} must be true or false")
+    return value
+
+
+def response_topic(
+    request_topic: str, given: str | None, restore_prefix: str, any_allowed: bool = False
+) -> tuple[str, str | None]:
+    """(where to answer, why the requested response topic was refused or None).
+
+    A response topic must lie at least two levels below the restore prefix so that it can never
+    look like a request, unless the operator allows any topic.
+    """
+    default = request_topic + "/response"
+    if given is None:
+        return default, None
+    if not given or any(c in given for c in "+#"):
+        return default, f"response topic {given!r} is not a topic name"
+    if any_allowed:
+        return given, None
+    below = given.removeprefix(restore_prefix + "/")
+    if below == given or len(below.split("/")) < 2:
+        return default, (
+            f"response topic {given!r} must lie under {restore_prefix}/<device>/ "
+            "(at least two levels below the restore prefix)"
+        )
+    return given, None
+
+
+# ---- answering ----------------------------------------------------------------------------------
+
+
+class Publisher(Protocol):
+    """Where the service publishes: an MQTT connection."""
+
+    mqtt5: bool
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        props: OutProps | None = None,
+    ) -> None:
+        """Publish and wait for the broker to take it (PUBACK at QoS 1)."""
+
+
+class Window:
+    """At most `size` publishes awaiting their PUBACK; the first failure stops the stream."""
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+
+    async def send(self, publish: Coroutine[Any, Any, None]) -> None:
+        """Start a publish once a slot is free."""
+        if self._failure is not None:
+            publish.close()
+            raise self._failure
+        await self._slots.acquire()
+        task = asyncio.create_task(publish)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    async def drain(self) -> None:
+        """Wait until every publish is acknowledged; re-raise the first failure."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
+
+    def cancel(self) -> None:
+        """Abandon what is in flight (the connection is gone or the bridge stops)."""
+        for task in self._tasks:
+            task.cancel()
+
+
+@dataclass(slots=True)
+class Reply:
+    """The response side of one request: topic, correlation data, id, and the message count."""
+
+    conn: Publisher
+    topic: str
+    correlation: bytes | None
+    request_id: str | None = None
+    sent: int = 0
+
+    def _props(self, *user: tuple[str, str], content_type: str | None = None) -> OutProps:
+        return OutProps(
+            correlation_data=self.correlation, user=tuple(user), content_type=content_type
+        )
+
+    def _with_id(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self.request_id, **body} if self.request_id is not None else body
+
+    def json_message(self, envelope: dict[str, Any]) -> Coroutine[Any, Any, None]:
+        """One stored message as a JSON envelope with `id` and `seq`."""
+        self.sent += 1
+        body = self._with_id({"seq": self.sent, **envelope})
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        props = self._props(content_type="application/json")
+        return self.conn.publish(self.topic, payload, 1, False, props)
+
+    def raw_message(self, stored: StoredMessage) -> Coroutine[Any, Any, None]:
+        """One stored message as its original bytes; its metadata in user properties."""
+        self.sent += 1
+        record = stored.record
+        user = [
+            ("mqtt-backup-seq", str(self.sent)),
+            ("mqtt-backup-device", stored.device),
+            ("mqtt-backup-topic", record.topic),
+            ("mqtt-backup-ts", format_ts(stored.ts_ns)),
+            ("mqtt-backup-qos", str(record.qos)),
+            ("mqtt-backup-retain", str(record.retain).lower()),
+            ("mqtt-backup-dup", str(record.dup).lower()),
+        ]
+        if self.request_id is not None:
+            user.append(("mqtt-backup-id", self.request_id))
+        original = record.properties
+        if original is not None:
+            user.extend(original.user)
+        props = OutProps(
+            correlation_data=self.correlation,
+            user=tuple(user),
+            content_type=original.content_type if original else None,
+            payload_format=original.payload_format if original else None,
+        )
+        return self.conn.publish(self.topic, record.payload, 1, False, props)
+
+    async def done(self, device: str, count: int, gaps: list[Gap]) -> None:
+        """The terminal `done` message, with completeness for the requested window."""
+        body: dict[str, Any] = {"done": True, "device": device, "count": count}
+        body["complete"] = not gaps
+        if gaps:
+            body["gaps"] = [g.as_json() for g in gaps]
+        await self._terminal(body, "done")
+
+    async def error(self, reason: str) -> None:
+        """The terminal `error` message."""
+        await self._terminal({"error": reason}, "error")
+
+    async def _terminal(self, body: dict[str, Any], kind: str) -> None:
+        payload = json.dumps(self._with_id(body), ensure_ascii=False).encode("utf-8")
+        props = self._props(("mqtt-backup-terminal", kind), content_type="application/json")
+        await self.conn.publish(self.topic, payload, 1, False, props)
+
+
+def replay_props(stored: StoredMessage) -> OutProps:
+    """Properties of a replayed message: marked so ingest never stores it again."""
+    original = stored.record.properties
+    user = ((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(stored.ts_ns)))
+    if original is None:
+        return OutProps(user=user)
+    return OutProps(
+        correlation_data=original.correlation_data,
+        user=user + original.user,
+        content_type=original.content_type,
+        payload_format=original.payload_format,
+        message_expiry=original.message_expiry,
+        response_topic=original.response_topic,
+    )
+
+
+class Pacer:
+    """Holds a replay to `rate` messages per second (none: as fast as the window allows)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._interval = 1 / rate if rate else 0.0
+        self._start = time.monotonic()
+        self._count = 0
+
+    async def wait(self) -> None:
+        """Sleep until the next message is due."""
+        if self._interval:
+            due = self._start + self._count * self._interval
+            self._count += 1
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+@dataclass
+class RestoreService:
+    """Serves restore requests from a reader that follows the writer (a secondary instance)."""
+
+    reader: StoreReader
+    gaps: GapLog
+    namespace: str = "backup"
+    any_response_topic: bool = False
+    window: int = WINDOW
+    max_active: int = MAX_ACTIVE
+    max_waiting: int = MAX_WAITING
+    _active: asyncio.Semaphore = field(init=False)
+    _waiting: int = field(init=False, default=0)
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        """Create the concurrency limit on the running loop."""
+        self._active = asyncio.Semaphore(self.max_active)
+
+    @property
+    def prefix(self) -> str:
+        """The restore prefix: `<namespace>/restore`."""
+        return f"{self.namespace}/restore"
+
+    def submit(self, message: Inbound, conn: Publisher) -> None:
+        """Answer one request in its own task; requests are independent."""
+        if message.retain:
+            # A stale retained request must not trigger a restore at every reconnect.
+            log.info("ignoring retained restore request on %s", message.topic)
+            return
+        task = asyncio.create_task(self.answer(message, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def answer(self, message: Inbound, conn: Publisher) -> None:
+        """Parse, scan and publish one request; any problem becomes one error terminal."""
+        device = message.topic.removeprefix(self.prefix + "/")
+        topic, refused = response_topic(
+            message.topic, message.response_topic, self.prefix, self.any_response_topic
+        )
+        reply = Reply(conn, topic, message.correlation_data)
+        try:
+            request = _checked(parse_request(device, message.payload), refused)
+            reply.request_id = request.request_id
+            await self._run(request, reply)
+        except BadRequest as exc:
+            reply.request_id = reply.request_id or exc.request_id
+            log.info("restore request on %s refused: %s", message.topic, exc.reason)
+            await _quietly(reply.error(exc.reason))
+        except BackupError as exc:
+            log.warning("restore of %s failed: %s", device, exc.message())
+            await _quietly(reply.error(exc.message()))
+
+    async def _run(self, request: Request, reply: Reply) -> None:
+        if (request.replay or request.raw) and not reply.conn.mqtt5:
+            raise BadRequest("replay and raw format need the bridge to use MQTT 5")
+        if self._waiting >= self.max_waiting:
+            raise BadRequest("too many restores waiting; try again later")
+        self._waiting += 1
+        try:
+            await self._active.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            count = await self._stream(request, reply)
+        finally:
+            self._active.release()
+        gaps = self.gaps.overlapping(request.since_ns, request.until_ns)
+        await reply.done(request.device, count, gaps)
+
+    async def _stream(self, request: Request, reply: Reply) -> int:
+        """Publish the device's messages in the window; returns how many went out."""
+        self.reader.refresh()
+        stored = self.reader.messages(
+            request.device, request.since_ns, request.until_ns, request.topic, request.descending
+        )
+        window = Window(self.window)
+        pacer = Pacer(request.rate if request.replay else None)
+        send = self._sender(request, reply)
+        count = 0
+        try:
+            for message in stored:
+                if request.limit is not None and count >= request.limit:
+                    break
+                count += 1
+                await pacer.wait()
+                await window.send(send(message))
+                if count % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let other restores and the connection breathe
+            await window.drain()
+        except BaseException:
+            window.cancel()
+            raise
+        return count
+
+    def _sender(
+        self, request: Request, reply: Reply
+    ) -> Callable[[StoredMessage], Coroutine[Any, Any, None]]:
+        if request.replay:
+            return lambda m: reply.conn.publish(
+                m.record.topic,
+                m.record.payload,
+                m.record.qos,
+                request.retain and m.record.retain,
+                replay_props(m),
+            )
+        if request.raw:
+            return reply.raw_message
+        return lambda m: reply.json_message(message_envelope(m.device, m.ts_ns, m.record))
+
+    async def stop(self) -> None:
+        """Cancel restores in progress (they get no terminal: the bridge is going away)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _checked(request: Request, refused_topic: str | None) -> Request:
+    if refused_topic is not None:
+        raise BadRequest(refused_topic, request.request_id)
+    return request
+
+
+async def _quietly(send: Awaitable[None]) -> None:
+    # The connection may be gone; a terminal that cannot be sent is logged, not raised.
+    try:
+        await send
+    except BackupError as exc:
+        log.warning("could not send a restore terminal: %s", exc.message())
+
+
+class DroppedWatcher:
+    """Records a `broker-dropped` gap when the broker's dropped-message counter rises.
+
+    The counter is broker-wide (`$SYS/broker/publish/messages/dropped`), so the gap says that
+    messages *may* be missing in the span, not that the bridge's were.
+    """
+
+    def __init__(self, gaps: GapLog) -> None:
+        self._gaps = gaps
+        self._last: tuple[int, int] | None = None  # (value, when seen in ns)
+
+    def observe(self, payload: bytes, now_ns: int | None = None) -> Gap | None:
+        """Take one reading; returns the gap it recorded, if any."""
+        try:
+            value = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return None
+        now_ns = now_ns if now_ns is not None else time.time_ns()
+        previous, self._last = self._last, (value, now_ns)
+        if previous is None or value <= previous[0]:
+            return None  # first reading, or the broker restarted and the counter reset
+        gap = Gap(previous[1], now_ns, "broker-dropped")
+        log.warning(
+            "the broker dropped %d messages since %s; recorded as a gap",
+            value - previous[0],
+            format_ts(previous[1]),
+        )
+        try:
+            self._gaps.record(gap)
+        except StorageError as exc:
+            log.error("could not record a broker-dropped gap: %s", exc.detail)
+        return gap
+
+
+# ---- the connection -----------------------------------------------------------------------------
+
+RETRY_MAX_S = 30.0
+
+
+@dataclass
+class ServeOptions:
+    """How the restore side connects: broker, identity, protocol, TLS files."""
+
+    address: BrokerAddress
+    client_id: str
+    protocol: str = "5"
+    tls_files: TlsFiles | None = None
+    keepalive: int = 30
+
+
+async def serve(service: RestoreService, options: ServeOptions, stop: asyncio.Event) -> None:
+    """Answer requests until `stop` is set, reconnecting with backoff when the broker goes away.
+
+    Its own connection (client id `<bridge id>-restore`, no persistent session): a request made
+    while the bridge is down gets no answer, and the requester's timeout says so.
+    """
+    watcher = DroppedWatcher(service.gaps)
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            async with AsyncConnection(
+                options.address,
+                options.client_id,
+                protocol=options.protocol,
+                tls_files=options.tls_files,
+                keepalive=options.keepalive,
+            ) as conn:
+                await conn.subscribe([f"{service.prefix}/+", DROPPED_TOPIC])
+                delay = 0.5
+                log.info("restore service listening on %s/+", service.prefix)
+                await _until_stopped(_dispatch(service, conn, watcher), stop)
+        except BackupError as exc:
+            log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+    await service.stop()
+
+
+async def _dispatch(
+    service: RestoreService, conn: AsyncConnection, watcher: DroppedWatcher
+) -> None:
+    async for message in conn.messages():
+        if message.topic == DROPPED_TOPIC:
+            watcher.observe(message.payload)
+        elif message.topic.startswith(service.prefix + "/"):
+            service.submit(message, conn)
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    task = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopping):
+        pending.cancel()
+    if task in done:
+        task.result()  # re-raise what ended the connection
