@@ -141,6 +141,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         "batch_max": "5",
         "batch_ms": "3",
         "log_level": "debug",
+        "response_topics": "any",
     }
     assert set(values) == set(config.field_names())
     settings = load(env={f"MQTT_BACKUP_{k.upper()}": v for k, v in values.items()})
@@ -161,6 +162,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         batch_max=5,
         batch_ms=3,
         log_level="debug",
+        response_topics="any",
     )
 
 
