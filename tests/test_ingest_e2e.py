@@ -78,6 +78,18 @@ def _assert_stored_exactly(data: Path, sent: list[Sent]) -> None:
         assert got == [(m.topic, m.payload) for m in msgs], f"{device}: order or content differs"
 
 
+def _assert_stored_at_least_once(data: Path, sent: list[Sent]) -> None:
+    """First copies are exactly what was sent, in order; extra copies are flagged redeliveries."""
+    stored = read_all(data)
+    for device, msgs in _by_device(sent).items():
+        first = [(m.record.topic, m.record.payload) for m in stored[device] if not m.record.dup]
+        again = {(m.record.topic, m.record.payload) for m in stored[device] if m.record.dup}
+        expected = [(m.topic, m.payload) for m in msgs]
+        assert [x for x in expected if x in set(first) | again] == expected, "lost messages"
+        assert first == [x for x in expected if x in set(first)], "order differs"
+        assert again <= set(expected)
+
+
 def test_fleet_of_50_devices_is_stored_once_byte_exact_in_order(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -194,7 +206,8 @@ def test_bridge_reconnects_after_a_broker_restart(
     publish(own_broker, after)
     wait_until(lambda: stored_count(data_dir) >= 100, 30, "messages after the restart")
     bridge.stop()
-    _assert_stored_exactly(data_dir, before + after)
+    # An ack in flight when the broker went down makes it redeliver: a flagged second copy.
+    _assert_stored_at_least_once(data_dir, before + after)
     assert GapLog(data_dir).all() == [], "broker persistence kept the session"
 
 
