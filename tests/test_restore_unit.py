@@ -1,0 +1,1359 @@
+"""The restore protocol without a broker: parsing, response topics, the service on a real store.
+
+The store is real RocksDB in temp dirs (a writer and a secondary reader, as in the bridge); only
+the network is faked, by a publisher that records what the service publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_backup.errors import BrokerUnreachable, UsageError
+from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps
+from mqtt_backup.records import Properties, Record
+from mqtt_backup.restore import (
+    MAX_ID_CHARS,
+    MAX_REQUEST_BYTES,
+    BadRequest,
+    DroppedWatcher,
+    Pacer,
+    Request,
+    RestoreService,
+    Window,
+    parse_request,
+    response_topic,
+)
+from mqtt_backup.restore_client import check_device
+from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage.journal import Gap, GapLog
+from mqtt_backup.times import format_ts
+
+SEC = 10**9
+BASE_NS = 1_767_225_600 * SEC  # 2026-01-01T00:00:00Z
+FRAC = 123_456_789
+PREFIX = "backup/restore"
+REQUEST = f"{PREFIX}/dev-1"
+DEFAULT_REPLY = f"{REQUEST}/response"
+BINARY = bytes(range(256))
+PROPS = Properties(
+    payload_format=1,
+    message_expiry=60,
+    content_type="text/plain",
+    response_topic="devices/dev-1/reply",
+    correlation_data=b"\x00\x01",
+    user=(("k", "v"), ("k", "v2")),
+)
+# dev-1: message i is received at T[i] = BASE + i s + FRAC ns.
+DEV1 = (
+    Record("devices/dev-1/telemetry", b'{"t":20.5}', qos=1),
+    Record("devices/dev-1/status", b"online", qos=0, retain=True),
+    Record("devices/dev-1/telemetry", BINARY, qos=1, dup=True),
+    Record("devices/dev-1/telemetry", "héllo ✓".encode(), qos=1, properties=PROPS),
+    Record("devices/dev-1/status", b"offline", qos=1, retain=True),
+)
+T = tuple(BASE_NS + i * SEC + FRAC for i in range(len(DEV1)))
+DEV2_NS = BASE_NS + 100 * SEC
+
+
+# ---- fakes and helpers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """One publish the service made."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    props: OutProps | None
+
+    @property
+    def user(self) -> dict[str, str]:
+        """User properties as a dict (the last value of a repeated key wins)."""
+        return dict(self.props.user) if self.props is not None else {}
+
+    @property
+    def terminal(self) -> str | None:
+        """'done' or 'error' for a terminal message, None for a stored message."""
+        return self.user.get("mqtt-backup-terminal")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON payload."""
+        value = json.loads(self.payload)
+        assert isinstance(value, dict)
+        return value
+
+
+class FakeConn:
+    """Stands for the MQTT connection: records publishes in the order they are made."""
+
+    def __init__(self, mqtt5: bool = True, delay: float = 0.0) -> None:
+        self.mqtt5 = mqtt5
+        self.delay = delay
+        self.sent: list[Published] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.in_flight_at_terminal: list[int] = []
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        props: OutProps | None = None,
+    ) -> None:
+        """Record, then take a little time as a PUBACK round trip would."""
+        published = Published(topic, payload, qos, retain, props)
+        if published.terminal is not None:
+            self.in_flight_at_terminal.append(self.in_flight)
+        self.sent.append(published)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+
+
+def pending(store: Store, device: str, received_ns: int, record: Record) -> Pending:
+    """A Pending placed the way ingest places it."""
+    _, dev_key = store.locate(device)
+    return Pending(device, dev_key, received_ns, record)
+
+
+def write(store: Store, device: str, items: list[tuple[int, Record]]) -> None:
+    """Store (received_ns, record) pairs of one device in one synced batch."""
+    partition, _ = store.locate(device)
+    store.write(partition, [pending(store, device, ns, rec) for ns, rec in items])
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Iterator[Store]:
+    """A 3-partition store holding DEV1 for dev-1 and three messages of dev-2; stays open."""
+    opened = Store.open(data_dir, partitions=3)
+    write(opened, "dev-1", list(zip(T, DEV1, strict=True)))
+    write(
+        opened,
+        "dev-2",
+        [
+            (DEV2_NS + i * SEC, Record("devices/dev-2/telemetry", f"d2-{i}".encode()))
+            for i in range(3)
+        ],
+    )
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def reader(store: Store, tmp_path: Path) -> Iterator[StoreReader]:
+    """A secondary reader beside the open writer, as the bridge's restore service has."""
+    scratch = tmp_path / "sec"
+    scratch.mkdir()  # the bridge passes a fresh mkdtemp(); RocksDB creates only the last level
+    opened = StoreReader(store.data_dir, secondary=scratch)
+    yield opened
+    opened.close()
+
+
+def ask(
+    reader: StoreReader,
+    payload: bytes = b"",
+    *,
+    topic: str = REQUEST,
+    response: str | None = None,
+    correlation: bytes | None = None,
+    conn: FakeConn | None = None,
+    **options: Any,
+) -> list[Published]:
+    """Answer one request with a fresh service on a fresh loop; everything it published."""
+    conn = conn or FakeConn()
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir), **options)
+        message = Inbound(
+            topic=topic,
+            payload=payload,
+            qos=1,
+            response_topic=response,
+            correlation_data=correlation,
+        )
+        await service.answer(message, conn)
+
+    asyncio.run(run())
+    return conn.sent
+
+
+def split(sent: list[Published]) -> tuple[list[Published], dict[str, Any]]:
+    """(stored messages, terminal body); asserts exactly one terminal and that it comes last."""
+    assert sent, "nothing was published"
+    *messages, last = sent
+    assert [m for m in messages if m.terminal is not None] == []
+    assert last.terminal in ("done", "error")
+    body = last.body()
+    assert (last.terminal == "done") == ("done" in body)
+    assert (last.terminal == "error") == ("error" in body)
+    return messages, body
+
+
+def stream(reader: StoreReader, fields: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
+    """JSON envelopes of a json/response request that must end in `done` with a matching count."""
+    messages, done = split(ask(reader, json.dumps(fields).encode(), **kwargs))
+    assert done.get("done") is True, done
+    assert done["count"] == len(messages)
+    return [m.body() for m in messages]
+
+
+def payloads(bodies: list[dict[str, Any]]) -> list[bytes]:
+    """The original payload bytes of JSON envelopes."""
+    return [
+        base64.b64decode(b["payload"]) if b["encoding"] == "base64" else b["payload"].encode()
+        for b in bodies
+    ]
+
+
+def only_error(sent: list[Published]) -> str:
+    """The reason of a stream that is exactly one error terminal and nothing else."""
+    assert len(sent) == 1, sent
+    messages, body = split(sent)
+    assert messages == []
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    return body["error"]
+
+
+def bad(payload: bytes, device: str = "dev-1") -> BadRequest:
+    """The BadRequest that parse_request raises for a payload."""
+    with pytest.raises(BadRequest) as caught:
+        parse_request(device, payload)
+    assert caught.value.reason == str(caught.value)
+    return caught.value
+
+
+def parsed(fields: dict[str, Any]) -> Request:
+    """parse_request of a JSON object."""
+    return parse_request("dev-1", json.dumps(fields).encode())
+
+
+# ---- 1. parse_request ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [b"", b" ", b"\n\t \r\n"])
+def test_empty_or_whitespace_payload_asks_for_everything(payload: bytes) -> None:
+    assert parse_request("dev-1", payload) == Request("dev-1")
+
+
+def test_empty_object_asks_for_everything() -> None:
+    assert parse_request("dev-1", b"{}") == Request("dev-1")
+    assert parse_request("dev-1", b" {} \n") == Request("dev-1")
+
+
+def test_every_field() -> None:
+    request = parsed(
+        {
+            "since": "2026-01-01T00:00:00Z",
+            "until": 1767225601.5,
+            "topic": "devices/+/telemetry",
+            "limit": 7,
+            "order": "desc",
+            "mode": "replay",
+            "format": "raw",
+            "id": "req-1",
+            "rate": 12.5,
+            "retain": True,
+        }
+    )
+    assert request == Request(
+        device="dev-1",
+        since_ns=BASE_NS,
+        until_ns=BASE_NS + SEC + SEC // 2,
+        topic="devices/+/telemetry",
+        limit=7,
+        descending=True,
+        replay=True,
+        raw=True,
+        request_id="req-1",
+        rate=12.5,
+        retain=True,
+    )
+
+
+def test_defaults() -> None:
+    request = parsed({"order": "asc", "mode": "response", "format": "json", "retain": False})
+    assert request == Request("dev-1")
+
+
+def test_unicode_device_is_kept() -> None:
+    assert parse_request("Gerät-温度", b"").device == "Gerät-温度"
+
+
+@pytest.mark.parametrize(
+    ("value", "ns"),
+    [
+        ("2026-01-01T00:00:00Z", BASE_NS),
+        ("2026-01-01T00:00:00z", BASE_NS),
+        ("2026-01-01T00:00:00+00:00", BASE_NS),
+        ("2026-01-01T01:00:00+01:00", BASE_NS),
+        ("2025-12-31T19:30:00-04:30", BASE_NS),
+        ("2026-01-01T00:00:00.5Z", BASE_NS + SEC // 2),
+        ("2026-01-01T00:00:00.123456789Z", BASE_NS + FRAC),
+        ("2026-01-01T02:00:00.000000001+02:00", BASE_NS + 1),
+        ("1970-01-01T00:00:00Z", 0),
+        (1_767_225_600, BASE_NS),
+        (0, 0),
+        (1_767_225_600.25, BASE_NS + SEC // 4),
+        (1_767_225_600.5, BASE_NS + SEC // 2),
+    ],
+)
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_times(name: str, value: str | float, ns: int) -> None:
+    request = parsed({name: value})
+    assert (request.since_ns if name == "since" else request.until_ns) == ns
+
+
+def test_time_fields_are_independent() -> None:
+    request = parsed({"since": "2026-01-01T00:00:00Z", "until": "2026-01-01T00:00:01Z"})
+    assert (request.since_ns, request.until_ns) == (BASE_NS, BASE_NS + SEC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yesterday",
+        "",
+        "2026-01-01T00:00:00",  # no time zone
+        "2026-13-01T00:00:00Z",
+        "2026-01-01T25:00:00Z",
+        "1969-12-31T23:59:59Z",
+        -1,
+        -0.5,
+        True,
+        False,
+        [],
+        {},
+        10**30,
+    ],
+)
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_bad_times(name: str, value: Any) -> None:
+    error = bad(json.dumps({name: value}).encode())
+    assert name in error.reason
+
+
+def test_since_after_until_is_an_error() -> None:
+    error = bad(b'{"since": 1767225601, "until": 1767225600}')
+    assert "'since' is after 'until'" in error.reason
+
+
+def test_since_after_until_by_one_nanosecond_is_an_error() -> None:
+    bad(b'{"since": "2026-01-01T00:00:00.000000001Z", "until": "2026-01-01T00:00:00Z"}')
+
+
+def test_since_equal_until_is_allowed() -> None:
+    request = parsed({"since": "2026-01-01T01:00:00+01:00", "until": 1_767_225_600})
+    assert request.since_ns == request.until_ns == BASE_NS
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-11-24.5T10:00:00Z",  # a fraction on the date, not on the seconds
+        "2026-11-24T10:00:00+05:30.5",  # a fraction after the offset
+    ],
+)
+def test_malformed_rfc3339_is_refused_not_shifted(value: str) -> None:
+    # BUG: times.parse_time takes the first '.<digits>' anywhere as the fraction of a second, so
+    # these are accepted as 10:00:00.5 instead of being refused.
+    bad(json.dumps({"since": value}).encode())
+
+
+def test_comma_fraction_is_refused_or_kept() -> None:
+    # RFC 3339 has no comma fraction. Python's fromisoformat takes one; the fraction must then not
+    # be silently dropped (BUG: it is: 10:00:00,5Z is read as 10:00:00Z).
+    try:
+        request = parsed({"since": "2026-01-01T00:00:00,5Z"})
+    except BadRequest:
+        return
+    assert request.since_ns == BASE_NS + SEC // 2
+
+
+@pytest.mark.parametrize("value", ["#", "+", "devices/+/telemetry", "devices/#", "a/b/c", "$SYS/#"])
+def test_topic_filters(value: str) -> None:
+    assert parsed({"topic": value}).topic == value
+
+
+@pytest.mark.parametrize("value", ["", "a/#/b", "#/a", "a#", "a/b+", "+a/b", 5, ["a"], True])
+def test_bad_topic_filters(value: Any) -> None:
+    error = bad(json.dumps({"topic": value}).encode())
+    assert "topic" in error.reason
+
+
+@pytest.mark.parametrize("value", [1, 2, 10**12])
+def test_limit(value: int) -> None:
+    assert parsed({"limit": value}).limit == value
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, False, "5", [5], {}])
+def test_bad_limit(value: Any) -> None:
+    assert "'limit' must be an integer >= 1" in bad(json.dumps({"limit": value}).encode()).reason
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "flag"),
+    [
+        ("order", ("asc", "desc"), "descending"),
+        ("mode", ("response", "replay"), "replay"),
+        ("format", ("json", "raw"), "raw"),
+    ],
+)
+def test_choices(name: str, good: tuple[str, str], flag: str) -> None:
+    assert getattr(parsed({name: good[0]}), flag) is False
+    assert getattr(parsed({name: good[1]}), flag) is True
+    for wrong in (good[0].upper(), " " + good[1], "other", 1, True, [good[0]]):
+        error = bad(json.dumps({name: wrong}).encode())
+        assert repr(name) in error.reason
+        assert repr(good[0]) in error.reason
+        assert repr(good[1]) in error.reason
+
+
+def test_id_is_kept() -> None:
+    assert parsed({"id": "abc-1"}).request_id == "abc-1"
+    assert parsed({"id": "Gerät ✓"}).request_id == "Gerät ✓"
+    assert parsed({"id": "x" * MAX_ID_CHARS}).request_id == "x" * MAX_ID_CHARS
+
+
+@pytest.mark.parametrize("value", [5, 1.5, True, ["a"], {"a": 1}, "x" * (MAX_ID_CHARS + 1)])
+def test_bad_id(value: Any) -> None:
+    error = bad(json.dumps({"id": value}).encode())
+    assert "'id'" in error.reason
+    assert error.request_id is None
+
+
+@pytest.mark.parametrize("value", [0.001, 0.5, 1, 200, 1e6])
+def test_rate(value: float) -> None:
+    assert parsed({"rate": value}).rate == float(value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, "x", "5", True, False, [1], {}])
+def test_bad_rate(value: Any) -> None:
+    assert "'rate' must be" in bad(json.dumps({"rate": value}).encode()).reason
+
+
+def test_retain() -> None:
+    assert parsed({"retain": True}).retain is True
+    assert parsed({"retain": False}).retain is False
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, [], {}])
+def test_bad_retain(value: Any) -> None:
+    assert "'retain' must be true or false" in bad(json.dumps({"retain": value}).encode()).reason
+
+
+def test_payload_of_exactly_64_kib_is_fine() -> None:
+    head = b'{"limit": 3}'
+    payload = head + b" " * (MAX_REQUEST_BYTES - len(head))
+    assert len(payload) == 64 * 1024
+    assert parse_request("dev-1", payload).limit == 3
+
+
+def test_whitespace_of_exactly_64_kib_is_everything() -> None:
+    assert parse_request("dev-1", b" " * MAX_REQUEST_BYTES) == Request("dev-1")
+
+
+@pytest.mark.parametrize("filler", [b" ", b"x"])
+def test_payload_over_64_kib_is_refused(filler: bytes) -> None:
+    head = b'{"limit": 3}'
+    payload = head + filler * (MAX_REQUEST_BYTES + 1 - len(head))
+    error = bad(payload)
+    assert str(MAX_REQUEST_BYTES + 1) in error.reason
+    assert str(MAX_REQUEST_BYTES) in error.reason
+
+
+@pytest.mark.parametrize("payload", [b"\xff", b'{"id": "\xc3"}', b"\xed\xa0\x80", b"\x80{}"])
+def test_not_utf8(payload: bytes) -> None:
+    assert "UTF-8" in bad(payload).reason
+
+
+@pytest.mark.parametrize(
+    "payload", [b"{", b"{'a': 1}", b"limit=5", b'{"limit": 5,}', b"{} {}", b'{"a" 1}', b"\x00"]
+)
+def test_not_json(payload: bytes) -> None:
+    assert "not valid JSON" in bad(payload).reason
+
+
+@pytest.mark.parametrize(
+    "payload", [b"[]", b"[1, 2]", b"5", b"1.5", b'"everything"', b"null", b"true"]
+)
+def test_not_an_object(payload: bytes) -> None:
+    assert "must be a JSON object" in bad(payload).reason
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 10_000,
+        b"[" * 10_000 + b"]" * 10_000,  # valid JSON, too deep
+        b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+        b"[" * (MAX_REQUEST_BYTES),
+    ],
+)
+def test_deeply_nested_json(payload: bytes) -> None:
+    assert "nested too deeply" in bad(payload).reason
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("name", ["since", "until", "rate", "limit", "unknown"])
+def test_nan_and_infinity_literals(name: str, literal: str) -> None:
+    error = bad(f'{{"{name}": {literal}}}'.encode())
+    assert literal.lstrip("-") in error.reason
+
+
+def test_duplicate_keys() -> None:
+    error = bad(b'{"limit": 1, "limit": 2}')
+    assert "'limit'" in error.reason
+    assert "twice" in error.reason
+
+
+def test_duplicate_id_carries_no_id() -> None:
+    assert bad(b'{"id": "a", "id": "b"}').request_id is None
+
+
+def test_unknown_field_is_named() -> None:
+    error = bad(b'{"limt": 5}')
+    assert "'limt'" in error.reason
+    assert "limit" in error.reason  # the known fields are listed
+
+
+def test_every_unknown_field_is_named() -> None:
+    error = bad(b'{"zeta": 1, "alpha": 2, "limit": 1}')
+    assert "'alpha', 'zeta'" in error.reason
+
+
+def test_empty_device() -> None:
+    assert "no device" in bad(b"", device="").reason
+    bad(b'{"limit": 1}', device="")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"limit": 0},
+        {"limt": 1},
+        {"since": 2, "until": 1},
+        {"topic": "a/#/b"},
+        {"order": "up"},
+        {"mode": "copy"},
+        {"format": "csv"},
+        {"rate": 0},
+        {"retain": "yes"},
+        {"since": "soon"},
+    ],
+)
+def test_bad_request_carries_a_valid_id(fields: dict[str, Any]) -> None:
+    error = bad(json.dumps({"id": "req-7", **fields}).encode())
+    assert error.request_id == "req-7"
+    error = bad(json.dumps({**fields, "id": "req-8"}).encode())
+    assert error.request_id == "req-8"
+
+
+# ---- 2. response_topic --------------------------------------------------------------------------
+
+
+def test_no_response_topic_answers_below_the_request() -> None:
+    assert response_topic(REQUEST, None, PREFIX) == (DEFAULT_REPLY, None)
+    assert response_topic(REQUEST, None, PREFIX, any_allowed=True) == (DEFAULT_REPLY, None)
+
+
+@pytest.mark.parametrize(
+    "given", [f"{PREFIX}/dev/x", f"{PREFIX}/dev-1/response", f"{PREFIX}/other/a/b/c"]
+)
+def test_response_topic_two_levels_below_the_prefix(given: str) -> None:
+    assert response_topic(REQUEST, given, PREFIX) == (given, None)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        f"{PREFIX}/dev",  # looks like a request
+        f"{PREFIX}/dev-1",  # is the request topic itself
+        PREFIX,
+        "backup",
+        "other/topic",
+        "backup/restorex/dev/x",
+        f"x/{PREFIX}/dev/x",
+    ],
+)
+def test_response_topic_refused(given: str) -> None:
+    topic, reason = response_topic(REQUEST, given, PREFIX)
+    assert topic == DEFAULT_REPLY
+    assert reason is not None
+    assert given in reason
+
+
+@pytest.mark.parametrize("given", ["other/topic", f"{PREFIX}/dev", "a"])
+def test_any_response_topic_when_allowed(given: str) -> None:
+    assert response_topic(REQUEST, given, PREFIX, any_allowed=True) == (given, None)
+
+
+@pytest.mark.parametrize("given", ["", "a/+", "a/#", "#", "+", f"{PREFIX}/dev/+", "a+b/c"])
+@pytest.mark.parametrize("any_allowed", [False, True])
+def test_response_topic_must_be_a_topic_name(given: str, any_allowed: bool) -> None:
+    topic, reason = response_topic(REQUEST, given, PREFIX, any_allowed)
+    assert topic == DEFAULT_REPLY
+    assert reason is not None
+
+
+def test_response_topic_follows_the_namespace() -> None:
+    assert response_topic("ns/a/restore/d", "ns/a/restore/d/r", "ns/a/restore") == (
+        "ns/a/restore/d/r",
+        None,
+    )
+    assert response_topic("ns/a/restore/d", "backup/restore/d/r", "ns/a/restore")[1] is not None
+
+
+# ---- 3. the service on a real store -------------------------------------------------------------
+
+
+def test_everything_as_json_envelopes(reader: StoreReader) -> None:
+    sent = ask(reader)
+    messages, done = split(sent)
+    assert done == {"done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert all(m.topic == DEFAULT_REPLY for m in sent)
+    assert all(m.qos == 1 and m.retain is False for m in sent)
+    assert all(m.props is not None and m.props.content_type == "application/json" for m in sent)
+    bodies = [m.body() for m in messages]
+    assert bodies[0] == {
+        "seq": 1,
+        "device": "dev-1",
+        "topic": "devices/dev-1/telemetry",
+        "ts": "2026-01-01T00:00:00.123456789Z",
+        "qos": 1,
+        "retain": False,
+        "dup": False,
+        "encoding": "utf8",
+        "payload": '{"t":20.5}',
+    }
+    assert [b["seq"] for b in bodies] == [1, 2, 3, 4, 5]
+    assert [b["ts"] for b in bodies] == [format_ts(t) for t in T]
+    assert [b["topic"] for b in bodies] == [r.topic for r in DEV1]
+    assert [b["qos"] for b in bodies] == [r.qos for r in DEV1]
+    assert [b["retain"] for b in bodies] == [r.retain for r in DEV1]
+    assert [b["dup"] for b in bodies] == [r.dup for r in DEV1]
+    assert [b["encoding"] for b in bodies] == ["utf8", "utf8", "base64", "utf8", "utf8"]
+    assert payloads(bodies) == [r.payload for r in DEV1]
+    assert all("id" not in b for b in [*bodies, done])
+    assert all(b["device"] == "dev-1" for b in bodies)
+
+
+def test_envelope_ts_has_nine_digits(reader: StoreReader) -> None:
+    for body in stream(reader, {}):
+        ts = body["ts"]
+        assert ts.endswith("Z")
+        assert len(ts.split(".")[1]) == 10  # nine digits and the Z
+
+
+def test_binary_payload_round_trips_exactly(reader: StoreReader) -> None:
+    body = stream(reader, {})[2]
+    assert body["encoding"] == "base64"
+    assert base64.b64decode(body["payload"], validate=True) == BINARY
+
+
+def test_unicode_payload_and_properties(reader: StoreReader) -> None:
+    body = stream(reader, {})[3]
+    assert (body["encoding"], body["payload"]) == ("utf8", "héllo ✓")
+    assert body["properties"] == {
+        "content_type": "text/plain",
+        "payload_format": 1,
+        "message_expiry": 60,
+        "response_topic": "devices/dev-1/reply",
+        "correlation_data": base64.b64encode(b"\x00\x01").decode(),
+        "user_properties": [["k", "v"], ["k", "v2"]],
+    }
+
+
+def test_id_in_every_message_when_requested(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"id": "req-42"}')
+    messages, done = split(sent)
+    assert len(messages) == 5
+    for published in sent:
+        body = published.body()
+        assert next(iter(body)) == "id"
+        assert body["id"] == "req-42"
+    assert done == {"id": "req-42", "done": True, "device": "dev-1", "count": 5, "complete": True}
+
+
+def test_correlation_data_and_response_topic_on_every_message(reader: StoreReader) -> None:
+    reply = f"{PREFIX}/dev-1/mine"
+    sent = ask(reader, b'{"limit": 3}', response=reply, correlation=b"\x00corr\xff")
+    split(sent)
+    assert len(sent) == 4
+    for published in sent:
+        assert published.topic == reply
+        assert published.props is not None
+        assert published.props.correlation_data == b"\x00corr\xff"
+
+
+def test_no_correlation_data_when_the_request_had_none(reader: StoreReader) -> None:
+    sent = ask(reader)
+    assert all(p.props is not None and p.props.correlation_data is None for p in sent)
+
+
+def test_limit_in_the_service(reader: StoreReader) -> None:
+    assert payloads(stream(reader, {"limit": 2})) == [DEV1[0].payload, DEV1[1].payload]
+    assert len(stream(reader, {"limit": 1})) == 1
+    assert len(stream(reader, {"limit": 5})) == 5
+    assert len(stream(reader, {"limit": 500})) == 5
+
+
+def test_desc(reader: StoreReader) -> None:
+    bodies = stream(reader, {"order": "desc"})
+    assert payloads(bodies) == [r.payload for r in reversed(DEV1)]
+    assert [b["seq"] for b in bodies] == [1, 2, 3, 4, 5]
+    assert [b["ts"] for b in bodies] == [format_ts(t) for t in reversed(T)]
+
+
+def test_desc_with_limit_gives_the_newest(reader: StoreReader) -> None:
+    bodies = stream(reader, {"order": "desc", "limit": 2})
+    assert payloads(bodies) == [DEV1[4].payload, DEV1[3].payload]
+
+
+@pytest.mark.parametrize(
+    ("topic", "expect"),
+    [
+        ("devices/dev-1/status", [1, 4]),
+        ("devices/dev-1/telemetry", [0, 2, 3]),
+        ("+/+/telemetry", [0, 2, 3]),
+        ("devices/#", [0, 1, 2, 3, 4]),
+        ("#", [0, 1, 2, 3, 4]),
+        ("devices/dev-2/#", []),
+        ("devices/dev-1", []),
+    ],
+)
+def test_topic_filter(reader: StoreReader, topic: str, expect: list[int]) -> None:
+    bodies = stream(reader, {"topic": topic})
+    assert payloads(bodies) == [DEV1[i].payload for i in expect]
+    assert [b["seq"] for b in bodies] == list(range(1, len(expect) + 1))
+
+
+def test_topic_filter_with_limit_and_desc(reader: StoreReader) -> None:
+    bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "order": "desc", "limit": 2})
+    assert payloads(bodies) == [DEV1[3].payload, DEV1[2].payload]
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "expect"),
+    [
+        # since inclusive, until exclusive, to the nanosecond
+        (format_ts(T[1]), format_ts(T[3]), [1, 2]),
+        (format_ts(T[1] + 1), format_ts(T[3] + 1), [2, 3]),
+        ("2026-01-01T01:00:01.123456789+01:00", None, [1, 2, 3, 4]),
+        (None, "2025-12-31T19:00:02.123456789-05:00", [0, 1]),
+        (1_767_225_601, 1_767_225_603, [1, 2]),
+        (1_767_225_601.5, None, [2, 3, 4]),
+        (None, 1_767_225_600, []),
+        (1_767_225_610, None, []),
+        (0, None, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_time_window(
+    reader: StoreReader, since: str | float | None, until: str | float | None, expect: list[int]
+) -> None:
+    fields = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
+    bodies = stream(reader, fields)
+    assert payloads(bodies) == [DEV1[i].payload for i in expect]
+
+
+def test_time_window_desc(reader: StoreReader) -> None:
+    bodies = stream(reader, {"since": format_ts(T[1]), "until": format_ts(T[4]), "order": "desc"})
+    assert payloads(bodies) == [DEV1[i].payload for i in (3, 2, 1)]
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_since_equal_until_is_done_with_nothing(reader: StoreReader, order: str) -> None:
+    at = format_ts(T[2])  # exactly on a stored message
+    sent = ask(reader, json.dumps({"since": at, "until": at, "order": order}).encode())
+    messages, done = split(sent)
+    assert messages == []
+    assert done == {"done": True, "device": "dev-1", "count": 0, "complete": True}
+
+
+def test_since_after_until_is_one_error(reader: StoreReader) -> None:
+    fields = {"since": format_ts(T[3]), "until": format_ts(T[1]), "id": "w"}
+    sent = ask(reader, json.dumps(fields).encode())
+    assert "'since' is after 'until'" in only_error(sent)
+    assert sent[0].body()["id"] == "w"
+
+
+def test_other_device_is_separate(reader: StoreReader) -> None:
+    sent = ask(reader, topic=f"{PREFIX}/dev-2")
+    messages, done = split(sent)
+    assert done == {"done": True, "device": "dev-2", "count": 3, "complete": True}
+    bodies = [m.body() for m in messages]
+    assert payloads(bodies) == [b"d2-0", b"d2-1", b"d2-2"]
+    assert all(b["device"] == "dev-2" for b in bodies)
+    assert all(m.topic == f"{PREFIX}/dev-2/response" for m in sent)
+
+
+@pytest.mark.parametrize("device", ["nobody", "dev-", "dev-10", "Gerät ✓"])
+def test_unknown_device_is_done_with_nothing(reader: StoreReader, device: str) -> None:
+    sent = ask(reader, topic=f"{PREFIX}/{device}")
+    assert len(sent) == 1
+    assert split(sent)[1] == {"done": True, "device": device, "count": 0, "complete": True}
+    assert sent[0].topic == f"{PREFIX}/{device}/response"
+
+
+def test_raw_format(reader: StoreReader) -> None:
+    reply = f"{PREFIX}/dev-1/raw"
+    sent = ask(reader, b'{"format": "raw", "id": "r"}', response=reply, correlation=b"c1")
+    messages, done = split(sent)
+    assert done == {"id": "r", "done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert [m.payload for m in messages] == [r.payload for r in DEV1]
+    assert all(p.topic == reply and p.qos == 1 and p.retain is False for p in sent)
+    for seq, (published, record, ts) in enumerate(zip(messages, DEV1, T, strict=True), 1):
+        assert published.props is not None
+        assert published.props.correlation_data == b"c1"
+        user = published.props.user
+        assert user[:8] == (
+            ("mqtt-backup-seq", str(seq)),
+            ("mqtt-backup-device", "dev-1"),
+            ("mqtt-backup-topic", record.topic),
+            ("mqtt-backup-ts", format_ts(ts)),
+            ("mqtt-backup-qos", str(record.qos)),
+            ("mqtt-backup-retain", "true" if record.retain else "false"),
+            ("mqtt-backup-dup", "true" if record.dup else "false"),
+            ("mqtt-backup-id", "r"),
+        )
+        original = record.properties
+        assert user[8:] == (original.user if original else ())
+        assert published.props.content_type == (original.content_type if original else None)
+        assert published.props.payload_format == (original.payload_format if original else None)
+
+
+def test_raw_format_without_id_has_no_id_property(reader: StoreReader) -> None:
+    messages, _ = split(ask(reader, b'{"format": "raw", "limit": 1}'))
+    assert len(messages) == 1
+    assert "mqtt-backup-id" not in messages[0].user
+    assert messages[0].payload == DEV1[0].payload
+
+
+def replayed(sent: list[Published]) -> tuple[list[Published], dict[str, Any]]:
+    """(replayed messages, done) of a replay that ends in `done` on the default reply topic."""
+    messages, done = split(sent)
+    assert done.get("done") is True, done
+    assert sent[-1].topic == DEFAULT_REPLY
+    return messages, done
+
+
+def test_replay(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"mode": "replay"}', correlation=b"k")
+    messages, done = replayed(sent)
+    assert done == {"done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert [m.topic for m in messages] == [r.topic for r in DEV1]
+    assert [m.payload for m in messages] == [r.payload for r in DEV1]
+    assert [m.qos for m in messages] == [r.qos for r in DEV1]
+    assert [m.retain for m in messages] == [False] * 5  # never overwrites a retained value
+    for published, ts in zip(messages, T, strict=True):
+        assert published.props is not None
+        user = published.props.user
+        assert user[:2] == ((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(ts)))
+    assert REPLAY_PROPERTY == "mqtt-backup-replay"
+    assert sent[-1].props is not None
+    assert sent[-1].props.correlation_data == b"k"
+
+
+def test_replay_keeps_the_original_properties(reader: StoreReader) -> None:
+    messages, _ = replayed(ask(reader, b'{"mode": "replay"}'))
+    assert messages[3].props == OutProps(
+        correlation_data=PROPS.correlation_data,
+        user=((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(T[3])), *PROPS.user),
+        content_type=PROPS.content_type,
+        payload_format=PROPS.payload_format,
+        message_expiry=PROPS.message_expiry,
+        response_topic=PROPS.response_topic,
+    )
+    assert messages[0].props == OutProps(
+        user=((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(T[0])))
+    )
+
+
+def test_replay_with_retain_keeps_stored_retain_flags(reader: StoreReader) -> None:
+    messages, _ = replayed(ask(reader, b'{"mode": "replay", "retain": true}'))
+    assert [m.retain for m in messages] == [r.retain for r in DEV1]
+
+
+def test_replay_with_filter_limit_and_desc(reader: StoreReader) -> None:
+    request = b'{"mode": "replay", "topic": "devices/dev-1/status", "order": "desc", "limit": 1}'
+    messages, done = replayed(ask(reader, request))
+    assert [(m.topic, m.payload) for m in messages] == [("devices/dev-1/status", b"offline")]
+    assert done["count"] == 1
+
+
+def test_replay_rate_is_held(reader: StoreReader) -> None:
+    start = time.monotonic()
+    messages, _ = replayed(ask(reader, b'{"mode": "replay", "rate": 100}'))
+    assert len(messages) == 5
+    assert time.monotonic() - start >= 0.035  # 4 intervals of 10 ms
+
+
+def test_rate_does_not_slow_a_response(reader: StoreReader) -> None:
+    start = time.monotonic()
+    assert len(stream(reader, {"rate": 1})) == 5
+    assert time.monotonic() - start < 3.5  # paced, it would take 4 s
+
+
+@pytest.mark.parametrize("fields", [{"mode": "replay"}, {"format": "raw"}])
+def test_replay_and_raw_need_mqtt5(reader: StoreReader, fields: dict[str, Any]) -> None:
+    conn = FakeConn(mqtt5=False)
+    sent = ask(reader, json.dumps({**fields, "id": "v3"}).encode(), conn=conn)
+    assert "MQTT 5" in only_error(sent)
+    assert sent[0].topic == DEFAULT_REPLY
+    assert sent[0].body()["id"] == "v3"
+
+
+def test_json_response_works_on_mqtt_3(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"id": "v3"}', conn=FakeConn(mqtt5=False))
+    messages, done = split(sent)
+    assert len(messages) == 5
+    assert done["count"] == 5
+
+
+def test_retained_request_is_ignored(reader: StoreReader) -> None:
+    retained = FakeConn()
+    live = FakeConn()
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir))
+        service.submit(Inbound(REQUEST, b"", qos=1, retain=True), retained)
+        service.submit(Inbound(REQUEST, b"", qos=1, retain=False), live)
+        for _ in range(500):
+            if live.sent and live.sent[-1].terminal is not None:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await service.stop()
+
+    asyncio.run(run())
+    assert retained.sent == []
+    assert split(live.sent)[1]["count"] == 5
+
+
+def test_gaps_overlapping_the_window_make_it_incomplete(reader: StoreReader) -> None:
+    log = GapLog(reader.data_dir)
+    inside = Gap(T[1] - SEC // 2, T[1] + SEC // 2, "session-lost")
+    across_start = Gap(T[0] - 10 * SEC, T[0] + 1, "downtime")
+    before = Gap(T[0] - 10 * SEC, T[0] - 5 * SEC, "downtime")
+    ends_at_since = Gap(T[0] - SEC, T[0], "broker-dropped")  # [since, until) touch, no overlap
+    starts_at_until = Gap(T[3], T[3] + SEC, "broker-dropped")
+    after = Gap(T[4] + SEC, T[4] + 2 * SEC, "session-lost")
+    for gap in (inside, across_start, before, ends_at_since, starts_at_until, after):
+        log.record(gap)
+    fields = {"since": format_ts(T[0]), "until": format_ts(T[3])}
+    messages, done = split(ask(reader, json.dumps(fields).encode()))
+    assert len(messages) == 3
+    assert done == {
+        "done": True,
+        "device": "dev-1",
+        "count": 3,
+        "complete": False,
+        "gaps": [
+            {"since": format_ts(inside.since_ns), "until": format_ts(inside.until_ns),
+             "reason": "session-lost"},
+            {"since": format_ts(across_start.since_ns), "until": format_ts(T[0] + 1),
+             "reason": "downtime"},
+        ],
+    }  # fmt: skip
+    assert done["gaps"][0]["since"] == "2026-01-01T00:00:00.623456789Z"
+
+
+def test_gaps_outside_the_window_leave_it_complete(reader: StoreReader) -> None:
+    log = GapLog(reader.data_dir)
+    log.record(Gap(T[0] - 10 * SEC, T[0] - 5 * SEC, "downtime"))
+    log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "session-lost"))
+    fields = {"since": format_ts(T[0]), "until": format_ts(T[4] + 1)}
+    assert split(ask(reader, json.dumps(fields).encode()))[1]["complete"] is True
+
+
+def test_every_gap_counts_without_a_window(reader: StoreReader) -> None:
+    log = GapLog(reader.data_dir)
+    log.record(Gap(1, 2, "downtime"))
+    log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "broker-dropped"))
+    done = split(ask(reader, b'{"id": "g"}'))[1]
+    assert done["complete"] is False
+    assert done["gaps"] == [
+        {"since": format_ts(1), "until": format_ts(2), "reason": "downtime"},
+        {"since": format_ts(T[4] + SEC), "until": format_ts(T[4] + 2 * SEC),
+         "reason": "broker-dropped"},
+    ]  # fmt: skip
+    assert done["id"] == "g"
+
+
+def test_gaps_are_reported_for_an_unknown_device_too(reader: StoreReader) -> None:
+    GapLog(reader.data_dir).record(Gap(T[0], T[1], "session-lost"))
+    done = split(ask(reader, topic=f"{PREFIX}/nobody"))[1]
+    assert (done["count"], done["complete"]) == (0, False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"limt": 5}', "'limt'"),
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe", "UTF-8"),
+        (b"[1, 2]", "JSON object"),
+        (b"null", "JSON object"),
+        (b'{"since": NaN}', "NaN"),
+        (b'{"limit": 1, "limit": 1}', "twice"),
+        (b"[" * 10_000, "nested too deeply"),
+        (b'{"limit": 0}', "'limit'"),
+        (b'{"topic": "a/#/b"}', "a/#/b"),
+        (b'{"order": "newest"}', "'order'"),
+        (b'{"mode": "copy"}', "'mode'"),
+        (b'{"format": "xml"}', "'format'"),
+        (b'{"rate": -1}', "'rate'"),
+        (b'{"retain": 1}', "'retain'"),
+        (b'{"id": 7}', "'id'"),
+        (b'{"since": "soon"}', "soon"),
+        (b" " * (MAX_REQUEST_BYTES + 1), "bytes"),
+    ],
+)
+def test_bad_request_is_one_error_and_nothing_else(
+    reader: StoreReader, payload: bytes, reason: str
+) -> None:
+    sent = ask(reader, payload, correlation=b"bad")
+    assert reason in only_error(sent)
+    assert sent[0].topic == DEFAULT_REPLY
+    assert sent[0].props is not None
+    assert sent[0].props.correlation_data == b"bad"
+    assert "id" not in sent[0].body()
+
+
+def test_bad_request_error_carries_the_id(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"id": "req-9", "limt": 5}')
+    only_error(sent)
+    body = sent[0].body()
+    assert list(body) == ["id", "error"]
+    assert body["id"] == "req-9"
+    assert "'limt'" in body["error"]
+
+
+def test_refused_response_topic_is_one_error_on_the_default_topic(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"id": "t"}', response="other/topic", correlation=b"c")
+    assert "other/topic" in only_error(sent)
+    assert sent[0].topic == DEFAULT_REPLY
+    assert sent[0].body()["id"] == "t"
+    assert sent[0].props is not None
+    assert sent[0].props.correlation_data == b"c"
+
+
+def test_any_response_topic_when_the_operator_allows_it(reader: StoreReader) -> None:
+    sent = ask(reader, b"", response="my/inbox", any_response_topic=True)
+    split(sent)
+    assert {p.topic for p in sent} == {"my/inbox"}
+
+
+def test_request_without_device_is_one_error(reader: StoreReader) -> None:
+    sent = ask(reader, b"", topic=f"{PREFIX}/")
+    assert "no device" in only_error(sent)
+    assert sent[0].topic == f"{PREFIX}//response"
+
+
+def test_namespace_is_honoured(reader: StoreReader) -> None:
+    sent = ask(reader, b'{"limit": 1}', topic="site/a/restore/dev-1", namespace="site/a")
+    messages, done = split(sent)
+    assert (len(messages), done["device"]) == (1, "dev-1")
+    assert {p.topic for p in sent} == {"site/a/restore/dev-1/response"}
+
+
+def test_writes_after_the_reader_opened_are_seen(store: Store, reader: StoreReader) -> None:
+    assert len(stream(reader, {})) == 5
+    late = Record("devices/dev-1/late", b"late")
+    write(store, "dev-1", [(BASE_NS + 200 * SEC, late)])
+    write(store, "dev-3", [(BASE_NS + 201 * SEC, Record("devices/dev-3/t", b"new device"))])
+    bodies = stream(reader, {})
+    assert payloads(bodies)[-1] == b"late"
+    assert len(bodies) == 6
+    assert payloads(stream(reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
+
+
+def test_window_bounds_publishes_in_flight(store: Store, reader: StoreReader) -> None:
+    write(store, "dev-4", [(BASE_NS + i, Record("devices/dev-4/t", b"%d" % i)) for i in range(30)])
+    conn = FakeConn(delay=0.002)
+    sent = ask(reader, b"", topic=f"{PREFIX}/dev-4", conn=conn, window=3)
+    messages, done = split(sent)
+    assert done["count"] == 30
+    assert payloads([m.body() for m in messages]) == [b"%d" % i for i in range(30)]
+    assert conn.peak == 3
+    assert conn.in_flight_at_terminal == [0]  # the terminal goes out after every PUBACK
+
+
+def test_a_failed_publish_ends_the_stream_with_an_error(reader: StoreReader) -> None:
+    class Failing(FakeConn):
+        async def publish(
+            self,
+            topic: str,
+            payload: bytes,
+            qos: int = 1,
+            retain: bool = False,
+            props: OutProps | None = None,
+        ) -> None:
+            await super().publish(topic, payload, qos, retain, props)
+            if len(self.sent) == 2:
+                raise BrokerUnreachable("publish failed: gone")
+
+    conn = Failing()
+    sent = ask(reader, b"", conn=conn, window=1)
+    messages, body = split(sent)
+    assert "gone" in body["error"]
+    assert [m.body()["seq"] for m in messages] == [1, 2]  # nothing after the failure
+    assert not any(m.terminal == "done" for m in sent)
+
+
+def test_a_dead_connection_does_not_raise(reader: StoreReader) -> None:
+    class Dead(FakeConn):
+        async def publish(
+            self,
+            topic: str,
+            payload: bytes,
+            qos: int = 1,
+            retain: bool = False,
+            props: OutProps | None = None,
+        ) -> None:
+            await super().publish(topic, payload, qos, retain, props)
+            raise BrokerUnreachable("not connected")
+
+    sent = ask(reader, b"", conn=Dead())  # nothing raised: the terminal failure is logged
+    assert sent
+    assert sent[-1].terminal == "error"
+
+
+@pytest.mark.parametrize("payload", [b'{"id": "\\ud800"}', b'{"id": "\\udfff", "limt": 1}'])
+def test_id_that_is_not_unicode_still_gets_one_terminal(
+    reader: StoreReader, payload: bytes
+) -> None:
+    # BUG: a lone surrogate ("\ud800") is valid JSON and passes the id check, but cannot be
+    # encoded to UTF-8: answer() raises UnicodeEncodeError (from Reply.json_message, or from
+    # Reply._terminal on the error path, which _quietly does not catch) and publishes nothing,
+    # not even a terminal message.
+    sent = ask(reader, payload)
+    assert "'id'" in only_error(sent)
+
+
+def test_corrupt_gap_log_ends_the_stream_with_an_error(reader: StoreReader) -> None:
+    GapLog(reader.data_dir).path.write_text("garbage\n", encoding="utf-8")
+    messages, body = split(ask(reader))
+    assert len(messages) == 5
+    assert "gaps.jsonl" in body["error"]
+
+
+# ---- 4. window and pacer ------------------------------------------------------------------------
+
+
+def test_window_holds_at_most_n_in_flight() -> None:
+    async def run() -> tuple[int, int, int]:
+        window = Window(3)
+        gate = asyncio.Event()
+        active = peak = started = 0
+
+        async def publish() -> None:
+            nonlocal active, peak, started
+            started += 1
+            active += 1
+            peak = max(peak, active)
+            await gate.wait()
+            active -= 1
+
+        async def produce() -> None:
+            for _ in range(10):
+                await window.send(publish())
+            await window.drain()
+
+        task = asyncio.create_task(produce())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        held = started
+        assert not task.done()
+        gate.set()
+        await task
+        return held, peak, started
+
+    held, peak, started = asyncio.run(run())
+    assert (held, peak, started) == (3, 3, 10)
+
+
+def test_window_drain_waits_for_every_publish() -> None:
+    async def run() -> list[int]:
+        window = Window(4)
+        finished: list[int] = []
+
+        async def publish(n: int) -> None:
+            await asyncio.sleep(0.001 * (10 - n))
+            finished.append(n)
+
+        for n in range(10):
+            await window.send(publish(n))
+        await window.drain()
+        return finished
+
+    assert sorted(asyncio.run(run())) == list(range(10))
+
+
+def test_window_first_failure_reraises_from_send_and_drain() -> None:
+    async def run() -> None:
+        window = Window(4)
+
+        async def fail(text: str) -> None:
+            raise RuntimeError(text)
+
+        async def fine() -> None:
+            await asyncio.sleep(0)
+
+        await window.send(fail("first"))
+        await window.send(fail("second"))
+        await window.send(fine())
+        await asyncio.sleep(0.01)
+        late = fine()
+        with pytest.raises(RuntimeError, match="first"):
+            await window.send(late)
+        assert inspect.getcoroutinestate(late) == inspect.CORO_CLOSED  # never started, no warning
+        with pytest.raises(RuntimeError, match="first"):
+            await window.drain()
+
+    asyncio.run(run())
+
+
+def test_window_failure_while_draining() -> None:
+    async def run() -> None:
+        window = Window(2)
+
+        async def fail() -> None:
+            await asyncio.sleep(0.001)
+            raise BrokerUnreachable("lost")
+
+        await window.send(fail())
+        with pytest.raises(BrokerUnreachable, match="lost"):
+            await window.drain()
+
+    asyncio.run(run())
+
+
+def test_window_cancel_abandons_what_is_in_flight() -> None:
+    async def run() -> None:
+        window = Window(2)
+        event = asyncio.Event()
+
+        async def hang() -> None:
+            await event.wait()
+
+        await window.send(hang())
+        await window.send(hang())
+        window.cancel()
+        await window.drain()  # cancelled publishes are not failures
+        await window.send(hang())  # their slots are free again
+        window.cancel()
+        await window.drain()
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_pacer_holds_the_rate() -> None:
+    async def run() -> float:
+        pacer = Pacer(200)
+        start = time.monotonic()
+        for _ in range(20):
+            await pacer.wait()
+        return time.monotonic() - start
+
+    assert asyncio.run(run()) >= 0.09  # 19 intervals of 5 ms
+
+
+def test_pacer_without_rate_does_not_wait() -> None:
+    async def run() -> float:
+        pacer = Pacer(None)
+        start = time.monotonic()
+        for _ in range(10_000):
+            await pacer.wait()
+        return time.monotonic() - start
+
+    assert asyncio.run(run()) < 1.0
+
+
+# ---- 5. DroppedWatcher --------------------------------------------------------------------------
+
+
+def test_dropped_watcher(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log)
+    assert watcher.observe(b"10", now_ns=1_000) is None  # baseline
+    assert log.all() == []
+    gap = watcher.observe(b"15", now_ns=2_000)
+    assert gap == Gap(1_000, 2_000, "broker-dropped")
+    assert log.all() == [gap]
+    assert watcher.observe(b"15", now_ns=3_000) is None  # no change
+    assert watcher.observe(b"3", now_ns=4_000) is None  # broker restarted: counter reset
+    assert log.all() == [gap]
+    assert watcher.observe(b"5\n", now_ns=5_000) == Gap(4_000, 5_000, "broker-dropped")
+    assert len(log.all()) == 2
+
+
+def test_dropped_watcher_span_starts_at_the_previous_reading(tmp_path: Path) -> None:
+    watcher = DroppedWatcher(GapLog(tmp_path))
+    watcher.observe(b"0", now_ns=1_000)
+    watcher.observe(b"0", now_ns=2_000)
+    watcher.observe(b"0", now_ns=3_000)
+    assert watcher.observe(b"1", now_ns=4_000) == Gap(3_000, 4_000, "broker-dropped")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"abc", b"1.5", b"\xff\xfe", b"12 13", "١٢".encode()])
+def test_dropped_watcher_ignores_garbage(tmp_path: Path, garbage: bytes) -> None:
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log)
+    assert watcher.observe(garbage, now_ns=500) is None  # no baseline from garbage
+    assert watcher.observe(b"7", now_ns=1_000) is None
+    assert watcher.observe(garbage, now_ns=1_500) is None
+    assert watcher.observe(b"9", now_ns=2_000) == Gap(1_000, 2_000, "broker-dropped")
+    assert log.all() == [Gap(1_000, 2_000, "broker-dropped")]
+
+
+def test_dropped_watcher_uses_the_clock(tmp_path: Path) -> None:
+    watcher = DroppedWatcher(GapLog(tmp_path))
+    before = time.time_ns()
+    watcher.observe(b"1")
+    gap = watcher.observe(b"2")
+    after = time.time_ns()
+    assert gap is not None
+    assert before <= gap.since_ns <= gap.until_ns <= after
+
+
+def test_dropped_gap_shows_in_a_restore(reader: StoreReader) -> None:
+    watcher = DroppedWatcher(GapLog(reader.data_dir))
+    watcher.observe(b"100", now_ns=T[1])
+    watcher.observe(b"101", now_ns=T[2])
+    done = split(ask(reader))[1]
+    assert done["gaps"] == [
+        {"since": format_ts(T[1]), "until": format_ts(T[2]), "reason": "broker-dropped"}
+    ]
+
+
+# ---- 6. restore_client.check_device -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["dev-1", "Gerät-温度", "a b", "$dev", "x" * 200])
+def test_check_device_ok(device: str) -> None:
+    check_device(device)
+
+
+@pytest.mark.parametrize("device", ["", "a/b", "/", "+", "#", "dev+", "dev#1", "a/"])
+def test_check_device_refuses(device: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        check_device(device)
+    assert repr(device) in caught.value.message()
