@@ -46,6 +46,7 @@ class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stop = threading.Event()
+        self.restore_listening = threading.Event()
         self._router = Router(settings.templates, settings.namespace)
         self.store = Store.open(settings.data, settings.partitions, settings.client_id)
         self._state = BridgeState.load(settings.data)
@@ -103,7 +104,12 @@ class Bridge:
             self.store.client_id,
             ", ".join(s.topic),
         )
-        restore = RestoreThread(self.settings, self.store.client_id + "-restore", self.store.gaps)
+        restore = RestoreThread(
+            self.settings,
+            self.store.client_id + "-restore",
+            self.store.gaps,
+            self.restore_listening,
+        )
         restore.start()
         try:
             self._transport.run(self.pipeline, self._stop)
@@ -207,8 +213,11 @@ class Bridge:
 class RestoreThread:
     """The restore service on its own thread and event loop, beside ingest, never in its way."""
 
-    def __init__(self, settings: Settings, client_id: str, gaps: GapLog) -> None:
+    def __init__(
+        self, settings: Settings, client_id: str, gaps: GapLog, listening: threading.Event
+    ) -> None:
         self._settings = settings
+        self._listening = listening
         self._options = ServeOptions(
             address=settings.broker_address,
             client_id=client_id,
@@ -250,11 +259,17 @@ class RestoreThread:
                     self._settings.namespace,
                     any_response_topic=self._settings.response_topics == "any",
                 )
-                await serve(service, self._options, self._stop)
+                await serve(service, self._options, self._stop, self._set_listening)
             finally:
                 reader.close()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _set_listening(self, up: bool) -> None:
+        if up:
+            self._listening.set()
+        else:
+            self._listening.clear()
 
     def stop(self) -> None:
         """Stop serving (restores in progress are cancelled) and wait for the thread."""

@@ -75,7 +75,9 @@ def parse_request(device: str, payload: bytes) -> Request:
     if not device:
         raise BadRequest("the request topic has no device: publish to <namespace>/restore/<device>")
     if len(payload) > MAX_REQUEST_BYTES:
-        raise BadRequest(f"request is {len(payload)} bytes; at most {MAX_REQUEST_BYTES} allowed")
+        raise BadRequest(
+            f"request is {len(payload)} bytes; at most 64 KiB ({MAX_REQUEST_BYTES}) allowed"
+        )
     if not payload.strip():
         return Request(device)
     fields = _json_object(payload)
@@ -573,7 +575,12 @@ class ServeOptions:
     keepalive: int = 30
 
 
-async def serve(service: RestoreService, options: ServeOptions, stop: asyncio.Event) -> None:
+async def serve(
+    service: RestoreService,
+    options: ServeOptions,
+    stop: asyncio.Event,
+    listening: Callable[[bool], None] = lambda _up: None,
+) -> None:
     """Answer requests until `stop` is set, reconnecting with backoff when the broker goes away.
 
     Its own connection (client id `<bridge id>-restore`, no persistent session): a request made
@@ -593,7 +600,11 @@ async def serve(service: RestoreService, options: ServeOptions, stop: asyncio.Ev
                 await conn.subscribe([f"{service.prefix}/+", DROPPED_TOPIC])
                 delay = 0.5
                 log.info("restore service listening on %s/+", service.prefix)
-                await _until_stopped(_dispatch(service, conn, watcher), stop)
+                listening(True)
+                try:
+                    await _until_stopped(_dispatch(service, conn, watcher), stop)
+                finally:
+                    listening(False)
         except BackupError as exc:
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):

@@ -55,9 +55,11 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
     async with AsyncConnection(
         question.address, protocol=question.protocol, tls_files=question.tls_files
     ) as conn:
-        # MQTT 5: a topic of our own; 3.1.1 shares <request>/response and filters by id.
-        reply_topic = f"{request_topic}/{request_id}" if conn.mqtt5 else f"{request_topic}/response"
-        await conn.subscribe([reply_topic], qos=1)
+        # MQTT 5: a topic of our own. The default <request>/response is heard too (filtered by
+        # id): a bridge on MQTT 3.1.1 cannot see our response topic and answers there.
+        default_topic = f"{request_topic}/response"
+        reply_topic = f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic
+        await conn.subscribe(list(dict.fromkeys((reply_topic, default_topic))), qos=1)
         payload = json.dumps({**question.fields, "id": request_id}).encode("utf-8")
         props = OutProps(response_topic=reply_topic, correlation_data=request_id.encode("ascii"))
         await conn.publish(request_topic, payload, qos=1, props=props)

@@ -7,6 +7,7 @@ turns their errors into ours: BrokerUnreachable, BrokerRefused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
 
 DEFAULT_INFLIGHT = 100
+# aiomqtt warns at more than 10 publishes awaiting their PUBACK; the restore window keeps up to
+# 64 in flight on purpose, so only its errors are worth a line.
+_AIOMQTT_LOG = logging.getLogger("mqtt_backup.aiomqtt")
+_AIOMQTT_LOG.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,7 @@ class AsyncConnection:
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
         self.mqtt5 = protocol == "5"
         self._options: dict[str, Any] = {
+            "logger": _AIOMQTT_LOG,
             "username": address.username,
             "password": address.password,
             "identifier": self.client_id,

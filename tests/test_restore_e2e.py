@@ -1,0 +1,455 @@
+"""Restore over MQTT against a real broker and a real bridge (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqtt_backup.config import Settings
+from mqtt_backup.storage import StoreReader
+from mqtt_backup.times import NS_PER_S, format_ts
+from tests.conftest import (
+    REPO,
+    BridgeThread,
+    Broker,
+    Sent,
+    device_client,
+    make_settings,
+    publish,
+    read_all,
+    stored_count,
+    wait_until,
+)
+
+RunBridge = Callable[[Settings], BridgeThread]
+Message = dict[str, Any]
+
+
+def _start(run_bridge: RunBridge, settings: Settings) -> BridgeThread:
+    bridge = run_bridge(settings)
+    wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service to subscribe")
+    return bridge
+
+
+async def _ask(
+    broker: Broker,
+    device: str,
+    request: Any = None,
+    *,
+    mqtt5: bool = True,
+    raw_payload: bytes | None = None,
+    timeout: float = 20,
+) -> list[Message]:
+    """Send one request as a plain MQTT client and collect the answer up to its terminal."""
+    request_topic = f"backup/restore/{device}"
+    protocol = aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311
+    listen = f"{request_topic}/{uuid.uuid4().hex}" if mqtt5 else f"{request_topic}/response"
+    payload = raw_payload if raw_payload is not None else _payload(request)
+    answers: list[Message] = []
+    async with device_client(broker, protocol=protocol) as client:
+        await client.subscribe(listen, qos=1)
+        props = None
+        if mqtt5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = listen
+            props.CorrelationData = b"corr-" + device.encode()
+        await client.publish(request_topic, payload, qos=1, properties=props)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                body = json.loads(message.payload)
+                if mqtt5:
+                    correlation = getattr(message.properties, "CorrelationData", None)
+                    assert correlation == b"corr-" + device.encode(), "correlation data echoed"
+                answers.append(body)
+                if "done" in body or "error" in body:
+                    return answers
+    return answers
+
+
+def _payload(request: Any) -> bytes:
+    return b"" if request is None else json.dumps(request).encode()
+
+
+def ask(broker: Broker, device: str, request: Any = None, **options: Any) -> list[Message]:
+    """Synchronous _ask."""
+    return asyncio.run(_ask(broker, device, request, **options))
+
+
+def _records(answers: list[Message]) -> list[Message]:
+    return answers[:-1]
+
+
+def _payload_bytes(envelope: Message) -> bytes:
+    if envelope["encoding"] == "base64":
+        return base64.b64decode(envelope["payload"])
+    return str(envelope["payload"]).encode()
+
+
+def _fleet(unique: str) -> list[Sent]:
+    rng = random.Random(11)
+    sent = []
+    for i in range(2000):
+        device = f"{unique}-{i % 5}"
+        kind = i % 100
+        payload = (
+            b""
+            if kind == 0
+            else rng.randbytes(200 * 1024)
+            if kind == 1
+            else rng.randbytes(rng.randint(1, 40))
+            if kind % 2
+            else f'{{"i": {i}}}'.encode()
+        )
+        topic = f"devices/{device}/{'status' if i % 7 == 0 else 'telemetry'}"
+        sent.append(Sent(topic, payload, retain=(i % 97 == 0)))
+    return sent
+
+
+@pytest.fixture
+def stored_fleet(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> Iterator[tuple[list[Sent], BridgeThread]]:
+    """A bridge that holds 2,000 messages over 5 devices (binary, empty, 200 KiB, retained)."""
+    bridge = _start(run_bridge, make_settings(broker, data_dir))
+    sent = _fleet(unique)
+    publish(broker, sent)
+    wait_until(lambda: stored_count(data_dir) >= len(sent), 60, "the fleet to be stored")
+    yield sent, bridge
+    publish(broker, [Sent(m.topic, b"", retain=True) for m in sent if m.retain])
+
+
+def test_round_trip_is_byte_exact_in_order_for_every_device(
+    broker: Broker, unique: str, stored_fleet: tuple[list[Sent], BridgeThread]
+) -> None:
+    sent, _ = stored_fleet
+    for d in range(5):
+        device = f"{unique}-{d}"
+        expected = [m for m in sent if m.topic.split("/")[1] == device]
+        answers = ask(broker, device, {"id": f"req-{d}"})
+        records, terminal = _records(answers), answers[-1]
+        assert terminal == {
+            "id": f"req-{d}",
+            "done": True,
+            "device": device,
+            "count": len(expected),
+            "complete": True,
+        }
+        assert [r["seq"] for r in records] == list(range(1, len(expected) + 1))
+        assert all(r["id"] == f"req-{d}" and r["device"] == device for r in records)
+        assert [(r["topic"], _payload_bytes(r), r["retain"]) for r in records] == [
+            (m.topic, m.payload, m.retain) for m in expected
+        ]
+        assert all(r["qos"] == 1 for r in records)
+
+
+@pytest.mark.usefixtures("stored_fleet")
+def test_windows_filters_limit_and_order(broker: Broker, data_dir: Path, unique: str) -> None:
+    device = f"{unique}-3"
+    everything = _records(ask(broker, device))
+    ts = [r["ts"] for r in everything]
+    with StoreReader(data_dir) as reader:
+        ns = [m.ts_ns for m in reader.messages(device)]
+    assert [format_ts(t) for t in ns] == ts
+
+    window = _records(ask(broker, device, {"since": ts[10], "until": ts[20]}))
+    assert [r["ts"] for r in window] == ts[10:20], "since inclusive, until exclusive"
+    # Epoch seconds as a JSON number: a double holds ~0.2 us here, so aim between two messages.
+    between = (ns[9] + ns[10]) / 2 / NS_PER_S
+    epoch = _records(ask(broker, device, {"since": between, "until": ts[20]}))
+    assert [r["ts"] for r in epoch] == ts[10:20], "epoch seconds work as well"
+    empty = ask(broker, device, {"since": ts[5], "until": ts[5]})
+    assert empty == [{"done": True, "device": device, "count": 0, "complete": True}]
+
+    status = _records(ask(broker, device, {"topic": "devices/+/status"}))
+    assert status == [
+        {**r, "seq": i} for i, r in enumerate((r for r in everything if "status" in r["topic"]), 1)
+    ]
+    newest = _records(ask(broker, device, {"order": "desc", "limit": 3}))
+    assert [r["ts"] for r in newest] == ts[::-1][:3]
+    assert [r["seq"] for r in newest] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("stored_fleet")
+def test_mqtt_311_requester_gets_the_default_response_topic_and_its_id(
+    broker: Broker, unique: str
+) -> None:
+    device = f"{unique}-1"
+    answers = ask(broker, device, {"id": "v311", "limit": 5}, mqtt5=False)
+    assert len(answers) == 6
+    assert all(a["id"] == "v311" for a in answers)
+    assert answers[-1]["count"] == 5
+
+
+@pytest.mark.usefixtures("stored_fleet")
+def test_cli_restore_writes_the_export_lines(broker: Broker, data_dir: Path, unique: str) -> None:
+    device = f"{unique}-2"
+    restored = subprocess.run(
+        [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert restored.returncode == 0, restored.stderr
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqtt_backup",
+            "export",
+            "--data",
+            str(data_dir),
+            "--device",
+            device,
+        ],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    )
+    assert restored.stdout == exported.stdout, "restore and export write the same lines"
+    assert restored.stdout.count(b"\n") == 400
+    summary = restored.stderr.decode().strip().splitlines()
+    assert summary == [f"restored 400 messages of {device} (complete)"]
+
+
+def test_replay_republishes_at_the_rate_and_is_not_stored_again(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    bridge = _start(run_bridge, make_settings(broker, data_dir))
+    device = f"{unique}-replay"
+    sent = [Sent(f"devices/{device}/t", f"r{i}".encode(), retain=i == 0) for i in range(30)]
+    publish(broker, sent)
+    wait_until(lambda: stored_count(data_dir) >= 30, 20, "stored messages")
+
+    async def scenario() -> tuple[list[aiomqtt.Message], list[Message], float]:
+        arrived: list[aiomqtt.Message] = []
+        async with device_client(broker) as watcher:
+            await watcher.subscribe(f"devices/{device}/#", qos=1)
+
+            async def collect() -> None:
+                async for message in watcher.messages:
+                    if message.retain:
+                        continue  # the retained value the subscription itself brings
+                    arrived.append(message)
+
+            collector = asyncio.create_task(collect())
+            started = time.monotonic()
+            answers = await _ask(broker, device, {"mode": "replay", "rate": 100})
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(0.3)
+            collector.cancel()
+        return arrived, answers, elapsed
+
+    arrived, answers, elapsed = asyncio.run(scenario())
+    assert answers == [{"done": True, "device": device, "count": 30, "complete": True}]
+    assert [m.payload for m in arrived] == [m.payload for m in sent]
+    assert all(m.retain is False for m in arrived), "replays never overwrite retained values"
+    users = [dict(getattr(m.properties, "UserProperty", [])) for m in arrived]
+    assert all(u.get("mqtt-backup-replay") == "1" and "mqtt-backup-ts" in u for u in users)
+    assert elapsed >= 29 / 100 * 0.9, "paced: 30 messages at 100/s take about 0.3 s"
+    time.sleep(0.5)  # give ingest every chance to (wrongly) store the replays
+    assert stored_count(data_dir) == 30
+    assert bridge.bridge.pipeline.counters.skipped >= 30
+
+
+BAD_REQUESTS: list[tuple[bytes, str]] = [
+    (b"{", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'"everything"', "JSON object"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    (b'{"limit": NaN}', "NaN"),
+    (b'{"since": Infinity}', "Infinity"),
+    (b'{"limt": 5}', "'limt'"),
+    (b'{"limit": 0}', "'limit'"),
+    (b'{"limit": "5"}', "'limit'"),
+    (b'{"since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}', "after"),
+    (b'{"since": "yesterday"}', "RFC 3339"),
+    (b'{"topic": "a/#/b"}', "wildcard"),
+    (b'{"order": "newest"}', "'order'"),
+    (b'{"mode": "copy"}', "'mode'"),
+    (b'{"rate": 0, "mode": "replay"}', "'rate'"),
+    (b'{"id": 5}', "'id'"),
+    (b"\xff\xfe", "UTF-8"),
+    (b'{"x": "' + b"a" * 70_000 + b'"}', "64"),
+]
+
+
+def test_every_bad_request_gets_one_error_and_ingest_goes_on(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    _start(run_bridge, make_settings(broker, data_dir))
+    device = f"{unique}-bad"
+    for payload, words in BAD_REQUESTS:
+        answers = ask(broker, device, raw_payload=payload)
+        assert len(answers) == 1, answers
+        assert set(answers[0]) == {"error"}, answers[0]
+        assert words in answers[0]["error"], (payload[:40], answers[0])
+    answers = ask(broker, device, {"id": "keep-me", "limt": 1})
+    assert answers == [{"id": "keep-me", "error": answers[0]["error"]}], "the id is echoed"
+    publish(broker, [Sent(f"devices/{device}/t", b"still here")])
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "ingest after bad requests")
+    assert ask(broker, device)[-1]["count"] == 1
+
+
+def test_response_topic_refusal_goes_to_the_default_topic(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    _start(run_bridge, make_settings(broker, data_dir))
+    device = f"{unique}-rt"
+
+    async def scenario() -> list[Message]:
+        async with device_client(broker) as client:
+            await client.subscribe(f"backup/restore/{device}/response", qos=1)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = f"backup/restore/{device}"  # would look like a request
+            await client.publish(f"backup/restore/{device}", b"", qos=1, properties=props)
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    assert isinstance(message.payload, bytes)
+                    return [json.loads(message.payload)]
+        return []
+
+    answers = asyncio.run(scenario())
+    assert "must lie under backup/restore/<device>/" in answers[0]["error"]
+
+
+def test_unknown_device_is_done_with_zero(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    _start(run_bridge, make_settings(broker, data_dir))
+    answers = ask(broker, f"{unique}-nobody", {"id": "n"})
+    assert answers == [
+        {"id": "n", "done": True, "device": f"{unique}-nobody", "count": 0, "complete": True}
+    ]
+
+
+def test_retained_requests_are_ignored(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    device = f"{unique}-ret"
+    publish(broker, [Sent(f"backup/restore/{device}", b'{"id": "stale"}', retain=True)])
+    _start(run_bridge, make_settings(broker, data_dir))
+
+    async def scenario() -> list[bytes]:
+        got: list[bytes] = []
+
+        async def listen(client: aiomqtt.Client) -> None:
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                got.append(message.payload)
+
+        async with device_client(broker) as client:
+            await client.subscribe(f"backup/restore/{device}/response", qos=1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listen(client), 1.5)
+        return got
+
+    try:
+        assert asyncio.run(scenario()) == []
+    finally:
+        publish(broker, [Sent(f"backup/restore/{device}", b"", retain=True)])
+
+
+def test_a_lost_session_makes_the_restore_incomplete(
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    settings = make_settings(own_broker, data_dir)
+    device = f"{unique}-gap"
+    first = _start(run_bridge, settings)
+    publish(own_broker, [Sent(f"devices/{device}/t", b"before")])
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "the first message")
+    first.stop()
+    own_broker.wipe()  # a new broker: the bridge's session and queue are gone
+    own_broker.start()
+    _start(run_bridge, settings)
+    publish(own_broker, [Sent(f"devices/{device}/t", b"after")])
+    wait_until(lambda: stored_count(data_dir) >= 2, 20, "the second message")
+    done = ask(own_broker, device)[-1]
+    assert done["count"] == 2
+    assert done["complete"] is False
+    assert [g["reason"] for g in done["gaps"]] == ["session-lost"]
+    # A window after the gap is complete again.
+    after = read_all(data_dir)[device][-1].ts_ns
+    assert ask(own_broker, device, {"since": format_ts(after)})[-1]["complete"] is True
+
+
+def test_cli_exit_codes(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, tmp_path: Path
+) -> None:
+    def cli(*args: str, url: str = broker.url) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mqtt_backup", "restore", *args, "--broker", url],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+
+    silent = cli(f"{unique}-x", "--timeout", "1")
+    assert silent.returncode == 3, silent.stderr
+    assert silent.stderr.startswith("mqtt-backup: no bridge answered")
+    _start(run_bridge, make_settings(broker, data_dir, protocol="3.1.1"))
+    refused = cli(f"{unique}-x", "--replay")
+    assert refused.returncode == 1, refused.stderr
+    assert "replay and raw format need the bridge to use MQTT 5" in refused.stderr
+    assert cli("a/b").returncode == 2
+    assert cli(f"{unique}-x", "--since", "garbage").returncode == 2
+
+
+def test_a_big_restore_does_not_stall_ingest(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    bridge = _start(run_bridge, make_settings(broker, data_dir, batch_max=1000))
+    device = f"{unique}-big"
+    lines = "\n".join(f'{{"n": {i}}}' for i in range(100_000)) + "\n"
+    subprocess.run(
+        ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"devices/{device}/t", "-l"],
+        input=lines.encode(),
+        check=True,
+        timeout=120,
+    )
+    wait_until(lambda: stored_count(data_dir) >= 100_000, 120, "100,000 stored messages")
+    counters = bridge.bridge.pipeline.counters
+
+    async def scenario() -> tuple[list[Message], list[int]]:
+        progress: list[int] = []
+
+        async def keep_publishing() -> None:
+            async with device_client(broker) as client:
+                for i in range(10_000):
+                    await client.publish(f"devices/{unique}-live/t", f"{i}".encode(), qos=1)
+                    if i % 50 == 0:
+                        progress.append(counters.stored)
+                    await asyncio.sleep(0.002)
+
+        live = asyncio.create_task(keep_publishing())
+        answers = await _ask(broker, device, {"id": "big"}, timeout=300)
+        live.cancel()
+        return answers, progress
+
+    answers, progress = asyncio.run(scenario())
+    assert answers[-1]["count"] == 100_000
+    assert [r["seq"] for r in _records(answers)] == list(range(1, 100_001))
+    # Ingest kept storing and acknowledging while the restore streamed: no long flat stretch.
+    assert len(progress) >= 10
+    rises = sum(1 for a, b in itertools.pairwise(progress) if b > a)
+    assert rises >= len(progress) // 2, progress
