@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -102,8 +103,13 @@ def _json_object(payload: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise BadRequest(f"request is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"request must be a JSON object, not {type(value).__name__}")
+        raise BadRequest(f"request must be a JSON object, not {_json_type(value)}")
     return value
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _no_constants(name: str) -> None:
@@ -123,9 +129,18 @@ def _request_id(fields: dict[str, Any]) -> str | None:
     value = fields.get("id")
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
-        raise BadRequest(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not _encodable(value):
+        raise BadRequest(f"'id' must be a Unicode string of at most {MAX_ID_CHARS} characters")
     return value
+
+
+def _encodable(text: str) -> bool:
+    # JSON allows lone surrogates ("\ud800") that no UTF-8 message can carry back.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _build(device: str, fields: dict[str, Any], request_id: str | None) -> Request:
@@ -187,7 +202,7 @@ def _limit(fields: dict[str, Any]) -> int | None:
 
 
 def _choice(fields: dict[str, Any], name: str, allowed: tuple[str, str]) -> str:
-    value = fields.get(name, allowed[0])
+    value = fields.get(name) if fields.get(name) is not None else allowed[0]
     if value not in allowed:
         raise BadRequest(f"{name!r} must be {allowed[0]!r} or {allowed[1]!r}")
     return str(value)
@@ -197,13 +212,13 @@ def _rate(fields: dict[str, Any]) -> float | None:
     value = fields.get("rate")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise BadRequest("'rate' must be a number of messages per second > 0")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise BadRequest("'rate' must be a finite number of messages per second > 0")
     return float(value)
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
-    value = fields.get(name, False)
+    value = fields.get(name) if fields.get(name) is not None else False
     if not isinstance(value, bool):
         raise BadRequest(f"{name!r} must be true or false")
     return value
@@ -222,10 +237,11 @@ def response_topic(
         return default, None
     if not given or any(c in given for c in "+#"):
         return default, f"response topic {given!r} is not a topic name"
-    if any_allowed:
-        return given, None
     below = given.removeprefix(restore_prefix + "/")
-    if below == given or len(below.split("/")) < 2:
+    looks_like_request = below != given and len(below.split("/")) < 2
+    if any_allowed and not looks_like_request:
+        return given, None
+    if below == given or looks_like_request:
         return default, (
             f"response topic {given!r} must lie under {restore_prefix}/<device>/ "
             "(at least two levels below the restore prefix)"
@@ -304,14 +320,18 @@ class Reply:
             correlation_data=self.correlation, user=tuple(user), content_type=content_type
         )
 
+    @staticmethod
+    def _encode(body: dict[str, Any]) -> bytes:
+        # backslashreplace: a lone surrogate from a stored topic still makes valid JSON text.
+        return json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
     def _with_id(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.request_id, **body} if self.request_id is not None else body
 
     def json_message(self, envelope: dict[str, Any]) -> Coroutine[Any, Any, None]:
         """One stored message as a JSON envelope with `id` and `seq`."""
         self.sent += 1
-        body = self._with_id({"seq": self.sent, **envelope})
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = self._encode(self._with_id({"seq": self.sent, **envelope}))
         props = self._props(content_type="application/json")
         return self.conn.publish(self.topic, payload, 1, False, props)
 
@@ -354,7 +374,7 @@ class Reply:
         await self._terminal({"error": reason}, "error")
 
     async def _terminal(self, body: dict[str, Any], kind: str) -> None:
-        payload = json.dumps(self._with_id(body), ensure_ascii=False).encode("utf-8")
+        payload = self._encode(self._with_id(body))
         props = self._props(("mqtt-backup-terminal", kind), content_type="application/json")
         await self.conn.publish(self.topic, payload, 1, False, props)
 
@@ -445,6 +465,10 @@ class RestoreService:
         except BackupError as exc:
             log.warning("restore of %s failed: %s", device, exc.message())
             await _quietly(reply.error(exc.message()))
+        except Exception:
+            # A bug must still end the stream: the requester gets an error, not a silent timeout.
+            log.exception("restore of %s failed on an unexpected error", device)
+            await _quietly(reply.error("internal error in the bridge; see its log"))
 
     async def _run(self, request: Request, reply: Reply) -> None:
         if (request.replay or request.raw) and not reply.conn.mqtt5:
@@ -523,6 +547,8 @@ async def _quietly(send: Awaitable[None]) -> None:
         await send
     except BackupError as exc:
         log.warning("could not send a restore terminal: %s", exc.message())
+    except Exception:
+        log.exception("could not send a restore terminal")
 
 
 class DroppedWatcher:

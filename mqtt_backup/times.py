@@ -12,8 +12,11 @@ from mqtt_backup.errors import UsageError
 NS_PER_S = 1_000_000_000
 # Keys hold the receive time as 64-bit nanoseconds: the last representable moment is in 2554.
 MAX_NS = 2**64 - 1
-_EPOCH = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)$")
-_FRACTION = re.compile(r"^(?P<head>[^.]+)\.(?P<frac>\d+)(?P<tz>.*)$")
+_EPOCH = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)$")
+_RFC3339 = re.compile(
+    r"^(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ](?P<time>[0-9]{2}:[0-9]{2}:[0-9]{2})"
+    r"(?:\.(?P<frac>[0-9]+))?(?P<tz>[Zz]|[+-][0-9]{2}:[0-9]{2})?$"
+)
 
 
 def format_ts(ts_ns: int) -> str:
@@ -60,22 +63,18 @@ def _in_range(ts_ns: int, what: str) -> int:
 
 
 def _from_rfc3339(text: str, what: str) -> int:
-    # datetime keeps microseconds only; carry the nanosecond digits separately.
-    given = text
-    nanos = 0
-    match = _FRACTION.match(text)
-    if match:
-        digits = match["frac"][:9].ljust(9, "0")
-        nanos = int(digits)
-        text = match["head"] + match["tz"]
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+    match = _RFC3339.match(text)
+    if match is None:
         raise UsageError(
-            f"{what} {given!r} is neither RFC 3339 (2026-11-24T10:00:00Z) nor epoch seconds"
-        ) from None
-    if moment.tzinfo is None:
-        raise UsageError(f"{what} {given!r} needs a time zone (e.g. a trailing Z for UTC)")
+            f"{what} {text!r} is neither RFC 3339 (2026-11-24T10:00:00Z) nor epoch seconds"
+        )
+    if match["tz"] is None:
+        raise UsageError(f"{what} {text!r} needs a time zone (e.g. a trailing Z for UTC)")
+    tz = "+00:00" if match["tz"] in ("Z", "z") else match["tz"]
+    try:
+        moment = datetime.fromisoformat(f"{match['date']}T{match['time']}{tz}")
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r} is not a valid time: {exc}") from None
+    # datetime keeps microseconds only; the nanosecond digits are carried separately.
+    nanos = int((match["frac"] or "")[:9].ljust(9, "0"))
     return _in_range(_from_epoch(int(moment.timestamp()), what) + nanos, what)

@@ -600,9 +600,16 @@ def test_response_topic_refused(given: str) -> None:
     assert given in reason
 
 
-@pytest.mark.parametrize("given", ["other/topic", f"{PREFIX}/dev", "a"])
+@pytest.mark.parametrize("given", ["other/topic", "a", f"{PREFIX}/dev/x"])
 def test_any_response_topic_when_allowed(given: str) -> None:
     assert response_topic(REQUEST, given, PREFIX, any_allowed=True) == (given, None)
+
+
+def test_a_request_topic_is_never_a_response_topic() -> None:
+    # Answers there would be read as new requests: refused even when any topic is allowed.
+    topic, reason = response_topic(REQUEST, f"{PREFIX}/dev", PREFIX, any_allowed=True)
+    assert topic == DEFAULT_REPLY
+    assert reason is not None
 
 
 @pytest.mark.parametrize("given", ["", "a/+", "a/#", "#", "+", f"{PREFIX}/dev/+", "a+b/c"])

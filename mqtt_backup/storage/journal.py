@@ -33,6 +33,8 @@ class Gap:
 
     def overlaps(self, since_ns: int | None, until_ns: int | None) -> bool:
         """Whether the gap touches the window [since, until) (None = open end)."""
+        if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+            return False  # an empty window misses nothing
         starts_before_end = until_ns is None or self.since_ns < until_ns
         ends_after_start = since_ns is None or self.until_ns > since_ns
         return starts_before_end and ends_after_start

@@ -208,6 +208,8 @@ class StoreReader:
         self.manifest = load_manifest(data_dir)
         self.gaps = GapLog(data_dir)
         self.partitions: dict[str, Partition] = {}
+        if secondary is not None:
+            secondary.mkdir(parents=True, exist_ok=True)
         try:
             for spec in self.manifest.partitions:
                 path = spec.directory(data_dir)
