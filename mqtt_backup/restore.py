@@ -314,6 +314,7 @@ class Reply:
     correlation: bytes | None
     request_id: str | None = None
     sent: int = 0
+    _data_props: OutProps | None = None
 
     def _props(self, *user: tuple[str, str], content_type: str | None = None) -> OutProps:
         return OutProps(
@@ -332,8 +333,10 @@ class Reply:
         """One stored message as a JSON envelope with `id` and `seq`."""
         self.sent += 1
         payload = self._encode(self._with_id({"seq": self.sent, **envelope}))
-        props = self._props(content_type="application/json")
-        return self.conn.publish(self.topic, payload, 1, False, props)
+        # Correlation data only: every MQTT 5 property costs the receiving client parse time.
+        if self._data_props is None:
+            self._data_props = self._props()
+        return self.conn.publish(self.topic, payload, 1, False, self._data_props)
 
     def raw_message(self, stored: StoredMessage) -> Coroutine[Any, Any, None]:
         """One stored message as its original bytes; its metadata in user properties."""

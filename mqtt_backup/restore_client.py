@@ -63,21 +63,24 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
         payload = json.dumps({**question.fields, "id": request_id}).encode("utf-8")
         props = OutProps(response_topic=reply_topic, correlation_data=request_id.encode("ascii"))
         await conn.publish(request_topic, payload, qos=1, props=props)
-        incoming = conn.messages()
-        while True:
-            try:
-                message = await asyncio.wait_for(anext(incoming), question.timeout)
-            except TimeoutError:
-                raise NoAnswer(
-                    f"nothing on {reply_topic} for {question.timeout:g} s",
-                    "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
-                ) from None
-            body = _ours(message, request_id)
-            if body is None:
-                continue
-            if "done" in body or "error" in body:
-                return body
-            on_message(body)
+        loop = asyncio.get_running_loop()
+        try:
+            # One deadline, pushed back on every message (cheaper than a wait_for per message).
+            async with asyncio.timeout(question.timeout) as deadline:
+                async for message in conn.messages():
+                    deadline.reschedule(loop.time() + question.timeout)
+                    body = _ours(message, request_id)
+                    if body is None:
+                        continue
+                    if "done" in body or "error" in body:
+                        return body
+                    on_message(body)
+        except TimeoutError:
+            raise NoAnswer(
+                f"nothing on {reply_topic} for {question.timeout:g} s",
+                "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
+            ) from None
+        raise NoAnswer(f"the connection to {question.address} closed before the answer ended")
 
 
 def _ours(message: Inbound, request_id: str) -> dict[str, Any] | None:

@@ -128,6 +128,7 @@ class AsyncConnection:
                 ca_certs=files.ca, certfile=files.cert, keyfile=files.key
             )
         self._client: aiomqtt.Client | None = None
+        self._last_props: tuple[OutProps, PahoProperties] | None = None
 
     async def __aenter__(self) -> Self:
         """Connect; BrokerRefused on a negative CONNACK, BrokerUnreachable otherwise."""
@@ -190,12 +191,20 @@ class AsyncConnection:
         props: OutProps | None = None,
     ) -> None:
         """Publish and wait for the broker's PUBACK (QoS 1); BrokerUnreachable when it fails."""
-        properties = props.to_paho() if props is not None and self.mqtt5 else None
+        properties = self._paho_props(props)
         try:
             client = self._live()
             await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except aiomqtt.MqttError as exc:
             raise BrokerUnreachable(f"{self.address}: publish failed: {exc}") from exc
+
+    def _paho_props(self, props: OutProps | None) -> PahoProperties | None:
+        # A restore stream sends the same properties with every message: build them once.
+        if props is None or not self.mqtt5:
+            return None
+        if self._last_props is None or self._last_props[0] is not props:
+            self._last_props = (props, props.to_paho())
+        return self._last_props[1]
 
     async def messages(self) -> AsyncIterator[Inbound]:
         """Incoming messages until the connection drops (then BrokerUnreachable)."""
