@@ -271,6 +271,22 @@ class Partition:
             else:
                 it.next()
 
+    def records(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) in the records family, in key order (a full scan: verify, moves)."""
+        it = self._db.iter()
+        it.seek_to_first()
+        while it.valid():
+            yield it.key(), it.value()
+            it.next()
+
+    def disk_bytes(self) -> int:
+        """Bytes this partition takes on disk (every file of its directory, WAL included)."""
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def estimated_keys(self) -> int:
+        """RocksDB's estimate of the number of records (cheap; exact counts are in the index)."""
+        return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
+
     def catch_up(self) -> None:
         """A secondary instance reads what the writer committed since (WAL included)."""
         try:
