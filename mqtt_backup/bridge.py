@@ -8,29 +8,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mqtt_backup import metrics
+from mqtt_backup import metrics, operations
 from mqtt_backup.config import Settings
-from mqtt_backup.errors import StorageError
+from mqtt_backup.control import ControlServer
+from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.mqtt import PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
-from mqtt_backup.times import NS_PER_S
+from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router
 
 log = logging.getLogger(__name__)
 
 STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
+RETENTION_EVERY_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -38,6 +43,7 @@ class _Clock:
     state_at: float = 0.0
     rate_at: float = 0.0
     rate_stored: int = 0
+    retention_at: float = -RETENTION_EVERY_S  # first pass right after start
 
 
 class Bridge:
@@ -47,6 +53,9 @@ class Bridge:
         self.settings = settings
         self._stop = threading.Event()
         self.restore_listening = threading.Event()
+        self._requests: queue.Queue[tuple[str, Mapping[str, Any], Future[dict[str, Any]]]] = (
+            queue.Queue()
+        )
         self._router = Router(settings.templates, settings.namespace)
         self.store = Store.open(settings.data, settings.partitions, settings.client_id)
         self._state = BridgeState.load(settings.data)
@@ -111,9 +120,13 @@ class Bridge:
             self.restore_listening,
         )
         restore.start()
+        control = ControlServer(self.settings.data, self.submit)
+        control.start()
         try:
             self._transport.run(self.pipeline, self._stop)
         finally:
+            control.stop()
+            self._fail_requests()
             restore.stop()
             self._save_state()
             self.store.close()
@@ -167,13 +180,61 @@ class Bridge:
         self._disconnected_at = time.time_ns()
         log.warning("lost the broker connection (%s); reconnecting", reason)
 
+    def submit(self, op: str, args: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        """Queue an operation from the control socket for the ingest thread (any thread)."""
+        future: Future[dict[str, Any]] = Future()
+        self._requests.put((op, args, future))
+        return future
+
+    def _run_requests(self) -> None:
+        # Between two commits, on the ingest thread: no write interleaves with the operation.
+        while not self._requests.empty():
+            op, args, future = self._requests.get_nowait()
+            try:
+                self.pipeline.commit()  # pending messages go where the current layout says
+                future.set_result(operations.run(self.store, op, args))
+            except BackupError as exc:
+                future.set_exception(exc)
+            except Exception as exc:
+                log.exception("operation %s failed", op)
+                future.set_exception(BackupError(f"{op} failed: {exc}"))
+
+    def _fail_requests(self) -> None:
+        while not self._requests.empty():
+            _, _, future = self._requests.get_nowait()
+            future.set_exception(BackupError("the bridge is stopping; run the command again"))
+
     def tick(self) -> None:
-        """Periodic work, called from the transport loop: state file and rate log."""
+        """Periodic work, called from the transport loop: operations, state file, rate log."""
+        if not self._requests.empty():
+            self._run_requests()
         now = time.monotonic()
         if now - self._clock.state_at >= STATE_EVERY_S:
             self._save_state()
         if now - self._clock.rate_at >= RATE_LOG_EVERY_S:
             self._log_rate(now)
+        if now - self._clock.retention_at >= RETENTION_EVERY_S:
+            self._clock.retention_at = now
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        s = self.settings
+        if s.prune_older_than is None and s.prune_max_bytes_per_device is None:
+            return
+        older = parse_duration(s.prune_older_than) if s.prune_older_than else None
+        try:
+            self.pipeline.commit()
+            pruned = operations.prune(self.store, older, s.prune_max_bytes_per_device)
+        except BackupError as exc:
+            log.warning("retention pass failed (next one in an hour): %s", exc.message())
+            return
+        if pruned["messages"]:
+            log.info(
+                "retention: pruned %d messages (%d bytes) of %d devices",
+                pruned["messages"],
+                pruned["bytes"],
+                len(pruned["devices"]),
+            )
 
     def _log_rate(self, now: float) -> None:
         c = self.pipeline.counters

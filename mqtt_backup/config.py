@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mqtt_backup.errors import ConfigError, UsageError
+from mqtt_backup.times import parse_duration
 from mqtt_backup.topics import Template, check_namespace, parse_template
 
 ENV_PREFIX = "MQTT_BACKUP_"
@@ -86,6 +87,8 @@ class Settings:
     batch_ms: int = 20
     log_level: str = "info"
     response_topics: str = "strict"
+    prune_older_than: str | None = None
+    prune_max_bytes_per_device: int | None = None
 
     @property
     def broker_address(self) -> BrokerAddress:
@@ -143,6 +146,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "batch_ms": _int,
     "log_level": _text,
     "response_topics": _text,
+    "prune_older_than": _text,
+    "prune_max_bytes_per_device": _int,
 }
 
 _RANGES: dict[str, tuple[int, int]] = {
@@ -152,6 +157,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "keepalive": (5, 65535),
     "batch_max": (1, 100_000),
     "batch_ms": (1, 10_000),
+    "prune_max_bytes_per_device": (1, 2**62),
 }
 
 
@@ -200,13 +206,11 @@ def _check(name: str, value: Any) -> None:
         low, high = _RANGES[name]
         if not low <= value <= high:
             raise UsageError(f"must be between {low} and {high}, got {value}")
+    if name in _CHOICES and str(value).lower() not in _CHOICES[name]:
+        raise UsageError(f"must be {' or '.join(_CHOICES[name])}, got {value!r}")
     match name:
-        case "protocol" if value not in ("5", "3.1.1"):
-            raise UsageError(f"must be 5 or 3.1.1, got {value!r}")
-        case "log_level" if value.lower() not in ("debug", "info", "warning", "error"):
-            raise UsageError(f"must be debug, info, warning or error, got {value!r}")
-        case "response_topics" if value not in ("strict", "any"):
-            raise UsageError(f"must be strict or any, got {value!r}")
+        case "prune_older_than":
+            parse_duration(value)
         case "topic" if not value:
             raise UsageError("needs at least one topic template", "devices/{device}/#")
         case "topic":
@@ -220,6 +224,13 @@ def _check(name: str, value: Any) -> None:
             raise UsageError("must not be empty")
         case "ca" | "cert" | "key" if not value.is_file():
             raise UsageError(f"{value} does not exist or is not a file")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "protocol": ("5", "3.1.1"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "response_topics": ("strict", "any"),
+}
 
 
 def _from_file(path: Path) -> dict[str, Any]:

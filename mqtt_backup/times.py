@@ -78,3 +78,16 @@ def _from_rfc3339(text: str, what: str) -> int:
     # datetime keeps microseconds only; the nanosecond digits are carried separately.
     nanos = int((match["frac"] or "")[:9].ljust(9, "0"))
     return _in_range(_from_epoch(int(moment.timestamp()), what) + nanos, what)
+
+
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d|w)?$", re.ASCII)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> int:
+    """Nanoseconds from '90s', '15m', '12h', '30d', '2w' (a bare number is seconds)."""
+    match = _DURATION.match(text.strip())
+    if match is None or float(match[1]) <= 0:
+        raise UsageError(f"{what} {text!r} is not a duration such as 30d, 12h, 15m or 90s")
+    seconds = Decimal(match[1]) * _UNIT_S[match[2] or "s"]
+    return int(seconds * NS_PER_S)

@@ -142,6 +142,8 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         "batch_ms": "3",
         "log_level": "debug",
         "response_topics": "any",
+        "prune_older_than": "30d",
+        "prune_max_bytes_per_device": "1000000",
     }
     assert set(values) == set(config.field_names())
     settings = load(env={f"MQTT_BACKUP_{k.upper()}": v for k, v in values.items()})
@@ -163,6 +165,8 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         batch_ms=3,
         log_level="debug",
         response_topics="any",
+        prune_older_than="30d",
+        prune_max_bytes_per_device=1_000_000,
     )
 
 

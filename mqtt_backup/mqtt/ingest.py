@@ -399,6 +399,7 @@ class PahoIngest:
                     exc,
                     delay,
                 )
+                self._hooks.tick()  # operations and bookkeeping go on while the broker is away
                 stop.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
                 continue

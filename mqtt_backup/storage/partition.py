@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rocksdict import (
     AccessType,
+    Checkpoint,
     DBCompressionType,
     Options,
     Rdict,
@@ -27,8 +28,8 @@ from rocksdict import (
 )
 
 from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
-from mqtt_backup.keys import KEY_LEN, device_range, record_key
-from mqtt_backup.records import FORMAT_VERSION, Record, encode_record
+from mqtt_backup.keys import KEY_LEN, device_range, record_key, split_key
+from mqtt_backup.records import FORMAT_VERSION, Record, decode_record, encode_record
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -287,6 +288,61 @@ class Partition:
         """RocksDB's estimate of the number of records (cheap; exact counts are in the index)."""
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
 
+    def checkpoint(self, dest: Path) -> None:
+        """A consistent copy of this partition at `dest` (hard links where possible).
+
+        Taken from the writer's handle it includes everything committed, WAL included; from a
+        read-only handle it would miss what is only in the WAL.
+        """
+        try:
+            Checkpoint(self._db).create_checkpoint(str(dest))
+        except Exception as exc:
+            raise storage_failure(exc, f"cannot checkpoint partition {self.name}") from exc
+
+    def measure(self, dev_key: bytes, until_ns: int | None = None) -> Removal:
+        """What deleting the device's messages received before `until_ns` would remove."""
+        removal = Removal()
+        for key, value in self.scan(dev_key, None, until_ns):
+            removal.add(len(key) + len(value), _is_dup(value))
+        return removal
+
+    def keep_newest_start(self, dev_key: bytes, budget: int) -> int | None:
+        """Receive time of the oldest message kept when the device may use `budget` bytes.
+
+        None when the device fits the budget; everything older than the result goes.
+        """
+        used = 0
+        for key, value in self.scan(dev_key, reverse=True):
+            used += len(key) + len(value)
+            if used > budget:
+                return split_key(key)[1] + 1
+        return None
+
+    def delete_device_range(self, dev_key: bytes, until_ns: int | None = None) -> Removal:
+        """Delete the device's messages received before `until_ns` (all when None).
+
+        One range delete and the index update in one synced batch; returns what went.
+        """
+        removal = self.measure(dev_key, until_ns)
+        if removal.count == 0:
+            return removal
+        lower, upper = device_range(dev_key, None, until_ns)
+        batch = WriteBatch(raw_mode=True)
+        batch.delete_range(lower, upper)
+        entry = self.index_entry(dev_key)
+        remaining = next(self.scan(dev_key, until_ns, None), None)
+        if entry is None or remaining is None:
+            batch.delete(dev_key, self._index)
+        else:
+            entry.first_ns = split_key(remaining[0])[1]
+            entry.count -= removal.count
+            entry.size -= removal.size
+            entry.dups -= removal.dups
+            batch.put(dev_key, entry.encode(), self._index)
+        self._commit(batch)
+        self._entries.pop(dev_key, None)
+        return removal
+
     def catch_up(self) -> None:
         """A secondary instance reads what the writer committed since (WAL included)."""
         try:
@@ -300,6 +356,31 @@ class Partition:
         # Closing a handle after an I/O error may raise again; it is gone either way.
         with contextlib.suppress(Exception):
             self._db.close()
+
+
+@dataclass(slots=True)
+class Removal:
+    """What a delete takes away: messages, stored bytes, redelivered copies."""
+
+    count: int = 0
+    size: int = 0
+    dups: int = 0
+
+    def add(self, size: int, dup: bool) -> None:
+        """Count one message."""
+        self.count += 1
+        self.size += size
+        self.dups += int(dup)
+
+    def merge(self, other: Removal) -> None:
+        """Add another removal to this one."""
+        self.count += other.count
+        self.size += other.size
+        self.dups += other.dups
+
+
+def _is_dup(value: bytes) -> bool:
+    return decode_record(value)[1].dup
 
 
 def _account(entry: IndexEntry, ts_ns: int, size: int, dup: bool) -> None:

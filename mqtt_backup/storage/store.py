@@ -85,9 +85,15 @@ class Store:
 
     @classmethod
     def open(
-        cls, data_dir: Path, partitions: int | None = None, client_id: str | None = None
+        cls,
+        data_dir: Path,
+        partitions: int | None = None,
+        client_id: str | None = None,
+        create: bool = True,
     ) -> Store:
         """Open (or create) the data directory for writing; StorageError says why it cannot."""
+        if not create:
+            load_manifest(data_dir)  # DataDirMissing, with a hint, when there is nothing to open
         existed = data_dir.exists()
         _check_data_dir(data_dir)
         lock = DirLock(data_dir)

@@ -1,0 +1,123 @@
+"""The local control socket: how CLI commands reach the process that holds a data directory.
+
+`<data>/control.sock`, one JSON line each way: `{"op": "snapshot", "args": {...}}` then
+`{"ok": true, "result": {...}}` or `{"ok": false, "error": "...", "exit_code": 4}`. Its only door
+is the filesystem: the socket is mode 0600 in the data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from mqtt_backup.errors import BackupError, DataDirLocked
+
+SOCKET = "control.sock"
+# AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
+_MAX_SUN_PATH = 100
+Submit = Callable[[str, Mapping[str, Any]], "Future[dict[str, Any]]"]
+
+
+class RemoteError(BackupError):
+    """{detail}"""
+
+    def __init__(self, detail: str, exit_code: int) -> None:
+        super().__init__(detail)
+        self.exit_code = exit_code  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _address(path: Path) -> Iterator[str]:
+    if len(str(path)) <= _MAX_SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        line = self.rfile.readline(1 << 20)
+        try:
+            request = json.loads(line)
+            op, args = str(request["op"]), dict(request.get("args") or {})
+            result = self.server.submit(op, args).result()
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except BackupError as exc:
+            reply = {"ok": False, "error": exc.message(), "exit_code": exc.exit_code}
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    submit: Submit
+
+
+class ControlServer:
+    """Serves the control socket on a thread; requests go to `submit` (the ingest thread)."""
+
+    def __init__(self, data_dir: Path, submit: Submit) -> None:
+        self.path = data_dir / SOCKET
+        self._submit = submit
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind (replacing a stale socket: we hold the data directory's lock) and serve."""
+        self.path.unlink(missing_ok=True)
+        with _address(self.path) as address:
+            server = _Server(address, _Handler, bind_and_activate=False)
+            server.submit = self._submit
+            old_umask = os.umask(0o177)  # the socket is born 0600
+            try:
+                server.server_bind()
+            finally:
+                os.umask(old_umask)
+            server.server_activate()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+
+def call(data_dir: Path, op: str, args: Mapping[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Ask the process holding `data_dir` to run an operation; its errors come back as ours."""
+    path = data_dir / SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _address(path) as address:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            raise DataDirLocked(
+                f"{data_dir} is held by another process and its control socket does not answer "
+                f"({exc.strerror or exc})",
+                "stop that process, or wait for it to finish",
+            ) from exc
+        sock.sendall(json.dumps({"op": op, "args": dict(args)}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline() or b"{}")
+    if reply.get("ok"):
+        result: dict[str, Any] = reply["result"]
+        return result
+    raise RemoteError(str(reply.get("error", "no answer")), int(reply.get("exit_code", 1)))

@@ -1,0 +1,153 @@
+"""Operations that change a data directory or need a consistent copy of it.
+
+snapshot, prune and forget run where the writer is: offline the CLI opens the store itself; with a
+bridge running, the CLI sends them over the control socket and the bridge runs them on its ingest
+thread between two commits (so no write interleaves, and a snapshot is consistent across
+partitions). Results are JSON-ready dicts: they cross that socket.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mqtt_backup.errors import UsageError
+from mqtt_backup.storage import Store
+from mqtt_backup.storage.files import fsync_dir
+from mqtt_backup.storage.journal import GAPS, STATE
+from mqtt_backup.storage.manifest import Manifest, PartitionSpec, save_manifest
+from mqtt_backup.storage.partition import Removal
+from mqtt_backup.times import format_ts
+
+_T = TypeVar("_T")
+
+
+def snapshot(store: Store, dest: Path) -> dict[str, Any]:
+    """A consistent hot copy of every partition (RocksDB checkpoints), the manifest and the logs.
+
+    The copy opens as a normal data directory. It keeps the bridge's client id: run a bridge on
+    it beside the original only with its own --client-id.
+    """
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"{dest} exists and is not an empty directory", "choose a new DEST")
+    (dest / "partitions").mkdir(parents=True, exist_ok=True)
+    specs = []
+    for spec in store.manifest.partitions:
+        relative = f"partitions/{spec.name}"
+        store.partitions[spec.name].checkpoint(dest / relative)
+        specs.append(PartitionSpec(spec.name, relative, spec.weight))
+    for name in (GAPS, STATE):
+        if (store.data_dir / name).exists():
+            shutil.copy2(store.data_dir / name, dest / name)
+    manifest = Manifest(store.manifest.format, store.manifest.client_id, tuple(specs))
+    save_manifest(dest, manifest)  # last: a copy without its manifest is visibly unfinished
+    fsync_dir(dest)
+    return {"snapshot": str(dest), "partitions": [s.name for s in specs]}
+
+
+def _removal_json(device: str, removal: Removal) -> dict[str, Any]:
+    return {"device": device, "messages": removal.count, "bytes": removal.size}
+
+
+def prune(
+    store: Store,
+    older_than_ns: int | None = None,
+    max_bytes_per_device: int | None = None,
+    dry_run: bool = False,
+    now_ns: int | None = None,
+) -> dict[str, Any]:
+    """Delete per device what is older than the cut-off or beyond the newest N bytes.
+
+    Each device is one range delete (plus its index update); devices come from the index, so
+    nothing scans the whole store.
+    """
+    if older_than_ns is None and max_bytes_per_device is None:
+        raise UsageError("prune needs --older-than or --max-bytes-per-device")
+    cutoff = None if older_than_ns is None else (now_ns or time.time_ns()) - older_than_ns
+    total, devices = Removal(), []
+    for part in store.partitions.values():
+        for dev_key, entry in list(part.index_entries()):
+            until = _cut(part.keep_newest_start, dev_key, cutoff, max_bytes_per_device)
+            if until is None:
+                continue
+            removal = (
+                part.measure(dev_key, until)
+                if dry_run
+                else part.delete_device_range(dev_key, until)
+            )
+            if removal.count:
+                total.merge(removal)
+                devices.append(_removal_json(entry.device_id, removal))
+    return {
+        "dry_run": dry_run,
+        "cutoff": format_ts(cutoff) if cutoff is not None else None,
+        "messages": total.count,
+        "bytes": total.size,
+        "devices": sorted(devices, key=lambda d: d["device"]),
+    }
+
+
+def _cut(
+    keep_newest_start: Callable[[bytes, int], int | None],
+    dev_key: bytes,
+    cutoff: int | None,
+    budget: int | None,
+) -> int | None:
+    by_size = keep_newest_start(dev_key, budget) if budget is not None else None
+    cuts = [c for c in (cutoff, by_size) if c is not None]
+    return max(cuts) if cuts else None
+
+
+def forget(
+    store: Store, device: str, before_ns: int | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Delete one device's history, or its part received before `before_ns`."""
+    partition, dev_key = store.locate(device)
+    part = store.partitions[partition]
+    removal = (
+        part.measure(dev_key, before_ns)
+        if dry_run
+        else part.delete_device_range(dev_key, before_ns)
+    )
+    return {
+        "dry_run": dry_run,
+        "before": format_ts(before_ns) if before_ns is not None else None,
+        **_removal_json(device, removal),
+    }
+
+
+def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Run an operation by name (what the control socket receives); UsageError for bad ones."""
+    match op:
+        case "snapshot":
+            return snapshot(store, Path(_arg(args, "dest", str)))
+        case "prune":
+            return prune(
+                store,
+                _opt(args, "older_than_ns", int),
+                _opt(args, "max_bytes_per_device", int),
+                bool(args.get("dry_run", False)),
+            )
+        case "forget":
+            return forget(
+                store,
+                _arg(args, "device", str),
+                _opt(args, "before_ns", int),
+                bool(args.get("dry_run", False)),
+            )
+        case _:
+            raise UsageError(f"unknown operation {op!r}")
+
+
+def _arg(args: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
+    value = args.get(name)
+    if not isinstance(value, kind):
+        raise UsageError(f"operation argument {name!r} must be {kind.__name__}")
+    return value
+
+
+def _opt(args: Mapping[str, Any], name: str, kind: type[_T]) -> _T | None:
+    return None if args.get(name) is None else _arg(args, name, kind)
