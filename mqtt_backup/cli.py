@@ -27,14 +27,14 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mqtt_backup import config
+from mqtt_backup import config, control, operations
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
-from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError, UsageError
+from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError, DataDirLocked, UsageError
 from mqtt_backup.mqtt import TlsFiles
 from mqtt_backup.restore_client import Ask, ask, check_device
-from mqtt_backup.storage import DeviceInfo, StoreReader
-from mqtt_backup.times import format_ts, parse_time
+from mqtt_backup.storage import DeviceInfo, Store, StoreReader
+from mqtt_backup.times import format_ts, parse_duration, parse_time
 from mqtt_backup.topics import check_filter
 
 PROG = "mqtt-backup"
@@ -142,6 +142,12 @@ def run(
             "<namespace>/restore/<device>/; any: allow every topic [default: strict]"
         ),
     ] = None,
+    prune_older_than: Annotated[
+        str | None, typer.Option(help="retention: hourly, delete what is older (e.g. 30d)")
+    ] = None,
+    prune_max_bytes_per_device: Annotated[
+        int | None, typer.Option(help="retention: hourly, keep each device's newest N bytes")
+    ] = None,
     config_file: ConfigOpt = None,
 ) -> None:
     """Run the bridge: store every message of the topic templates, acknowledged after fsync."""
@@ -163,6 +169,8 @@ def run(
         batch_ms=batch_ms,
         log_level=log_level,
         response_topics=response_topics,
+        prune_older_than=prune_older_than,
+        prune_max_bytes_per_device=prune_max_bytes_per_device,
     )
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -432,6 +440,114 @@ def _progress() -> Iterator[Callable[[int], None]]:
     ) as bar:
         task = bar.add_task("restore", total=None)
         yield lambda count: bar.update(task, completed=count)
+
+
+# ---- snapshot, prune, forget: run by the writer --------------------------------------------------
+
+
+def writer_operation(data: Path, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run an operation where the writer is: here when the directory is free, else in the bridge.
+
+    A checkpoint or write from another process than the writer would not be consistent, so a
+    running bridge does the work (over its control socket) between two commits.
+    """
+    try:
+        store = Store.open(data, create=False)
+    except DataDirLocked:
+        return control.call(data, op, args)
+    try:
+        return operations.run(store, op, args)
+    finally:
+        store.close()
+
+
+def _print_result(result: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def _removal_table(result: dict[str, Any]) -> None:
+    if not result["devices"]:
+        return
+    table = Table("device", "messages", "bytes")
+    for d in result["devices"]:
+        table.add_row(d["device"], str(d["messages"]), str(d["bytes"]))
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+
+
+@app.command()
+@reports_errors
+def snapshot(
+    dest: Annotated[Path, typer.Argument(help="new directory for the copy")],
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Write a consistent hot copy of every partition and the manifest to DEST."""
+    settings = load_settings(config_file, data=data)
+    result = writer_operation(settings.data, "snapshot", {"dest": str(dest.resolve())})
+    parts = len(result["partitions"])
+    _print_result(result, as_json, f"snapshot of {parts} partitions written to {dest}")
+
+
+@app.command()
+@reports_errors
+def prune(
+    data: DataOpt = None,
+    older_than: Annotated[
+        str | None, typer.Option(help="delete what is older than this: 30d, 12h, 90m")
+    ] = None,
+    max_bytes_per_device: Annotated[
+        int | None, typer.Option(help="keep each device's newest N stored bytes")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Delete old messages per device (one range delete each), now or as a dry run."""
+    settings = load_settings(config_file, data=data)
+    if older_than is None and max_bytes_per_device is None:
+        raise UsageError("say what to prune", "--older-than 30d or --max-bytes-per-device N")
+    if max_bytes_per_device is not None and max_bytes_per_device < 1:
+        raise UsageError("--max-bytes-per-device must be at least 1")
+    args = {
+        "older_than_ns": parse_duration(older_than, "--older-than") if older_than else None,
+        "max_bytes_per_device": max_bytes_per_device,
+        "dry_run": dry_run,
+    }
+    result = writer_operation(settings.data, "prune", args)
+    verb = "would delete" if dry_run else "deleted"
+    text = (
+        f"{verb} {result['messages']} messages ({result['bytes']} bytes) "
+        f"of {len(result['devices'])} devices"
+    )
+    _print_result(result, as_json, text)
+    if not as_json:
+        _removal_table(result)
+
+
+@app.command()
+@reports_errors
+def forget(
+    device: Annotated[str, typer.Argument(help="the device id")],
+    data: DataOpt = None,
+    before: Annotated[
+        str | None, typer.Option(help="only what was received before this time")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Delete one device's history (or its part before a time) with a range delete."""
+    settings = load_settings(config_file, data=data)
+    args = {"device": device, "before_ns": _time_opt(before, "--before"), "dry_run": dry_run}
+    result = writer_operation(settings.data, "forget", args)
+    verb = "would delete" if dry_run else "deleted"
+    text = f"{verb} {result['messages']} messages ({result['bytes']} bytes) of {device}"
+    _print_result(result, as_json, text)
 
 
 # ---- entry point --------------------------------------------------------------------------------

@@ -330,7 +330,8 @@ class Partition:
         batch = WriteBatch(raw_mode=True)
         batch.delete_range(lower, upper)
         entry = self.index_entry(dev_key)
-        remaining = next(self.scan(dev_key, until_ns, None), None)
+        # What stays: the first message at or after the cut (nothing when everything goes).
+        remaining = None if until_ns is None else next(self.scan(dev_key, until_ns, None), None)
         if entry is None or remaining is None:
             batch.delete(dev_key, self._index)
         else:
