@@ -550,6 +550,106 @@ def forget(
     _print_result(result, as_json, text)
 
 
+# ---- partitions -------------------------------------------------------------------------------
+
+partitions_app = typer.Typer(
+    help="List, add, remove and rebalance partitions (moves are crash-safe).",
+    no_args_is_help=True,
+)
+app.add_typer(partitions_app, name="partitions")
+
+
+def _moves_text(result: dict[str, Any], verb: str) -> str:
+    return (
+        f"{verb} {result['devices']} devices ({result['messages']} messages, "
+        f"{result['bytes']} bytes)"
+    )
+
+
+@partitions_app.command("list")
+@reports_errors
+def partitions_list(
+    data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOpt = None
+) -> None:
+    """Partitions with their path, weight, devices, messages and stored bytes."""
+    settings = load_settings(config_file, data=data)
+    with StoreReader(settings.data) as reader:
+        found = reader.devices()
+        rows = [
+            {
+                "name": spec.name,
+                "path": str(spec.directory(settings.data)),
+                "weight": spec.weight,
+                "devices": sum(1 for d in found if d.partition == spec.name),
+                "messages": sum(d.count for d in found if d.partition == spec.name),
+                "bytes": sum(d.size for d in found if d.partition == spec.name),
+            }
+            for spec in reader.manifest.partitions
+        ]
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    table = Table("name", "path", "weight", "devices", "messages", "bytes")
+    for row in rows:
+        table.add_row(
+            *(str(row[k]) for k in ("name", "path", "weight", "devices", "messages", "bytes"))
+        )
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+
+
+@partitions_app.command("add")
+@reports_errors
+def partitions_add(
+    name: Annotated[str, typer.Argument(help="new partition name, e.g. p4")],
+    path: Annotated[
+        str | None, typer.Option(help="its directory (another disk?) [default: partitions/NAME]")
+    ] = None,
+    weight: Annotated[float, typer.Option(help="share of devices relative to the others")] = 1.0,
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Add a partition; only the devices it wins move (about 1/(n+1) of them)."""
+    settings = load_settings(config_file, data=data)
+    args = {"name": name, "path": path, "weight": weight}
+    result = writer_operation(settings.data, "partitions-add", args)
+    _print_result(result, as_json, f"added {name}: " + _moves_text(result, "moved"))
+
+
+@partitions_app.command("remove")
+@reports_errors
+def partitions_remove(
+    name: Annotated[str, typer.Argument(help="the partition to remove")],
+    data: DataOpt = None,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Remove a partition; only its devices move, each to its next-best partition."""
+    settings = load_settings(config_file, data=data)
+    result = writer_operation(settings.data, "partitions-remove", {"name": name})
+    _print_result(result, as_json, f"removed {name}: " + _moves_text(result, "moved"))
+
+
+@partitions_app.command("rebalance")
+@reports_errors
+def partitions_rebalance(
+    data: DataOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
+    as_json: JsonOpt = False,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Put every device where placement says (finishes an interrupted add or remove)."""
+    settings = load_settings(config_file, data=data)
+    result = writer_operation(settings.data, "rebalance", {"dry_run": dry_run})
+    _print_result(result, as_json, _moves_text(result, "would move" if dry_run else "moved"))
+    if dry_run and not as_json and result["moves"]:
+        table = Table("device", "from", "to", "messages", "bytes")
+        for m in result["moves"]:
+            table.add_row(m["device"], m["from"], m["to"], str(m["messages"]), str(m["bytes"]))
+        Console(width=None if sys.stdout.isatty() else 250).print(table)
+
+
 # ---- entry point --------------------------------------------------------------------------------
 
 

@@ -8,13 +8,18 @@ partitions). Results are JSON-ready dicts: they cross that socket.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mqtt_backup.errors import UsageError
+from mqtt_backup.placement import Weighted, place
 from mqtt_backup.storage import Store
 from mqtt_backup.storage.files import fsync_dir
 from mqtt_backup.storage.journal import GAPS, STATE
@@ -119,6 +124,127 @@ def forget(
     }
 
 
+# ---- partition moves ----------------------------------------------------------------------------
+#
+# A move is crash-safe by its order: copy the device to its new partition (synced), switch the
+# manifest atomically, then delete the old copy. Reads follow placement, so before the switch the
+# old copy is read and after it the new one: at any crash every message reads exactly once, and
+# running the same command again finishes the job (copies are idempotent).
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(slots=True)
+class _Move:
+    device: str
+    dev_key: bytes
+    source: str
+    target: str
+    messages: int
+    size: int
+
+
+def _moves(store: Store, weighted: list[Weighted], only_homes: bool) -> list[_Move]:
+    """Devices whose placement under `weighted` differs from the partition holding them."""
+    current = store.manifest.weighted
+    moves = []
+    for name, part in store.partitions.items():
+        for dev_key, entry in part.index_entries():
+            if only_homes and place(dev_key, current) != name:
+                continue  # a leftover copy: rebalance deals with it
+            target = place(dev_key, weighted)
+            if target != name:
+                moves.append(_Move(entry.device_id, dev_key, name, target, entry.count, entry.size))
+    return moves
+
+
+def _moves_json(moves: list[_Move], dry_run: bool) -> dict[str, Any]:
+    return {
+        "dry_run": dry_run,
+        "devices": len(moves),
+        "messages": sum(m.messages for m in moves),
+        "bytes": sum(m.size for m in moves),
+        "moves": [
+            {
+                "device": m.device,
+                "from": m.source,
+                "to": m.target,
+                "messages": m.messages,
+                "bytes": m.size,
+            }
+            for m in sorted(moves, key=lambda m: m.device)
+        ],
+    }
+
+
+def _copy(store: Store, moves: list[_Move]) -> None:
+    for move in moves:
+        store.partitions[move.target].copy_device_from(store.partitions[move.source], move.dev_key)
+
+
+def _drop(store: Store, moves: list[_Move]) -> None:
+    for move in moves:
+        store.partitions[move.source].delete_device_range(move.dev_key)
+
+
+def partitions_add(
+    store: Store, name: str, path: str | None = None, weight: float = 1.0
+) -> dict[str, Any]:
+    """Add a partition; only the devices it wins by rendezvous hashing move onto it."""
+    if not _NAME.match(name):
+        raise UsageError(f"partition name {name!r} must be 1-64 letters, digits, '-' or '_'")
+    if not 0 < weight < math.inf:
+        raise UsageError(f"weight must be a positive number, got {weight}")
+    existing = {s.name: s for s in store.manifest.partitions}
+    if name in existing:
+        # Already switched (an earlier run crashed before deleting old copies): finish it.
+        return {"added": name, **rebalance(store)}
+    spec = PartitionSpec(name, path or f"partitions/{name}", weight)
+    store.open_new_partition(spec)
+    weighted = [*store.manifest.weighted, Weighted(name, weight)]
+    moves = [m for m in _moves(store, weighted, only_homes=True) if m.source != name]
+    _copy(store, moves)
+    store.switch(dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec)))
+    _drop(store, moves)
+    return {"added": name, **_moves_json(moves, dry_run=False)}
+
+
+def partitions_remove(store: Store, name: str) -> dict[str, Any]:
+    """Remove a partition: only its devices move, each to its next-best partition."""
+    specs = store.manifest.partitions
+    if name not in {s.name for s in specs}:
+        if name in {s.name for s in store.manifest.retired}:
+            store.bury_retired()
+            return {"removed": name, **_moves_json([], dry_run=False)}
+        raise UsageError(f"no partition {name!r}", "mqtt-backup partitions list")
+    if len(specs) == 1:
+        raise UsageError("cannot remove the last partition")
+    keep = tuple(s for s in specs if s.name != name)
+    weighted = [Weighted(s.name, s.weight) for s in keep]
+    moves = [m for m in _moves(store, weighted, only_homes=True) if m.source == name]
+    _copy(store, moves)
+    gone = next(s for s in specs if s.name == name)
+    store.switch(dataclasses.replace(store.manifest, partitions=keep, retired=(gone,)))
+    store.bury_retired()
+    return {"removed": name, **_moves_json(moves, dry_run=False)}
+
+
+def rebalance(store: Store, dry_run: bool = False) -> dict[str, Any]:
+    """Put every device where placement says, finishing interrupted moves; or just say what."""
+    moves = _moves(store, store.manifest.weighted, only_homes=False)
+    if not dry_run:
+        home_copies = [m for m in moves if _holds(store, m)]
+        _drop(store, home_copies)  # the target already has the device: old copies go
+        real = [m for m in moves if m not in home_copies]
+        _copy(store, real)
+        _drop(store, real)
+    return _moves_json(moves, dry_run)
+
+
+def _holds(store: Store, move: _Move) -> bool:
+    return store.partitions[move.target].index_entry(move.dev_key) is not None
+
+
 def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Run an operation by name (what the control socket receives); UsageError for bad ones."""
     match op:
@@ -138,6 +264,17 @@ def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
                 _opt(args, "before_ns", int),
                 bool(args.get("dry_run", False)),
             )
+        case "partitions-add":
+            return partitions_add(
+                store,
+                _arg(args, "name", str),
+                _opt(args, "path", str),
+                float(args.get("weight", 1.0)),
+            )
+        case "partitions-remove":
+            return partitions_remove(store, _arg(args, "name", str))
+        case "rebalance":
+            return rebalance(store, bool(args.get("dry_run", False)))
         case _:
             raise UsageError(f"unknown operation {op!r}")
 

@@ -10,6 +10,7 @@ import json
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from mqtt_backup.errors import CorruptRecord, DataDirMissing, StorageError
 from mqtt_backup.placement import Weighted
@@ -39,6 +40,8 @@ class Manifest:
     format: int
     client_id: str
     partitions: tuple[PartitionSpec, ...]
+    # Partitions taken out of service whose files are still to be deleted (a crash-safe remove).
+    retired: tuple[PartitionSpec, ...] = ()
 
     @property
     def weighted(self) -> list[Weighted]:
@@ -77,11 +80,8 @@ def load_manifest(data_dir: Path) -> Manifest:
         raise CorruptRecord(f"{path} is not valid JSON: {exc}") from None
     try:
         fmt = int(raw["format"])
-        parts = tuple(
-            PartitionSpec(str(p["name"]), str(p["path"]), float(p["weight"]))
-            for p in raw["partitions"]
-        )
-        manifest = Manifest(fmt, str(raw["client_id"]), parts)
+        parts = _specs(raw["partitions"])
+        manifest = Manifest(fmt, str(raw["client_id"]), parts, _specs(raw.get("retired", [])))
     except KeyError as exc:
         raise CorruptRecord(f"{path} is malformed: missing key {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -93,15 +93,21 @@ def load_manifest(data_dir: Path) -> Manifest:
     return manifest
 
 
+def _specs(raw: Any) -> tuple[PartitionSpec, ...]:
+    return tuple(PartitionSpec(str(p["name"]), str(p["path"]), float(p["weight"])) for p in raw)
+
+
+def _specs_json(specs: tuple[PartitionSpec, ...]) -> list[dict[str, Any]]:
+    return [{"name": p.name, "path": p.path, "weight": p.weight} for p in specs]
+
+
 def save_manifest(data_dir: Path, manifest: Manifest) -> None:
     """Write the manifest atomically."""
-    write_json_atomic(
-        manifest_path(data_dir),
-        {
-            "format": manifest.format,
-            "client_id": manifest.client_id,
-            "partitions": [
-                {"name": p.name, "path": p.path, "weight": p.weight} for p in manifest.partitions
-            ],
-        },
-    )
+    data: dict[str, Any] = {
+        "format": manifest.format,
+        "client_id": manifest.client_id,
+        "partitions": _specs_json(manifest.partitions),
+    }
+    if manifest.retired:
+        data["retired"] = _specs_json(manifest.retired)
+    write_json_atomic(manifest_path(data_dir), data)

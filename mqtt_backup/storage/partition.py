@@ -22,6 +22,7 @@ from rocksdict import (
     DBCompressionType,
     Options,
     Rdict,
+    RdictIter,
     ReadOptions,
     WriteBatch,
     WriteOptions,
@@ -243,6 +244,14 @@ class Partition:
         while it.valid():
             yield it.key(), IndexEntry.decode(it.value())
             it.next()
+        self._check(it)
+
+    def _check(self, it: RdictIter) -> None:
+        # An iterator ends quietly at a damaged block; only status() tells an end from an error.
+        try:
+            it.status()
+        except Exception as exc:
+            raise storage_failure(exc, f"reading partition {self.name} failed") from exc
 
     def scan(
         self,
@@ -271,14 +280,19 @@ class Partition:
                 it.prev()
             else:
                 it.next()
+        self._check(it)
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) in the records family, in key order (a full scan: verify, moves)."""
-        it = self._db.iter()
+        opts = ReadOptions()
+        # A full scan must not evict the bridge's working set (the stub lacks the flag).
+        opts.fill_cache(False)  # type: ignore[call-arg]
+        it = self._db.iter(opts)
         it.seek_to_first()
         while it.valid():
             yield it.key(), it.value()
             it.next()
+        self._check(it)
 
     def disk_bytes(self) -> int:
         """Bytes this partition takes on disk (every file of its directory, WAL included)."""
@@ -343,6 +357,32 @@ class Partition:
         self._commit(batch)
         self._entries.pop(dev_key, None)
         return removal
+
+    def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
+        """Make this partition hold exactly the device's messages and index entry of `source`.
+
+        Idempotent (keys are copied as they are): a move interrupted anywhere is finished by
+        running it again. Raises this partition's clock to the device's last receive time, so
+        later messages of the device still sort after the moved ones. Returns messages copied.
+        """
+        self.delete_device_range(dev_key)  # a stale copy of an earlier, interrupted move
+        entry = source.index_entry(dev_key)
+        if entry is None:
+            return 0
+        copied, batch = 0, WriteBatch(raw_mode=True)
+        for key, value in source.scan(dev_key):
+            batch.put(key, value)
+            copied += 1
+            if copied % batch_size == 0:
+                self._commit(batch)
+                batch = WriteBatch(raw_mode=True)
+        clock = max(self.clock_ns, entry.last_ns)
+        batch.put(dev_key, entry.encode(), self._index)
+        self._put_meta(batch, clock, self.seq)
+        self._commit(batch)
+        self.clock_ns = clock
+        self._entries.pop(dev_key, None)
+        return copied
 
     def catch_up(self) -> None:
         """A secondary instance reads what the writer committed since (WAL included)."""

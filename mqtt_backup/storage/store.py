@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,10 +13,11 @@ from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import place
 from mqtt_backup.records import Record, decode_record
-from mqtt_backup.storage.files import DirLock
+from mqtt_backup.storage.files import DirLock, fsync_dir
 from mqtt_backup.storage.journal import GapLog
 from mqtt_backup.storage.manifest import (
     Manifest,
+    PartitionSpec,
     load_manifest,
     manifest_path,
     new_manifest,
@@ -105,6 +107,7 @@ class Store:
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
             else:
                 store.open_partitions()
+                store.bury_retired()
         except BaseException:
             lock.release()
             if not existed:
@@ -171,10 +174,50 @@ class Store:
             raise StorageUnavailable(f"partition {partition} is not open")
         part.write(items)
 
+    def open_new_partition(self, spec: PartitionSpec) -> Partition:
+        """Open (creating it when needed) a partition that the manifest does not list yet."""
+        path = spec.directory(self.data_dir)
+        if path.exists() and any(path.iterdir()) and not (path / "CURRENT").is_file():
+            raise UsageError(f"{path} exists and is not a partition", "choose another --path")
+        if not (path / "CURRENT").is_file():
+            _create_partition_dir(spec.name, path)
+        part = Partition.open_writer(spec.name, path)
+        self.partitions[spec.name] = part
+        return part
+
+    def switch(self, manifest: Manifest) -> None:
+        """Make `manifest` the layout, atomically on disk; close partitions it no longer lists."""
+        save_manifest(self.data_dir, manifest)
+        self.manifest = manifest
+        self._weighted = manifest.weighted
+        self._located.clear()
+        listed = {spec.name for spec in manifest.partitions}
+        for name in [n for n in self.partitions if n not in listed]:
+            self.partitions.pop(name).close()
+
+    def bury_retired(self) -> None:
+        """Delete the files of retired partitions, then forget them (finishes a remove)."""
+        if not self.manifest.retired:
+            return
+        for spec in self.manifest.retired:
+            shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
+        self.switch(dataclasses.replace(self.manifest, retired=()))
+
     def close(self) -> None:
         """Close every partition and release the directory lock."""
         self.close_partitions()
         self._lock.release()
+
+
+def _create_partition_dir(name: str, path: Path) -> None:
+    # Created aside and renamed into place: a crash never leaves a half-made database at `path`.
+    making = path.with_name(f".{path.name}.creating")
+    shutil.rmtree(making, ignore_errors=True)
+    making.mkdir(parents=True)
+    Partition.open_writer(name, making, create=True).close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    making.rename(path)
+    fsync_dir(path.parent)
 
 
 # Stands for "no manifest yet": Store.open then lays out a new data directory.
@@ -207,25 +250,36 @@ class StoreReader:
 
     By default it sees what was synced when it opened. With `secondary` (a scratch directory)
     `refresh()` brings it level with the writer, for a reader that lives as long as the bridge.
+    A device is read from the partition placement gives it: a copy elsewhere is the leftover of
+    an interrupted move and is never read, so every message reads exactly once.
     """
 
     def __init__(self, data_dir: Path, secondary: Path | None = None) -> None:
         self.data_dir = data_dir
-        self.manifest = load_manifest(data_dir)
         self.gaps = GapLog(data_dir)
+        self._secondary = secondary
         self.partitions: dict[str, Partition] = {}
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
+        self._open(load_manifest(data_dir))
+
+    def _open(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._weighted = manifest.weighted
         try:
-            for spec in self.manifest.partitions:
-                path = spec.directory(data_dir)
-                self.partitions[spec.name] = Partition.open_reader(spec.name, path, secondary)
+            for spec in manifest.partitions:
+                path = spec.directory(self.data_dir)
+                self.partitions[spec.name] = Partition.open_reader(spec.name, path, self._secondary)
         except BaseException:
             self.close()
             raise
 
     def refresh(self) -> None:
-        """Catch up with the writer (secondary readers only)."""
+        """Catch up with the writer (secondary readers), reopening after a partition change."""
+        manifest = load_manifest(self.data_dir)
+        if manifest != self.manifest:
+            self.close()
+            self._open(manifest)
         for part in self.partitions.values():
             part.catch_up()
 
@@ -237,23 +291,28 @@ class StoreReader:
         """Close on leaving the block."""
         self.close()
 
+    def home(self, dev_key: bytes) -> str:
+        """The partition placement gives this device key."""
+        return place(dev_key, self._weighted)
+
     def devices(self) -> list[DeviceInfo]:
         """Every device with its index entry, sorted by device id."""
         found = [
             DeviceInfo(e.device_id, e.first_ns, e.last_ns, e.count, e.size, e.dups, name)
             for name, part in self.partitions.items()
-            for _, e in part.index_entries()
+            for dev_key, e in part.index_entries()
+            if self.home(dev_key) == name
         ]
         return sorted(found, key=lambda d: d.device)
 
     def device(self, device_id: str) -> DeviceInfo | None:
-        """One device's index entry, wherever it lies."""
+        """One device's index entry."""
         dev_key = device_key(device_id)
-        for name, part in self.partitions.items():
-            e = part.index_entry(dev_key)
-            if e is not None:
-                return DeviceInfo(e.device_id, e.first_ns, e.last_ns, e.count, e.size, e.dups, name)
-        return None
+        name = self.home(dev_key)
+        e = self.partitions[name].index_entry(dev_key)
+        if e is None:
+            return None
+        return DeviceInfo(e.device_id, e.first_ns, e.last_ns, e.count, e.size, e.dups, name)
 
     def messages(
         self,
@@ -265,15 +324,11 @@ class StoreReader:
     ) -> Iterator[StoredMessage]:
         """One device's messages in key (= receive time) order, filtered by window and topic."""
         dev_key = device_key(device_id)
-        for part in self._holders(dev_key):
-            for key, value in part.scan(dev_key, since_ns, until_ns, reverse):
-                ts_ns, record = decode_record(value)
-                if topic_filter is None or filter_matches(topic_filter, record.topic):
-                    yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
-
-    def _holders(self, dev_key: bytes) -> list[Partition]:
-        # The index says which partition holds the device (normally exactly one).
-        return [p for p in self.partitions.values() if p.index_entry(dev_key) is not None]
+        part = self.partitions[self.home(dev_key)]
+        for key, value in part.scan(dev_key, since_ns, until_ns, reverse):
+            ts_ns, record = decode_record(value)
+            if topic_filter is None or filter_matches(topic_filter, record.topic):
+                yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
 
     def close(self) -> None:
         """Close every partition."""

@@ -1,0 +1,208 @@
+"""Adding, removing and rebalancing partitions: only the right devices move, and crash-safely."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mqtt_backup import operations
+from mqtt_backup.cli import app
+from mqtt_backup.config import Settings
+from mqtt_backup.errors import UsageError
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage.manifest import load_manifest
+from tests.conftest import (
+    REPO,
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    stored_count,
+    wait_until,
+)
+
+RunBridge = Callable[[Settings], BridgeThread]
+DEVICES = 1000
+PER_DEVICE = 4
+runner = CliRunner()
+
+
+def fill(data: Path, devices: int = DEVICES, per_device: int = PER_DEVICE) -> None:
+    """`devices` devices with `per_device` messages each, on 3 partitions."""
+    store = Store.open(data, partitions=3)
+    try:
+        groups: dict[str, list[Pending]] = {}
+        for d in range(devices):
+            device = f"dev-{d:04d}"
+            partition, dev_key = store.locate(device)
+            groups.setdefault(partition, []).extend(
+                Pending(device, dev_key, 10**18 + i, Record(f"devices/{device}/t", b"%d" % i))
+                for i in range(per_device)
+            )
+        for partition, items in groups.items():
+            store.write(partition, items)
+    finally:
+        store.close()
+
+
+def layout(data: Path) -> dict[str, str]:
+    """device -> partition, as readers see it."""
+    with StoreReader(data) as reader:
+        return {d.device: d.partition for d in reader.devices()}
+
+
+def assert_every_message_once(data: Path, devices: int = DEVICES) -> None:
+    with StoreReader(data) as reader:
+        listed = reader.devices()
+        assert len(listed) == devices
+        for info in listed:
+            payloads = [m.record.payload for m in reader.messages(info.device)]
+            assert payloads == [b"%d" % i for i in range(PER_DEVICE)], info.device
+            assert info.count == PER_DEVICE
+
+
+def test_adding_a_4th_and_5th_partition_moves_about_1_in_n_plus_1(data_dir: Path) -> None:
+    fill(data_dir)
+    for new, n in (("p3", 3), ("p4", 4)):
+        before = layout(data_dir)
+        store = Store.open(data_dir, create=False)
+        try:
+            result = operations.partitions_add(store, new)
+        finally:
+            store.close()
+        after = layout(data_dir)
+        moved = [d for d in before if before[d] != after[d]]
+        assert {after[d] for d in moved} == {new}, "devices move only onto the new partition"
+        fraction = len(moved) / DEVICES
+        assert abs(fraction - 1 / (n + 1)) <= 0.1 / (n + 1), fraction
+        assert result["devices"] == len(moved)
+        assert_every_message_once(data_dir)
+    assert [s.name for s in load_manifest(data_dir).partitions] == ["p0", "p1", "p2", "p3", "p4"]
+
+
+def test_removing_a_partition_moves_only_its_devices(data_dir: Path) -> None:
+    fill(data_dir)
+    before = layout(data_dir)
+    store = Store.open(data_dir, create=False)
+    try:
+        result = operations.partitions_remove(store, "p1")
+        with pytest.raises(UsageError, match="no partition"):
+            operations.partitions_remove(store, "p1x")
+    finally:
+        store.close()
+    after = layout(data_dir)
+    moved = {d for d in before if before[d] != after[d]}
+    assert moved == {d for d, p in before.items() if p == "p1"}
+    assert result["devices"] == len(moved)
+    assert "p1" not in set(after.values())
+    assert not (data_dir / "partitions" / "p1").exists()
+    assert_every_message_once(data_dir)
+
+
+def test_removing_the_last_partition_is_refused(data_dir: Path) -> None:
+    store = Store.open(data_dir, partitions=1)
+    try:
+        with pytest.raises(UsageError, match="last partition"):
+            operations.partitions_remove(store, "p0")
+    finally:
+        store.close()
+
+
+def test_a_move_interrupted_after_the_switch_is_finished_by_a_rerun(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(data_dir, devices=200)
+
+    def crash(*_args: object) -> None:
+        raise KeyboardInterrupt("injected crash after the manifest switch")
+
+    store = Store.open(data_dir, create=False)
+    monkeypatch.setattr(operations, "_drop", crash)
+    with pytest.raises(KeyboardInterrupt):
+        operations.partitions_add(store, "p3")
+    store.close()
+    monkeypatch.undo()
+    assert_every_message_once(data_dir, devices=200)
+    dry = runner.invoke(
+        app, ["partitions", "rebalance", "--dry-run", "--json", "--data", str(data_dir)]
+    )
+    assert dry.exit_code == 0, dry.output
+    leftovers = json.loads(dry.output)
+    assert leftovers["devices"] > 0, "old copies are still there to clean"
+    again = runner.invoke(app, ["partitions", "add", "p3", "--data", str(data_dir)])
+    assert again.exit_code == 0, again.output
+    clean = runner.invoke(
+        app, ["partitions", "rebalance", "--dry-run", "--json", "--data", str(data_dir)]
+    )
+    assert json.loads(clean.output)["devices"] == 0
+    assert_every_message_once(data_dir, devices=200)
+
+
+def test_kill_9_during_an_add_then_rerun_loses_and_duplicates_nothing(data_dir: Path) -> None:
+    fill(data_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "mqtt_backup",
+        "partitions",
+        "add",
+        "p3",
+        "--data",
+        str(data_dir),
+    ]
+    new_dir = data_dir / "partitions" / "p3"
+    killed = 0
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1):
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while not new_dir.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        proc.kill()
+        killed += proc.wait() == -signal.SIGKILL
+        assert_every_message_once(data_dir)  # whatever the step, every message reads once
+    assert killed >= 2, "the kills must land while the add is working"
+    finished = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert_every_message_once(data_dir)
+    store = Store.open(data_dir, create=False)
+    try:
+        assert operations.rebalance(store, dry_run=True)["devices"] == 0
+    finally:
+        store.close()
+
+
+def test_partitions_change_while_the_bridge_runs(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    run_bridge(make_settings(broker, data_dir))
+    publish(broker, [Sent(f"devices/{unique}-{i}/t", b"a") for i in range(60)])
+    wait_until(lambda: stored_count(data_dir) >= 60, 20, "first messages")
+    added = runner.invoke(app, ["partitions", "add", "p3", "--data", str(data_dir), "--json"])
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.output)["devices"] > 0
+    publish(broker, [Sent(f"devices/{unique}-{i}/t", b"b") for i in range(60)])
+    wait_until(lambda: stored_count(data_dir) >= 120, 20, "messages after the add")
+    removed = runner.invoke(app, ["partitions", "remove", "p0", "--data", str(data_dir)])
+    assert removed.exit_code == 0, removed.output
+    with StoreReader(data_dir) as reader:
+        for i in range(60):
+            got = [m.record.payload for m in reader.messages(f"{unique}-{i}")]
+            assert got == [b"a", b"b"], i
+    listed = runner.invoke(app, ["partitions", "list", "--data", str(data_dir), "--json"])
+    assert [p["name"] for p in json.loads(listed.output)] == ["p1", "p2", "p3"]
+    assert sum(p["messages"] for p in json.loads(listed.output)) == 120
