@@ -27,12 +27,20 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mqtt_backup import config, control, operations
+from mqtt_backup import checks, config, control, operations
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
-from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError, DataDirLocked, UsageError
+from mqtt_backup.errors import (
+    EXIT_RUNTIME,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    BackupError,
+    DataDirLocked,
+    UsageError,
+)
 from mqtt_backup.mqtt import TlsFiles
 from mqtt_backup.restore_client import Ask, ask, check_device
+from mqtt_backup.simulate import FleetProgress, FleetReport, FleetSpec, run_fleet
 from mqtt_backup.storage import DeviceInfo, Store, StoreReader
 from mqtt_backup.times import format_ts, parse_duration, parse_time
 from mqtt_backup.topics import check_filter
@@ -294,11 +302,12 @@ def export(
         raise UsageError("--since is after --until")
     if topic is not None:
         check_filter(topic)
-    with StoreReader(settings.data) as reader, _output(output) as out:
+    with StoreReader(settings.data) as reader, _output(output) as out, _progress() as progress:
         ids = device or [d.device for d in reader.devices()]
         writer = csv.writer(out) if fmt is ExportFormat.CSV else None
         if writer is not None:
             writer.writerow(CSV_COLUMNS)
+        written = 0
         for dev in ids:
             for msg in reader.messages(dev, since_ns, until_ns, topic):
                 envelope = message_envelope(msg.device, msg.ts_ns, msg.record)
@@ -306,6 +315,9 @@ def export(
                     writer.writerow(csv_row(envelope))
                 else:
                     out.write(json.dumps(envelope, ensure_ascii=False) + "\n")
+                written += 1
+                if written % 1000 == 0:
+                    progress(written)
 
 
 # ---- restore ------------------------------------------------------------------------------------
@@ -426,20 +438,89 @@ def restore(
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[int], None]]:
+def _progress(unit: str = "messages") -> Iterator[Callable[[int], None]]:
     """A live count on stderr when it is a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         yield lambda _count: None
         return
     with Progress(
         SpinnerColumn(),
-        TextColumn("{task.completed} messages"),
+        TextColumn("{task.completed} " + unit),
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
     ) as bar:
         task = bar.add_task("restore", total=None)
         yield lambda count: bar.update(task, completed=count)
+
+
+# ---- verify, stats -------------------------------------------------------------------------------
+
+_SHOWN_PROBLEMS = 50
+
+
+@app.command()
+@reports_errors
+def verify(data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOpt = None) -> None:
+    """Check every record's checksum, each device's placement and the index against the data.
+
+    Exits 4 when it finds a problem (works beside a running bridge).
+    """
+    settings = load_settings(config_file, data=data)
+    with _progress("records") as progress:
+        report = checks.verify(settings.data, progress)
+    if as_json:
+        json.dump(report.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(
+            f"{'ok' if report.ok else 'PROBLEMS'}: {report.partitions} partitions, "
+            f"{report.devices} devices, {report.records} records, {report.duplicates} "
+            f"redelivered copies, {report.size} bytes\n"
+        )
+        for problem in report.problems[:_SHOWN_PROBLEMS]:
+            sys.stdout.write(f"  {problem.describe()}\n")
+        if len(report.problems) > _SHOWN_PROBLEMS:
+            rest = len(report.problems) - _SHOWN_PROBLEMS
+            sys.stdout.write(f"  ... and {rest} more (--json lists them all)\n")
+    if not report.ok:
+        _fail(
+            f"verify found {len(report.problems)} problems in {settings.data}. Try: "
+            "'mqtt-backup partitions rebalance' when they are misplaced devices of an "
+            "interrupted move; restore damaged records from a snapshot",
+            EXIT_STORAGE,
+        )
+
+
+@app.command()
+@reports_errors
+def stats(data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOpt = None) -> None:
+    """Per partition and total: messages, devices, bytes, oldest/newest, compression."""
+    settings = load_settings(config_file, data=data)
+    report = checks.stats(settings.data)
+    if as_json:
+        json.dump(report.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    columns = (
+        "devices",
+        "messages",
+        "duplicates",
+        "bytes",
+        "disk_bytes",
+        "oldest",
+        "newest",
+        "compression_ratio",
+    )
+    table = Table("partition", *columns)
+    rows = [(p["name"], p) for p in report.as_json()["partitions"]]
+    rows.append(("total", report.as_json()["total"]))
+    for name, row in rows:
+        ratio = row["compression_ratio"]
+        cells = [str(row[c]) if row[c] is not None else "-" for c in columns[:-1]]
+        table.add_row(name, *cells, f"{ratio:.2f}" if ratio is not None else "-")
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    sys.stdout.write(f"gaps recorded: {report.gaps}\n")
 
 
 # ---- snapshot, prune, forget: run by the writer --------------------------------------------------
@@ -648,6 +729,67 @@ def partitions_rebalance(
         for m in result["moves"]:
             table.add_row(m["device"], m["from"], m["to"], str(m["messages"]), str(m["bytes"]))
         Console(width=None if sys.stdout.isatty() else 250).print(table)
+
+
+# ---- simulate -------------------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def simulate(
+    broker: BrokerOpt = None,
+    devices: Annotated[int, typer.Option(help="devices in the fleet")] = 10,
+    rate: Annotated[float, typer.Option(help="messages per second, the whole fleet")] = 10.0,
+    duration: Annotated[float, typer.Option(help="seconds to run; 0 runs until Ctrl-C")] = 60.0,
+    prefix: Annotated[
+        str, typer.Option(help="device ids are PREFIX-0000, PREFIX-0001, ...")
+    ] = "sim",
+    qos: Annotated[int, typer.Option(help="0 or 1")] = 1,
+    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    config_file: ConfigOpt = None,
+) -> None:
+    """Publish realistic telemetry from a fleet of devices (JSON, binary, several topic shapes)."""
+    settings = load_settings(
+        config_file, broker=broker, protocol=protocol, ca=ca, cert=cert, key=key
+    )
+    spec = FleetSpec(
+        address=settings.broker_address,
+        devices=devices,
+        rate=rate,
+        duration=duration,
+        prefix=prefix,
+        qos=qos,
+        protocol=settings.protocol,
+        tls_files=TlsFiles(
+            *(str(p) if p else None for p in (settings.ca, settings.cert, settings.key))
+        ),
+    )
+    templates = " ".join(f"--topic '{t}'" for t in spec.topics_for_bridge)
+    sys.stderr.write(
+        f"simulating {devices} devices at {rate:g} msg/s on {settings.broker_address}; "
+        f"the bridge stores every shape with: mqtt-backup run {templates}\n"
+    )
+    report = asyncio.run(_fleet_until_interrupted(spec))
+    sys.stderr.write(
+        f"published {report.published} messages (+{report.retained} retained statuses) from "
+        f"{report.devices} devices in {report.elapsed:.1f} s ({report.rate:.0f} msg/s)\n"
+    )
+
+
+async def _fleet_until_interrupted(spec: FleetSpec) -> FleetReport:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    def show(progress: FleetProgress) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{progress.published} published, {progress.rate:.0f} msg/s ")
+
+    return await run_fleet(spec, stop, show)
 
 
 # ---- entry point --------------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from typing import Any, Protocol
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.envelope import message_envelope
 from mqtt_backup.errors import BackupError, StorageError, UsageError
-from mqtt_backup.mqtt import REPLAY_PROPERTY, AsyncConnection, Inbound, OutProps, TlsFiles
+from mqtt_backup.mqtt import (
+    REPLAY_PROPERTY,
+    AsyncConnection,
+    Inbound,
+    OutProps,
+    TlsFiles,
+    Window,
+)
 from mqtt_backup.storage import StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts, parse_time
@@ -266,43 +273,6 @@ class Publisher(Protocol):
         props: OutProps | None = None,
     ) -> None:
         """Publish and wait for the broker to take it (PUBACK at QoS 1)."""
-
-
-class Window:
-    """At most `size` publishes awaiting their PUBACK; the first failure stops the stream."""
-
-    def __init__(self, size: int = WINDOW) -> None:
-        self._slots = asyncio.Semaphore(size)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._failure: BaseException | None = None
-
-    async def send(self, publish: Coroutine[Any, Any, None]) -> None:
-        """Start a publish once a slot is free."""
-        if self._failure is not None:
-            publish.close()
-            raise self._failure
-        await self._slots.acquire()
-        task = asyncio.create_task(publish)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
-
-    async def drain(self) -> None:
-        """Wait until every publish is acknowledged; re-raise the first failure."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._failure is not None:
-            raise self._failure
-
-    def cancel(self) -> None:
-        """Abandon what is in flight (the connection is gone or the bridge stops)."""
-        for task in self._tasks:
-            task.cancel()
 
 
 @dataclass(slots=True)

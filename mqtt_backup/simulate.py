@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import UsageError
-from mqtt_backup.mqtt import AsyncConnection, TlsFiles
+from mqtt_backup.mqtt import AsyncConnection, TlsFiles, Window
 
 SHAPES: Final = ("telemetry", "raw", "tasmota", "zigbee2mqtt")
 _TEMPLATES: Final = {
@@ -310,12 +310,10 @@ def _fleet(spec: FleetSpec) -> list[_Device]:
 
 
 class _Window:
-    """At most `size` publishes awaiting the broker; counts acknowledgements per shape."""
+    """Publishes through a shared Window, counting acknowledgements per shape."""
 
     def __init__(self, size: int) -> None:
-        self._slots = asyncio.Semaphore(size)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._failure: BaseException | None = None
+        self._window = Window(size)
         self.acked: Counter[str] = Counter()
 
     @property
@@ -325,35 +323,19 @@ class _Window:
 
     async def send(self, publish: Coroutine[Any, Any, None], shape: str) -> None:
         """Start a publish once a slot is free; re-raise an earlier publish's failure."""
-        if self._failure is not None:
-            publish.close()
-            raise self._failure
-        await self._slots.acquire()
-        task = asyncio.create_task(self._counted(publish, shape))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        await self._window.send(self._counted(publish, shape))
 
     async def _counted(self, publish: Coroutine[Any, Any, None], shape: str) -> None:
         await publish
         self.acked[shape] += 1
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
-
     async def drain(self) -> None:
         """Wait for every publish in flight; re-raise the first failure."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._failure is not None:
-            raise self._failure
+        await self._window.drain()
 
     def cancel(self) -> None:
         """Abandon what is in flight (a failure or a cancelled run)."""
-        for task in self._tasks:
-            task.cancel()
+        self._window.cancel()
 
 
 class _Schedule:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mqtt_backup.errors import BrokerUnreachable, UsageError
-from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps
+from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
 from mqtt_backup.records import Properties, Record
 from mqtt_backup.restore import (
     MAX_ID_CHARS,
@@ -29,7 +29,6 @@ from mqtt_backup.restore import (
     Pacer,
     Request,
     RestoreService,
-    Window,
     parse_request,
     response_topic,
 )

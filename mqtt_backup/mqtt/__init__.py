@@ -4,7 +4,7 @@
 - `aio`: an asyncio connection on aiomqtt for the restore service and the restore client.
 """
 
-from mqtt_backup.mqtt.aio import AsyncConnection, Inbound, OutProps, TlsFiles
+from mqtt_backup.mqtt.aio import AsyncConnection, Inbound, OutProps, TlsFiles, Window
 from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY, PahoIngest, Session, Stall
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "Session",
     "Stall",
     "TlsFiles",
+    "Window",
 ]

@@ -6,10 +6,11 @@ turns their errors into ours: BrokerUnreachable, BrokerRefused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -213,6 +214,43 @@ class AsyncConnection:
                 yield _inbound(message)
         except aiomqtt.MqttError as exc:
             raise BrokerUnreachable(f"{self.address}: connection lost: {exc}") from exc
+
+
+class Window:
+    """At most `size` publishes awaiting their PUBACK; the first failure stops the stream."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+
+    async def send(self, publish: Coroutine[Any, Any, None]) -> None:
+        """Start a publish once a slot is free."""
+        if self._failure is not None:
+            publish.close()
+            raise self._failure
+        await self._slots.acquire()
+        task = asyncio.create_task(publish)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    async def drain(self) -> None:
+        """Wait until every publish is acknowledged; re-raise the first failure."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
+
+    def cancel(self) -> None:
+        """Abandon what is in flight (the connection is gone or the bridge stops)."""
+        for task in self._tasks:
+            task.cancel()
 
 
 def _failed(code: object) -> bool:

@@ -295,8 +295,8 @@ class Partition:
         self._check(it)
 
     def disk_bytes(self) -> int:
-        """Bytes this partition takes on disk (every file of its directory, WAL included)."""
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        """Bytes of data on disk: table files and write-ahead logs (not RocksDB's own logs)."""
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".sst", ".log"))
 
     def estimated_keys(self) -> int:
         """RocksDB's estimate of the number of records (cheap; exact counts are in the index)."""

@@ -1,0 +1,81 @@
+"""Each command once as a real process (`python -m mqtt_backup ...`), as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import (
+    REPO,
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    stored_count,
+    wait_until,
+)
+from tests.test_partitions import fill
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqtt_backup", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ok(*args: str) -> str:
+    result = cli(*args)
+    assert result.returncode == 0, (args, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def test_offline_commands_as_processes(data_dir: Path, tmp_path: Path) -> None:
+    fill(data_dir, devices=40)
+    d = ("--data", str(data_dir))
+    assert len(json.loads(ok("devices", *d, "--json"))) == 40
+    assert ok("export", *d, "--device", "dev-0001").count("\n") == 4
+    assert json.loads(ok("stats", *d, "--json"))["total"]["messages"] == 160
+    assert json.loads(ok("verify", *d, "--json"))["ok"] is True
+    assert "snapshot of 3 partitions" in ok("snapshot", str(tmp_path / "snap"), *d)
+    assert json.loads(ok("forget", "dev-0002", *d, "--json"))["messages"] == 4
+    assert json.loads(ok("prune", *d, "--max-bytes-per-device", "100", "--json"))["messages"] > 0
+    assert "added p3" in ok("partitions", "add", "p3", *d)
+    assert "removed p0" in ok("partitions", "remove", "p0", *d)
+    assert json.loads(ok("partitions", "rebalance", "--dry-run", "--json", *d))["devices"] == 0
+    names = [p["name"] for p in json.loads(ok("partitions", "list", "--json", *d))]
+    assert names == ["p1", "p2", "p3"]
+    assert json.loads(ok("verify", *d, "--json"))["ok"] is True
+
+
+def test_simulate_feeds_a_running_bridge(broker: Broker, data_dir: Path, unique: str) -> None:
+    bridge = BridgeThread(make_settings(broker, data_dir))
+    try:
+        done = cli(
+            "simulate",
+            "--broker",
+            broker.url,
+            "--devices",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--prefix",
+            unique,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "published 50 messages" in done.stderr
+        # Two devices use the telemetry and raw shapes: both lie under devices/{device}/#.
+        wait_until(lambda: stored_count(data_dir) >= 51, 20, "the fleet's messages")
+    finally:
+        bridge.stop()
+        publish(broker, [Sent(f"devices/{unique}-0000/status", b"", retain=True)])
