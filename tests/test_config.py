@@ -476,3 +476,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
     message = config_error(config_file=missing)
     assert f"config file {missing} does not exist" in message
     assert "does not exist" in config_error(env={"MQTT_BACKUP_CONFIG": str(missing)})
+
+
+def test_the_deploy_sample_is_valid_and_documents_every_key() -> None:
+    sample = Path(__file__).resolve().parent.parent / "deploy" / "mqtt-backup.toml"
+    settings = load(config_file=sample)
+    assert settings.broker == "mqtt://127.0.0.1:1883"
+    text = sample.read_text(encoding="utf-8")
+    missing = [name for name in config.field_names() if name not in text]
+    assert missing == [], f"deploy/mqtt-backup.toml does not mention {missing}"
