@@ -687,29 +687,36 @@ def partitions_add(
         str | None, typer.Option(help="its directory (another disk?) [default: partitions/NAME]")
     ] = None,
     weight: Annotated[float, typer.Option(help="share of devices relative to the others")] = 1.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
     data: DataOpt = None,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
 ) -> None:
     """Add a partition; only the devices it wins move (about 1/(n+1) of them)."""
     settings = load_settings(config_file, data=data)
-    args = {"name": name, "path": path, "weight": weight}
+    args = {"name": name, "path": path, "weight": weight, "dry_run": dry_run}
     result = writer_operation(settings.data, "partitions-add", args)
-    _print_result(result, as_json, f"added {name}: " + _moves_text(result, "moved"))
+    verb = "would move" if dry_run else "moved"
+    _print_result(result, as_json, f"adding {name}: " + _moves_text(result, verb))
+    _moves_table(result, as_json)
 
 
 @partitions_app.command("remove")
 @reports_errors
 def partitions_remove(
     name: Annotated[str, typer.Argument(help="the partition to remove")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
     data: DataOpt = None,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
 ) -> None:
     """Remove a partition; only its devices move, each to its next-best partition."""
     settings = load_settings(config_file, data=data)
-    result = writer_operation(settings.data, "partitions-remove", {"name": name})
-    _print_result(result, as_json, f"removed {name}: " + _moves_text(result, "moved"))
+    args = {"name": name, "dry_run": dry_run}
+    result = writer_operation(settings.data, "partitions-remove", args)
+    verb = "would move" if dry_run else "moved"
+    _print_result(result, as_json, f"removing {name}: " + _moves_text(result, verb))
+    _moves_table(result, as_json)
 
 
 @partitions_app.command("rebalance")
@@ -724,11 +731,17 @@ def partitions_rebalance(
     settings = load_settings(config_file, data=data)
     result = writer_operation(settings.data, "rebalance", {"dry_run": dry_run})
     _print_result(result, as_json, _moves_text(result, "would move" if dry_run else "moved"))
-    if dry_run and not as_json and result["moves"]:
-        table = Table("device", "from", "to", "messages", "bytes")
-        for m in result["moves"]:
-            table.add_row(m["device"], m["from"], m["to"], str(m["messages"]), str(m["bytes"]))
-        Console(width=None if sys.stdout.isatty() else 250).print(table)
+    _moves_table(result, as_json)
+
+
+def _moves_table(result: dict[str, Any], as_json: bool) -> None:
+    """The devices of a dry run, for people (scripts read --json)."""
+    if not result["dry_run"] or as_json or not result["moves"]:
+        return
+    table = Table("device", "from", "to", "messages", "bytes")
+    for m in result["moves"]:
+        table.add_row(m["device"], m["from"], m["to"], str(m["messages"]), str(m["bytes"]))
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
 
 
 # ---- simulate -------------------------------------------------------------------------------
@@ -829,4 +842,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except BackupError as exc:
         sys.stderr.write(f"{PROG}: {exc.message()}\n")
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        # A bug, not a user's mistake: still one line; the traceback when asked for.
+        if os.environ.get("MQTT_BACKUP_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"{PROG}: internal error: {type(exc).__name__}: {exc}. Try: MQTT_BACKUP_DEBUG=1 "
+            "for the traceback, and report it\n"
+        )
+        sys.exit(EXIT_RUNTIME)
     sys.exit(code if isinstance(code, int) else 0)

@@ -188,7 +188,7 @@ def _drop(store: Store, moves: list[_Move]) -> None:
 
 
 def partitions_add(
-    store: Store, name: str, path: str | None = None, weight: float = 1.0
+    store: Store, name: str, path: str | None = None, weight: float = 1.0, dry_run: bool = False
 ) -> dict[str, Any]:
     """Add a partition; only the devices it wins by rendezvous hashing move onto it."""
     if not _NAME.match(name):
@@ -200,8 +200,10 @@ def partitions_add(
         # Already switched (an earlier run crashed before deleting old copies): finish it.
         return {"added": name, **rebalance(store)}
     spec = PartitionSpec(name, path or f"partitions/{name}", weight)
-    store.open_new_partition(spec)
     weighted = [*store.manifest.weighted, Weighted(name, weight)]
+    if dry_run:
+        return {"added": name, **_moves_json(_moves(store, weighted, only_homes=True), True)}
+    store.open_new_partition(spec)
     moves = [m for m in _moves(store, weighted, only_homes=True) if m.source != name]
     _copy(store, moves)
     store.switch(dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec)))
@@ -209,7 +211,7 @@ def partitions_add(
     return {"added": name, **_moves_json(moves, dry_run=False)}
 
 
-def partitions_remove(store: Store, name: str) -> dict[str, Any]:
+def partitions_remove(store: Store, name: str, dry_run: bool = False) -> dict[str, Any]:
     """Remove a partition: only its devices move, each to its next-best partition."""
     specs = store.manifest.partitions
     if name not in {s.name for s in specs}:
@@ -222,6 +224,8 @@ def partitions_remove(store: Store, name: str) -> dict[str, Any]:
     keep = tuple(s for s in specs if s.name != name)
     weighted = [Weighted(s.name, s.weight) for s in keep]
     moves = [m for m in _moves(store, weighted, only_homes=True) if m.source == name]
+    if dry_run:
+        return {"removed": name, **_moves_json(moves, dry_run=True)}
     _copy(store, moves)
     gone = next(s for s in specs if s.name == name)
     store.switch(dataclasses.replace(store.manifest, partitions=keep, retired=(gone,)))
@@ -270,9 +274,12 @@ def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
                 _arg(args, "name", str),
                 _opt(args, "path", str),
                 float(args.get("weight", 1.0)),
+                bool(args.get("dry_run", False)),
             )
         case "partitions-remove":
-            return partitions_remove(store, _arg(args, "name", str))
+            return partitions_remove(
+                store, _arg(args, "name", str), bool(args.get("dry_run", False))
+            )
         case "rebalance":
             return rebalance(store, bool(args.get("dry_run", False)))
         case _:

@@ -48,8 +48,11 @@ def test_offline_commands_as_processes(data_dir: Path, tmp_path: Path) -> None:
     assert "snapshot of 3 partitions" in ok("snapshot", str(tmp_path / "snap"), *d)
     assert json.loads(ok("forget", "dev-0002", *d, "--json"))["messages"] == 4
     assert json.loads(ok("prune", *d, "--max-bytes-per-device", "100", "--json"))["messages"] > 0
-    assert "added p3" in ok("partitions", "add", "p3", *d)
-    assert "removed p0" in ok("partitions", "remove", "p0", *d)
+    planned = json.loads(ok("partitions", "add", "p3", "--dry-run", "--json", *d))
+    assert planned["dry_run"] is True
+    assert planned["devices"] > 0
+    assert json.loads(ok("partitions", "add", "p3", "--json", *d))["devices"] == planned["devices"]
+    assert "removing p0: moved" in ok("partitions", "remove", "p0", *d)
     assert json.loads(ok("partitions", "rebalance", "--dry-run", "--json", *d))["devices"] == 0
     names = [p["name"] for p in json.loads(ok("partitions", "list", "--json", *d))]
     assert names == ["p1", "p2", "p3"]

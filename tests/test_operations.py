@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mqtt_backup import operations
+from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings
 from mqtt_backup.control import RemoteError, call
@@ -193,6 +193,8 @@ def test_snapshot_during_ingest_is_consistent(
         listed = {d.device: d.count for d in reader.devices()}
     assert {device: len(msgs) for device, msgs in copy.items()} == listed, "index == data"
     assert sum(listed.values()) >= 100
+    report = checks.verify(dest)
+    assert report.ok, [p.describe() for p in report.problems]
     live = read_all(data_dir)
     for device, msgs in copy.items():
         # The copy is a prefix of the live history: nothing in it that the bridge did not keep.
