@@ -1,7 +1,7 @@
 """The commit pipeline: message, device, partition, group commit, in-order acks.
 
 It does not know which MQTT client feeds it. A transport offers each message with an opaque ack
-It does not know which MQTT client feeds it. A transport offers each message with an opaque
+token, tells the pipeline when to close a batch (socket drained, batch full or old), and gets the
 tokens back, in receive order, only after every message of the batch is on disk with a synced WAL.
 """
 
@@ -20,6 +20,7 @@ from mqtt_backup.topics import Router
 log = logging.getLogger(__name__)
 
 AckToken = object
+HOLD_BATCHES = 10
 AckCallback = Callable[[Sequence[AckToken]], None]
 
 
@@ -56,6 +57,8 @@ class CommitPipeline:
         self._size = 0
         self._opened = 0.0
         self._broken = False
+        self._recovering = False
+        self._connection = 0
         self.counters = IngestCounters()
 
     @property
@@ -80,7 +83,7 @@ class CommitPipeline:
             self.counters.skipped += 1
             return
         partition, dev_key = self._store.locate(device)
-        item = Pending(device, dev_key, time.time_ns(), record)
+        item = Pending(device, dev_key, time.time_ns(), record, self._connection)
         self._groups.setdefault(partition, []).append(item)
         self._size += 1
 
@@ -120,6 +123,9 @@ class CommitPipeline:
             self._size -= len(items)
             stored += len(items)
             self._count(items)
+        if self._recovering:
+            self._recovering = False
+            log.warning("storage is writable again: resuming")
         tokens, self._tokens = self._tokens, []
         self._ack(tokens)
         self.counters.batches += 1
@@ -133,7 +139,7 @@ class CommitPipeline:
             self._store.close_partitions()
             raise StorageUnavailable(exc.detail) from exc
         self._broken = False
-        log.warning("storage is writable again: resuming")
+        self._recovering = True
 
     def _count(self, items: Sequence[Pending]) -> None:
         c = self.counters
@@ -141,6 +147,28 @@ class CommitPipeline:
         for item in items:
             c.bytes += len(item.record.payload)
             c.duplicates += item.record.dup
+
+    def can_hold(self) -> bool:
+        """Room to hold more while storage fails (QoS 0 has no broker window to bound it)."""
+        return self._size < HOLD_BATCHES * self.batch_max
+
+    def new_connection(self) -> None:
+        """A new broker connection starts: what arrives from now on belongs to it."""
+        self._connection += 1
+
+    def drop_redeliverable(self) -> None:
+        """Forget QoS 1 messages held from earlier connections: the resumed session resends them."""
+        for partition in list(self._groups):
+            kept = [
+                item
+                for item in self._groups[partition]
+                if item.record.qos == 0 or item.connection == self._connection
+            ]
+            self._size -= len(self._groups[partition]) - len(kept)
+            if kept:
+                self._groups[partition] = kept
+            else:
+                del self._groups[partition]
 
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""

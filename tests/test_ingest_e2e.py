@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -300,3 +301,40 @@ def test_metrics_endpoint_reports_the_bridge(
     assert float(values["mqtt_backup_connected"]) == 1
     assert float(values["mqtt_backup_storage_stalled"]) == 0
     assert float(values["mqtt_backup_pending_messages"]) == 0
+
+
+def test_a_long_storage_stall_holds_one_window_and_stays_connected(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = {"on": True}
+    real_commit = Partition._commit
+
+    def flaky_commit(self: Partition, batch: object) -> None:
+        if failing["on"]:
+            raise StorageUnavailable("IO error: No space left on device (injected)")
+        real_commit(self, batch)  # type: ignore[arg-type]
+
+    settings = make_settings(broker, data_dir, keepalive=5)
+    run_bridge(settings).stop()
+    monkeypatch.setattr(Partition, "_commit", flaky_commit)
+    bridge = run_bridge(settings)
+    disconnects: list[str] = []
+    real_disconnected = bridge.bridge.disconnected
+    monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
+    sent = [Sent(f"devices/{unique}/t", b"s%d" % i) for i in range(300)]
+    publish(broker, sent)
+    time.sleep(12)  # more than twice the keepalive: pings must still be answered
+    assert disconnects == [], "reading goes on during a stall, so keepalive holds"
+    receive_maximum = max(settings.batch_max, 100)
+    assert bridge.bridge.pipeline.pending <= receive_maximum, "the broker's window bounds it"
+    monkeypatch.setattr(bridge.bridge, "disconnected", real_disconnected)
+    failing["on"] = False
+    wait_until(lambda: stored_count(data_dir) >= 300, 40, "every message after recovery")
+    bridge.stop()
+    stored = read_all(data_dir)[unique]
+    assert sorted(m.record.payload for m in stored) == sorted(m.payload for m in sent)
+    assert not any(m.record.dup for m in stored), "no copies were multiplied"

@@ -85,6 +85,15 @@ class Sink(Protocol):
     def drop_tokens(self, keep: Callable[[object], bool]) -> None:
         """Forget tokens of a closed connection."""
 
+    def new_connection(self) -> None:
+        """Messages from now on come over a new connection."""
+
+    def drop_redeliverable(self) -> None:
+        """Forget held QoS 1 messages of earlier connections (the broker sends them again)."""
+
+    def can_hold(self) -> bool:
+        """Room to hold more messages while storage fails."""
+
 
 class Hooks(Protocol):
     """What the bridge wants to hear from the transport."""
@@ -226,6 +235,8 @@ class PahoIngest:
         self._connack = None
         # A new connection voids the acks of the old one; count it before any packet is read.
         self._generation += 1
+        if self._sink is not None:
+            self._sink.new_connection()
         properties = None
         if self.session.protocol == "5":
             properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -258,6 +269,7 @@ class PahoIngest:
         if gone and session_present:
             self._client.unsubscribe(gone)
         self._connected = True
+        self._after_reconnect(session_present)
         self._hooks.connected(session_present, self.filters)
         return session_present
 
@@ -313,8 +325,9 @@ class PahoIngest:
 
     def _serve(self, sink: Sink, stall: Stall) -> None:
         if stall.active:
-            # Storage is failing: hold what we have (the broker's window bounds it), retry later.
-            self._pump(min(stall.seconds_left(), 0.2), read=not sink.full())
+            # Storage is failing: keep reading (keepalive answers; the broker's window of
+            # unacknowledged messages bounds what arrives), hold it, retry later.
+            self._pump(min(stall.seconds_left(), 0.2), read=sink.can_hold())
             if stall.seconds_left() == 0:
                 self._commit(sink, stall)
             return
@@ -386,7 +399,6 @@ class PahoIngest:
         if sink is not None:
             # Acks of the closed connection are void: the broker resends those messages (DUP set).
             sink.drop_tokens(lambda _token: False)
-            self._commit_unacked(sink)
         delay = 0.5
         while not stop.is_set():
             try:
@@ -405,6 +417,12 @@ class PahoIngest:
                 continue
             log.info("reconnected to %s", self.session.address)
             return
+
+    def _after_reconnect(self, session_present: bool) -> None:
+        # With its session the broker resends every unacknowledged QoS 1 message (DUP set):
+        # storing the held copies too would only add duplicates. Without it, they are all we have.
+        if session_present and self._sink is not None:
+            self._sink.drop_redeliverable()
 
     def _commit_unacked(self, sink: Sink) -> None:
         # Keep what was received on the lost connection: storing it twice is safe, losing it is not.

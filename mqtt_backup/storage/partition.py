@@ -52,6 +52,7 @@ class Pending:
     device_key: bytes
     received_ns: int
     record: Record
+    connection: int = 0  # which broker connection delivered it (ingest's bookkeeping)
 
 
 @dataclass(slots=True)
