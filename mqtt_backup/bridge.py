@@ -63,7 +63,7 @@ class Bridge:
         self._disconnected_at: int | None = None
         self._stop_metrics: Callable[[], None] = lambda: None
         try:
-            self._gaps_recorded = len(self.store.gaps.all())
+            self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = PahoIngest(self._session(), self._router.filters, self)
         except BaseException:
             self.store.discard_new()
@@ -119,9 +119,9 @@ class Bridge:
             self.store.gaps,
             self.restore_listening,
         )
-        restore.start()
         control = ControlServer(self.settings.data, self.submit)
-        control.start()
+        control.start()  # before any other thread: it sets the process umask for a moment
+        restore.start()
         try:
             self._transport.run(self.pipeline, self._stop)
         finally:
@@ -146,8 +146,14 @@ class Bridge:
             pending=self.pipeline.pending,
             connected=self._transport.connected,
             storage_stalled=self._transport.stall.active,
-            gaps=self._gaps_recorded,
+            gaps=self._gaps_count(),
         )
+
+    def _gaps_count(self) -> int:
+        try:
+            return len(self.store.gaps.all())
+        except StorageError:
+            return -1
 
     def stop(self) -> None:
         """Ask the bridge to stop (safe from a signal handler or another thread)."""
@@ -228,6 +234,9 @@ class Bridge:
         except BackupError as exc:
             log.warning("retention pass failed (next one in an hour): %s", exc.message())
             return
+        except Exception:
+            log.exception("retention pass failed (next one in an hour)")
+            return
         if pruned["messages"]:
             log.info(
                 "retention: pruned %d messages (%d bytes) of %d devices",
@@ -266,7 +275,6 @@ class Bridge:
     def _record_gap(self, gap: Gap) -> None:
         try:
             self.store.gaps.record(gap)
-            self._gaps_recorded += 1
         except StorageError as exc:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
 
@@ -311,8 +319,9 @@ class RestoreThread:
         self._ready.set()
         scratch = Path(tempfile.mkdtemp(prefix="mqtt-backup-restore-"))
         try:
-            # A secondary RocksDB instance follows the writer without sharing its handles.
-            reader = StoreReader(self._settings.data, secondary=scratch)
+            reader = await self._open_reader(scratch)
+            if reader is None:
+                return
             try:
                 service = RestoreService(
                     reader,
@@ -325,6 +334,23 @@ class RestoreThread:
                 reader.close()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _open_reader(self, scratch: Path) -> StoreReader | None:
+        """A secondary RocksDB instance that follows the writer without sharing its handles.
+
+        Retried with backoff: restore must come back by itself when the storage does.
+        """
+        assert self._stop is not None
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                return StoreReader(self._settings.data, secondary=scratch)
+            except StorageError as exc:
+                log.warning("restore service cannot read the store (%s); retrying", exc.detail)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
+        return None
 
     def _set_listening(self, up: bool) -> None:
         if up:

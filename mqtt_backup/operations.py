@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mqtt_backup.errors import UsageError
+from mqtt_backup.errors import StorageError, UsageError
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.storage import Store
 from mqtt_backup.storage.files import fsync_dir
@@ -38,7 +38,10 @@ def snapshot(store: Store, dest: Path) -> dict[str, Any]:
     """
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} exists and is not an empty directory", "choose a new DEST")
-    (dest / "partitions").mkdir(parents=True, exist_ok=True)
+    try:
+        (dest / "partitions").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {dest}: {exc.strerror or exc}", "choose DEST") from exc
     specs = []
     for spec in store.manifest.partitions:
         relative = f"partitions/{spec.name}"
@@ -46,7 +49,10 @@ def snapshot(store: Store, dest: Path) -> dict[str, Any]:
         specs.append(PartitionSpec(spec.name, relative, spec.weight))
     for name in (GAPS, STATE):
         if (store.data_dir / name).exists():
-            shutil.copy2(store.data_dir / name, dest / name)
+            try:
+                shutil.copy2(store.data_dir / name, dest / name)
+            except OSError as exc:
+                raise StorageError(f"cannot copy {name} to {dest}: {exc.strerror}") from exc
     manifest = Manifest(store.manifest.format, store.manifest.client_id, tuple(specs))
     save_manifest(dest, manifest)  # last: a copy without its manifest is visibly unfinished
     fsync_dir(dest)
@@ -75,7 +81,13 @@ def prune(
     total, devices = Removal(), []
     for part in store.partitions.values():
         for dev_key, entry in list(part.index_entries()):
-            until = _cut(part.keep_newest_start, dev_key, cutoff, max_bytes_per_device)
+            # The index knows each device's size: one within its budget is not even read.
+            budget = max_bytes_per_device
+            if budget is not None and entry.size <= budget:
+                budget = None
+            if cutoff is not None and entry.first_ns >= cutoff and budget is None:
+                continue
+            until = _cut(part.keep_newest_start, dev_key, cutoff, budget)
             if until is None:
                 continue
             removal = (
@@ -109,14 +121,18 @@ def _cut(
 def forget(
     store: Store, device: str, before_ns: int | None = None, dry_run: bool = False
 ) -> dict[str, Any]:
-    """Delete one device's history, or its part received before `before_ns`."""
+    """Delete one device's history, or its part received before `before_ns`.
+
+    Every partition is cleared, not only the device's home: a stale copy left by an interrupted
+    move must not bring forgotten data back when the move is finished.
+    """
     partition, dev_key = store.locate(device)
-    part = store.partitions[partition]
-    removal = (
-        part.measure(dev_key, before_ns)
-        if dry_run
-        else part.delete_device_range(dev_key, before_ns)
-    )
+    removal = store.partitions[partition].measure(dev_key, before_ns)
+    if not dry_run:
+        for part in store.partitions.values():
+            gone = part.delete_device_range(dev_key, before_ns)
+            if part.name == partition:
+                removal = gone
     return {
         "dry_run": dry_run,
         "before": format_ts(before_ns) if before_ns is not None else None,
@@ -198,14 +214,18 @@ def partitions_add(
     existing = {s.name: s for s in store.manifest.partitions}
     if name in existing:
         # Already switched (an earlier run crashed before deleting old copies): finish it.
-        return {"added": name, **rebalance(store)}
+        return {"added": name, **rebalance(store, dry_run)}
     spec = PartitionSpec(name, path or f"partitions/{name}", weight)
     weighted = [*store.manifest.weighted, Weighted(name, weight)]
     if dry_run:
         return {"added": name, **_moves_json(_moves(store, weighted, only_homes=True), True)}
     store.open_new_partition(spec)
-    moves = [m for m in _moves(store, weighted, only_homes=True) if m.source != name]
-    _copy(store, moves)
+    try:
+        moves = [m for m in _moves(store, weighted, only_homes=True) if m.source != name]
+        _copy(store, moves)
+    except BaseException:
+        store.partitions.pop(name).close()  # a retry must be able to open it again
+        raise
     store.switch(dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec)))
     _drop(store, moves)
     return {"added": name, **_moves_json(moves, dry_run=False)}

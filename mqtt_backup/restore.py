@@ -44,6 +44,7 @@ MAX_ID_CHARS = 1024
 WINDOW = 64
 MAX_ACTIVE = 4
 MAX_WAITING = 64
+MIN_RATE = 0.01
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 FIELDS = ("since", "until", "topic", "limit", "order", "mode", "format", "id", "rate", "retain")
 _YIELD_EVERY = 128
@@ -221,6 +222,9 @@ def _rate(fields: dict[str, Any]) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise BadRequest("'rate' must be a finite number of messages per second > 0")
+    if value < MIN_RATE:
+        # A replay holds one of the few restore slots: one message in 100 s is the slowest.
+        raise BadRequest(f"'rate' must be at least {MIN_RATE} messages per second")
     return float(value)
 
 
@@ -284,11 +288,15 @@ class Reply:
     correlation: bytes | None
     request_id: str | None = None
     sent: int = 0
+    # Answers on a topic an ingest template may match carry the loop marker, so they are not
+    # stored as device data (only possible with --response-topics any).
+    marked: bool = False
     _data_props: OutProps | None = None
 
     def _props(self, *user: tuple[str, str], content_type: str | None = None) -> OutProps:
+        marker = ((REPLAY_PROPERTY, "1"),) if self.marked else ()
         return OutProps(
-            correlation_data=self.correlation, user=tuple(user), content_type=content_type
+            correlation_data=self.correlation, user=marker + user, content_type=content_type
         )
 
     @staticmethod
@@ -326,6 +334,8 @@ class Reply:
         original = record.properties
         if original is not None:
             user.extend(original.user)
+        if self.marked:
+            user.append((REPLAY_PROPERTY, "1"))
         props = OutProps(
             correlation_data=self.correlation,
             user=tuple(user),
@@ -426,7 +436,7 @@ class RestoreService:
         topic, refused = response_topic(
             message.topic, message.response_topic, self.prefix, self.any_response_topic
         )
-        reply = Reply(conn, topic, message.correlation_data)
+        reply = Reply(conn, topic, message.correlation_data, marked=self.any_response_topic)
         try:
             request = _checked(parse_request(device, message.payload), refused)
             reply.request_id = request.request_id

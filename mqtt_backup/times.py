@@ -82,6 +82,7 @@ def _from_rfc3339(text: str, what: str) -> int:
 
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d|w)?$", re.ASCII)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_MAX_DURATION_S = 200 * 365 * 86400  # far past anything useful, well inside 64-bit ns
 
 
 def parse_duration(text: str, what: str = "duration") -> int:
@@ -90,4 +91,6 @@ def parse_duration(text: str, what: str = "duration") -> int:
     if match is None or float(match[1]) <= 0:
         raise UsageError(f"{what} {text!r} is not a duration such as 30d, 12h, 15m or 90s")
     seconds = Decimal(match[1]) * _UNIT_S[match[2] or "s"]
+    if seconds > _MAX_DURATION_S:
+        raise UsageError(f"{what} {text!r} is longer than the store's whole time range")
     return int(seconds * NS_PER_S)

@@ -125,6 +125,7 @@ class Partition:
         self.seq = self._meta_int(META_SEQ, _U32)
         self._sync = WriteOptions()
         self._sync.sync = True
+        self._follows = False
 
     @classmethod
     def open_writer(cls, name: str, path: Path, create: bool = False) -> Partition:
@@ -168,7 +169,9 @@ class Partition:
             db = Rdict(str(path), _options(compress=True), _families(), access_type=access)
         except Exception as exc:
             raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
-        return cls(name, path, db, writable=False)
+        part = cls(name, path, db, writable=False)
+        part._follows = secondary is not None
+        return part
 
     def _meta_int(self, key: bytes, codec: struct.Struct) -> int:
         raw = self._meta_cf.get(key)
@@ -386,7 +389,12 @@ class Partition:
         return copied
 
     def catch_up(self) -> None:
-        """A secondary instance reads what the writer committed since (WAL included)."""
+        """A secondary instance reads what the writer committed since (WAL included).
+
+        A read-only or writing handle has nothing to catch up with.
+        """
+        if not self._follows:
+            return
         try:
             self._db.try_catch_up_with_primary()
         except Exception as exc:

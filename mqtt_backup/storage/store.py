@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
-from mqtt_backup.placement import place
+from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage.files import DirLock, fsync_dir
 from mqtt_backup.storage.journal import GapLog
@@ -177,10 +177,16 @@ class Store:
     def open_new_partition(self, spec: PartitionSpec) -> Partition:
         """Open (creating it when needed) a partition that the manifest does not list yet."""
         path = spec.directory(self.data_dir)
-        if path.exists() and any(path.iterdir()) and not (path / "CURRENT").is_file():
-            raise UsageError(f"{path} exists and is not a partition", "choose another --path")
-        if not (path / "CURRENT").is_file():
-            _create_partition_dir(spec.name, path)
+        mark = f"{self.client_id} {spec.name}\n"
+        try:
+            if path.exists() and any(path.iterdir()):
+                ours = (path / _ADDING).is_file() and (path / _ADDING).read_text() == mark
+                if not ours:  # another store's partition, a snapshot, anything else: hands off
+                    raise UsageError(f"{path} is not empty", "choose another --path")
+            else:
+                _create_partition_dir(spec.name, path, mark)
+        except OSError as exc:
+            raise UsageError(f"cannot use {path}: {exc.strerror or exc}") from exc
         part = Partition.open_writer(spec.name, path)
         self.partitions[spec.name] = part
         return part
@@ -188,6 +194,8 @@ class Store:
     def switch(self, manifest: Manifest) -> None:
         """Make `manifest` the layout, atomically on disk; close partitions it no longer lists."""
         save_manifest(self.data_dir, manifest)
+        for spec in manifest.partitions:  # an added partition is ours for good now
+            (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
         self.manifest = manifest
         self._weighted = manifest.weighted
         self._located.clear()
@@ -209,12 +217,17 @@ class Store:
         self._lock.release()
 
 
-def _create_partition_dir(name: str, path: Path) -> None:
+_ADDING = "MQTT_BACKUP_ADDING"
+
+
+def _create_partition_dir(name: str, path: Path, mark: str) -> None:
     # Created aside and renamed into place: a crash never leaves a half-made database at `path`.
+    # The mark lets a re-run of the same interrupted add (and nothing else) take it over.
     making = path.with_name(f".{path.name}.creating")
     shutil.rmtree(making, ignore_errors=True)
     making.mkdir(parents=True)
     Partition.open_writer(name, making, create=True).close()
+    (making / _ADDING).write_text(mark)
     path.parent.mkdir(parents=True, exist_ok=True)
     making.rename(path)
     fsync_dir(path.parent)
@@ -222,6 +235,8 @@ def _create_partition_dir(name: str, path: Path) -> None:
 
 # Stands for "no manifest yet": Store.open then lays out a new data directory.
 _UNSAVED = Manifest(0, "", ())
+# A reader with no partitions open.
+_NO_LAYOUT = Manifest(0, "", ())
 
 
 def _remove_new_dir(data_dir: Path) -> None:
@@ -261,11 +276,23 @@ class StoreReader:
         self.partitions: dict[str, Partition] = {}
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
-        self._open(load_manifest(data_dir))
+        self.manifest = _NO_LAYOUT
+        self._weighted: list[Weighted] = []
+        self._follow_layout()
+
+    def _follow_layout(self) -> None:
+        # A move switches the manifest before it deletes the old copies: reading the manifest
+        # after the partitions' state, and again until it holds still, never pairs an old layout
+        # with data whose old copies are already gone.
+        for _ in range(10):
+            manifest = load_manifest(self.data_dir)
+            if manifest == self.manifest:
+                return
+            self._open(manifest)
+        raise StorageUnavailable(f"{self.data_dir}: the partition layout keeps changing")
 
     def _open(self, manifest: Manifest) -> None:
-        self.manifest = manifest
-        self._weighted = manifest.weighted
+        self.close()
         try:
             for spec in manifest.partitions:
                 path = spec.directory(self.data_dir)
@@ -273,15 +300,17 @@ class StoreReader:
         except BaseException:
             self.close()
             raise
-
-    def refresh(self) -> None:
-        """Catch up with the writer (secondary readers), reopening after a partition change."""
-        manifest = load_manifest(self.data_dir)
-        if manifest != self.manifest:
-            self.close()
-            self._open(manifest)
+        # Only a complete open counts: a failed one is retried at the next refresh.
+        self.manifest = manifest
+        self._weighted = manifest.weighted
         for part in self.partitions.values():
             part.catch_up()
+
+    def refresh(self) -> None:
+        """Catch up with the writer (secondary readers), following partition changes."""
+        for part in self.partitions.values():
+            part.catch_up()
+        self._follow_layout()
 
     def __enter__(self) -> StoreReader:
         """Use as a context manager to close the partitions."""
@@ -335,6 +364,7 @@ class StoreReader:
         for part in self.partitions.values():
             part.close()
         self.partitions.clear()
+        self.manifest = _NO_LAYOUT
 
 
 def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
