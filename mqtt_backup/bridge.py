@@ -96,6 +96,7 @@ class Bridge:
             if self.settings.metrics_port is not None:
                 self._stop_metrics = metrics.serve(self.settings.metrics_port, self.snapshot)
             self._transport.connect(self.pipeline, self._state.subscriptions)
+            self.store.keep_client_id()
         except BaseException:
             # Bad input changes nothing: a data directory made by this failed start goes again.
             self._stop_metrics()

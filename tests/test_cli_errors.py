@@ -490,3 +490,31 @@ def test_runner_reports_errors_as_one_line(runner: CliRunner, tmp_path: Path) ->
     assert result.exit_code == EXIT_STORAGE
     assert result.stderr.startswith("mqtt-backup: no data directory")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_failed_start_leaves_an_existing_directory_as_it_was(
+    cwd: Path, closed_url: str, tmp_path: Path
+) -> None:
+    empty = cwd / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("mine")
+    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
+    one_line_error(result, EXIT_BROKER)
+    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+    # An existing store keeps its client id when a start with another one fails.
+    data = tmp_path / "store"
+    Store.open(data, partitions=2).close()
+    before = json.loads((data / "manifest.json").read_text())["client_id"]
+    refused = cli(
+        "run",
+        "--broker",
+        closed_url,
+        "--data",
+        str(data),
+        "--client-id",
+        "typo",
+        cwd=cwd,
+        timeout=15,
+    )
+    one_line_error(refused, EXIT_BROKER)
+    assert json.loads((data / "manifest.json").read_text())["client_id"] == before

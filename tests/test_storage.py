@@ -119,9 +119,14 @@ def test_partition_count_mismatch_is_a_usage_error(data_dir: Path) -> None:
     Store.open(data_dir).close()
 
 
-def test_client_id_given_later_is_kept(data_dir: Path) -> None:
+def test_client_id_given_later_is_kept_once_it_connected(data_dir: Path) -> None:
     Store.open(data_dir, 3).close()
-    Store.open(data_dir, client_id="bridge-a").close()
+    first = load_manifest(data_dir).client_id
+    Store.open(data_dir, client_id="typo").close()  # e.g. the broker refused: not kept
+    assert load_manifest(data_dir).client_id == first
+    taken = Store.open(data_dir, client_id="bridge-a")
+    taken.keep_client_id()  # the bridge calls this after a successful connect
+    taken.close()
     assert load_manifest(data_dir).client_id == "bridge-a"
     again = Store.open(data_dir)
     try:

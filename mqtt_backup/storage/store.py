@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -14,8 +15,9 @@ from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage.files import DirLock, fsync_dir
-from mqtt_backup.storage.journal import GapLog
+from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.manifest import (
+    MANIFEST,
     Manifest,
     PartitionSpec,
     load_manifest,
@@ -56,7 +58,7 @@ class StoredMessage:
     record: Record
 
 
-def _check_data_dir(data_dir: Path) -> None:
+def _check_data_dir(data_dir: Path, need_space: bool = True) -> None:
     if data_dir.exists() and not data_dir.is_dir():
         raise StorageError(f"{data_dir} exists and is not a directory", "choose another --data")
     try:
@@ -66,7 +68,7 @@ def _check_data_dir(data_dir: Path) -> None:
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise StorageError(f"{data_dir} is not writable by this user", "fix its permissions")
     free = shutil.disk_usage(data_dir).free
-    if free < _MIN_FREE_BYTES:
+    if need_space and free < _MIN_FREE_BYTES:
         raise StorageUnavailable(
             f"only {free // 1024} KiB free on the disk holding {data_dir}", "free some space"
         )
@@ -84,6 +86,7 @@ class Store:
         self._located: dict[str, tuple[str, bytes]] = {}
         self.partitions: dict[str, Partition] = {}
         self.created_dir = False
+        self.created_layout = False
 
     @classmethod
     def open(
@@ -97,13 +100,15 @@ class Store:
         if not create:
             load_manifest(data_dir)  # DataDirMissing, with a hint, when there is nothing to open
         existed = data_dir.exists()
-        _check_data_dir(data_dir)
+        # Operations on an existing store (prune, forget) must work on a full disk: they free it.
+        _check_data_dir(data_dir, need_space=create)
         lock = DirLock(data_dir)
         lock.acquire()
         try:
             store = cls(data_dir, _load_manifest(data_dir, partitions, client_id), lock)
             store.created_dir = not existed
             if store.manifest is _UNSAVED:
+                store.created_layout = True
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
             else:
                 store.open_partitions()
@@ -127,10 +132,23 @@ class Store:
         save_manifest(self.data_dir, self.manifest)
 
     def discard_new(self) -> None:
-        """Close, and remove the data directory if this store created it (start-up failed)."""
+        """Close, and undo what this store created (start-up failed: bad input changes nothing)."""
         self.close()
         if self.created_dir:
             _remove_new_dir(self.data_dir)
+        elif self.created_layout:
+            # An existing directory keeps what it had; only our files go.
+            for spec in self.manifest.partitions:
+                shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
+            for name in (MANIFEST, "LOCK", STATE):
+                (self.data_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.data_dir / "partitions").rmdir()
+
+    def keep_client_id(self) -> None:
+        """Write a client id given on the command line to the manifest (after it connected)."""
+        if load_manifest(self.data_dir).client_id != self.manifest.client_id:
+            save_manifest(self.data_dir, self.manifest)
 
     @property
     def client_id(self) -> str:
@@ -255,8 +273,8 @@ def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None
             "drop --partitions, or change the set with 'mqtt-backup partitions add/remove'",
         )
     if client_id is not None and client_id != manifest.client_id:
+        # Kept in memory only: Store.keep_client_id saves it once the broker took it.
         manifest = manifest.with_client_id(client_id)
-        save_manifest(data_dir, manifest)
     return manifest
 
 
