@@ -136,6 +136,9 @@ def run(
             help="seconds the broker keeps the session while the bridge is away [default: 604800]"
         ),
     ] = None,
+    keepalive: Annotated[
+        int | None, typer.Option(help="MQTT keepalive seconds [default: 30]")
+    ] = None,
     batch_max: Annotated[
         int | None, typer.Option(help="messages per commit at most [default: 1000]")
     ] = None,
@@ -173,6 +176,7 @@ def run(
         cert=cert,
         key=key,
         session_expiry=session_expiry,
+        keepalive=keepalive,
         batch_max=batch_max,
         batch_ms=batch_ms,
         log_level=log_level,
