@@ -10,7 +10,6 @@ import contextlib
 import logging
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ log = logging.getLogger(__name__)
 STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
+RESTORE_SCRATCH = ".restore-reader"
 
 
 @dataclass(slots=True)
@@ -318,7 +318,10 @@ class RestoreThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready.set()
-        scratch = Path(tempfile.mkdtemp(prefix="mqtt-backup-restore-"))
+        # The secondary instance's scratch space lives in the data directory (which this process
+        # holds locked), so one left by a kill -9 is simply replaced at the next start.
+        scratch = self._settings.data / RESTORE_SCRATCH
+        shutil.rmtree(scratch, ignore_errors=True)
         try:
             reader = await self._open_reader(scratch)
             if reader is None:
