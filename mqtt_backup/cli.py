@@ -66,6 +66,11 @@ DataOpt = Annotated[
     Path | None, typer.Option("--data", help="data directory [default: ./mqtt-backup-data]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="only say what would change")]
+ProtocolOpt = Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")]
+CaOpt = Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")]
+CertOpt = Annotated[Path | None, typer.Option(help="client certificate (mTLS)")]
+KeyOpt = Annotated[Path | None, typer.Option(help="client key (mTLS)")]
 BrokerOpt = Annotated[
     str | None,
     typer.Option(
@@ -123,13 +128,13 @@ def run(
     namespace: Annotated[
         str | None, typer.Option(help="the bridge's own topics, never stored [default: backup]")
     ] = None,
-    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
+    protocol: ProtocolOpt = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     ] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
-    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
-    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
     session_expiry: Annotated[
         int | None,
         typer.Option(
@@ -393,10 +398,10 @@ def restore(
         float, typer.Option(help="give up when nothing arrives for this many seconds")
     ] = 10.0,
     namespace: Annotated[str | None, typer.Option(help="[default: backup]")] = None,
-    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
-    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
-    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    protocol: ProtocolOpt = None,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
     config_file: ConfigOpt = None,
 ) -> None:
     """Ask the running bridge for a device's history over MQTT; JSON lines on stdout."""
@@ -588,7 +593,7 @@ def prune(
     max_bytes_per_device: Annotated[
         int | None, typer.Option(help="keep each device's newest N stored bytes")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
 ) -> None:
@@ -622,7 +627,7 @@ def forget(
     before: Annotated[
         str | None, typer.Option(help="only what was received before this time")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
 ) -> None:
@@ -691,7 +696,7 @@ def partitions_add(
         str | None, typer.Option(help="its directory (another disk?) [default: partitions/NAME]")
     ] = None,
     weight: Annotated[float, typer.Option(help="share of devices relative to the others")] = 1.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
+    dry_run: DryRunOpt = False,
     data: DataOpt = None,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
@@ -709,7 +714,7 @@ def partitions_add(
 @reports_errors
 def partitions_remove(
     name: Annotated[str, typer.Argument(help="the partition to remove")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
+    dry_run: DryRunOpt = False,
     data: DataOpt = None,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
@@ -727,7 +732,7 @@ def partitions_remove(
 @reports_errors
 def partitions_rebalance(
     data: DataOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what would move")] = False,
+    dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     config_file: ConfigOpt = None,
 ) -> None:
@@ -762,10 +767,10 @@ def simulate(
         str, typer.Option(help="device ids are PREFIX-0000, PREFIX-0001, ...")
     ] = "sim",
     qos: Annotated[int, typer.Option(help="0 or 1")] = 1,
-    protocol: Annotated[str | None, typer.Option(help="5 or 3.1.1 [default: 5]")] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://")] = None,
-    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
-    key: Annotated[Path | None, typer.Option(help="client key (mTLS)")] = None,
+    protocol: ProtocolOpt = None,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
     config_file: ConfigOpt = None,
 ) -> None:
     """Publish realistic telemetry from a fleet of devices (JSON, binary, several topic shapes)."""

@@ -101,7 +101,7 @@ def test_fleet_is_paced_and_every_message_is_stored(
     assert report.retained == len(spec.status_topics) == 3  # devices 0, 4 and 8
     assert report.devices == 10
     assert report.topics_for_bridge == spec.topics_for_bridge
-    assert 1.5 <= report.elapsed <= 6, report
+    assert report.elapsed >= 1.5, report  # paced over the duration, not sent in a burst
     assert ticks, "progress is reported about once a second"
     assert all(0 < t.published <= report.published for t in ticks)
 
