@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import shutil
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mqtt_backup import metrics, operations
 from mqtt_backup.config import Settings
@@ -31,10 +32,12 @@ from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
+BREATHE_EVERY_S = 0.2
 RESTORE_SCRATCH = ".restore-reader"
 
 
@@ -199,12 +202,35 @@ class Bridge:
             op, args, future = self._requests.get_nowait()
             try:
                 self.pipeline.commit()  # pending messages go where the current layout says
-                future.set_result(operations.run(self.store, op, args))
+                future.set_result(
+                    self._while_serving(functools.partial(operations.run, self.store, op, args))
+                )
             except BackupError as exc:
                 future.set_exception(exc)
             except Exception as exc:
                 log.exception("operation %s failed", op)
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
+
+    def _while_serving(self, work: Callable[[], _R]) -> _R:
+        """Run a long operation on this thread while the connection stays answered.
+
+        Messages that arrive meanwhile are held, not committed (nothing interleaves with the
+        operation's writes), and placed again afterwards, in case the partition set changed.
+        """
+        last = time.monotonic()
+
+        def breathe() -> None:
+            nonlocal last
+            if time.monotonic() - last >= BREATHE_EVERY_S:
+                last = time.monotonic()
+                self._transport.keep_alive()
+
+        self.store.on_progress = breathe
+        try:
+            return work()
+        finally:
+            self.store.on_progress = lambda: None
+            self.pipeline.regroup()
 
     def _fail_requests(self) -> None:
         while not self._requests.empty():
@@ -231,7 +257,9 @@ class Bridge:
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
         try:
             self.pipeline.commit()
-            pruned = operations.prune(self.store, older, s.prune_max_bytes_per_device)
+            pruned = self._while_serving(
+                lambda: operations.prune(self.store, older, s.prune_max_bytes_per_device)
+            )
         except BackupError as exc:
             log.warning("retention pass failed (next one in an hour): %s", exc.message())
             return

@@ -170,6 +170,14 @@ class CommitPipeline:
             else:
                 del self._groups[partition]
 
+    def regroup(self) -> None:
+        """Place what is held again: an operation may have changed the partition set."""
+        held = [item for items in self._groups.values() for item in items]
+        self._groups = {}
+        for item in held:  # a device's items stay in receive order
+            partition, _ = self._store.locate(item.device_id)
+            self._groups.setdefault(partition, []).append(item)
+
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""
         self._tokens = [t for t in self._tokens if keep(t)]

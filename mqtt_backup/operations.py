@@ -46,6 +46,7 @@ def snapshot(store: Store, dest: Path) -> dict[str, Any]:
     for spec in store.manifest.partitions:
         relative = f"partitions/{spec.name}"
         store.partitions[spec.name].checkpoint(dest / relative)
+        store.on_progress()
         specs.append(PartitionSpec(spec.name, relative, spec.weight))
     for name in (GAPS, STATE):
         if (store.data_dir / name).exists():
@@ -98,6 +99,7 @@ def prune(
             if removal.count:
                 total.merge(removal)
                 devices.append(_removal_json(entry.device_id, removal))
+            store.on_progress()
     return {
         "dry_run": dry_run,
         "cutoff": format_ts(cutoff) if cutoff is not None else None,
@@ -196,11 +198,13 @@ def _moves_json(moves: list[_Move], dry_run: bool) -> dict[str, Any]:
 def _copy(store: Store, moves: list[_Move]) -> None:
     for move in moves:
         store.partitions[move.target].copy_device_from(store.partitions[move.source], move.dev_key)
+        store.on_progress()
 
 
 def _drop(store: Store, moves: list[_Move]) -> None:
     for move in moves:
         store.partitions[move.source].delete_device_range(move.dev_key)
+        store.on_progress()
 
 
 def partitions_add(

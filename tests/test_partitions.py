@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,13 +14,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mqtt_backup import operations
+from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings
 from mqtt_backup.errors import UsageError
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage.manifest import load_manifest
+from mqtt_backup.storage.partition import Partition
 from tests.conftest import (
     REPO,
     BridgeThread,
@@ -206,3 +208,62 @@ def test_partitions_change_while_the_bridge_runs(
     listed = runner.invoke(app, ["partitions", "list", "--data", str(data_dir), "--json"])
     assert [p["name"] for p in json.loads(listed.output)] == ["p1", "p2", "p3"]
     assert sum(p["messages"] for p in json.loads(listed.output)) == 120
+
+
+def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = run_bridge(make_settings(broker, data_dir, keepalive=5))
+    devices = [f"{unique}-{i}" for i in range(60)]
+    publish(broker, [Sent(f"devices/{d}/t", b"before") for d in devices])
+    wait_until(lambda: stored_count(data_dir) >= 60, 20, "first messages")
+    real_copy = Partition.copy_device_from
+
+    def slow_copy(
+        self: Partition, source: Partition, dev_key: bytes, batch_size: int = 5000
+    ) -> int:
+        time.sleep(0.8)  # a big device on a slow disk
+        return real_copy(self, source, dev_key, batch_size)
+
+    monkeypatch.setattr(Partition, "copy_device_from", slow_copy)
+    disconnects: list[str] = []
+    monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
+    result: list[subprocess.CompletedProcess[str]] = []
+    adder = threading.Thread(
+        target=lambda: result.append(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mqtt_backup",
+                    "partitions",
+                    "add",
+                    "p3",
+                    "--data",
+                    str(data_dir),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        )
+    )
+    adder.start()
+    time.sleep(2)  # the add is copying now; devices keep publishing
+    publish(broker, [Sent(f"devices/{d}/t", b"during") for d in devices])
+    adder.join(120)
+    assert result[0].returncode == 0, result[0].stderr
+    wait_until(lambda: stored_count(data_dir) >= 120, 30, "what arrived during the add")
+    assert disconnects == [], "keepalives were answered while the add ran"
+    with StoreReader(data_dir) as reader:
+        for d in devices:
+            assert [m.record.payload for m in reader.messages(d)] == [b"before", b"during"], d
+    monkeypatch.undo()
+    bridge.stop()
+    assert checks.verify(data_dir).ok

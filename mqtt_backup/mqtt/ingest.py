@@ -345,6 +345,14 @@ class PahoIngest:
         stall.cleared()
         self._client.loop_write()
 
+    def keep_alive(self) -> None:
+        """Service the connection without committing: answer keepalives, hold what arrives.
+
+        For long operations on the ingest thread; the broker's window bounds what is held.
+        """
+        if self._connected and self._sink is not None:
+            self._pump(0, read=self._sink.can_hold())
+
     def _readable(self) -> bool:
         sock = self._client.socket()
         if sock is None:

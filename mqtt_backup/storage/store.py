@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,9 @@ class Store:
         self.partitions: dict[str, Partition] = {}
         self.created_dir = False
         self.created_layout = False
+        # Called between the units of a long operation (a device moved, a partition copied), so
+        # a running bridge can answer keepalives meanwhile.
+        self.on_progress: Callable[[], None] = _nothing
 
     @classmethod
     def open(
@@ -249,6 +252,10 @@ def _create_partition_dir(name: str, path: Path, mark: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     making.rename(path)
     fsync_dir(path.parent)
+
+
+def _nothing() -> None:
+    return None
 
 
 # Stands for "no manifest yet": Store.open then lays out a new data directory.
