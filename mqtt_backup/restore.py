@@ -379,11 +379,22 @@ def replay_props(stored: StoredMessage) -> OutProps:
 
 
 class Pacer:
-    """Holds a replay to `rate` messages per second (none: as fast as the window allows)."""
+    """Holds a replay to `rate` messages per second (none: as fast as the window allows).
 
-    def __init__(self, rate: float | None) -> None:
+    Message k is due at start + k / rate: a late message does not delay the ones after it.
+    """
+
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
         self._interval = 1 / rate if rate else 0.0
-        self._start = time.monotonic()
+        self._clock = clock
+        self._sleep = sleep
+        self._start = clock()
         self._count = 0
 
     async def wait(self) -> None:
@@ -391,9 +402,9 @@ class Pacer:
         if self._interval:
             due = self._start + self._count * self._interval
             self._count += 1
-            delay = due - time.monotonic()
+            delay = due - self._clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from mqtt_backup import restore as restore_module
 from mqtt_backup.config import Settings
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
@@ -232,7 +233,11 @@ def test_cli_restore_writes_the_export_lines(broker: Broker, data_dir: Path, uni
 
 
 def test_replay_republishes_at_the_rate_and_is_not_stored_again(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bridge = _start(run_bridge, make_settings(broker, data_dir))
     device = f"{unique}-replay"
@@ -240,7 +245,18 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
     publish(broker, sent)
     wait_until(lambda: stored_count(data_dir) >= 30, 20, "stored messages")
 
-    async def scenario() -> tuple[list[aiomqtt.Message], list[Message], float]:
+    # The pacer's timing is checked on a fake clock in test_restore_unit; here: the bridge paces
+    # this replay, at the rate the request asked for.
+    pacers: list[restore_module.Pacer] = []
+    real_pacer = restore_module.Pacer
+
+    def recorded(rate: float | None) -> restore_module.Pacer:
+        pacers.append(real_pacer(rate))
+        return pacers[-1]
+
+    monkeypatch.setattr(restore_module, "Pacer", recorded)
+
+    async def scenario() -> tuple[list[aiomqtt.Message], list[Message]]:
         arrived: list[aiomqtt.Message] = []
         async with device_client(broker) as watcher:
             await watcher.subscribe(f"devices/{device}/#", qos=1)
@@ -252,20 +268,18 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
                     arrived.append(message)
 
             collector = asyncio.create_task(collect())
-            started = time.monotonic()
             answers = await _ask(broker, device, {"mode": "replay", "rate": 100})
-            elapsed = time.monotonic() - started
             await asyncio.sleep(0.3)
             collector.cancel()
-        return arrived, answers, elapsed
+        return arrived, answers
 
-    arrived, answers, elapsed = asyncio.run(scenario())
+    arrived, answers = asyncio.run(scenario())
     assert answers == [{"done": True, "device": device, "count": 30, "complete": True}]
     assert [m.payload for m in arrived] == [m.payload for m in sent]
     assert all(m.retain is False for m in arrived), "replays never overwrite retained values"
     users = [dict(getattr(m.properties, "UserProperty", [])) for m in arrived]
     assert all(u.get("mqtt-backup-replay") == "1" and "mqtt-backup-ts" in u for u in users)
-    assert elapsed >= 29 / 100 * 0.9, "paced: 30 messages at 100/s take about 0.3 s"
+    assert [p.rate for p in pacers] == [100]
     time.sleep(0.5)  # give ingest every chance to (wrongly) store the replays
     assert stored_count(data_dir) == 30
     assert bridge.bridge.pipeline.counters.skipped >= 30

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mqtt_backup import restore as restore_module
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
 from mqtt_backup.records import Properties, Record
@@ -907,17 +908,52 @@ def test_replay_with_filter_limit_and_desc(reader: StoreReader) -> None:
     assert done["count"] == 1
 
 
-def test_replay_rate_is_held(reader: StoreReader) -> None:
-    start = time.monotonic()
+class FakeClock:
+    """A clock that only moves when something sleeps: pacing checked without wall time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.now += delay
+
+
+@pytest.fixture
+def paced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float | None, FakeClock]]:
+    """Every Pacer the service builds runs on a FakeClock; returns (rate, clock) per pacer."""
+    built: list[tuple[float | None, FakeClock]] = []
+
+    def fake_pacer(rate: float | None) -> Pacer:
+        clock = FakeClock()
+        built.append((rate, clock))
+        return Pacer(rate, clock, clock.sleep)
+
+    monkeypatch.setattr(restore_module, "Pacer", fake_pacer)
+    return built
+
+
+def test_replay_rate_is_held(
+    reader: StoreReader, paced: list[tuple[float | None, FakeClock]]
+) -> None:
     messages, _ = replayed(ask(reader, b'{"mode": "replay", "rate": 100}'))
     assert len(messages) == 5
-    assert time.monotonic() - start >= 0.035  # 4 intervals of 10 ms
+    [(rate, clock)] = paced
+    assert rate == 100
+    assert clock.sleeps == pytest.approx([0.01] * 4)  # message k waits for start + k/100
 
 
-def test_rate_does_not_slow_a_response(reader: StoreReader) -> None:
-    start = time.monotonic()
+def test_rate_does_not_slow_a_response(
+    reader: StoreReader, paced: list[tuple[float | None, FakeClock]]
+) -> None:
     assert len(stream(reader, {"rate": 1})) == 5
-    assert time.monotonic() - start < 3.5  # paced, it would take 4 s
+    [(rate, clock)] = paced
+    assert rate is None, "rate applies to replays only"
+    assert clock.sleeps == []
 
 
 @pytest.mark.parametrize("fields", [{"mode": "replay"}, {"format": "raw"}])
@@ -1275,25 +1311,42 @@ def test_window_cancel_abandons_what_is_in_flight() -> None:
 
 
 def test_pacer_holds_the_rate() -> None:
-    async def run() -> float:
-        pacer = Pacer(200)
-        start = time.monotonic()
+    clock = FakeClock()
+
+    async def run() -> None:
+        pacer = Pacer(200, clock, clock.sleep)
         for _ in range(20):
             await pacer.wait()
-        return time.monotonic() - start
 
-    assert asyncio.run(run()) >= 0.09  # 19 intervals of 5 ms
+    asyncio.run(run())
+    assert clock.sleeps == pytest.approx([0.005] * 19)
+    assert clock.now == pytest.approx(19 / 200)
+
+
+def test_pacer_catches_up_after_a_late_message() -> None:
+    clock = FakeClock()
+
+    async def run() -> None:
+        pacer = Pacer(10, clock, clock.sleep)
+        await pacer.wait()  # message 0, due now
+        clock.now += 0.35  # the publish of message 0 was slow
+        for _ in range(4):  # messages 1-3 are overdue, message 4 is due at 0.4
+            await pacer.wait()
+
+    asyncio.run(run())
+    assert clock.sleeps == pytest.approx([0.05])
 
 
 def test_pacer_without_rate_does_not_wait() -> None:
-    async def run() -> float:
-        pacer = Pacer(None)
-        start = time.monotonic()
-        for _ in range(10_000):
-            await pacer.wait()
-        return time.monotonic() - start
+    clock = FakeClock()
 
-    assert asyncio.run(run()) < 1.0
+    async def run() -> None:
+        pacer = Pacer(None, clock, clock.sleep)
+        for _ in range(1000):
+            await pacer.wait()
+
+    asyncio.run(run())
+    assert clock.sleeps == []
 
 
 # ---- 5. DroppedWatcher --------------------------------------------------------------------------
