@@ -212,13 +212,8 @@ def test_bridge_reconnects_after_a_broker_restart(
     assert GapLog(data_dir).all() == [], "broker persistence kept the session"
 
 
-def test_storage_failure_withholds_acks_and_recovers_by_itself(
-    broker: Broker,
-    data_dir: Path,
-    unique: str,
-    run_bridge: RunBridge,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Make every partition write fail until the returned switch's "on" is set to False."""
     failing = {"on": True}
     real_commit = Partition._commit
 
@@ -227,9 +222,20 @@ def test_storage_failure_withholds_acks_and_recovers_by_itself(
             raise StorageUnavailable("IO error: No space left on device (injected)")
         real_commit(self, batch)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(Partition, "_commit", flaky_commit)
+    return failing
+
+
+def test_storage_failure_withholds_acks_and_recovers_by_itself(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     settings = make_settings(broker, data_dir)
     run_bridge(settings).stop()  # create the store and the session without faults
-    monkeypatch.setattr(Partition, "_commit", flaky_commit)
+    failing = disk_full(monkeypatch)
     bridge = run_bridge(settings)
     sent = [Sent(f"devices/{unique}-{i % 3}/t", f"m{i}".encode()) for i in range(120)]
     publish(broker, sent)
@@ -310,17 +316,9 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    failing = {"on": True}
-    real_commit = Partition._commit
-
-    def flaky_commit(self: Partition, batch: object) -> None:
-        if failing["on"]:
-            raise StorageUnavailable("IO error: No space left on device (injected)")
-        real_commit(self, batch)  # type: ignore[arg-type]
-
     settings = make_settings(broker, data_dir, keepalive=5)
     run_bridge(settings).stop()
-    monkeypatch.setattr(Partition, "_commit", flaky_commit)
+    failing = disk_full(monkeypatch)
     bridge = run_bridge(settings)
     disconnects: list[str] = []
     real_disconnected = bridge.bridge.disconnected
