@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_backup.config import Settings
-from mqtt_backup.errors import DataDirLocked, StorageUnavailable
+from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.mqtt import PahoIngest
 from mqtt_backup.storage import StoreReader
 from mqtt_backup.storage.journal import GapLog
-from mqtt_backup.storage.partition import Partition
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -28,9 +26,10 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+from tests.faulty import Faults
 from tools import devbroker
 
-RunBridge = Callable[[Settings], BridgeThread]
+RunBridge = Callable[..., BridgeThread]
 TEMPLATES = ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
 
 
@@ -212,40 +211,25 @@ def test_bridge_reconnects_after_a_broker_restart(
     assert GapLog(data_dir).all() == [], "broker persistence kept the session"
 
 
-def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
-    """Make every partition write fail until the returned switch's "on" is set to False."""
-    failing = {"on": True}
-    real_commit = Partition._commit
-
-    def flaky_commit(self: Partition, batch: object) -> None:
-        if failing["on"]:
-            raise StorageUnavailable("IO error: No space left on device (injected)")
-        real_commit(self, batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Partition, "_commit", flaky_commit)
-    return failing
-
-
 def test_storage_failure_withholds_acks_and_recovers_by_itself(
     broker: Broker,
     data_dir: Path,
     unique: str,
     run_bridge: RunBridge,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings(broker, data_dir)
     run_bridge(settings).stop()  # create the store and the session without faults
-    failing = disk_full(monkeypatch)
-    bridge = run_bridge(settings)
+    faults = Faults(failing=True)  # one disk, full for both bridges below
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
     sent = [Sent(f"devices/{unique}-{i % 3}/t", f"m{i}".encode()) for i in range(120)]
     publish(broker, sent)
     wait_until(lambda: bridge.bridge.pipeline.pending > 0, 20, "the bridge to hold messages")
     assert stored_count(data_dir) == 0
     # Stopping while storage fails must not acknowledge: a new bridge gets everything again.
     bridge.stop()
-    restarted = run_bridge(settings)
+    restarted = run_bridge(settings, wrap_store=faults.wrap)
     wait_until(lambda: restarted.bridge.pipeline.pending > 0, 20, "redelivered messages")
-    failing["on"] = False  # the disk has room again: the bridge resumes by itself
+    faults.failing = False  # the disk has room again: the bridge resumes by itself
     wait_until(lambda: stored_count(data_dir) >= 120, 40, "all messages after recovery")
     restarted.stop()
     stored = read_all(data_dir)
@@ -318,8 +302,8 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
 ) -> None:
     settings = make_settings(broker, data_dir, keepalive=5)
     run_bridge(settings).stop()
-    failing = disk_full(monkeypatch)
-    bridge = run_bridge(settings)
+    faults = Faults(failing=True)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
     disconnects: list[str] = []
     real_disconnected = bridge.bridge.disconnected
     monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
@@ -330,7 +314,7 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     receive_maximum = max(settings.batch_max, 100)
     assert bridge.bridge.pipeline.pending <= receive_maximum, "the broker's window bounds it"
     monkeypatch.setattr(bridge.bridge, "disconnected", real_disconnected)
-    failing["on"] = False
+    faults.failing = False
     wait_until(lambda: stored_count(data_dir) >= 300, 40, "every message after recovery")
     bridge.stop()
     stored = read_all(data_dir)[unique]
