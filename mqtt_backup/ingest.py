@@ -182,26 +182,21 @@ class CommitPipeline:
             c.duplicates += item.record.dup
 
     def can_hold(self) -> bool:
-        """Room to hold more while storage fails (QoS 0 has no broker window to bound it)."""
+        """Room to hold more while storage fails.
+
+        The broker's window bounds the QoS 1 messages of one connection, but neither QoS 0 nor
+        the copies held from earlier connections (kept, never dropped: see `new_connection`).
+        """
         return self._size < HOLD_BATCHES * self.batch_max
 
     def new_connection(self) -> None:
-        """A new broker connection starts: what arrives from now on belongs to it."""
-        self._connection += 1
+        """A new broker connection starts: what arrives from now on belongs to it.
 
-    def drop_redeliverable(self) -> None:
-        """Forget QoS 1 messages held from earlier connections: the resumed session resends them."""
-        for partition in list(self._groups):
-            kept = [
-                item
-                for item in self._groups[partition]
-                if item.record.qos == 0 or item.connection == self._connection
-            ]
-            self._size -= len(self._groups[partition]) - len(kept)
-            if kept:
-                self._groups[partition] = kept
-            else:
-                del self._groups[partition]
+        What is held from earlier connections stays and is stored as it was received: the broker
+        resends an unacknowledged QoS 1 message (DUP set, stored as a flagged copy) only if its
+        message expiry has not passed meanwhile, so the held copy may be the only one.
+        """
+        self._connection += 1
 
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""

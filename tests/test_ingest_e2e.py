@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.mqtt import PahoIngest
@@ -20,6 +23,7 @@ from tests.conftest import (
     BridgeThread,
     Broker,
     Sent,
+    device_client,
     make_settings,
     publish,
     read_all,
@@ -320,3 +324,54 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     stored = read_all(data_dir)[unique]
     assert sorted(m.record.payload for m in stored) == sorted(m.payload for m in sent)
     assert not any(m.record.dup for m in stored), "no copies were multiplied"
+
+
+def _publish_expiring(broker: Broker, messages: list[Sent], expiry_s: int | None) -> None:
+    """Publish at QoS 1 with an MQTT 5 Message Expiry Interval (None: the message never expires)."""
+
+    async def run() -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
+        async with device_client(broker) as client:
+            for msg in messages:
+                await client.publish(msg.topic, msg.payload, qos=1, properties=props)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("expiry_s", [2, None], ids=["expired-meanwhile", "redelivered"])
+def test_held_messages_survive_a_broker_restart_during_a_stall(
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, expiry_s: int | None
+) -> None:
+    """The broker does not resend what expired while it was away: the held copies are all there is.
+
+    Without expiry it does resend them (DUP set): both copies are stored, the resent one flagged.
+    """
+    settings = make_settings(own_broker, data_dir)
+    run_bridge(settings).stop()  # the session and its subscription, without faults
+    faults = Faults(failing=True)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
+    sent = [Sent(f"devices/{unique}-{i % 3}/t", b"h%d" % i) for i in range(60)]
+    _publish_expiring(own_broker, sent, expiry_s)
+    published = time.monotonic()
+    pipeline = bridge.bridge.pipeline
+    wait_until(lambda: pipeline.pending == len(sent), 20, "the bridge to hold every message")
+    own_broker.stop()
+    wait_until(lambda: not bridge.bridge._transport.connected, 20, "the bridge to see it")
+    # Mosquitto counts expiry in whole seconds: let every message expire while the broker is down.
+    time.sleep(max(0.0, published + (expiry_s or 0) + 1.2 - time.monotonic()))
+    own_broker.start()
+    wait_until(lambda: bridge.bridge._transport.connected, 30, "the bridge to reconnect")
+    # Held copies stay, and the broker's resent ones (if any) are one more window at most.
+    assert len(sent) <= pipeline.pending <= 2 * len(sent)
+    faults.failing = False
+    wait_until(lambda: pipeline.pending == 0, 40, "the held messages to be stored")
+    bridge.stop()
+    stored = read_all(data_dir)
+    payloads = Counter(m.record.payload for ms in stored.values() for m in ms)
+    assert set(payloads) == {m.payload for m in sent}, "lost messages"
+    first = [m.record.payload for ms in stored.values() for m in ms if not m.record.dup]
+    assert sorted(first) == sorted(m.payload for m in sent), "one unflagged copy each"
+    if expiry_s is None:
+        assert all(count == 2 for count in payloads.values()), "the broker resent every one"
