@@ -47,6 +47,7 @@ class _Clock:
     rate_at: float = 0.0
     rate_stored: int = 0
     retention_at: float = -RETENTION_EVERY_S  # first pass right after start
+    state_failing: bool = False
 
 
 class Bridge:
@@ -304,7 +305,14 @@ class Bridge:
         try:
             self._state.save(self.settings.data)
         except StorageError as exc:
-            log.warning("could not save the bridge state: %s", exc.detail)
+            # Once per failure episode: during a long storage stall this runs every few seconds.
+            if not self._clock.state_failing:
+                log.warning("could not save the bridge state (retrying): %s", exc.detail)
+            self._clock.state_failing = True
+            return
+        if self._clock.state_failing:
+            self._clock.state_failing = False
+            log.warning("the bridge state is saved again")
 
     def _record_gap(self, gap: Gap) -> None:
         try:

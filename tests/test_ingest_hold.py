@@ -5,20 +5,24 @@ A real store in a temp dir behind `tests/faulty.py`, and a real broker for the t
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from mqtt_backup import bridge as bridge_module
+from mqtt_backup.bridge import Bridge
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import StorageUnavailable
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import PahoIngest, Session
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Store
+from mqtt_backup.storage.journal import BridgeState
 from mqtt_backup.topics import Router, parse_template
-from tests.conftest import Broker, read_all, wait_until
+from tests.conftest import Broker, make_settings, read_all, wait_until
 from tests.faulty import Faults
 
 
@@ -116,3 +120,30 @@ def test_a_full_hold_waits_for_storage_before_taking_a_new_connection(
         runner.join(20)
     assert not runner.is_alive()
     assert len(read_all(data_dir)[unique]) == held, "every held message stored"
+
+
+def test_a_failing_state_file_is_reported_once_per_episode(
+    broker: Broker,
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bridge_module, "STATE_EVERY_S", 0.0)  # save at every tick
+    bridge = Bridge(make_settings(broker, data_dir))
+    blocker = data_dir / "state.json.tmp"  # a directory where the temp file goes: writes fail
+    try:
+        with caplog.at_level(logging.INFO, logger="mqtt_backup.bridge"):
+            for _episode in range(2):
+                blocker.mkdir()
+                for _ in range(5):
+                    bridge.tick()
+                blocker.rmdir()
+                bridge.tick()
+                bridge.tick()
+                assert BridgeState.load(data_dir).last_alive_ns > 0, "saved again"
+    finally:
+        bridge.store.close()
+    said = [r.getMessage() for r in caplog.records if "bridge state" in r.getMessage()]
+    assert len(said) == 4, said
+    assert all(m.startswith("could not save the bridge state") for m in said[0::2]), said
+    assert said[1::2] == ["the bridge state is saved again"] * 2
