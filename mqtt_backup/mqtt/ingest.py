@@ -451,7 +451,8 @@ class PahoIngest:
                 sink.commit()
             except StorageUnavailable as exc:
                 log.error(
-                    "could not store %d pending messages at shutdown (the broker keeps them): %s",
+                    "could not store %d pending messages at shutdown (not acknowledged: the "
+                    "broker resends those that have not expired): %s",
                     sink.pending,
                     exc.detail,
                 )
