@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tools import devbroker
 
@@ -164,7 +165,7 @@ class Bridge:
             self.proc.send_signal(signum)
 
     def kill(self) -> None:
-        """kill -9."""
+        """Kill the bridge with SIGKILL."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
@@ -228,8 +229,9 @@ class Publisher:
     def __init__(self, target: Target, port: int, name: str) -> None:
         self.ledger = Ledger()
         self._pending: dict[int, tuple[str, str]] = {}
+        self._early: set[int] = set()
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311
+            CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311
         )
         if not target.anonymous:
             self.client.username_pw_set("publisher")
@@ -248,15 +250,22 @@ class Publisher:
     ) -> None:
         with self.ledger.lock:
             message = self._pending.pop(mid, None)
-            if message is not None:
+            if message is None:
+                self._early.add(mid)  # PUBACK before publish() returned its mid
+            else:
                 self.ledger.acked.add(message)
 
     def publish(self, topic: str, payload: str, *, retain: bool = False) -> None:
         """Publish one QoS 1 message; it enters the ledger when the broker acknowledges it."""
+        # Not under the ledger lock: paho calls on_publish holding its own lock (deadlock).
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         with self.ledger.lock:
-            info = self.client.publish(topic, payload, qos=1, retain=retain)
-            self._pending[info.mid] = (topic, payload)
             self.ledger.sent += 1
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                self.ledger.acked.add((topic, payload))
+            else:
+                self._pending[info.mid] = (topic, payload)
 
     def numbered(self, first: int, count: int, rate: float = 0) -> None:
         """Messages first..first+count-1 over DEVICES devices; `rate` msg/s (0: flat out)."""
@@ -469,7 +478,7 @@ def backlog_live(run: Run, n: int) -> None:
 
 
 def kill9(run: Run, n: int, kills: int = 3) -> None:
-    """kill -9 of the bridge `kills` times during a paced, ledgered publish; restart each time."""
+    """Kill -9 the bridge `kills` times during a paced, ledgered publish; restart each time."""
     ready(run)
     sender = threading.Thread(target=run.publisher.numbered, args=(0, n, n / 6))
     sender.start()
@@ -495,7 +504,7 @@ def stall(run: Run, n: int, seconds: float = 8) -> None:
 
 
 def broker_restart(run: Run, n: int) -> None:
-    """N messages queue while the bridge is away; the broker restarts (SIGTERM) before it returns."""
+    """N messages queue while the bridge is away; the broker restarts (SIGTERM) meanwhile."""
     ready(run)
     run.bridge.stop()
     run.publisher.numbered(0, n)
@@ -522,7 +531,7 @@ SCENARIOS: dict[str, Callable[[Run, int], None]] = {
 
 
 def install() -> None:
-    """aedes from npm into .run/brokers/aedes, amqtt from PyPI into its own venv (idempotent)."""
+    """Install aedes (npm) and amqtt (its own venv) under .run/brokers; idempotent."""
     RUN.mkdir(parents=True, exist_ok=True)
     if not (AEDES_DIR / "node_modules" / "aedes" / "package.json").exists():
         AEDES_DIR.mkdir(parents=True, exist_ok=True)
@@ -595,7 +604,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brokers", default=",".join(TARGETS), help="comma-separated")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
-    parser.add_argument("-n", type=int, default=2000, help="numbered messages per scenario")
+    parser.add_argument("-n", type=int, default=1000, help="numbered messages per scenario")
     parser.add_argument("--json", type=Path, default=RUN / "results.json")
     args = parser.parse_args()
     targets = [TARGETS[name] for name in args.brokers.split(",")]
@@ -603,6 +612,8 @@ def main() -> int:
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]}; choose from {', '.join(SCENARIOS)}")
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so brokers and bridges are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     install()
     info = versions()
     print(" · ".join(f"{k} {v}" for k, v in info.items()), flush=True)
