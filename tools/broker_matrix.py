@@ -312,6 +312,7 @@ class Result:
     lost: int = 0
     copies_flagged: int = 0
     copies_unflagged: int = 0
+    dup_flagged: int = 0
     inversions: int = 0
     false_retain: int = 0
     retained_probe: str = "-"
@@ -392,6 +393,7 @@ def compare(run: Run, records: list[dict[str, object]]) -> None:
     seen: dict[tuple[str, str], int] = {}
     last: dict[str, int] = {}
     for rec in numbered:
+        res.dup_flagged += bool(rec.get("dup"))
         key = (str(rec["topic"]), str(rec["payload"]))
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > 1:
@@ -490,6 +492,24 @@ def kill9(run: Run, n: int, kills: int = 3) -> None:
     compare(run, drain(run))
 
 
+def frozen_kill9(run: Run, n: int) -> None:
+    """The bridge stops reading (SIGSTOP) with messages in flight, then is killed and restarted.
+
+    Everything the broker sent meanwhile is unacknowledged and unstored: the broker must send it
+    again, with the DUP flag, on the new connection.
+    """
+    ready(run)
+    sender = threading.Thread(target=run.publisher.numbered, args=(0, n, n / 4))
+    sender.start()
+    time.sleep(1)
+    run.bridge.signal(signal.SIGSTOP)
+    time.sleep(2)
+    run.bridge.kill()
+    run.bridge.start()
+    sender.join()
+    compare(run, drain(run))
+
+
 def stall(run: Run, n: int, seconds: float = 8) -> None:
     """The bridge stops acknowledging for `seconds` (SIGSTOP) during a paced publish."""
     ready(run)
@@ -512,7 +532,9 @@ def broker_restart(run: Run, n: int) -> None:
     run.publisher.close()
     run.broker.stop()
     run.broker.start()
+    ledger = run.publisher.ledger
     run.publisher = Publisher(run.target, run.broker.port, f"matrix-pub2-{os.getpid()}")
+    run.publisher.ledger.acked |= ledger.acked
     ready(run)
     compare(run, drain(run))
 
@@ -522,6 +544,7 @@ SCENARIOS: dict[str, Callable[[Run, int], None]] = {
     "offline": offline,
     "backlog+live": backlog_live,
     "kill-9": kill9,
+    "frozen+kill-9": frozen_kill9,
     "stall-8s": stall,
     "broker-restart": broker_restart,
 }
@@ -571,6 +594,7 @@ COLUMNS = [
     ("lost", "lost"),
     ("copies dup", "copies_flagged"),
     ("copies no-dup", "copies_unflagged"),
+    ("records dup=true", "dup_flagged"),
     ("order inversions", "inversions"),
     ("retain on non-retained", "false_retain"),
     ("retained probe", "retained_probe"),
