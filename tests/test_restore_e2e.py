@@ -200,10 +200,14 @@ def test_mqtt_311_requester_gets_the_default_response_topic_and_its_id(
 
 
 @pytest.mark.usefixtures("stored_fleet")
-def test_cli_restore_writes_the_export_lines(broker: Broker, data_dir: Path, unique: str) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_cli_restore_writes_the_export_lines(
+    broker: Broker, data_dir: Path, unique: str, protocol: str
+) -> None:
     device = f"{unique}-2"
+    cli = [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url]
     restored = subprocess.run(
-        [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url],
+        [*cli, "--protocol", protocol],
         capture_output=True,
         cwd=REPO,
         timeout=120,
