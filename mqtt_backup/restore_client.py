@@ -76,10 +76,7 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
         try:
             terminal = await _read_answer(conn, own, question.timeout, on_message)
         except TimeoutError:
-            raise NoAnswer(
-                f"nothing on {own.topic} for {question.timeout:g} s",
-                "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
-            ) from None
+            raise own.silence(question.timeout) from None
     own.check_complete(terminal)
     return terminal
 
@@ -154,9 +151,36 @@ class _Own:
         sent = terminal.get("count")
         if "done" not in terminal or not isinstance(sent, int) or sent <= self.received:
             return
-        holes = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.missing[:5])
         raise LostOnTheWay(
-            f"{sent - self.received} of {sent} messages did not arrive"
-            + (f" (seq {holes}{', ...' if len(self.missing) > 5 else ''})" if holes else ""),
-            "raise the broker's max_queued_messages for this client, then restore again",
+            f"{sent - self.received} of {sent} messages did not arrive{self._holes()}", _QUEUE_HINT
         )
+
+    def silence(self, timeout: float) -> BrokerError | LostOnTheWay:
+        """The error for an answer that stopped (or never started) before its terminal."""
+        if self.missing:
+            # A broker drops the terminal as readily as any message once its queue is full.
+            return LostOnTheWay(
+                f"{self.received} messages arrived{self._holes()}, then nothing for {timeout:g} s",
+                _QUEUE_HINT,
+            )
+        if self.received:
+            return NoAnswer(
+                f"the answer stopped after {self.received} messages: nothing for {timeout:g} s",
+                "look at the bridge's log, or raise --timeout",
+            )
+        return NoAnswer(
+            f"nothing on {self.topic} for {timeout:g} s",
+            "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
+        )
+
+    def _holes(self) -> str:
+        if not self.missing:
+            return ""
+        shown = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.missing[:5])
+        return f" (missing seq {shown}{', ...' if len(self.missing) > 5 else ''})"
+
+
+_QUEUE_HINT = (
+    "the broker dropped them (its queue for this client was full): raise its"
+    " max_queued_messages, or write to a faster output, and restore again"
+)
