@@ -11,6 +11,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -422,8 +423,8 @@ def restore(
         fields["mode"] = "replay"
         fields["retain"] = retain
         if rate is not None:
-            if not rate > 0:
-                raise UsageError("--rate must be > 0")
+            if not 0 < rate < math.inf:  # also refuses nan, which JSON cannot carry
+                raise UsageError(f"--rate must be a finite number > 0, not {rate:g}")
             fields["rate"] = rate
     if not timeout > 0:
         raise UsageError("--timeout must be > 0")

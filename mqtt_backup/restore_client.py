@@ -2,6 +2,9 @@
 
 It subscribes to its response topic first, then publishes the request with a fresh id (and, on
 MQTT 5, a response topic and correlation data of its own), and reads until the terminal message.
+It acknowledges a message only once it is written, so the broker, not this process, holds what a
+slow output has not taken yet; and it checks `seq` and the terminal's count, so a message lost on
+the way (a broker queue limit) makes the restore fail instead of leaving a silent hole.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqtt_backup.config import BrokerAddress
-from mqtt_backup.errors import BrokerError, UsageError
-from mqtt_backup.mqtt import AsyncConnection, Inbound, OutProps, TlsFiles
+from mqtt_backup.errors import BackupError, BrokerError, UsageError
+from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles
 
 
 class NoAnswer(BrokerError):
     """no bridge answered: {detail}"""
+
+
+class LostOnTheWay(BackupError):
+    """the restore is incomplete, messages were lost between the bridge and here: {detail}"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,47 +54,133 @@ def check_device(device: str) -> None:
 async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Send the request; call `on_message` per stored message; return the terminal message.
 
-    NoAnswer when nothing arrives for `timeout` seconds; BrokerError when the broker fails.
+    A message is acknowledged only after `on_message` returned, so a slow consumer holds the
+    broker back (within our Receive Maximum) instead of a queue here overflowing.
+    NoAnswer when nothing arrives for `timeout` seconds; BrokerError when the broker fails;
+    LostOnTheWay when the answer ended with messages missing.
     """
     check_device(question.device)
     request_id = uuid.uuid4().hex
     request_topic = f"{question.namespace}/restore/{question.device}"
-    async with AsyncConnection(
+    async with CodecConnection(
         question.address, protocol=question.protocol, tls_files=question.tls_files
     ) as conn:
         # MQTT 5: a topic of our own. The default <request>/response is heard too (filtered by
         # id): a bridge on MQTT 3.1.1 cannot see our response topic and answers there.
         default_topic = f"{request_topic}/response"
-        reply_topic = f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic
-        await conn.subscribe(list(dict.fromkeys((reply_topic, default_topic))), qos=1)
+        own = _Own(f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic, request_id)
+        await conn.subscribe(list(dict.fromkeys((own.topic, default_topic))), qos=1)
         payload = json.dumps({**question.fields, "id": request_id}).encode("utf-8")
-        props = OutProps(response_topic=reply_topic, correlation_data=request_id.encode("ascii"))
+        props = OutProps(response_topic=own.topic, correlation_data=own.correlation)
         await conn.publish(request_topic, payload, qos=1, props=props)
-        loop = asyncio.get_running_loop()
         try:
-            # One deadline, pushed back on every message (cheaper than a wait_for per message).
-            async with asyncio.timeout(question.timeout) as deadline:
-                async for message in conn.messages():
-                    deadline.reschedule(loop.time() + question.timeout)
-                    body = _ours(message, request_id)
-                    if body is None:
-                        continue
-                    if "done" in body or "error" in body:
-                        return body
-                    on_message(body)
+            terminal = await _read_answer(conn, own, question.timeout, on_message)
         except TimeoutError:
-            raise NoAnswer(
-                f"nothing on {reply_topic} for {question.timeout:g} s",
-                "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
-            ) from None
-        raise NoAnswer(f"the connection to {question.address} closed before the answer ended")
+            raise own.silence(question.timeout) from None
+    own.check_complete(terminal)
+    return terminal
 
 
-def _ours(message: Inbound, request_id: str) -> dict[str, Any] | None:
-    try:
-        body = json.loads(message.payload)
-    except ValueError:
+async def _read_answer(
+    conn: CodecConnection,
+    own: _Own,
+    timeout: float,
+    on_message: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    # One deadline, pushed back on every batch (cheaper than a wait_for per message).
+    async with asyncio.timeout(timeout) as deadline:
+        while True:
+            batch = await conn.receive()
+            deadline.reschedule(loop.time() + timeout)
+            for done, message in enumerate(batch, 1):
+                body = own.body(message)
+                if body is None:
+                    continue
+                if "done" in body or "error" in body:
+                    conn.ack(batch[:done])
+                    return body
+                own.count(body)
+                on_message(body)
+            conn.ack(batch)  # written: now the broker may send more
+
+
+class _Own:
+    """Which incoming messages answer our request, and whether any of them went missing."""
+
+    def __init__(self, topic: str, request_id: str) -> None:
+        self.topic = topic
+        self.request_id = request_id
+        self.correlation = request_id.encode("ascii")
+        self.received = 0
+        self._next_seq: int | None = 1
+        self.missing: list[tuple[int, int]] = []
+
+    def body(self, message: Delivery) -> dict[str, Any] | None:
+        """The JSON object of a message for us; None for anything else."""
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        if body.get("id") == self.request_id:
+            return body
+        # An error about a request whose id could not be read: only our own topic and
+        # correlation data say it is ours.
+        if "id" not in body and self._addressed_to_us(message):
+            return body
         return None
-    if not isinstance(body, dict) or body.get("id") != request_id:
-        return None
-    return body
+
+    def _addressed_to_us(self, message: Delivery) -> bool:
+        return message.topic == self.topic and message.correlation_data == self.correlation
+
+    def count(self, body: dict[str, Any]) -> None:
+        """Note a stored message, and a hole in `seq` before it."""
+        self.received += 1
+        seq = body.get("seq")
+        if not isinstance(seq, int) or self._next_seq is None:
+            self._next_seq = None  # no sequence to check
+            return
+        if seq > self._next_seq:
+            self.missing.append((self._next_seq, seq - 1))
+        self._next_seq = seq + 1
+
+    def check_complete(self, terminal: dict[str, Any]) -> None:
+        """LostOnTheWay when the bridge sent more than arrived."""
+        sent = terminal.get("count")
+        if "done" not in terminal or not isinstance(sent, int) or sent <= self.received:
+            return
+        raise LostOnTheWay(
+            f"{sent - self.received} of {sent} messages did not arrive{self._holes()}", _QUEUE_HINT
+        )
+
+    def silence(self, timeout: float) -> BrokerError | LostOnTheWay:
+        """The error for an answer that stopped (or never started) before its terminal."""
+        if self.missing:
+            # A broker drops the terminal as readily as any message once its queue is full.
+            return LostOnTheWay(
+                f"{self.received} messages arrived{self._holes()}, then nothing for {timeout:g} s",
+                _QUEUE_HINT,
+            )
+        if self.received:
+            return NoAnswer(
+                f"the answer stopped after {self.received} messages: nothing for {timeout:g} s",
+                "look at the bridge's log, or raise --timeout",
+            )
+        return NoAnswer(
+            f"nothing on {self.topic} for {timeout:g} s",
+            "check that 'mqtt-backup run' is connected to this broker, or raise --timeout",
+        )
+
+    def _holes(self) -> str:
+        if not self.missing:
+            return ""
+        shown = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.missing[:5])
+        return f" (missing seq {shown}{', ...' if len(self.missing) > 5 else ''})"
+
+
+_QUEUE_HINT = (
+    "the broker dropped them (its queue for this client was full): raise its"
+    " max_queued_messages, or write to a faster output, and restore again"
+)

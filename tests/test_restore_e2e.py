@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiomqtt
 import pytest
@@ -200,10 +200,14 @@ def test_mqtt_311_requester_gets_the_default_response_topic_and_its_id(
 
 
 @pytest.mark.usefixtures("stored_fleet")
-def test_cli_restore_writes_the_export_lines(broker: Broker, data_dir: Path, unique: str) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_cli_restore_writes_the_export_lines(
+    broker: Broker, data_dir: Path, unique: str, protocol: str
+) -> None:
     device = f"{unique}-2"
+    cli = [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url]
     restored = subprocess.run(
-        [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url],
+        [*cli, "--protocol", protocol],
         capture_output=True,
         cwd=REPO,
         timeout=120,
@@ -478,3 +482,45 @@ def test_a_big_restore_does_not_stall_ingest(
     assert len(progress) >= 10
     rises = sum(1 for a, b in itertools.pairwise(progress) if b > a)
     assert rises >= len(progress) // 2, progress
+
+
+def _slow_reader(stream: IO[bytes], chunk: int, pause_s: float) -> bytes:
+    """Read a pipe the way a slow consumer does (a slow disk, `| gzip` on a busy machine)."""
+    parts = []
+    while block := stream.read(chunk):
+        parts.append(block)
+        time.sleep(pause_s)  # the slowness under test, not a wait for a condition
+    return b"".join(parts)
+
+
+@pytest.mark.slow
+def test_cli_restore_to_a_slow_consumer_is_complete_and_in_order(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    # The old client acknowledged on arrival and queued in memory; past 10,000 queued it dropped
+    # lines silently (and often the terminal). Now a line is acknowledged only once written.
+    device, total = f"{unique}-slow", 30_000
+    _fill_store(data_dir, device, total)
+    _start(run_bridge, make_settings(broker, data_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    restored = _slow_reader(proc.stdout, 4096, 0.01)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    export = [sys.executable, "-m", "mqtt_backup", "export", "--data", str(data_dir)]
+    exported = subprocess.run(
+        [*export, "--device", device],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        check=True,
+    )
+    assert restored.count(b"\n") == total
+    assert restored == exported.stdout, "every line, in stored order"
+    assert stderr.strip().splitlines() == [f"restored {total} messages of {device} (complete)"]

@@ -1,0 +1,507 @@
+"""An asyncio MQTT client on the sans-IO codec `mqtt5`, with flow control left to its user.
+
+Incoming QoS 1 messages are acknowledged only when the consumer says it is done with them
+(`ack`), all PUBACKs of a batch in one write. The broker may have at most `receive_max` of them
+unacknowledged (the MQTT 5 Receive Maximum we send in CONNECT; on 3.1.1 the broker's own inflight
+window), so a slow consumer slows the broker's sending instead of filling a queue here, and a
+message is never acknowledged and then lost in this process.
+
+One class for both protocol versions: MQTT 5 through `mqtt5`, 3.1.1 through the small codec in
+`v311`, which reads and writes the same packet objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import mqtt5
+
+from mqtt_backup.config import BrokerAddress
+from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
+from mqtt_backup.mqtt import v311
+from mqtt_backup.mqtt.aio import OutProps, TlsFiles
+from mqtt_backup.mqtt.ingest import describe
+
+DEFAULT_RECEIVE_MAX = 256
+CONNECT_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0
+_MAX_PACKET_ID = 0xFFFF
+
+Reader = Callable[[memoryview], tuple[mqtt5.Packet, int]]
+Writer = Callable[[mqtt5.Packet], bytes]
+
+
+def _write5(packet: mqtt5.Packet) -> bytes:
+    return packet.write()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An incoming PUBLISH; `ack` it once it is processed (QoS 1: `packet_id` is set)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int | None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    payload_format: int = 0
+    message_expiry: int | None = None
+
+
+def _delivery(packet: mqtt5.PublishPacket) -> Delivery:
+    return Delivery(
+        topic=packet.topic,
+        payload=packet.payload,
+        qos=int(packet.qos),
+        retain=packet.retain,
+        dup=packet.duplicate,
+        packet_id=packet.packet_id if packet.qos else None,
+        response_topic=packet.response_topic,
+        correlation_data=packet.correlation_data,
+        user=tuple(packet.user_properties),
+        content_type=packet.content_type,
+        payload_format=packet.payload_format_indicator,
+        message_expiry=packet.message_expiry_interval,
+    )
+
+
+class _Wire(asyncio.Protocol):
+    """Bytes in and out of one connection: parses packets, hands them on, keeps the inbox."""
+
+    def __init__(self, read: Reader, inbox_limit: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._read = read
+        self._buffer = bytearray()
+        self._inbox_limit = inbox_limit
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[mqtt5.ConnAckPacket] = loop.create_future()
+        self.answers: dict[int, asyncio.Future[mqtt5.Packet]] = {}
+        self.inbox: deque[Delivery] = deque()
+        self.arrived = asyncio.Event()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.failure: BrokerError | None = None
+        self.paused = False
+        self.heard_at = loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport (asyncio hands a Transport to a stream Protocol)."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """Parse every whole packet; keep the rest for the next call."""
+        if self.failure is not None:
+            return
+        self.heard_at = asyncio.get_running_loop().time()
+        self._buffer += data
+        offset = 0
+        with memoryview(self._buffer) as view:
+            while offset < len(view):
+                try:
+                    packet, size = self._read(view[offset:])
+                except IndexError:  # only part of the next packet so far
+                    break
+                except ValueError as exc:
+                    self.fail(BrokerError(f"malformed packet from the broker: {exc}"))
+                    return
+                offset += size
+                self._dispatch(packet)
+        del self._buffer[:offset]
+        if self.inbox:
+            self.arrived.set()
+            if len(self.inbox) >= self._inbox_limit and not self.paused and self.transport:
+                # Only QoS 0 can get here (the broker keeps QoS 1 within our Receive Maximum).
+                self.transport.pause_reading()
+                self.paused = True
+
+    def _dispatch(self, packet: mqtt5.Packet) -> None:
+        match packet:
+            case mqtt5.PublishPacket():
+                self.inbox.append(_delivery(packet))
+            case mqtt5.PubAckPacket() | mqtt5.SubAckPacket():
+                waiter = self.answers.pop(packet.packet_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(packet)
+            case mqtt5.ConnAckPacket():
+                if not self.connack.done():
+                    self.connack.set_result(packet)
+            case mqtt5.DisconnectPacket():
+                reason = packet.reason_str or packet.reason_code.name
+                self.fail(BrokerUnreachable(f"the broker closed the connection: {reason}"))
+            case mqtt5.PingRespPacket():
+                pass
+            case _:
+                self.fail(BrokerError(f"unexpected {type(packet).__name__} from the broker"))
+
+    def take(self, max_count: int) -> list[Delivery]:
+        """Up to `max_count` deliveries from the inbox; reading resumes when it has room."""
+        batch = [self.inbox.popleft() for _ in range(min(max_count, len(self.inbox)))]
+        if not self.inbox:
+            self.arrived.clear()
+        if self.paused and len(self.inbox) < self._inbox_limit // 2 and self.transport:
+            self.transport.resume_reading()
+            self.paused = False
+        return batch
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The first reason wins; everyone waiting learns it."""
+        detail = f"connection lost: {describe(exc)}" if exc else "the broker closed the connection"
+        self.fail(BrokerUnreachable(detail))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def fail(self, error: BrokerError) -> None:
+        """End the connection with `error`: waiters raise it, the transport closes."""
+        if self.failure is None:
+            self.failure = error
+        waiters: list[asyncio.Future[Any]] = [self.connack, *self.answers.values()]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(self.failure)
+                waiter.exception()  # retrieved: nobody may be waiting for it any more
+        self.answers.clear()
+        self.arrived.set()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class CodecConnection:
+    """`async with CodecConnection(address, ...) as conn:` one MQTT client on the running loop.
+
+    BrokerUnreachable when the broker cannot be reached or the connection drops, BrokerRefused
+    when it says no (CONNACK, SUBACK or PUBACK reason codes), each with a hint.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        client_id: str | None = None,
+        *,
+        protocol: str = "5",
+        tls_files: TlsFiles | None = None,
+        keepalive: int = 30,
+        receive_max: int = DEFAULT_RECEIVE_MAX,
+        session_expiry: int | None = None,
+    ) -> None:
+        """`session_expiry` (s): resume and keep a broker session; None: a fresh one."""
+        if not 0 < receive_max <= _MAX_PACKET_ID:
+            raise ValueError("receive_max must be 1..65535")
+        self.address = address
+        self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
+        self.mqtt5 = protocol == "5"
+        self.tls_files = tls_files or TlsFiles()
+        self.keepalive = keepalive
+        self.receive_max = receive_max
+        self.session_expiry = session_expiry
+        self.session_present = False
+        self._read: Reader = mqtt5.read if self.mqtt5 else v311.read
+        self._write: Writer = _write5 if self.mqtt5 else v311.write
+        self._wire: _Wire | None = None
+        self._send_slots = asyncio.Semaphore(1)
+        self._next_id = 0
+        self._pinger: asyncio.Task[None] | None = None
+
+    # ---- connecting ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Connect and wait for a positive CONNACK."""
+        loop = asyncio.get_running_loop()
+        limit = 2 * self.receive_max
+        try:
+            _, wire = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Wire(self._read, limit),
+                    self.address.host,
+                    self.address.port,
+                    ssl=self._ssl_context(),
+                    server_hostname=self.address.host if self.address.tls else None,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except TimeoutError:
+            raise BrokerUnreachable(
+                f"{self.address}: no connection within {CONNECT_TIMEOUT_S:g} s",
+                "check --broker and that the broker runs",
+            ) from None
+        except OSError as exc:  # ssl.SSLError (e.g. certificate verify failed) included
+            tls = isinstance(exc, ssl.SSLError)
+            hint = "check --ca" if tls else "check --broker and that the broker runs"
+            raise BrokerUnreachable(f"{self.address}: {describe(exc)}", hint) from exc
+        self._wire = wire
+        try:
+            await self._handshake(wire)
+        except BaseException:
+            self._abort()
+            raise
+        if self.keepalive > 0:
+            self._pinger = asyncio.create_task(self._keep_alive(wire), name="mqtt.keep_alive")
+        return self
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.address.tls:
+            return None
+        files = self.tls_files
+        try:
+            context = ssl.create_default_context(cafile=files.ca)
+            if files.cert is not None:
+                context.load_cert_chain(files.cert, files.key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
+        return context
+
+    async def _handshake(self, wire: _Wire) -> None:
+        password = self.address.password
+        self._send(
+            mqtt5.ConnectPacket(
+                self.client_id,
+                username=self.address.username,
+                password=password.encode("utf-8") if password is not None else None,
+                clean_start=self.session_expiry is None,
+                keep_alive=self.keepalive,
+                session_expiry_interval=self.session_expiry or 0,
+                receive_max=self.receive_max,
+            )
+        )
+        try:
+            connack = await asyncio.wait_for(wire.connack, CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnreachable(f"no CONNACK from {self.address} in time") from None
+        except BrokerError as exc:
+            raise _not_mqtt(self.address, self.mqtt5, exc) from exc
+        if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            raise _refused(self.address, connack)
+        self.session_present = connack.session_present
+        # The broker's Receive Maximum bounds our QoS 1 publishes awaiting their PUBACK.
+        self._send_slots = asyncio.Semaphore(connack.receive_max if self.mqtt5 else 65535)
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def _live(self) -> _Wire:
+        wire = self._wire
+        if wire is None:
+            raise BrokerUnreachable(f"{self.address}: not connected")
+        if wire.failure is not None:
+            raise wire.failure
+        return wire
+
+    def _send(self, *packets: mqtt5.Packet) -> None:
+        wire = self._live()
+        assert wire.transport is not None
+        wire.transport.write(b"".join(self._write(p) for p in packets))
+
+    def _packet_id(self, wire: _Wire) -> int:
+        for _ in range(_MAX_PACKET_ID):
+            self._next_id = self._next_id % _MAX_PACKET_ID + 1
+            if self._next_id not in wire.answers:
+                return self._next_id
+        raise BrokerError("no free packet id")  # cannot happen within the Receive Maximum
+
+    async def _request(self, packet_for: Callable[[int], mqtt5.Packet]) -> mqtt5.Packet:
+        wire = self._live()
+        packet_id = self._packet_id(wire)
+        waiter: asyncio.Future[mqtt5.Packet] = asyncio.get_running_loop().create_future()
+        wire.answers[packet_id] = waiter
+        self._send(packet_for(packet_id))
+        return await waiter
+
+    async def subscribe(
+        self,
+        filters: Sequence[str],
+        qos: int = 1,
+        *,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 1,
+    ) -> None:
+        """Subscribe; BrokerRefused naming the filters the broker refused.
+
+        MQTT 5 options: retain handling 1 (default) sends retained messages only for a new
+        subscription. No-local must stay off on `$share/...` filters (MQTT-3.8.3-4).
+        """
+        options = [
+            mqtt5.TopicFilter(
+                f,
+                max_qos=mqtt5.QoS(qos),
+                no_local=no_local,
+                retain_as_published=retain_as_published,
+                retain_handling=mqtt5.RetainHandling(retain_handling),
+            )
+            for f in filters
+        ]
+        suback = await self._request(lambda pid: mqtt5.SubscribePacket(pid, options))
+        assert isinstance(suback, mqtt5.SubAckPacket)
+        refused = [
+            f"{f} ({code.name})"
+            for f, code in zip(filters, suback.reason_codes, strict=False)
+            if int(code) >= 128
+        ]
+        if refused or len(suback.reason_codes) != len(filters):
+            raise BrokerRefused(
+                f"subscription to {', '.join(refused or filters)} refused",
+                "check the broker's ACL for this user",
+            )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        props: OutProps | None = None,
+    ) -> None:
+        """Publish; at QoS 1 wait for the PUBACK (BrokerRefused on a failure reason code)."""
+
+        def packet(packet_id: int | None) -> mqtt5.PublishPacket:
+            return self._publish_packet(topic, payload, qos, retain, props, packet_id)
+
+        if qos == 0:
+            self._send(packet(None))
+            return
+        async with self._send_slots:
+            puback = await self._request(packet)
+        assert isinstance(puback, mqtt5.PubAckPacket)
+        if int(puback.reason_code) >= 128:
+            raise BrokerRefused(
+                f"publish to {topic} refused ({puback.reason_code.name})",
+                "check the broker's ACL for this user",
+            )
+
+    def _publish_packet(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        props: OutProps | None,
+        packet_id: int | None,
+    ) -> mqtt5.PublishPacket:
+        p = props if props is not None and self.mqtt5 else OutProps()
+        return mqtt5.PublishPacket(
+            topic,
+            payload,
+            qos=mqtt5.QoS(qos),
+            retain=retain,
+            packet_id=packet_id,
+            payload_format_indicator=p.payload_format or 0,
+            message_expiry_interval=p.message_expiry,
+            content_type=p.content_type,
+            response_topic=p.response_topic,
+            correlation_data=p.correlation_data,
+            user_properties=list(p.user),
+        )
+
+    async def receive(self, max_count: int | None = None) -> list[Delivery]:
+        """Wait for incoming messages; return up to `max_count` (default: half the window).
+
+        Taking half of the Receive Maximum at a time, the broker can send the next half while
+        the consumer works on this one. What arrived before the connection dropped is handed
+        out first; then BrokerUnreachable.
+        """
+        wire = self._wire
+        if wire is None:
+            raise BrokerUnreachable(f"{self.address}: not connected")
+        while not wire.inbox:
+            if wire.failure is not None:
+                raise wire.failure
+            await wire.arrived.wait()
+        return wire.take(max_count or max(1, self.receive_max // 2))
+
+    def ack(self, deliveries: Iterable[Delivery]) -> None:
+        """Acknowledge processed QoS 1 deliveries: all their PUBACKs in one write.
+
+        Nothing to do once the connection is gone: the broker keeps what was not acknowledged
+        (a persistent session sends it again; a clean one drops it with the session).
+        """
+        wire = self._wire
+        if wire is None or wire.failure is not None:
+            return
+        acks = [mqtt5.PubAckPacket(d.packet_id) for d in deliveries if d.packet_id is not None]
+        if acks:
+            self._send(*acks)
+
+    async def _keep_alive(self, wire: _Wire) -> None:
+        """PINGREQ every half keepalive; no word from the broker for a whole one ends it."""
+        loop = asyncio.get_running_loop()
+        interval = self.keepalive / 2
+        while wire.failure is None:
+            await asyncio.sleep(interval)
+            # While reading is paused the broker's answers wait in the socket: no verdict then.
+            silent = loop.time() - wire.heard_at
+            if not wire.paused and silent > self.keepalive + interval:
+                wire.fail(BrokerUnreachable(f"{self.address}: no answer for {silent:.0f} s"))
+                return
+            with contextlib.suppress(BrokerError):
+                self._send(mqtt5.PingReqPacket())
+
+    # ---- closing ---------------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """DISCONNECT and wait until the broker has the socket closed (quietly when gone)."""
+        wire, self._wire = self._wire, None
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+        if wire is None or wire.transport is None:
+            return
+        if wire.failure is None:
+            wire.transport.write(self._write(mqtt5.DisconnectPacket()))
+            wire.failure = BrokerUnreachable(f"{self.address}: disconnected")
+            wire.transport.close()  # after the buffered bytes are written
+        try:
+            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            wire.transport.abort()
+
+    def _abort(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None and wire.transport is not None:
+            wire.transport.abort()
+
+
+_CONNACK_HINTS = {
+    int(mqtt5.ConnAckReasonCode.BAD_USER_NAME_OR_PASSWORD): "check the user name and password",
+    int(mqtt5.ConnAckReasonCode.NOT_AUTHORIZED): "check the user name and password",
+    int(mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID): "use another client id",
+    int(mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION): "try --protocol 3.1.1",
+    int(mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE): "try again when the broker is back",
+    int(mqtt5.ConnAckReasonCode.SERVER_BUSY): "try again later",
+    int(mqtt5.ConnAckReasonCode.CONNECTION_RATE_EXCEEDED): "try again later",
+    int(mqtt5.ConnAckReasonCode.BANNED): "ask the broker's operator",
+}
+
+
+def _refused(address: BrokerAddress, connack: mqtt5.ConnAckPacket) -> BrokerRefused:
+    code = connack.reason_code
+    detail = f"{address}: {code.name.lower().replace('_', ' ')}"
+    if connack.reason_str:
+        detail += f" ({connack.reason_str})"
+    if connack.server_reference:
+        return BrokerRefused(detail, f"connect to {connack.server_reference} instead")
+    return BrokerRefused(detail, _CONNACK_HINTS.get(int(code), "look at the broker's log"))
+
+
+def _not_mqtt(address: BrokerAddress, mqtt5_on: bool, exc: BrokerError) -> BrokerError:
+    """A CONNACK that does not parse: most likely a broker without MQTT 5 (or no broker)."""
+    if mqtt5_on and exc.detail.startswith("malformed packet"):
+        return BrokerRefused(
+            f"{address} did not answer in MQTT 5 ({exc.detail})", "try --protocol 3.1.1"
+        )
+    return exc

@@ -1,0 +1,379 @@
+"""The codec connection (mqtt_backup.mqtt.codec) against a real Mosquitto, and its edge cases.
+
+What a real broker will not do on demand (refuse a subscription, send garbage, go silent) comes
+from a small scripted broker in this file that speaks through the same `mqtt5` codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import mqtt5
+import pytest
+
+from mqtt_backup.config import BrokerAddress, parse_broker_url
+from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
+from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, v311
+from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
+from tools.devbroker import free_port
+
+PROTOCOLS = ["5", "3.1.1"]
+
+
+def _address(broker: Broker, user: str | None = None, password: str | None = None) -> BrokerAddress:
+    base = parse_broker_url(broker.url)
+    return BrokerAddress(base.host, base.port, base.tls, user, password)
+
+
+async def _collect(conn: CodecConnection, count: int) -> list[Delivery]:
+    got: list[Delivery] = []
+    async with asyncio.timeout(20):
+        while len(got) < count:
+            batch = await conn.receive()
+            got += batch
+            conn.ack(batch)
+    return got
+
+
+async def _receive_forever(conn: CodecConnection, into: list[Delivery]) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            into += await conn.receive()
+
+
+# ---- against Mosquitto --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_round_trip_in_order_with_properties(broker: Broker, unique: str, protocol: str) -> None:
+    topic = f"codec/{unique}/t"
+    props = OutProps(
+        correlation_data=b"\x00corr", user=(("k", "v"),), content_type="x/y", response_topic="r/t"
+    )
+
+    async def scenario() -> list[Delivery]:
+        async with (
+            CodecConnection(_address(broker), protocol=protocol) as sub,
+            CodecConnection(_address(broker), protocol=protocol) as pub,
+        ):
+            await sub.subscribe([topic], qos=1)
+            for i in range(300):
+                await pub.publish(topic, b"%d" % i, qos=i % 2, props=props)
+            return await _collect(sub, 300)
+
+    got = asyncio.run(scenario())
+    assert [d.payload for d in got] == [b"%d" % i for i in range(300)]
+    assert [d.qos for d in got] == [i % 2 for i in range(300)]
+    assert all(d.packet_id is not None for d in got if d.qos == 1)
+    first = got[0]
+    if protocol == "5":
+        assert (first.correlation_data, first.user) == (b"\x00corr", (("k", "v"),))
+        assert (first.content_type, first.response_topic) == ("x/y", "r/t")
+    else:
+        assert (first.correlation_data, first.user) == (None, ())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_nothing_past_the_window_until_acknowledged(
+    broker: Broker, unique: str, protocol: str
+) -> None:
+    # MQTT 5: our Receive Maximum (5); 3.1.1 has none, so the broker's inflight window (1000 in
+    # dev.conf) is the bound there: with 1,005 messages the same property shows.
+    window = 5 if protocol == "5" else 1000
+    total = window + 5
+    topic = f"codec/{unique}/w"
+
+    async def scenario() -> tuple[int, list[Delivery]]:
+        async with (
+            CodecConnection(_address(broker), protocol=protocol, receive_max=5) as sub,
+            CodecConnection(_address(broker)) as pub,
+        ):
+            await sub.subscribe([topic], qos=1)
+            for i in range(total):
+                await pub.publish(topic, b"%d" % i, qos=1)
+            held: list[Delivery] = []
+            async with asyncio.timeout(20):
+                while len(held) < window:
+                    held += await sub.receive(10_000)
+            # A negative can only be shown over some time: nothing more arrives unacknowledged.
+            with contextlib.suppress(TimeoutError):
+                held += await asyncio.wait_for(sub.receive(10_000), 0.5)
+            unacked = len(held)
+            sub.ack(held)
+            return unacked, held + await _collect(sub, total - len(held))
+
+    unacked, got = asyncio.run(scenario())
+    assert unacked == window
+    assert [d.payload for d in got] == [b"%d" % i for i in range(total)]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_user_and_password(auth_broker: Broker, unique: str, protocol: str) -> None:
+    async def connect(password: str) -> None:
+        address = _address(auth_broker, BRIDGE_USER, password)
+        async with CodecConnection(address, protocol=protocol) as conn:
+            await conn.subscribe([f"codec/{unique}/#"])
+
+    asyncio.run(connect(BRIDGE_PASSWORD))
+    with pytest.raises(BrokerRefused) as refused:
+        asyncio.run(connect("wrong"))
+    assert "check the user name and password" in refused.value.message()
+    assert BRIDGE_PASSWORD not in refused.value.message()
+
+
+def test_tls_needs_the_ca(tls_broker: Broker, unique: str) -> None:
+    async def connect(files: TlsFiles) -> None:
+        async with CodecConnection(_address(tls_broker), tls_files=files) as conn:
+            await conn.subscribe([f"codec/{unique}/#"])
+            await conn.publish(f"codec/{unique}/x", b"over TLS")
+
+    asyncio.run(connect(TlsFiles(ca=str(tls_broker.state_dir / "ca.crt"))))
+    with pytest.raises(BrokerUnreachable) as unverified:
+        asyncio.run(connect(TlsFiles()))
+    assert "check --ca" in unverified.value.message()
+
+
+def test_nobody_listening_is_unreachable() -> None:
+    async def connect() -> None:
+        async with CodecConnection(BrokerAddress("127.0.0.1", free_port())):
+            pass
+
+    with pytest.raises(BrokerUnreachable) as unreachable:
+        asyncio.run(connect())
+    assert "check --broker and that the broker runs" in unreachable.value.message()
+
+
+def test_broker_gone_mid_stream_hands_out_what_arrived_then_a_clear_error(
+    own_broker: Broker, unique: str
+) -> None:
+    topic = f"codec/{unique}/gone"
+
+    async def scenario() -> tuple[list[Delivery], BrokerError]:
+        got: list[Delivery] = []
+        async with (
+            CodecConnection(_address(own_broker)) as sub,
+            CodecConnection(_address(own_broker)) as pub,
+        ):
+            await sub.subscribe([topic])
+            for i in range(3):
+                await pub.publish(topic, b"%d" % i)
+            got += await _collect(sub, 3)
+            own_broker.stop()
+            with pytest.raises(BrokerError) as lost:
+                await _receive_forever(sub, got)
+        return got, lost.value
+
+    got, error = asyncio.run(scenario())
+    assert [d.payload for d in got] == [b"0", b"1", b"2"]
+    assert isinstance(error, BrokerUnreachable)
+    assert "\n" not in error.message()
+    assert "closed the connection" in error.message() or "lost" in error.message()
+
+
+# ---- a scripted broker for what Mosquitto will not do on demand ---------------------------------
+
+Script = Callable[[mqtt5.Packet, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted_broker(script: Script) -> AsyncIterator[BrokerAddress]:
+    """A TCP server that parses MQTT 5 packets and lets `script` answer each."""
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                buffer += chunk
+                while buffer:
+                    try:
+                        packet, size = mqtt5.read(memoryview(buffer))
+                    except IndexError:
+                        break
+                    buffer = buffer[size:]
+                    await script(packet, writer)
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield BrokerAddress("127.0.0.1", port)
+    finally:
+        server.close()
+
+
+async def connack_then(
+    packet: mqtt5.Packet, writer: asyncio.StreamWriter, answer: Callable[[mqtt5.Packet], bytes]
+) -> None:
+    """Accept the connection; hand every later packet to `answer`."""
+    if isinstance(packet, mqtt5.ConnectPacket):
+        writer.write(mqtt5.ConnAckPacket().write())
+    elif not isinstance(packet, mqtt5.PingReqPacket | mqtt5.DisconnectPacket):
+        writer.write(answer(packet))
+
+
+def _suback_refused(packet: mqtt5.Packet) -> bytes:
+    assert isinstance(packet, mqtt5.SubscribePacket)
+    codes = [
+        mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
+        mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
+    ]
+    return mqtt5.SubAckPacket(packet.packet_id, codes).write()
+
+
+def _run_scripted(
+    answer: Callable[[mqtt5.Packet], bytes], work: Callable[..., Awaitable[None]]
+) -> None:
+    async def scenario() -> None:
+        async with (
+            scripted_broker(lambda p, w: connack_then(p, w, answer)) as address,
+            CodecConnection(address) as conn,
+        ):
+            await work(conn)
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_subscription_names_the_filter() -> None:
+    async def work(conn: CodecConnection) -> None:
+        await conn.subscribe(["ok/#", "secret/#"])
+
+    with pytest.raises(BrokerRefused) as refused:
+        _run_scripted(_suback_refused, work)
+    assert "secret/# (NOT_AUTHORIZED)" in refused.value.message()
+    assert "ok/#" not in refused.value.message()
+
+
+def test_a_refused_publish_says_why() -> None:
+    def refuse(packet: mqtt5.Packet) -> bytes:
+        assert isinstance(packet, mqtt5.PublishPacket)
+        assert packet.packet_id is not None
+        code = mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+        return mqtt5.PubAckPacket(packet.packet_id, reason_code=code).write()
+
+    async def work(conn: CodecConnection) -> None:
+        await conn.publish("a/b", b"x", qos=1)
+
+    with pytest.raises(BrokerRefused, match=r"publish to a/b refused \(NOT_AUTHORIZED\)"):
+        _run_scripted(refuse, work)
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        (
+            lambda _p: mqtt5.DisconnectPacket(
+                reason_code=mqtt5.DisconnectReasonCode.SERVER_SHUTTING_DOWN
+            ).write(),
+            "the broker closed the connection: SERVER_SHUTTING_DOWN",
+        ),
+        (lambda _p: b"\xf0\x00", "malformed packet from the broker"),
+    ],
+)
+def test_disconnect_or_garbage_mid_stream_is_a_clear_error(
+    answer: Callable[[mqtt5.Packet], bytes], words: str
+) -> None:
+    async def work(conn: CodecConnection) -> None:
+        await conn.subscribe(["a/#"])
+        await asyncio.wait_for(conn.receive(), 10)
+
+    with pytest.raises(BrokerError) as failed:
+        _run_scripted(answer, work)
+    assert words in failed.value.message()
+
+
+@pytest.mark.parametrize(
+    ("connack", "error", "words"),
+    [
+        (b"\x20\x02\x00\x01", BrokerRefused, "try --protocol 3.1.1"),  # a 3.1.1-only broker
+        (
+            mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.NOT_AUTHORIZED).write(),
+            BrokerRefused,
+            "not authorized. Try: check the user name and password",
+        ),
+        (
+            mqtt5.ConnAckPacket(
+                reason_code=mqtt5.ConnAckReasonCode.USE_ANOTHER_SERVER,
+                server_reference="other:1883",
+            ).write(),
+            BrokerRefused,
+            "Try: connect to other:1883 instead",
+        ),
+    ],
+)
+def test_a_refused_connection_gives_a_hint(
+    connack: bytes, error: type[BrokerError], words: str
+) -> None:
+    async def answer(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(connack)
+
+    async def scenario() -> None:
+        async with scripted_broker(answer) as address, CodecConnection(address):
+            pass
+
+    with pytest.raises(error) as refused:
+        asyncio.run(scenario())
+    assert words in refused.value.message()
+
+
+def test_a_silent_broker_is_noticed_by_the_keepalive() -> None:
+    async def no_pong(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket().write())
+
+    async def scenario() -> None:
+        async with scripted_broker(no_pong) as address, CodecConnection(address, keepalive=1) as c:
+            await asyncio.wait_for(c.receive(), 30)
+
+    with pytest.raises(BrokerUnreachable, match="no answer for"):
+        asyncio.run(scenario())
+
+
+# ---- the MQTT 3.1.1 codec -----------------------------------------------------------------------
+
+
+def _parsed(data: bytes) -> mqtt5.Packet:
+    packet, size = v311.read(memoryview(data))
+    assert size == len(data)
+    return packet
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 2_097_152])
+def test_v311_publish_round_trips_at_every_length_boundary(size: int) -> None:
+    sent = mqtt5.PublishPacket(
+        "a/ü", b"\xff" * size, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=513, retain=True
+    )
+    data = v311.write(sent)
+    with pytest.raises(IndexError):
+        v311.read(memoryview(data[:-1]))
+    got, used = v311.read(memoryview(data + b"\xd0\x00"))  # the next packet stays
+    assert used == len(data)
+    assert isinstance(got, mqtt5.PublishPacket)
+    assert (got.topic, got.payload, got.packet_id, got.retain) == ("a/ü", sent.payload, 513, True)
+
+
+def test_v311_reads_the_broker_packets_and_refuses_garbage() -> None:
+    connack = _parsed(b"\x20\x02\x01\x04")
+    assert isinstance(connack, mqtt5.ConnAckPacket)
+    assert connack.session_present
+    assert connack.reason_code == mqtt5.ConnAckReasonCode.BAD_USER_NAME_OR_PASSWORD
+    suback = _parsed(b"\x90\x04\x00\x07\x01\x80")
+    assert isinstance(suback, mqtt5.SubAckPacket)
+    assert suback.reason_codes == [
+        mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
+        mqtt5.SubAckReasonCode.UNSPECIFIED_ERROR,
+    ]
+    assert isinstance(_parsed(b"\xd0\x00"), mqtt5.PingRespPacket)
+    for garbage in (b"\xf0\x00", b"\x20\x02\x00\x09", b"\x36\x00", b"\x30\xff\xff\xff\xff\x01"):
+        with pytest.raises(ValueError):  # noqa: PT011 - the codec's own contract, like mqtt5's
+            v311.read(memoryview(garbage))
+
+
+def test_v311_refuses_what_it_cannot_say() -> None:
+    will = mqtt5.Will("status", payload=b"offline")
+    with pytest.raises(ValueError, match="no last will"):
+        v311.write(mqtt5.ConnectPacket("c", will=will))
+    with pytest.raises(ValueError, match="does not send"):
+        v311.write(mqtt5.AuthPacket())
