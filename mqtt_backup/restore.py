@@ -240,8 +240,11 @@ def response_topic(
 ) -> tuple[str, str | None]:
     """(where to answer, why the requested response topic was refused or None).
 
-    A response topic must lie at least two levels below the restore prefix so that it can never
-    look like a request, unless the operator allows any topic.
+    A response topic must lie below the requested device's own subtree,
+    `<restore prefix>/<device>/<one or more levels>`: a requester can neither plant answers in
+    another device's subtree nor read them there, and a per-device ACL on
+    `<prefix>/<device>/#` covers both directions. `any_allowed` (the operator's choice) lifts
+    that, except for a topic that looks like a request: each answer would be read as a new one.
     """
     default = request_topic + "/response"
     if given is None:
@@ -252,10 +255,11 @@ def response_topic(
     looks_like_request = below != given and len(below.split("/")) < 2
     if any_allowed and not looks_like_request:
         return given, None
-    if below == given or looks_like_request:
+    own_subtree = request_topic + "/"
+    if not given.startswith(own_subtree) or given == own_subtree:
         return default, (
-            f"response topic {given!r} must lie under {restore_prefix}/<device>/ "
-            "(at least two levels below the restore prefix)"
+            f"response topic {given!r} must lie under {own_subtree} "
+            "(one or more levels below the requested device)"
         )
     return given, None
 

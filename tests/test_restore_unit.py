@@ -575,9 +575,9 @@ def test_no_response_topic_answers_below_the_request() -> None:
 
 
 @pytest.mark.parametrize(
-    "given", [f"{PREFIX}/dev/x", f"{PREFIX}/dev-1/response", f"{PREFIX}/other/a/b/c"]
+    "given", [f"{REQUEST}/x", f"{REQUEST}/response", f"{REQUEST}/a/b/c", f"{REQUEST}//x"]
 )
-def test_response_topic_two_levels_below_the_prefix(given: str) -> None:
+def test_response_topic_below_the_requested_device(given: str) -> None:
     assert response_topic(REQUEST, given, PREFIX) == (given, None)
 
 
@@ -586,11 +586,16 @@ def test_response_topic_two_levels_below_the_prefix(given: str) -> None:
     [
         f"{PREFIX}/dev",  # looks like a request
         f"{PREFIX}/dev-1",  # is the request topic itself
+        f"{PREFIX}/dev-1/",  # no level below the device
+        f"{PREFIX}/dev/x",  # another device's subtree
+        f"{PREFIX}/dev-10/x",  # a device whose id starts like ours
+        f"{PREFIX}/other/a/b/c",
         PREFIX,
         "backup",
         "other/topic",
         "backup/restorex/dev/x",
         f"x/{PREFIX}/dev/x",
+        f"x/{REQUEST}/x",
     ],
 )
 def test_response_topic_refused(given: str) -> None:
@@ -1098,6 +1103,20 @@ def test_refused_response_topic_is_one_error_on_the_default_topic(reader: StoreR
     assert sent[0].body()["id"] == "t"
     assert sent[0].props is not None
     assert sent[0].props.correlation_data == b"c"
+
+
+def test_response_topic_under_another_device_is_refused(reader: StoreReader) -> None:
+    # dev-1's requester must not plant answers (or read dev-1's history) in dev-2's subtree.
+    sent = ask(reader, b'{"id": "x"}', response=f"{PREFIX}/dev-2/r/x", correlation=b"c")
+    assert f"{PREFIX}/dev-2/r/x" in only_error(sent)
+    assert sent[0].topic == DEFAULT_REPLY
+    assert sent[0].body()["id"] == "x"
+
+
+def test_response_topic_under_another_device_when_any_is_allowed(reader: StoreReader) -> None:
+    sent = ask(reader, b"", response=f"{PREFIX}/dev-2/r/x", any_response_topic=True)
+    split(sent)
+    assert {p.topic for p in sent} == {f"{PREFIX}/dev-2/r/x"}
 
 
 def test_any_response_topic_when_the_operator_allows_it(reader: StoreReader) -> None:
