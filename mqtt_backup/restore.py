@@ -258,8 +258,8 @@ def response_topic(
     own_subtree = request_topic + "/"
     if not given.startswith(own_subtree) or given == own_subtree:
         return default, (
-            f"response topic {given!r} must lie under {own_subtree} "
-            "(one or more levels below the requested device)"
+            f"response topic {given!r} must lie under {restore_prefix}/<device>/ "
+            f"(one or more levels below the requested device: {own_subtree}...)"
         )
     return given, None
 
