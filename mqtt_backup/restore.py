@@ -438,7 +438,8 @@ class RestoreService:
     def submit(self, message: Inbound, conn: Publisher) -> None:
         """Answer one request in its own task; requests are independent."""
         if message.retain:
-            # A stale retained request must not trigger a restore at every reconnect.
+            # A retained request, live or stale, would be answered again at every reconnect of
+            # every bridge, and the empty publish that clears it would ask for everything.
             log.info("ignoring retained restore request on %s", message.topic)
             return
         task = asyncio.create_task(self.answer(message, conn))
@@ -621,7 +622,10 @@ async def serve(
                 tls_files=options.tls_files,
                 keepalive=options.keepalive,
             ) as conn:
-                await conn.subscribe([f"{service.prefix}/+", DROPPED_TOPIC])
+                # Retain-as-published: a live retained request (or the empty retained publish
+                # that clears one) arrives with its flag, so submit() can ignore it.
+                await conn.subscribe([f"{service.prefix}/+"], retain_as_published=True)
+                await conn.subscribe([DROPPED_TOPIC])
                 delay = 0.5
                 log.info("restore service listening on %s/+", service.prefix)
                 listening(True)

@@ -164,13 +164,21 @@ class AsyncConnection:
             raise BrokerUnreachable(f"{self.address}: not connected")
         return self._client
 
-    async def subscribe(self, filters: Sequence[str], qos: int = 1) -> None:
-        """Subscribe (MQTT 5: no retained messages re-sent for an existing subscription)."""
+    async def subscribe(
+        self, filters: Sequence[str], qos: int = 1, *, retain_as_published: bool = False
+    ) -> None:
+        """Subscribe; BrokerRefused when the broker refuses a filter.
+
+        `retain_as_published` (MQTT 5) keeps the retain flag of live messages, which a broker
+        otherwise clears; on MQTT 3.1.1 only messages sent because of the subscription have it.
+        """
         client = self._live()
         try:
             if self.mqtt5:
                 options = SubscribeOptions(
-                    qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                    qos=qos,
+                    retainAsPublished=retain_as_published,
+                    retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE,
                 )
                 codes = await client.subscribe([(f, options) for f in filters])
             else:

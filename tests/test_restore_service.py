@@ -1,0 +1,147 @@
+"""The restore service against a real broker and a real bridge: hostile requests, fairness, gaps.
+
+The service's own tests (issue 8); tests/test_restore_e2e.py holds the protocol round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqtt_backup.config import Settings
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    device_client,
+    make_settings,
+    publish,
+    wait_until,
+)
+
+RunBridge = Callable[[Settings], BridgeThread]
+Message = dict[str, Any]
+IGNORED = "ignoring retained restore request"
+
+
+def _start(run_bridge: RunBridge, settings: Settings) -> BridgeThread:
+    bridge = run_bridge(settings)
+    wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service to subscribe")
+    return bridge
+
+
+async def _collect_until(
+    broker: Broker,
+    listen: list[str],
+    requests: list[tuple[str, bytes, bool, Properties | None]],
+    last_id: str,
+    timeout: float = 20,
+) -> list[Message]:
+    """Subscribe to `listen`, publish (topic, payload, retain, props) in order, collect the
+    answers (with their `_topic`) until the terminal of the request whose id is `last_id`."""
+    answers: list[Message] = []
+    async with device_client(broker) as client:
+        for topic in listen:
+            await client.subscribe(topic, qos=1)
+        for topic, payload, retain, props in requests:
+            await client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                body = json.loads(message.payload)
+                answers.append({"_topic": message.topic.value, **body})
+                if body.get("id") == last_id and ("done" in body or "error" in body):
+                    return answers
+    return answers
+
+
+def _ignored(caplog: pytest.LogCaptureFixture) -> int:
+    return caplog.text.count(IGNORED)
+
+
+# ---- retained requests (issue 8, item 7) --------------------------------------------------------
+
+
+def test_a_live_retained_request_and_its_clearing_publish_are_ignored(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mqtt_backup.restore")
+    device = f"{unique}-live-ret"
+    request = f"backup/restore/{device}"
+    _start(run_bridge, make_settings(broker, data_dir))
+    publish(broker, [Sent(f"devices/{device}/t", b"stored")])
+    requests = [
+        (request, b'{"id": "retained"}', True, None),
+        (request, b"", True, None),  # clears the retained request: must not ask for everything
+        (request, b'{"id": "plain"}', False, None),
+    ]
+    try:
+        answers = asyncio.run(_collect_until(broker, [f"{request}/response"], requests, "plain"))
+        wait_until(lambda: _ignored(caplog) >= 2, 10, "both retained publishes to be ignored")
+    finally:
+        publish(broker, [Sent(request, b"", retain=True)])
+    assert [a.get("id") for a in answers] == ["plain"] * len(answers), answers
+    assert answers[-1]["done"] is True
+
+
+def test_a_stale_retained_request_is_ignored_on_mqtt_311(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MQTT 3.1.1 hides the flag of live messages, but a retained message sent because of a new
+    # subscription carries it: the stale request is still ignored.
+    caplog.set_level(logging.INFO, logger="mqtt_backup.restore")
+    device = f"{unique}-stale-311"
+    request = f"backup/restore/{device}"
+    publish(broker, [Sent(request, b'{"id": "stale"}', retain=True)])
+    try:
+        _start(run_bridge, make_settings(broker, data_dir, protocol="3.1.1"))
+        wait_until(lambda: _ignored(caplog) >= 1, 10, "the stale request to be ignored")
+        answers = asyncio.run(
+            _collect_until(
+                broker, [f"{request}/response"], [(request, b'{"id": "now"}', False, None)], "now"
+            )
+        )
+    finally:
+        publish(broker, [Sent(request, b"", retain=True)])
+    assert [a.get("id") for a in answers] == ["now"], answers
+
+
+# ---- response topics (issue 8, item 6) ----------------------------------------------------------
+
+
+def test_a_response_topic_under_another_device_is_refused(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    _start(run_bridge, make_settings(broker, data_dir))
+    mine, other = f"{unique}-a", f"{unique}-b"
+    publish(broker, [Sent(f"devices/{mine}/t", b"a's secret")])
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = f"backup/restore/{other}/r/x"
+    request = f"backup/restore/{mine}"
+    answers = asyncio.run(
+        _collect_until(
+            broker,
+            [f"{request}/response", f"backup/restore/{other}/#"],
+            [(request, b'{"id": "steal"}', False, props)],
+            "steal",
+        )
+    )
+    assert len(answers) == 1, answers
+    assert answers[0]["_topic"] == f"{request}/response"
+    assert f"backup/restore/{other}/r/x" in answers[0]["error"]
