@@ -89,7 +89,10 @@ def parse_request(device: str, payload: bytes) -> Request:
         )
     if not payload.strip():
         return Request(device)
-    fields = _json_object(payload)
+    try:
+        fields = _json_object(payload)
+    except BadRequest as exc:
+        raise BadRequest(exc.reason, _lenient_id(payload)) from None
     request_id = _request_id(fields)
     try:
         return _build(device, fields, request_id)
@@ -113,6 +116,31 @@ def _json_object(payload: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"request must be a JSON object, not {_json_type(value)}")
     return value
+
+
+def _lenient_id(payload: bytes) -> str | None:
+    """The id of a request the strict parser refused, when a lenient read still finds one.
+
+    The error reply then carries it, so a client waiting for its id is not left to time out
+    (e.g. `{"id": "x", "rate": Infinity}`). A duplicated or invalid id stays unknown.
+    """
+
+    def collect(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found = dict(pairs)
+        if sum(1 for key, _ in pairs if key == "id") > 1:
+            found.pop("id")  # which one the client waits for is anybody's guess
+        return found
+
+    try:
+        value = json.loads(payload.decode("utf-8"), object_pairs_hook=collect)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(value, dict):
+        return None
+    try:
+        return _request_id(value)
+    except BadRequest:
+        return None
 
 
 def _json_type(value: object) -> str:

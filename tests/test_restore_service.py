@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def _start(run_bridge: RunBridge, settings: Settings) -> BridgeThread:
 async def _collect_until(
     broker: Broker,
     listen: list[str],
-    requests: list[tuple[str, bytes, bool, Properties | None]],
+    requests: Sequence[tuple[str, bytes, bool, Properties | None]],
     last_id: str,
     timeout: float = 20,
 ) -> list[Message]:

@@ -528,6 +528,32 @@ def test_duplicate_id_carries_no_id() -> None:
     assert bad(b'{"id": "a", "id": "b"}').request_id is None
 
 
+@pytest.mark.parametrize(
+    ("payload", "request_id"),
+    [
+        (b'{"id": "x", "rate": Infinity}', "x"),
+        (b'{"rate": NaN, "id": "y"}', "y"),
+        (b'{"id": "z", "limit": 1, "limit": 2}', "z"),
+        (b'{"id": "a", "id": "b", "rate": Infinity}', None),
+        (b'{"id": 5, "rate": NaN}', None),
+        (b'{"id": "x", "rate": 1,}', None),  # not JSON even leniently
+        (b'{"id": "x", "t": "\xff"}', None),  # not UTF-8
+        (b"[Infinity]", None),
+    ],
+)
+def test_a_refused_payload_keeps_the_id_a_lenient_read_finds(
+    payload: bytes, request_id: str | None
+) -> None:
+    assert bad(payload).request_id == request_id
+
+
+def test_an_error_reply_carries_the_id_of_a_payload_with_infinity(reader: StoreReader) -> None:
+    # `restore --rate inf` once sent this: without its id, the client waited and exited 3.
+    sent = ask(reader, b'{"id": "r-inf", "mode": "replay", "rate": Infinity}')
+    only_error(sent)
+    assert sent[0].body()["id"] == "r-inf"
+
+
 def test_unknown_field_is_named() -> None:
     error = bad(b'{"limt": 5}')
     assert "'limt'" in error.reason
