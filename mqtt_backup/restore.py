@@ -35,7 +35,7 @@ from mqtt_backup.mqtt import (
 from mqtt_backup.storage import StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts, parse_time
-from mqtt_backup.topics import check_filter
+from mqtt_backup.topics import check_filter, filter_matches
 
 log = logging.getLogger(__name__)
 
@@ -517,22 +517,29 @@ class RestoreService:
     async def _stream(self, request: Request, reply: Reply) -> int:
         """Publish the device's messages in the window; returns how many went out."""
         self.reader.refresh()
+        # The topic filter is applied here, not in the reader, so that every *scanned* record
+        # counts towards the next yield: a filter that matches nothing in a long history must
+        # not hold the loop (and every other restore) for the whole scan.
         stored = self.reader.messages(
-            request.device, request.since_ns, request.until_ns, request.topic, request.descending
+            request.device, request.since_ns, request.until_ns, None, request.descending
         )
         window = Window(self.window)
         pacer = Pacer(request.rate if request.replay else None)
         send = self._sender(request, reply)
         count = 0
         try:
-            for message in stored:
-                if request.limit is not None and count >= request.limit:
-                    break
+            for scanned, message in enumerate(stored, 1):
+                if scanned % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let other restores and the connection breathe
+                if request.topic is not None and not filter_matches(
+                    request.topic, message.record.topic
+                ):
+                    continue
                 count += 1
                 await pacer.wait()
                 await window.send(send(message))
-                if count % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)  # let other restores and the connection breathe
+                if request.limit is not None and count >= request.limit:
+                    break  # before scanning on for a next match that would not be sent
             await window.drain()
         except BaseException:
             window.cancel()

@@ -34,9 +34,10 @@ from mqtt_backup.restore import (
     response_topic,
 )
 from mqtt_backup.restore_client import check_device
-from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
+from mqtt_backup.topics import filter_matches
 
 SEC = 10**9
 BASE_NS = 1_767_225_600 * SEC  # 2026-01-01T00:00:00Z
@@ -1173,6 +1174,82 @@ def test_writes_after_the_reader_opened_are_seen(store: Store, reader: StoreRead
     assert payloads(bodies)[-1] == b"late"
     assert len(bodies) == 6
     assert payloads(stream(reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
+
+
+def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
+    """Fault injection: dev-1's history reads as `rounds` copies of itself, each record slow.
+
+    The records still come from the real store and a topic filter is applied as the real reader
+    applies it, so the service sees a long, slow scan exactly where RocksDB would be slow.
+    """
+    real = reader.messages
+
+    def messages(
+        device: str,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        topic_filter: str | None = None,
+        reverse: bool = False,
+    ) -> Iterator[StoredMessage]:
+        if device != "dev-1":
+            yield from real(device, since_ns, until_ns, topic_filter, reverse)
+            return
+        history = list(real(device, since_ns, until_ns, None, reverse))
+        for _ in range(rounds):
+            for message in history:
+                time.sleep(0.0001)  # a slow disk: blocking, as a RocksDB read is
+                if topic_filter is None or filter_matches(topic_filter, message.record.topic):
+                    yield message
+
+    monkeypatch.setattr(reader, "messages", messages)
+
+
+def test_a_long_scan_does_not_hold_up_another_restore(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filter that matches nothing in a long history used to scan without ever yielding.
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=400)  # 2,000 records scanned
+    terminals: list[str] = []
+
+    class Conn(FakeConn):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> None:
+            if b'"done"' in payload or b'"error"' in payload:
+                terminals.append(self.name)
+            await super().publish(topic, payload, *args, **kw)
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir))
+        slow = Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1)
+        fast = Inbound(f"{PREFIX}/dev-2", b"", qos=1)
+        service.submit(slow, Conn("slow"))
+        service.submit(fast, Conn("fast"))
+        while len(terminals) < 2:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert terminals == ["fast", "slow"]
+
+
+def test_a_limit_ends_the_scan_at_the_last_message_sent(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=1)
+    scanned: list[StoredMessage] = []
+    real = reader.messages
+
+    def counting(*args: Any, **kwargs: Any) -> Iterator[StoredMessage]:
+        for message in real(*args, **kwargs):
+            scanned.append(message)
+            yield message
+
+    monkeypatch.setattr(reader, "messages", counting)
+    bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
+    assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
+    assert len(scanned) == 3  # the status record between them, not the rest of the history
 
 
 def test_window_bounds_publishes_in_flight(store: Store, reader: StoreReader) -> None:
