@@ -490,8 +490,14 @@ class RestoreService:
             log.info("restore request on %s refused: %s", message.topic, exc.reason)
             await _quietly(reply.error(exc.reason))
         except BackupError as exc:
-            log.warning("restore of %s failed: %s", device, exc.message())
-            await _quietly(reply.error(exc.message()))
+            # One line either way: on a lost connection the terminal cannot go out either.
+            told = await _sent(reply.error(exc.message()))
+            log.warning(
+                "restore of %s failed%s: %s",
+                device,
+                "" if told else " (and its error terminal could not be sent)",
+                exc.message(),
+            )
         except Exception:
             # A bug must still end the stream: the requester gets an error, not a silent timeout.
             log.exception("restore of %s failed on an unexpected error", device)
@@ -563,16 +569,38 @@ class RestoreService:
 
     async def stop(self) -> None:
         """Cancel restores in progress (they get no terminal: the bridge is going away)."""
-        for task in list(self._tasks):
+        await self.abandon()
+
+    async def abandon(self) -> int:
+        """Cancel every restore in progress or waiting; returns how many there were.
+
+        Called when the connection they answer on is gone: they can send nothing more, and
+        their requesters' timeouts say so.
+        """
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
 
 
 def _checked(request: Request, refused_topic: str | None) -> Request:
     if refused_topic is not None:
         raise BadRequest(refused_topic, request.request_id)
     return request
+
+
+async def _sent(send: Awaitable[None]) -> bool:
+    """Whether a terminal went out; a failure is the caller's to mention."""
+    try:
+        await send
+    except BackupError:
+        return False
+    except Exception:
+        log.exception("could not send a restore terminal")
+        return False
+    return True
 
 
 async def _quietly(send: Awaitable[None]) -> None:
@@ -668,6 +696,9 @@ async def serve(
                     await _until_stopped(_dispatch(service, conn, watcher), stop)
                 finally:
                     listening(False)
+                    abandoned = await service.abandon()
+                    if abandoned and not stop.is_set():
+                        log.warning("%d restores in progress abandoned: connection lost", abandoned)
         except BackupError as exc:
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):

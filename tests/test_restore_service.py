@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import Settings
+from mqtt_backup.config import Settings, parse_broker_url
+from mqtt_backup.mqtt import AsyncConnection
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -145,3 +147,47 @@ def test_a_response_topic_under_another_device_is_refused(
     assert len(answers) == 1, answers
     assert answers[0]["_topic"] == f"{request}/response"
     assert f"backup/restore/{other}/r/x" in answers[0]["error"]
+
+
+# ---- a lost connection in the log (issue 8, small items) ----------------------------------------
+
+
+def test_a_socket_closed_under_a_pending_write_is_one_warning_line(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiomqtt schedules add_writer(fd) from paho's callback; when the connection drops first,
+    # add_writer meets a closed descriptor. The same race, forced on a connected client's loop:
+    async def scenario() -> None:
+        async with AsyncConnection(parse_broker_url(broker.url), protocol="5"):
+            loop = asyncio.get_running_loop()
+            gone = socket.socket()
+            fd = gone.fileno()
+            loop.call_soon(gone.close)
+            loop.call_soon(loop.add_writer, fd, lambda: None)
+            await asyncio.sleep(0.05)
+
+    caplog.set_level(logging.WARNING)
+    asyncio.run(scenario())
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None)], caplog.text
+    assert "closed while it had a write pending" in lines[0].getMessage()
+    assert "Traceback" not in caplog.text
+
+
+def test_other_loop_errors_still_reach_the_previous_handler(broker: Broker) -> None:
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: seen.append(context["message"]))
+        async with AsyncConnection(parse_broker_url(broker.url), protocol="5"):
+            loop.call_soon(_boom)
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert len(seen) == 1
+    assert "_boom" in seen[0]
+
+
+def _boom() -> None:
+    raise RuntimeError("a bug elsewhere")

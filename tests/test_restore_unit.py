@@ -1432,6 +1432,32 @@ def test_window_cancel_abandons_what_is_in_flight() -> None:
     asyncio.run(asyncio.wait_for(run(), 5))
 
 
+def test_a_publish_waiting_for_a_slot_is_closed_when_the_restore_is_cancelled() -> None:
+    # Abandoned restores (connection lost) are cancelled here; the waiting publish coroutine must
+    # be closed, or Python warns that it "was never awaited".
+    started: list[int] = []
+
+    async def publish(n: int) -> None:
+        started.append(n)
+        await asyncio.Event().wait()
+
+    async def run() -> None:
+        window = Window(1)
+        await window.send(publish(1))
+        waiting = publish(2)
+        sender = asyncio.create_task(window.send(waiting))
+        await asyncio.sleep(0)
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        assert inspect.getcoroutinestate(waiting) == inspect.CORO_CLOSED
+        window.cancel()
+        await window.drain()
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+    assert started == [1]
+
+
 def test_pacer_holds_the_rate() -> None:
     clock = FakeClock()
 
