@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.envelope import message_envelope
-from mqtt_backup.errors import BackupError, StorageError, UsageError
+from mqtt_backup.errors import BackupError, BrokerRefused, StorageError, UsageError
 from mqtt_backup.mqtt import (
     REPLAY_PROPERTY,
     AsyncConnection,
@@ -33,8 +35,8 @@ from mqtt_backup.mqtt import (
     Window,
 )
 from mqtt_backup.storage import StoredMessage, StoreReader
-from mqtt_backup.storage.journal import Gap, GapLog
-from mqtt_backup.times import format_ts, parse_time
+from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
+from mqtt_backup.times import NS_PER_S, format_ts, parse_time
 from mqtt_backup.topics import check_filter, filter_matches
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ MAX_ACTIVE = 4
 MAX_WAITING = 64
 MIN_RATE = 0.01
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+UPTIME_TOPIC = "$SYS/broker/uptime"
+DROPPED_SAVE_EVERY_NS = 5 * NS_PER_S
+# Larger than any sensible sys_interval (Mosquitto's default is 10 s).
+BROKER_RESTART_SLACK_NS = 60 * NS_PER_S
 FIELDS = ("since", "until", "topic", "limit", "order", "mode", "format", "id", "rate", "retain")
 _YIELD_EVERY = 128
 
@@ -376,10 +382,18 @@ class Reply:
         )
         return self.conn.publish(self.topic, record.payload, 1, False, props)
 
-    async def done(self, device: str, count: int, gaps: list[Gap]) -> None:
-        """The terminal `done` message, with completeness for the requested window."""
+    async def done(
+        self, device: str, count: int, gaps: list[Gap], drops_known: bool = True
+    ) -> None:
+        """The terminal `done` message, with completeness for the requested window.
+
+        `complete` covers what the bridge can see; when it cannot read the broker's dropped
+        counter, `"broker_drops": "unknown"` says that one source of loss is out of its sight.
+        """
         body: dict[str, Any] = {"done": True, "device": device, "count": count}
         body["complete"] = not gaps
+        if not drops_known:
+            body["broker_drops"] = "unknown"
         if gaps:
             body["gaps"] = [g.as_json() for g in gaps]
         await self._terminal(body, "done")
@@ -447,6 +461,8 @@ class RestoreService:
     gaps: GapLog
     namespace: str = "backup"
     any_response_topic: bool = False
+    # Reads the broker's dropped counter; None (tests) means drops are not reported at all.
+    dropped: DroppedWatcher | None = None
     window: int = WINDOW
     max_active: int = MAX_ACTIVE
     max_waiting: int = MAX_WAITING
@@ -518,7 +534,8 @@ class RestoreService:
         finally:
             self._active.release()
         gaps = self.gaps.overlapping(request.since_ns, request.until_ns)
-        await reply.done(request.device, count, gaps)
+        drops_known = self.dropped is None or self.dropped.known
+        await reply.done(request.device, count, gaps, drops_known)
 
     async def _stream(self, request: Request, reply: Reply) -> int:
         """Publish the device's messages in the window; returns how many went out."""
@@ -616,35 +633,147 @@ async def _quietly(send: Awaitable[None]) -> None:
 class DroppedWatcher:
     """Records a `broker-dropped` gap when the broker's dropped-message counter rises.
 
-    The counter is broker-wide (`$SYS/broker/publish/messages/dropped`), so the gap says that
-    messages *may* be missing in the span, not that the bridge's were.
+    The counter is broker-wide (`$SYS/broker/publish/messages/dropped`), so a gap says that
+    messages *may* be missing in the span, not that the bridge's were. The last reading and until
+    when it held are kept in the data directory (`broker-dropped.json`), so a rise while the
+    bridge was away (the usual case: its queue overflowed) becomes a gap over the downtime at the
+    next start. A broker restart resets the counter; it is recognised by a lower value or by the
+    broker's start (from `$SYS/broker/uptime`) having moved:
+
+    - a rise without a restart: a gap from the last moment the old value was known to the reading;
+    - a restart, and the new counter is above 0: the broker dropped since its restart: a gap;
+    - a restart at 0 while the bridge was running: a new baseline (only the last $SYS interval
+      before the broker stopped is out of sight);
+    - a restart at 0 while the bridge was away: whatever the broker dropped before its restart
+      cannot be seen any more, so the downtime is recorded as a gap (unknown is not complete).
+
+    `known` says whether a reading arrived on the current connection: without one (an ACL on
+    $SYS, `sys_interval 0`, a broker without the counter) a restore says `"broker_drops":
+    "unknown"`.
     """
 
-    def __init__(self, gaps: GapLog) -> None:
+    def __init__(self, gaps: GapLog, data_dir: Path | None = None, broker: str = "") -> None:
         self._gaps = gaps
-        self._last: tuple[int, int] | None = None  # (value, when seen in ns)
+        self._data_dir = data_dir
+        self._broker = broker
+        saved = DroppedReading.load(data_dir) if data_dir is not None else None
+        self._last = saved if saved is not None and saved.broker == broker else None
+        self._from_earlier_run = self._last is not None
+        self._started_ns: int | None = None
+        self._beat_ns: int | None = None
+        self._saved_ns = 0
+        self._save_failed = False
+        self.known = False
+
+    def connected(self) -> None:
+        """A new connection: nothing is known on it until its first reading."""
+        self.known = False
+        self._beat_ns = None
+
+    def observe_uptime(self, payload: bytes, now_ns: int | None = None) -> None:
+        """Take `$SYS/broker/uptime` ("N seconds"): the broker's start, and a heartbeat.
+
+        The broker publishes the counter when it changes and the uptime every interval, counters
+        after the uptime; so an uptime reading confirms the counter as of the previous one.
+        """
+        seconds = _sys_number(payload.strip().removesuffix(b"seconds"))
+        if seconds is None:
+            return
+        now_ns = now_ns if now_ns is not None else time.time_ns()
+        previous_beat, self._beat_ns = self._beat_ns, now_ns
+        self._started_ns = now_ns - seconds * NS_PER_S
+        last = self._last
+        if not (self.known and last is not None and previous_beat is not None):
+            return
+        if previous_beat > last.seen_ns:
+            self._keep(dataclasses.replace(last, seen_ns=previous_beat), now_ns)
 
     def observe(self, payload: bytes, now_ns: int | None = None) -> Gap | None:
-        """Take one reading; returns the gap it recorded, if any."""
-        try:
-            value = int(payload.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
+        """Take one reading of the counter; returns the gap it recorded, if any."""
+        value = _sys_number(payload)
+        if value is None:
             return None
         now_ns = now_ns if now_ns is not None else time.time_ns()
-        previous, self._last = self._last, (value, now_ns)
-        if previous is None or value <= previous[0]:
-            return None  # first reading, or the broker restarted and the counter reset
-        gap = Gap(previous[1], now_ns, "broker-dropped")
-        log.warning(
-            "the broker dropped %d messages since %s; recorded as a gap",
-            value - previous[0],
-            format_ts(previous[1]),
-        )
-        try:
-            self._gaps.record(gap)
-        except StorageError as exc:
-            log.error("could not record a broker-dropped gap: %s", exc.detail)
+        reading = DroppedReading(self._broker, value, now_ns, self._started_ns)
+        gap = self._gap(self._last, reading)
+        self.known = True
+        self._from_earlier_run = False
+        self._keep(reading, now_ns, force=True)
+        if gap is not None:
+            try:
+                self._gaps.record(gap)
+            except StorageError as exc:
+                log.error("could not record a broker-dropped gap: %s", exc.detail)
         return gap
+
+    def _gap(self, previous: DroppedReading | None, reading: DroppedReading) -> Gap | None:
+        if previous is None:
+            return None  # the first reading ever (or of this broker): a baseline
+        since = format_ts(previous.seen_ns)
+        if not _restarted(previous, reading):
+            if reading.dropped <= previous.dropped:
+                return None
+            log.warning(
+                "the broker dropped %d messages since %s; recorded as a gap",
+                reading.dropped - previous.dropped,
+                since,
+            )
+        elif reading.dropped > 0:
+            log.warning(
+                "the broker restarted since %s and has dropped %d messages since; "
+                "recorded as a gap",
+                since,
+                reading.dropped,
+            )
+        elif self._from_earlier_run:
+            log.warning(
+                "the broker restarted while the bridge was away (since %s): what it dropped "
+                "before its restart cannot be seen; recorded as a broker-dropped gap",
+                since,
+            )
+        else:
+            log.info("the broker restarted; its dropped-message counter starts again at 0")
+            return None
+        return Gap(previous.seen_ns, reading.seen_ns, "broker-dropped")
+
+    def _keep(self, reading: DroppedReading, now_ns: int, force: bool = False) -> None:
+        self._last = reading
+        if force or now_ns - self._saved_ns >= DROPPED_SAVE_EVERY_NS:
+            self.save(now_ns)
+
+    def save(self, now_ns: int | None = None) -> None:
+        """Write the last reading to the data directory (when the watcher has one)."""
+        if self._data_dir is None or self._last is None:
+            return
+        self._saved_ns = now_ns if now_ns is not None else time.time_ns()
+        try:
+            self._last.save(self._data_dir)
+        except StorageError as exc:
+            if not self._save_failed:  # once, not at every reading of a full disk
+                log.warning("could not save the broker's dropped counter: %s", exc.detail)
+            self._save_failed = True
+            return
+        if self._save_failed:
+            log.info("the broker's dropped counter is saved again")
+        self._save_failed = False
+
+
+def _sys_number(payload: bytes) -> int | None:
+    # $SYS values are ASCII decimal text; anything else (or a negative) is no reading.
+    try:
+        text = payload.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _restarted(previous: DroppedReading, reading: DroppedReading) -> bool:
+    if reading.dropped < previous.dropped:
+        return True  # the counter went back: it started again with the broker
+    before, now = previous.broker_started_ns, reading.broker_started_ns
+    # Each estimate of the start is late by up to one $SYS interval; a restart moves it by the
+    # broker's whole earlier uptime.
+    return before is not None and now is not None and now - before > BROKER_RESTART_SLACK_NS
 
 
 # ---- the connection -----------------------------------------------------------------------------
@@ -674,7 +803,7 @@ async def serve(
     Its own connection (client id `<bridge id>-restore`, no persistent session): a request made
     while the bridge is down gets no answer, and the requester's timeout says so.
     """
-    watcher = DroppedWatcher(service.gaps)
+    watcher = service.dropped = service.dropped or DroppedWatcher(service.gaps)
     delay = 0.5
     while not stop.is_set():
         try:
@@ -685,10 +814,11 @@ async def serve(
                 tls_files=options.tls_files,
                 keepalive=options.keepalive,
             ) as conn:
+                watcher.connected()
+                await _watch_sys(conn)  # first: the current readings arrive before any request
                 # Retain-as-published: a live retained request (or the empty retained publish
                 # that clears one) arrives with its flag, so submit() can ignore it.
                 await conn.subscribe([f"{service.prefix}/+"], retain_as_published=True)
-                await conn.subscribe([DROPPED_TOPIC])
                 delay = 0.5
                 log.info("restore service listening on %s/+", service.prefix)
                 listening(True)
@@ -705,6 +835,19 @@ async def serve(
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, RETRY_MAX_S)
     await service.stop()
+    watcher.save()
+
+
+async def _watch_sys(conn: AsyncConnection) -> None:
+    """Subscribe to the broker's uptime and dropped counter; a refusal only makes drops unknown."""
+    try:
+        await conn.subscribe([UPTIME_TOPIC, DROPPED_TOPIC])
+    except BrokerRefused as exc:
+        log.warning(
+            "cannot read the broker's dropped-message counter (%s): restores will say "
+            '"broker_drops": "unknown"',
+            exc.message(),
+        )
 
 
 async def _dispatch(
@@ -713,6 +856,8 @@ async def _dispatch(
     async for message in conn.messages():
         if message.topic == DROPPED_TOPIC:
             watcher.observe(message.payload)
+        elif message.topic == UPTIME_TOPIC:
+            watcher.observe_uptime(message.payload)
         elif message.topic.startswith(service.prefix + "/"):
             service.submit(message, conn)
 

@@ -9,7 +9,8 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from paho.mqtt.properties import Properties
 
 from mqtt_backup.config import Settings, parse_broker_url
 from mqtt_backup.mqtt import AsyncConnection
+from mqtt_backup.restore import DROPPED_TOPIC
+from mqtt_backup.times import parse_time
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -26,6 +29,7 @@ from tests.conftest import (
     device_client,
     make_settings,
     publish,
+    stored_count,
     wait_until,
 )
 
@@ -191,3 +195,107 @@ def test_other_loop_errors_still_reach_the_previous_handler(broker: Broker) -> N
 
 def _boom() -> None:
     raise RuntimeError("a bug elsewhere")
+
+
+# ---- broker drops (issue 8, item 3) --------------------------------------------------------------
+
+
+def _overlay_broker(tmp_path: Path, overlay: str) -> Iterator[Broker]:
+    broker = Broker("dev.conf", tmp_path / "broker", (overlay,))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
+    """dev.conf + mosquitto/small-queue.conf: queues 100 messages per client, $SYS every second."""
+    yield from _overlay_broker(tmp_path, "small-queue.conf")
+
+
+@pytest.fixture
+def no_sys_broker(tmp_path: Path) -> Iterator[Broker]:
+    """dev.conf + mosquitto/no-sys.conf: no $SYS topics."""
+    yield from _overlay_broker(tmp_path, "no-sys.conf")
+
+
+async def _dropped_at_least(broker: Broker, least: int) -> int:
+    async with device_client(broker) as client:
+        await client.subscribe(DROPPED_TOPIC)
+        async with asyncio.timeout(30):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                if int(message.payload) >= least:
+                    return int(message.payload)
+    raise AssertionError("unreachable")
+
+
+def _restore(broker: Broker, device: str, request_id: str) -> Message:
+    request = f"backup/restore/{device}"
+    answers = asyncio.run(
+        _collect_until(
+            broker,
+            [f"{request}/response"],
+            [(request, json.dumps({"id": request_id}).encode(), False, None)],
+            request_id,
+        )
+    )
+    return answers[-1]
+
+
+def test_broker_drops_while_the_bridge_is_away_make_the_restore_incomplete(
+    small_queue_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    broker = small_queue_broker
+    device = f"{unique}-away"
+    settings = make_settings(broker, data_dir)
+    first = _start(run_bridge, settings)
+    publish(broker, [Sent(f"devices/{device}/t", b"before")])
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "the first message")
+    wait_until((data_dir / "broker-dropped.json").exists, 20, "a first reading of the counter")
+    first.stop()
+    stopped_ns = time.time_ns()
+    publish(broker, [Sent(f"devices/{device}/t", b"%d" % i) for i in range(400)])
+    asyncio.run(_dropped_at_least(broker, 300))  # the broker kept 100 for the bridge
+    restarted_ns = time.time_ns()
+    _start(run_bridge, settings)
+    wait_until(lambda: stored_count(data_dir) >= 101, 30, "the 100 queued messages")
+    done = _restore(broker, device, "after")
+    assert done["count"] == 101
+    assert done["complete"] is False
+    assert "broker_drops" not in done
+    gaps = [g for g in done["gaps"] if g["reason"] == "broker-dropped"]
+    assert len(gaps) == 1, done
+    # The span covers the downtime: from before the stop to after the restart.
+    assert parse_time(gaps[0]["since"], "since") <= stopped_ns
+    assert parse_time(gaps[0]["until"], "until") >= restarted_ns
+
+
+def test_a_broker_without_the_dropped_counter_makes_drops_unknown(
+    no_sys_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    device = f"{unique}-nosys"
+    _start(run_bridge, make_settings(no_sys_broker, data_dir))
+    publish(no_sys_broker, [Sent(f"devices/{device}/t", b"x")])
+    wait_until(lambda: stored_count(data_dir) >= 1, 20, "the message")
+    done = _restore(no_sys_broker, device, "u")
+    assert done == {
+        "_topic": f"backup/restore/{device}/response",
+        "id": "u",
+        "done": True,
+        "device": device,
+        "count": 1,
+        "complete": True,
+        "broker_drops": "unknown",
+    }
+
+
+def test_drops_are_known_on_a_broker_with_the_counter(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    device = f"{unique}-sys"
+    _start(run_bridge, make_settings(broker, data_dir))
+    done = _restore(broker, device, "k")
+    assert (done["complete"], "broker_drops" in done) == (True, False), done

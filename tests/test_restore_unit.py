@@ -10,6 +10,8 @@ import asyncio
 import base64
 import inspect
 import json
+import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1509,10 +1511,152 @@ def test_dropped_watcher(tmp_path: Path) -> None:
     assert gap == Gap(1_000, 2_000, "broker-dropped")
     assert log.all() == [gap]
     assert watcher.observe(b"15", now_ns=3_000) is None  # no change
-    assert watcher.observe(b"3", now_ns=4_000) is None  # broker restarted: counter reset
-    assert log.all() == [gap]
+    # The broker restarted (the counter went back) and has dropped 3 since: a gap.
+    assert watcher.observe(b"3", now_ns=4_000) == Gap(3_000, 4_000, "broker-dropped")
     assert watcher.observe(b"5\n", now_ns=5_000) == Gap(4_000, 5_000, "broker-dropped")
-    assert len(log.all()) == 2
+    assert len(log.all()) == 3
+    # Restarted again, at 0, while the bridge ran: a new baseline.
+    assert watcher.observe(b"0", now_ns=6_000) is None
+    assert len(log.all()) == 3
+
+
+BROKER = "127.0.0.1:1883"
+
+
+def _uptime(seconds: int) -> bytes:
+    return f"{seconds} seconds".encode()
+
+
+def test_a_rise_while_the_bridge_was_away_is_a_gap_over_the_downtime(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(1000), now_ns=100 * SEC)
+    first.observe(b"0", now_ns=100 * SEC)
+    first.save()  # the bridge stops at 105 s (its last confirmed reading: 100 s)
+    again = DroppedWatcher(log, tmp_path, BROKER)  # restarted at 900 s; the broker dropped 400
+    again.observe_uptime(_uptime(1800), now_ns=900 * SEC)
+    gap = again.observe(b"400", now_ns=900 * SEC)
+    assert gap == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+    assert log.all() == [gap]
+
+
+def test_no_rise_while_away_is_no_gap(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"7", now_ns=100 * SEC)
+    assert DroppedWatcher(log, tmp_path, BROKER).observe(b"7", now_ns=900 * SEC) is None
+    assert log.all() == []
+
+
+def test_uptime_readings_confirm_the_value_so_the_span_starts_later(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe(b"0", now_ns=100 * SEC)
+    for t in (110, 120, 130):  # the broker's $SYS interval: 10 s
+        first.observe_uptime(_uptime(t), now_ns=t * SEC)
+    first.save()
+    # An uptime reading confirms the counter as of the one before it (counters come after it).
+    gap = DroppedWatcher(log, tmp_path, BROKER).observe(b"3", now_ns=500 * SEC)
+    assert gap == Gap(120 * SEC, 500 * SEC, "broker-dropped")
+
+
+def test_a_reading_of_another_broker_is_no_baseline(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    assert DroppedWatcher(log, tmp_path, "other:1883").observe(b"50", now_ns=900 * SEC) is None
+    assert log.all() == []
+
+
+def test_a_broker_restart_while_away_makes_the_downtime_a_gap(tmp_path: Path) -> None:
+    # Its counter restarted at 0: what it dropped before its restart cannot be seen.
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(5000), now_ns=100 * SEC)  # broker up since -4900 s
+    first.observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(300), now_ns=900 * SEC)  # broker up since 600 s: restarted
+    assert again.observe(b"0", now_ns=900 * SEC) == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+
+
+def test_a_lower_value_while_away_is_a_restart_and_a_gap(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"9", now_ns=100 * SEC)
+    gap = DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=900 * SEC)
+    assert gap == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+
+
+def test_a_broker_restart_at_zero_while_running_is_a_new_baseline(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log, tmp_path, BROKER)
+    watcher.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    watcher.observe(b"0", now_ns=100 * SEC)
+    watcher.connected()  # the broker went away and came back
+    watcher.observe_uptime(_uptime(3), now_ns=200 * SEC)
+    assert watcher.observe(b"0", now_ns=200 * SEC) is None
+    assert watcher.observe(b"2", now_ns=210 * SEC) == Gap(200 * SEC, 210 * SEC, "broker-dropped")
+
+
+def test_a_stale_uptime_is_no_restart(tmp_path: Path) -> None:
+    # Retained $SYS values are up to one interval old: the start estimate wobbles by that much.
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    first.observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(5780), now_ns=900 * SEC)  # 20 s "late": a stale reading
+    assert again.observe(b"0", now_ns=900 * SEC) is None
+
+
+def test_the_reading_is_saved_privately_and_atomically(tmp_path: Path) -> None:
+    old_umask = os.umask(0)
+    try:
+        DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER).observe(b"4", now_ns=100 * SEC)
+    finally:
+        os.umask(old_umask)
+    saved = tmp_path / "broker-dropped.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text()) == {
+        "broker": BROKER,
+        "dropped": 4,
+        "seen_ns": 100 * SEC,
+        "broker_started_ns": None,
+    }
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"broker": "x"}', '{"dropped": "a"}'])
+def test_an_unreadable_saved_reading_is_a_fresh_baseline(tmp_path: Path, content: str) -> None:
+    (tmp_path / "broker-dropped.json").write_text(content)
+    watcher = DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER)
+    assert watcher.observe(b"10", now_ns=100 * SEC) is None
+    assert watcher.observe(b"11", now_ns=200 * SEC) is not None
+
+
+def test_drops_are_known_only_after_a_reading_on_this_connection(tmp_path: Path) -> None:
+    watcher = DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER)
+    assert watcher.known is False
+    watcher.observe_uptime(_uptime(5), now_ns=SEC)
+    watcher.observe(b"garbage", now_ns=SEC)
+    assert watcher.known is False
+    watcher.observe(b"0", now_ns=SEC)
+    assert watcher.known is True
+    watcher.connected()
+    assert watcher.known is False
+
+
+def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -> None:
+    watcher = DroppedWatcher(GapLog(reader.data_dir), reader.data_dir, BROKER)
+    done = split(ask(reader, dropped=watcher))[1]
+    assert done == {
+        "done": True,
+        "device": "dev-1",
+        "count": 5,
+        "complete": True,
+        "broker_drops": "unknown",
+    }
+    watcher.observe(b"0")
+    done = split(ask(reader, dropped=watcher))[1]
+    assert "broker_drops" not in done
+    assert done["complete"] is True
 
 
 def test_dropped_watcher_span_starts_at_the_previous_reading(tmp_path: Path) -> None:
