@@ -661,6 +661,7 @@ class DroppedWatcher:
         self._from_earlier_run = self._last is not None
         self._started_ns: int | None = None
         self._beat_ns: int | None = None
+        self._beats = 0
         self._saved_ns = 0
         self._save_failed = False
         self.known = False
@@ -669,23 +670,27 @@ class DroppedWatcher:
         """A new connection: nothing is known on it until its first reading."""
         self.known = False
         self._beat_ns = None
+        self._beats = 0
 
     def observe_uptime(self, payload: bytes, now_ns: int | None = None) -> None:
         """Take `$SYS/broker/uptime` ("N seconds"): the broker's start, and a heartbeat.
 
         The broker publishes the counter when it changes and the uptime every interval, counters
-        after the uptime; so an uptime reading confirms the counter as of the previous one.
+        after the uptime; so an uptime reading confirms the counter as of the previous one. The
+        first one on a connection is the retained value, up to an interval old: it confirms
+        nothing.
         """
         seconds = _sys_number(payload.strip().removesuffix(b"seconds"))
         if seconds is None:
             return
         now_ns = now_ns if now_ns is not None else time.time_ns()
         previous_beat, self._beat_ns = self._beat_ns, now_ns
+        self._beats += 1
         self._started_ns = now_ns - seconds * NS_PER_S
         last = self._last
         if not (self.known and last is not None and previous_beat is not None):
             return
-        if previous_beat > last.seen_ns:
+        if self._beats >= 3 and previous_beat > last.seen_ns:
             self._keep(dataclasses.replace(last, seen_ns=previous_beat), now_ns)
 
     def observe(self, payload: bytes, now_ns: int | None = None) -> Gap | None:
@@ -694,8 +699,13 @@ class DroppedWatcher:
         if value is None:
             return None
         now_ns = now_ns if now_ns is not None else time.time_ns()
+        previous = self._last
         reading = DroppedReading(self._broker, value, now_ns, self._started_ns)
-        gap = self._gap(self._last, reading)
+        gap = self._gap(previous, reading)
+        if not self.known and previous is not None:
+            # The first reading on a connection is the retained one, up to an interval old:
+            # drops just before it may only show in the next one, whose gap must cover them.
+            reading = dataclasses.replace(reading, seen_ns=min(previous.seen_ns, now_ns))
         self.known = True
         self._from_earlier_run = False
         self._keep(reading, now_ns, force=True)

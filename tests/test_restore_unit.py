@@ -1559,6 +1559,18 @@ def test_uptime_readings_confirm_the_value_so_the_span_starts_later(tmp_path: Pa
     assert gap == Gap(120 * SEC, 500 * SEC, "broker-dropped")
 
 
+def test_a_stale_first_reading_does_not_move_the_span_start(tmp_path: Path) -> None:
+    # Restarted at 900 s, the retained value still says 0; the broker's next publication (with
+    # what it dropped during the downtime) comes an interval later: the gap covers the downtime.
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(5000), now_ns=900 * SEC)  # retained: confirms nothing
+    assert again.observe(b"0", now_ns=900 * SEC) is None
+    again.observe_uptime(_uptime(5010), now_ns=910 * SEC)
+    assert again.observe(b"300", now_ns=910 * SEC) == Gap(100 * SEC, 910 * SEC, "broker-dropped")
+
+
 def test_a_reading_of_another_broker_is_no_baseline(tmp_path: Path) -> None:
     log = GapLog(tmp_path)
     DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
@@ -1592,7 +1604,8 @@ def test_a_broker_restart_at_zero_while_running_is_a_new_baseline(tmp_path: Path
     watcher.connected()  # the broker went away and came back
     watcher.observe_uptime(_uptime(3), now_ns=200 * SEC)
     assert watcher.observe(b"0", now_ns=200 * SEC) is None
-    assert watcher.observe(b"2", now_ns=210 * SEC) == Gap(200 * SEC, 210 * SEC, "broker-dropped")
+    # That first reading was the retained one: the next rise's span starts where the old one held.
+    assert watcher.observe(b"2", now_ns=210 * SEC) == Gap(100 * SEC, 210 * SEC, "broker-dropped")
 
 
 def test_a_stale_uptime_is_no_restart(tmp_path: Path) -> None:
