@@ -51,7 +51,11 @@ DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 UPTIME_TOPIC = "$SYS/broker/uptime"
 DROPPED_SAVE_EVERY_NS = 5 * NS_PER_S
 # Larger than any sensible sys_interval (Mosquitto's default is 10 s).
-BROKER_RESTART_SLACK_NS = 60 * NS_PER_S
+RESTART_SLACK_NS = 60 * NS_PER_S
+# Mosquitto 2 publishes $SYS values with a 60 s message expiry (a value that did not change
+# for a minute is no longer retained).
+SYS_EXPIRY_NS = 60 * NS_PER_S
+DROPS_UNKNOWN = "broker-drops-unknown.jsonl"
 FIELDS = ("since", "until", "topic", "limit", "order", "mode", "format", "id", "rate", "retain")
 _YIELD_EVERY = 128
 
@@ -534,7 +538,9 @@ class RestoreService:
         finally:
             self._active.release()
         gaps = self.gaps.overlapping(request.since_ns, request.until_ns)
-        drops_known = self.dropped is None or self.dropped.known
+        drops_known = self.dropped is None or not self.dropped.unknown(
+            request.since_ns, request.until_ns
+        )
         await reply.done(request.device, count, gaps, drops_known)
 
     async def _stream(self, request: Request, reply: Reply) -> int:
@@ -636,48 +642,58 @@ class DroppedWatcher:
     The counter is broker-wide (`$SYS/broker/publish/messages/dropped`), so a gap says that
     messages *may* be missing in the span, not that the bridge's were. The last reading and until
     when it held are kept in the data directory (`broker-dropped.json`), so a rise while the
-    bridge was away (the usual case: its queue overflowed) becomes a gap over the downtime at the
-    next start. A broker restart resets the counter; it is recognised by a lower value or by the
-    broker's start (from `$SYS/broker/uptime`) having moved:
+    bridge was away (the usual case: its queue overflowed) becomes a gap over the downtime.
 
-    - a rise without a restart: a gap from the last moment the old value was known to the reading;
-    - a restart, and the new counter is above 0: the broker dropped since its restart: a gap;
-    - a restart at 0 while the bridge was running: a new baseline (only the last $SYS interval
-      before the broker stopped is out of sight);
-    - a restart at 0 while the bridge was away: whatever the broker dropped before its restart
-      cannot be seen any more, so the downtime is recorded as a gap (unknown is not complete).
+    Mosquitto publishes the counter (retained) when it changes and lets the value expire after
+    60 s, and publishes `$SYS/broker/uptime` every interval. So, on a new connection:
 
-    `known` says whether a reading arrived on the current connection: without one (an ACL on
-    $SYS, `sys_interval 0`, a broker without the counter) a restore says `"broker_drops":
-    "unknown"`.
+    - a retained reading is the current value: compared with the saved one (a rise, or a broker
+      restart with drops, or a restart while the bridge was away, is a gap; see `_gap`);
+    - no retained reading by the second uptime means no change for a minute: a saved value read
+      within that minute still holds; an older one leaves the time between it and this
+      connection *unknown* (recorded in `broker-drops-unknown.jsonl`), never silently complete;
+    - a live reading (not retained) is a change, so always a gap since the last known moment.
+
+    `readable` says whether `$SYS` arrives on the current connection at all: without it (an ACL
+    on $SYS, `sys_interval 0`, a broker without the counter) drops are unknown everywhere.
     """
 
     def __init__(self, gaps: GapLog, data_dir: Path | None = None, broker: str = "") -> None:
         self._gaps = gaps
         self._data_dir = data_dir
+        self._unknown = GapLog(data_dir, DROPS_UNKNOWN) if data_dir is not None else None
         self._broker = broker
         saved = DroppedReading.load(data_dir) if data_dir is not None else None
         self._last = saved if saved is not None and saved.broker == broker else None
         self._from_earlier_run = self._last is not None
         self._started_ns: int | None = None
-        self._beat_ns: int | None = None
-        self._beats = 0
         self._saved_ns = 0
         self._save_failed = False
-        self.known = False
+        self.connected()
 
-    def connected(self) -> None:
-        """A new connection: nothing is known on it until its first reading."""
-        self.known = False
-        self._beat_ns = None
+    def connected(self, now_ns: int | None = None) -> None:
+        """A new connection: nothing is known on it until its first readings."""
+        self.readable = False
+        self._confirmed = False  # the counter's state is known on this connection
+        self._connected_ns = now_ns if now_ns is not None else time.time_ns()
+        self._beat_ns: int | None = None
         self._beats = 0
+
+    def unknown(self, since_ns: int | None, until_ns: int | None) -> bool:
+        """Whether broker drops in the window [since, until) are unknown."""
+        if not self.readable:
+            return True
+        try:
+            spans = self._unknown.overlapping(since_ns, until_ns) if self._unknown else []
+        except BackupError:
+            return True
+        return bool(spans)
 
     def observe_uptime(self, payload: bytes, now_ns: int | None = None) -> None:
         """Take `$SYS/broker/uptime` ("N seconds"): the broker's start, and a heartbeat.
 
-        The broker publishes the counter when it changes and the uptime every interval, counters
-        after the uptime; so an uptime reading confirms the counter as of the previous one. The
-        first one on a connection is the retained value, up to an interval old: it confirms
+        Counters are published after the uptime, so an uptime reading confirms the counter as of
+        the previous one; the first one on a connection is the retained value and confirms
         nothing.
         """
         seconds = _sys_number(payload.strip().removesuffix(b"seconds"))
@@ -687,13 +703,19 @@ class DroppedWatcher:
         previous_beat, self._beat_ns = self._beat_ns, now_ns
         self._beats += 1
         self._started_ns = now_ns - seconds * NS_PER_S
+        self.readable = True
         last = self._last
-        if not (self.known and last is not None and previous_beat is not None):
+        if not self._confirmed:
+            if self._beats >= 2:  # an interval passed and no retained value came
+                self._no_retained_value(now_ns)
             return
-        if self._beats >= 3 and previous_beat > last.seen_ns:
+        beat_confirms = previous_beat is not None and self._beats >= 3
+        if last is not None and beat_confirms and previous_beat and previous_beat > last.seen_ns:
             self._keep(dataclasses.replace(last, seen_ns=previous_beat), now_ns)
 
-    def observe(self, payload: bytes, now_ns: int | None = None) -> Gap | None:
+    def observe(
+        self, payload: bytes, retained: bool = True, now_ns: int | None = None
+    ) -> Gap | None:
         """Take one reading of the counter; returns the gap it recorded, if any."""
         value = _sys_number(payload)
         if value is None:
@@ -701,12 +723,16 @@ class DroppedWatcher:
         now_ns = now_ns if now_ns is not None else time.time_ns()
         previous = self._last
         reading = DroppedReading(self._broker, value, now_ns, self._started_ns)
-        gap = self._gap(previous, reading)
-        if not self.known and previous is not None:
-            # The first reading on a connection is the retained one, up to an interval old:
-            # drops just before it may only show in the next one, whose gap must cover them.
+        gap = (
+            self._gap(previous, value, now_ns)
+            if retained
+            else self._change(previous, value, now_ns)
+        )
+        if retained and not self._confirmed and previous is not None:
+            # A retained value may be an interval old: drops just before it may only show in
+            # the next reading, whose gap must cover them.
             reading = dataclasses.replace(reading, seen_ns=min(previous.seen_ns, now_ns))
-        self.known = True
+        self.readable = self._confirmed = True
         self._from_earlier_run = False
         self._keep(reading, now_ns, force=True)
         if gap is not None:
@@ -716,24 +742,34 @@ class DroppedWatcher:
                 log.error("could not record a broker-dropped gap: %s", exc.detail)
         return gap
 
-    def _gap(self, previous: DroppedReading | None, reading: DroppedReading) -> Gap | None:
+    def _change(self, previous: DroppedReading | None, value: int, now_ns: int) -> Gap | None:
+        # Published live: the counter changed while this connection watched it.
+        if previous is not None and previous.dropped is not None and value <= previous.dropped:
+            return None
+        since = previous.seen_ns if previous is not None else self._connected_ns
+        log.warning("the broker dropped messages since %s; recorded as a gap", format_ts(since))
+        return Gap(since, now_ns, "broker-dropped")
+
+    def _gap(self, previous: DroppedReading | None, value: int, now_ns: int) -> Gap | None:
         if previous is None:
             return None  # the first reading ever (or of this broker): a baseline
         since = format_ts(previous.seen_ns)
-        if not _restarted(previous, reading):
-            if reading.dropped <= previous.dropped:
+        if previous.dropped is None:
+            log.warning("the broker's dropped counter changed since %s; recorded as a gap", since)
+        elif not _restarted(previous, value, self._started_ns):
+            if value <= previous.dropped:
                 return None
             log.warning(
                 "the broker dropped %d messages since %s; recorded as a gap",
-                reading.dropped - previous.dropped,
+                value - previous.dropped,
                 since,
             )
-        elif reading.dropped > 0:
+        elif value > 0:
             log.warning(
                 "the broker restarted since %s and has dropped %d messages since; "
                 "recorded as a gap",
                 since,
-                reading.dropped,
+                value,
             )
         elif self._from_earlier_run:
             log.warning(
@@ -744,7 +780,32 @@ class DroppedWatcher:
         else:
             log.info("the broker restarted; its dropped-message counter starts again at 0")
             return None
-        return Gap(previous.seen_ns, reading.seen_ns, "broker-dropped")
+        return Gap(previous.seen_ns, now_ns, "broker-dropped")
+
+    def _no_retained_value(self, now_ns: int) -> None:
+        # Mosquitto lets a $SYS value expire 60 s after it was published: no change since then.
+        previous = self._last
+        quiet_since = self._connected_ns - SYS_EXPIRY_NS
+        value = None
+        if previous is not None and previous.seen_ns >= quiet_since:
+            value = previous.dropped
+        elif previous is not None and self._unknown is not None:
+            span = Gap(previous.seen_ns, self._connected_ns, "broker-drops-unknown")
+            log.warning(
+                "cannot tell whether the broker dropped messages between %s and %s (its "
+                "counter did not change in the last minute); restores over that time say "
+                '"broker_drops": "unknown"',
+                format_ts(span.since_ns),
+                format_ts(span.until_ns),
+            )
+            try:
+                self._unknown.record(span)
+            except StorageError as exc:
+                log.error("could not record that broker drops are unknown: %s", exc.detail)
+        self._confirmed = True
+        self._from_earlier_run = False
+        reading = DroppedReading(self._broker, value, self._connected_ns, self._started_ns)
+        self._keep(reading, now_ns, force=True)
 
     def _keep(self, reading: DroppedReading, now_ns: int, force: bool = False) -> None:
         self._last = reading
@@ -777,13 +838,13 @@ def _sys_number(payload: bytes) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _restarted(previous: DroppedReading, reading: DroppedReading) -> bool:
-    if reading.dropped < previous.dropped:
+def _restarted(previous: DroppedReading, value: int, started_ns: int | None) -> bool:
+    if previous.dropped is not None and value < previous.dropped:
         return True  # the counter went back: it started again with the broker
-    before, now = previous.broker_started_ns, reading.broker_started_ns
+    before = previous.broker_started_ns
     # Each estimate of the start is late by up to one $SYS interval; a restart moves it by the
     # broker's whole earlier uptime.
-    return before is not None and now is not None and now - before > BROKER_RESTART_SLACK_NS
+    return before is not None and started_ns is not None and started_ns - before > RESTART_SLACK_NS
 
 
 # ---- the connection -----------------------------------------------------------------------------
@@ -851,6 +912,8 @@ async def serve(
 async def _watch_sys(conn: AsyncConnection) -> None:
     """Subscribe to the broker's uptime and dropped counter; a refusal only makes drops unknown."""
     try:
+        # Not retain-as-published: $SYS values are published retained, and only without it does
+        # the flag tell the stored value (at subscribe) from a change seen live.
         await conn.subscribe([UPTIME_TOPIC, DROPPED_TOPIC])
     except BrokerRefused as exc:
         log.warning(
@@ -865,7 +928,7 @@ async def _dispatch(
 ) -> None:
     async for message in conn.messages():
         if message.topic == DROPPED_TOPIC:
-            watcher.observe(message.payload)
+            watcher.observe(message.payload, retained=message.retain)
         elif message.topic == UPTIME_TOPIC:
             watcher.observe_uptime(message.payload)
         elif message.topic.startswith(service.prefix + "/"):

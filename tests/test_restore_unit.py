@@ -1644,17 +1644,67 @@ def test_an_unreadable_saved_reading_is_a_fresh_baseline(tmp_path: Path, content
     assert watcher.observe(b"11", now_ns=200 * SEC) is not None
 
 
-def test_drops_are_known_only_after_a_reading_on_this_connection(tmp_path: Path) -> None:
+def test_drops_are_unknown_until_sys_arrives_on_this_connection(tmp_path: Path) -> None:
     watcher = DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER)
-    known = [watcher.known]
-    watcher.observe_uptime(_uptime(5), now_ns=SEC)
+    unknown = [watcher.unknown(None, None)]
     watcher.observe(b"garbage", now_ns=SEC)
-    known.append(watcher.known)
-    watcher.observe(b"0", now_ns=SEC)
-    known.append(watcher.known)
+    unknown.append(watcher.unknown(None, None))
+    watcher.observe_uptime(_uptime(5), now_ns=SEC)  # $SYS is readable here
+    unknown.append(watcher.unknown(None, None))
     watcher.connected()
-    known.append(watcher.known)
-    assert known == [False, False, True, False]
+    unknown.append(watcher.unknown(None, None))
+    watcher.observe(b"0", now_ns=2 * SEC)
+    unknown.append(watcher.unknown(None, None))
+    assert unknown == [True, True, False, True, False]
+
+
+def test_a_live_reading_is_a_change_even_without_a_baseline(tmp_path: Path) -> None:
+    # A fresh bridge on a broker whose counter has not changed for a minute: no retained value.
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log, tmp_path, BROKER)
+    watcher.connected(now_ns=100 * SEC)
+    watcher.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    watcher.observe_uptime(_uptime(5010), now_ns=110 * SEC)  # no retained counter came
+    assert watcher.unknown(None, None) is False  # nothing to cover before a first start
+    gap = watcher.observe(b"7", retained=False, now_ns=300 * SEC)
+    assert gap == Gap(100 * SEC, 300 * SEC, "broker-dropped")
+    assert log.all() == [gap]
+
+
+def test_no_retained_value_after_a_short_absence_keeps_the_saved_value(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"5", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.connected(now_ns=130 * SEC)  # 30 s away: a change would still be retained
+    again.observe_uptime(_uptime(5000), now_ns=130 * SEC)
+    again.observe_uptime(_uptime(5010), now_ns=140 * SEC)
+    assert again.unknown(None, None) is False
+    assert again.observe(b"5", retained=False, now_ns=150 * SEC) is None
+    assert again.observe(b"6", retained=False, now_ns=160 * SEC) is not None
+
+
+def test_no_retained_value_after_a_long_absence_makes_the_downtime_unknown(
+    tmp_path: Path,
+) -> None:
+    # Mosquitto's $SYS values expire after 60 s: a rise early in a long downtime is not retained
+    # when the bridge comes back. Drops over the downtime are unknown, not complete.
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.connected(now_ns=900 * SEC)
+    again.observe_uptime(_uptime(5000), now_ns=900 * SEC)
+    assert again.unknown(None, None) is False  # not decided before an interval passed
+    again.observe_uptime(_uptime(5010), now_ns=910 * SEC)
+    assert again.unknown(None, None) is True
+    assert again.unknown(50 * SEC, 150 * SEC) is True
+    assert again.unknown(950 * SEC, None) is False  # watched live since the reconnect
+    assert again.unknown(None, 100 * SEC) is False
+    assert log.all() == []  # unknown is not a gap: complete stays about what is seen
+    # A later change tells the value moved, but no longer how much before the reconnect.
+    gap = again.observe(b"400", retained=False, now_ns=1000 * SEC)
+    assert gap == Gap(900 * SEC, 1000 * SEC, "broker-dropped")
+    # The next start still knows about the unknown span.
+    assert DroppedWatcher(log, tmp_path, BROKER).unknown(50 * SEC, 150 * SEC) is True
 
 
 def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -> None:
@@ -1671,6 +1721,19 @@ def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -
     done = split(ask(reader, dropped=watcher))[1]
     assert "broker_drops" not in done
     assert done["complete"] is True
+
+
+def test_done_says_broker_drops_unknown_over_an_unknown_span(reader: StoreReader) -> None:
+    data = reader.data_dir
+    DroppedWatcher(GapLog(data), data, BROKER).observe(b"0", now_ns=T[0] - 1000 * SEC)
+    watcher = DroppedWatcher(GapLog(data), data, BROKER)
+    watcher.connected(now_ns=T[2])  # away from long before T[0] until T[2]
+    watcher.observe_uptime(_uptime(9000), now_ns=T[2])
+    watcher.observe_uptime(_uptime(9010), now_ns=T[2] + 10 * SEC)
+    inside = split(ask(reader, dropped=watcher))[1]
+    assert (inside["complete"], inside["broker_drops"]) == (True, "unknown")
+    after = json.dumps({"since": format_ts(T[3])}).encode()
+    assert "broker_drops" not in split(ask(reader, after, dropped=watcher))[1]
 
 
 def test_dropped_watcher_span_starts_at_the_previous_reading(tmp_path: Path) -> None:

@@ -54,10 +54,10 @@ class Gap:
 
 
 class GapLog:
-    """Append-only, fsynced list of gaps."""
+    """Append-only, fsynced list of gaps (or, under another name, of other spans)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / GAPS
+    def __init__(self, data_dir: Path, name: str = GAPS) -> None:
+        self.path = data_dir / name
 
     def record(self, gap: Gap) -> None:
         """Append a gap durably (ingest and the restore service both record gaps)."""
@@ -127,12 +127,13 @@ class DroppedReading:
     """The broker's `$SYS/broker/publish/messages/dropped` as last read, and until when it held.
 
     `broker` names the broker it was read from (a reading of another broker is no baseline);
+    `dropped` is None when the value is not known but did not change since `seen_ns`;
     `broker_started_ns` is the broker's start estimated from `$SYS/broker/uptime` (None when
     unknown), so that a broker restart, which resets the counter, is recognised.
     """
 
     broker: str
-    dropped: int
+    dropped: int | None
     seen_ns: int
     broker_started_ns: int | None = None
 
@@ -141,10 +142,10 @@ class DroppedReading:
         """The saved reading; None when there is none or it does not parse (a fresh baseline)."""
         try:
             raw = json.loads((data_dir / DROPPED).read_text(encoding="utf-8"))
-            started = raw.get("broker_started_ns")
+            started, dropped = raw.get("broker_started_ns"), raw["dropped"]
             return cls(
                 str(raw["broker"]),
-                int(raw["dropped"]),
+                None if dropped is None else int(dropped),
                 int(raw["seen_ns"]),
                 None if started is None else int(started),
             )
