@@ -25,7 +25,7 @@ from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import PahoIngest, Session, TlsFiles
-from mqtt_backup.restore import RestoreService, ServeOptions, serve
+from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, parse_duration
@@ -368,11 +368,17 @@ class RestoreThread:
             if reader is None:
                 return
             try:
+                address = self._settings.broker_address
                 service = RestoreService(
                     reader,
                     self._gaps,
                     self._settings.namespace,
                     any_response_topic=self._settings.response_topics == "any",
+                    # Its last reading is kept in the data directory, so that what the broker
+                    # dropped while the bridge was away is a gap at the next start.
+                    dropped=DroppedWatcher(
+                        self._gaps, self._settings.data, f"{address.host}:{address.port}"
+                    ),
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:

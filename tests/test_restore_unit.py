@@ -10,6 +10,8 @@ import asyncio
 import base64
 import inspect
 import json
+import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +36,10 @@ from mqtt_backup.restore import (
     response_topic,
 )
 from mqtt_backup.restore_client import check_device
-from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
+from mqtt_backup.topics import filter_matches
 
 SEC = 10**9
 BASE_NS = 1_767_225_600 * SEC  # 2026-01-01T00:00:00Z
@@ -528,6 +531,32 @@ def test_duplicate_id_carries_no_id() -> None:
     assert bad(b'{"id": "a", "id": "b"}').request_id is None
 
 
+@pytest.mark.parametrize(
+    ("payload", "request_id"),
+    [
+        (b'{"id": "x", "rate": Infinity}', "x"),
+        (b'{"rate": NaN, "id": "y"}', "y"),
+        (b'{"id": "z", "limit": 1, "limit": 2}', "z"),
+        (b'{"id": "a", "id": "b", "rate": Infinity}', None),
+        (b'{"id": 5, "rate": NaN}', None),
+        (b'{"id": "x", "rate": 1,}', None),  # not JSON even leniently
+        (b'{"id": "x", "t": "\xff"}', None),  # not UTF-8
+        (b"[Infinity]", None),
+    ],
+)
+def test_a_refused_payload_keeps_the_id_a_lenient_read_finds(
+    payload: bytes, request_id: str | None
+) -> None:
+    assert bad(payload).request_id == request_id
+
+
+def test_an_error_reply_carries_the_id_of_a_payload_with_infinity(reader: StoreReader) -> None:
+    # `restore --rate inf` once sent this: without its id, the client waited and exited 3.
+    sent = ask(reader, b'{"id": "r-inf", "mode": "replay", "rate": Infinity}')
+    only_error(sent)
+    assert sent[0].body()["id"] == "r-inf"
+
+
 def test_unknown_field_is_named() -> None:
     error = bad(b'{"limt": 5}')
     assert "'limt'" in error.reason
@@ -575,9 +604,9 @@ def test_no_response_topic_answers_below_the_request() -> None:
 
 
 @pytest.mark.parametrize(
-    "given", [f"{PREFIX}/dev/x", f"{PREFIX}/dev-1/response", f"{PREFIX}/other/a/b/c"]
+    "given", [f"{REQUEST}/x", f"{REQUEST}/response", f"{REQUEST}/a/b/c", f"{REQUEST}//x"]
 )
-def test_response_topic_two_levels_below_the_prefix(given: str) -> None:
+def test_response_topic_below_the_requested_device(given: str) -> None:
     assert response_topic(REQUEST, given, PREFIX) == (given, None)
 
 
@@ -586,11 +615,16 @@ def test_response_topic_two_levels_below_the_prefix(given: str) -> None:
     [
         f"{PREFIX}/dev",  # looks like a request
         f"{PREFIX}/dev-1",  # is the request topic itself
+        f"{PREFIX}/dev-1/",  # no level below the device
+        f"{PREFIX}/dev/x",  # another device's subtree
+        f"{PREFIX}/dev-10/x",  # a device whose id starts like ours
+        f"{PREFIX}/other/a/b/c",
         PREFIX,
         "backup",
         "other/topic",
         "backup/restorex/dev/x",
         f"x/{PREFIX}/dev/x",
+        f"x/{REQUEST}/x",
     ],
 )
 def test_response_topic_refused(given: str) -> None:
@@ -1100,6 +1134,20 @@ def test_refused_response_topic_is_one_error_on_the_default_topic(reader: StoreR
     assert sent[0].props.correlation_data == b"c"
 
 
+def test_response_topic_under_another_device_is_refused(reader: StoreReader) -> None:
+    # dev-1's requester must not plant answers (or read dev-1's history) in dev-2's subtree.
+    sent = ask(reader, b'{"id": "x"}', response=f"{PREFIX}/dev-2/r/x", correlation=b"c")
+    assert f"{PREFIX}/dev-2/r/x" in only_error(sent)
+    assert sent[0].topic == DEFAULT_REPLY
+    assert sent[0].body()["id"] == "x"
+
+
+def test_response_topic_under_another_device_when_any_is_allowed(reader: StoreReader) -> None:
+    sent = ask(reader, b"", response=f"{PREFIX}/dev-2/r/x", any_response_topic=True)
+    split(sent)
+    assert {p.topic for p in sent} == {f"{PREFIX}/dev-2/r/x"}
+
+
 def test_any_response_topic_when_the_operator_allows_it(reader: StoreReader) -> None:
     sent = ask(reader, b"", response="my/inbox", any_response_topic=True)
     split(sent)
@@ -1128,6 +1176,82 @@ def test_writes_after_the_reader_opened_are_seen(store: Store, reader: StoreRead
     assert payloads(bodies)[-1] == b"late"
     assert len(bodies) == 6
     assert payloads(stream(reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
+
+
+def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
+    """Fault injection: dev-1's history reads as `rounds` copies of itself, each record slow.
+
+    The records still come from the real store and a topic filter is applied as the real reader
+    applies it, so the service sees a long, slow scan exactly where RocksDB would be slow.
+    """
+    real = reader.messages
+
+    def messages(
+        device: str,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        topic_filter: str | None = None,
+        reverse: bool = False,
+    ) -> Iterator[StoredMessage]:
+        if device != "dev-1":
+            yield from real(device, since_ns, until_ns, topic_filter, reverse)
+            return
+        history = list(real(device, since_ns, until_ns, None, reverse))
+        for _ in range(rounds):
+            for message in history:
+                time.sleep(0.0001)  # a slow disk: blocking, as a RocksDB read is
+                if topic_filter is None or filter_matches(topic_filter, message.record.topic):
+                    yield message
+
+    monkeypatch.setattr(reader, "messages", messages)
+
+
+def test_a_long_scan_does_not_hold_up_another_restore(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filter that matches nothing in a long history used to scan without ever yielding.
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=400)  # 2,000 records scanned
+    terminals: list[str] = []
+
+    class Conn(FakeConn):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> None:
+            if b'"done"' in payload or b'"error"' in payload:
+                terminals.append(self.name)
+            await super().publish(topic, payload, *args, **kw)
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir))
+        slow = Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1)
+        fast = Inbound(f"{PREFIX}/dev-2", b"", qos=1)
+        service.submit(slow, Conn("slow"))
+        service.submit(fast, Conn("fast"))
+        while len(terminals) < 2:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert terminals == ["fast", "slow"]
+
+
+def test_a_limit_ends_the_scan_at_the_last_message_sent(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=1)
+    scanned: list[StoredMessage] = []
+    real = reader.messages
+
+    def counting(*args: Any, **kwargs: Any) -> Iterator[StoredMessage]:
+        for message in real(*args, **kwargs):
+            scanned.append(message)
+            yield message
+
+    monkeypatch.setattr(reader, "messages", counting)
+    bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
+    assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
+    assert len(scanned) == 3  # the status record between them, not the rest of the history
 
 
 def test_window_bounds_publishes_in_flight(store: Store, reader: StoreReader) -> None:
@@ -1310,6 +1434,32 @@ def test_window_cancel_abandons_what_is_in_flight() -> None:
     asyncio.run(asyncio.wait_for(run(), 5))
 
 
+def test_a_publish_waiting_for_a_slot_is_closed_when_the_restore_is_cancelled() -> None:
+    # Abandoned restores (connection lost) are cancelled here; the waiting publish coroutine must
+    # be closed, or Python warns that it "was never awaited".
+    started: list[int] = []
+
+    async def publish(n: int) -> None:
+        started.append(n)
+        await asyncio.Event().wait()
+
+    async def run() -> None:
+        window = Window(1)
+        await window.send(publish(1))
+        waiting = publish(2)
+        sender = asyncio.create_task(window.send(waiting))
+        await asyncio.sleep(0)
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        assert inspect.getcoroutinestate(waiting) == inspect.CORO_CLOSED
+        window.cancel()
+        await window.drain()
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+    assert started == [1]
+
+
 def test_pacer_holds_the_rate() -> None:
     clock = FakeClock()
 
@@ -1361,10 +1511,229 @@ def test_dropped_watcher(tmp_path: Path) -> None:
     assert gap == Gap(1_000, 2_000, "broker-dropped")
     assert log.all() == [gap]
     assert watcher.observe(b"15", now_ns=3_000) is None  # no change
-    assert watcher.observe(b"3", now_ns=4_000) is None  # broker restarted: counter reset
-    assert log.all() == [gap]
+    # The broker restarted (the counter went back) and has dropped 3 since: a gap.
+    assert watcher.observe(b"3", now_ns=4_000) == Gap(3_000, 4_000, "broker-dropped")
     assert watcher.observe(b"5\n", now_ns=5_000) == Gap(4_000, 5_000, "broker-dropped")
-    assert len(log.all()) == 2
+    assert len(log.all()) == 3
+    # Restarted again, at 0, while the bridge ran: a new baseline.
+    assert watcher.observe(b"0", now_ns=6_000) is None
+    assert len(log.all()) == 3
+
+
+BROKER = "127.0.0.1:1883"
+
+
+def _uptime(seconds: int) -> bytes:
+    return f"{seconds} seconds".encode()
+
+
+def test_a_rise_while_the_bridge_was_away_is_a_gap_over_the_downtime(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(1000), now_ns=100 * SEC)
+    first.observe(b"0", now_ns=100 * SEC)
+    first.save()  # the bridge stops at 105 s (its last confirmed reading: 100 s)
+    again = DroppedWatcher(log, tmp_path, BROKER)  # restarted at 900 s; the broker dropped 400
+    again.observe_uptime(_uptime(1800), now_ns=900 * SEC)
+    gap = again.observe(b"400", now_ns=900 * SEC)
+    assert gap == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+    assert log.all() == [gap]
+
+
+def test_no_rise_while_away_is_no_gap(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"7", now_ns=100 * SEC)
+    assert DroppedWatcher(log, tmp_path, BROKER).observe(b"7", now_ns=900 * SEC) is None
+    assert log.all() == []
+
+
+def test_uptime_readings_confirm_the_value_so_the_span_starts_later(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe(b"0", now_ns=100 * SEC)
+    for t in (110, 120, 130):  # the broker's $SYS interval: 10 s
+        first.observe_uptime(_uptime(t), now_ns=t * SEC)
+    first.save()
+    # An uptime reading confirms the counter as of the one before it (counters come after it).
+    gap = DroppedWatcher(log, tmp_path, BROKER).observe(b"3", now_ns=500 * SEC)
+    assert gap == Gap(120 * SEC, 500 * SEC, "broker-dropped")
+
+
+def test_a_stale_first_reading_does_not_move_the_span_start(tmp_path: Path) -> None:
+    # Restarted at 900 s, the retained value still says 0; the broker's next publication (with
+    # what it dropped during the downtime) comes an interval later: the gap covers the downtime.
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(5000), now_ns=900 * SEC)  # retained: confirms nothing
+    assert again.observe(b"0", now_ns=900 * SEC) is None
+    again.observe_uptime(_uptime(5010), now_ns=910 * SEC)
+    assert again.observe(b"300", now_ns=910 * SEC) == Gap(100 * SEC, 910 * SEC, "broker-dropped")
+
+
+def test_a_reading_of_another_broker_is_no_baseline(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    assert DroppedWatcher(log, tmp_path, "other:1883").observe(b"50", now_ns=900 * SEC) is None
+    assert log.all() == []
+
+
+def test_a_broker_restart_while_away_makes_the_downtime_a_gap(tmp_path: Path) -> None:
+    # Its counter restarted at 0: what it dropped before its restart cannot be seen.
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(5000), now_ns=100 * SEC)  # broker up since -4900 s
+    first.observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(300), now_ns=900 * SEC)  # broker up since 600 s: restarted
+    assert again.observe(b"0", now_ns=900 * SEC) == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+
+
+def test_a_lower_value_while_away_is_a_restart_and_a_gap(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"9", now_ns=100 * SEC)
+    gap = DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=900 * SEC)
+    assert gap == Gap(100 * SEC, 900 * SEC, "broker-dropped")
+
+
+def test_a_broker_restart_at_zero_while_running_is_a_new_baseline(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log, tmp_path, BROKER)
+    watcher.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    watcher.observe(b"0", now_ns=100 * SEC)
+    watcher.connected()  # the broker went away and came back
+    watcher.observe_uptime(_uptime(3), now_ns=200 * SEC)
+    assert watcher.observe(b"0", now_ns=200 * SEC) is None
+    # That first reading was the retained one: the next rise's span starts where the old one held.
+    assert watcher.observe(b"2", now_ns=210 * SEC) == Gap(100 * SEC, 210 * SEC, "broker-dropped")
+
+
+def test_a_stale_uptime_is_no_restart(tmp_path: Path) -> None:
+    # Retained $SYS values are up to one interval old: the start estimate wobbles by that much.
+    log = GapLog(tmp_path)
+    first = DroppedWatcher(log, tmp_path, BROKER)
+    first.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    first.observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.observe_uptime(_uptime(5780), now_ns=900 * SEC)  # 20 s "late": a stale reading
+    assert again.observe(b"0", now_ns=900 * SEC) is None
+
+
+def test_the_reading_is_saved_privately_and_atomically(tmp_path: Path) -> None:
+    old_umask = os.umask(0)
+    try:
+        DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER).observe(b"4", now_ns=100 * SEC)
+    finally:
+        os.umask(old_umask)
+    saved = tmp_path / "broker-dropped.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text()) == {
+        "broker": BROKER,
+        "dropped": 4,
+        "seen_ns": 100 * SEC,
+        "broker_started_ns": None,
+    }
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"broker": "x"}', '{"dropped": "a"}'])
+def test_an_unreadable_saved_reading_is_a_fresh_baseline(tmp_path: Path, content: str) -> None:
+    (tmp_path / "broker-dropped.json").write_text(content)
+    watcher = DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER)
+    assert watcher.observe(b"10", now_ns=100 * SEC) is None
+    assert watcher.observe(b"11", now_ns=200 * SEC) is not None
+
+
+def test_drops_are_unknown_until_sys_arrives_on_this_connection(tmp_path: Path) -> None:
+    watcher = DroppedWatcher(GapLog(tmp_path), tmp_path, BROKER)
+    unknown = [watcher.unknown(None, None)]
+    watcher.observe(b"garbage", now_ns=SEC)
+    unknown.append(watcher.unknown(None, None))
+    watcher.observe_uptime(_uptime(5), now_ns=SEC)  # $SYS is readable here
+    unknown.append(watcher.unknown(None, None))
+    watcher.connected()
+    unknown.append(watcher.unknown(None, None))
+    watcher.observe(b"0", now_ns=2 * SEC)
+    unknown.append(watcher.unknown(None, None))
+    assert unknown == [True, True, False, True, False]
+
+
+def test_a_live_reading_is_a_change_even_without_a_baseline(tmp_path: Path) -> None:
+    # A fresh bridge on a broker whose counter has not changed for a minute: no retained value.
+    log = GapLog(tmp_path)
+    watcher = DroppedWatcher(log, tmp_path, BROKER)
+    watcher.connected(now_ns=100 * SEC)
+    watcher.observe_uptime(_uptime(5000), now_ns=100 * SEC)
+    watcher.observe_uptime(_uptime(5010), now_ns=110 * SEC)  # no retained counter came
+    assert watcher.unknown(None, None) is False  # nothing to cover before a first start
+    gap = watcher.observe(b"7", retained=False, now_ns=300 * SEC)
+    assert gap == Gap(100 * SEC, 300 * SEC, "broker-dropped")
+    assert log.all() == [gap]
+
+
+def test_no_retained_value_after_a_short_absence_keeps_the_saved_value(tmp_path: Path) -> None:
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"5", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.connected(now_ns=130 * SEC)  # 30 s away: a change would still be retained
+    again.observe_uptime(_uptime(5000), now_ns=130 * SEC)
+    again.observe_uptime(_uptime(5010), now_ns=140 * SEC)
+    assert again.unknown(None, None) is False
+    assert again.observe(b"5", retained=False, now_ns=150 * SEC) is None
+    assert again.observe(b"6", retained=False, now_ns=160 * SEC) is not None
+
+
+def test_no_retained_value_after_a_long_absence_makes_the_downtime_unknown(
+    tmp_path: Path,
+) -> None:
+    # Mosquitto's $SYS values expire after 60 s: a rise early in a long downtime is not retained
+    # when the bridge comes back. Drops over the downtime are unknown, not complete.
+    log = GapLog(tmp_path)
+    DroppedWatcher(log, tmp_path, BROKER).observe(b"0", now_ns=100 * SEC)
+    again = DroppedWatcher(log, tmp_path, BROKER)
+    again.connected(now_ns=900 * SEC)
+    again.observe_uptime(_uptime(5000), now_ns=900 * SEC)
+    assert again.unknown(None, None) is False  # not decided before an interval passed
+    again.observe_uptime(_uptime(5010), now_ns=910 * SEC)
+    assert again.unknown(None, None) is True
+    assert again.unknown(50 * SEC, 150 * SEC) is True
+    assert again.unknown(950 * SEC, None) is False  # watched live since the reconnect
+    assert again.unknown(None, 100 * SEC) is False
+    assert log.all() == []  # unknown is not a gap: complete stays about what is seen
+    # A later change tells the value moved, but no longer how much before the reconnect.
+    gap = again.observe(b"400", retained=False, now_ns=1000 * SEC)
+    assert gap == Gap(900 * SEC, 1000 * SEC, "broker-dropped")
+    # The next start still knows about the unknown span.
+    assert DroppedWatcher(log, tmp_path, BROKER).unknown(50 * SEC, 150 * SEC) is True
+
+
+def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -> None:
+    watcher = DroppedWatcher(GapLog(reader.data_dir), reader.data_dir, BROKER)
+    done = split(ask(reader, dropped=watcher))[1]
+    assert done == {
+        "done": True,
+        "device": "dev-1",
+        "count": 5,
+        "complete": True,
+        "broker_drops": "unknown",
+    }
+    watcher.observe(b"0")
+    done = split(ask(reader, dropped=watcher))[1]
+    assert "broker_drops" not in done
+    assert done["complete"] is True
+
+
+def test_done_says_broker_drops_unknown_over_an_unknown_span(reader: StoreReader) -> None:
+    data = reader.data_dir
+    DroppedWatcher(GapLog(data), data, BROKER).observe(b"0", now_ns=T[0] - 1000 * SEC)
+    watcher = DroppedWatcher(GapLog(data), data, BROKER)
+    watcher.connected(now_ns=T[2])  # away from long before T[0] until T[2]
+    watcher.observe_uptime(_uptime(9000), now_ns=T[2])
+    watcher.observe_uptime(_uptime(9010), now_ns=T[2] + 10 * SEC)
+    inside = split(ask(reader, dropped=watcher))[1]
+    assert (inside["complete"], inside["broker_drops"]) == (True, "unknown")
+    after = json.dumps({"since": format_ts(T[3])}).encode()
+    assert "broker_drops" not in split(ask(reader, after, dropped=watcher))[1]
 
 
 def test_dropped_watcher_span_starts_at_the_previous_reading(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -23,6 +25,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INFLIGHT = 100
 # aiomqtt warns at more than 10 publishes awaiting their PUBACK; the restore window keeps up to
@@ -133,6 +137,7 @@ class AsyncConnection:
 
     async def __aenter__(self) -> Self:
         """Connect; BrokerRefused on a negative CONNACK, BrokerUnreachable otherwise."""
+        _quiet_closed_socket_errors(asyncio.get_running_loop())
         client = aiomqtt.Client(self.address.host, self.address.port, **self._options)
         try:
             await client.__aenter__()
@@ -164,13 +169,21 @@ class AsyncConnection:
             raise BrokerUnreachable(f"{self.address}: not connected")
         return self._client
 
-    async def subscribe(self, filters: Sequence[str], qos: int = 1) -> None:
-        """Subscribe (MQTT 5: no retained messages re-sent for an existing subscription)."""
+    async def subscribe(
+        self, filters: Sequence[str], qos: int = 1, *, retain_as_published: bool = False
+    ) -> None:
+        """Subscribe; BrokerRefused when the broker refuses a filter.
+
+        `retain_as_published` (MQTT 5) keeps the retain flag of live messages, which a broker
+        otherwise clears; on MQTT 3.1.1 only messages sent because of the subscription have it.
+        """
         client = self._live()
         try:
             if self.mqtt5:
                 options = SubscribeOptions(
-                    qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                    qos=qos,
+                    retainAsPublished=retain_as_published,
+                    retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE,
                 )
                 codes = await client.subscribe([(f, options) for f in filters])
             else:
@@ -229,7 +242,11 @@ class Window:
         if self._failure is not None:
             publish.close()
             raise self._failure
-        await self._slots.acquire()
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            publish.close()  # cancelled while waiting for a slot: never started, never awaited
+            raise
         task = asyncio.create_task(publish)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -251,6 +268,39 @@ class Window:
         """Abandon what is in flight (the connection is gone or the bridge stops)."""
         for task in self._tasks:
             task.cancel()
+
+
+def _quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Make aiomqtt's lost-connection race one warning line instead of an asyncio traceback.
+
+    aiomqtt registers the socket for writing with `call_soon_threadsafe(add_writer, fd, ...)`;
+    when the connection drops before that runs, `add_writer` meets a closed descriptor and asyncio
+    logs "Exception in callback ..." with two tracebacks. The connection's own error (and the
+    reconnect) follows anyway, so one line says what happened. Anything else goes on to the
+    handler that was there before.
+    """
+    previous = loop.get_exception_handler()
+    if isinstance(previous, functools.partial) and previous.func is _closed_socket_handler:
+        return  # installed by an earlier connection on this loop
+    loop.set_exception_handler(functools.partial(_closed_socket_handler, previous))
+
+
+def _closed_socket_handler(
+    previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+    loop: asyncio.AbstractEventLoop,
+    context: dict[str, Any],
+) -> None:
+    exc = context.get("exception")
+    message = str(context.get("message", ""))
+    closed_fd = (isinstance(exc, OSError) and exc.errno == errno.EBADF) or isinstance(
+        exc, ValueError
+    )
+    if closed_fd and ("add_writer(" in message or "add_reader(" in message):
+        log.warning("an MQTT connection closed while it had a write pending (%s)", exc)
+    elif previous is not None:
+        previous(loop, context)
+    else:
+        loop.default_exception_handler(context)
 
 
 def _failed(code: object) -> bool:

@@ -4,21 +4,26 @@
   so a restore never claims a history it does not have.
 - `state.json`: when the bridge was last alive and what it had subscribed to, rewritten atomically
   every few seconds and at shutdown.
+- `broker-dropped.json`: the last reading of the broker's dropped-message counter and until when
+  it was known to hold, so that a rise while the bridge was away becomes a gap at the next start.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mqtt_backup.errors import CorruptRecord
-from mqtt_backup.storage.files import append_line_synced, write_json_atomic
+from mqtt_backup.errors import CorruptRecord, StorageError
+from mqtt_backup.storage.files import append_line_synced, fsync_dir, write_json_atomic
 from mqtt_backup.times import format_ts
 
 GAPS = "gaps.jsonl"
 STATE = "state.json"
+DROPPED = "broker-dropped.json"
 GAP_REASONS = ("session-lost", "downtime", "broker-dropped")
 _APPENDING = threading.Lock()
 
@@ -49,10 +54,10 @@ class Gap:
 
 
 class GapLog:
-    """Append-only, fsynced list of gaps."""
+    """Append-only, fsynced list of gaps (or, under another name, of other spans)."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / GAPS
+    def __init__(self, data_dir: Path, name: str = GAPS) -> None:
+        self.path = data_dir / name
 
     def record(self, gap: Gap) -> None:
         """Append a gap durably (ingest and the restore service both record gaps)."""
@@ -115,3 +120,63 @@ class BridgeState:
             data_dir / STATE,
             {"last_alive_ns": self.last_alive_ns, "subscriptions": self.subscriptions},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedReading:
+    """The broker's `$SYS/broker/publish/messages/dropped` as last read, and until when it held.
+
+    `broker` names the broker it was read from (a reading of another broker is no baseline);
+    `dropped` is None when the value is not known but did not change since `seen_ns`;
+    `broker_started_ns` is the broker's start estimated from `$SYS/broker/uptime` (None when
+    unknown), so that a broker restart, which resets the counter, is recognised.
+    """
+
+    broker: str
+    dropped: int | None
+    seen_ns: int
+    broker_started_ns: int | None = None
+
+    @classmethod
+    def load(cls, data_dir: Path) -> DroppedReading | None:
+        """The saved reading; None when there is none or it does not parse (a fresh baseline)."""
+        try:
+            raw = json.loads((data_dir / DROPPED).read_text(encoding="utf-8"))
+            started, dropped = raw.get("broker_started_ns"), raw["dropped"]
+            return cls(
+                str(raw["broker"]),
+                None if dropped is None else int(dropped),
+                int(raw["seen_ns"]),
+                None if started is None else int(started),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def save(self, data_dir: Path) -> None:
+        """Rewrite the file atomically, readable by the owner only; StorageError when it fails."""
+        _write_private_json(
+            data_dir / DROPPED,
+            {
+                "broker": self.broker,
+                "dropped": self.dropped,
+                "seen_ns": self.seen_ns,
+                "broker_started_ns": self.broker_started_ns,
+            },
+        )
+
+
+def _write_private_json(path: Path, data: Any) -> None:
+    # As write_json_atomic, but born 0600 whatever the umask: the file names the broker.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)  # an old .tmp keeps its mode through O_CREAT
+            json.dump(data, out, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
