@@ -31,6 +31,7 @@ from rocksdict import (
 from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
 from mqtt_backup.keys import KEY_LEN, device_range, record_key, split_key
 from mqtt_backup.records import FORMAT_VERSION, Record, decode_record, encode_record
+from mqtt_backup.storage.cache import RecentCache
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -42,6 +43,9 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _INDEX = struct.Struct(">BQQQQQ")  # version, first_ns, last_ns, count, bytes, dups; then the id
 _INDEX_VERSION = 1
+# Index entries kept in memory per partition, for the write path; the rest are read back from the
+# index column family when their device writes again (memory stays flat whatever the fleet size).
+INDEX_CACHE_ENTRIES = 4096
 
 
 @dataclass(slots=True)
@@ -120,7 +124,7 @@ class Partition:
         self._meta = db.get_column_family_handle(CF_META)
         self._index_cf = db.get_column_family(CF_INDEX)
         self._meta_cf = db.get_column_family(CF_META)
-        self._entries: dict[bytes, IndexEntry] = {}
+        self._entries: RecentCache[bytes, IndexEntry] = RecentCache(INDEX_CACHE_ENTRIES)
         self.clock_ns = self._meta_int(META_CLOCK, _U64)
         self.seq = self._meta_int(META_SEQ, _U32)
         self._sync = WriteOptions()
@@ -226,7 +230,8 @@ class Partition:
         self._put_meta(batch, clock, seq)
         self._commit(batch)
         self.clock_ns, self.seq = clock, seq
-        self._entries.update(touched)
+        for dev_key, entry in touched.items():
+            self._entries.put(dev_key, entry)
 
     def _entry_copy(self, item: Pending) -> IndexEntry:
         known = self._entries.get(item.device_key) or self.index_entry(item.device_key)
@@ -235,6 +240,11 @@ class Partition:
         return IndexEntry(
             known.device_id, known.first_ns, known.last_ns, known.count, known.size, known.dups
         )
+
+    @property
+    def cached_entries(self) -> int:
+        """Index entries held in memory now (bounded by INDEX_CACHE_ENTRIES)."""
+        return len(self._entries)
 
     def index_entry(self, dev_key: bytes) -> IndexEntry | None:
         """The device's index entry in this partition, if it has messages here."""
@@ -359,7 +369,7 @@ class Partition:
             entry.dups -= removal.dups
             batch.put(dev_key, entry.encode(), self._index)
         self._commit(batch)
-        self._entries.pop(dev_key, None)
+        self._entries.pop(dev_key)
         return removal
 
     def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
@@ -385,7 +395,7 @@ class Partition:
         self._put_meta(batch, clock, self.seq)
         self._commit(batch)
         self.clock_ns = clock
-        self._entries.pop(dev_key, None)
+        self._entries.pop(dev_key)
         return copied
 
     def catch_up(self) -> None:

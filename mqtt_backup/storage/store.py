@@ -14,6 +14,7 @@ from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
+from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.storage.files import DirLock, fsync_dir
 from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.manifest import (
@@ -29,7 +30,8 @@ from mqtt_backup.storage.partition import Partition, Pending
 from mqtt_backup.topics import filter_matches
 
 DEFAULT_PARTITIONS = 4
-_LOCATE_CACHE = 100_000
+# Devices whose placement is kept in memory (placement hashes once per partition on a miss).
+LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = 16 * 1024 * 1024
 
 __all__ = ["DeviceInfo", "Pending", "Store", "StoreReader", "StoredMessage"]
@@ -83,7 +85,7 @@ class Store:
         self.gaps = GapLog(data_dir)
         self._lock = lock
         self._weighted = manifest.weighted
-        self._located: dict[str, tuple[str, bytes]] = {}
+        self._located: RecentCache[str, tuple[str, bytes]] = RecentCache(LOCATE_CACHE_ENTRIES)
         self.partitions: dict[str, Partition] = {}
         self.created_dir = False
         self.created_layout = False
@@ -183,10 +185,13 @@ class Store:
         if found is None:
             dev_key = device_key(device_id)
             found = (place(dev_key, self._weighted), dev_key)
-            if len(self._located) >= _LOCATE_CACHE:
-                self._located.clear()
-            self._located[device_id] = found
+            self._located.put(device_id, found)
         return found
+
+    @property
+    def cached_locations(self) -> int:
+        """Device placements held in memory now (bounded by LOCATE_CACHE_ENTRIES)."""
+        return len(self._located)
 
     def write(self, partition: str, items: Sequence[Pending]) -> None:
         """Store items in one partition with a synced WAL; StorageUnavailable when it fails."""
