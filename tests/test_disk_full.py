@@ -115,6 +115,7 @@ def write_until_refused(data: Path) -> str:
         store.close()
 
 
+@pytest.mark.slow
 def test_prune_and_forget_free_a_full_disk_offline(small_disk: Path) -> None:
     data = small_disk
     fill_until_full(data)
@@ -139,6 +140,7 @@ def test_prune_and_forget_free_a_full_disk_offline(small_disk: Path) -> None:
     write_until_refused(data)  # and the store takes writes again
 
 
+@pytest.mark.slow
 def test_prune_frees_a_full_disk_through_the_running_bridge(
     small_disk: Path, broker: Broker, unique: str
 ) -> None:
