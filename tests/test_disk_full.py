@@ -47,10 +47,11 @@ def _unshare_refused() -> str | None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A data dir path on a 64 MiB tmpfs of its own (gone with the holder process)."""
     if (reason := _unshare_refused()) is not None:
         pytest.skip(reason)
+    monkeypatch.setattr(ballast, "MAX_BYTES", 64 * 1024 * 1024)  # an 8th of the disk, then
     mount = tmp_path / "disk"
     mount.mkdir()
     holder = subprocess.Popen(

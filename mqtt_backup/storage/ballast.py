@@ -57,18 +57,19 @@ def keep(data_dir: Path) -> bool:
     call.
     """
     path = data_dir / BALLAST
-    size = size_for(data_dir)
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size >= size:
-            return True
-    if shutil.disk_usage(data_dir).free < size + FULL_BELOW_BYTES:
-        return False
     making = data_dir / f".{BALLAST}.making"
     try:
+        size = size_for(data_dir)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= size:
+                return True
+        if shutil.disk_usage(data_dir).free < size + FULL_BELOW_BYTES:
+            return False
         _allocate(making, size)
         making.rename(path)
     except OSError as exc:
-        making.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            making.unlink(missing_ok=True)
         log.debug("cannot make the ballast in %s: %s", data_dir, exc)
         return False
     return True

@@ -442,9 +442,13 @@ class Partition:
         return True
 
     def allow_compactions(self) -> None:
-        """Let RocksDB compact by itself again (after an open without compactions)."""
-        for family in (self._db, self._index_cf, self._meta_cf):
-            family.set_options({"disable_auto_compactions": "false"})
+        """Let RocksDB compact by itself again (after an open without compactions).
+
+        A handle broken by an I/O error refuses; the next open starts with compactions on.
+        """
+        with contextlib.suppress(Exception):
+            for family in (self._db, self._index_cf, self._meta_cf):
+                family.set_options({"disable_auto_compactions": "false"})
 
     def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
         """Make this partition hold exactly the device's messages and index entry of `source`.
