@@ -207,7 +207,7 @@ class Bridge:
         while not self._requests.empty():
             op, args, future = self._requests.get_nowait()
             try:
-                self.pipeline.commit()  # pending messages go where the current layout says
+                self._before_operation()
                 future.set_result(
                     self._while_serving(functools.partial(operations.run, self.store, op, args))
                 )
@@ -216,6 +216,18 @@ class Bridge:
             except Exception as exc:
                 log.exception("operation %s failed", op)
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
+
+    def _before_operation(self) -> None:
+        """Commit what is pending (it goes where the current layout says), unless the disk is full.
+
+        There a commit would fail, or take the room that the operation (a prune, a forget)
+        needs to free space: the ballast is released instead, and what is pending is held and
+        stored after the operation as usual.
+        """
+        if self.store.make_room():
+            self.store.ensure_open()  # a failed write closed them: reopen before operating
+            return
+        self.pipeline.commit()
 
     def _while_serving(self, work: Callable[[], _R]) -> _R:
         """Run a long operation on this thread while the connection stays answered.
@@ -300,6 +312,7 @@ class Bridge:
 
     def _save_state(self) -> None:
         self._clock.state_at = time.monotonic()
+        self.store.keep_ballast()  # back once a full disk has room again
         if self._disconnected_at is None:
             self._state.last_alive_ns = time.time_ns()
         try:

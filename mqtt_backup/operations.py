@@ -81,6 +81,7 @@ def prune(
     cutoff = None if older_than_ns is None else (now_ns or time.time_ns()) - older_than_ns
     total, devices = Removal(), []
     for part in store.partitions.values():
+        deleted = []
         for dev_key, entry in list(part.index_entries()):
             # The index knows each device's size: one within its budget is not even read.
             budget = max_bytes_per_device
@@ -99,7 +100,10 @@ def prune(
             if removal.count:
                 total.merge(removal)
                 devices.append(_removal_json(entry.device_id, removal))
+                deleted.append(dev_key)
             store.on_progress()
+        if store.freeing_space:  # otherwise RocksDB's compactions give the space back in time
+            part.reclaim(deleted)
     return {
         "dry_run": dry_run,
         "cutoff": format_ts(cutoff) if cutoff is not None else None,
@@ -126,13 +130,16 @@ def forget(
     """Delete one device's history, or its part received before `before_ns`.
 
     Every partition is cleared, not only the device's home: a stale copy left by an interrupted
-    move must not bring forgotten data back when the move is finished.
+    move must not bring forgotten data back when the move is finished. The space is reclaimed
+    at once where the disk has room (the device's range is compacted): forgotten data should
+    leave the disk too.
     """
     partition, dev_key = store.locate(device)
     removal = store.partitions[partition].measure(dev_key, before_ns)
     if not dry_run:
         for part in store.partitions.values():
             gone = part.delete_device_range(dev_key, before_ns)
+            part.reclaim([dev_key])  # also when a first run deleted it and could not reclaim
             if part.name == partition:
                 removal = gone
     return {
@@ -274,7 +281,17 @@ def _holds(store: Store, move: _Move) -> bool:
 
 
 def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Run an operation by name (what the control socket receives); UsageError for bad ones."""
+    """Run an operation by name (what the control socket receives); UsageError for bad ones.
+
+    Afterwards the ballast is made again if the operation gave the disk room for it.
+    """
+    try:
+        return _dispatch(store, op, args)
+    finally:
+        store.keep_ballast()
+
+
+def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     match op:
         case "snapshot":
             return snapshot(store, Path(_arg(args, "dest", str)))

@@ -25,7 +25,7 @@ import pytest
 
 from mqtt_backup import config
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.storage import StoredMessage, StoreReader
+from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,6 +228,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
+    # Every data dir reserves a ballast of allocated space: 1 MiB, not 64, for each test's.
+    monkeypatch.setattr(ballast, "MAX_BYTES", 1024 * 1024)
 
 
 @pytest.fixture

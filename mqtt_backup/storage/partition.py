@@ -11,7 +11,10 @@ after a crash the three always agree.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import struct
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,10 @@ from rocksdict import (
 from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
 from mqtt_backup.keys import KEY_LEN, device_range, record_key, split_key
 from mqtt_backup.records import FORMAT_VERSION, Record, decode_record, encode_record
+from mqtt_backup.storage import ballast
+from mqtt_backup.storage.cache import RecentCache
+
+log = logging.getLogger(__name__)
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -42,6 +49,9 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _INDEX = struct.Struct(">BQQQQQ")  # version, first_ns, last_ns, count, bytes, dups; then the id
 _INDEX_VERSION = 1
+# Index entries kept in memory per partition, for the write path; the rest are read back from the
+# index column family when their device writes again (memory stays flat whatever the fleet size).
+INDEX_CACHE_ENTRIES = 4096
 
 
 @dataclass(slots=True)
@@ -98,6 +108,41 @@ def _families() -> dict[str, Options]:
     return {CF_INDEX: _options(compress=False), CF_META: _options(compress=False)}
 
 
+def _writer_options(create: bool) -> Options:
+    opts = _options(compress=True)
+    opts.create_if_missing(create)
+    opts.create_missing_column_families(True)
+    opts.set_keep_log_file_num(3)
+    return opts
+
+
+@functools.cache
+def _reopen_options() -> tuple[Options, dict[str, Options]] | None:
+    """The writer's options plus avoid_flush_during_recovery, which rocksdict cannot set.
+
+    By default opening replays the WAL into a new table file: on a full disk that fails, and
+    nothing (not even a delete) can run. With the flag the replayed data stays in memory and
+    the WAL is kept until the next flush. rocksdict loads options from a RocksDB OPTIONS file,
+    so a scratch database writes one with exactly our options, the flag is switched there,
+    and it is loaded back. None when that cannot be done (the default options then serve).
+    """
+    flag = "avoid_flush_during_recovery="
+    try:
+        with tempfile.TemporaryDirectory(prefix="mqtt-backup-options-") as scratch:
+            Rdict(scratch, _writer_options(create=True), column_families=_families()).close()
+            written = max(Path(scratch).glob("OPTIONS-*"), key=lambda f: int(f.name[8:]))
+            text = written.read_text()
+            if f"{flag}false" not in text:
+                return None
+            written.write_text(text.replace(f"{flag}false", f"{flag}true"))
+            opts, families = Options.load_latest(scratch)
+    except Exception:  # noqa: BLE001 - any failure leaves the default options, which work
+        return None
+    opts.create_if_missing(False)
+    opts.create_missing_column_families(True)
+    return opts, families
+
+
 def storage_failure(exc: Exception, what: str) -> StorageError:
     """Map rocksdict's bare Exception to our errors by its message."""
     text = str(exc)
@@ -120,7 +165,7 @@ class Partition:
         self._meta = db.get_column_family_handle(CF_META)
         self._index_cf = db.get_column_family(CF_INDEX)
         self._meta_cf = db.get_column_family(CF_META)
-        self._entries: dict[bytes, IndexEntry] = {}
+        self._entries: RecentCache[bytes, IndexEntry] = RecentCache(INDEX_CACHE_ENTRIES)
         self.clock_ns = self._meta_int(META_CLOCK, _U64)
         self.seq = self._meta_int(META_SEQ, _U32)
         self._sync = WriteOptions()
@@ -128,23 +173,30 @@ class Partition:
         self._follows = False
 
     @classmethod
-    def open_writer(cls, name: str, path: Path, create: bool = False) -> Partition:
+    def open_writer(
+        cls, name: str, path: Path, create: bool = False, compactions: bool = True
+    ) -> Partition:
         """Open for writing (creating it only when asked); proves the disk takes a synced write.
 
         A partition the manifest lists but that is gone is an error, not a new empty history:
-        its disk may just not be mounted.
+        its disk may just not be mounted. Without `compactions` (on a full disk) RocksDB starts
+        none by itself until `reclaim()`: one failing for lack of room would make RocksDB refuse
+        the compaction that frees space.
         """
         if not create and not (path / "CURRENT").is_file():
             raise StorageError(
                 f"partition {name} is missing at {path}",
                 "mount its disk, or restore the data directory from a snapshot",
             )
-        opts = _options(compress=True)
-        opts.create_if_missing(create)
-        opts.create_missing_column_families(True)
-        opts.set_keep_log_file_num(3)
+        opts, families = _writer_options(create), _families()
+        if not create:
+            opts, families = _reopen_options() or (opts, families)
+        # What sits only in the WAL must be flushed, on a full disk, with the ballast's room.
+        opts.set_max_total_wal_size(ballast.size_for(path) // 2)
+        for family in (opts, *families.values()):  # the reopen options are shared: set both ways
+            family.set_disable_auto_compactions(not compactions)
         try:
-            db = Rdict(str(path), opts, column_families=_families())
+            db = Rdict(str(path), opts, column_families=families)
         except Exception as exc:
             raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
         part = cls(name, path, db, writable=True)
@@ -226,7 +278,8 @@ class Partition:
         self._put_meta(batch, clock, seq)
         self._commit(batch)
         self.clock_ns, self.seq = clock, seq
-        self._entries.update(touched)
+        for dev_key, entry in touched.items():
+            self._entries.put(dev_key, entry)
 
     def _entry_copy(self, item: Pending) -> IndexEntry:
         known = self._entries.get(item.device_key) or self.index_entry(item.device_key)
@@ -235,6 +288,11 @@ class Partition:
         return IndexEntry(
             known.device_id, known.first_ns, known.last_ns, known.count, known.size, known.dups
         )
+
+    @property
+    def cached_entries(self) -> int:
+        """Index entries held in memory now (bounded by INDEX_CACHE_ENTRIES)."""
+        return len(self._entries)
 
     def index_entry(self, dev_key: bytes) -> IndexEntry | None:
         """The device's index entry in this partition, if it has messages here."""
@@ -359,8 +417,38 @@ class Partition:
             entry.dups -= removal.dups
             batch.put(dev_key, entry.encode(), self._index)
         self._commit(batch)
-        self._entries.pop(dev_key, None)
+        self._entries.pop(dev_key)
         return removal
+
+    def reclaim(self, dev_keys: Sequence[bytes]) -> bool:
+        """Try to give back the disk space of what was deleted for these devices.
+
+        A delete only adds a tombstone: the space returns when the memtables are flushed (the
+        WAL holding the deleted data then goes) and the table files holding the devices'
+        ranges are compacted, which needs room for what they keep, for a moment. Without that
+        room the deletes still stand and RocksDB's own compactions reclaim the space later:
+        False then, and the handle must be reopened before it writes again.
+        """
+        try:
+            if dev_keys:
+                lower, upper = device_range(min(dev_keys))[0], device_range(max(dev_keys))[1]
+                for family in (self._db, self._index_cf, self._meta_cf):
+                    family.flush(True)
+                self._db.compact_range(lower, upper)
+            self.allow_compactions()
+        except Exception as exc:  # noqa: BLE001 - rocksdict raises bare Exceptions
+            log.warning("could not reclaim the space of partition %s yet: %s", self.name, exc)
+            return False
+        return True
+
+    def allow_compactions(self) -> None:
+        """Let RocksDB compact by itself again (after an open without compactions).
+
+        A handle broken by an I/O error refuses; the next open starts with compactions on.
+        """
+        with contextlib.suppress(Exception):
+            for family in (self._db, self._index_cf, self._meta_cf):
+                family.set_options({"disable_auto_compactions": "false"})
 
     def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
         """Make this partition hold exactly the device's messages and index entry of `source`.
@@ -385,7 +473,7 @@ class Partition:
         self._put_meta(batch, clock, self.seq)
         self._commit(batch)
         self.clock_ns = clock
-        self._entries.pop(dev_key, None)
+        self._entries.pop(dev_key)
         return copied
 
     def catch_up(self) -> None:

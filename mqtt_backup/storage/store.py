@@ -14,6 +14,8 @@ from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
+from mqtt_backup.storage import ballast
+from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.storage.files import DirLock, fsync_dir
 from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.manifest import (
@@ -29,8 +31,9 @@ from mqtt_backup.storage.partition import Partition, Pending
 from mqtt_backup.topics import filter_matches
 
 DEFAULT_PARTITIONS = 4
-_LOCATE_CACHE = 100_000
-_MIN_FREE_BYTES = 16 * 1024 * 1024
+# Devices whose placement is kept in memory (placement hashes once per partition on a miss).
+LOCATE_CACHE_ENTRIES = 16384
+_MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
 
 __all__ = ["DeviceInfo", "Pending", "Store", "StoreReader", "StoredMessage"]
 
@@ -83,8 +86,10 @@ class Store:
         self.gaps = GapLog(data_dir)
         self._lock = lock
         self._weighted = manifest.weighted
-        self._located: dict[str, tuple[str, bytes]] = {}
+        self._located: RecentCache[str, tuple[str, bytes]] = RecentCache(LOCATE_CACHE_ENTRIES)
         self.partitions: dict[str, Partition] = {}
+        # Set when an operation found the disk full: it reclaims what it deletes at once.
+        self.freeing_space = False
         self.created_dir = False
         self.created_layout = False
         # Called between the units of a long operation (a device moved, a partition copied), so
@@ -114,8 +119,11 @@ class Store:
                 store.created_layout = True
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
             else:
+                if not create:
+                    store.make_room()  # an operation on a full disk must be able to open it
                 store.open_partitions()
                 store.bury_retired()
+            store.keep_ballast()
         except BaseException:
             lock.release()
             if not existed:
@@ -143,7 +151,7 @@ class Store:
             # An existing directory keeps what it had; only our files go.
             for spec in self.manifest.partitions:
                 shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
-            for name in (MANIFEST, "LOCK", STATE):
+            for name in (MANIFEST, "LOCK", STATE, ballast.BALLAST):
                 (self.data_dir / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (self.data_dir / "partitions").rmdir()
@@ -166,10 +174,35 @@ class Store:
                 path = spec.directory(self.data_dir)
                 if create:
                     path.mkdir(parents=True, exist_ok=True)
-                self.partitions[spec.name] = Partition.open_writer(spec.name, path, create)
+                self.partitions[spec.name] = Partition.open_writer(
+                    spec.name, path, create, compactions=not self.freeing_space
+                )
         except BaseException:
             self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
             raise
+
+    def make_room(self) -> bool:
+        """On a full disk, release the ballast so an operation can open, delete and reclaim.
+
+        True when the disk was full: `freeing_space` then stays set until the ballast is back.
+        """
+        if not ballast.short_of_space(self.data_dir):
+            return False
+        ballast.release(self.data_dir)
+        self.freeing_space = True
+        return True
+
+    def keep_ballast(self) -> None:
+        """Make the ballast again when the disk has room for it (cheap: call it often)."""
+        if ballast.keep(self.data_dir) and self.freeing_space:
+            self.freeing_space = False
+            for part in self.partitions.values():
+                part.allow_compactions()
+
+    def ensure_open(self) -> None:
+        """Open the partitions again when a storage failure closed them."""
+        if set(self.partitions) != {spec.name for spec in self.manifest.partitions}:
+            self.open_partitions()
 
     def close_partitions(self) -> None:
         """Drop every database handle (rocksdict has no resume after an I/O error)."""
@@ -183,10 +216,13 @@ class Store:
         if found is None:
             dev_key = device_key(device_id)
             found = (place(dev_key, self._weighted), dev_key)
-            if len(self._located) >= _LOCATE_CACHE:
-                self._located.clear()
-            self._located[device_id] = found
+            self._located.put(device_id, found)
         return found
+
+    @property
+    def cached_locations(self) -> int:
+        """Device placements held in memory now (bounded by LOCATE_CACHE_ENTRIES)."""
+        return len(self._located)
 
     def write(self, partition: str, items: Sequence[Pending]) -> None:
         """Store items in one partition with a synced WAL; StorageUnavailable when it fails."""

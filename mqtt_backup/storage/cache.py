@@ -1,0 +1,68 @@
+"""A bounded cache of recently used entries, for lookups that run once per message."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class RecentCache(Generic[K, V]):
+    """At most `size` entries, keeping the recently used ones (an approximate LRU).
+
+    Two generations: a hit in the current one costs one dict lookup, with no bookkeeping (a
+    strict LRU would reorder on every hit of the per-message path); a hit in the previous one
+    moves the entry up. When the current generation holds half the size, it becomes the
+    previous one and the old previous one is dropped: an entry survives while it is used at
+    least once per half-size of other insertions.
+    """
+
+    __slots__ = ("_current", "_half", "_previous")
+
+    def __init__(self, size: int) -> None:
+        if size < 2:
+            raise ValueError(f"a cache needs room for 2 entries or more, not {size}")
+        self._half = size // 2
+        self._current: dict[K, V] = {}
+        self._previous: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        """The entry, or None when it is not (or no longer) cached."""
+        value = self._current.get(key)
+        if value is None and self._previous:
+            value = self._previous.pop(key, None)
+            if value is not None:
+                self._add(key, value)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Cache an entry (replacing the one under the same key)."""
+        if key in self._current:
+            self._current[key] = value
+            return
+        self._previous.pop(key, None)
+        self._add(key, value)
+
+    def _add(self, key: K, value: V) -> None:
+        if len(self._current) >= self._half:
+            self._previous, self._current = self._current, {}
+        self._current[key] = value
+
+    def pop(self, key: K) -> None:
+        """Forget an entry (its stored value changed)."""
+        self._current.pop(key, None)
+        self._previous.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._current.clear()
+        self._previous.clear()
+
+    def items(self) -> list[tuple[K, V]]:
+        """Every (key, entry) held now."""
+        return [*self._previous.items(), *self._current.items()]
+
+    def __len__(self) -> int:
+        """Entries held now (never more than the size)."""
+        return len(self._current) + len(self._previous)

@@ -1,0 +1,104 @@
+"""Memory stays flat whatever the fleet size: the per-message caches are bounded.
+
+The bound is tested as behaviour (entries held never exceed it; evicted entries read back
+correctly), not by measuring the process's memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mqtt_backup.keys import device_key
+from mqtt_backup.placement import place
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import partition as partition_mod
+from mqtt_backup.storage import store as store_mod
+from mqtt_backup.storage.cache import RecentCache
+
+BASE_NS = 1_767_225_600 * 10**9
+INDEX_BOUND = 16
+LOCATE_BOUND = 32
+
+
+def test_cache_never_holds_more_than_its_size() -> None:
+    cache: RecentCache[int, str] = RecentCache(10)
+    for n in range(1000):
+        cache.put(n, str(n))
+        assert len(cache) <= 10
+    assert cache.get(999) == "999"
+    assert cache.get(0) is None
+
+
+def test_cache_keeps_what_is_used_and_drops_what_is_not() -> None:
+    cache: RecentCache[int, int] = RecentCache(8)
+    cache.put(-1, -1)
+    for n in range(100):
+        cache.put(n, n)
+        assert cache.get(-1) == -1  # used all along: never evicted
+    assert cache.get(50) is None
+    cache.put(-1, 7)  # replaced, not duplicated
+    assert cache.get(-1) == 7
+    cache.pop(-1)
+    assert cache.get(-1) is None
+    assert len(cache) <= 8
+
+
+def test_cache_size_must_leave_room() -> None:
+    with pytest.raises(ValueError, match="room for 2"):
+        RecentCache[int, int](1)
+
+
+@pytest.fixture
+def small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink both caches so a few hundred devices overflow them."""
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", INDEX_BOUND)
+    monkeypatch.setattr(store_mod, "LOCATE_CACHE_ENTRIES", LOCATE_BOUND)
+
+
+def write_round(store: Store, devices: list[str], clock: int, size: int) -> int:
+    """One message of `size` payload bytes per device, in batches of 50 as ingest would."""
+    for start in range(0, len(devices), 50):
+        items = []
+        for device in devices[start : start + 50]:
+            clock += 1000
+            partition, dev_key = store.locate(device)
+            record = Record(f"devices/{device}/t", os.urandom(size))
+            items.append((partition, Pending(device, dev_key, clock, record)))
+        for partition, group in store_mod.group_by_partition(items).items():
+            store.write(partition, group)
+    return clock
+
+
+@pytest.mark.usefixtures("small_caches")
+def test_caches_stay_bounded_and_evicted_entries_read_back(data_dir: Path) -> None:
+    devices = [f"dev-{n}" for n in range(600)]
+    store = Store.open(data_dir, 3)
+    try:
+        clock = write_round(store, devices, BASE_NS, 10)
+        for part in store.partitions.values():
+            assert part.cached_entries <= INDEX_BOUND
+        assert store.cached_locations <= LOCATE_BOUND
+        # A second round: every device's index entry was evicted and is read back from RocksDB.
+        clock = write_round(store, devices, clock, 20)
+        for part in store.partitions.values():
+            assert part.cached_entries <= INDEX_BOUND
+        assert store.cached_locations <= LOCATE_BOUND
+        placed = {d: store.locate(d)[0] for d in devices[:5]}
+    finally:
+        store.close()
+    with StoreReader(data_dir) as reader:
+        listed = {d.device: d for d in reader.devices()}
+        assert len(listed) == len(devices)
+        for device in devices:
+            info = listed[device]
+            msgs = list(reader.messages(device))
+            assert info.count == len(msgs) == 2
+            assert (info.first_ns, info.last_ns) == (msgs[0].ts_ns, msgs[1].ts_ns)
+            assert [len(m.record.payload) for m in msgs] == [10, 20]
+        weights = reader.manifest.weighted
+    for device, partition in placed.items():
+        assert partition == place(device_key(device), weights)

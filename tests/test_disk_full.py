@@ -1,0 +1,183 @@
+"""A real full disk (ENOSPC from the kernel, not injected): the tool itself frees it.
+
+A small tmpfs is mounted in a new mount namespace, held by a sleeping process; this process
+reaches it through `/proc/<pid>/root`, so RocksDB's own open, WAL replay, flush and compaction
+hit the full filesystem. Needs root (unshare -m and mount); skipped elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mqtt_backup.cli import app
+from mqtt_backup.errors import StorageUnavailable
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Pending, Store, StoreReader, ballast
+from mqtt_backup.storage.ballast import BALLAST, FULL_BELOW_BYTES
+from tests.conftest import BridgeThread, Broker, Sent, make_settings, publish, wait_until
+
+DISK_MIB = 64
+PAYLOAD = 20_000
+runner = CliRunner()
+
+
+def _unshare_refused() -> str | None:
+    if os.geteuid() != 0:
+        return "a real full disk needs root (unshare -m and a tmpfs mount)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"unshare -m with a tmpfs mount is not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A data dir path on a 64 MiB tmpfs of its own (gone with the holder process)."""
+    if (reason := _unshare_refused()) is not None:
+        pytest.skip(reason)
+    monkeypatch.setattr(ballast, "MAX_BYTES", 64 * 1024 * 1024)  # an 8th of the disk, then
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size={DISK_MIB}m tmpfs {mount} && exec sleep 600",
+        ],
+    )
+    # The holder's view of the filesystem: the tmpfs is mounted there, and only there.
+    seen = Path(f"/proc/{holder.pid}/root") / mount.relative_to("/")
+    try:
+        wait_until(lambda: shutil.disk_usage(seen).total == DISK_MIB * 1024 * 1024, 10, "the mount")
+        yield seen / "data"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def free(data: Path) -> int:
+    return shutil.disk_usage(data).free
+
+
+def fill_until_full(data: Path, round_no: int = 0) -> None:
+    """Write through the store until the kernel refuses (ENOSPC), then fill what is left.
+
+    A compaction that hits ENOSPC deletes its half-written output, which leaves room: a
+    filler file beside the data directory (another program's, say) takes it.
+    """
+    assert "No space left on device" in write_until_refused(data)
+    filler = data.parent / f"filler-{round_no}"
+    with filler.open("wb") as f:
+        while free(data) > 256 * 1024:
+            f.write(b"\0" * 65536)
+            f.flush()
+    assert free(data) < 1024 * 1024
+
+
+def write_until_refused(data: Path) -> str:
+    """One round of writes through the store, until it refuses one."""
+    try:
+        store = Store.open(data, partitions=2)
+    except StorageUnavailable as exc:
+        return exc.message()
+    n = 0
+    try:
+        while True:
+            items = []
+            for _ in range(20):
+                n += 1
+                device = "chatty" if n % 10 else f"dev-{n % 7}"
+                partition, dev_key = store.locate(device)
+                record = Record(f"devices/{device}/t", os.urandom(PAYLOAD))
+                items.append((partition, Pending(device, dev_key, time.time_ns(), record)))
+            for partition in {p for p, _ in items}:
+                store.write(partition, [i for p, i in items if p == partition])
+    except StorageUnavailable as exc:
+        return exc.message()
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_prune_and_forget_free_a_full_disk_offline(small_disk: Path) -> None:
+    data = small_disk
+    fill_until_full(data)
+
+    pruned = runner.invoke(
+        app, ["prune", "--data", str(data), "--max-bytes-per-device", "200000", "--json"]
+    )
+    assert pruned.exit_code == 0, pruned.output
+    assert json.loads(pruned.stdout)["messages"] > 0
+    assert free(data) > 24 * 1024 * 1024, "prune gave the space back"
+    assert (data / BALLAST).is_file(), "the ballast is back once there is room"
+
+    fill_until_full(data, 1)
+    forgot = runner.invoke(app, ["forget", "chatty", "--data", str(data), "--json"])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["messages"] > 0
+    assert free(data) > 24 * 1024 * 1024, "forget gave the space back"
+    assert (data / BALLAST).is_file()
+    with StoreReader(data) as reader:
+        assert reader.device("chatty") is None
+        assert reader.devices(), "the other devices are kept"
+    write_until_refused(data)  # and the store takes writes again
+
+
+@pytest.mark.slow
+def test_prune_frees_a_full_disk_through_the_running_bridge(
+    small_disk: Path, broker: Broker, unique: str
+) -> None:
+    data = small_disk
+    bridge = BridgeThread(make_settings(broker, data, batch_max=20))
+    try:
+        payload = os.urandom(PAYLOAD)
+        # More than the disk holds: the bridge stalls on ENOSPC, the broker keeps the rest.
+        publish(broker, [Sent(f"devices/{unique}/t", payload) for _ in range(DISK_MIB * 60)])
+        wait_until(lambda: bridge.bridge._transport.stall.active, 60, "storage to stall")
+        # A write, flush or compaction that hit ENOSPC leaves its partial file behind a moment.
+        assert free(data) < FULL_BELOW_BYTES
+        assert (data / BALLAST).is_file(), "ingest never eats the ballast"
+
+        pruned = runner.invoke(
+            app, ["prune", "--data", str(data), "--max-bytes-per-device", "100000", "--json"]
+        )
+        assert pruned.exit_code == 0, pruned.output
+        assert json.loads(pruned.stdout)["messages"] > 0
+        assert free(data) > DISK_MIB * 1024 * 1024 // 2
+        wait_until(lambda: not bridge.bridge._transport.stall.active, 60, "ingest to resume")
+    finally:
+        bridge.stop()
+
+
+def test_a_new_store_reserves_its_ballast_and_makes_it_again(data_dir: Path) -> None:
+    store = Store.open(data_dir, partitions=2)
+    try:
+        path = data_dir / BALLAST
+        assert path.stat().st_size == ballast.size_for(data_dir)
+        assert path.stat().st_blocks * 512 >= path.stat().st_size, "allocated, not sparse"
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert not store.make_room(), "a disk with room keeps its ballast"
+        assert ballast.release(data_dir) == ballast.size_for(data_dir)
+        assert not path.exists()
+        store.keep_ballast()
+        assert path.stat().st_size == ballast.size_for(data_dir)
+    finally:
+        store.close()
