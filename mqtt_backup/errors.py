@@ -69,8 +69,20 @@ class DataDirMissing(StorageError):
     """no data directory: {detail}"""
 
 
+class ForeignDataDir(StorageError):
+    """not an mqtt-backup data directory: {detail}"""
+
+
 class CorruptRecord(StorageError):
     """corrupt record: {detail}"""
+
+
+class BadManifest(CorruptRecord):
+    """damaged manifest: {detail}"""
+
+
+class NewerFormat(StorageError):
+    """written by a newer mqtt-backup: {detail}"""
 
 
 class StorageUnavailable(StorageError):

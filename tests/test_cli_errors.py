@@ -496,11 +496,15 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
     cwd: Path, closed_url: str, tmp_path: Path
 ) -> None:
     empty = cwd / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("mine")
+    (empty / "lost+found").mkdir(parents=True)  # a freshly mounted volume counts as empty
     result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
     one_line_error(result, EXIT_BROKER)
-    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in empty.iterdir()) == ["lost+found"]
+    # A directory holding someone's files is not adopted at all (tests/test_store_safety.py).
+    (empty / "notes.txt").write_text("mine")
+    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
+    assert "not an mqtt-backup data directory" in one_line_error(result, EXIT_STORAGE)
+    assert sorted(p.name for p in empty.iterdir()) == ["lost+found", "notes.txt"]
     # An existing store keeps its client id when a start with another one fails.
     data = tmp_path / "store"
     Store.open(data, partitions=2).close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -10,16 +9,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
+from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage.files import DirLock, fsync_dir
-from mqtt_backup.storage.journal import STATE, GapLog
+from mqtt_backup.storage.journal import GapLog
 from mqtt_backup.storage.manifest import (
     MANIFEST,
     Manifest,
     PartitionSpec,
+    layout_problem,
     load_manifest,
     manifest_path,
     new_manifest,
@@ -29,6 +29,7 @@ from mqtt_backup.storage.partition import Partition, Pending
 from mqtt_backup.topics import filter_matches
 
 DEFAULT_PARTITIONS = 4
+PARTITIONS = "partitions"
 _LOCATE_CACHE = 100_000
 _MIN_FREE_BYTES = 16 * 1024 * 1024
 
@@ -87,6 +88,7 @@ class Store:
         self.partitions: dict[str, Partition] = {}
         self.created_dir = False
         self.created_layout = False
+        self._found: frozenset[str] = frozenset()  # what the directory held before this open
         # Called between the units of a long operation (a device moved, a partition copied), so
         # a running bridge can answer keepalives meanwhile.
         self.on_progress: Callable[[], None] = _nothing
@@ -105,11 +107,13 @@ class Store:
         existed = data_dir.exists()
         # Operations on an existing store (prune, forget) must work on a full disk: they free it.
         _check_data_dir(data_dir, need_space=create)
+        found = _refuse_foreign(data_dir)  # before the lock: its LOCK file may be another's
         lock = DirLock(data_dir)
         lock.acquire()
         try:
             store = cls(data_dir, _load_manifest(data_dir, partitions, client_id), lock)
             store.created_dir = not existed
+            store._found = found
             if store.manifest is _UNSAVED:
                 store.created_layout = True
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
@@ -140,13 +144,13 @@ class Store:
         if self.created_dir:
             _remove_new_dir(self.data_dir)
         elif self.created_layout:
-            # An existing directory keeps what it had; only our files go.
-            for spec in self.manifest.partitions:
-                shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
-            for name in (MANIFEST, "LOCK", STATE):
-                (self.data_dir / name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                (self.data_dir / "partitions").rmdir()
+            # An existing directory keeps what it had: only what this start made goes.
+            for name in _LAYOUT - self._found:
+                path = self.data_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def keep_client_id(self) -> None:
         """Write a client id given on the command line to the manifest (after it connected)."""
@@ -198,6 +202,7 @@ class Store:
     def open_new_partition(self, spec: PartitionSpec) -> Partition:
         """Open (creating it when needed) a partition that the manifest does not list yet."""
         path = spec.directory(self.data_dir)
+        self._check_new_path(spec)
         mark = f"{self.client_id} {spec.name}\n"
         try:
             if path.exists() and any(path.iterdir()):
@@ -211,6 +216,22 @@ class Store:
         part = Partition.open_writer(spec.name, path)
         self.partitions[spec.name] = part
         return part
+
+    def _check_new_path(self, spec: PartitionSpec) -> None:
+        """UsageError when a new partition's directory would sit on the store's own files."""
+        path = spec.directory(self.data_dir).resolve()
+        inside = path.is_relative_to(self.data_dir.resolve())
+        if inside and path.parent != (self.data_dir / PARTITIONS).resolve():
+            # Everything else in the data directory is the store's own (the restore reader's
+            # scratch space is wiped at every start).
+            raise UsageError(
+                f"--path {spec.path} lies among the data directory's own files",
+                f"use {PARTITIONS}/{spec.name}, or a directory outside {self.data_dir}",
+            )
+        specs = (*self.manifest.partitions, spec)
+        problem = layout_problem(self.data_dir, specs, self.manifest.retired)
+        if problem:
+            raise UsageError(f"--path {spec.path}: {problem}", "choose a directory of its own")
 
     def switch(self, manifest: Manifest) -> None:
         """Make `manifest` the layout, atomically on disk; close partitions it no longer lists."""
@@ -267,6 +288,31 @@ _NO_LAYOUT = Manifest(0, "", ())
 def _remove_new_dir(data_dir: Path) -> None:
     # Only ever called for a directory this process created moments ago.
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# What a start lays out before its manifest exists (and `discard_new` takes back).
+_LAYOUT = frozenset({MANIFEST, f"{MANIFEST}.tmp", "LOCK", PARTITIONS})
+# Names a file system puts in a new volume's root: a mounted disk is still an empty directory.
+_VOLUME = frozenset({"lost+found"})
+
+
+def _refuse_foreign(data_dir: Path) -> frozenset[str]:
+    """What the directory holds; ForeignDataDir when that is neither nothing nor ours.
+
+    Ours is a manifest, or the start of a layout that a crash cut short before its manifest.
+    Anything else (another program's database, someone's files) is not touched at all.
+    """
+    try:
+        found = frozenset(entry.name for entry in data_dir.iterdir())
+    except OSError as exc:
+        raise StorageError(f"cannot list {data_dir}: {exc.strerror or exc}") from exc
+    if MANIFEST in found or found <= _LAYOUT | _VOLUME:
+        return found
+    shown = ", ".join(sorted(found - _LAYOUT - _VOLUME)[:3])
+    raise ForeignDataDir(
+        f"{data_dir} holds other files ({shown}) and no {MANIFEST}",
+        "give --data an empty or new directory; mqtt-backup will not write into this one",
+    )
 
 
 def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
