@@ -7,12 +7,14 @@ must open it, read-only and as a writer, and read every message back unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,24 @@ import pytest
 from rocksdict import Rdict
 from typer.testing import CliRunner
 
+from mqtt_backup import operations
 from mqtt_backup.cli import app
-from mqtt_backup.config import ENV_PREFIX
+from mqtt_backup.config import ENV_PREFIX, Settings
 from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE, BadManifest, ForeignDataDir
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import store as store_module
-from mqtt_backup.storage.journal import BridgeState
+from mqtt_backup.storage.journal import BridgeState, Gap
 from mqtt_backup.storage.manifest import MANIFEST, load_manifest, manifest_path
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    stored_count,
+    wait_until,
+)
 from tools.devbroker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -362,3 +374,104 @@ def fill(data: Path, fleet: dict[str, list[str]]) -> None:
             store.write(partition, items)
     finally:
         store.close()
+
+
+# ---- private to its owner -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual login umask: new files would be 0644, directories 0755."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def open_to_others(root: Path) -> list[str]:
+    """Entries below `root` (itself included) that group or others may read, with their mode."""
+    found = []
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o077:
+            found.append(f"{oct(mode)} {path.relative_to(root.parent)}")
+    return found
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_running_bridge_keeps_everything_private(
+    broker: Broker, tmp_path: Path, run_bridge: Callable[[Settings], BridgeThread], unique: str
+) -> None:
+    data = tmp_path / "data"
+    bridge = run_bridge(make_settings(broker, data))
+    wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service")
+    publish(broker, [Sent(f"devices/{unique}/t", b"secret payload")])
+    wait_until(lambda: stored_count(data) == 1, 20, "the message to be stored")
+    bridge.bridge.store.gaps.record(Gap(1, 2, "session-lost"))
+    modes = {stat.S_IMODE(p.lstat().st_mode) for p in [data, *data.rglob("*")]}
+    assert open_to_others(data) == []
+    assert modes >= {0o700, 0o600}
+    bridge.stop()
+    assert open_to_others(data) == []
+    assert os.umask(0o022) == 0o022, "the process umask is given back when the store closes"
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "data"
+    outside = tmp_path / "disk2" / "p9"
+    store = Store.open(data, 2)
+    try:
+        add_partition(store, "p9", str(outside))
+    finally:
+        store.close()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert open_to_others(data) == []
+    assert open_to_others(outside) == []
+    assert (outside / "CURRENT").is_file()
+
+
+def add_partition(store: Store, name: str, path: str) -> None:
+    """`partitions add NAME --path PATH` on an open store."""
+    operations.partitions_add(store, name, path)
+
+
+def test_an_existing_open_store_is_tightened_and_says_so_once(
+    store_v1: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Release 1 left its stores 0755/0644 (the fixture keeps that).
+    assert open_to_others(store_v1)
+    with caplog.at_level(logging.INFO, logger="mqtt_backup.storage.store"):
+        Store.open(store_v1, create=False).close()
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1, said
+        assert "private to its owner" in said[0]
+        assert str(store_v1) in said[0]
+        assert open_to_others(store_v1) == []
+        caplog.clear()
+        Store.open(store_v1, create=False).close()
+        assert caplog.records == [], "already private: nothing more to say"
+    assert exported(store_v1) == expected_v1()
+
+
+def test_a_store_it_cannot_tighten_gives_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    Store.open(data, 2).close()
+    data.chmod(0o755)
+    real_chmod = Path.chmod
+
+    def not_owner(path: Path, mode: int, **kwargs: Any) -> None:
+        if path == data:
+            raise PermissionError(1, "Operation not permitted")  # owned by another user
+        real_chmod(path, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", not_owner)
+    with caplog.at_level(logging.WARNING, logger="mqtt_backup.storage.store"):
+        Store.open(data).close()
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert f"cannot make {data} private" in warned[0].getMessage()
+    assert "chmod -R go=" in warned[0].getMessage()

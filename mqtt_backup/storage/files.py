@@ -1,4 +1,4 @@
-"""Small durable-file helpers: atomic replace, fsynced append, the data directory lock."""
+"""Small durable-file helpers: atomic replace, fsynced append, the data directory lock, privacy."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,7 @@ class DirLock:
     def acquire(self) -> None:
         """Take the lock or raise DataDirLocked saying who may hold it."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
         try:
@@ -83,3 +87,67 @@ class DirLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+# Stored payloads are private: while a store is open, what this process creates (RocksDB's own
+# files included, which no option of ours reaches) is born 0600, its directories 0700.
+PRIVATE_UMASK = 0o077
+
+
+class _PrivateUmask:
+    """The process umask held at PRIVATE_UMASK while any store is open, then given back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = 0
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = os.umask(PRIVATE_UMASK)
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                os.umask(self._saved)
+
+
+PRIVATE_UMASK_HOLD = _PrivateUmask()
+
+
+@dataclass(slots=True)
+class Privacy:
+    """What `make_private` did: how many entries it tightened, which it could not."""
+
+    tightened: int = 0
+    refused: list[tuple[Path, int]] = field(default_factory=list)  # (path, owner uid)
+
+
+def make_private(roots: Iterable[Path]) -> Privacy:
+    """Take group and other permissions off everything below `roots` (symlinks not followed)."""
+    done = Privacy()
+    for root in roots:
+        for top, _dirs, files in os.walk(root):
+            for path in (Path(top), *(Path(top) / name for name in files)):
+                _make_private(path, done)
+    return done
+
+
+def _make_private(path: Path, done: Privacy) -> None:
+    try:
+        info = path.lstat()
+    except OSError:
+        return  # RocksDB removed an obsolete file meanwhile
+    if stat.S_ISLNK(info.st_mode) or not info.st_mode & PRIVATE_UMASK:
+        return
+    try:
+        path.chmod(stat.S_IMODE(info.st_mode) & ~PRIVATE_UMASK)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        done.refused.append((path, info.st_uid))
+    else:
+        done.tightened += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable,
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
-from mqtt_backup.storage.files import DirLock, fsync_dir
+from mqtt_backup.storage.files import PRIVATE_UMASK_HOLD, DirLock, fsync_dir, make_private
 from mqtt_backup.storage.journal import GapLog
 from mqtt_backup.storage.manifest import (
     MANIFEST,
@@ -27,6 +28,8 @@ from mqtt_backup.storage.manifest import (
 )
 from mqtt_backup.storage.partition import Partition, Pending
 from mqtt_backup.topics import filter_matches
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 4
 PARTITIONS = "partitions"
@@ -89,6 +92,7 @@ class Store:
         self.created_dir = False
         self.created_layout = False
         self._found: frozenset[str] = frozenset()  # what the directory held before this open
+        self._holds_umask = False
         # Called between the units of a long operation (a device moved, a partition copied), so
         # a running bridge can answer keepalives meanwhile.
         self.on_progress: Callable[[], None] = _nothing
@@ -101,7 +105,24 @@ class Store:
         client_id: str | None = None,
         create: bool = True,
     ) -> Store:
-        """Open (or create) the data directory for writing; StorageError says why it cannot."""
+        """Open (or create) the data directory for writing; StorageError says why it cannot.
+
+        While it is open, whatever this process creates is private to its owner (files 0600,
+        directories 0700, RocksDB's own included), and an existing store is made so at opening.
+        """
+        PRIVATE_UMASK_HOLD.hold()
+        try:
+            store = cls._open(data_dir, partitions, client_id, create)
+        except BaseException:
+            PRIVATE_UMASK_HOLD.release()
+            raise
+        store._holds_umask = True
+        return store
+
+    @classmethod
+    def _open(
+        cls, data_dir: Path, partitions: int | None, client_id: str | None, create: bool
+    ) -> Store:
         if not create:
             load_manifest(data_dir)  # DataDirMissing, with a hint, when there is nothing to open
         existed = data_dir.exists()
@@ -120,6 +141,7 @@ class Store:
             else:
                 store.open_partitions()
                 store.bury_retired()
+            store.make_private()
         except BaseException:
             lock.release()
             if not existed:
@@ -253,10 +275,37 @@ class Store:
             shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
         self.switch(dataclasses.replace(self.manifest, retired=()))
 
+    def make_private(self) -> None:
+        """Take group and other permissions off the store's files; log what changed, once."""
+        home = self.data_dir.resolve()
+        away = [d for d in self._directories() if not d.resolve().is_relative_to(home)]
+        done = make_private([self.data_dir, *away])
+        if done.tightened:
+            log.info(
+                "made %s private to its owner: %d files and folders were open to other users",
+                self.data_dir,
+                done.tightened,
+            )
+        if done.refused:
+            path, uid = done.refused[0]
+            log.warning(
+                "cannot make %s private (owned by uid %d): other local users may read the stored "
+                "messages; run 'chmod -R go= %s' as its owner",
+                path,
+                uid,
+                path,
+            )
+
+    def _directories(self) -> list[Path]:
+        return [s.directory(self.data_dir) for s in self.manifest.partitions]
+
     def close(self) -> None:
-        """Close every partition and release the directory lock."""
+        """Close every partition, release the directory lock and the private umask."""
         self.close_partitions()
         self._lock.release()
+        if self._holds_umask:
+            self._holds_umask = False
+            PRIVATE_UMASK_HOLD.release()
 
 
 _ADDING = "MQTT_BACKUP_ADDING"
