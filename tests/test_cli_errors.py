@@ -198,7 +198,7 @@ def test_bad_environment_variable_is_named(cwd: Path, name: str, value: str) -> 
         ("ftp://x", "mqtt://"),
         ("mqtt://", "no host"),
         ("mqtt://host:99999", "99999"),
-        ("mqtt://host:port", "host:port"),
+        ("mqtt://host:port", "host:***"),  # a port that is no number may be a password
         ("mqtt://host/path", "path"),
         ("127.0.0.1:1883", "mqtt://"),
     ],
@@ -207,6 +207,25 @@ def test_bad_broker_url(cwd: Path, url: str, expect: str) -> None:
     line = one_line_error(cli("run", "--broker", url, cwd=cwd), EXIT_USAGE)
     assert expect in line
     assert not (cwd / "mqtt-backup-data").exists()
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "toml"])
+@pytest.mark.parametrize(
+    "url",
+    ["mqtt://bridge:hunter2@host/x", "mqtt://bridge:pa/hunter2@host", "mqtt://bridge:hunter2"],
+)
+def test_a_bad_broker_url_never_shows_its_password(cwd: Path, source: str, url: str) -> None:
+    match source:
+        case "flag":
+            result = cli("run", "--broker", url, cwd=cwd)
+        case "env":
+            result = cli("run", cwd=cwd, env={f"{ENV_PREFIX}BROKER": url})
+        case _:
+            (cwd / "mqtt-backup.toml").write_text(f"broker = {json.dumps(url)}\n")
+            result = cli("run", cwd=cwd)
+    line = one_line_error(result, EXIT_USAGE)
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "bridge:***" in line
 
 
 @pytest.mark.parametrize(
