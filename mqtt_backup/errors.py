@@ -28,7 +28,12 @@ class BackupError(Exception):
         """The one line the user sees."""
         template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
         text = template.format(detail=self.detail)
-        return f"{text}. Try: {self.hint}" if self.hint else text
+        # One line, whatever a library put in the detail (RocksDB's texts span several).
+        return _one_line(f"{text.rstrip('.')}. Try: {self.hint}" if self.hint else text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class UsageError(BackupError):

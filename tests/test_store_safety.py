@@ -6,6 +6,7 @@ must open it, read-only and as a writer, and read every message back unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -25,10 +26,17 @@ from typer.testing import CliRunner
 from mqtt_backup import operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import ENV_PREFIX, Settings
-from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE, BadManifest, ForeignDataDir
+from mqtt_backup.errors import (
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    BadManifest,
+    DataDirLocked,
+    ForeignDataDir,
+)
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import store as store_module
+from mqtt_backup.storage.files import DirLock
 from mqtt_backup.storage.journal import BridgeState, Gap
 from mqtt_backup.storage.manifest import MANIFEST, load_manifest, manifest_path
 from tests.conftest import (
@@ -475,3 +483,77 @@ def test_a_store_it_cannot_tighten_gives_a_warning(
     assert len(warned) == 1
     assert f"cannot make {data} private" in warned[0].getMessage()
     assert "chmod -R go=" in warned[0].getMessage()
+
+
+# ---- the data directory's lock ------------------------------------------------------------------
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_lock_error_names_the_live_holder_not_a_stale_pid(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    Store.open(data, 2).close()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (data / "LOCK").write_text(str(dead.pid))  # what a bridge killed long ago left behind
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(data / "LOCK")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DataDirLocked) as caught:
+            Store.open(data)
+        message = caught.value.message()
+        assert f"held by pid {holder.pid}" in message
+        assert str(dead.pid) not in message
+    finally:
+        holder.kill()
+        holder.wait()
+    Store.open(data).close()
+
+
+def test_a_lock_file_deleted_under_the_opener_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    Store.open(data, 2).close()
+    real_flock = fcntl.flock
+    deleted = []
+
+    def deleted_first(fd: int, operation: int) -> None:
+        if not deleted:  # another process removes the file between our open and our flock
+            (data / "LOCK").unlink()
+            deleted.append(True)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", deleted_first)
+    store = Store.open(data)
+    try:
+        monkeypatch.undo()
+        # The lock it holds is on the file every other opener finds, so none gets in beside it.
+        with pytest.raises(DataDirLocked):
+            DirLock(data).acquire()
+    finally:
+        store.close()
+
+
+# ---- damaged RocksDB files ----------------------------------------------------------------------
+
+
+def test_a_truncated_table_file_is_one_line_with_a_hint(store_v1: Path, closed_url: str) -> None:
+    table = min((store_v1 / "partitions" / "p1").glob("*.sst"))
+    with table.open("r+b") as handle:
+        handle.truncate(table.stat().st_size // 3)
+    for command in (["devices"], ["export"], ["run", "--broker", closed_url]):
+        result = cli(*command, "--data", str(store_v1), cwd=store_v1.parent)
+        line = one_line_error(result, EXIT_STORAGE)
+        assert "partition p1" in line
+        assert table.name in line
+        assert "Try: restore the partition from a snapshot" in line

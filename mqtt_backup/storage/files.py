@@ -63,23 +63,33 @@ class DirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise DataDirLocked saying who may hold it."""
+        """Take the lock or raise DataDirLocked naming the process that holds it."""
+        for _ in range(10):
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(fd)
+                os.close(fd)
+                raise DataDirLocked(
+                    f"{self.path.parent} is held by {holder}",
+                    "stop the other bridge, or give this one its own --data directory",
+                ) from None
+            if _still_at(fd, self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._fd = fd
+                return
+            # Deleted or replaced between our open and our flock: a lock on a file nobody else
+            # will open again would let a second writer in. Lock the file that is there now.
+            os.close(fd)
+        raise DataDirLocked(f"{self.path} keeps being replaced", "check what else writes there")
+
+    def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise DataDirLocked(
-                f"{self.path.parent} is held by pid {holder}",
-                "stop the other bridge, or give this one its own --data directory",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
 
     def release(self) -> None:
         """Let go of the lock (closing the descriptor drops the flock)."""
@@ -87,6 +97,46 @@ class DirLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+def lock_holder(fd: int) -> str:
+    """'pid N' of the live process holding the flock on `fd`'s file, or 'another process'.
+
+    The kernel's lock table names the holder; the pid written into the file is only the last
+    writer's, which may have exited since (or never written, for another program).
+    """
+    info = os.fstat(fd)
+    try:
+        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return "another process"
+    for line in table.splitlines():
+        fields = line.split()
+        if "FLOCK" not in fields or "->" in fields:  # "->" marks a waiter, not the holder
+            continue
+        at = fields.index("FLOCK") + 3  # FLOCK ADVISORY WRITE <pid> <major:minor:inode>
+        if at + 1 < len(fields) and _same_inode(fields[at + 1], info):
+            pid = int(fields[at]) if fields[at].isdigit() else 0
+            return f"pid {pid}" if pid > 0 else "another process"
+    return "another process"
+
+
+def _same_inode(text: str, info: os.stat_result) -> bool:
+    try:
+        major, minor, inode = text.split(":")
+        where = (int(major, 16), int(minor, 16), int(inode))
+    except ValueError:
+        return False
+    return where == (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
 
 
 # Stored payloads are private: while a store is open, what this process creates (RocksDB's own
