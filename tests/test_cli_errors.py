@@ -541,3 +541,15 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
     )
     one_line_error(refused, EXIT_BROKER)
     assert json.loads((data / "manifest.json").read_text())["client_id"] == before
+
+
+@pytest.mark.parametrize("device", ["[red]x[", "[bold]b[/bold]", ":smile:", "a\\[b]"])
+def test_tables_show_device_ids_as_they_are(runner: CliRunner, tmp_path: Path, device: str) -> None:
+    data = tmp_path / "data"
+    fill(data, {device: [(f"devices/{device}/t", b"1")]})
+    listed = runner.invoke(app, ["devices", "--data", str(data)])
+    assert listed.exit_code == 0, listed.output
+    assert f" {device} " in listed.stdout
+    dry = runner.invoke(app, ["prune", "--older-than", "1d", "--data", str(data), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f" {device} " in dry.stdout  # the table of what it would delete
