@@ -525,7 +525,7 @@ def test_a_lock_file_deleted_under_the_opener_is_not_trusted(
     data = tmp_path / "data"
     Store.open(data, 2).close()
     real_flock = fcntl.flock
-    deleted = []
+    deleted: list[bool] = []
 
     def deleted_first(fd: int, operation: int) -> None:
         if not deleted:  # another process removes the file between our open and our flock
