@@ -195,6 +195,14 @@ def test_a_directory_of_other_files_is_refused(tmp_path: Path) -> None:
     assert contents(mine) == {"notes.txt": b"mine"}
 
 
+def test_a_partitions_folder_of_another_kind_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "partitions" / "2024-q1").mkdir(parents=True)
+    with pytest.raises(ForeignDataDir):
+        Store.open(data, 2)
+    assert contents(data) == {"partitions": None, "partitions/2024-q1": None}
+
+
 def test_an_empty_volume_is_taken_and_a_failed_start_gives_it_back(tmp_path: Path) -> None:
     volume = tmp_path / "volume"
     (volume / "lost+found").mkdir(parents=True)

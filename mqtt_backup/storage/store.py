@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -355,13 +356,23 @@ def _refuse_foreign(data_dir: Path) -> frozenset[str]:
         found = frozenset(entry.name for entry in data_dir.iterdir())
     except OSError as exc:
         raise StorageError(f"cannot list {data_dir}: {exc.strerror or exc}") from exc
-    if MANIFEST in found or found <= _LAYOUT | _VOLUME:
+    if MANIFEST in found or (found <= _LAYOUT | _VOLUME and _new_partitions_only(data_dir)):
         return found
-    shown = ", ".join(sorted(found - _LAYOUT - _VOLUME)[:3])
+    shown = ", ".join(sorted(found - _LAYOUT - _VOLUME)[:3] or [f"{PARTITIONS}/..."])
     raise ForeignDataDir(
         f"{data_dir} holds other files ({shown}) and no {MANIFEST}",
         "give --data an empty or new directory; mqtt-backup will not write into this one",
     )
+
+
+def _new_partitions_only(data_dir: Path) -> bool:
+    # A layout cut short holds only the partitions a new manifest names: p0, p1, ...
+    try:
+        return all(re.fullmatch(r"p\d+", e.name) for e in (data_dir / PARTITIONS).iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
