@@ -203,11 +203,17 @@ def test_a_partitions_folder_of_another_kind_is_refused(tmp_path: Path) -> None:
     assert contents(data) == {"partitions": None, "partitions/2024-q1": None}
 
 
-def test_an_empty_volume_is_taken_and_a_failed_start_gives_it_back(tmp_path: Path) -> None:
+def test_an_empty_volume_is_taken_and_a_failed_start_gives_it_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     volume = tmp_path / "volume"
     (volume / "lost+found").mkdir(parents=True)
-    store = Store.open(volume, 2)
+    volume.chmod(0o755)
+    with caplog.at_level(logging.INFO):
+        store = Store.open(volume, 2)
     assert (volume / MANIFEST).is_file()
+    assert stat.S_IMODE(volume.stat().st_mode) == 0o700
+    assert caplog.records == [], "a new layout is private from the start: nothing to report"
     store.discard_new()  # what a start that fails afterwards (broker unreachable) does
     assert contents(volume) == {"lost+found": None}
 

@@ -142,7 +142,7 @@ class Store:
             else:
                 store.open_partitions()
                 store.bury_retired()
-            store.make_private()
+            store.make_private(say=not store.created_layout)  # a new layout has nothing to report
         except BaseException:
             lock.release()
             if not existed:
@@ -276,12 +276,12 @@ class Store:
             shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
         self.switch(dataclasses.replace(self.manifest, retired=()))
 
-    def make_private(self) -> None:
+    def make_private(self, say: bool = True) -> None:
         """Take group and other permissions off the store's files; log what changed, once."""
         home = self.data_dir.resolve()
         away = [d for d in self._directories() if not d.resolve().is_relative_to(home)]
         done = make_private([self.data_dir, *away])
-        if done.tightened:
+        if done.tightened and say:
             log.info(
                 "made %s private to its owner: %d files and folders were open to other users",
                 self.data_dir,
