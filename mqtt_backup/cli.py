@@ -261,8 +261,14 @@ def devices(
             str(d.dups),
             d.partition,
         )
+    _table_console().print(table)
+
+
+def _table_console() -> Console:
+    """Tables show stored data as it is: a device id like `[red]x[` is text, not markup."""
     # Piped output is for reading in full: do not truncate columns to 80 characters.
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    width = None if sys.stdout.isatty() else 250
+    return Console(width=width, markup=False, emoji=False, highlight=False)
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -529,7 +535,7 @@ def stats(data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOpt
         ratio = row["compression_ratio"]
         cells = [str(row[c]) if row[c] is not None else "-" for c in columns[:-1]]
         table.add_row(name, *cells, f"{ratio:.2f}" if ratio is not None else "-")
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    _table_console().print(table)
     sys.stdout.write(f"gaps recorded: {report.gaps}\n")
 
 
@@ -566,7 +572,7 @@ def _removal_table(result: dict[str, Any]) -> None:
     table = Table("device", "messages", "bytes")
     for d in result["devices"]:
         table.add_row(d["device"], str(d["messages"]), str(d["bytes"]))
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    _table_console().print(table)
 
 
 @app.command()
@@ -686,7 +692,7 @@ def partitions_list(
         table.add_row(
             *(str(row[k]) for k in ("name", "path", "weight", "devices", "messages", "bytes"))
         )
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    _table_console().print(table)
 
 
 @partitions_app.command("add")
@@ -751,7 +757,7 @@ def _moves_table(result: dict[str, Any], as_json: bool) -> None:
     table = Table("device", "from", "to", "messages", "bytes")
     for m in result["moves"]:
         table.add_row(m["device"], m["from"], m["to"], str(m["messages"]), str(m["bytes"]))
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    _table_console().print(table)
 
 
 # ---- simulate -------------------------------------------------------------------------------

@@ -41,21 +41,27 @@ class BrokerAddress:
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError says what is wrong."""
+    """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError says what is wrong.
+
+    The error shows the URL with its password masked (see `mask_url`).
+    """
     hint = "a URL such as mqtt://host:1883 (or mqtts://host:8883 for TLS)"
+    shown = repr(mask_url(url))
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r}: {exc}", hint) from None
+        # urllib's text may quote the port, which can be a password typed without its host.
+        detail = "its port must be a number from 1 to 65535" if "port" in str(exc).lower() else exc
+        raise ConfigError(f"broker URL {shown}: {detail}", hint) from None
     if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://", hint)
+        raise ConfigError(f"broker URL {shown} must start with mqtt:// or mqtts://", hint)
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} has no host", hint)
+        raise ConfigError(f"broker URL {shown} has no host", hint)
     if port == 0:
-        raise ConfigError(f"broker URL {url!r} has port 0", hint)
+        raise ConfigError(f"broker URL {shown} has port 0", hint)
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"broker URL {url!r} must not have a path or query", hint)
+        raise ConfigError(f"broker URL {shown} must not have a path or query", hint)
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,
@@ -64,6 +70,32 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown: whatever could be a password replaced by `***`.
+
+    Works on text that does not parse: the user part runs to the last `@` (a password may hold
+    unescaped `/`, `#` or `@`); without one, a `:` part that is not a number may be a password
+    whose host was forgotten (`mqtt://user:secret`).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
+    netloc, tail = _split_netloc(rest)
+    name, colon, port = netloc.rpartition(":")
+    if colon and "]" not in port and port and not port.isdigit():
+        netloc = f"{name}:***"
+    return f"{scheme}{sep}{netloc}{tail}"
+
+
+def _split_netloc(rest: str) -> tuple[str, str]:
+    cut = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    return rest[:cut], rest[cut:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +227,8 @@ def _parse(name: str, value: Any, origin: str) -> Any:
         parsed = _PARSERS[name](value)
         _check(name, parsed)
     except TypeError as exc:
-        raise ConfigError(f"{origin} {exc}, got {value!r}") from None
+        shown = type(value).__name__ if name == "broker" else repr(value)  # may hold a password
+        raise ConfigError(f"{origin} {exc}, got {shown}") from None
     except UsageError as exc:
         raise ConfigError(f"{origin}: {exc.detail}", exc.hint) from None
     return parsed

@@ -28,7 +28,12 @@ class BackupError(Exception):
         """The one line the user sees."""
         template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
         text = template.format(detail=self.detail)
-        return f"{text}. Try: {self.hint}" if self.hint else text
+        # One line, whatever a library put in the detail (RocksDB's texts span several).
+        return _one_line(f"{text.rstrip('.')}. Try: {self.hint}" if self.hint else text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class UsageError(BackupError):
@@ -69,8 +74,20 @@ class DataDirMissing(StorageError):
     """no data directory: {detail}"""
 
 
+class ForeignDataDir(StorageError):
+    """not an mqtt-backup data directory: {detail}"""
+
+
 class CorruptRecord(StorageError):
     """corrupt record: {detail}"""
+
+
+class BadManifest(CorruptRecord):
+    """damaged manifest: {detail}"""
+
+
+class NewerFormat(StorageError):
+    """written by a newer mqtt-backup: {detail}"""
 
 
 class StorageUnavailable(StorageError):

@@ -198,7 +198,7 @@ def test_bad_environment_variable_is_named(cwd: Path, name: str, value: str) -> 
         ("ftp://x", "mqtt://"),
         ("mqtt://", "no host"),
         ("mqtt://host:99999", "99999"),
-        ("mqtt://host:port", "host:port"),
+        ("mqtt://host:port", "host:***"),  # a port that is no number may be a password
         ("mqtt://host/path", "path"),
         ("127.0.0.1:1883", "mqtt://"),
     ],
@@ -207,6 +207,25 @@ def test_bad_broker_url(cwd: Path, url: str, expect: str) -> None:
     line = one_line_error(cli("run", "--broker", url, cwd=cwd), EXIT_USAGE)
     assert expect in line
     assert not (cwd / "mqtt-backup-data").exists()
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "toml"])
+@pytest.mark.parametrize(
+    "url",
+    ["mqtt://bridge:hunter2@host/x", "mqtt://bridge:pa/hunter2@host", "mqtt://bridge:hunter2"],
+)
+def test_a_bad_broker_url_never_shows_its_password(cwd: Path, source: str, url: str) -> None:
+    match source:
+        case "flag":
+            result = cli("run", "--broker", url, cwd=cwd)
+        case "env":
+            result = cli("run", cwd=cwd, env={f"{ENV_PREFIX}BROKER": url})
+        case _:
+            (cwd / "mqtt-backup.toml").write_text(f"broker = {json.dumps(url)}\n")
+            result = cli("run", cwd=cwd)
+    line = one_line_error(result, EXIT_USAGE)
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "bridge:***" in line
 
 
 @pytest.mark.parametrize(
@@ -496,11 +515,15 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
     cwd: Path, closed_url: str, tmp_path: Path
 ) -> None:
     empty = cwd / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("mine")
+    (empty / "lost+found").mkdir(parents=True)  # a freshly mounted volume counts as empty
     result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
     one_line_error(result, EXIT_BROKER)
-    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in empty.iterdir()) == ["lost+found"]
+    # A directory holding someone's files is not adopted at all (tests/test_store_safety.py).
+    (empty / "notes.txt").write_text("mine")
+    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
+    assert "not an mqtt-backup data directory" in one_line_error(result, EXIT_STORAGE)
+    assert sorted(p.name for p in empty.iterdir()) == ["lost+found", "notes.txt"]
     # An existing store keeps its client id when a start with another one fails.
     data = tmp_path / "store"
     Store.open(data, partitions=2).close()
@@ -518,3 +541,15 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
     )
     one_line_error(refused, EXIT_BROKER)
     assert json.loads((data / "manifest.json").read_text())["client_id"] == before
+
+
+@pytest.mark.parametrize("device", ["[red]x[", "[bold]b[/bold]", ":smile:", "a\\[b]"])
+def test_tables_show_device_ids_as_they_are(runner: CliRunner, tmp_path: Path, device: str) -> None:
+    data = tmp_path / "data"
+    fill(data, {device: [(f"devices/{device}/t", b"1")]})
+    listed = runner.invoke(app, ["devices", "--data", str(data)])
+    assert listed.exit_code == 0, listed.output
+    assert f" {device} " in listed.stdout
+    dry = runner.invoke(app, ["prune", "--older-than", "1d", "--data", str(data), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f" {device} " in dry.stdout  # the table of what it would delete

@@ -6,6 +6,7 @@ no MQTT_BACKUP_* variables set.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from mqtt_backup import config
-from mqtt_backup.config import BrokerAddress, Settings, parse_broker_url
+from mqtt_backup.config import BrokerAddress, Settings, mask_url, parse_broker_url
 from mqtt_backup.errors import EXIT_USAGE, ConfigError
 
 
@@ -353,7 +354,7 @@ def test_bad_broker_urls(url: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_broker_url(url)
     assert problem in str(info.value)
-    assert repr(url) in str(info.value)
+    assert repr(mask_url(url)) in str(info.value)
     assert "mqtt://host:1883" in info.value.hint
     # The same through load: validated at load time, not first use.
     message = config_error({"broker": url})
@@ -485,3 +486,61 @@ def test_the_deploy_sample_is_valid_and_documents_every_key() -> None:
     text = sample.read_text(encoding="utf-8")
     missing = [name for name in config.field_names() if name not in text]
     assert missing == [], f"deploy/mqtt-backup.toml does not mention {missing}"
+
+
+# A password may sit in a URL that does not parse: no error may show it, whatever its source.
+BAD_URLS_WITH_A_PASSWORD = [
+    "ftp://bridge:hunter2@host",
+    "mqtt://bridge:hunter2@host/path",
+    "mqtt://bridge:hunter2@host:99999",
+    "mqtt://bridge:hunter2@host:port",
+    "mqtt://bridge:hunter2@",
+    "mqtt://bridge:hunter2@[::1",
+    "mqtt://bridge:hunter2@host?x=1",
+    "mqtt://bridge:pa/hunter2@host",  # unescaped / in the password
+    "mqtt://bridge:pa#hunter2@host",  # unescaped #
+    "mqtt://bridge:pa?hunter2@host",  # unescaped ?
+    "mqtt://bridge:p@hunter2@host/x",  # unescaped @
+    "mqtt://bridge:hunter2",  # the host forgotten
+    "bridge:hunter2@host:1883",  # the scheme forgotten
+    "bridge:hunter2",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS_WITH_A_PASSWORD)
+@pytest.mark.parametrize("source", ["flag", "env", "toml"])
+def test_a_bad_url_never_shows_its_password(tmp_path: Path, url: str, source: str) -> None:
+    match source:
+        case "flag":
+            message = config_error({"broker": url})
+        case "env":
+            message = config_error(env={"MQTT_BACKUP_BROKER": url})
+        case _:
+            toml = write(tmp_path / "c.toml", f"broker = {json.dumps(url)}\n")
+            message = config_error(config_file=toml)
+    assert "hunter2" not in message
+    assert "broker" in message
+    assert "***" in message
+
+
+def test_a_broker_of_the_wrong_type_is_not_echoed(tmp_path: Path) -> None:
+    toml = write(tmp_path / "c.toml", 'broker = ["mqtt://bridge:hunter2@host"]\n')
+    message = config_error(config_file=toml)
+    assert "hunter2" not in message
+    assert "'broker'" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mqtt://bridge:s3cret@host:1883", "mqtt://bridge:***@host:1883"),
+        ("mqtt://bridge@host", "mqtt://bridge@host"),
+        ("mqtt://:s3cret@host", "mqtt://:***@host"),
+        ("mqtt://host:1883", "mqtt://host:1883"),
+        ("mqtt://[::1]:1883", "mqtt://[::1]:1883"),
+        ("mqtt://host/a@b", "mqtt://host/a@b"),
+        ("mqtt://host:port", "mqtt://host:***"),
+    ],
+)
+def test_mask_url(url: str, shown: str) -> None:
+    assert mask_url(url) == shown

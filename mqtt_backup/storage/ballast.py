@@ -18,6 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BALLAST = "ballast"
+MAKING = f".{BALLAST}.making"
 MAX_BYTES = 64 * 1024 * 1024
 # Below this much free space the disk counts as full (the same bar a bridge needs to start).
 FULL_BELOW_BYTES = 16 * 1024 * 1024
@@ -57,7 +58,7 @@ def keep(data_dir: Path) -> bool:
     call.
     """
     path = data_dir / BALLAST
-    making = data_dir / f".{BALLAST}.making"
+    making = data_dir / MAKING
     try:
         size = size_for(data_dir)
         with contextlib.suppress(FileNotFoundError):

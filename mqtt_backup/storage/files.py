@@ -1,4 +1,4 @@
-"""Small durable-file helpers: atomic replace, fsynced append, the data directory lock."""
+"""Small durable-file helpers: atomic replace, fsynced append, the data directory lock, privacy."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +63,33 @@ class DirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise DataDirLocked saying who may hold it."""
+        """Take the lock or raise DataDirLocked naming the process that holds it."""
+        for _ in range(10):
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(fd)
+                os.close(fd)
+                raise DataDirLocked(
+                    f"{self.path.parent} is held by {holder}",
+                    "stop the other bridge, or give this one its own --data directory",
+                ) from None
+            if _still_at(fd, self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._fd = fd
+                return
+            # Deleted or replaced between our open and our flock: a lock on a file nobody else
+            # will open again would let a second writer in. Lock the file that is there now.
+            os.close(fd)
+        raise DataDirLocked(f"{self.path} keeps being replaced", "check what else writes there")
+
+    def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise DataDirLocked(
-                f"{self.path.parent} is held by pid {holder}",
-                "stop the other bridge, or give this one its own --data directory",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
 
     def release(self) -> None:
         """Let go of the lock (closing the descriptor drops the flock)."""
@@ -83,3 +97,107 @@ class DirLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+def lock_holder(fd: int) -> str:
+    """'pid N' of the live process holding the flock on `fd`'s file, or 'another process'.
+
+    The kernel's lock table names the holder; the pid written into the file is only the last
+    writer's, which may have exited since (or never written, for another program).
+    """
+    info = os.fstat(fd)
+    try:
+        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return "another process"
+    for line in table.splitlines():
+        fields = line.split()
+        if "FLOCK" not in fields or "->" in fields:  # "->" marks a waiter, not the holder
+            continue
+        at = fields.index("FLOCK") + 3  # FLOCK ADVISORY WRITE <pid> <major:minor:inode>
+        if at + 1 < len(fields) and _same_inode(fields[at + 1], info):
+            pid = int(fields[at]) if fields[at].isdigit() else 0
+            return f"pid {pid}" if pid > 0 else "another process"
+    return "another process"
+
+
+def _same_inode(text: str, info: os.stat_result) -> bool:
+    try:
+        major, minor, inode = text.split(":")
+        where = (int(major, 16), int(minor, 16), int(inode))
+    except ValueError:
+        return False
+    return where == (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+
+
+# Stored payloads are private: while a store is open, what this process creates (RocksDB's own
+# files included, which no option of ours reaches) is born 0600, its directories 0700.
+PRIVATE_UMASK = 0o077
+
+
+class _PrivateUmask:
+    """The process umask held at PRIVATE_UMASK while any store is open, then given back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = 0
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = os.umask(PRIVATE_UMASK)
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                os.umask(self._saved)
+
+
+PRIVATE_UMASK_HOLD = _PrivateUmask()
+
+
+@dataclass(slots=True)
+class Privacy:
+    """What `make_private` did: how many entries it tightened, which it could not."""
+
+    tightened: int = 0
+    refused: list[tuple[Path, int]] = field(default_factory=list)  # (path, owner uid)
+
+
+def make_private(roots: Iterable[Path]) -> Privacy:
+    """Take group and other permissions off everything below `roots` (symlinks not followed)."""
+    done = Privacy()
+    for root in roots:
+        for top, _dirs, files in os.walk(root):
+            for path in (Path(top), *(Path(top) / name for name in files)):
+                _make_private(path, done)
+    return done
+
+
+def _make_private(path: Path, done: Privacy) -> None:
+    try:
+        info = path.lstat()
+    except OSError:
+        return  # RocksDB removed an obsolete file meanwhile
+    if stat.S_ISLNK(info.st_mode) or not info.st_mode & PRIVATE_UMASK:
+        return
+    try:
+        path.chmod(stat.S_IMODE(info.st_mode) & ~PRIVATE_UMASK)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        done.refused.append((path, info.st_uid))
+    else:
+        done.tightened += 1

@@ -149,7 +149,9 @@ def storage_failure(exc: Exception, what: str) -> StorageError:
     if "lock" in text.lower() and "LOCK" in text:
         return DataDirLocked(f"{what}: {text}", "stop the process that holds it")
     if "Corruption" in text:
-        return CorruptRecord(f"{what}: {text}")
+        return CorruptRecord(
+            f"{what}: {text}", "restore the partition from a snapshot; its files are damaged"
+        )
     return StorageUnavailable(f"{what}: {text}")
 
 

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mqtt_backup.errors import StorageError, StorageUnavailable, UsageError
+from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
-from mqtt_backup.storage.files import DirLock, fsync_dir
+from mqtt_backup.storage.files import PRIVATE_UMASK_HOLD, DirLock, fsync_dir, make_private
 from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.manifest import (
     MANIFEST,
     Manifest,
     PartitionSpec,
+    layout_problem,
     load_manifest,
     manifest_path,
     new_manifest,
@@ -30,7 +32,10 @@ from mqtt_backup.storage.manifest import (
 from mqtt_backup.storage.partition import Partition, Pending
 from mqtt_backup.topics import filter_matches
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PARTITIONS = 4
+PARTITIONS = "partitions"
 # Devices whose placement is kept in memory (placement hashes once per partition on a miss).
 LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
@@ -92,6 +97,8 @@ class Store:
         self.freeing_space = False
         self.created_dir = False
         self.created_layout = False
+        self._found: frozenset[str] = frozenset()  # what the directory held before this open
+        self._holds_umask = False
         # Called between the units of a long operation (a device moved, a partition copied), so
         # a running bridge can answer keepalives meanwhile.
         self.on_progress: Callable[[], None] = _nothing
@@ -104,17 +111,36 @@ class Store:
         client_id: str | None = None,
         create: bool = True,
     ) -> Store:
-        """Open (or create) the data directory for writing; StorageError says why it cannot."""
+        """Open (or create) the data directory for writing; StorageError says why it cannot.
+
+        While it is open, whatever this process creates is private to its owner (files 0600,
+        directories 0700, RocksDB's own included), and an existing store is made so at opening.
+        """
+        PRIVATE_UMASK_HOLD.hold()
+        try:
+            store = cls._open(data_dir, partitions, client_id, create)
+        except BaseException:
+            PRIVATE_UMASK_HOLD.release()
+            raise
+        store._holds_umask = True
+        return store
+
+    @classmethod
+    def _open(
+        cls, data_dir: Path, partitions: int | None, client_id: str | None, create: bool
+    ) -> Store:
         if not create:
             load_manifest(data_dir)  # DataDirMissing, with a hint, when there is nothing to open
         existed = data_dir.exists()
         # Operations on an existing store (prune, forget) must work on a full disk: they free it.
         _check_data_dir(data_dir, need_space=create)
+        found = _refuse_foreign(data_dir)  # before the lock: its LOCK file may be another's
         lock = DirLock(data_dir)
         lock.acquire()
         try:
             store = cls(data_dir, _load_manifest(data_dir, partitions, client_id), lock)
             store.created_dir = not existed
+            store._found = found
             if store.manifest is _UNSAVED:
                 store.created_layout = True
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
@@ -123,6 +149,7 @@ class Store:
                     store.make_room()  # an operation on a full disk must be able to open it
                 store.open_partitions()
                 store.bury_retired()
+            store.make_private(say=not store.created_layout)  # a new layout has nothing to report
             store.keep_ballast()
         except BaseException:
             lock.release()
@@ -148,13 +175,13 @@ class Store:
         if self.created_dir:
             _remove_new_dir(self.data_dir)
         elif self.created_layout:
-            # An existing directory keeps what it had; only our files go.
-            for spec in self.manifest.partitions:
-                shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
-            for name in (MANIFEST, "LOCK", STATE, ballast.BALLAST):
-                (self.data_dir / name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                (self.data_dir / "partitions").rmdir()
+            # An existing directory keeps what it had: only what this start made goes.
+            for name in _LAYOUT - self._found:
+                path = self.data_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def keep_client_id(self) -> None:
         """Write a client id given on the command line to the manifest (after it connected)."""
@@ -234,6 +261,7 @@ class Store:
     def open_new_partition(self, spec: PartitionSpec) -> Partition:
         """Open (creating it when needed) a partition that the manifest does not list yet."""
         path = spec.directory(self.data_dir)
+        self._check_new_path(spec)
         mark = f"{self.client_id} {spec.name}\n"
         try:
             if path.exists() and any(path.iterdir()):
@@ -247,6 +275,22 @@ class Store:
         part = Partition.open_writer(spec.name, path)
         self.partitions[spec.name] = part
         return part
+
+    def _check_new_path(self, spec: PartitionSpec) -> None:
+        """UsageError when a new partition's directory would sit on the store's own files."""
+        path = spec.directory(self.data_dir).resolve()
+        inside = path.is_relative_to(self.data_dir.resolve())
+        if inside and path.parent != (self.data_dir / PARTITIONS).resolve():
+            # Everything else in the data directory is the store's own (the restore reader's
+            # scratch space is wiped at every start).
+            raise UsageError(
+                f"--path {spec.path} lies among the data directory's own files",
+                f"use {PARTITIONS}/{spec.name}, or a directory outside {self.data_dir}",
+            )
+        specs = (*self.manifest.partitions, spec)
+        problem = layout_problem(self.data_dir, specs, self.manifest.retired)
+        if problem:
+            raise UsageError(f"--path {spec.path}: {problem}", "choose a directory of its own")
 
     def switch(self, manifest: Manifest) -> None:
         """Make `manifest` the layout, atomically on disk; close partitions it no longer lists."""
@@ -268,10 +312,37 @@ class Store:
             shutil.rmtree(spec.directory(self.data_dir), ignore_errors=True)
         self.switch(dataclasses.replace(self.manifest, retired=()))
 
+    def make_private(self, say: bool = True) -> None:
+        """Take group and other permissions off the store's files; log what changed, once."""
+        home = self.data_dir.resolve()
+        away = [d for d in self._directories() if not d.resolve().is_relative_to(home)]
+        done = make_private([self.data_dir, *away])
+        if done.tightened and say:
+            log.info(
+                "made %s private to its owner: %d files and folders were open to other users",
+                self.data_dir,
+                done.tightened,
+            )
+        if done.refused:
+            path, uid = done.refused[0]
+            log.warning(
+                "cannot make %s private (owned by uid %d): other local users may read the stored "
+                "messages; run 'chmod -R go= %s' as its owner",
+                path,
+                uid,
+                path,
+            )
+
+    def _directories(self) -> list[Path]:
+        return [s.directory(self.data_dir) for s in self.manifest.partitions]
+
     def close(self) -> None:
-        """Close every partition and release the directory lock."""
+        """Close every partition, release the directory lock and the private umask."""
         self.close_partitions()
         self._lock.release()
+        if self._holds_umask:
+            self._holds_umask = False
+            PRIVATE_UMASK_HOLD.release()
 
 
 _ADDING = "MQTT_BACKUP_ADDING"
@@ -303,6 +374,43 @@ _NO_LAYOUT = Manifest(0, "", ())
 def _remove_new_dir(data_dir: Path) -> None:
     # Only ever called for a directory this process created moments ago.
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# What a start lays out before its manifest exists (and `discard_new` takes back).
+_LAYOUT = frozenset(
+    {MANIFEST, f"{MANIFEST}.tmp", "LOCK", PARTITIONS, STATE, ballast.BALLAST, ballast.MAKING}
+)
+# Names a file system puts in a new volume's root: a mounted disk is still an empty directory.
+_VOLUME = frozenset({"lost+found"})
+
+
+def _refuse_foreign(data_dir: Path) -> frozenset[str]:
+    """What the directory holds; ForeignDataDir when that is neither nothing nor ours.
+
+    Ours is a manifest, or the start of a layout that a crash cut short before its manifest.
+    Anything else (another program's database, someone's files) is not touched at all.
+    """
+    try:
+        found = frozenset(entry.name for entry in data_dir.iterdir())
+    except OSError as exc:
+        raise StorageError(f"cannot list {data_dir}: {exc.strerror or exc}") from exc
+    if MANIFEST in found or (found <= _LAYOUT | _VOLUME and _new_partitions_only(data_dir)):
+        return found
+    shown = ", ".join(sorted(found - _LAYOUT - _VOLUME)[:3] or [f"{PARTITIONS}/..."])
+    raise ForeignDataDir(
+        f"{data_dir} holds other files ({shown}) and no {MANIFEST}",
+        "give --data an empty or new directory; mqtt-backup will not write into this one",
+    )
+
+
+def _new_partitions_only(data_dir: Path) -> bool:
+    # A layout cut short holds only the partitions a new manifest names: p0, p1, ...
+    try:
+        return all(re.fullmatch(r"p\d+", e.name) for e in (data_dir / PARTITIONS).iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def _load_manifest(data_dir: Path, partitions: int | None, client_id: str | None) -> Manifest:
