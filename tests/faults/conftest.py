@@ -12,14 +12,14 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, Broker
 from tests.faults.harness import SCALE, Tally
 
 _RESULTS: list[dict[str, Any]] = []
@@ -58,6 +58,29 @@ def report(request: pytest.FixtureRequest) -> Report:
     found = Report(case, request.node.nodeid.split("::", 1)[-1])
     request.node.stash[_REPORT] = found
     return found
+
+
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """Brokers of this test alone: mosquitto/dev.conf plus the given config lines."""
+    started: list[Broker] = []
+
+    def start(*lines: str) -> Broker:
+        state = tmp_path / f"broker{len(started)}"
+        state.mkdir()
+        overlay = state / "overlay.conf"
+        overlay.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        broker = Broker("dev.conf", state, (str(overlay),))
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
 
 
 _REPORT = pytest.StashKey[Report]()

@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_backup.config import parse_broker_url
 from mqtt_backup.restore_client import Ask, ask
+from mqtt_backup.storage.journal import Gap
 from tests.conftest import REPO, wait_until
 
 SCALE = os.environ.get("FAULTS_SCALE", "small")
@@ -197,7 +198,10 @@ class Publisher:
         self.errors = 0
         self.paused = threading.Event()
         self._stop = threading.Event()
-        self._next = dict.fromkeys(self.devices, 0)
+        # A second publisher on the same ledger goes on numbering where the first one stopped.
+        used = [*self.ledger.keys(), *self.ledger.uncertain]
+        self._next = {d: 1 + max((n for dev, n in used if dev == d), default=-1) for d in devices}
+        self._count = 0
         self._thread = threading.Thread(target=self._main, name="publisher", daemon=True)
 
     def start(self) -> Publisher:
@@ -227,7 +231,7 @@ class Publisher:
     @property
     def attempted(self) -> int:
         """Publishes started so far."""
-        return sum(self._next.values())
+        return self._count
 
     def _main(self) -> None:
         asyncio.run(self._publish_all())
@@ -258,6 +262,7 @@ class Publisher:
             device = self.devices[self.attempted % len(self.devices)]
             n = self._next[device]
             self._next[device] = n + 1
+            self._count += 1
             sent = time.time_ns()
             try:
                 async with asyncio.timeout(10):
@@ -542,3 +547,21 @@ def assert_nothing_lost(back: ReadBack) -> None:
         assert t.out_of_order == 0, f"{name}: per-device order broken {t.out_of_order} times"
     assert back.restored.codes == [0] * len(back.restored.codes), back.restored.summaries
     assert back.restore.copies == back.export.copies, "restore and export disagree"
+
+
+def uncovered(ledger: Ledger, lost: Sequence[tuple[str, int]], gaps: Sequence[Gap]) -> list[Any]:
+    """Lost messages whose publish window [sent, acked] lies inside no recorded gap."""
+    return [
+        key
+        for key in lost
+        if not any(
+            g.since_ns <= ledger.window[key][0] and ledger.window[key][1] <= g.until_ns
+            for g in gaps
+        )
+    ]
+
+
+def marker(port: int, devices: Sequence[str], ledger: Ledger) -> None:
+    """Publish one more message per device into the ledger (a queue is delivered in order, so
+    once these are stored, everything the broker still had before them is too)."""
+    Publisher(port, devices, limit=len(devices), ledger=ledger).start().wait_done()

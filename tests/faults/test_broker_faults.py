@@ -1,0 +1,188 @@
+"""The broker restarts, crashes, forgets the session or overflows its queue while devices publish.
+
+Lost must be 0, except where the broker itself lost what it had accepted: then every such message
+must lie in a gap the bridge recorded (restore says `complete: false`), or, for a broker crash
+between two autosaves, in the span the broker had not saved yet (the broker's loss, reported as
+such).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mqtt_backup.storage.journal import GapLog
+from tests.conftest import Broker, wait_until
+from tests.faults.conftest import BrokerFactory, Report
+from tests.faults.harness import (
+    Ledger,
+    Publisher,
+    assert_nothing_lost,
+    bridge_process,
+    exported,
+    fleet,
+    marker,
+    read_back,
+    restored,
+    size,
+    tally,
+    terminal,
+    uncovered,
+)
+
+pytestmark = pytest.mark.slow
+
+AUTOSAVE_S = 5  # mosquitto/dev.conf autosave_interval
+
+
+def test_broker_restart_with_persistence(
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+) -> None:
+    """Broker restart (SIGTERM, persistence on) during a continuous publish"""
+    restarts, between = size(2, 5), size(400, 2500)
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+        bridge.start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4)).start()
+        for _ in range(restarts):
+            publisher.wait_accepted(between)
+            own_broker.stop()  # SIGTERM: Mosquitto saves its persistence file on the way out
+            own_broker.start()
+        publisher.wait_accepted(between)
+        ledger = publisher.stop()
+        back = read_back(ledger, data_dir, own_broker.url, tmp_path)
+    report(
+        restarts=restarts,
+        export=back.export,
+        restore=back.restore,
+        uncertain_publishes=len(ledger.uncertain),
+        gaps=len(GapLog(data_dir).all()),
+    )
+    assert_nothing_lost(back)
+    assert GapLog(data_dir).all() == [], "the session survived every restart"
+
+
+def test_broker_crash_loses_only_what_it_had_not_saved(
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+) -> None:
+    """Broker kill -9 while the bridge is away: only its unsaved queue is lost (its loss)"""
+    devices = fleet(unique, 4)
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+        bridge.start()
+        assert bridge.terminate() == 0
+        publisher = Publisher(own_broker.port, devices).start()
+        # Publish across at least one autosave, so part of the queue is saved and part is not.
+        publisher.wait_accepted(size(2000, 20_000))
+        wait_until(lambda: _span_s(publisher.ledger) > AUTOSAVE_S + 1, 60, "an autosave")
+        assert own_broker.proc is not None
+        own_broker.proc.send_signal(signal.SIGKILL)
+        own_broker.proc.wait(10)
+        crashed_ns = time.time_ns()
+        own_broker.proc = None
+        ledger = publisher.stop()
+        own_broker.start()
+        bridge.start()
+        marker(own_broker.port, devices, ledger)
+        wait_until(lambda: _stored_markers(data_dir, ledger, devices), 60, "the markers")
+        got = restored(own_broker.url, devices, tmp_path)
+    exported_tally = tally(ledger, exported(data_dir))
+    restore_tally = tally(ledger, got.copies)
+    lost = exported_tally.lost
+    unsaved_since = crashed_ns - (AUTOSAVE_S + 1) * 10**9
+    ours = [k for k in lost if ledger.window[k][0] < unsaved_since]
+    report(
+        export=exported_tally,
+        restore=restore_tally,
+        broker_lost=len(lost),
+        lost_outside_the_unsaved_span=len(ours),
+        restore_said_complete=got.complete,
+    )
+    assert ours == [], f"{len(ours)} messages the broker had saved are missing: {ours[:5]}"
+    assert restore_tally.lost == lost
+    assert exported_tally.unflagged_dups == restore_tally.unflagged_dups == 0
+
+
+def _span_s(ledger: Ledger) -> float:
+    with ledger.lock:
+        times = [acked for _, acked in ledger.window.values()]
+    return (max(times) - min(times)) / 1e9 if times else 0.0
+
+
+def _stored_markers(data: Path, ledger: Ledger, devices: list[str]) -> bool:
+    want = {(d, max(ledger.accepted[d])) for d in devices}
+    try:
+        have = {(c.device, c.n) for c in exported(data)}
+    except AssertionError:
+        return False
+    return want <= have
+
+
+def test_session_lost_is_a_gap_and_restore_says_incomplete(
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+) -> None:
+    """Session lost (broker restarted without its state) -> gap -> restore complete: false"""
+    devices = fleet(unique, 4)
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+        bridge.start()
+        before = Publisher(own_broker.port, devices, limit=size(200, 2000)).start().wait_done()
+        assert bridge.terminate() == 0
+        ledger = (
+            Publisher(own_broker.port, devices, limit=size(400, 5000), ledger=before)
+            .start()
+            .wait_done()
+        )
+        own_broker.wipe()  # the broker forgets the bridge's session and its queue
+        own_broker.start()
+        bridge.start()
+        marker(own_broker.port, devices, ledger)
+        wait_until(lambda: _stored_markers(data_dir, ledger, devices), 60, "the markers")
+        answer = terminal(own_broker.url, devices[0])
+        got = restored(own_broker.url, devices, tmp_path)
+    gaps = GapLog(data_dir).all()
+    exported_tally = tally(ledger, exported(data_dir))
+    report(
+        export=exported_tally,
+        restore=tally(ledger, got.copies),
+        broker_lost=len(exported_tally.lost),
+        gaps=[g.reason for g in gaps],
+        restore_complete=answer.get("complete"),
+    )
+    assert [g.reason for g in gaps] == ["session-lost"]
+    assert uncovered(ledger, exported_tally.lost, gaps) == [], "a loss outside every gap"
+    assert answer.get("complete") is False, answer
+    assert [g["reason"] for g in answer["gaps"]] == ["session-lost"]
+    assert not got.complete, got.summaries
+
+
+def test_queue_overflow_while_away_is_a_gap(
+    make_broker: BrokerFactory, data_dir: Path, unique: str, tmp_path: Path, report: Report
+) -> None:
+    """Broker queue overflow while the bridge is away -> broker-dropped gap -> incomplete"""
+    broker = make_broker("max_queued_messages 100", "sys_interval 1")
+    devices = fleet(unique, 4)
+    burst = size(400, 5000)
+    with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+        bridge.start()
+        assert bridge.terminate() == 0
+        ledger = Publisher(broker.port, devices, limit=burst).start().wait_done()
+        bridge.start()
+        marker(broker.port, devices, ledger)
+        wait_until(lambda: _stored_markers(data_dir, ledger, devices), 60, "the markers")
+        # The broker publishes its dropped counter every sys_interval (1 s here).
+        wait_until(lambda: GapLog(data_dir).all() != [], 15, "a broker-dropped gap")
+        answer = terminal(broker.url, devices[0])
+    gaps = GapLog(data_dir).all()
+    exported_tally = tally(ledger, exported(data_dir))
+    report(
+        burst=burst,
+        export=exported_tally,
+        broker_lost=len(exported_tally.lost),
+        gaps=[g.reason for g in gaps],
+        restore_complete=answer.get("complete"),
+    )
+    assert exported_tally.lost, "the broker's queue limit must have dropped some"
+    assert [g.reason for g in gaps] == ["broker-dropped"]
+    assert uncovered(ledger, exported_tally.lost, gaps) == [], "a loss outside every gap"
+    assert answer.get("complete") is False, answer
