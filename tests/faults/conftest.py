@@ -85,6 +85,7 @@ def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
 
 _REPORT = pytest.StashKey[Report]()
 _OUTCOME = pytest.StashKey[str]()
+_FAILURE = pytest.StashKey[str]()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -93,13 +94,15 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Keep each test's outcome (a failure in setup or teardown counts) for the results file."""
     rep = yield
-    if rep.failed or (rep.when == "call" and item.stash.get(_OUTCOME, None) is None):
-        item.stash[_OUTCOME] = "failed" if rep.failed else rep.outcome
+    if rep.failed and item.stash.get(_OUTCOME, "") != "failed":
+        item.stash[_OUTCOME] = "failed"
+        item.stash[_FAILURE] = _first_line(rep.longreprtext) or str(call.excinfo)[:300]
+    elif rep.when == "call" and _OUTCOME not in item.stash:
+        item.stash[_OUTCOME] = rep.outcome
     if rep.when == "teardown" and _REPORT in item.stash:
-        outcome = item.stash.get(_OUTCOME, "error")
-        entry = item.stash[_REPORT].as_json(outcome)
-        if rep.failed or outcome == "failed":
-            entry["failure"] = _first_line(rep.longreprtext) or _first_line(str(call.excinfo))
+        entry = item.stash[_REPORT].as_json(item.stash.get(_OUTCOME, "error"))
+        if _FAILURE in item.stash:
+            entry["failure"] = item.stash[_FAILURE]
         _RESULTS.append(entry)
     return rep
 

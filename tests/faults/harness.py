@@ -374,28 +374,31 @@ def exported(data: Path) -> list[Copy]:
 
 @dataclass
 class Restored:
-    """What `mqtt-backup restore` of some devices wrote, and how it summed each one up."""
+    """What an MQTT restore of some devices returned, and each one's terminal message."""
 
     copies: list[Copy]
-    summaries: list[str]
-    codes: list[int]
+    terminals: list[dict[str, Any]]
 
     @property
     def complete(self) -> bool:
-        """Every summary said complete."""
-        return all("(complete)" in s for s in self.summaries)
+        """Every terminal said done and complete."""
+        return all(t.get("done") and t.get("complete") for t in self.terminals)
+
+    @property
+    def answered(self) -> bool:
+        """Every terminal said done (not error)."""
+        return all(t.get("done") for t in self.terminals)
 
 
-def restored(url: str, devices: Sequence[str], out_dir: Path) -> Restored:
-    """`mqtt-backup restore DEVICE --output FILE` for each device, through a running bridge."""
-    result = Restored([], [], [])
+def restored(url: str, devices: Sequence[str]) -> Restored:
+    """Restore each device over MQTT through the running bridge, with the client of
+    `mqtt-backup restore` (mqtt_backup.restore_client), in this process."""
+    result = Restored([], [])
     for device in devices:
-        out = out_dir / f"restore-{device}.jsonl"
-        done = cli("restore", device, "--broker", url, "--output", str(out), "--timeout", "30")
-        result.codes.append(done.returncode)
-        result.summaries.append(done.stderr.strip().splitlines()[-1] if done.stderr else "")
-        if out.exists():
-            result.copies += copies_of(out.read_text(encoding="utf-8").splitlines())
+        lines: list[dict[str, Any]] = []
+        question = Ask(parse_broker_url(url), device, {}, timeout=30)
+        result.terminals.append(asyncio.run(ask(question, lines.append)))
+        result.copies += [c for c in map(_copy, lines) if c is not None]
     return result
 
 
@@ -532,10 +535,10 @@ class ReadBack:
     restored: Restored
 
 
-def read_back(ledger: Ledger, data: Path, url: str, out_dir: Path) -> ReadBack:
+def read_back(ledger: Ledger, data: Path, url: str) -> ReadBack:
     """Wait for the store to catch up, then restore over MQTT (bridge running) and export."""
     wait_stored(data, ledger)
-    got = restored(url, list(ledger.accepted), out_dir)
+    got = restored(url, list(ledger.accepted))
     return ReadBack(tally(ledger, exported(data)), tally(ledger, got.copies), got)
 
 
@@ -545,7 +548,7 @@ def assert_nothing_lost(back: ReadBack) -> None:
         assert t.lost == [], f"{name}: {len(t.lost)} acknowledged messages lost, e.g. {t.lost[:5]}"
         assert t.unflagged_dups == 0, f"{name}: {t.unflagged_dups} copies without the DUP flag"
         assert t.out_of_order == 0, f"{name}: per-device order broken {t.out_of_order} times"
-    assert back.restored.codes == [0] * len(back.restored.codes), back.restored.summaries
+    assert back.restored.answered, back.restored.terminals
     assert back.restore.copies == back.export.copies, "restore and export disagree"
 
 
@@ -561,7 +564,31 @@ def uncovered(ledger: Ledger, lost: Sequence[tuple[str, int]], gaps: Sequence[Ga
     ]
 
 
-def marker(port: int, devices: Sequence[str], ledger: Ledger) -> None:
-    """Publish one more message per device into the ledger (a queue is delivered in order, so
-    once these are stored, everything the broker still had before them is too)."""
+def marker(port: int, devices: Sequence[str], ledger: Ledger) -> int:
+    """Publish one more message per device into the ledger; returns when it started.
+
+    A queue is delivered in order, so once these are stored, all the broker had before them is.
+    """
+    started = time.time_ns()
     Publisher(port, devices, limit=len(devices), ledger=ledger).start().wait_done()
+    return started
+
+
+def wait_markers(data: Path, ledger: Ledger, since_ns: int, timeout: float = 60) -> None:
+    """Wait until each device's last ledgered message (its marker) is stored."""
+    from mqtt_backup.storage import StoreReader  # noqa: PLC0415 - tests/conftest does the same
+
+    want = {d: max(ns) for d, ns in ledger.accepted.items()}
+
+    def stored() -> bool:
+        try:
+            with StoreReader(data) as reader:
+                for device, n in want.items():
+                    recent = reader.messages(device, since_ns, None, None)
+                    if not any(json.loads(m.record.payload) == {"n": n} for m in recent):
+                        return False
+        except Exception:  # noqa: BLE001 - not created yet
+            return False
+        return True
+
+    wait_until(stored, timeout, "the marker messages")

@@ -37,7 +37,7 @@ def test_kill_9_during_a_continuous_publish(
             bridge.start()
         publisher.wait_accepted(between)
         ledger = publisher.stop()
-        back = read_back(ledger, data_dir, broker.url, tmp_path)
+        back = read_back(ledger, data_dir, broker.url)
     report(kills=kills, export=back.export, restore=back.restore, publish_errors=publisher.errors)
     assert_nothing_lost(back)
 
@@ -55,7 +55,7 @@ def _stop_under_load(
             bridge.start()
         publisher.wait_accepted(size(400, 2500))
         ledger = publisher.stop()
-        back = read_back(ledger, data, url, tmp_path)
+        back = read_back(ledger, data, url)
         return codes, bridge.text(), back
 
 
@@ -100,7 +100,7 @@ def test_bridge_down_longer_than_a_publish_burst(
         ledger = Publisher(broker.port, fleet(unique, 8), limit=burst).start().wait_done()
         assert ledger.total == burst
         bridge.start()
-        back = read_back(ledger, data_dir, broker.url, tmp_path)
+        back = read_back(ledger, data_dir, broker.url)
     report(burst=burst, export=back.export, restore=back.restore)
     assert_nothing_lost(back)
     assert back.export.extra_copies == 0, "the queue arrives once"
