@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,7 +397,8 @@ def restored(url: str, devices: Sequence[str]) -> Restored:
     for device in devices:
         lines: list[dict[str, Any]] = []
         question = Ask(parse_broker_url(url), device, {}, timeout=30)
-        result.terminals.append(asyncio.run(ask(question, lines.append)))
+        end = asyncio.run(ask(question, lines.append))
+        result.terminals.append({**end, "lines": len(lines)})
         result.copies += [c for c in map(_copy, lines) if c is not None]
     return result
 
@@ -549,6 +550,8 @@ def assert_nothing_lost(back: ReadBack) -> None:
         assert t.unflagged_dups == 0, f"{name}: {t.unflagged_dups} copies without the DUP flag"
         assert t.out_of_order == 0, f"{name}: per-device order broken {t.out_of_order} times"
     assert back.restored.answered, back.restored.terminals
+    short = [t for t in back.restored.terminals if t["count"] != t["lines"]]
+    assert short == [], f"the restore client wrote fewer lines than the bridge sent: {short}"
     assert back.restore.copies == back.export.copies, "restore and export disagree"
 
 
@@ -592,3 +595,8 @@ def wait_markers(data: Path, ledger: Ledger, since_ns: int, timeout: float = 60)
         return True
 
     wait_until(stored, timeout, "the marker messages")
+
+
+def above(read: Callable[[], int], level: int) -> Callable[[], bool]:
+    """A wait_until check: `read()` has risen above `level`."""
+    return lambda: read() > level
