@@ -486,6 +486,8 @@ class Proxy:
                 sink.sendall(data)
         except OSError:
             pass
+        if self._mode == "drop":
+            return  # drop() resets both sides
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -518,8 +520,12 @@ class Proxy:
 
 
 def _reset(sock: socket.socket) -> None:
+    # Linger 0 makes the close a reset (RST). A close alone would not reach a socket that a pump
+    # thread is blocked reading: shutting the read side first wakes that thread up.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
