@@ -18,6 +18,7 @@ from mqtt_backup.storage.journal import GapLog
 from tests.conftest import Broker, wait_until
 from tests.faults.conftest import BrokerFactory, Report
 from tests.faults.harness import (
+    RATE,
     Ledger,
     Publisher,
     assert_nothing_lost,
@@ -46,7 +47,7 @@ def test_broker_restart_with_persistence(
     restarts, between = size(2, 5), size(400, 2500)
     with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(own_broker.port, fleet(unique, 4)).start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
         for _ in range(restarts):
             publisher.wait_accepted(between)
             own_broker.stop()  # SIGTERM: Mosquitto saves its persistence file on the way out
@@ -74,7 +75,7 @@ def test_broker_crash_loses_only_what_it_had_not_saved(
     with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         assert bridge.terminate() == 0
-        publisher = Publisher(own_broker.port, devices).start()
+        publisher = Publisher(own_broker.port, devices, rate=RATE).start()
         # Publish across at least one autosave, so part of the queue is saved and part is not.
         publisher.wait_accepted(size(1000, 20_000))
         wait_until(lambda: _span_s(publisher.ledger) > AUTOSAVE_S + 1, 60, "an autosave")
@@ -118,7 +119,7 @@ def test_session_lost_is_a_gap_and_restore_says_incomplete(
     devices = fleet(unique, 4)
     with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(own_broker.port, devices).start()
+        publisher = Publisher(own_broker.port, devices, rate=RATE).start()
         publisher.wait_accepted(size(200, 2000))
         assert bridge.terminate() == 0  # while devices publish
         publisher.wait_accepted(size(400, 5000))

@@ -23,6 +23,7 @@ from mqtt_backup.restore_client import Ask, ask
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import BrokerFactory, Report
 from tests.faults.harness import (
+    RATE,
     Publisher,
     assert_nothing_lost,
     bridge_process,
@@ -169,7 +170,7 @@ def test_hostile_restore_requests_and_floods_beside_ingest(
     devices = fleet(unique, 4)
     with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, devices).start()
+        publisher = Publisher(broker.port, devices, rate=RATE).start()
         publisher.wait_accepted(size(300, 2000))
         seen = asyncio.run(_flood(broker.port, devices, unique, flood))
         publisher.wait_accepted(size(300, 2000))

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import Broker, wait_until
 from tests.faults.conftest import Report
 from tests.faults.harness import (
+    RATE,
     Proxy,
     Publisher,
     above,
@@ -40,7 +41,7 @@ def test_network_cut_resets_the_connection(
     cuts, between = size(3, 10), size(400, 2500)
     with bridge_process(proxy.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4)).start()
+        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
         for _ in range(cuts):
             publisher.wait_accepted(between)
             connections = proxy.connections
@@ -64,7 +65,7 @@ def test_network_blackhole_longer_than_keepalive(
     log_path = tmp_path / "bridge.log"
     with bridge_process(proxy.url, data_dir, log_path, "--keepalive", str(KEEPALIVE_S)) as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4)).start()
+        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
         publisher.wait_accepted(size(400, 2500))
         proxy.blackhole()
         # Only the keepalive can notice a dead route: wait until the bridge has.

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import Broker
 from tests.faults.conftest import Report
 from tests.faults.harness import (
+    RATE,
     Publisher,
     ReadBack,
     assert_nothing_lost,
@@ -30,7 +31,7 @@ def test_kill_9_during_a_continuous_publish(
     rng = random.Random(unique)
     with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4)).start()
+        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
         for _ in range(kills):
             publisher.wait_accepted(rng.randint(between // 2, between))
             bridge.kill()
@@ -48,7 +49,7 @@ def _stop_under_load(
     codes = []
     with bridge_process(url, data, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(port, devices).start()
+        publisher = Publisher(port, devices, rate=RATE).start()
         for _ in range(stops):
             publisher.wait_accepted(size(400, 2500))
             codes.append(bridge.terminate())

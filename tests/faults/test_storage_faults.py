@@ -6,6 +6,7 @@ real damage to the RocksDB files.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from mqtt_backup.storage.manifest import load_manifest
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import Report
 from tests.faults.harness import (
+    RATE,
     Publisher,
     above,
     assert_nothing_lost,
@@ -45,13 +47,14 @@ def test_disk_full_injected_during_a_continuous_publish(
     episodes, between = size(3, 10), size(300, 2500)
     faults = Faults()
     bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
-    publisher = Publisher(broker.port, fleet(unique, 4)).start()
+    publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
     for _ in range(episodes):
         publisher.wait_accepted(between)
-        failed = faults.calls["write_failed"]
+        failed, written = faults.calls["write_failed"], faults.calls["write"]
         faults.failing = True
-        wait_until(above(lambda: faults.calls["write_failed"], failed + 2), 30, "failing writes")
+        wait_until(above(lambda: faults.calls["write_failed"], failed + 2), 60, "failing writes")
         faults.failing = False
+        wait_until(above(lambda: faults.calls["write"], written), 60, "the bridge to resume")
     publisher.wait_accepted(between)
     ledger = publisher.stop()
     back = read_back(ledger, data_dir, broker.url)
@@ -71,7 +74,7 @@ def test_slow_fsync_injected(
     """Slow fsync (every write takes 50 ms more) under a continuous publish"""
     faults = Faults(write_delay_s=0.05)
     bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
-    publisher = Publisher(broker.port, fleet(unique, 4)).start()
+    publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
     publisher.wait_accepted(size(1500, 20_000), timeout=300)
     ledger = publisher.stop()
     started = time.monotonic()
@@ -142,6 +145,8 @@ def test_damaged_record_is_found_by_verify_and_by_reads(
         damaged = bytearray(value)
         damaged[-1] ^= 0x01
         db[key] = bytes(damaged)
+    del db  # a rocksdict handle keeps its lock until it is collected, closed or not
+    gc.collect()
 
     checked = cli("verify", "--data", str(data_dir), "--json")
     problems = json.loads(checked.stdout)["problems"]
