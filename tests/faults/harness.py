@@ -194,6 +194,7 @@ class Publisher:
         expiry: int | None = None,
         ledger: Ledger | None = None,
         rate: float | None = None,
+        pad: int = 0,
     ) -> None:
         self.port = port
         self.devices = list(devices)
@@ -201,6 +202,7 @@ class Publisher:
         self.topic = topic
         self.expiry = expiry
         self.rate = rate  # messages per second; None: as fast as the broker acknowledges
+        self.pad = "x" * pad  # makes each payload about this much bigger
         self.ledger = ledger or Ledger()
         self.errors = 0
         self._stop = threading.Event()
@@ -276,7 +278,7 @@ class Publisher:
                 async with asyncio.timeout(10):
                     await client.publish(
                         self.topic.format(device=device),
-                        json.dumps({"n": n}).encode(),
+                        json.dumps({"n": n, "pad": self.pad} if self.pad else {"n": n}).encode(),
                         qos=1,
                         properties=props,
                     )
@@ -297,14 +299,17 @@ def fleet(unique: str, devices: int) -> list[str]:
 class BridgeProcess:
     """`python -m mqtt_backup run` as a subprocess: started, killed, stopped like in production."""
 
-    def __init__(self, url: str, data: Path, log: Path, *args: str) -> None:
+    def __init__(
+        self, url: str, data: Path, log: Path, *args: str, prefix: Sequence[str] = ()
+    ) -> None:
         self.url, self.data, self.log, self.args = url, data, log, args
+        self.prefix = list(prefix)  # e.g. nsenter into a mount namespace
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self, wait: bool = True) -> BridgeProcess:
         """Start, and wait until it said it runs (and its restore side listens)."""
-        cmd = [sys.executable, "-m", "mqtt_backup", "run", "--broker", self.url]
+        cmd = [*self.prefix, sys.executable, "-m", "mqtt_backup", "run", "--broker", self.url]
         cmd += ["--data", str(self.data), "--partitions", "3", "--batch-max", "50"]
         cmd += ["--batch-ms", "10", *self.args]
         marker = self._runs()
@@ -348,9 +353,11 @@ class BridgeProcess:
 
 
 @contextlib.contextmanager
-def bridge_process(url: str, data: Path, log: Path, *args: str) -> Iterator[BridgeProcess]:
+def bridge_process(
+    url: str, data: Path, log: Path, *args: str, prefix: Sequence[str] = ()
+) -> Iterator[BridgeProcess]:
     """A BridgeProcess that is killed at the end whatever happens."""
-    bridge = BridgeProcess(url, data, log, *args)
+    bridge = BridgeProcess(url, data, log, *args, prefix=prefix)
     try:
         yield bridge
     finally:
@@ -360,10 +367,12 @@ def bridge_process(url: str, data: Path, log: Path, *args: str) -> Iterator[Brid
 # ---- reading back -----------------------------------------------------------------------------
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, timeout: float = 300, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     """`python -m mqtt_backup ARGS`, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "mqtt_backup", *args],
+        [*prefix, sys.executable, "-m", "mqtt_backup", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -372,9 +381,9 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     )
 
 
-def exported(data: Path) -> list[Copy]:
+def exported(data: Path, prefix: Sequence[str] = ()) -> list[Copy]:
     """Every ledgered copy `mqtt-backup export` writes for the data directory."""
-    done = cli("export", "--data", str(data))
+    done = cli("export", "--data", str(data), prefix=prefix)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     return copies_of(done.stdout.splitlines())

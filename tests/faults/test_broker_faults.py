@@ -44,7 +44,7 @@ def test_broker_restart_with_persistence(
     own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Broker restart (SIGTERM, persistence on) during a continuous publish"""
-    restarts, between = size(2, 5), size(400, 2500)
+    restarts, between = size(2, 5), size(250, 1500)
     with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()

@@ -283,6 +283,7 @@ def test_hostile_messages_are_stored_byte_exact(
     """Hostile ingest input: empty, maximum-size, invalid UTF-8 payloads, topics at the limit"""
     broker = make_broker(f"max_packet_size {MAX_PACKET}")
     bridge = run_bridge(make_settings(broker, data_dir))
+    wait_until(bridge.bridge.restore_listening.is_set, 30, "the restore service")
     messages = _hostile_messages(unique)
     accepted = asyncio.run(_publish_each(broker.port, messages))
     ledger = Counter((messages[i][0], messages[i][1]) for i in accepted)

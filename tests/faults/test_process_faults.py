@@ -27,7 +27,7 @@ def test_kill_9_during_a_continuous_publish(
     broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """kill -9 of the bridge during a continuous publish"""
-    kills, between = size(3, 20), size(400, 2500)
+    kills, between = size(3, 20), size(250, 1500)
     rng = random.Random(unique)
     with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
@@ -51,10 +51,10 @@ def _stop_under_load(
         bridge.start()
         publisher = Publisher(port, devices, rate=RATE).start()
         for _ in range(stops):
-            publisher.wait_accepted(size(400, 2500))
+            publisher.wait_accepted(size(250, 1500))
             codes.append(bridge.terminate())
             bridge.start()
-        publisher.wait_accepted(size(400, 2500))
+        publisher.wait_accepted(size(250, 1500))
         ledger = publisher.stop()
         back = read_back(ledger, data, url)
         return codes, bridge.text(), back
@@ -64,7 +64,7 @@ def test_sigterm_under_load(
     broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """SIGTERM of the bridge under load"""
-    stops = size(2, 10)
+    stops = size(3, 10)
     codes, log, back = _stop_under_load(
         broker.url, broker.port, data_dir, fleet(unique, 4), tmp_path, stops
     )
@@ -72,22 +72,10 @@ def test_sigterm_under_load(
     assert codes == [0] * stops, log
     assert "Traceback" not in log
     assert_nothing_lost(back)
-
-
-def test_a_clean_stop_under_load_leaves_nothing_to_redeliver(
-    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
-) -> None:
-    """SIGTERM under load sends every ack it owes (no second copies)"""
-    stops = size(6, 10)
-    codes, _, back = _stop_under_load(
-        broker.url, broker.port, data_dir, fleet(unique, 4), tmp_path, stops
-    )
-    report(stops=stops, export=back.export, exit_codes=sorted(set(codes)))
-    assert_nothing_lost(back)
     # A clean stop stores and acknowledges what it read, then lets the broker close: nothing is
     # sent again. Closing with unread data resets the connection and the broker discards the
     # acknowledgements it had not read yet (its log: "disconnected: Broken pipe").
-    assert back.export.extra_copies == 0
+    assert back.export.extra_copies == 0, "a clean stop left acknowledgements unsent"
 
 
 def test_bridge_down_longer_than_a_publish_burst(

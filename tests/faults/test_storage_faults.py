@@ -44,7 +44,7 @@ def test_disk_full_injected_during_a_continuous_publish(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Disk full (injected) during a continuous publish, then room again"""
-    episodes, between = size(3, 10), size(300, 2500)
+    episodes, between = size(2, 10), size(250, 1500)
     faults = Faults()
     bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
     publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
@@ -140,19 +140,14 @@ def test_damaged_record_is_found_by_verify_and_by_reads(
     settings, devices = _filled(broker, data_dir, unique, run_bridge)
     victim = devices[1]
     partition = _partition_of(data_dir, victim)
-    with raw_partition(data_dir, partition) as (db, _):
-        key, value = device_records(db, victim)[3]
-        damaged = bytearray(value)
-        damaged[-1] ^= 0x01
-        db[key] = bytes(damaged)
-    del db  # a rocksdict handle keeps its lock until it is collected, closed or not
-    gc.collect()
+    _flip_a_byte(data_dir, partition, victim)
 
     checked = cli("verify", "--data", str(data_dir), "--json")
     problems = json.loads(checked.stdout)["problems"]
     export_all = cli("export", "--data", str(data_dir))
     export_other = cli("export", "--data", str(data_dir), "--device", devices[0])
     bridge = run_bridge(settings)
+    wait_until(bridge.bridge.restore_listening.is_set, 30, "the restore service")
     answer = terminal(broker.url, victim)
     healthy = restored(broker.url, [d for d in devices if d != victim])
     bridge.stop()
@@ -195,6 +190,16 @@ def test_damaged_table_file_is_found_by_verify_and_by_reads(
     assert export_all.returncode == 4, export_all.stderr
     _one_line_error(export_all)
     _one_line_error(checked)
+
+
+def _flip_a_byte(data_dir: Path, partition: str, device: str) -> None:
+    with raw_partition(data_dir, partition) as (db, _index):
+        key, value = device_records(db, device)[3]
+        damaged = bytearray(value)
+        damaged[-1] ^= 0x01
+        db[key] = bytes(damaged)
+    del db, _index
+    gc.collect()  # rocksdict handles (a column family's too) keep the lock until collected
 
 
 def _partition_of(data_dir: Path, device: str) -> str:
