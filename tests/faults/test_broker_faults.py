@@ -44,7 +44,7 @@ def test_broker_restart_with_persistence(
     own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Broker restart (SIGTERM, persistence on) during a continuous publish"""
-    restarts, between = size(2, 5), size(250, 1500)
+    restarts, between = size(2, 5), size(250, 1000)
     with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
@@ -77,7 +77,7 @@ def test_broker_crash_loses_only_what_it_had_not_saved(
         assert bridge.terminate() == 0
         publisher = Publisher(own_broker.port, devices, rate=RATE).start()
         # Publish across at least one autosave, so part of the queue is saved and part is not.
-        publisher.wait_accepted(size(1000, 20_000))
+        publisher.wait_accepted(size(1000, 10_000))
         wait_until(lambda: _span_s(publisher.ledger) > AUTOSAVE_S + 1, 60, "an autosave")
         assert own_broker.proc is not None
         own_broker.proc.send_signal(signal.SIGKILL)

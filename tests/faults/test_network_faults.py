@@ -38,7 +38,7 @@ def test_network_cut_resets_the_connection(
     broker: Broker, proxy: Proxy, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Network cut: the connection is reset during a continuous publish"""
-    cuts, between = size(3, 10), size(250, 1500)
+    cuts, between = size(3, 10), size(250, 1000)
     with bridge_process(proxy.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
@@ -66,7 +66,7 @@ def test_network_blackhole_longer_than_keepalive(
     with bridge_process(proxy.url, data_dir, log_path, "--keepalive", str(KEEPALIVE_S)) as bridge:
         bridge.start()
         publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
-        publisher.wait_accepted(size(250, 1500))
+        publisher.wait_accepted(size(250, 1000))
         proxy.blackhole()
         # Only the keepalive can notice a dead route: wait until the bridge has.
         wait_until(
@@ -74,10 +74,10 @@ def test_network_blackhole_longer_than_keepalive(
             6 * KEEPALIVE_S,
             "the bridge to notice the dead route",
         )
-        publisher.wait_accepted(size(250, 1500))
+        publisher.wait_accepted(size(250, 1000))
         proxy.heal()
         wait_until(lambda: "reconnected to" in bridge.text(), 90, "the bridge to reconnect")
-        publisher.wait_accepted(size(250, 1500))
+        publisher.wait_accepted(size(250, 1000))
         ledger = publisher.stop()
         back = read_back(ledger, data_dir, proxy.url)
         log = bridge.text()

@@ -27,7 +27,7 @@ def test_kill_9_during_a_continuous_publish(
     broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """kill -9 of the bridge during a continuous publish"""
-    kills, between = size(3, 20), size(250, 1500)
+    kills, between = size(3, 20), size(250, 1000)
     rng = random.Random(unique)
     with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
@@ -51,10 +51,10 @@ def _stop_under_load(
         bridge.start()
         publisher = Publisher(port, devices, rate=RATE).start()
         for _ in range(stops):
-            publisher.wait_accepted(size(250, 1500))
+            publisher.wait_accepted(size(250, 1000))
             codes.append(bridge.terminate())
             bridge.start()
-        publisher.wait_accepted(size(250, 1500))
+        publisher.wait_accepted(size(250, 1000))
         ledger = publisher.stop()
         back = read_back(ledger, data, url)
         return codes, bridge.text(), back
@@ -82,7 +82,7 @@ def test_bridge_down_longer_than_a_publish_burst(
     broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Bridge down longer than a publish burst"""
-    burst = size(2000, 50_000)
+    burst = size(2000, 20_000)
     with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         assert bridge.terminate() == 0  # the session and its subscription exist now

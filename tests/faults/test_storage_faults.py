@@ -44,7 +44,7 @@ def test_disk_full_injected_during_a_continuous_publish(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Disk full (injected) during a continuous publish, then room again"""
-    episodes, between = size(2, 10), size(250, 1500)
+    episodes, between = size(2, 10), size(250, 1000)
     faults = Faults()
     bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
     publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
@@ -75,7 +75,7 @@ def test_slow_fsync_injected(
     faults = Faults(write_delay_s=0.05)
     bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
     publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
-    publisher.wait_accepted(size(1500, 20_000), timeout=300)
+    publisher.wait_accepted(size(1500, 10_000), timeout=300)
     ledger = publisher.stop()
     started = time.monotonic()
     wait_stored(data_dir, ledger, timeout=300)
