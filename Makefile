@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest venv clean brokers
+.PHONY: run test check lint typecheck pytest faults brokers venv clean
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -36,6 +36,13 @@ pytest: $(STAMP)
 # BROKER_ARGS='--brokers aedes --scenarios live -n 200' runs a subset (see docs/brokers.md).
 brokers: $(STAMP)
 	$(PY) -m tools.broker_matrix $(BROKER_ARGS)
+
+# The fault suite at big sizes (`make test` runs it at small ones); writes docs/reliability.md,
+# from the results file docs/reliability.json, even when a case fails (the page says which).
+faults: $(STAMP)
+	FAULTS_SCALE=big FAULTS_RESULTS=docs/reliability.json $(VENV)/bin/pytest tests/faults \
+		-p no:cacheprovider --timeout=3600 $(PYTEST_ARGS); status=$$?; \
+	$(PY) -m tools.reliability docs/reliability.json docs/reliability.md && exit $$status
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
