@@ -13,7 +13,7 @@ class Drain:
     start: float
     end: float
     messages: int
-    method: str  # "fit" (a line through the samples inside the drain) or "bounds" (coarse)
+    method: str  # "broker-fit", "consumer-events" or "broker-bounds" (see drain())
 
     @property
     def rate(self) -> float:
@@ -21,25 +21,34 @@ class Drain:
         return self.messages / max(self.end - self.start, 1e-9)
 
 
-def drain(samples: Sequence[tuple[float, int]], since: float, full: int, base: int) -> Drain:
-    """When a queue of full - base messages started and stopped draining, from the store count.
+def drain(
+    samples: Sequence[tuple[float, int]],
+    since: float,
+    full: int,
+    base: int,
+    events: tuple[float, float] | None = None,
+) -> Drain:
+    """When a queue of full - base messages started and stopped draining.
 
-    The broker publishes its count once a second. Samples strictly inside the drain lie on a line
-    (the drain rate is steady); extending that line to `full` and `base` gives start and end to
-    well under a second. With fewer than two samples inside, the drain lasted about a second:
-    the last sample still full and the first one at base bound it from outside (a lower bound
-    on the rate).
+    The broker publishes its store count every second or two. Samples strictly inside the drain
+    lie on a line (the drain rate is steady); extending that line to `full` and `base` gives
+    start and end to well under a second. A drain too short for three samples inside is timed by
+    the consumer's own events instead, taken where they cost it nothing (`events`: mosquitto_sub's
+    start and exit, the first and last growth of the bridge's WAL files); without them, the last
+    sample still full and the first one at base bound it from outside.
     """
     after = [(t, v) for t, v in samples if t >= since]
     inside = [(t, v) for t, v in after if base < v < full]
     messages = full - base
-    if len(inside) >= 2:
+    if len(inside) >= 3:
         slope, icept = _line(inside)
         if slope < 0:
-            return Drain((full - icept) / slope, (base - icept) / slope, messages, "fit")
+            return Drain((full - icept) / slope, (base - icept) / slope, messages, "broker-fit")
+    if events is not None and events[1] > events[0]:
+        return Drain(events[0], events[1], messages, "consumer-events")
     last_full = max((t for t, v in after if v >= full), default=since)
     first_base = min((t for t, v in after if v <= base), default=after[-1][0] if after else since)
-    return Drain(last_full, max(first_base, last_full), messages, "bounds")
+    return Drain(last_full, max(first_base, last_full), messages, "broker-bounds")
 
 
 def _line(points: Sequence[tuple[float, int]]) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench import data, wire
 from bench.measure import Drain, drain, first_reaching, percentile
@@ -184,25 +184,83 @@ def drain_figures(d: Drain, sampler: Sampler, who: str) -> dict[str, Any]:
         "msg_per_s": d.rate,
         "seconds": d.end - d.start,
         "method": d.method,
-        "cpu_s_per_100k": (b.cpu[who] - a.cpu[who]) * per,
+        "cpu_s_per_100k": (b.cpu.get(who, 0.0) - a.cpu.get(who, 0.0)) * per,
         "broker_cpu_s_per_100k": (b.cpu["broker"] - a.cpu["broker"]) * per,
     }
 
 
+class Consumer(Protocol):
+    """What drains a preloaded queue: started once, then tells when it drained, at no cost to it."""
+
+    def start(self) -> int:
+        """Start; the process id to meter."""
+
+    def events(self, sampler: Sampler) -> tuple[float, float] | None:
+        """(first, last) moment of work seen from outside, when known."""
+
+
+class SubConsumer:
+    """mosquitto_sub -c -q 1 -C N: from its start (a C client connects in a millisecond) to exit."""
+
+    def __init__(self, broker: Broker, client_id: str, n: int, log: Path) -> None:
+        self.broker, self.client_id, self.n, self.log = broker, client_id, n, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = self.exited = 0.0
+        self._waiter = threading.Thread(target=self._wait, name="bench.sub-exit", daemon=True)
+
+    def start(self) -> int:
+        """Spawn it and note when it exits."""
+        self.started = time.monotonic()
+        self.proc = mosquitto_sub(self.broker, self.client_id, TOPIC_FILTER, self.n, self.log)
+        self._waiter.start()
+        return self.proc.pid
+
+    def _wait(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self.exited = time.monotonic()
+
+    def events(self, sampler: Sampler) -> tuple[float, float] | None:
+        """Start to exit, once it exited."""
+        self._waiter.join(timeout=60)
+        return (self.started, self.exited) if self.exited else None
+
+
+class BridgeConsumer:
+    """The bridge: from the first to the last growth of its WAL files (a synced commit each)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def start(self) -> int:
+        """Start the bridge process."""
+        return self.bridge.start().pid
+
+    def events(self, sampler: Sampler) -> tuple[float, float] | None:
+        """First and last WAL growth after the start."""
+        seen = [t for t in sampler.wal_writes if t >= self.bridge.started_at]
+        return (seen[0], seen[-1]) if len(seen) >= 2 else None
+
+
 def measure_drain(
-    broker: Broker, watch: SysWatch, consumer_pid: Callable[[], int], n: int, timeout: float
+    broker: Broker, watch: SysWatch, consumer: Consumer, n: int, timeout: float,
+    wal_dir: Path | None = None,
 ) -> tuple[Drain, Sampler]:
-    """Start a consumer (the callable starts it and returns its pid); read its drain."""
-    base = watch.latest()
-    full = base + n
-    watch.wait(lambda v: v >= full, 30, f"{n} preloaded messages in the store count")
+    """Start the consumer on a queue of n preloaded messages; read its drain."""
+    slack = max(50, n // 500)  # $SYS retained messages come and go in the store count
+    full = watch.latest() + n
+    watch.wait(lambda v: v >= full - slack, 60, f"{n} preloaded messages in the store count")
+    time.sleep(2.1)  # one more count: the preload has settled
+    full = watch.latest()
+    base = full - n
     since = time.monotonic()
     pids = {"broker": broker.pid}
-    with Sampler(pids) as sampler:
-        pids["consumer"] = consumer_pid()
-        watch.wait_after(since, lambda v: v <= base, timeout, "the queue to drain")
+    with Sampler(pids, period=0.01, wal_dir=wal_dir) as sampler:
+        pids["consumer"] = consumer.start()
+        watch.wait_after(since, lambda v: v <= base + slack, timeout, "the queue to drain")
         time.sleep(0.1)
-    return drain(watch.values[SysWatch.STORE], since, full, base), sampler
+    events = consumer.events(sampler)
+    return drain(watch.values[SysWatch.STORE], since, full, base, events), sampler
 
 
 # ---- ingest -------------------------------------------------------------------------------------
@@ -240,15 +298,8 @@ def _drain_by_sub(
     client_id = "bench-sub"
     create_session(broker, client_id, TOPIC_FILTER)
     preload(broker, data.fleet_messages(n, fleet), "sub")
-    log = ctx.scratch("mosquitto-sub") / "log"
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> int:
-        procs.append(mosquitto_sub(broker, client_id, TOPIC_FILTER, n, log))
-        return procs[0].pid
-
-    d, sampler = measure_drain(broker, watch, start, n, timeout=600)
-    procs[0].wait(timeout=60)
+    consumer = SubConsumer(broker, client_id, n, ctx.scratch("mosquitto-sub") / "log")
+    d, sampler = measure_drain(broker, watch, consumer, n, timeout=600)
     # Its session goes, so that the next preload is queued for the bridge alone.
     broker.client(client_id, clean_start=True).disconnect()
     return {**drain_figures(d, sampler, "consumer"), "peak_rss_bytes": 0}
@@ -265,7 +316,9 @@ def _drain_by_bridge(
         bridge.stop()
     preload(broker, data.fleet_messages(n, fleet), f"bridge-{spec.name}")
     try:
-        d, sampler = measure_drain(broker, watch, lambda: bridge.start().pid, n, timeout=1800)
+        d, sampler = measure_drain(
+            broker, watch, BridgeConsumer(bridge), n, timeout=1800, wal_dir=bridge.data
+        )
         peak = peak_rss_bytes(bridge.pid)
     finally:
         bridge.stop()
@@ -682,18 +735,11 @@ def busy_ingest(ctx: Context) -> list[Row]:
                 bridge.stop()
             preload(broker, data.fleet_messages(n, ctx.sizes.fleet), "busy")
             sub = _timed_sub(ctx, broker, watch, f"backup/restore/{RESTORE_DEVICE}/response", big + 1)
-            restore_topic = f"backup/restore/{RESTORE_DEVICE}"
-
-            def start_both() -> int:
-                bridge.start()
-                wait_port_metrics(bridge)
-                req = broker.client("bench-busy-request")
-                req.sock.sendall(wire.publish_packet(restore_topic, b"", req.packet_id()))
-                req.disconnect()
-                return bridge.pid
-
+            consumer = RestoringConsumer(bridge, broker, f"backup/restore/{RESTORE_DEVICE}")
             try:
-                d, sampler = measure_drain(broker, watch, start_both, n, timeout=3600)
+                d, sampler = measure_drain(
+                    broker, watch, consumer, n, timeout=3600, wal_dir=bridge.data
+                )
                 busy = drain_figures(d, sampler, "consumer")
             finally:
                 sub.kill()
@@ -713,6 +759,23 @@ def busy_ingest(ctx: Context) -> list[Row]:
             )
         )
     return rows
+
+
+class RestoringConsumer(BridgeConsumer):
+    """The bridge, asked for a big restore as soon as it is up."""
+
+    def __init__(self, bridge: Bridge, broker: Broker, request_topic: str) -> None:
+        super().__init__(bridge)
+        self.broker, self.request_topic = broker, request_topic
+
+    def start(self) -> int:
+        """Start the bridge; once its metrics answer, send the restore request."""
+        pid = super().start()
+        wait_port_metrics(self.bridge)
+        req = self.broker.client("bench-busy-request")
+        req.sock.sendall(wire.publish_packet(self.request_topic, b"", req.packet_id()))
+        req.disconnect()
+        return pid
 
 
 def wait_port_metrics(bridge: Bridge, timeout: float = 30.0) -> None:

@@ -162,7 +162,7 @@ class Client:
         self._next_id = 0
 
     def connect(
-        self, client_id: str, clean_start: bool = True, session_expiry: int = 0, keepalive: int = 60
+        self, client_id: str, clean_start: bool = True, session_expiry: int = 0, keepalive: int = 0
     ) -> Client:
         """CONNECT and wait for CONNACK; WireError when refused."""
         self.sock.sendall(connect_packet(client_id, clean_start, session_expiry, keepalive))
