@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest venv clean
+.PHONY: run test check lint typecheck pytest venv clean bench bench-docs
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -31,6 +31,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The bridge beside the broker's own ceiling; writes docs/benchmarks.json and docs/benchmarks.md.
+# BENCH_SCALE=1 for the big goals; BENCH_ARGS='--variant NAME:--transport X' etc. (python -m bench -h)
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-docs: $(STAMP)
+	$(PY) -m bench docs
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

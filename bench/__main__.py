@@ -1,10 +1,10 @@
-"""`python -m bench` (`make bench`): run the scenarios, print the table, write JSON and the docs page.
+"""`python -m bench` (`make bench`): run the scenarios, print a table, write the JSON and the docs.
 
-    python -m bench                         # the default run (under 5 minutes on a quiet machine)
-    BENCH_SCALE=1 python -m bench           # the big goals: its own JSON and section
-    python -m bench --variant paho:'--transport paho' --variant asyncio:'--transport asyncio'
-    python -m bench --only ingest --factor 0.1
-    python -m bench docs                    # regenerate docs/benchmarks.md from the JSON files
+python -m bench                         # the default run (under 5 minutes on a quiet machine)
+BENCH_SCALE=1 python -m bench           # the big goals: its own JSON and section
+python -m bench --variant paho:'--transport paho' --variant asyncio:'--transport asyncio'
+python -m bench --only ingest --factor 0.1
+python -m bench docs                    # regenerate docs/benchmarks.md from the JSON files
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +81,15 @@ def variants(args: argparse.Namespace) -> list[BridgeSpec]:
     return [BridgeSpec.parse(t, command) for t in texts or ["default"]]
 
 
+def _one(name: str, ctx: scenarios.Context, console: Console) -> list[scenarios.Row]:
+    """One scenario's rows; a failure is a row that says why, and the run goes on."""
+    try:
+        return SCENARIOS[name](ctx)
+    except (BenchError, BrokerStartError, OSError, subprocess.SubprocessError) as exc:
+        console.log(f"{name} failed: {exc}")
+        return [scenarios.Row(name, "failed", "-", 0.0, "failed", details={"error": str(exc)})]
+
+
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Every chosen scenario in turn; the document the JSON file holds."""
     sizes = (scenarios.SCALE if args.scale else scenarios.DEFAULT).scaled(args.factor)
@@ -87,13 +97,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     specs = variants(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="mqtt-backup-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = scenarios.Context(sizes, work, specs, say=lambda s: console.log(s))
+    ctx = scenarios.Context(sizes, work, specs, say=console.log)
     load_before = machine.load_average()
     started, t0 = datetime.now(UTC), time.monotonic()
     rows: list[scenarios.Row] = []
     try:
         for name in chosen:
-            rows.extend(SCENARIOS[name](ctx))
+            rows.extend(_one(name, ctx, console))
     finally:
         if args.work is None:
             scenarios.cleanup(work)

@@ -100,5 +100,8 @@ def disk_bytes(data: Path) -> int:
 
 def restore_envelope_size(device: str, payload: bytes, seq: int) -> int:
     """Bytes of one restore answer (JSON format) for a stored message, as the design shapes it."""
-    body = {"seq": seq, **message_envelope(device, time.time_ns(), Record(topic_of(device), payload))}
+    body = {
+        "seq": seq,
+        **message_envelope(device, time.time_ns(), Record(topic_of(device), payload)),
+    }
     return len(json.dumps(body, ensure_ascii=False).encode())

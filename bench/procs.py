@@ -31,7 +31,7 @@ class BenchError(RuntimeError):
     """A scenario could not run; the message says what happened."""
 
 
-# ---- /proc meters ---------------------------------------------------------------------------------
+# ---- /proc meters -------------------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -136,12 +136,12 @@ class Sampler:
         return max((s.rss[name] for s in self.samples if since <= s.t <= until), default=0)
 
 
-# ---- the broker -----------------------------------------------------------------------------------
+# ---- the broker ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Broker:
-    """A Mosquitto of the bench: `stock` (defaults, queue raised, sys_interval 1) or a project conf."""
+    """A Mosquitto of the bench: `stock` (defaults; queue raised, sys_interval 1) or ours."""
 
     conf: str
     state_dir: Path
@@ -156,8 +156,10 @@ class Broker:
             text = devbroker.render_config(STOCK_TEMPLATE, self.port, self.state_dir)
             text += f"max_queued_messages {self.max_queued}\n"
         else:
-            text = devbroker.render_config(devbroker.CONF_DIR / self.conf, self.port, self.state_dir)
-            text += f"\n# bench: $SYS counters every second\nsys_interval 1\n"
+            text = devbroker.render_config(
+                devbroker.CONF_DIR / self.conf, self.port, self.state_dir
+            )
+            text += "\n# bench: $SYS counters every second\nsys_interval 1\n"
             text += f"max_queued_messages {max(self.max_queued, 1_000_000)}\n"
         conf_path = self.state_dir / "mosquitto.conf"
         conf_path.write_text(text, encoding="utf-8")
@@ -243,10 +245,16 @@ class SysWatch:
                 if check(value):
                     return t
             time.sleep(0.05)
-        raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} ({self.latest(topic)})")
+        raise BenchError(
+            f"timed out after {timeout:.0f} s waiting for {what} ({self.latest(topic)})"
+        )
 
     def wait_after(
-        self, since: float, check: Callable[[int], bool], timeout: float, what: str,
+        self,
+        since: float,
+        check: Callable[[int], bool],
+        timeout: float,
+        what: str,
         topic: str = STORE,
     ) -> float:
         """Like wait(), counting only values that arrived after monotonic time `since`."""
@@ -262,14 +270,16 @@ class SysWatch:
                 if check(t, value):
                     return t
             time.sleep(0.05)
-        raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} ({self.latest(topic)})")
+        raise BenchError(
+            f"timed out after {timeout:.0f} s waiting for {what} ({self.latest(topic)})"
+        )
 
     def subscribed(self, before: int, timeout: float = 10.0) -> None:
         """Until the broker counts more subscriptions than `before`."""
         self.wait(lambda v: v > before, timeout, "a subscription", self.SUBSCRIPTIONS)
 
 
-# ---- the bridge -----------------------------------------------------------------------------------
+# ---- the bridge ---------------------------------------------------------------------------------
 
 
 def default_bridge_command() -> list[str]:
@@ -343,7 +353,7 @@ class Bridge:
         """messages_stored from the metrics endpoint; None while it does not answer."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (a local http URL)
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 text = resp.read().decode()
         except OSError:
             return None
@@ -381,7 +391,7 @@ class Bridge:
         self.proc = None
 
     def kill(self) -> float:
-        """kill -9; returns the monotonic time of the kill."""
+        """Kill -9; returns the monotonic time of the kill."""
         assert self.proc is not None
         self.proc.kill()
         killed = time.monotonic()
@@ -390,13 +400,13 @@ class Bridge:
         return killed
 
 
-# ---- mosquitto_sub --------------------------------------------------------------------------------
+# ---- mosquitto_sub ------------------------------------------------------------------------------
 
 
 def mosquitto_sub(
     broker: Broker, client_id: str, topic: str, count: int, log: Path, persistent: bool = True
 ) -> subprocess.Popen[bytes]:
-    """mosquitto_sub -q 1 that exits after `count` messages; output discarded, debug lines to log."""
+    """mosquitto_sub -q 1 that exits after `count` messages; output discarded, errors to log."""
     argv = ["mosquitto_sub", "-p", str(broker.port), "-h", "127.0.0.1", "-i", client_id]
     argv += ["-q", "1", "-t", topic, "-C", str(count), "-V", "mqttv5"]
     if persistent:

@@ -33,6 +33,8 @@ def _ratio(row: dict[str, Any]) -> str:
 def _extras(row: dict[str, Any]) -> str:
     d = row["details"]
     parts = []
+    if "error" in d:
+        parts.append(f"FAILED: {d['error']}")
     if "cpu_s_per_100k" in d:
         parts.append(f"CPU/100k {d['cpu_s_per_100k']:.2f} s")
     if "broker_cpu_s_per_100k" in d:
@@ -53,9 +55,10 @@ def _extras(row: dict[str, Any]) -> str:
             f"->{d['rss_last_tenth_bytes'] / 2**20:.0f} MiB"
         )
     if "cold_start_s" in d:
-        parts.append(f"cold start {d['cold_start_s']:.2f} s; each " + ", ".join(
-            f"{s:.2f}" for s in d["each_s"]
-        ))
+        parts.append(
+            f"cold start {d['cold_start_s']:.2f} s; each "
+            + ", ".join(f"{s:.2f}" for s in d["each_s"])
+        )
     if "moved_bytes" in d:
         parts.append(f"{d['moved_bytes'] / 1e6:.1f} MB in {d['seconds']:.1f} s")
     if d.get("method") == "bounds":
@@ -114,10 +117,15 @@ def _md_machine(doc: dict[str, Any]) -> list[str]:
     lines = [
         f"- run: {doc['started']} ({doc['mode']}, {doc['seconds']:.0f} s), "
         f"bridge command `{doc['bridge_command']}`, variants: "
-        + ", ".join(f"`{v['name']}` (`run {v['run_args']}`)".replace("(`run `)", "(`run`)")
-        for v in doc["variants"]),
-        f"- machine: {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB, {m['cpu_model']}; "
-        f"{m['os']} (kernel {m['kernel']})",
+        + ", ".join(
+            f"`{v['name']}` (`run {v['run_args']}`)".replace("(`run `)", "(`run`)")
+            for v in doc["variants"]
+        ),
+        (
+            f"- machine: {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB, "
+            f"{m['cpu_model']}; "
+            f"{m['os']} (kernel {m['kernel']})"
+        ),
         f"- Mosquitto {m['mosquitto']}, Python {m['python']}; {packages}",
         f"- load average before / after: {load[0][0]:.2f} / {load[1][0]:.2f}",
     ]
@@ -159,8 +167,11 @@ project's broker config (inflight window 1000) plus `sys_interval 1`.
 
 def markdown(default: dict[str, Any] | None, scale: dict[str, Any] | None) -> str:
     """The whole docs/benchmarks.md."""
-    sources = [f"`{name}`" for name, doc in (("docs/benchmarks.json", default),
-               ("docs/benchmarks-scale.json", scale)) if doc is not None]
+    sources = [
+        f"`{name}`"
+        for name, doc in (("docs/benchmarks.json", default), ("docs/benchmarks-scale.json", scale))
+        if doc is not None
+    ]
     lines = [HEADER.format(sources=" and ".join(sources) or "its JSON files")]
     for title, doc in (("Default run", default), ("BENCH_SCALE run", scale)):
         lines.append(f"## {title}\n")

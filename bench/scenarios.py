@@ -8,6 +8,7 @@ machine moves both sides. Each scenario returns rows (see `Row`) for the table a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import threading
@@ -22,8 +23,8 @@ from bench.measure import Drain, drain, first_reaching, percentile
 from bench.procs import (
     BenchError,
     Bridge,
-    Broker,
     BridgeSpec,
+    Broker,
     Sampler,
     SysWatch,
     create_session,
@@ -102,7 +103,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """value / reference, when there is a reference."""
+        """Value / reference, when there is a reference."""
         if not self.reference:
             return None
         return self.value / self.reference
@@ -220,7 +221,7 @@ class SubConsumer:
         self.proc.wait()
         self.exited = time.monotonic()
 
-    def events(self, sampler: Sampler) -> tuple[float, float] | None:
+    def events(self, sampler: Sampler) -> tuple[float, float] | None:  # noqa: ARG002 (protocol)
         """Start to exit, once it exited."""
         self._waiter.join(timeout=60)
         return (self.started, self.exited) if self.exited else None
@@ -243,7 +244,11 @@ class BridgeConsumer:
 
 
 def measure_drain(
-    broker: Broker, watch: SysWatch, consumer: Consumer, n: int, timeout: float,
+    broker: Broker,
+    watch: SysWatch,
+    consumer: Consumer,
+    n: int,
+    timeout: float,
     wal_dir: Path | None = None,
 ) -> tuple[Drain, Sampler]:
     """Start the consumer on a queue of n preloaded messages; read its drain."""
@@ -389,9 +394,10 @@ def _live_run(
             time.sleep(0.01)
     sent = paced.sent_at
     stored_at = first_reaching(scrapes, [base + i + 1 for i in range(len(sent))])
-    latency = [s - p for s, p in zip(stored_at, sent, strict=True) if s == s]
+    latency = [s - p for s, p in zip(stored_at, sent, strict=True) if not math.isnan(s)]
     lag = [
-        sum(1 for p in sent if p <= t) - (count - base) for t, count in scrapes[:: max(1, len(scrapes) // 2000)]
+        sum(1 for p in sent if p <= t) - (count - base)
+        for t, count in scrapes[:: max(1, len(scrapes) // 2000)]
     ]
     tenth = max(1, len(sampler.samples) // 10)
     rss_first = max(s.rss["bridge"] for s in sampler.samples[:tenth])
@@ -485,8 +491,14 @@ def _timed_sub(
     ctx: Context, broker: Broker, watch: SysWatch, topic: str, count: int
 ) -> subprocess.Popen[bytes]:
     before = watch.latest(SysWatch.SUBSCRIPTIONS)
-    proc = mosquitto_sub(broker, f"bench-rsub-{time.monotonic_ns()}", topic, count,
-                         ctx.scratch("rsub") / "log", persistent=False)
+    proc = mosquitto_sub(
+        broker,
+        f"bench-rsub-{time.monotonic_ns()}",
+        topic,
+        count,
+        ctx.scratch("rsub") / "log",
+        persistent=False,
+    )
     watch.subscribed(before)
     return proc
 
@@ -725,7 +737,9 @@ def busy_ingest(ctx: Context) -> list[Row]:
         ctx.say(f"ingest beside a restore of {big} messages ({spec.name})")
         with ctx.broker("busy", queue=n + big) as broker, SysWatch(broker) as watch:
             bridge = ctx.bridge(spec, broker, "busy")
-            stored = ((data.topic_of(RESTORE_DEVICE), payloads[i % len(payloads)]) for i in range(big))
+            stored = (
+                (data.topic_of(RESTORE_DEVICE), payloads[i % len(payloads)]) for i in range(big)
+            )
             data.prefill(bridge.data, stored, client_id=bridge.client_id)
             idle = _drain_by_bridge(ctx, spec, broker, watch, n, ctx.sizes.fleet)
             bridge.start()
@@ -734,7 +748,9 @@ def busy_ingest(ctx: Context) -> list[Row]:
             finally:
                 bridge.stop()
             preload(broker, data.fleet_messages(n, ctx.sizes.fleet), "busy")
-            sub = _timed_sub(ctx, broker, watch, f"backup/restore/{RESTORE_DEVICE}/response", big + 1)
+            sub = _timed_sub(
+                ctx, broker, watch, f"backup/restore/{RESTORE_DEVICE}/response", big + 1
+            )
             consumer = RestoringConsumer(bridge, broker, f"backup/restore/{RESTORE_DEVICE}")
             try:
                 d, sampler = measure_drain(
@@ -754,8 +770,11 @@ def busy_ingest(ctx: Context) -> list[Row]:
                 idle["msg_per_s"],
                 "the same drain, idle",
                 ">= 0.7",
-                {"busy": busy, "idle": idle,
-                 "note": "the store count includes restore answers in flight (a few)"},
+                {
+                    "busy": busy,
+                    "idle": idle,
+                    "note": "the store count includes restore answers in flight (a few)",
+                },
             )
         )
     return rows

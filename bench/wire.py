@@ -8,6 +8,7 @@ what arrives ($SYS counters, restore answers). Only what the bench uses is encod
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -240,10 +241,8 @@ class Client:
 
     def disconnect(self) -> None:
         """DISCONNECT (normal) and close; the session stays when it has an expiry."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(bytes((DISCONNECT, 0)))
-        except OSError:
-            pass
         self.sock.close()
 
 
