@@ -443,15 +443,15 @@ def restore(ctx: Context) -> list[Row]:
     payloads = [p for _, p in data.fleet_messages(n, 1)]
     sizes = [data.restore_envelope_size(RESTORE_DEVICE, p, i + 1) for i, p in enumerate(payloads)]
     for spec in ctx.variants:
-        with ctx.broker("restore", queue=n) as broker, SysWatch(broker) as watch:
+        with ctx.broker("restore", queue=n) as broker:
             bridge = ctx.bridge(spec, broker, "restore")
             messages = _restore_store(payloads)
             data.prefill(bridge.data, messages, client_id=bridge.client_id)
             bridge.start()
             try:
                 wait_ingesting(bridge, broker)
-                ceiling = _relay_ceiling(ctx, broker, watch, sizes)
-                restored = _restore_big(ctx, bridge, broker, watch, n)
+                ceiling = _relay_ceiling(ctx, broker, sizes)
+                restored = _restore_big(ctx, bridge, broker, n)
                 first, round_trip = _small_restores(broker, ctx.sizes.small_restores)
             finally:
                 bridge.stop()
@@ -487,28 +487,20 @@ def _restore_store(payloads: list[bytes]) -> Iterator[tuple[str, bytes]]:
     yield from ((data.topic_of(SMALL_DEVICE), p) for p in payloads[:SMALL_COUNT])
 
 
-def _timed_sub(
-    ctx: Context, broker: Broker, watch: SysWatch, topic: str, count: int
-) -> subprocess.Popen[bytes]:
-    before = watch.latest(SysWatch.SUBSCRIPTIONS)
-    proc = mosquitto_sub(
-        broker,
-        f"bench-rsub-{time.monotonic_ns()}",
-        topic,
-        count,
-        ctx.scratch("rsub") / "log",
-        persistent=False,
-    )
-    watch.subscribed(before)
-    return proc
+def _timed_sub(ctx: Context, broker: Broker, topic: str, count: int) -> subprocess.Popen[bytes]:
+    """mosquitto_sub -c on a session made beforehand: what comes before it connects waits for it.
+
+    So the clock can start at once, with no guess at when its subscription is in place.
+    """
+    client_id = f"bench-rsub-{time.monotonic_ns()}"
+    create_session(broker, client_id, topic)
+    return mosquitto_sub(broker, client_id, topic, count, ctx.scratch("rsub") / "log")
 
 
-def _relay_ceiling(
-    ctx: Context, broker: Broker, watch: SysWatch, sizes: list[int]
-) -> dict[str, Any]:
+def _relay_ceiling(ctx: Context, broker: Broker, sizes: list[int]) -> dict[str, Any]:
     topic = "bench/relay"
     packets = list(wire.qos1_packets((topic, b"x" * s) for s in sizes))
-    sub = _timed_sub(ctx, broker, watch, topic, len(packets))
+    sub = _timed_sub(ctx, broker, topic, len(packets))
     client = broker.client("bench-relay")
     pids = {"broker": broker.pid, "sub": sub.pid}
     with Sampler(pids) as sampler:
@@ -525,11 +517,9 @@ def _relay_ceiling(
     }
 
 
-def _restore_big(
-    ctx: Context, bridge: Bridge, broker: Broker, watch: SysWatch, n: int
-) -> dict[str, Any]:
+def _restore_big(ctx: Context, bridge: Bridge, broker: Broker, n: int) -> dict[str, Any]:
     topic = f"backup/restore/{RESTORE_DEVICE}"
-    sub = _timed_sub(ctx, broker, watch, f"{topic}/response", n + 1)  # the messages and `done`
+    sub = _timed_sub(ctx, broker, f"{topic}/response", n + 1)  # the messages and `done`
     client = broker.client("bench-restore-request")
     pids = {"broker": broker.pid, "bridge": bridge.pid}
     with Sampler(pids) as sampler:
