@@ -720,7 +720,7 @@ def _restarts(ctx: Context, spec: BridgeSpec) -> list[Row]:
 
 def busy_ingest(ctx: Context) -> list[Row]:
     """Drain of a preloaded queue while a big restore runs, vs the same drain idle."""
-    n, big = ctx.sizes.ingest, ctx.sizes.busy_restore
+    n, big = ctx.sizes.ingest, ctx.sizes.busy_restore or ctx.sizes.restore
     rows: list[Row] = []
     payloads = [p for _, p in data.fleet_messages(min(big, 100_000), 1)]
     for spec in ctx.variants:
@@ -738,9 +738,7 @@ def busy_ingest(ctx: Context) -> list[Row]:
             finally:
                 bridge.stop()
             preload(broker, data.fleet_messages(n, ctx.sizes.fleet), "busy")
-            sub = _timed_sub(
-                ctx, broker, watch, f"backup/restore/{RESTORE_DEVICE}/response", big + 1
-            )
+            sub = _timed_sub(ctx, broker, f"backup/restore/{RESTORE_DEVICE}/response", big + 1)
             consumer = RestoringConsumer(bridge, broker, f"backup/restore/{RESTORE_DEVICE}")
             try:
                 d, sampler = measure_drain(

@@ -27,7 +27,8 @@ def test_drain_fits_a_line_through_the_samples_inside() -> None:
 def test_short_drain_uses_the_consumers_events() -> None:
     samples = [(0.0, 1000), (2.0, 0)]
     found = drain(samples, since=0.0, full=1000, base=0, events=(0.5, 1.0))
-    assert (found.method, found.rate) == ("consumer-events", pytest.approx(2000.0))
+    assert found.method == "consumer-events"
+    assert found.rate == pytest.approx(2000.0)
 
 
 def test_percentile_is_nearest_rank() -> None:
