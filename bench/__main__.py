@@ -115,7 +115,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         + (f" x{args.factor:g}" if args.factor != 1 else ""),
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "seconds": time.monotonic() - t0,
-        "bridge_command": shlex.join(specs[0].command),
+        "bridge_command": shlex.join(
+            ["python" if c == sys.executable else c for c in specs[0].command]
+        ),
         "variants": [{"name": s.name, "run_args": shlex.join(s.run_args)} for s in specs],
         "scenarios": chosen,
         "sizes": dataclasses.asdict(sizes),

@@ -7,6 +7,7 @@ the default run's section, then the BENCH_SCALE run's section when that file exi
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ SCHEMA = 1
 def _num(value: float | None, unit: str = "") -> str:
     if value is None:
         return ""
-    if unit.startswith("ms") or abs(value) < 10:
+    if unit.startswith("ms ") or abs(value) < 10:
         return f"{value:.2f}"
     return f"{value:,.0f}"
 
@@ -110,13 +111,21 @@ def _md_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _command(text: str) -> str:
+    """The bridge command without this machine's interpreter path."""
+    words = shlex.split(text)
+    if words and Path(words[0]).name.startswith("python"):
+        words[0] = "python"
+    return shlex.join(words)
+
+
 def _md_machine(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
     load = doc["load_before"], doc["load_after"]
     packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     lines = [
         f"- run: {doc['started']} ({doc['mode']}, {doc['seconds']:.0f} s), "
-        f"bridge command `{doc['bridge_command']}`, variants: "
+        f"bridge command `{_command(doc['bridge_command'])}`, variants: "
         + ", ".join(
             f"`{v['name']}` (`run {v['run_args']}`)".replace("(`run `)", "(`run`)")
             for v in doc["variants"]
@@ -128,6 +137,7 @@ def _md_machine(doc: dict[str, Any]) -> list[str]:
         ),
         f"- Mosquitto {m['mosquitto']}, Python {m['python']}; {packages}",
         f"- load average before / after: {load[0][0]:.2f} / {load[1][0]:.2f}",
+        "- sizes: " + ", ".join(f"{k} {v}" for k, v in doc["sizes"].items()),
     ]
     if doc.get("loaded"):
         lines.append(
