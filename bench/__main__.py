@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import machine, report, scenarios
-from bench.procs import BenchError, BridgeSpec, default_bridge_command
+from bench.procs import BenchError, BridgeSpec, default_bridge_command, reap_subscribers
 from tools.devbroker import BrokerStartError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -88,6 +88,8 @@ def _one(name: str, ctx: scenarios.Context, console: Console) -> list[scenarios.
     except (BenchError, BrokerStartError, OSError, subprocess.SubprocessError) as exc:
         console.log(f"{name} failed: {exc}")
         return [scenarios.Row(name, "failed", "-", 0.0, "failed", details={"error": str(exc)})]
+    finally:
+        reap_subscribers()
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:

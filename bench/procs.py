@@ -411,7 +411,21 @@ def mosquitto_sub(
     argv += ["-q", "1", "-t", topic, "-C", str(count), "-V", "mqttv5"]
     if persistent:
         argv += ["-c", "-x", "604800"]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    _SUBSCRIBERS.append(proc)
+    return proc
+
+
+_SUBSCRIBERS: list[subprocess.Popen[bytes]] = []
+
+
+def reap_subscribers() -> None:
+    """Kill the mosquitto_sub processes of a scenario that are still waiting (it failed)."""
+    while _SUBSCRIBERS:
+        proc = _SUBSCRIBERS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def create_session(broker: Broker, client_id: str, topic: str) -> None:

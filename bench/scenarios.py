@@ -243,18 +243,28 @@ class BridgeConsumer:
         return (seen[0], seen[-1]) if len(seen) >= 2 else None
 
 
+def preload_queue(
+    broker: Broker, watch: SysWatch, messages: Iterator[tuple[str, bytes]], name: str
+) -> int:
+    """Preload a queue; returns the store count before it (the level the drain goes back to)."""
+    before = watch.latest()
+    preload(broker, messages, name)
+    return before
+
+
 def measure_drain(
     broker: Broker,
     watch: SysWatch,
     consumer: Consumer,
     n: int,
+    before: int,
     timeout: float,
     wal_dir: Path | None = None,
 ) -> tuple[Drain, Sampler]:
-    """Start the consumer on a queue of n preloaded messages; read its drain."""
+    """Start the consumer on a queue of n messages preloaded on a store count of `before`."""
     slack = max(50, n // 500)  # $SYS retained messages come and go in the store count
-    full = watch.latest() + n
-    watch.wait(lambda v: v >= full - slack, 60, f"{n} preloaded messages in the store count")
+    full = before + n
+    watch.wait(lambda v: v >= full - slack, 120, f"{n} preloaded messages in the store count")
     time.sleep(2.1)  # one more count: the preload has settled
     full = watch.latest()
     base = full - n
@@ -302,9 +312,9 @@ def _drain_by_sub(
 ) -> dict[str, Any]:
     client_id = "bench-sub"
     create_session(broker, client_id, TOPIC_FILTER)
-    preload(broker, data.fleet_messages(n, fleet), "sub")
+    before = preload_queue(broker, watch, data.fleet_messages(n, fleet), "sub")
     consumer = SubConsumer(broker, client_id, n, ctx.scratch("mosquitto-sub") / "log")
-    d, sampler = measure_drain(broker, watch, consumer, n, timeout=600)
+    d, sampler = measure_drain(broker, watch, consumer, n, before, timeout=600)
     # Its session goes, so that the next preload is queued for the bridge alone.
     broker.client(client_id, clean_start=True).disconnect()
     return {**drain_figures(d, sampler, "consumer"), "peak_rss_bytes": 0}
@@ -319,10 +329,10 @@ def _drain_by_bridge(
         wait_ingesting(bridge, broker)
     finally:
         bridge.stop()
-    preload(broker, data.fleet_messages(n, fleet), f"bridge-{spec.name}")
+    before = preload_queue(broker, watch, data.fleet_messages(n, fleet), f"bridge-{spec.name}")
     try:
         d, sampler = measure_drain(
-            broker, watch, BridgeConsumer(bridge), n, timeout=1800, wal_dir=bridge.data
+            broker, watch, BridgeConsumer(bridge), n, before, timeout=1800, wal_dir=bridge.data
         )
         peak = peak_rss_bytes(bridge.pid)
     finally:
@@ -737,12 +747,12 @@ def busy_ingest(ctx: Context) -> list[Row]:
                 wait_ingesting(bridge, broker)
             finally:
                 bridge.stop()
-            preload(broker, data.fleet_messages(n, ctx.sizes.fleet), "busy")
+            before = preload_queue(broker, watch, data.fleet_messages(n, ctx.sizes.fleet), "busy")
             sub = _timed_sub(ctx, broker, f"backup/restore/{RESTORE_DEVICE}/response", big + 1)
             consumer = RestoringConsumer(bridge, broker, f"backup/restore/{RESTORE_DEVICE}")
             try:
                 d, sampler = measure_drain(
-                    broker, watch, consumer, n, timeout=3600, wal_dir=bridge.data
+                    broker, watch, consumer, n, before, timeout=3600, wal_dir=bridge.data
                 )
                 busy = drain_figures(d, sampler, "consumer")
             finally:
