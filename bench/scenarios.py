@@ -163,18 +163,29 @@ def preload(broker: Broker, messages: Iterator[tuple[str, bytes]], name: str) ->
         client.disconnect()
 
 
-def wait_ingesting(bridge: Bridge, broker: Broker, timeout: float = 60.0) -> None:
-    """Until the bridge stores a probe message (so its session and subscription exist)."""
-    before = bridge.stored()
+def wait_ingesting(bridge: Bridge, broker: Broker, timeout: float = 120.0) -> None:
+    """Until the bridge stores a probe message (so its session and subscription exist).
+
+    Its metrics answer before it has subscribed, and a probe sent before that reaches nobody:
+    send one every half second until the stored count moves.
+    """
     deadline = time.monotonic() + timeout
+    before = None
     while before is None:
         bridge.check_alive()
         if time.monotonic() > deadline:
             raise BenchError("the bridge's metrics endpoint never answered")
         time.sleep(0.05)
         before = bridge.stored()
-    preload(broker, iter([(data.topic_of("bench-probe"), b"probe")]), "probe")
-    bridge.wait_stored(before + 1, timeout, period=0.02)
+    while True:
+        preload(broker, iter([(data.topic_of("bench-probe"), b"probe")]), "probe")
+        try:
+            bridge.wait_stored(before + 1, 0.5, period=0.02)
+        except BenchError:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        return
 
 
 def drain_figures(d: Drain, sampler: Sampler, who: str) -> dict[str, Any]:
