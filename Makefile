@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest faults brokers venv clean
+.PHONY: run test check lint typecheck pytest faults brokers bench bench-docs venv clean
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -43,6 +43,14 @@ faults: $(STAMP)
 	FAULTS_SCALE=big FAULTS_RESULTS=docs/reliability.json $(VENV)/bin/pytest tests/faults \
 		-p no:cacheprovider --timeout=3600 $(PYTEST_ARGS); status=$$?; \
 	$(PY) -m tools.reliability docs/reliability.json docs/reliability.md && exit $$status
+
+# The bridge beside the broker's own ceiling; writes docs/benchmarks.json and docs/benchmarks.md.
+# BENCH_SCALE=1 for the big goals; BENCH_ARGS='--variant NAME:--transport X' etc. (python -m bench -h)
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-docs: $(STAMP)
+	$(PY) -m bench docs
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

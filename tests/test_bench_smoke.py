@@ -1,0 +1,69 @@
+"""The bench harness at tiny sizes: it runs and writes well-formed figures (never a speed check)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.__main__ import main
+from bench.measure import drain, percentile
+
+pytestmark = pytest.mark.slow
+
+
+def test_drain_fits_a_line_through_the_samples_inside() -> None:
+    samples = [(0.0, 1000), (1.0, 1000), (2.0, 800), (3.0, 600), (4.0, 400), (5.0, 0)]
+    found = drain(samples, since=0.5, full=1000, base=0)
+    assert found.method == "broker-fit"
+    assert found.start == pytest.approx(1.0)
+    assert found.end == pytest.approx(6.0)
+    assert found.rate == pytest.approx(200.0)
+
+
+def test_short_drain_uses_the_consumers_events() -> None:
+    samples = [(0.0, 1000), (2.0, 0)]
+    found = drain(samples, since=0.0, full=1000, base=0, events=(0.5, 1.0))
+    assert found.method == "consumer-events"
+    assert found.rate == pytest.approx(2000.0)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([], 99) == 0.0
+
+
+def _well_formed(row: dict[str, object]) -> None:
+    value = row["value"]
+    assert isinstance(value, float | int)
+    assert math.isfinite(value)
+    assert value > 0, row
+    assert row["unit"] != "failed", row
+    ratio = row["ratio"]
+    if row["reference"] is not None:
+        assert isinstance(ratio, float)
+        assert math.isfinite(ratio)
+        assert ratio > 0
+
+
+def test_tiny_run_writes_json_and_the_page(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--factor", "0.002", "--json", str(out), "--docs", str(tmp_path), "--no-docs"]
+    for scenario in ("storage", "ingest", "restore", "devices", "live"):
+        args += ["--only", scenario]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cores"] >= 1
+    assert doc["machine"]["mosquitto"] not in ("", "unknown")
+    scenarios = {row["scenario"] for row in doc["rows"]}
+    assert scenarios == {"storage", "ingest", "restore", "devices", "live ingest"}
+    for row in doc["rows"]:
+        _well_formed(row)
+    (tmp_path / "benchmarks.json").write_text(out.read_text())
+    page = report.write_markdown(tmp_path).read_text()
+    assert "| ingest |" in page
+    assert "Not run yet" in page  # no BENCH_SCALE file beside it
