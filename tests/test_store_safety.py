@@ -427,9 +427,9 @@ def test_a_running_bridge_keeps_everything_private(
 ) -> None:
     data = tmp_path / "data"
     bridge = run_bridge(make_settings(broker, data))
-    wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service")
+    wait_until(bridge.bridge.restore_listening.is_set, 60, "the restore service")
     publish(broker, [Sent(f"devices/{unique}/t", b"secret payload")])
-    wait_until(lambda: stored_count(data) == 1, 20, "the message to be stored")
+    wait_until(lambda: stored_count(data) == 1, 60, "the message to be stored")
     bridge.bridge.store.gaps.record(Gap(1, 2, "session-lost"))
     modes = {stat.S_IMODE(p.lstat().st_mode) for p in [data, *data.rglob("*")]}
     assert open_to_others(data) == []
