@@ -69,7 +69,6 @@ class Bridge:
         self.store = Store.open(settings.data, settings.partitions, settings.client_id)
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
-        self._disconnected_at: int | None = None
         self._stop_metrics: Callable[[], None] = lambda: None
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
@@ -84,6 +83,8 @@ class Bridge:
             batch_max=settings.batch_max,
             batch_ms=settings.batch_ms,
         )
+        # Until this run catches up, what the last run knew holds (a gap never starts later).
+        self.pipeline.caught_up(self._state.last_alive_ns)
 
     def _session(self) -> Session:
         s = self.settings
@@ -176,7 +177,9 @@ class Bridge:
         now = time.time_ns()
         had_session = bool(self._state.subscriptions)
         if not session_present and had_session:
-            since = self._disconnected_at or self._state.last_alive_ns or now
+            # From the last moment the bridge had everything: what the broker queued after it
+            # (a backlog, or publishes during a shutdown) went with the session.
+            since = self.pipeline.caught_up_ns or now
             downtime = (now - since) / NS_PER_S
             reason = "downtime" if downtime > self.settings.session_expiry else "session-lost"
             log.warning(
@@ -187,13 +190,14 @@ class Bridge:
                 reason,
             )
             self._record_gap(Gap(since, now, reason))
-        self._disconnected_at = None
+        if not session_present:
+            # A new session had nothing queued before its connection was opened.
+            self.pipeline.caught_up(self.pipeline.connecting_ns)
         self._state.subscriptions = list(subscribed)
         self._save_state()
 
     def disconnected(self, reason: str) -> None:
         """Note when the connection dropped; the transport reconnects by itself."""
-        self._disconnected_at = time.time_ns()
         log.warning("lost the broker connection (%s); reconnecting", reason)
 
     def submit(self, op: str, args: Mapping[str, Any]) -> Future[dict[str, Any]]:
@@ -313,8 +317,8 @@ class Bridge:
     def _save_state(self) -> None:
         self._clock.state_at = time.monotonic()
         self.store.keep_ballast()  # back once a full disk has room again
-        if self._disconnected_at is None:
-            self._state.last_alive_ns = time.time_ns()
+        if self.pipeline.caught_up_ns:
+            self._state.last_alive_ns = self.pipeline.caught_up_ns
         try:
             self._state.save(self.settings.data)
         except StorageError as exc:

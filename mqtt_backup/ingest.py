@@ -93,6 +93,10 @@ class CommitPipeline:
         self._recovering = False
         self._connection = 0
         self.counters = IngestCounters()
+        # The last moment everything the broker had for the bridge was stored and acknowledged:
+        # a gap after a lost session starts here, not when the bridge last saved its state.
+        self.caught_up_ns = 0
+        self.connecting_ns = 0  # when the current connection was opened
 
     @property
     def pending(self) -> int:
@@ -181,6 +185,10 @@ class CommitPipeline:
             c.bytes += len(item.record.payload)
             c.duplicates += item.record.dup
 
+    def caught_up(self, at_ns: int) -> None:
+        """The transport found nothing more to read at `at_ns`, and all before it is stored."""
+        self.caught_up_ns = max(self.caught_up_ns, at_ns)
+
     def can_hold(self) -> bool:
         """Room to hold more while storage fails.
 
@@ -197,6 +205,7 @@ class CommitPipeline:
         message expiry has not passed meanwhile, so the held copy may be the only one.
         """
         self._connection += 1
+        self.connecting_ns = time.time_ns()
 
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""

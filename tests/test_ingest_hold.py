@@ -131,6 +131,7 @@ def test_a_failing_state_file_is_reported_once_per_episode(
     monkeypatch.setattr(bridge_module, "STATE_EVERY_S", 0.0)  # save at every tick
     bridge = Bridge(make_settings(broker, data_dir))
     blocker = data_dir / "state.json.tmp"  # a directory where the temp file goes: writes fail
+    bridge.pipeline.caught_up(1)  # something to save: the moment the bridge last caught up
     try:
         with caplog.at_level(logging.INFO, logger="mqtt_backup.bridge"):
             for _episode in range(2):

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 REPLAY_PROPERTY = "mqtt-backup-replay"
 CONNECT_TIMEOUT_S = 10.0
 _BACKOFF_MAX_S = 30.0
+# Smaller than every broker's window of unacknowledged messages (Mosquitto's default is 20).
+CAUGHT_UP_BELOW = 16
 _T = TypeVar("_T")
 
 
@@ -90,6 +92,9 @@ class Sink(Protocol):
 
     def can_hold(self) -> bool:
         """Room to hold more messages while storage fails."""
+
+    def caught_up(self, at_ns: int) -> None:
+        """Everything the broker had sent by `at_ns` is stored and acknowledged."""
 
 
 class Hooks(Protocol):
@@ -329,17 +334,24 @@ class PahoIngest:
             return
         wait = sink.seconds_left() if sink.has_work else 0.5
         self._pump(wait, read=not sink.full())
-        if sink.has_work and (sink.due() or not self._readable()):
+        if not sink.has_work:
+            sink.caught_up(time.time_ns())  # a whole wait went by with nothing to store
+        elif sink.due() or not self._readable():
             self._commit(sink, stall)
 
     def _commit(self, sink: Sink, stall: Stall) -> None:
+        drained_at = None if sink.full() or self._readable() else time.time_ns()
         try:
-            sink.commit()
+            stored = sink.commit()
         except StorageUnavailable as exc:
             stall.failed(exc)
             return
         stall.cleared()
         self._client.loop_write()
+        # A drained socket means the broker had sent all it had, unless its window of
+        # unacknowledged messages held the rest back: count only batches below any window.
+        if drained_at is not None and stored < CAUGHT_UP_BELOW:
+            sink.caught_up(drained_at)
 
     def keep_alive(self) -> None:
         """Service the connection without committing: answer keepalives, hold what arrives.
