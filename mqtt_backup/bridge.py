@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mqtt_backup import metrics, operations
-from mqtt_backup.config import Settings
+from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
@@ -372,7 +372,7 @@ class RestoreThread:
                     reader,
                     self._gaps,
                     self._settings.namespace,
-                    any_response_topic=self._settings.response_topics == "any",
+                    any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:
