@@ -321,11 +321,10 @@ def _shown(default: Any) -> str | None:
     return ", ".join(default) if isinstance(default, tuple) else str(default)
 
 
+_TYPES = get_type_hints(Settings)
 _DECLARED: dict[str, Setting] = {
-    declaration.name: _complete(declaration, kind)
-    for declaration, kind in zip(
-        dataclasses.fields(Settings), get_type_hints(Settings).values(), strict=True
-    )
+    declaration.name: _complete(declaration, _TYPES[declaration.name])
+    for declaration in dataclasses.fields(Settings)
 }
 
 
