@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mqtt_backup import metrics, operations
-from mqtt_backup.config import Settings
+from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
@@ -390,7 +390,7 @@ class RestoreThread:
                     reader,
                     self._gaps,
                     self._settings.namespace,
-                    any_response_topic=self._settings.response_topics == "any",
+                    any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
                     # Its last reading is kept in the data directory, so that what the broker
                     # dropped while the bridge was away is a gap at the next start.
                     dropped=DroppedWatcher(

@@ -1,6 +1,8 @@
 """Settings: defaults, then the TOML file, then `MQTT_BACKUP_*` environment, then flags.
 
-Every option has one name used three ways: `--client-id` on the command line,
+Each setting is declared once, as a field of `Settings`: its type picks the parser, and its
+`setting(...)` gives the default, the range or check, and the help. Closed sets are enums. The
+other names derive from the field name: `--client-id` on the command line,
 `MQTT_BACKUP_CLIENT_ID` in the environment (lists comma-separated) and `client_id` (or
 `client-id`) in the file.
 """
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import unquote, urlsplit
 
 from mqtt_backup.errors import ConfigError, UsageError
@@ -21,6 +25,29 @@ from mqtt_backup.topics import Template, check_namespace, parse_template
 
 ENV_PREFIX = "MQTT_BACKUP_"
 DEFAULT_CONFIG = Path("mqtt-backup.toml")
+
+
+class ProtocolVersion(StrEnum):
+    """The MQTT version spoken to the broker (not `Protocol`: that name is typing's)."""
+
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+class LogLevel(StrEnum):
+    """How much the bridge logs."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class ResponseTopics(StrEnum):
+    """Which MQTT 5 response topics a restore requester may choose."""
+
+    STRICT = "strict"  # only below its own device's request topic
+    ANY = "any"  # any topic that is not a request topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,39 +125,7 @@ def _split_netloc(rest: str) -> tuple[str, str]:
     return rest[:cut], rest[cut:]
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every option of every command, with its default."""
-
-    broker: str = "mqtt://127.0.0.1:1883"
-    data: Path = Path("mqtt-backup-data")
-    topic: tuple[str, ...] = ("devices/{device}/#",)
-    client_id: str | None = None
-    partitions: int | None = None
-    namespace: str = "backup"
-    protocol: str = "5"
-    metrics_port: int | None = None
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    session_expiry: int = 7 * 24 * 3600
-    keepalive: int = 30
-    batch_max: int = 1000
-    batch_ms: int = 20
-    log_level: str = "info"
-    response_topics: str = "strict"
-    prune_older_than: str | None = None
-    prune_max_bytes_per_device: int | None = None
-
-    @property
-    def broker_address(self) -> BrokerAddress:
-        """The parsed broker URL."""
-        return parse_broker_url(self.broker)
-
-    @property
-    def templates(self) -> list[Template]:
-        """The parsed topic templates."""
-        return [parse_template(t) for t in self.topic]
+# ---- parsers (picked by a field's type) and checks (named by its declaration) -------------------
 
 
 def _text(value: Any) -> str:
@@ -160,37 +155,239 @@ def _texts(value: Any) -> tuple[str, ...]:
     raise TypeError("must be a list of text")
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "broker": _text,
-    "data": _path,
-    "topic": _texts,
-    "client_id": _text,
-    "partitions": _int,
-    "namespace": _text,
-    "protocol": lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else _text(v),
-    "metrics_port": _int,
-    "ca": _path,
-    "cert": _path,
-    "key": _path,
-    "session_expiry": _int,
-    "keepalive": _int,
-    "batch_max": _int,
-    "batch_ms": _int,
-    "log_level": _text,
-    "response_topics": _text,
-    "prune_older_than": _text,
-    "prune_max_bytes_per_device": _int,
+def _choice(kind: type[StrEnum]) -> Callable[[Any], StrEnum]:
+    """A parser for one enum: any letter case; a TOML number such as `protocol = 5` is its text."""
+
+    def parse(value: Any) -> StrEnum:
+        is_number = isinstance(value, int) and not isinstance(value, bool)
+        text = str(value) if is_number else _text(value)
+        try:
+            return kind(text.lower())
+        except ValueError:
+            raise UsageError(f"must be {' or '.join(kind)}, got {text!r}") from None
+
+    return parse
+
+
+def _broker(value: str) -> str:
+    parse_broker_url(value)
+    return value
+
+
+def _templates(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise UsageError("needs at least one topic template", "devices/{device}/#")
+    for text in value:
+        parse_template(text)
+    return value
+
+
+def _namespace(value: str) -> str:
+    check_namespace(value)
+    return value
+
+
+def _not_empty(value: str) -> str:
+    if not value:
+        raise UsageError("must not be empty")
+    return value
+
+
+def _a_file(value: Path) -> Path:
+    if not value.is_file():
+        raise UsageError(f"{value} does not exist or is not a file")
+    return value
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+# ---- the declarations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one setting is parsed, checked and explained; its names derive from its field's name."""
+
+    help: str
+    bounds: tuple[int, int] | None = None
+    check: Callable[[Any], Any] | None = None  # a further check that returns the value
+    default_text: str | None = None  # the default as help shows it; derived when not given
+    parse: Callable[[Any], Any] = _text  # derived from the field's type
+    choices: tuple[str, ...] = ()  # derived from an enum type
+
+    def validate(self, value: Any) -> Any:
+        """The parsed, checked value: TypeError for a wrong type, UsageError for a bad value."""
+        parsed = self.parse(value)
+        if self.bounds is not None:
+            low, high = self.bounds
+            if not low <= parsed <= high:
+                raise UsageError(f"must be between {low} and {high}, got {parsed}")
+        return parsed if self.check is None else self.check(parsed)
+
+
+_SETTING = "mqtt_backup.config.Setting"  # the key of a field's declaration in its metadata
+
+
+def setting(
+    help: str,  # noqa: A002 (the word every CLI library uses)
+    *,
+    bounds: tuple[int, int] | None = None,
+    check: Callable[[Any], Any] | None = None,
+    default_text: str | None = None,
+) -> dict[str, Setting]:
+    """The metadata that declares one field of `Settings`: `field(default=..., metadata=...)`."""
+    return {_SETTING: Setting(help, bounds, check, default_text)}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of every command, each declared once: type, default, range or check, help."""
+
+    broker: str = field(
+        default="mqtt://127.0.0.1:1883",
+        metadata=setting("mqtt://[user:pass@]host[:port] or mqtts://...", check=_broker),
+    )
+    data: Path = field(
+        default=Path("mqtt-backup-data"),
+        metadata=setting("data directory", default_text="./mqtt-backup-data"),
+    )
+    topic: tuple[str, ...] = field(
+        default=("devices/{device}/#",),
+        metadata=setting("topic template with a {device} level; repeatable", check=_templates),
+    )
+    client_id: str | None = field(
+        default=None,
+        metadata=setting(
+            "MQTT client id",
+            check=_not_empty,
+            default_text="generated once, kept in the data directory",
+        ),
+    )
+    # The store picks the count of a new data directory; an existing one keeps its own.
+    partitions: int | None = field(
+        default=None,
+        metadata=setting("partitions of a new data directory", bounds=(1, 1024), default_text="4"),
+    )
+    namespace: str = field(
+        default="backup",
+        metadata=setting("the bridge's own topics, never stored", check=_namespace),
+    )
+    protocol: ProtocolVersion = field(default=ProtocolVersion.V5, metadata=setting("5 or 3.1.1"))
+    metrics_port: int | None = field(
+        default=None,
+        metadata=setting("serve Prometheus metrics on 127.0.0.1:PORT/metrics", bounds=(1, 65535)),
+    )
+    ca: Path | None = field(
+        default=None, metadata=setting("CA certificate for mqtts://", check=_a_file)
+    )
+    cert: Path | None = field(
+        default=None, metadata=setting("client certificate (mTLS)", check=_a_file)
+    )
+    key: Path | None = field(default=None, metadata=setting("client key (mTLS)", check=_a_file))
+    session_expiry: int = field(
+        default=7 * 24 * 3600,
+        metadata=setting(
+            "seconds the broker keeps the session while the bridge is away", bounds=(1, 0xFFFFFFFF)
+        ),
+    )
+    keepalive: int = field(
+        default=30, metadata=setting("MQTT keepalive seconds", bounds=(5, 65535))
+    )
+    batch_max: int = field(
+        default=1000, metadata=setting("messages per commit at most", bounds=(1, 100_000))
+    )
+    batch_ms: int = field(
+        default=20, metadata=setting("longest a batch waits for more messages", bounds=(1, 10_000))
+    )
+    log_level: LogLevel = field(
+        default=LogLevel.INFO, metadata=setting("debug, info, warning, error")
+    )
+    response_topics: ResponseTopics = field(
+        default=ResponseTopics.STRICT,
+        metadata=setting(
+            "strict: MQTT 5 response topics must lie under <namespace>/restore/<device>/; "
+            "any: allow every topic"
+        ),
+    )
+    prune_older_than: str | None = field(
+        default=None,
+        metadata=setting("retention: hourly, delete what is older (e.g. 30d)", check=_duration),
+    )
+    prune_max_bytes_per_device: int | None = field(
+        default=None,
+        metadata=setting("retention: hourly, keep each device's newest N bytes", bounds=(1, 2**62)),
+    )
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        """The parsed broker URL."""
+        return parse_broker_url(self.broker)
+
+    @property
+    def templates(self) -> list[Template]:
+        """The parsed topic templates."""
+        return [parse_template(t) for t in self.topic]
+
+
+def _complete(declaration: dataclasses.Field[Any], kind: Any) -> Setting:
+    """A field's declaration with what its type and default say filled in."""
+    if get_origin(kind) is types.UnionType:
+        (kind,) = (a for a in get_args(kind) if a is not type(None))
+    declared: Setting = declaration.metadata[_SETTING]
+    shown = declared.default_text or _shown(declaration.default)
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        choices = tuple(kind)
+        return dataclasses.replace(
+            declared, parse=_choice(kind), choices=choices, default_text=shown
+        )
+    parse = _texts if get_origin(kind) is tuple else {str: _text, int: _int, Path: _path}[kind]
+    return dataclasses.replace(declared, parse=parse, default_text=shown)
+
+
+def _shown(default: Any) -> str | None:
+    if default is None:
+        return None
+    return ", ".join(default) if isinstance(default, tuple) else str(default)
+
+
+_TYPES = get_type_hints(Settings)
+_DECLARED: dict[str, Setting] = {
+    declaration.name: _complete(declaration, _TYPES[declaration.name])
+    for declaration in dataclasses.fields(Settings)
 }
 
-_RANGES: dict[str, tuple[int, int]] = {
-    "partitions": (1, 1024),
-    "metrics_port": (1, 65535),
-    "session_expiry": (1, 0xFFFFFFFF),
-    "keepalive": (5, 65535),
-    "batch_max": (1, 100_000),
-    "batch_ms": (1, 10_000),
-    "prune_max_bytes_per_device": (1, 2**62),
-}
+
+def declared(name: str) -> Setting:
+    """The declaration of one setting (KeyError for an unknown name)."""
+    return _DECLARED[name]
+
+
+def field_names() -> Sequence[str]:
+    """Names of all settings, as used in the file (with underscores)."""
+    return tuple(_DECLARED)
+
+
+def flag_name(name: str) -> str:
+    """`client_id` -> `--client-id`."""
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    """`client_id` -> `MQTT_BACKUP_CLIENT_ID`."""
+    return ENV_PREFIX + name.upper()
+
+
+def help_for(name: str) -> str:
+    """The help of one setting, its default in brackets when it has one."""
+    spec = declared(name)
+    default = f" [default: {spec.default_text}]" if spec.default_text else ""
+    return spec.help + default
+
+
+# ---- loading ------------------------------------------------------------------------------------
 
 
 def load(
@@ -210,7 +407,7 @@ def load(
     values.update(_from_env(env))
     for name, value in flags.items():
         if value is not None:
-            values[name] = _parse(name, value, "--" + name.replace("_", "-"))
+            values[name] = _parse(name, value, flag_name(name))
     settings = Settings(**values)
     _validate_together(settings)
     return settings
@@ -224,46 +421,12 @@ def _env_config(env: Mapping[str, str]) -> Path | None:
 def _parse(name: str, value: Any, origin: str) -> Any:
     """Parse and check one value; a ConfigError names its origin (flag, variable or file key)."""
     try:
-        parsed = _PARSERS[name](value)
-        _check(name, parsed)
+        return declared(name).validate(value)
     except TypeError as exc:
         shown = type(value).__name__ if name == "broker" else repr(value)  # may hold a password
         raise ConfigError(f"{origin} {exc}, got {shown}") from None
     except UsageError as exc:
         raise ConfigError(f"{origin}: {exc.detail}", exc.hint) from None
-    return parsed
-
-
-def _check(name: str, value: Any) -> None:
-    if name in _RANGES:
-        low, high = _RANGES[name]
-        if not low <= value <= high:
-            raise UsageError(f"must be between {low} and {high}, got {value}")
-    if name in _CHOICES and str(value).lower() not in _CHOICES[name]:
-        raise UsageError(f"must be {' or '.join(_CHOICES[name])}, got {value!r}")
-    match name:
-        case "prune_older_than":
-            parse_duration(value)
-        case "topic" if not value:
-            raise UsageError("needs at least one topic template", "devices/{device}/#")
-        case "topic":
-            for text in value:
-                parse_template(text)
-        case "namespace":
-            check_namespace(value)
-        case "broker":
-            parse_broker_url(value)
-        case "client_id" if not value:
-            raise UsageError("must not be empty")
-        case "ca" | "cert" | "key" if not value.is_file():
-            raise UsageError(f"{value} does not exist or is not a file")
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "protocol": ("5", "3.1.1"),
-    "log_level": ("debug", "info", "warning", "error"),
-    "response_topics": ("strict", "any"),
-}
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -280,9 +443,9 @@ def _from_file(path: Path) -> dict[str, Any]:
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in _PARSERS:
+        if name not in _DECLARED:
             raise ConfigError(
-                f"unknown key {key!r} in {path}", f"one of {', '.join(sorted(_PARSERS))}"
+                f"unknown key {key!r} in {path}", f"one of {', '.join(sorted(_DECLARED))}"
             )
         values[name] = _parse(name, value, f"{key!r} in {path}")
     return values
@@ -290,8 +453,8 @@ def _from_file(path: Path) -> dict[str, Any]:
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values = {}
-    for name in _PARSERS:
-        variable = ENV_PREFIX + name.upper()
+    for name in _DECLARED:
+        variable = env_name(name)
         raw = env.get(variable)
         if raw is not None and raw != "":
             values[name] = _parse(name, raw, variable)
@@ -316,10 +479,5 @@ def _validate_tls(settings: Settings) -> None:
 
 
 def with_overrides(settings: Settings, **changes: Any) -> Settings:
-    """A copy with some fields changed (tests and the CLI use it)."""
+    """A copy with some fields changed, unchecked (tests and the CLI use it)."""
     return dataclasses.replace(settings, **changes)
-
-
-def field_names() -> Sequence[str]:
-    """Names of all settings, as used in the file (with underscores)."""
-    return tuple(_PARSERS)

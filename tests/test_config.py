@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from mqtt_backup import config
-from mqtt_backup.config import BrokerAddress, Settings, mask_url, parse_broker_url
+from mqtt_backup.config import (
+    BrokerAddress,
+    LogLevel,
+    ProtocolVersion,
+    ResponseTopics,
+    Settings,
+    mask_url,
+    parse_broker_url,
+)
 from mqtt_backup.errors import EXIT_USAGE, ConfigError
 
 
@@ -57,7 +65,9 @@ def test_defaults() -> None:
     assert settings.data == Path("mqtt-backup-data")
     assert settings.topic == ("devices/{device}/#",)
     assert settings.namespace == "backup"
-    assert settings.protocol == "5"
+    assert settings.protocol is ProtocolVersion.V5
+    assert settings.log_level is LogLevel.INFO
+    assert settings.response_topics is ResponseTopics.STRICT
     assert settings.client_id is None
     assert settings.partitions is None
     assert settings.broker_address == BrokerAddress("127.0.0.1", 1883)
@@ -155,7 +165,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         client_id="c",
         partitions=2,
         namespace="ns",
-        protocol="3.1.1",
+        protocol=ProtocolVersion.V311,
         metrics_port=9100,
         ca=pems["ca"],
         cert=pems["cert"],
@@ -164,11 +174,14 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         keepalive=10,
         batch_max=5,
         batch_ms=3,
-        log_level="debug",
-        response_topics="any",
+        log_level=LogLevel.DEBUG,
+        response_topics=ResponseTopics.ANY,
         prune_older_than="30d",
         prune_max_bytes_per_device=1_000_000,
     )
+    assert isinstance(settings.protocol, ProtocolVersion)
+    assert isinstance(settings.log_level, LogLevel)
+    assert isinstance(settings.response_topics, ResponseTopics)
 
 
 def test_topic_list_from_environment_is_comma_separated() -> None:
@@ -190,7 +203,7 @@ def test_file_keys_with_dash_or_underscore(tmp_path: Path) -> None:
     under = write(tmp_path / "u.toml", 'client_id = "x"\nbatch_max = 9\nlog_level = "error"\n')
     assert load(config_file=dashed) == load(config_file=under)
     settings = load(config_file=dashed)
-    assert (settings.client_id, settings.batch_max, settings.log_level) == ("x", 9, "error")
+    assert (settings.client_id, settings.batch_max, settings.log_level) == ("x", 9, LogLevel.ERROR)
 
 
 def test_file_value_types(tmp_path: Path) -> None:
@@ -202,7 +215,7 @@ def test_file_value_types(tmp_path: Path) -> None:
     assert settings.data == Path("~/backup").expanduser()
     assert settings.partitions == 8
     assert settings.metrics_port == 9100
-    assert settings.log_level == "WARNING"
+    assert settings.log_level is LogLevel.WARNING  # any letter case, one value
 
 
 def test_flags_accept_parsed_values() -> None:
@@ -212,6 +225,67 @@ def test_flags_accept_parsed_values() -> None:
 
 def test_with_overrides() -> None:
     assert config.with_overrides(Settings(), namespace="x").namespace == "x"
+
+
+# --- declarations --------------------------------------------------------------------------------
+
+
+def test_names_derive_from_the_declaration() -> None:
+    assert config.flag_name("client_id") == "--client-id"
+    assert config.env_name("client_id") == "MQTT_BACKUP_CLIENT_ID"
+    assert config.field_names()[:3] == ("broker", "data", "topic")
+
+
+def test_help_shows_the_default() -> None:
+    assert config.help_for("keepalive") == "MQTT keepalive seconds [default: 30]"
+    assert config.help_for("data") == "data directory [default: ./mqtt-backup-data]"
+    assert config.help_for("topic").endswith("[default: devices/{device}/#]")
+    assert config.help_for("protocol") == "5 or 3.1.1 [default: 5]"
+    assert config.help_for("partitions").endswith("[default: 4]")
+    assert config.help_for("metrics_port") == "serve Prometheus metrics on 127.0.0.1:PORT/metrics"
+
+
+def test_every_setting_is_explained() -> None:
+    for name in config.field_names():
+        declared = config.declared(name)
+        assert declared.help, name
+        for choice in declared.choices:  # a help that lists the choices names all of them
+            assert choice in declared.help, (name, choice)
+    assert config.declared("protocol").choices == ("5", "3.1.1")
+    assert config.declared("log_level").choices == ("debug", "info", "warning", "error")
+    assert config.declared("response_topics").choices == ("strict", "any")
+
+
+def test_unknown_setting_name() -> None:
+    with pytest.raises(KeyError):
+        config.declared("colour")
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "value"),
+    [
+        ("topic", " a/{device} ,b/{device}/#", ("a/{device}", "b/{device}/#")),
+        ("topic", ["a/{device}"], ("a/{device}",)),
+        ("partitions", "7", 7),
+        ("keepalive", 5, 5),
+        ("data", "/srv/x", Path("/srv/x")),
+        ("protocol", "3.1.1", ProtocolVersion.V311),
+        ("protocol", 5, ProtocolVersion.V5),
+        ("log_level", "Debug", LogLevel.DEBUG),
+        ("response_topics", "any", ResponseTopics.ANY),
+        ("prune_older_than", "30d", "30d"),
+        ("namespace", "ops/backup", "ops/backup"),
+        ("broker", "mqtts://h", "mqtts://h"),
+        ("client_id", "c-1", "c-1"),
+    ],
+)
+def test_validate_returns_the_checked_value(name: str, raw: object, value: object) -> None:
+    assert config.declared(name).validate(raw) == value
+
+
+def test_validate_returns_an_existing_file(tmp_path: Path) -> None:
+    pem = write(tmp_path / "ca.pem", "-")
+    assert config.declared("ca").validate(str(pem)) == pem
 
 
 # --- bad values ----------------------------------------------------------------------------------
@@ -314,9 +388,18 @@ def test_bad_protocol(protocol: str) -> None:
     assert "--protocol: must be 5 or 3.1.1" in config_error({"protocol": protocol})
 
 
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_good_protocol(protocol: str) -> None:
-    assert load({"protocol": protocol}).protocol == protocol
+@pytest.mark.parametrize(
+    ("protocol", "version"), [("5", ProtocolVersion.V5), ("3.1.1", ProtocolVersion.V311)]
+)
+def test_good_protocol(protocol: str, version: ProtocolVersion) -> None:
+    assert load({"protocol": protocol}).protocol is version
+    assert load(env={"MQTT_BACKUP_PROTOCOL": protocol}).protocol is version
+    assert load({"protocol": version}).protocol is version
+
+
+def test_protocol_as_a_toml_number(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "protocol = 5\n")
+    assert load(config_file=path).protocol is ProtocolVersion.V5
 
 
 @pytest.mark.parametrize("level", ["verbose", "trace", "critical", "", "warn"])
@@ -324,9 +407,30 @@ def test_bad_log_level(level: str) -> None:
     assert "--log-level: must be" in config_error({"log_level": level})
 
 
-@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error"])
-def test_good_log_level(level: str) -> None:
-    assert load({"log_level": level}).log_level == level
+@pytest.mark.parametrize(
+    ("level", "value"),
+    [
+        ("debug", LogLevel.DEBUG),
+        ("INFO", LogLevel.INFO),
+        ("Warning", LogLevel.WARNING),
+        ("error", LogLevel.ERROR),
+    ],
+)
+def test_good_log_level(level: str, value: LogLevel) -> None:
+    assert load({"log_level": level}).log_level is value
+
+
+@pytest.mark.parametrize("mode", ["none", "all", "true", "Strict!"])
+def test_bad_response_topics(mode: str) -> None:
+    message = config_error(env={"MQTT_BACKUP_RESPONSE_TOPICS": mode})
+    assert f"MQTT_BACKUP_RESPONSE_TOPICS: must be strict or any, got {mode!r}" in message
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"), [("strict", ResponseTopics.STRICT), ("ANY", ResponseTopics.ANY)]
+)
+def test_good_response_topics(mode: str, value: ResponseTopics) -> None:
+    assert load({"response_topics": mode}).response_topics is value
 
 
 @pytest.mark.parametrize(

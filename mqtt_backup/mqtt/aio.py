@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class AsyncConnection:
     ) -> None:
         self.address = address
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
-        self.mqtt5 = protocol == "5"
+        self.mqtt5 = protocol == ProtocolVersion.V5
         self._options: dict[str, Any] = {
             "logger": _AIOMQTT_LOG,
             "username": address.username,

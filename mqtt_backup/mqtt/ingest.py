@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import (
     BrokerError,
     BrokerRefused,
@@ -154,7 +154,7 @@ class PahoIngest:
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
-        v5 = self.session.protocol == "5"
+        v5 = self.session.protocol == ProtocolVersion.V5
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.session.client_id,
@@ -240,7 +240,7 @@ class PahoIngest:
         if self._sink is not None:
             self._sink.new_connection()
         properties = None
-        if self.session.protocol == "5":
+        if self.session.protocol == ProtocolVersion.V5:
             properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.session.session_expiry
             properties.ReceiveMaximum = self.session.receive_maximum
@@ -275,7 +275,7 @@ class PahoIngest:
         return session_present
 
     def _is_v5(self) -> bool:
-        return self.session.protocol == "5"
+        return self.session.protocol == ProtocolVersion.V5
 
     def _subscribe(self, filters: Sequence[str]) -> None:
         if not filters:
