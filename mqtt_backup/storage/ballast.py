@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 BALLAST = "ballast"
 MAKING = f".{BALLAST}.making"
-MAX_BYTES = 64 * 1024 * 1024
+MAX_BYTES_FULL = 64 * 1024 * 1024
+MAX_BYTES = MAX_BYTES_FULL  # tests reserve less
 # Below this much free space the disk counts as full (the same bar a bridge needs to start).
 FULL_BELOW_BYTES = 16 * 1024 * 1024
 
@@ -27,6 +28,14 @@ FULL_BELOW_BYTES = 16 * 1024 * 1024
 def size_for(data_dir: Path) -> int:
     """The ballast's size: 64 MiB, or an 8th of a smaller filesystem."""
     return min(MAX_BYTES, shutil.disk_usage(data_dir).total // 8)
+
+
+def wal_bound(path: Path) -> int:
+    """How much WAL a partition on this filesystem may hold before RocksDB flushes it.
+
+    Half the ballast's full size: what a flush on a full disk must write then fits in it.
+    """
+    return min(MAX_BYTES_FULL // 2, shutil.disk_usage(path).total // 16)
 
 
 def short_of_space(data_dir: Path) -> bool:

@@ -194,7 +194,7 @@ class Partition:
         if not create:
             opts, families = _reopen_options() or (opts, families)
         # What sits only in the WAL must be flushed, on a full disk, with the ballast's room.
-        opts.set_max_total_wal_size(ballast.size_for(path) // 2)
+        opts.set_max_total_wal_size(ballast.wal_bound(path))
         for family in (opts, *families.values()):  # the reopen options are shared: set both ways
             family.set_disable_auto_compactions(not compactions)
         try:
