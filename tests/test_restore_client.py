@@ -39,7 +39,11 @@ async def _fake_bridge(
 
 
 def _restore(
-    broker: Broker, device: str, answer: Callable[[Delivery], Answer], timeout: float = 30
+    broker: Broker,
+    device: str,
+    answer: Callable[[Delivery], Answer],
+    timeout: float = 30,
+    fields: dict[str, Any] | None = None,
 ) -> Any:
     """Run the client against the scripted bridge; (terminal or raised error, lines written)."""
     lines: list[dict[str, Any]] = []
@@ -48,7 +52,7 @@ def _restore(
         ready = asyncio.Event()
         bridge = asyncio.create_task(_fake_bridge(broker, device, ready, answer))
         await ready.wait()
-        question = Ask(parse_broker_url(broker.url), device, {}, timeout=timeout)
+        question = Ask(parse_broker_url(broker.url), device, fields or {}, timeout=timeout)
         try:
             return await ask(question, lines.append)
         except LostOnTheWay as exc:
@@ -115,6 +119,23 @@ def test_an_answer_that_stops_after_holes_blames_the_broker_queue(
     assert "3 messages arrived (missing seq 3-4), then nothing for 1 s" in error.message()
     assert "max_queued_messages" in error.message()
     assert len(lines) == 3
+
+
+def test_a_replay_is_not_counted_as_lost(broker: Broker, unique: str) -> None:
+    # A replay republishes to the original topics: only the terminal comes back to us, with
+    # the count of what was republished. Found running the README: `restore --replay` exited 1
+    # saying "2 of 2 messages did not arrive".
+    device = f"{unique}-replay"
+
+    def answer(request: Delivery) -> Answer:
+        assert request.response_topic is not None
+        done = {"id": _request_id(request), "done": True, "device": device, "count": 2}
+        return [(request.response_topic, {**done, "complete": True})]
+
+    terminal, lines = _restore(broker, device, answer, fields={"mode": "replay"})
+    assert not isinstance(terminal, LostOnTheWay), terminal.message()
+    assert terminal["count"] == 2
+    assert lines == []
 
 
 @pytest.mark.parametrize("rate", ["inf", "-inf", "nan", "0", "-1"])
