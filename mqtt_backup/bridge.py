@@ -211,7 +211,7 @@ class Bridge:
         while not self._requests.empty():
             op, args, future = self._requests.get_nowait()
             try:
-                self._before_operation()
+                self._before_operation(operations.frees_space(op, args))
                 future.set_result(
                     self._while_serving(functools.partial(operations.run, self.store, op, args))
                 )
@@ -221,14 +221,14 @@ class Bridge:
                 log.exception("operation %s failed", op)
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
 
-    def _before_operation(self) -> None:
+    def _before_operation(self, frees_space: bool) -> None:
         """Commit what is pending (it goes where the current layout says), unless the disk is full.
 
         There a commit would fail, or take the room that the operation (a prune, a forget)
         needs to free space: the ballast is released instead, and what is pending is held and
         stored after the operation as usual.
         """
-        if self.store.make_room():
+        if frees_space and self.store.make_room():
             self.store.ensure_open()  # a failed write closed them: reopen before operating
             return
         self.pipeline.commit()

@@ -549,7 +549,7 @@ def writer_operation(data: Path, op: str, args: dict[str, Any]) -> dict[str, Any
     running bridge does the work (over its control socket) between two commits.
     """
     try:
-        store = Store.open(data, create=False)
+        store = Store.open(data, create=False, to_free_space=operations.frees_space(op, args))
     except DataDirLocked:
         return control.call(data, op, args)
     try:

@@ -280,6 +280,15 @@ def _holds(store: Store, move: _Move) -> bool:
     return store.partitions[move.target].index_entry(move.dev_key) is not None
 
 
+def frees_space(op: str, args: Mapping[str, Any]) -> bool:
+    """Whether the operation deletes: prune or forget, without --dry-run.
+
+    Only those may spend the ballast on a full disk; a dry run or a snapshot would use up the
+    reserve and free nothing.
+    """
+    return op in ("prune", "forget") and not args.get("dry_run")
+
+
 def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Run an operation by name (what the control socket receives); UsageError for bad ones.
 

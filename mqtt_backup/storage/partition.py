@@ -152,6 +152,12 @@ def storage_failure(exc: Exception, what: str) -> StorageError:
         return CorruptRecord(
             f"{what}: {text}", "restore the partition from a snapshot; its files are damaged"
         )
+    if "No space left" in text:
+        return StorageUnavailable(
+            f"{what}: {text}",
+            "the disk is full: 'mqtt-backup prune' or 'forget' (not --dry-run) free space with "
+            "the reserved ballast; without it, free some space on that disk first",
+        )
     return StorageUnavailable(f"{what}: {text}")
 
 

@@ -110,15 +110,20 @@ class Store:
         partitions: int | None = None,
         client_id: str | None = None,
         create: bool = True,
+        *,
+        to_free_space: bool = False,
     ) -> Store:
         """Open (or create) the data directory for writing; StorageError says why it cannot.
+
+        `to_free_space`: the caller deletes (prune, forget), so on a full disk it may release the
+        ballast to open; nothing else spends that reserve.
 
         While it is open, whatever this process creates is private to its owner (files 0600,
         directories 0700, RocksDB's own included), and an existing store is made so at opening.
         """
         PRIVATE_UMASK_HOLD.hold()
         try:
-            store = cls._open(data_dir, partitions, client_id, create)
+            store = cls._open(data_dir, partitions, client_id, create, to_free_space)
         except BaseException:
             PRIVATE_UMASK_HOLD.release()
             raise
@@ -127,7 +132,12 @@ class Store:
 
     @classmethod
     def _open(
-        cls, data_dir: Path, partitions: int | None, client_id: str | None, create: bool
+        cls,
+        data_dir: Path,
+        partitions: int | None,
+        client_id: str | None,
+        create: bool,
+        to_free_space: bool,
     ) -> Store:
         if not create:
             load_manifest(data_dir)  # DataDirMissing, with a hint, when there is nothing to open
@@ -145,8 +155,8 @@ class Store:
                 store.created_layout = True
                 store.create(partitions or DEFAULT_PARTITIONS, client_id)
             else:
-                if not create:
-                    store.make_room()  # an operation on a full disk must be able to open it
+                if to_free_space:
+                    store.make_room()  # a prune or forget on a full disk must be able to open it
                 store.open_partitions()
                 store.bury_retired()
             store.make_private(say=not store.created_layout)  # a new layout has nothing to report
