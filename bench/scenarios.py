@@ -445,7 +445,9 @@ def _live_run(
     rss_first = max(s.rss["bridge"] for s in sampler.samples[:tenth])
     rss_last = max(s.rss["bridge"] for s in sampler.samples[-tenth:])
     broker_queue = [v for t, v in watch.values[SysWatch.STORE] if t >= sampler.samples[0].t]
-    achieved = len(latency) / max(seconds, 1e-9)
+    # Stored per second from the first send to the last message stored (catching up included).
+    done_at = max((t for t in stored_at if not math.isnan(t)), default=0.0)
+    achieved = len(latency) / max(done_at - sent[0], 1e-9) if sent else 0.0
     return Row(
         "live ingest",
         f"{rate} msg/s offered, {seconds:.0f} s",
