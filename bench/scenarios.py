@@ -263,6 +263,27 @@ def preload_queue(
     return before
 
 
+STALL_S = 120.0  # a drain whose store count has not moved for this long has failed
+
+
+def _wait_drained(watch: SysWatch, since: float, level: int, timeout: float) -> None:
+    """Until the store count is down to `level`; BenchError when it stalls or takes too long."""
+    deadline = time.monotonic() + timeout
+    last_value, last_move = -1, time.monotonic()
+    while True:
+        seen = [(t, v) for t, v in watch.values[SysWatch.STORE] if t > since]
+        if any(v <= level for _, v in seen):
+            return
+        if seen and seen[-1][1] != last_value:
+            last_value, last_move = seen[-1][1], time.monotonic()
+        now = time.monotonic()
+        if now - last_move > STALL_S:
+            raise BenchError(f"the drain stalled at {last_value} queued for {STALL_S:.0f} s")
+        if now > deadline:
+            raise BenchError(f"the queue did not drain in {timeout:.0f} s ({last_value} left)")
+        time.sleep(0.1)
+
+
 def measure_drain(
     broker: Broker,
     watch: SysWatch,
@@ -283,7 +304,7 @@ def measure_drain(
     pids = {"broker": broker.pid}
     with Sampler(pids, period=0.01, wal_dir=wal_dir) as sampler:
         pids["consumer"] = consumer.start()
-        watch.wait_after(since, lambda v: v <= base + slack, timeout, "the queue to drain")
+        _wait_drained(watch, since, base + slack, timeout)
         time.sleep(0.1)
     events = consumer.events(sampler)
     return drain(watch.values[SysWatch.STORE], since, full, base, events), sampler
@@ -424,7 +445,9 @@ def _live_run(
     rss_first = max(s.rss["bridge"] for s in sampler.samples[:tenth])
     rss_last = max(s.rss["bridge"] for s in sampler.samples[-tenth:])
     broker_queue = [v for t, v in watch.values[SysWatch.STORE] if t >= sampler.samples[0].t]
-    achieved = len(latency) / max(seconds, 1e-9)
+    # Stored per second from the first send to the last message stored (catching up included).
+    done_at = max((t for t in stored_at if not math.isnan(t)), default=0.0)
+    achieved = len(latency) / max(done_at - sent[0], 1e-9) if sent else 0.0
     return Row(
         "live ingest",
         f"{rate} msg/s offered, {seconds:.0f} s",
