@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest venv clean
+.PHONY: run test check lint typecheck pytest venv clean brokers
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The bridge against aedes (npm) and amqtt (own venv) under .run/brokers; not part of `make test`.
+# BROKER_ARGS='--brokers aedes --scenarios live -n 200' runs a subset (see docs/brokers.md).
+brokers: $(STAMP)
+	$(PY) -m tools.broker_matrix $(BROKER_ARGS)
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

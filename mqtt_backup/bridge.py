@@ -23,7 +23,7 @@ from mqtt_backup import metrics, operations
 from mqtt_backup.config import Settings
 from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError
-from mqtt_backup.ingest import CommitPipeline
+from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
@@ -47,12 +47,18 @@ class _Clock:
     rate_at: float = 0.0
     rate_stored: int = 0
     retention_at: float = -RETENTION_EVERY_S  # first pass right after start
+    state_failing: bool = False
 
 
 class Bridge:
     """Ingest into the store until stopped. `stop()` is the one call safe from outside."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        wrap_store: Callable[[PipelineStore], PipelineStore] | None = None,
+    ) -> None:
+        """`wrap_store` wraps the store the pipeline writes to (tests inject faults with it)."""
         self.settings = settings
         self._stop = threading.Event()
         self.restore_listening = threading.Event()
@@ -72,7 +78,7 @@ class Bridge:
             self.store.discard_new()
             raise
         self.pipeline = CommitPipeline(
-            self.store,
+            wrap_store(self.store) if wrap_store else self.store,
             self._router,
             self._transport.ack,
             batch_max=settings.batch_max,
@@ -299,7 +305,14 @@ class Bridge:
         try:
             self._state.save(self.settings.data)
         except StorageError as exc:
-            log.warning("could not save the bridge state: %s", exc.detail)
+            # Once per failure episode: during a long storage stall this runs every few seconds.
+            if not self._clock.state_failing:
+                log.warning("could not save the bridge state (retrying): %s", exc.detail)
+            self._clock.state_failing = True
+            return
+        if self._clock.state_failing:
+            self._clock.state_failing = False
+            log.warning("the bridge state is saved again")
 
     def _record_gap(self, gap: Gap) -> None:
         try:

@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mqtt_backup.errors import StorageError, StorageUnavailable
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store
+from mqtt_backup.storage import Pending
 from mqtt_backup.topics import Router
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,44 @@ class IngestCounters:
     commit_seconds: float = 0.0
 
 
+class PipelineStore(Protocol):
+    """What the commit pipeline needs from the store (`storage.Store` is one; a test may wrap it).
+
+    Every method may be called again after it raised: the pipeline's recovery is close, wait,
+    open, write the same items again.
+    """
+
+    def locate(self, device_id: str) -> tuple[str, bytes]:
+        """(partition name, device key) of a device, by placement. Pure: raises nothing."""
+        ...
+
+    def write(self, partition: str, items: Sequence[Pending]) -> None:
+        """Store the items in one partition with a synced WAL, all or none.
+
+        Raises StorageUnavailable (a StorageError) when the partition is not open or the write or
+        sync fails (disk full, I/O error); nothing of the batch is stored then.
+        """
+        ...
+
+    def open_partitions(self) -> None:
+        """Open every partition's database again, all or none.
+
+        Raises StorageError (StorageUnavailable when the disk or I/O fails) when one cannot be
+        opened; then none is open.
+        """
+        ...
+
+    def close_partitions(self) -> None:
+        """Drop every database handle (one that failed stays read-only). Raises nothing."""
+        ...
+
+
 class CommitPipeline:
     """Batches messages and stores each batch before acknowledging any of it."""
 
     def __init__(
         self,
-        store: Store,
+        store: PipelineStore,
         router: Router,
         ack: AckCallback,
         batch_max: int = 1000,
@@ -149,26 +182,21 @@ class CommitPipeline:
             c.duplicates += item.record.dup
 
     def can_hold(self) -> bool:
-        """Room to hold more while storage fails (QoS 0 has no broker window to bound it)."""
+        """Room to hold more while storage fails.
+
+        The broker's window bounds the QoS 1 messages of one connection, but neither QoS 0 nor
+        the copies held from earlier connections (kept, never dropped: see `new_connection`).
+        """
         return self._size < HOLD_BATCHES * self.batch_max
 
     def new_connection(self) -> None:
-        """A new broker connection starts: what arrives from now on belongs to it."""
-        self._connection += 1
+        """A new broker connection starts: what arrives from now on belongs to it.
 
-    def drop_redeliverable(self) -> None:
-        """Forget QoS 1 messages held from earlier connections: the resumed session resends them."""
-        for partition in list(self._groups):
-            kept = [
-                item
-                for item in self._groups[partition]
-                if item.record.qos == 0 or item.connection == self._connection
-            ]
-            self._size -= len(self._groups[partition]) - len(kept)
-            if kept:
-                self._groups[partition] = kept
-            else:
-                del self._groups[partition]
+        What is held from earlier connections stays and is stored as it was received: the broker
+        resends an unacknowledged QoS 1 message (DUP set, stored as a flagged copy) only if its
+        message expiry has not passed meanwhile, so the held copy may be the only one.
+        """
+        self._connection += 1
 
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""

@@ -253,8 +253,8 @@ def make_settings(on: Broker, data: Path, **changes: Any) -> config.Settings:
 class BridgeThread:
     """A bridge running in this process, on its own thread."""
 
-    def __init__(self, settings: config.Settings) -> None:
-        self.bridge = Bridge(settings)
+    def __init__(self, settings: config.Settings, **options: Any) -> None:
+        self.bridge = Bridge(settings, **options)
         self.bridge.connect()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)
@@ -276,12 +276,12 @@ class BridgeThread:
 
 
 @pytest.fixture
-def run_bridge() -> Iterator[Callable[[config.Settings], BridgeThread]]:
-    """Start bridges in threads; every one still running is stopped after the test."""
+def run_bridge() -> Iterator[Callable[..., BridgeThread]]:
+    """Start bridges in threads (options go to `Bridge`); each still running is stopped after."""
     running: list[BridgeThread] = []
 
-    def start(settings: config.Settings) -> BridgeThread:
-        bridge = BridgeThread(settings)
+    def start(settings: config.Settings, **options: Any) -> BridgeThread:
+        bridge = BridgeThread(settings, **options)
         running.append(bridge)
         return bridge
 

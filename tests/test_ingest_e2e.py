@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -11,26 +12,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import Settings
-from mqtt_backup.errors import DataDirLocked, StorageUnavailable
+from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.mqtt import PahoIngest
 from mqtt_backup.storage import StoreReader
 from mqtt_backup.storage.journal import GapLog
-from mqtt_backup.storage.partition import Partition
 from tests.conftest import (
     BridgeThread,
     Broker,
     Sent,
+    device_client,
     make_settings,
     publish,
     read_all,
     stored_count,
     wait_until,
 )
+from tests.faulty import Faults
 from tools import devbroker
 
-RunBridge = Callable[[Settings], BridgeThread]
+RunBridge = Callable[..., BridgeThread]
 TEMPLATES = ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
 
 
@@ -212,40 +215,25 @@ def test_bridge_reconnects_after_a_broker_restart(
     assert GapLog(data_dir).all() == [], "broker persistence kept the session"
 
 
-def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
-    """Make every partition write fail until the returned switch's "on" is set to False."""
-    failing = {"on": True}
-    real_commit = Partition._commit
-
-    def flaky_commit(self: Partition, batch: object) -> None:
-        if failing["on"]:
-            raise StorageUnavailable("IO error: No space left on device (injected)")
-        real_commit(self, batch)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Partition, "_commit", flaky_commit)
-    return failing
-
-
 def test_storage_failure_withholds_acks_and_recovers_by_itself(
     broker: Broker,
     data_dir: Path,
     unique: str,
     run_bridge: RunBridge,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings(broker, data_dir)
     run_bridge(settings).stop()  # create the store and the session without faults
-    failing = disk_full(monkeypatch)
-    bridge = run_bridge(settings)
+    faults = Faults(failing=True)  # one disk, full for both bridges below
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
     sent = [Sent(f"devices/{unique}-{i % 3}/t", f"m{i}".encode()) for i in range(120)]
     publish(broker, sent)
     wait_until(lambda: bridge.bridge.pipeline.pending > 0, 20, "the bridge to hold messages")
     assert stored_count(data_dir) == 0
     # Stopping while storage fails must not acknowledge: a new bridge gets everything again.
     bridge.stop()
-    restarted = run_bridge(settings)
+    restarted = run_bridge(settings, wrap_store=faults.wrap)
     wait_until(lambda: restarted.bridge.pipeline.pending > 0, 20, "redelivered messages")
-    failing["on"] = False  # the disk has room again: the bridge resumes by itself
+    faults.failing = False  # the disk has room again: the bridge resumes by itself
     wait_until(lambda: stored_count(data_dir) >= 120, 40, "all messages after recovery")
     restarted.stop()
     stored = read_all(data_dir)
@@ -316,23 +304,86 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = make_settings(broker, data_dir, keepalive=5)
+    # keepalive 1 s (below the CLI's minimum of 5): the same property in a fraction of the time.
+    settings = make_settings(broker, data_dir, keepalive=1)
     run_bridge(settings).stop()
-    failing = disk_full(monkeypatch)
-    bridge = run_bridge(settings)
+    faults = Faults(failing=True)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
     disconnects: list[str] = []
     real_disconnected = bridge.bridge.disconnected
     monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
+    pongs: list[str] = []
+    bridge.bridge._transport._client.on_log = lambda _c, _u, _level, text: (
+        pongs.append(text) if text == "Received PINGRESP" else None
+    )
     sent = [Sent(f"devices/{unique}/t", b"s%d" % i) for i in range(300)]
     publish(broker, sent)
-    time.sleep(12)  # more than twice the keepalive: pings must still be answered
-    assert disconnects == [], "reading goes on during a stall, so keepalive holds"
     receive_maximum = max(settings.batch_max, 100)
-    assert bridge.bridge.pipeline.pending <= receive_maximum, "the broker's window bounds it"
+    pipeline = bridge.bridge.pipeline
+    wait_until(lambda: pipeline.pending == receive_maximum, 20, "a full window held")
+    pongs.clear()
+    # Three keepalive rounds while storage fails: longer than the 1.5 keepalives after which
+    # Mosquitto drops a silent client, and than the 2 after which paho gives up on a PINGRESP.
+    wait_until(lambda: len(pongs) >= 3, 20, "three pings answered during the stall")
+    assert faults.failing
+    assert faults.calls["write_failed"] >= 2, "storage was retried, and failed, meanwhile"
+    assert disconnects == [], "reading goes on during a stall, so keepalive holds"
+    assert pipeline.pending == receive_maximum, "the broker's window bounds what is held"
     monkeypatch.setattr(bridge.bridge, "disconnected", real_disconnected)
-    failing["on"] = False
+    faults.failing = False
     wait_until(lambda: stored_count(data_dir) >= 300, 40, "every message after recovery")
     bridge.stop()
     stored = read_all(data_dir)[unique]
     assert sorted(m.record.payload for m in stored) == sorted(m.payload for m in sent)
     assert not any(m.record.dup for m in stored), "no copies were multiplied"
+
+
+def _publish_expiring(broker: Broker, messages: list[Sent], expiry_s: int | None) -> None:
+    """Publish at QoS 1 with an MQTT 5 Message Expiry Interval (None: the message never expires)."""
+
+    async def run() -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
+        async with device_client(broker) as client:
+            for msg in messages:
+                await client.publish(msg.topic, msg.payload, qos=1, properties=props)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("expiry_s", [2, None], ids=["expired-meanwhile", "redelivered"])
+def test_held_messages_survive_a_broker_restart_during_a_stall(
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, expiry_s: int | None
+) -> None:
+    """The broker does not resend what expired while it was away: the held copies are all there is.
+
+    Without expiry it does resend them (DUP set): both copies are stored, the resent one flagged.
+    """
+    settings = make_settings(own_broker, data_dir)
+    run_bridge(settings).stop()  # the session and its subscription, without faults
+    faults = Faults(failing=True)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
+    sent = [Sent(f"devices/{unique}-{i % 3}/t", b"h%d" % i) for i in range(60)]
+    _publish_expiring(own_broker, sent, expiry_s)
+    published = time.monotonic()
+    pipeline = bridge.bridge.pipeline
+    wait_until(lambda: pipeline.pending == len(sent), 20, "the bridge to hold every message")
+    own_broker.stop()
+    wait_until(lambda: not bridge.bridge._transport.connected, 20, "the bridge to see it")
+    # Mosquitto counts expiry in whole seconds: let every message expire while the broker is down.
+    time.sleep(max(0.0, published + (expiry_s or 0) + 1.2 - time.monotonic()))
+    own_broker.start()
+    wait_until(lambda: bridge.bridge._transport.connected, 30, "the bridge to reconnect")
+    # Held copies stay, and the broker's resent ones (if any) are one more window at most.
+    assert len(sent) <= pipeline.pending <= 2 * len(sent)
+    faults.failing = False
+    wait_until(lambda: pipeline.pending == 0, 40, "the held messages to be stored")
+    bridge.stop()
+    stored = read_all(data_dir)
+    payloads = Counter(m.record.payload for ms in stored.values() for m in ms)
+    assert set(payloads) == {m.payload for m in sent}, "lost messages"
+    first = [m.record.payload for ms in stored.values() for m in ms if not m.record.dup]
+    assert sorted(first) == sorted(m.payload for m in sent), "one unflagged copy each"
+    if expiry_s is None:
+        assert all(count == 2 for count in payloads.values()), "the broker resent every one"

@@ -86,10 +86,7 @@ class Sink(Protocol):
         """Forget tokens of a closed connection."""
 
     def new_connection(self) -> None:
-        """Messages from now on come over a new connection."""
-
-    def drop_redeliverable(self) -> None:
-        """Forget held QoS 1 messages of earlier connections (the broker sends them again)."""
+        """Messages from now on come over a new connection (held ones stay held)."""
 
     def can_hold(self) -> bool:
         """Room to hold more messages while storage fails."""
@@ -269,7 +266,6 @@ class PahoIngest:
         if gone and session_present:
             self._client.unsubscribe(gone)
         self._connected = True
-        self._after_reconnect(session_present)
         self._hooks.connected(session_present, self.filters)
         return session_present
 
@@ -405,10 +401,15 @@ class PahoIngest:
         """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
         sink = self._sink
         if sink is not None:
-            # Acks of the closed connection are void: the broker resends those messages (DUP set).
+            # Acks of the closed connection are void (a packet id means nothing on another one).
+            # Its messages stay held: the broker resends only those whose expiry has not passed.
             sink.drop_tokens(lambda _token: False)
         delay = 0.5
         while not stop.is_set():
+            if sink is not None and not self._room_for_a_connection(sink):
+                self._hooks.tick()
+                stop.wait(max(self.stall.seconds_left(), 0.1))
+                continue
             try:
                 self._open_socket()
                 self._handshake(self.filters)
@@ -426,11 +427,15 @@ class PahoIngest:
             log.info("reconnected to %s", self.session.address)
             return
 
-    def _after_reconnect(self, session_present: bool) -> None:
-        # With its session the broker resends every unacknowledged QoS 1 message (DUP set):
-        # storing the held copies too would only add duplicates. Without it, they are all we have.
-        if session_present and self._sink is not None:
-            self._sink.drop_redeliverable()
+    def _room_for_a_connection(self, sink: Sink) -> bool:
+        """Whether the sink can take the window a new connection brings (retrying storage first).
+
+        Held copies are never dropped, so during a storage stall each connection may add one
+        broker window to them; connecting only while there is room keeps what is held bounded.
+        """
+        if not sink.can_hold() and self.stall.seconds_left() == 0:
+            self._commit(sink, self.stall)
+        return sink.can_hold()
 
     def _commit_unacked(self, sink: Sink) -> None:
         # Keep what was received on the lost connection: storing it twice is safe, losing it is not.
@@ -446,7 +451,8 @@ class PahoIngest:
                 sink.commit()
             except StorageUnavailable as exc:
                 log.error(
-                    "could not store %d pending messages at shutdown (the broker keeps them): %s",
+                    "could not store %d pending messages at shutdown (not acknowledged: the "
+                    "broker resends those that have not expired): %s",
                     sink.pending,
                     exc.detail,
                 )
