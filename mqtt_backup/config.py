@@ -77,6 +77,7 @@ class Settings:
     partitions: int | None = None
     namespace: str = "backup"
     protocol: str = "5"
+    transport: str | None = None  # None: asyncio on MQTT 5, paho on 3.1.1
     metrics_port: int | None = None
     ca: Path | None = None
     cert: Path | None = None
@@ -136,6 +137,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "partitions": _int,
     "namespace": _text,
     "protocol": lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else _text(v),
+    "transport": lambda v: _text(v).lower(),
     "metrics_port": _int,
     "ca": _path,
     "cert": _path,
@@ -228,6 +230,7 @@ def _check(name: str, value: Any) -> None:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "protocol": ("5", "3.1.1"),
+    "transport": ("asyncio", "paho"),
     "log_level": ("debug", "info", "warning", "error"),
     "response_topics": ("strict", "any"),
 }
@@ -273,6 +276,10 @@ def _validate_together(settings: Settings) -> None:
                 f"topic template {template.text!r} lies under the bridge's namespace {own[0]!r}"
             )
     _validate_tls(settings)
+    if settings.transport == "asyncio" and settings.protocol != "5":
+        raise ConfigError(
+            "--transport asyncio speaks MQTT 5 only", "use --transport paho for MQTT 3.1.1"
+        )
 
 
 def _validate_tls(settings: Settings) -> None:
