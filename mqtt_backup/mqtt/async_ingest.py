@@ -242,6 +242,11 @@ class AsyncIngest:
         """Whether a connection to the broker is up."""
         return self._connected
 
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused (storage fails and the hold is full)."""
+        return self._wire is not None and self._wire.paused
+
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.session.address.tls:
             return None
