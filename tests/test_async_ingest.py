@@ -457,7 +457,8 @@ def test_asyncio_with_mqtt_311_is_a_usage_error() -> None:
         config.load({"transport": "asyncio"}, {"MQTT_BACKUP_PROTOCOL": "3.1.1"})
     assert wrong.value.exit_code == 2
     assert wrong.value.message() == (
-        "--transport asyncio speaks MQTT 5 only. Try: use --transport paho for MQTT 3.1.1"
+        "bad configuration: --transport asyncio speaks MQTT 5 only. "
+        "Try: use --transport paho for MQTT 3.1.1"
     )
     with pytest.raises(ConfigError, match="MQTT_BACKUP_TRANSPORT must be asyncio or paho"):
         config.load({}, {"MQTT_BACKUP_TRANSPORT": "aiomqtt"})
