@@ -460,5 +460,5 @@ def test_asyncio_with_mqtt_311_is_a_usage_error() -> None:
         "bad configuration: --transport asyncio speaks MQTT 5 only. "
         "Try: use --transport paho for MQTT 3.1.1"
     )
-    with pytest.raises(ConfigError, match="MQTT_BACKUP_TRANSPORT must be asyncio or paho"):
+    with pytest.raises(ConfigError, match="MQTT_BACKUP_TRANSPORT: must be asyncio or paho"):
         config.load({}, {"MQTT_BACKUP_TRANSPORT": "aiomqtt"})
