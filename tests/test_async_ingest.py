@@ -462,3 +462,21 @@ def test_asyncio_with_mqtt_311_is_a_usage_error() -> None:
     )
     with pytest.raises(ConfigError, match="MQTT_BACKUP_TRANSPORT: must be asyncio or paho"):
         config.load({}, {"MQTT_BACKUP_TRANSPORT": "aiomqtt"})
+
+
+@pytest.mark.parametrize("kind", [AsyncIngest, PahoIngest])
+def test_no_local_is_never_set_on_a_shared_subscription(
+    store: Store, kind: type[AsyncIngest | PahoIngest]
+) -> None:
+    """MQTT-3.8.3-4: Mosquitto 2.0 tolerates it, EMQX and HiveMQ may disconnect."""
+    with FakeBroker(accept()) as broker:
+        session = Session(broker.address, "share-test")
+        ingest = kind(session, ["devices/+/#", "$share/g/tele/+/x"], Hooks())
+        pipeline = _pipeline(store, Faults(), ingest.ack)
+        ingest.connect(pipeline, [])
+        stopped = threading.Event()
+        stopped.set()
+        ingest.run(pipeline, stopped)  # stops at once: commit, disconnect
+    subscribe = next(p for p in broker.got[0] if isinstance(p, mqtt5.SubscribePacket))
+    no_local = {f.pattern: f.no_local for f in subscribe.topic_filters}
+    assert no_local == {"devices/+/#": True, "$share/g/tele/+/x": False}
