@@ -480,3 +480,21 @@ def test_no_local_is_never_set_on_a_shared_subscription(
     subscribe = next(p for p in broker.got[0] if isinstance(p, mqtt5.SubscribePacket))
     no_local = {f.pattern: f.no_local for f in subscribe.topic_filters}
     assert no_local == {"devices/+/#": True, "$share/g/tele/+/x": False}
+
+
+def test_a_commit_longer_than_the_keepalive_does_not_condemn_a_live_broker(store: Store) -> None:
+    """Silence while our own fsync blocks is ours: only an unanswered PINGREQ counts."""
+    hooks = Hooks()
+    with FakeBroker(accept(lambda _conn: _publish(1, b"slow"))) as broker:
+        ingest = _ingest(broker.address, hooks, keepalive=1)
+        pipeline = _pipeline(store, Faults(write_delay_s=2.0), ingest.ack)  # 2 keepalives
+
+        def pings() -> int:
+            return sum(isinstance(p, mqtt5.PingReqPacket) for p in broker.got[0])
+
+        with Running(ingest, pipeline):
+            wait_until(lambda: broker.pubacks(0) == [1], 20, "the slow commit's ack")
+            after = pings()
+            wait_until(lambda: pings() >= after + 2, 20, "two more pings answered")
+    assert hooks.disconnects == []
+    assert len(broker.got) == 1, "one connection throughout"

@@ -111,6 +111,7 @@ class _Wire(asyncio.Protocol):
         self.paused = False
         self.heard_at = loop.time()
         self.pinged_at = loop.time()
+        self.unanswered_since: float | None = None  # the first PINGREQ since the broker spoke
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport (a stream Protocol gets a Transport)."""
@@ -122,6 +123,7 @@ class _Wire(asyncio.Protocol):
         if self.failure is not None:
             return
         self.heard_at = asyncio.get_running_loop().time()
+        self.unanswered_since = None
         buffer = self._buffer + data if self._buffer else data
         offset = self._parse(memoryview(buffer))
         self._buffer = buffer[offset:]
@@ -197,6 +199,7 @@ class _Wire(asyncio.Protocol):
             self.transport.resume_reading()
             self.paused = False
             self.heard_at = asyncio.get_running_loop().time()
+            self.unanswered_since = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The first reason wins; everyone waiting learns it."""
@@ -422,13 +425,14 @@ class AsyncIngest:
             self.commit_or_hold(wire)  # a batch left over from the handshake
         now = asyncio.get_running_loop().time()
         keepalive = self.session.keepalive
-        silent = now - wire.heard_at
-        # While reading is paused the broker's answers wait in the socket: no verdict then.
-        if not wire.paused and silent > 1.5 * keepalive:
+        asked = wire.unanswered_since
+        # Only a PINGREQ left unanswered for a keepalive condemns the broker (silence alone may
+        # be ours: a long commit). While reading is paused its answers wait in the socket.
+        if asked is not None and not wire.paused and now - asked > keepalive:
+            silent = now - wire.heard_at
             wire.fail(BrokerUnreachable(f"no answer from the broker for {silent:.0f} s"))
         elif now - wire.pinged_at >= keepalive / 2:
-            wire.pinged_at = now
-            wire.write(_PINGREQ)
+            self._ping(wire, now)
 
     def commit_or_hold(self, wire: _Wire, retry: bool = False) -> None:
         """Commit the batch (its acks go out); while storage fails, hold, and pause when full."""
@@ -460,8 +464,14 @@ class AsyncIngest:
             return
         now = self._loop.time()
         if now - wire.pinged_at >= self.session.keepalive / 2:
-            wire.pinged_at = now
-            wire.write(_PINGREQ)
+            self._ping(wire, now)
+
+    @staticmethod
+    def _ping(wire: _Wire, now: float) -> None:
+        wire.pinged_at = now
+        if wire.unanswered_since is None:
+            wire.unanswered_since = now
+        wire.write(_PINGREQ)
 
     def ack(self, tokens: Sequence[object]) -> None:
         """Acknowledge stored messages in receive order, all in one write.
