@@ -24,7 +24,7 @@ from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
-from mqtt_backup.mqtt import PahoIngest, Session, TlsFiles
+from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
@@ -72,7 +72,7 @@ class Bridge:
         self._stop_metrics: Callable[[], None] = lambda: None
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
-            self._transport = PahoIngest(self._session(), self._router.filters, self)
+            self._transport = self._make_transport()
         except BaseException:
             self.store.discard_new()
             raise
@@ -85,6 +85,12 @@ class Bridge:
         )
         # Until this run catches up, what the last run knew holds (a gap never starts later).
         self.pipeline.caught_up(self._state.last_alive_ns)
+
+    def _make_transport(self) -> AsyncIngest | PahoIngest:
+        # asyncio + mqtt5 is the fast path (docs/design-notes.md); paho is 3.1.1 and the fallback.
+        kind = self.settings.transport or ("asyncio" if self.settings.protocol == "5" else "paho")
+        make = AsyncIngest if kind == "asyncio" else PahoIngest
+        return make(self._session(), self._router.filters, self)
 
     def _session(self) -> Session:
         s = self.settings

@@ -130,6 +130,10 @@ def run(
         str | None, typer.Option(help="the bridge's own topics, never stored [default: backup]")
     ] = None,
     protocol: ProtocolOpt = None,
+    transport: Annotated[
+        str | None,
+        typer.Option(help="asyncio or paho [default: asyncio on MQTT 5, paho on 3.1.1]"),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     ] = None,
@@ -177,6 +181,7 @@ def run(
         partitions=partitions,
         namespace=namespace,
         protocol=protocol,
+        transport=transport,
         metrics_port=metrics_port,
         ca=ca,
         cert=cert,

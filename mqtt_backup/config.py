@@ -43,6 +43,13 @@ class LogLevel(StrEnum):
     ERROR = "error"
 
 
+class Transport(StrEnum):
+    """Which MQTT client feeds ingest: asyncio + the mqtt5 codec (fast, MQTT 5) or paho."""
+
+    ASYNCIO = "asyncio"
+    PAHO = "paho"
+
+
 class ResponseTopics(StrEnum):
     """Which MQTT 5 response topics a restore requester may choose."""
 
@@ -276,6 +283,13 @@ class Settings:
         metadata=setting("the bridge's own topics, never stored", check=_namespace),
     )
     protocol: ProtocolVersion = field(default=ProtocolVersion.V5, metadata=setting("5 or 3.1.1"))
+    transport: Transport | None = field(
+        default=None,
+        metadata=setting(
+            "asyncio or paho: the ingest client",
+            default_text="asyncio on MQTT 5, paho on 3.1.1",
+        ),
+    )
     metrics_port: int | None = field(
         default=None,
         metadata=setting("serve Prometheus metrics on 127.0.0.1:PORT/metrics", bounds=(1, 65535)),
@@ -469,6 +483,10 @@ def _validate_together(settings: Settings) -> None:
                 f"topic template {template.text!r} lies under the bridge's namespace {own[0]!r}"
             )
     _validate_tls(settings)
+    if settings.transport == Transport.ASYNCIO and settings.protocol != ProtocolVersion.V5:
+        raise ConfigError(
+            "--transport asyncio speaks MQTT 5 only", "use --transport paho for MQTT 3.1.1"
+        )
 
 
 def _validate_tls(settings: Settings) -> None:

@@ -244,10 +244,36 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+TRANSPORT_ENV = config.ENV_PREFIX + "TRANSPORT"
+
+
+@pytest.fixture(params=["asyncio", "paho"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ingest transport under test, for bridges in this process and in subprocesses.
+
+    Ingest tests use both (`pytestmark = pytest.mark.usefixtures("transport")`), so neither rots.
+    """
+    value = str(request.param)
+    monkeypatch.setenv(TRANSPORT_ENV, value)
+    return value
+
+
 def make_settings(on: Broker, data: Path, **changes: Any) -> config.Settings:
-    """Small settings, so edge cases show with small data: 3 partitions, batches of 50."""
+    """Small settings, so edge cases show with small data: 3 partitions, batches of 50.
+
+    The ingest transport is the `transport` fixture's on MQTT 5 (3.1.1 has only paho).
+    """
+    v5 = changes.get("protocol", "5") == "5"
     base = config.Settings(
-        broker=on.url, data=data, partitions=3, batch_max=50, batch_ms=10, keepalive=10
+        broker=on.url,
+        data=data,
+        partitions=3,
+        batch_max=50,
+        batch_ms=10,
+        keepalive=10,
+        transport=config.Transport(os.environ[TRANSPORT_ENV])
+        if v5 and TRANSPORT_ENV in os.environ
+        else None,
     )
     return config.with_overrides(base, **changes)
 

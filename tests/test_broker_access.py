@@ -25,6 +25,8 @@ from tests.conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.usefixtures("transport")  # log-in and TLS on both ingest transports
+
 
 def _url(broker: Broker, user: str, password: str) -> str:
     return f"mqtt://{quote(user)}:{quote(password, safe='')}@127.0.0.1:{broker.port}"

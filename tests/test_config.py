@@ -21,6 +21,7 @@ from mqtt_backup.config import (
     ProtocolVersion,
     ResponseTopics,
     Settings,
+    Transport,
     mask_url,
     parse_broker_url,
 )
@@ -143,6 +144,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         "partitions": "2",
         "namespace": "ns",
         "protocol": "3.1.1",
+        "transport": "paho",
         "metrics_port": "9100",
         "ca": str(pems["ca"]),
         "cert": str(pems["cert"]),
@@ -166,6 +168,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         partitions=2,
         namespace="ns",
         protocol=ProtocolVersion.V311,
+        transport=Transport.PAHO,
         metrics_port=9100,
         ca=pems["ca"],
         cert=pems["cert"],

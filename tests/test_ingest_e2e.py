@@ -11,12 +11,14 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import mqtt5
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqtt_backup.errors import DataDirLocked
-from mqtt_backup.mqtt import PahoIngest
+from mqtt_backup.mqtt import AsyncIngest, PahoIngest
+from mqtt_backup.mqtt.async_ingest import _Wire
 from mqtt_backup.storage import StoreReader
 from mqtt_backup.storage.journal import GapLog
 from tests.conftest import (
@@ -32,6 +34,8 @@ from tests.conftest import (
 )
 from tests.faulty import Faults
 from tools import devbroker
+
+pytestmark = pytest.mark.usefixtures("transport")  # every test on both ingest transports
 
 RunBridge = Callable[..., BridgeThread]
 TEMPLATES = ("devices/{device}/#", "tele/{device}/+", "zigbee2mqtt/{device}")
@@ -115,6 +119,7 @@ def test_fleet_of_50_devices_is_stored_once_byte_exact_in_order(
     assert {d.partition for d in listed} == {"p0", "p1", "p2"}
 
 
+@pytest.mark.parametrize("transport", ["paho"], indirect=True)
 def test_mqtt_311_bridge_stores_the_same(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -161,7 +166,11 @@ def test_own_namespace_and_unmatched_topics_are_not_stored(
     assert bridge.bridge.pipeline.counters.skipped >= 3
 
 
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize(
+    ("protocol", "transport"),
+    [("5", "asyncio"), ("5", "paho"), ("3.1.1", "paho")],
+    indirect=["transport"],
+)
 def test_retained_messages_are_not_stored_again_on_restart(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, protocol: str
 ) -> None:
@@ -206,7 +215,7 @@ def test_bridge_reconnects_after_a_broker_restart(
     own_broker.stop()
     own_broker.start()
     after = [Sent(f"devices/{unique}/t", f"after {i}".encode()) for i in range(50)]
-    wait_until(lambda: bridge.bridge._transport._connected, 30, "the bridge to reconnect")
+    wait_until(lambda: bridge.bridge._transport.connected, 30, "the bridge to reconnect")
     publish(own_broker, after)
     wait_until(lambda: stored_count(data_dir) >= 100, 30, "messages after the restart")
     bridge.stop()
@@ -254,10 +263,12 @@ def test_crash_between_sync_and_ack_stores_flagged_duplicates(
     unique: str,
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
+    transport: str,
 ) -> None:
     settings = make_settings(broker, data_dir)
     # The first bridge syncs but "dies" before its acks leave: they are never sent.
-    monkeypatch.setattr(PahoIngest, "ack", lambda _self, _tokens: None)
+    kind = AsyncIngest if transport == "asyncio" else PahoIngest
+    monkeypatch.setattr(kind, "ack", lambda _self, _tokens: None)
     first = run_bridge(settings)
     sent = [Sent(f"devices/{unique}/t", f"m{i}".encode()) for i in range(20)]
     publish(broker, sent)
@@ -297,6 +308,26 @@ def test_metrics_endpoint_reports_the_bridge(
     assert float(values["mqtt_backup_pending_messages"]) == 0
 
 
+def _count_pongs(bridge: BridgeThread, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that gets an entry for every PINGRESP the bridge's transport reads from now on."""
+    pongs: list[str] = []
+    transport = bridge.bridge._transport
+    if isinstance(transport, PahoIngest):
+        transport._client.on_log = lambda _c, _u, _level, text: (
+            pongs.append(text) if text == "Received PINGRESP" else None
+        )
+        return pongs
+    dispatch = _Wire._dispatch
+
+    def spy(wire: _Wire, packet: mqtt5.Packet) -> None:
+        if isinstance(packet, mqtt5.PingRespPacket):
+            pongs.append("PINGRESP")
+        dispatch(wire, packet)
+
+    monkeypatch.setattr(_Wire, "_dispatch", spy)
+    return pongs
+
+
 def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     broker: Broker,
     data_dir: Path,
@@ -312,10 +343,7 @@ def test_a_long_storage_stall_holds_one_window_and_stays_connected(
     disconnects: list[str] = []
     real_disconnected = bridge.bridge.disconnected
     monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
-    pongs: list[str] = []
-    bridge.bridge._transport._client.on_log = lambda _c, _u, _level, text: (
-        pongs.append(text) if text == "Received PINGRESP" else None
-    )
+    pongs = _count_pongs(bridge, monkeypatch)
     sent = [Sent(f"devices/{unique}/t", b"s%d" % i) for i in range(300)]
     publish(broker, sent)
     receive_maximum = max(settings.batch_max, 100)

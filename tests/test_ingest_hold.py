@@ -17,7 +17,7 @@ from mqtt_backup.bridge import Bridge
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import StorageUnavailable
 from mqtt_backup.ingest import AckCallback, CommitPipeline
-from mqtt_backup.mqtt import PahoIngest, Session
+from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Store
 from mqtt_backup.storage.journal import BridgeState
@@ -95,24 +95,25 @@ class _Hooks:
 
 
 def test_a_full_hold_waits_for_storage_before_taking_a_new_connection(
-    broker: Broker, store: Store, data_dir: Path, unique: str
+    broker: Broker, store: Store, data_dir: Path, unique: str, transport: str
 ) -> None:
     """Each connection may bring one more broker window; with no room left, storage comes first."""
     faults, hooks = Faults(failing=True), _Hooks()
     session = Session(BrokerAddress("127.0.0.1", broker.port), f"hold-{unique}")
-    transport = PahoIngest(session, [f"devices/{unique}/#"], hooks)
-    pipeline = _pipeline(store, faults, transport.ack, batch_max=10)
+    kind = AsyncIngest if transport == "asyncio" else PahoIngest
+    ingest = kind(session, [f"devices/{unique}/#"], hooks)
+    pipeline = _pipeline(store, faults, ingest.ack, batch_max=10)
     held = 0
     while pipeline.can_hold():  # held from a connection that is gone now
         pipeline.offer(Record(f"devices/{unique}/t", b"h%d" % held), (0, held, 1))
         held += 1
     stop = threading.Event()
-    runner = threading.Thread(target=transport.run, args=(pipeline, stop), daemon=True)
+    runner = threading.Thread(target=ingest.run, args=(pipeline, stop), daemon=True)
     runner.start()
     try:
         wait_until(lambda: faults.calls["write_failed"] >= 2, 20, "storage to be retried")
         assert hooks.connects == 0, "no new connection while the hold is full"
-        assert not transport.connected
+        assert not ingest.connected
         faults.failing = False
         wait_until(lambda: hooks.connects == 1, 20, "the connection once storage works")
     finally:

@@ -1,18 +1,22 @@
 """MQTT connections: the only package that imports paho-mqtt, aiomqtt or mqtt5.
 
-- `ingest`: the paho ingest transport (persistent session, manual acks after the sync).
+- `async_ingest`: the MQTT 5 ingest transport on asyncio + `mqtt5` (the default on MQTT 5).
+- `ingest`: the paho ingest transport (MQTT 3.1.1, and `--transport paho`), and what both
+  ingest transports share (`Session`, `Sink`, `Hooks`, `Stall`).
 - `aio`: an asyncio connection on aiomqtt for the restore service.
 - `codec`: an asyncio connection on the `mqtt5` codec (and `v311` for MQTT 3.1.1) that
   acknowledges a message only when its consumer is done with it: the restore client.
 """
 
 from mqtt_backup.mqtt.aio import AsyncConnection, Inbound, OutProps, TlsFiles, Window
+from mqtt_backup.mqtt.async_ingest import AsyncIngest
 from mqtt_backup.mqtt.codec import CodecConnection, Delivery
 from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY, PahoIngest, Session, Stall
 
 __all__ = [
     "REPLAY_PROPERTY",
     "AsyncConnection",
+    "AsyncIngest",
     "CodecConnection",
     "Delivery",
     "Inbound",

@@ -282,13 +282,21 @@ class PahoIngest:
             return
         self._suback = None
         if self._is_v5():
-            options = SubscribeOptions(
-                qos=1,
-                noLocal=True,
-                retainAsPublished=True,
-                retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+            self._client.subscribe(
+                [
+                    (
+                        f,
+                        SubscribeOptions(
+                            qos=1,
+                            # No-local is a protocol error on a shared subscription (MQTT-3.8.3-4).
+                            noLocal=not f.startswith("$share/"),
+                            retainAsPublished=True,
+                            retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+                        ),
+                    )
+                    for f in filters
+                ]
             )
-            self._client.subscribe([(f, options) for f in filters])
         else:
             self._client.subscribe([(f, 1) for f in filters])
         codes = self._wait_for("SUBACK", lambda: self._suback)

@@ -1,0 +1,600 @@
+"""The MQTT 5 ingest transport on asyncio and the sans-IO codec `mqtt5`.
+
+`AsyncIngest` does what `PahoIngest` does (persistent session, QoS 1, acks only after the synced
+write, reconnect with backoff, hold while storage fails) with the work per message cut to what
+the codec gives: every whole packet of a `data_received` call is parsed and offered to the commit
+pipeline, the batch is committed before the call returns (the socket had nothing more to read),
+and all PUBACKs of the batch leave in one `transport.write`.
+
+One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
+`PahoIngest`, so the bridge does not know which transport it drives. Commits block the loop for
+their fsync (a later step moves them to a thread); the bridge's `tick` runs between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar, cast
+
+import mqtt5
+
+from mqtt_backup.errors import (
+    BrokerError,
+    BrokerRefused,
+    BrokerUnreachable,
+    ConfigError,
+    StorageUnavailable,
+)
+from mqtt_backup.mqtt.codec import _not_mqtt, _refused
+from mqtt_backup.mqtt.ingest import (
+    CAUGHT_UP_BELOW,
+    CONNECT_TIMEOUT_S,
+    REPLAY_PROPERTY,
+    Hooks,
+    Session,
+    Sink,
+    Stall,
+    describe,
+)
+from mqtt_backup.records import Properties, Record
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0
+# asyncio reads at most 256 KiB at a time; a shorter read means the socket was empty.
+DRAINED_BELOW_BYTES = 64 * 1024
+TICK_S = 0.1  # how often the bridge's periodic work runs and `stop` is looked at
+_BACKOFF_MAX_S = 30.0
+_PUBLISH = mqtt5.PublishPacket
+_PINGREQ = mqtt5.PingReqPacket().write()
+_DISCONNECT = mqtt5.DisconnectPacket().write()
+_T = TypeVar("_T")
+
+
+def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
+    """The properties worth storing, or None (most telemetry has none: no object then)."""
+    user = packet.user_properties
+    content_type = packet.content_type
+    response_topic = packet.response_topic
+    correlation = packet.correlation_data
+    expiry = packet.message_expiry_interval
+    payload_format = packet.payload_format_indicator
+    if not (user or content_type or response_topic or correlation or payload_format) and (
+        expiry is None
+    ):
+        return None
+    return Properties(
+        # MQTT 5 cannot tell an absent indicator from 0 ("unspecified bytes"): both mean the same.
+        payload_format=payload_format or None,
+        message_expiry=expiry,
+        content_type=content_type,
+        response_topic=response_topic,
+        correlation_data=correlation,
+        user=tuple(user),
+    )
+
+
+def _has_properties(view: memoryview, start: int) -> bool:
+    """Whether the PUBLISH at `start` in `view` has any property, read off the wire.
+
+    Cheaper than asking the codec for six properties that telemetry almost never sets.
+    """
+    at = start + 1
+    while view[at] & 0x80:  # the remaining length's varint
+        at += 1
+    topic_at = at + 1
+    at = topic_at + 2 + (view[topic_at] << 8 | view[topic_at + 1])
+    if view[start] & 0x06:  # QoS > 0: a packet id precedes the properties
+        at += 2
+    return view[at] != 0
+
+
+class _Wire(asyncio.Protocol):
+    """One connection: parses every packet, feeds the sink, commits when the reads run dry."""
+
+    def __init__(self, ingest: AsyncIngest, sink: Sink, generation: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._ingest = ingest
+        self._sink = sink
+        self._generation = generation << 16
+        self._buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[mqtt5.ConnAckPacket] = loop.create_future()
+        self.suback: asyncio.Future[mqtt5.SubAckPacket] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.failure: BrokerError | None = None
+        self.serving = False  # commit what arrives (only once the handshake is through)
+        self.paused = False
+        self.heard_at = loop.time()
+        self.pinged_at = loop.time()
+        self.unanswered_since: float | None = None  # the first PINGREQ since the broker spoke
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport (a stream Protocol gets a Transport)."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """Offer every whole packet to the sink, then commit the batch (the socket ran dry)."""
+        if self.failure is not None:
+            return
+        self.heard_at = asyncio.get_running_loop().time()
+        self.unanswered_since = None
+        buffer = self._buffer + data if self._buffer else data
+        offset = self._parse(memoryview(buffer))
+        self._buffer = buffer[offset:]
+        if self.serving and self.failure is None:
+            # A read shorter than asyncio's largest emptied the socket at this moment.
+            drained_at = time.time_ns() if len(data) < DRAINED_BELOW_BYTES else None
+            self._ingest.commit_or_hold(self, drained_at=drained_at)
+
+    def _parse(self, view: memoryview) -> int:
+        """Dispatch the whole packets at the start of `view`; how many bytes they took."""
+        sink, read, offset, end = self._sink, mqtt5.read, 0, len(view)
+        with view:
+            while offset < end:
+                try:
+                    packet, size = read(view[offset:])
+                except IndexError:  # only part of the next packet so far
+                    break
+                except ValueError as exc:
+                    self.fail(BrokerError(f"malformed packet from the broker: {exc}"))
+                    return offset
+                if type(packet) is _PUBLISH:
+                    props = _properties(packet) if _has_properties(view, offset) else None
+                    self._offer(sink, packet, view[offset], props)
+                    if self.serving and sink.full():
+                        self._ingest.commit_or_hold(self)
+                else:
+                    self._dispatch(packet)
+                offset += size
+        return offset
+
+    def _offer(
+        self, sink: Sink, packet: mqtt5.PublishPacket, first: int, props: Properties | None
+    ) -> None:
+        qos = (first >> 1) & 3
+        if qos == 2:
+            # We subscribe at QoS 1: a broker must downgrade. Not acknowledging it is safe.
+            self.fail(BrokerError("the broker sent a QoS 2 message to a QoS 1 subscription"))
+            return
+        record = Record(packet.topic, packet.payload, qos, bool(first & 1), bool(first & 8), props)
+        packet_id = packet.packet_id  # None at QoS 0: nothing to acknowledge
+        token = None if packet_id is None else self._generation | packet_id
+        replayed = props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
+        sink.offer(record, token, replayed)
+
+    def _dispatch(self, packet: mqtt5.Packet) -> None:
+        match packet:
+            case mqtt5.ConnAckPacket():
+                if not self.connack.done():
+                    self.connack.set_result(packet)
+            case mqtt5.SubAckPacket():
+                if not self.suback.done():
+                    self.suback.set_result(packet)
+            case mqtt5.PingRespPacket() | mqtt5.UnsubAckPacket():
+                pass
+            case mqtt5.DisconnectPacket():
+                reason = packet.reason_str or packet.reason_code.name
+                self.fail(BrokerUnreachable(f"the broker closed the connection: {reason}"))
+            case _:
+                self.fail(BrokerError(f"unexpected {type(packet).__name__} from the broker"))
+
+    def write(self, data: bytes) -> None:
+        """Send bytes unless the connection is failing."""
+        if self.failure is None and self.transport is not None:
+            self.transport.write(data)
+
+    def pause(self) -> None:
+        """Stop reading (the broker keeps what it has not sent)."""
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def resume(self) -> None:
+        """Read again; the silence before counts for nothing."""
+        if self.paused and self.transport is not None:
+            self.transport.resume_reading()
+            self.paused = False
+            self.heard_at = asyncio.get_running_loop().time()
+            self.unanswered_since = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The first reason wins; everyone waiting learns it."""
+        detail = f"connection lost: {describe(exc)}" if exc else "the broker closed the connection"
+        self.fail(BrokerUnreachable(detail))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def fail(self, error: BrokerError) -> None:
+        """End the connection with `error`: waiters raise it, the transport closes."""
+        if self.failure is None:
+            self.failure = error
+        for waiter in (self.connack, self.suback):
+            if not waiter.done():
+                waiter.set_exception(self.failure)
+                waiter.exception()  # retrieved: nobody may be waiting any more
+        if self.transport is not None:
+            self.transport.close()
+
+
+class AsyncIngest:
+    """Ingest transport on asyncio + `mqtt5`: MQTT 5, persistent session, acks after the sync."""
+
+    def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
+        if session.protocol != "5":
+            raise ConfigError(
+                "the asyncio transport speaks MQTT 5 only",
+                "use --transport paho with --protocol 3.1.1",
+            )
+        self.session = session
+        self.filters = list(filters)
+        self._hooks = hooks
+        self.sink: Sink | None = None
+        self.stall = Stall()
+        self._ssl = self._ssl_context()
+        self._generation = 0
+        self._wire: _Wire | None = None
+        self._connected = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the broker is up."""
+        return self._connected
+
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused (storage fails and the hold is full)."""
+        return self._wire is not None and self._wire.paused
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.session.address.tls:
+            return None
+        s = self.session
+        try:
+            context = ssl.create_default_context(cafile=s.ca)
+            if s.cert is not None:
+                context.load_cert_chain(s.cert, s.key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
+        return context
+
+    def _run_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(work)
+
+    def _close_loop(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    # ---- connecting ----------------------------------------------------------------------------
+
+    def connect(self, sink: Sink, known_filters: Sequence[str]) -> bool:
+        """First connection: BrokerError when the broker cannot be reached or refuses.
+
+        Returns whether the broker still had the session. MQTT 5 subscribes every filter each
+        time (retain handling 1 re-sends nothing); `known_filters` no longer configured go.
+        """
+        self.sink = sink
+        try:
+            return self._run_loop(self._connect(sink, known_filters, first=True))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    async def _connect(self, sink: Sink, known_filters: Sequence[str], first: bool = False) -> bool:
+        wire = await self._open(sink, first)
+        try:
+            return await self._handshake(wire, known_filters)
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def _open(self, sink: Sink, first: bool) -> _Wire:
+        loop = asyncio.get_running_loop()
+        # A new connection voids the acks of the old one; count it before any packet is read.
+        self._generation = self._generation % 0xFFFF + 1
+        sink.new_connection()
+        generation = self._generation
+        address = self.session.address
+        try:
+            _, wire = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Wire(self, sink, generation),
+                    address.host,
+                    address.port,
+                    ssl=self._ssl,
+                    server_hostname=address.host if self._ssl else None,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except TimeoutError:
+            raise BrokerUnreachable(
+                f"{address}: no connection within {CONNECT_TIMEOUT_S:g} s",
+                "check --broker and that the broker runs",
+            ) from None
+        except OSError as exc:  # ssl.SSLError (e.g. certificate verify failed) included
+            if not first:
+                raise BrokerUnreachable(f"{address}: {describe(exc)}") from exc
+            tls = isinstance(exc, ssl.SSLError)
+            hint = "check --ca" if tls else "check --broker and that the broker runs"
+            raise BrokerUnreachable(f"{address}: {describe(exc)}", hint) from exc
+        self._wire = wire
+        return wire
+
+    async def _handshake(self, wire: _Wire, known_filters: Sequence[str]) -> bool:
+        s = self.session
+        password = s.address.password
+        wire.write(
+            mqtt5.ConnectPacket(
+                s.client_id,
+                username=s.address.username,
+                password=password.encode("utf-8") if password is not None else None,
+                clean_start=False,  # resume the session: what was queued meanwhile arrives
+                keep_alive=s.keepalive,
+                session_expiry_interval=s.session_expiry,
+                receive_max=s.receive_maximum,
+            ).write()
+        )
+        connack = await self._answer(wire.connack, "CONNACK")
+        if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            raise _refused(s.address, connack)
+        await self._subscribe(wire)
+        gone = [f for f in known_filters if f not in self.filters]
+        if gone and connack.session_present:
+            wire.write(mqtt5.UnsubscribePacket(2, gone).write())
+        wire.serving = True
+        self._connected = True
+        self._hooks.connected(connack.session_present, self.filters)
+        return connack.session_present
+
+    async def _answer(self, future: asyncio.Future[_T], what: str) -> _T:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnreachable(f"no {what} from {self.session.address} in time") from None
+        except BrokerError as exc:
+            if what == "CONNACK":
+                raise _not_mqtt(self.session.address, True, exc) from exc
+            raise
+
+    async def _subscribe(self, wire: _Wire) -> None:
+        options = [
+            mqtt5.TopicFilter(
+                f,
+                max_qos=mqtt5.QoS.AT_LEAST_ONCE,
+                # No-local is a protocol error on a shared subscription (MQTT-3.8.3-4).
+                no_local=not f.startswith("$share/"),
+                retain_as_published=True,
+                retain_handling=mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS,
+            )
+            for f in self.filters
+        ]
+        wire.write(mqtt5.SubscribePacket(1, options).write())
+        suback = await self._answer(wire.suback, "SUBACK")
+        codes = suback.reason_codes
+        refused = [
+            f"{f} ({c.name})" for f, c in zip(self.filters, codes, strict=False) if int(c) >= 128
+        ]
+        if refused or len(codes) != len(self.filters):
+            raise BrokerRefused(
+                f"subscription to {', '.join(refused or self.filters)} refused",
+                "check the broker's ACL for the bridge's user",
+            )
+        for f, code in zip(self.filters, codes, strict=True):
+            if code == mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE:
+                log.warning("the broker granted only QoS 0 for %s: it may drop messages", f)
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
+        self.sink = sink
+        try:
+            self._run_loop(self._run(sink, stop))
+        finally:
+            self._close_loop()
+
+    async def _run(self, sink: Sink, stop: threading.Event) -> None:
+        while not stop.is_set():
+            wire = self._wire
+            if not self._connected or wire is None:
+                await self._reconnect(sink, stop)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
+            if wire.failure is not None:
+                self._connection_lost(wire.failure.detail)
+                continue
+            # Right after the wait, so that what the socket held was read first (a long
+            # operation in `tick` blocks the loop: the broker's answers wait meanwhile).
+            self._housekeeping(wire, sink)
+            self._hooks.tick()
+        await self._shutdown(sink)
+
+    def _housekeeping(self, wire: _Wire, sink: Sink) -> None:
+        """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
+        if self.stall.active and self.stall.seconds_left() == 0:
+            self.commit_or_hold(wire, retry=True)
+        elif not self.stall.active and sink.has_work:
+            self.commit_or_hold(wire)  # a batch left over from the handshake
+        now = asyncio.get_running_loop().time()
+        if not self.stall.active and not sink.has_work and now - wire.heard_at >= TICK_S:
+            sink.caught_up(time.time_ns())  # a tick went by with nothing from the broker
+        keepalive = self.session.keepalive
+        asked = wire.unanswered_since
+        # Only a PINGREQ left unanswered for a keepalive condemns the broker (silence alone may
+        # be ours: a long commit). While reading is paused its answers wait in the socket.
+        if asked is not None and not wire.paused and now - asked > keepalive:
+            silent = now - wire.heard_at
+            wire.fail(BrokerUnreachable(f"no answer from the broker for {silent:.0f} s"))
+        elif now - wire.pinged_at >= keepalive / 2:
+            self._ping(wire, now)
+
+    def commit_or_hold(
+        self, wire: _Wire, retry: bool = False, drained_at: int | None = None
+    ) -> None:
+        """Commit the batch (its acks go out); while storage fails, hold, and pause when full."""
+        sink = self.sink
+        if sink is None:
+            return
+        if self.stall.active and not retry:
+            if not sink.can_hold():
+                wire.pause()
+            return
+        try:
+            stored = sink.commit()
+        except StorageUnavailable as exc:
+            self.stall.failed(exc)
+            if not sink.can_hold():
+                wire.pause()
+            return
+        self.stall.cleared()
+        wire.resume()
+        # Drained, and a batch below any broker's window: the broker had nothing held back.
+        if drained_at is not None and stored < CAUGHT_UP_BELOW:
+            sink.caught_up(drained_at)
+
+    def keep_alive(self) -> None:
+        """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
+
+        Nothing is read meanwhile (the broker's window keeps what it has not sent); the broker
+        hears from us, and our own silence check sees its answers once the loop runs again.
+        """
+        wire = self._wire
+        if wire is None or self._loop is None:
+            return
+        now = self._loop.time()
+        if now - wire.pinged_at >= self.session.keepalive / 2:
+            self._ping(wire, now)
+
+    @staticmethod
+    def _ping(wire: _Wire, now: float) -> None:
+        wire.pinged_at = now
+        if wire.unanswered_since is None:
+            wire.unanswered_since = now
+        wire.write(_PINGREQ)
+
+    def ack(self, tokens: Sequence[object]) -> None:
+        """Acknowledge stored messages in receive order, all in one write.
+
+        Tokens of an earlier connection are skipped: its packet ids mean nothing on this one.
+        """
+        wire = self._wire
+        if wire is None or not tokens:
+            return
+        generation = self._generation
+        # A PUBACK without reason code or properties is four bytes: 0x40, 2, packet id.
+        ints = cast("Sequence[int]", tokens)
+        acks = [0x40020000 | (t & 0xFFFF) for t in ints if t >> 16 == generation]
+        if acks:
+            wire.write(struct.pack(f">{len(acks)}I", *acks))
+
+    def _connection_lost(self, why: str) -> None:
+        if self._connected:
+            self._connected = False
+            self._hooks.disconnected(why)
+
+    async def _drop(self) -> None:
+        """Close the connection at once and let its socket go."""
+        wire, self._wire = self._wire, None
+        if wire is not None and wire.transport is not None:
+            wire.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+
+    async def _reconnect(self, sink: Sink, stop: threading.Event) -> None:
+        """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
+        self._connected = False
+        await self._drop()
+        # Acks of the closed connection are void (a packet id means nothing on another one).
+        # Its messages stay held: the broker resends only those whose expiry has not passed.
+        sink.drop_tokens(lambda _token: False)
+        delay = 0.5
+        while not stop.is_set():
+            if not self._room_for_a_connection(sink):
+                self._hooks.tick()
+                await _sleep(max(self.stall.seconds_left(), 0.1), stop)
+                continue
+            try:
+                await self._connect(sink, self.filters)
+            except (OSError, BrokerError) as exc:
+                log.warning(
+                    "broker %s unreachable (%s); retrying in %.1fs",
+                    self.session.address,
+                    exc,
+                    delay,
+                )
+                self._hooks.tick()  # operations and bookkeeping go on while the broker is away
+                await _sleep(delay, stop)
+                delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
+                continue
+            log.info("reconnected to %s", self.session.address)
+            return
+
+    def _room_for_a_connection(self, sink: Sink) -> bool:
+        """Whether the sink can take the window a new connection brings (retrying storage first).
+
+        Held copies are never dropped, so during a storage stall each connection may add one
+        broker window to them; connecting only while there is room keeps what is held bounded.
+        """
+        if not sink.can_hold() and self.stall.seconds_left() == 0:
+            try:
+                sink.commit()
+            except StorageUnavailable as exc:
+                self.stall.failed(exc)
+            else:
+                self.stall.cleared()
+        return sink.can_hold()
+
+    async def _shutdown(self, sink: Sink) -> None:
+        """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
+        wire = self._wire
+        if not self._connected or wire is None or wire.failure is not None:
+            self._connected = False
+            await self._drop()
+            # Keep what was received on the lost connection: storing it twice is safe.
+            try:
+                sink.commit()
+            except StorageUnavailable as exc:
+                log.warning("storage still failing while disconnected: %s", exc.detail)
+            return
+        wire.pause()
+        try:
+            sink.commit()
+        except StorageUnavailable as exc:
+            log.error(
+                "could not store %d pending messages at shutdown (not acknowledged: the "
+                "broker resends those that have not expired): %s",
+                sink.pending,
+                exc.detail,
+            )
+        self._connected = False  # a disconnect we asked for is not a lost connection
+        wire.write(_DISCONNECT)
+        wire.failure = BrokerUnreachable("disconnected")
+        assert wire.transport is not None
+        wire.transport.close()  # after the buffered acks and the DISCONNECT are written
+        try:
+            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            wire.transport.abort()
+        self._wire = None
+
+
+async def _sleep(seconds: float, stop: threading.Event) -> None:
+    """Sleep, but wake within a tick when `stop` is set (a threading event: polled)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while not stop.is_set() and (left := until - loop.time()) > 0:
+        await asyncio.sleep(min(left, TICK_S))
