@@ -31,7 +31,7 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.slow
-TMPFS_MB = 24
+TMPFS_MB = 64  # the ballast is an 8th of it; the bridge wants 16 MiB free to start
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def _full_disk_episode(
     ):
         bridge.start()
         old = f"{unique}-old"
-        big = Publisher(own_broker.port, [old], limit=size(60, 120), pad=64 * 1024)
+        big = Publisher(own_broker.port, [old], limit=300, pad=64 * 1024)  # about 20 MB
         big.start().wait_done()
         wait_until(lambda: _count(data, inside, old) >= big.ledger.total, 60, "the old history")
         publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
