@@ -109,6 +109,8 @@ def test_message_expiry_during_a_storage_stall(
     wait_until(lambda: bridge.bridge._transport.connected, 60, "the bridge to reconnect")
     faults.failing = False
     wait_markers(data_dir, ledger, marker(own_broker.port, devices, ledger))
+    # The restore side reconnects on its own backoff; a request sent before it listens is lost.
+    wait_until(bridge.bridge.restore_listening.is_set, 60, "the restore service")
     back = read_back(ledger, data_dir, own_broker.url)
     bridge.stop()
     report(held=held, expiry_s=expiry_s, export=back.export, restore=back.restore)
