@@ -48,7 +48,7 @@ def size(small: int, big: int) -> int:
 
 # A continuous publisher's pace: below what the bridge stores on this machine kind under load,
 # so that a backlog built during a fault drains in bounded time.
-RATE = size(500, 1000)
+RATE = size(500, 600)
 
 
 # ---- the ledger -----------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def stored_total(data: Path, devices: Sequence[str]) -> int:
         return 0
 
 
-def wait_stored(data: Path, ledger: Ledger, timeout: float = 120) -> None:
+def wait_stored(data: Path, ledger: Ledger, timeout: float = size(120, 900)) -> None:
     """Wait until every message of the ledger has a stored copy.
 
     The index count comes first (cheap); it counts redelivered copies too, so it can reach the

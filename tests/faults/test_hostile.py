@@ -163,19 +163,19 @@ async def _flood(port: int, devices: list[str], unique: str, flood: int) -> dict
 
 
 def test_hostile_restore_requests_and_floods_beside_ingest(
-    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Hostile restore requests and request floods while ingest runs"""
     flood = size(150, 1000)
     devices = fleet(unique, 4)
-    with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, devices, rate=RATE).start()
+        publisher = Publisher(own_broker.port, devices, rate=RATE).start()
         publisher.wait_accepted(size(300, 2000))
-        seen = asyncio.run(_flood(broker.port, devices, unique, flood))
+        seen = asyncio.run(_flood(own_broker.port, devices, unique, flood))
         publisher.wait_accepted(size(300, 2000))
         ledger = publisher.stop()
-        back = read_back(ledger, data_dir, broker.url)
+        back = read_back(ledger, data_dir, own_broker.url)
         assert bridge.proc is not None
         alive = bridge.proc.poll() is None
         log = bridge.text()

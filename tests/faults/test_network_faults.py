@@ -27,21 +27,21 @@ KEEPALIVE_S = 5  # the smallest --keepalive the bridge takes
 
 
 @pytest.fixture
-def proxy(broker: Broker) -> Iterator[Proxy]:
-    """A proxy in front of the session's broker."""
-    found = Proxy(broker.port)
+def proxy(own_broker: Broker) -> Iterator[Proxy]:
+    """A proxy in front of the session's own_broker."""
+    found = Proxy(own_broker.port)
     yield found
     found.close()
 
 
 def test_network_cut_resets_the_connection(
-    broker: Broker, proxy: Proxy, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, proxy: Proxy, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Network cut: the connection is reset during a continuous publish"""
     cuts, between = size(3, 10), size(250, 1000)
     with bridge_process(proxy.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
         for _ in range(cuts):
             publisher.wait_accepted(between)
             connections = proxy.connections
@@ -59,13 +59,13 @@ def test_network_cut_resets_the_connection(
 
 
 def test_network_blackhole_longer_than_keepalive(
-    broker: Broker, proxy: Proxy, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, proxy: Proxy, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Network blackhole (nothing flows, nothing closes) longer than the keepalive"""
     log_path = tmp_path / "bridge.log"
     with bridge_process(proxy.url, data_dir, log_path, "--keepalive", str(KEEPALIVE_S)) as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
         publisher.wait_accepted(size(250, 1000))
         proxy.blackhole()
         # Only the keepalive can notice a dead route: wait until the bridge has.

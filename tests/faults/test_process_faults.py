@@ -24,21 +24,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_kill_9_during_a_continuous_publish(
-    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """kill -9 of the bridge during a continuous publish"""
     kills, between = size(3, 20), size(250, 1000)
     rng = random.Random(unique)
-    with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
-        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
         for _ in range(kills):
             publisher.wait_accepted(rng.randint(between // 2, between))
             bridge.kill()
             bridge.start()
         publisher.wait_accepted(between)
         ledger = publisher.stop()
-        back = read_back(ledger, data_dir, broker.url)
+        back = read_back(ledger, data_dir, own_broker.url)
     report(kills=kills, export=back.export, restore=back.restore, publish_errors=publisher.errors)
     assert_nothing_lost(back)
 
@@ -61,12 +61,12 @@ def _stop_under_load(
 
 
 def test_sigterm_under_load(
-    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """SIGTERM of the bridge under load"""
     stops = size(3, 10)
     codes, log, back = _stop_under_load(
-        broker.url, broker.port, data_dir, fleet(unique, 4), tmp_path, stops
+        own_broker.url, own_broker.port, data_dir, fleet(unique, 4), tmp_path, stops
     )
     report(stops=stops, export=back.export, restore=back.restore, exit_codes=sorted(set(codes)))
     assert codes == [0] * stops, log
@@ -79,17 +79,17 @@ def test_sigterm_under_load(
 
 
 def test_bridge_down_longer_than_a_publish_burst(
-    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
     """Bridge down longer than a publish burst"""
     burst = size(2000, 20_000)
-    with bridge_process(broker.url, data_dir, tmp_path / "bridge.log") as bridge:
+    with bridge_process(own_broker.url, data_dir, tmp_path / "bridge.log") as bridge:
         bridge.start()
         assert bridge.terminate() == 0  # the session and its subscription exist now
-        ledger = Publisher(broker.port, fleet(unique, 8), limit=burst).start().wait_done()
+        ledger = Publisher(own_broker.port, fleet(unique, 8), limit=burst).start().wait_done()
         assert ledger.total == burst
         bridge.start()
-        back = read_back(ledger, data_dir, broker.url)
+        back = read_back(ledger, data_dir, own_broker.url)
     report(burst=burst, export=back.export, restore=back.restore)
     assert_nothing_lost(back)
     assert back.export.extra_copies == 0, "the queue arrives once"

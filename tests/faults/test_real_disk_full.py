@@ -31,7 +31,7 @@ from tests.faults.harness import (
 )
 
 pytestmark = pytest.mark.slow
-TMPFS_MB = 24
+TMPFS_MB = 64  # the ballast is an 8th of it; the bridge wants 16 MiB free to start
 
 
 @contextlib.contextmanager
@@ -89,7 +89,7 @@ def _exported(data: Path, prefix: list[str]) -> list[str]:
 
 
 def _full_disk_episode(
-    broker: Broker, tmp_path: Path, unique: str, free: str
+    own_broker: Broker, tmp_path: Path, unique: str, free: str
 ) -> tuple[ReadBack, dict[str, object]]:
     """Fill the disk under a running bridge while devices publish, then free it by `free`."""
     mount = tmp_path / "disk"
@@ -97,14 +97,14 @@ def _full_disk_episode(
     figures: dict[str, object] = {"tmpfs_mib": TMPFS_MB}
     with (
         small_disk(mount) as inside,
-        bridge_process(broker.url, data, tmp_path / "bridge.log", prefix=inside) as bridge,
+        bridge_process(own_broker.url, data, tmp_path / "bridge.log", prefix=inside) as bridge,
     ):
         bridge.start()
         old = f"{unique}-old"
-        big = Publisher(broker.port, [old], limit=size(60, 120), pad=64 * 1024)
+        big = Publisher(own_broker.port, [old], limit=300, pad=64 * 1024)  # about 20 MB
         big.start().wait_done()
         wait_until(lambda: _count(data, inside, old) >= big.ledger.total, 60, "the old history")
-        publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
         publisher.wait_accepted(size(300, 2000))
         _fill(inside, mount / "filler")
         wait_until(lambda: "storage failed" in bridge.text(), 60, "the bridge to hit ENOSPC")
@@ -123,7 +123,7 @@ def _full_disk_episode(
         wait_until(
             lambda: _count_all(data, inside, list(ledger.accepted)) >= ledger.total, 120, "all"
         )
-        got = restored(broker.url, list(ledger.accepted))
+        got = restored(own_broker.url, list(ledger.accepted))
         back = ReadBack(
             tally(ledger, copies_of(_exported(data, inside))), tally(ledger, got.copies), got
         )
@@ -143,18 +143,18 @@ def _count_all(data: Path, prefix: list[str], devices: list[str]) -> int:
 
 
 def test_real_disk_full_freed_by_removing_a_file(
-    broker: Broker, tmp_path: Path, unique: str, report: Report
+    own_broker: Broker, tmp_path: Path, unique: str, report: Report
 ) -> None:
     """Real disk full (tmpfs, ENOSPC in RocksDB), then another file removed"""
-    back, figures = _full_disk_episode(broker, tmp_path, unique, "rm")
+    back, figures = _full_disk_episode(own_broker, tmp_path, unique, "rm")
     report(export=back.export, restore=back.restore, **figures)
     assert_nothing_lost(back)
 
 
 def test_real_disk_full_freed_by_the_tool(
-    broker: Broker, tmp_path: Path, unique: str, report: Report
+    own_broker: Broker, tmp_path: Path, unique: str, report: Report
 ) -> None:
     """Real disk full (tmpfs, ENOSPC in RocksDB), freed with `mqtt-backup forget`"""
-    back, figures = _full_disk_episode(broker, tmp_path, unique, "forget")
+    back, figures = _full_disk_episode(own_broker, tmp_path, unique, "forget")
     report(export=back.export, restore=back.restore, **figures)
     assert_nothing_lost(back)

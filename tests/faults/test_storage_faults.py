@@ -41,13 +41,13 @@ RunBridge = Callable[..., BridgeThread]
 
 
 def test_disk_full_injected_during_a_continuous_publish(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Disk full (injected) during a continuous publish, then room again"""
     episodes, between = size(2, 10), size(250, 1000)
     faults = Faults()
-    bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
-    publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+    bridge = run_bridge(make_settings(own_broker, data_dir), wrap_store=faults.wrap)
+    publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
     for _ in range(episodes):
         publisher.wait_accepted(between)
         failed, written = faults.calls["write_failed"], faults.calls["write"]
@@ -57,7 +57,7 @@ def test_disk_full_injected_during_a_continuous_publish(
         wait_until(above(lambda: faults.calls["write"], written), 60, "the bridge to resume")
     publisher.wait_accepted(between)
     ledger = publisher.stop()
-    back = read_back(ledger, data_dir, broker.url)
+    back = read_back(ledger, data_dir, own_broker.url)
     bridge.stop()
     report(
         episodes=episodes,
@@ -69,17 +69,17 @@ def test_disk_full_injected_during_a_continuous_publish(
 
 
 def test_slow_fsync_injected(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Slow fsync (every write takes 50 ms more) under a continuous publish"""
     faults = Faults(write_delay_s=0.05)
-    bridge = run_bridge(make_settings(broker, data_dir), wrap_store=faults.wrap)
-    publisher = Publisher(broker.port, fleet(unique, 4), rate=RATE).start()
+    bridge = run_bridge(make_settings(own_broker, data_dir), wrap_store=faults.wrap)
+    publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
     publisher.wait_accepted(size(1500, 10_000), timeout=300)
     ledger = publisher.stop()
     started = time.monotonic()
     wait_stored(data_dir, ledger, timeout=300)
-    back = read_back(ledger, data_dir, broker.url)
+    back = read_back(ledger, data_dir, own_broker.url)
     bridge.stop()
     report(
         export=back.export,
@@ -109,6 +109,8 @@ def test_message_expiry_during_a_storage_stall(
     wait_until(lambda: bridge.bridge._transport.connected, 60, "the bridge to reconnect")
     faults.failing = False
     wait_markers(data_dir, ledger, marker(own_broker.port, devices, ledger))
+    # The restore side reconnects on its own backoff; a request sent before it listens is lost.
+    wait_until(bridge.bridge.restore_listening.is_set, 60, "the restore service")
     back = read_back(ledger, data_dir, own_broker.url)
     bridge.stop()
     report(held=held, expiry_s=expiry_s, export=back.export, restore=back.restore)
@@ -116,12 +118,12 @@ def test_message_expiry_during_a_storage_stall(
 
 
 def _filled(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> tuple[Settings, list[str]]:
-    settings = make_settings(broker, data_dir)
+    settings = make_settings(own_broker, data_dir)
     bridge = run_bridge(settings)
     devices = fleet(unique, 6)
-    ledger = Publisher(broker.port, devices, limit=size(600, 6000)).start().wait_done()
+    ledger = Publisher(own_broker.port, devices, limit=size(600, 6000)).start().wait_done()
     wait_stored(data_dir, ledger)
     bridge.stop()
     return settings, devices
@@ -134,10 +136,10 @@ def _one_line_error(done: object) -> None:
 
 
 def test_damaged_record_is_found_by_verify_and_by_reads(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Corruption: a flipped byte in one record, found by verify, export and restore"""
-    settings, devices = _filled(broker, data_dir, unique, run_bridge)
+    settings, devices = _filled(own_broker, data_dir, unique, run_bridge)
     victim = devices[1]
     partition = _partition_of(data_dir, victim)
     _flip_a_byte(data_dir, partition, victim)
@@ -148,8 +150,8 @@ def test_damaged_record_is_found_by_verify_and_by_reads(
     export_other = cli("export", "--data", str(data_dir), "--device", devices[0])
     bridge = run_bridge(settings)
     wait_until(bridge.bridge.restore_listening.is_set, 30, "the restore service")
-    answer = terminal(broker.url, victim)
-    healthy = restored(broker.url, [d for d in devices if d != victim])
+    answer = terminal(own_broker.url, victim)
+    healthy = restored(own_broker.url, [d for d in devices if d != victim])
     bridge.stop()
     report(
         verify_exit=checked.returncode,
@@ -170,10 +172,10 @@ def test_damaged_record_is_found_by_verify_and_by_reads(
 
 
 def test_damaged_table_file_is_found_by_verify_and_by_reads(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
+    own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
     """Corruption: a damaged block in an SST file, found by verify and export"""
-    _, devices = _filled(broker, data_dir, unique, run_bridge)
+    _, devices = _filled(own_broker, data_dir, unique, run_bridge)
     partition = _partition_of(data_dir, devices[0])
     with raw_partition(data_dir, partition) as (db, _):
         db.flush()
