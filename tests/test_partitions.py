@@ -153,6 +153,7 @@ def test_a_move_interrupted_after_the_switch_is_finished_by_a_rerun(
     assert_every_message_once(data_dir, devices=200)
 
 
+@pytest.mark.slow  # 6 processes; an injected crash mid-move is test_a_move_interrupted_after_...
 def test_kill_9_during_an_add_then_rerun_loses_and_duplicates_nothing(data_dir: Path) -> None:
     fill(data_dir)
     command = [
