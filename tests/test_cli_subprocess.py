@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     REPO,
     BridgeThread,
@@ -38,6 +40,7 @@ def ok(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # 14 processes; test_operations and test_cli_errors run the commands in-process
 def test_offline_commands_as_processes(data_dir: Path, tmp_path: Path) -> None:
     fill(data_dir, devices=40)
     d = ("--data", str(data_dir))

@@ -98,20 +98,25 @@ def _assert_stored_at_least_once(data: Path, sent: list[Sent]) -> None:
         assert again <= set(expected)
 
 
+# 20 each: every payload kind (empty, 256 KiB, binary, JSON) on every shape, 20 batches, 10 times
+# the broker's window to the bridge. 100 each (5,000 messages, 25 MiB) in the full run.
+@pytest.mark.parametrize("per_device", [20, pytest.param(100, marks=pytest.mark.slow)])
 def test_fleet_of_50_devices_is_stored_once_byte_exact_in_order(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, per_device: int
 ) -> None:
     settings = make_settings(broker, data_dir, topic=TEMPLATES)
     bridge = run_bridge(settings)
-    sent = _fleet(unique, devices=50, per_device=100)
-    assert len(sent) == 5000
+    sent = _fleet(unique, devices=50, per_device=per_device)
+    total = 50 * per_device
+    assert len(sent) == total
+    assert len({m.payload for m in sent if len(m.payload) == 256 * 1024}) == total // 50
     publish(broker, sent)
-    wait_until(lambda: stored_count(data_dir) >= 5000, 60, "5,000 stored messages")
+    wait_until(lambda: stored_count(data_dir) >= total, 60, f"{total} stored messages")
     bridge.stop()
     _assert_stored_exactly(data_dir, sent)
     stored = read_all(data_dir)
     assert all(not m.record.dup and m.record.qos == 1 for ms in stored.values() for m in ms)
-    assert bridge.bridge.pipeline.counters.stored == 5000
+    assert bridge.bridge.pipeline.counters.stored == total
     # Each device lives in exactly one partition, and all three partitions got some.
     with StoreReader(data_dir) as reader:
         listed = reader.devices()

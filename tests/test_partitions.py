@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings
 from mqtt_backup.errors import UsageError
+from mqtt_backup.keys import device_key
+from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage.manifest import load_manifest
@@ -150,6 +153,7 @@ def test_a_move_interrupted_after_the_switch_is_finished_by_a_rerun(
     assert_every_message_once(data_dir, devices=200)
 
 
+@pytest.mark.slow  # 6 processes; an injected crash mid-move is test_a_move_interrupted_after_...
 def test_kill_9_during_an_add_then_rerun_loses_and_duplicates_nothing(data_dir: Path) -> None:
     fill(data_dir)
     command = [
@@ -210,6 +214,21 @@ def test_partitions_change_while_the_bridge_runs(
     assert sum(p["messages"] for p in json.loads(listed.output)) == 120
 
 
+def _devices_moving_to(new: str, unique: str, moving: int, staying: int) -> list[str]:
+    """`moving` device ids that adding partition `new` to p0-p2 moves, then `staying` ones."""
+    now = [Weighted(f"p{i}") for i in range(3)]
+    after = [*now, Weighted(new)]
+    found: dict[bool, list[str]] = {True: [], False: []}
+    for i in itertools.count():
+        device = f"{unique}-{i}"
+        moves = place(device_key(device), after) == new
+        if len(found[moves]) < (moving if moves else staying):
+            found[moves].append(device)
+        if len(found[True]) == moving and len(found[False]) == staying:
+            return found[True] + found[False]
+    raise AssertionError("unreachable")
+
+
 def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     broker: Broker,
     data_dir: Path,
@@ -217,35 +236,43 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bridge = run_bridge(make_settings(broker, data_dir, keepalive=5))
-    devices = [f"{unique}-{i}" for i in range(60)]
+    # keepalive 2 s (below the CLI's minimum of 5): Mosquitto drops a client silent for more than
+    # 3 s (1.5 keepalives, in whole seconds, so 1 s would leave no margin on a busy machine). An
+    # add that spans three of the bridge's pings (4 s or more) shows it kept talking meanwhile.
+    bridge = run_bridge(make_settings(broker, data_dir, keepalive=2))
+    devices = _devices_moving_to("p3", unique, moving=40, staying=20)
     publish(broker, [Sent(f"devices/{d}/t", b"before") for d in devices])
-    wait_until(lambda: stored_count(data_dir) >= 60, 20, "first messages")
+    wait_until(lambda: stored_count(data_dir) >= len(devices), 20, "first messages")
+    pings: list[float] = []
+    bridge.bridge._transport._client.on_log = lambda _c, _u, _level, text: (
+        pings.append(time.monotonic()) if text == "Sending PINGREQ" else None
+    )
+    disconnects: list[str] = []
+    monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
+    copying, published = threading.Event(), threading.Event()
+    slow_copies: list[int] = []  # pings sent when each slow copy began
     real_copy = Partition.copy_device_from
 
     def slow_copy(
         self: Partition, source: Partition, dev_key: bytes, batch_size: int = 5000
     ) -> int:
-        time.sleep(0.8)  # a big device on a slow disk
+        # A big device on a slow disk: each copy takes a while, and the bridge breathes only
+        # between copies. Slow until the devices have published and three pings went out.
+        if not copying.is_set():
+            copying.set()
+            pings.clear()
+        if len(pings) < 3 or not published.is_set():
+            slow_copies.append(len(pings))
+            time.sleep(0.3)  # the slow disk under test, not a wait for a condition
         return real_copy(self, source, dev_key, batch_size)
 
     monkeypatch.setattr(Partition, "copy_device_from", slow_copy)
-    disconnects: list[str] = []
-    monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
+    add = [sys.executable, "-m", "mqtt_backup", "partitions", "add", "p3", "--json"]
     result: list[subprocess.CompletedProcess[str]] = []
     adder = threading.Thread(
         target=lambda: result.append(
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "mqtt_backup",
-                    "partitions",
-                    "add",
-                    "p3",
-                    "--data",
-                    str(data_dir),
-                ],
+                [*add, "--data", str(data_dir)],
                 cwd=REPO,
                 capture_output=True,
                 text=True,
@@ -255,15 +282,24 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
         )
     )
     adder.start()
-    time.sleep(2)  # the add is copying now; devices keep publishing
+    wait_until(copying.is_set, 60, "the add to start copying")
     publish(broker, [Sent(f"devices/{d}/t", b"during") for d in devices])
+    published.set()
     adder.join(120)
     assert result[0].returncode == 0, result[0].stderr
-    wait_until(lambda: stored_count(data_dir) >= 120, 30, "what arrived during the add")
+    assert json.loads(result[0].stdout)["devices"] == 40
+    # The copies stopped being slow before the last of the 40: the publish and the third ping
+    # both happened during the add.
+    assert len(slow_copies) < 40, slow_copies
     assert disconnects == [], "keepalives were answered while the add ran"
+    wait_until(lambda: stored_count(data_dir) >= 2 * len(devices), 30, "what arrived meanwhile")
     with StoreReader(data_dir) as reader:
         for d in devices:
             assert [m.record.payload for m in reader.messages(d)] == [b"before", b"during"], d
+        assert {d.device: d.partition for d in reader.devices() if d.device in devices} == {
+            d: "p3" if i < 40 else place(device_key(d), [Weighted(f"p{j}") for j in range(3)])
+            for i, d in enumerate(devices)
+        }
     monkeypatch.undo()
     bridge.stop()
     assert checks.verify(data_dir).ok

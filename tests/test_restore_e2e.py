@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import itertools
 import json
-import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,8 +22,8 @@ from paho.mqtt.properties import Properties
 from mqtt_backup import restore as restore_module
 from mqtt_backup.config import Settings
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store, StoreReader
-from mqtt_backup.times import NS_PER_S, format_ts
+from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
+from mqtt_backup.times import format_ts
 from tests.conftest import (
     REPO,
     BridgeThread,
@@ -34,6 +32,7 @@ from tests.conftest import (
     device_client,
     make_settings,
     publish,
+    publish_async,
     read_all,
     stored_count,
     wait_until,
@@ -104,136 +103,12 @@ def _payload_bytes(envelope: Message) -> bytes:
     return str(envelope["payload"]).encode()
 
 
-def _fleet(unique: str) -> list[Sent]:
-    rng = random.Random(11)
-    sent = []
-    for i in range(2000):
-        device = f"{unique}-{i % 5}"
-        kind = i % 100
-        payload = (
-            b""
-            if kind == 0
-            else rng.randbytes(200 * 1024)
-            if kind == 1
-            else rng.randbytes(rng.randint(1, 40))
-            if kind % 2
-            else f'{{"i": {i}}}'.encode()
-        )
-        topic = f"devices/{device}/{'status' if i % 7 == 0 else 'telemetry'}"
-        sent.append(Sent(topic, payload, retain=(i % 97 == 0)))
-    return sent
-
-
 @pytest.fixture
-def stored_fleet(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
-) -> Iterator[tuple[list[Sent], BridgeThread]]:
-    """A bridge that holds 2,000 messages over 5 devices (binary, empty, 200 KiB, retained)."""
-    bridge = _start(run_bridge, make_settings(broker, data_dir))
-    sent = _fleet(unique)
-    publish(broker, sent)
-    wait_until(lambda: stored_count(data_dir) >= len(sent), 60, "the fleet to be stored")
-    yield sent, bridge
-    publish(broker, [Sent(m.topic, b"", retain=True) for m in sent if m.retain])
-
-
-def test_round_trip_is_byte_exact_in_order_for_every_device(
-    broker: Broker, unique: str, stored_fleet: tuple[list[Sent], BridgeThread]
-) -> None:
-    sent, _ = stored_fleet
-    for d in range(5):
-        device = f"{unique}-{d}"
-        expected = [m for m in sent if m.topic.split("/")[1] == device]
-        answers = ask(broker, device, {"id": f"req-{d}"})
-        records, terminal = _records(answers), answers[-1]
-        assert terminal == {
-            "id": f"req-{d}",
-            "done": True,
-            "device": device,
-            "count": len(expected),
-            "complete": True,
-        }
-        assert [r["seq"] for r in records] == list(range(1, len(expected) + 1))
-        assert all(r["id"] == f"req-{d}" and r["device"] == device for r in records)
-        assert [(r["topic"], _payload_bytes(r), r["retain"]) for r in records] == [
-            (m.topic, m.payload, m.retain) for m in expected
-        ]
-        assert all(r["qos"] == 1 for r in records)
-
-
-@pytest.mark.usefixtures("stored_fleet")
-def test_windows_filters_limit_and_order(broker: Broker, data_dir: Path, unique: str) -> None:
-    device = f"{unique}-3"
-    everything = _records(ask(broker, device))
-    ts = [r["ts"] for r in everything]
-    with StoreReader(data_dir) as reader:
-        ns = [m.ts_ns for m in reader.messages(device)]
-    assert [format_ts(t) for t in ns] == ts
-
-    window = _records(ask(broker, device, {"since": ts[10], "until": ts[20]}))
-    assert [r["ts"] for r in window] == ts[10:20], "since inclusive, until exclusive"
-    # Epoch seconds as a JSON number: a double holds ~0.2 us here, so aim between two messages.
-    between = (ns[9] + ns[10]) / 2 / NS_PER_S
-    epoch = _records(ask(broker, device, {"since": between, "until": ts[20]}))
-    assert [r["ts"] for r in epoch] == ts[10:20], "epoch seconds work as well"
-    empty = ask(broker, device, {"since": ts[5], "until": ts[5]})
-    assert empty == [{"done": True, "device": device, "count": 0, "complete": True}]
-
-    status = _records(ask(broker, device, {"topic": "devices/+/status"}))
-    assert status == [
-        {**r, "seq": i} for i, r in enumerate((r for r in everything if "status" in r["topic"]), 1)
-    ]
-    newest = _records(ask(broker, device, {"order": "desc", "limit": 3}))
-    assert [r["ts"] for r in newest] == ts[::-1][:3]
-    assert [r["seq"] for r in newest] == [1, 2, 3]
-
-
-@pytest.mark.usefixtures("stored_fleet")
-def test_mqtt_311_requester_gets_the_default_response_topic_and_its_id(
-    broker: Broker, unique: str
-) -> None:
-    device = f"{unique}-1"
-    answers = ask(broker, device, {"id": "v311", "limit": 5}, mqtt5=False)
-    assert len(answers) == 6
-    assert all(a["id"] == "v311" for a in answers)
-    assert answers[-1]["count"] == 5
-
-
-@pytest.mark.usefixtures("stored_fleet")
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_cli_restore_writes_the_export_lines(
-    broker: Broker, data_dir: Path, unique: str, protocol: str
-) -> None:
-    device = f"{unique}-2"
-    cli = [sys.executable, "-m", "mqtt_backup", "restore", device, "--broker", broker.url]
-    restored = subprocess.run(
-        [*cli, "--protocol", protocol],
-        capture_output=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
-    assert restored.returncode == 0, restored.stderr
-    exported = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mqtt_backup",
-            "export",
-            "--data",
-            str(data_dir),
-            "--device",
-            device,
-        ],
-        capture_output=True,
-        cwd=REPO,
-        timeout=120,
-        check=True,
-    )
-    assert restored.stdout == exported.stdout, "restore and export write the same lines"
-    assert restored.stdout.count(b"\n") == 400
-    summary = restored.stderr.decode().strip().splitlines()
-    assert summary == [f"restored 400 messages of {device} (complete)"]
+def retained(broker: Broker) -> Iterator[list[str]]:
+    """Topics where the test leaves a retained message: cleared after it, for the next bridges."""
+    topics: list[str] = []
+    yield topics
+    publish(broker, [Sent(topic, b"", retain=True) for topic in topics])
 
 
 def test_replay_republishes_at_the_rate_and_is_not_stored_again(
@@ -242,10 +117,12 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
     unique: str,
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
+    retained: list[str],
 ) -> None:
     bridge = _start(run_bridge, make_settings(broker, data_dir))
     device = f"{unique}-replay"
     sent = [Sent(f"devices/{device}/t", f"r{i}".encode(), retain=i == 0) for i in range(30)]
+    retained.append(sent[0].topic)
     publish(broker, sent)
     wait_until(lambda: stored_count(data_dir) >= 30, 20, "stored messages")
 
@@ -269,12 +146,16 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
                 async for message in watcher.messages:
                     if message.retain:
                         continue  # the retained value the subscription itself brings
+                    if message.payload == b"marker":
+                        return
                     arrived.append(message)
 
             collector = asyncio.create_task(collect())
             answers = await _ask(broker, device, {"mode": "replay", "rate": 100})
-            await asyncio.sleep(0.3)
-            collector.cancel()
+            # The terminal follows the broker's PUBACK of every replay, so the broker queued each
+            # replay to every subscriber (this watcher, the bridge's ingest) before this marker.
+            await publish_async(broker, [Sent(f"devices/{device}/t", b"marker")])
+            await asyncio.wait_for(collector, 20)
         return arrived, answers
 
     arrived, answers = asyncio.run(scenario())
@@ -284,8 +165,12 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
     users = [dict(getattr(m.properties, "UserProperty", [])) for m in arrived]
     assert all(u.get("mqtt-backup-replay") == "1" and "mqtt-backup-ts" in u for u in users)
     assert [p.rate for p in pacers] == [100]
-    time.sleep(0.5)  # give ingest every chance to (wrongly) store the replays
-    assert stored_count(data_dir) == 30
+    # Ingest got the replays before the marker: once the marker is stored, the replays were seen.
+    wait_until(lambda: stored_count(data_dir) >= 31, 20, "the marker after the replays")
+    assert [m.record.payload for m in read_all(data_dir)[device]] == [
+        *(m.payload for m in sent),
+        b"marker",
+    ], "the replays were not stored again"
     assert bridge.bridge.pipeline.counters.skipped >= 30
 
 
@@ -364,27 +249,32 @@ def test_retained_requests_are_ignored(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
     device = f"{unique}-ret"
-    publish(broker, [Sent(f"backup/restore/{device}", b'{"id": "stale"}', retain=True)])
-    _start(run_bridge, make_settings(broker, data_dir))
+    request_topic = f"backup/restore/{device}"
+    publish(broker, [Sent(request_topic, b'{"id": "stale"}', retain=True)])
 
-    async def scenario() -> list[bytes]:
-        got: list[bytes] = []
-
-        async def listen(client: aiomqtt.Client) -> None:
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                got.append(message.payload)
-
+    async def scenario() -> list[Message]:
+        got: list[Message] = []
         async with device_client(broker) as client:
-            await client.subscribe(f"backup/restore/{device}/response", qos=1)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(listen(client), 1.5)
+            # Listening before the bridge starts: an answer at its subscribe would be heard too.
+            await client.subscribe(f"{request_topic}/response", qos=1)
+            await asyncio.to_thread(_start, run_bridge, make_settings(broker, data_dir))
+            # The service gets the retained request at its subscribe, before this live one: a
+            # (wrong) answer to it would come before this one's terminal.
+            await client.publish(request_topic, b'{"id": "marker"}', qos=1)
+            async with asyncio.timeout(20):
+                async for message in client.messages:
+                    assert isinstance(message.payload, bytes)
+                    got.append(json.loads(message.payload))
+                    if got[-1].get("id") == "marker":
+                        break
         return got
 
     try:
-        assert asyncio.run(scenario()) == []
+        assert asyncio.run(scenario()) == [
+            {"id": "marker", "done": True, "device": device, "count": 0, "complete": True}
+        ]
     finally:
-        publish(broker, [Sent(f"backup/restore/{device}", b"", retain=True)])
+        publish(broker, [Sent(request_topic, b"", retain=True)])
 
 
 def test_a_lost_session_makes_the_restore_incomplete(
@@ -451,37 +341,75 @@ def _fill_store(data: Path, device: str, count: int) -> None:
         store.close()
 
 
+def _wait_stored(data: Path, device: str, count: int, what: str) -> None:
+    """Wait until the index says `count` messages of `device` are stored."""
+
+    def stored() -> int:
+        with StoreReader(data) as reader:
+            return sum(d.count for d in reader.devices() if d.device == device)
+
+    wait_until(lambda: stored() >= count, 60, what)
+
+
 def test_a_big_restore_does_not_stall_ingest(
-    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    device = f"{unique}-big"
-    _fill_store(data_dir, device, 100_000)  # how it got there does not matter here
-    bridge = _start(run_bridge, make_settings(broker, data_dir, batch_max=1000))
-    counters = bridge.bridge.pipeline.counters
+    device, total, rounds, burst = f"{unique}-big", 4_000, 8, 25
+    live = f"{unique}-live"
+    _fill_store(data_dir, device, total)  # how it got there does not matter here
+    _start(run_bridge, make_settings(broker, data_dir))
+    # A slow disk under the restore: at each of `rounds` points of its scan, the read blocks
+    # (as a RocksDB read does) until ingest has stored one more burst of live messages. So the
+    # restore can only finish if ingest stores and acknowledges while it streams: 8 bursts of
+    # 25 are twice the broker's window of 100 unacknowledged messages to the bridge.
+    streaming = threading.Event()
+    confirmed: list[int] = []  # bursts the test saw stored
+    waited: list[tuple[int, bool]] = []  # (point, whether ingest got there in time)
+    real_messages = StoreReader.messages
 
-    async def scenario() -> tuple[list[Message], list[int]]:
-        progress: list[int] = []
+    def slow_scan(
+        self: StoreReader, device_id: str, *args: Any, **kw: Any
+    ) -> Iterator[StoredMessage]:
+        for n, message in enumerate(real_messages(self, device_id, *args, **kw), 1):
+            if device_id == device and n % (total // rounds) == 0:
+                point = n // (total // rounds)
+                deadline = time.monotonic() + 60
+                while len(confirmed) < point and time.monotonic() < deadline:
+                    time.sleep(0.005)  # the slow read: blocking, as in the restore thread
+                waited.append((point, len(confirmed) >= point))
+            streaming.set()
+            yield message
 
-        async def keep_publishing() -> None:
-            async with device_client(broker) as client:
-                for i in range(10_000):
-                    await client.publish(f"devices/{unique}-live/t", f"{i}".encode(), qos=1)
-                    if i % 50 == 0:
-                        progress.append(counters.stored)
-                    await asyncio.sleep(0.002)
-
-        live = asyncio.create_task(keep_publishing())
-        answers = await _ask(broker, device, {"id": "big"}, timeout=300)
-        live.cancel()
-        return answers, progress
-
-    answers, progress = asyncio.run(scenario())
-    assert answers[-1]["count"] == 100_000
-    assert [r["seq"] for r in _records(answers)] == list(range(1, 100_001))
-    # Ingest kept storing and acknowledging while the restore streamed: no long flat stretch.
-    assert len(progress) >= 10
-    rises = sum(1 for a, b in itertools.pairwise(progress) if b > a)
-    assert rises >= len(progress) // 2, progress
+    monkeypatch.setattr(StoreReader, "messages", slow_scan)
+    answers: list[list[Message]] = []
+    asker = threading.Thread(
+        target=lambda: answers.append(ask(broker, device, {"id": "big"}, timeout=120))
+    )
+    asker.start()
+    wait_until(streaming.is_set, 60, "the restore to stream")
+    for k in range(1, rounds + 1):
+        publish(broker, [Sent(f"devices/{live}/t", b"%d-%d" % (k, i)) for i in range(burst)])
+        _wait_stored(data_dir, live, k * burst, f"live burst {k}, while the restore streams")
+        confirmed.append(k)
+    asker.join(120)
+    assert answers, "the restore answered"
+    assert answers[0][-1] == {
+        "id": "big",
+        "done": True,
+        "device": device,
+        "count": total,
+        "complete": True,
+    }
+    assert [r["seq"] for r in _records(answers[0])] == list(range(1, total + 1))
+    # Every burst was stored after the restore began and before it read past its point.
+    assert waited == [(point, True) for point in range(1, rounds + 1)]
+    with StoreReader(data_dir) as reader:
+        stored = [m.record.payload for m in reader.messages(live)]
+    assert stored == [b"%d-%d" % (k, i) for k in range(1, rounds + 1) for i in range(burst)]
 
 
 def _slow_reader(stream: IO[bytes], chunk: int, pause_s: float) -> bytes:

@@ -391,8 +391,12 @@ def test_second_writer_is_refused_naming_the_holder(data_dir: Path) -> None:
 
 def test_close_releases_the_lock(data_dir: Path) -> None:
     Store.open(data_dir, 3).close()
-    again = Store.open(data_dir)
-    again.close()
+    again = Store.open(data_dir)  # DataDirLocked if the closed store still held the lock
+    try:
+        with pytest.raises(DataDirLocked):
+            Store.open(data_dir)  # and the new holder has it now
+    finally:
+        again.close()
 
 
 def test_reader_beside_writer_sees_synced_writes(store: Store, data_dir: Path) -> None:
