@@ -11,15 +11,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from typer.testing import CliRunner
 
 from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
-from mqtt_backup.config import Settings
+from mqtt_backup.config import Settings, Transport
 from mqtt_backup.errors import UsageError
 from mqtt_backup.keys import device_key
+from mqtt_backup.mqtt import PahoIngest
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader
@@ -239,12 +241,14 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     # keepalive 2 s (below the CLI's minimum of 5): Mosquitto drops a client silent for more than
     # 3 s (1.5 keepalives, in whole seconds, so 1 s would leave no margin on a busy machine). An
     # add that spans three of the bridge's pings (4 s or more) shows it kept talking meanwhile.
-    bridge = run_bridge(make_settings(broker, data_dir, keepalive=2))
+    # Pings are counted from paho's log; the asyncio transport has its own keep-alive tests.
+    settings = make_settings(broker, data_dir, keepalive=2, transport=Transport.PAHO)
+    bridge = run_bridge(settings)
     devices = _devices_moving_to("p3", unique, moving=40, staying=20)
     publish(broker, [Sent(f"devices/{d}/t", b"before") for d in devices])
     wait_until(lambda: stored_count(data_dir) >= len(devices), 20, "first messages")
     pings: list[float] = []
-    bridge.bridge._transport._client.on_log = lambda _c, _u, _level, text: (
+    cast("PahoIngest", bridge.bridge._transport)._client.on_log = lambda _c, _u, _level, text: (
         pings.append(time.monotonic()) if text == "Sending PINGREQ" else None
     )
     disconnects: list[str] = []
