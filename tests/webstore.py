@@ -38,16 +38,28 @@ def telemetry(i: int) -> bytes:
 
 
 def fleet_store(data: Path) -> None:
-    """Sensors every 10 s for 100 min, a silent one, odd ids, binary and a gap."""
+    """Sensors every 10 s for 100 min, a silent one, odd ids, binary and a gap.
+
+    Written in time order: each partition's clock is max(received, last + 1), so a message
+    written after a later one of its partition would be stored at that later time.
+    """
+    items: list[tuple[int, str, bytes, str]] = []
+    items += [(BASE_NS + i * 10 * S, "sensor-01", telemetry(i), "") for i in range(600)]
+    # Every 10 s for 10 minutes, then nothing: silent against a clock at the sensors' end.
+    items += [(BASE_NS + i * 10 * S, "quiet-02", telemetry(i), "") for i in range(60)]
+    items += [(BASE_NS + n * S, device, b'{"v": 1}', "") for n, device in enumerate(ODD_IDS)]
+    items.append((BASE_NS, "xss<b>", SCRIPT.encode(), "devices/xss/<i>"))
+    items.append((BASE_NS, "bin-1", bytes([0, 255, 16, 60]), ""))
+    items.sort(key=lambda item: item[0])
     store = Store.open(data, 3)
     try:
-        write(store, "sensor-01", [(BASE_NS + i * 10 * S, telemetry(i)) for i in range(600)])
-        # Every 10 s for 10 minutes, then nothing: silent against a clock at the sensors' end.
-        write(store, "quiet-02", [(BASE_NS + i * 10 * S, telemetry(i)) for i in range(60)])
-        for n, device in enumerate(ODD_IDS):
-            write(store, device, [(BASE_NS + n * S, b'{"v": 1}')])
-        write(store, "xss<b>", [(BASE_NS, SCRIPT.encode())], topic="devices/xss/<i>")
-        write(store, "bin-1", [(BASE_NS, bytes([0, 255, 16, 60]))])
+        batches: dict[str, list[Pending]] = {}
+        for ns, device, payload, topic in items:
+            name, dev_key = store.locate(device)
+            record = Record(topic or f"devices/{device}/telemetry", payload)
+            batches.setdefault(name, []).append(Pending(device, dev_key, ns, record))
+        for name, batch in batches.items():
+            store.write(name, batch)
         GapLog(data).record(Gap(BASE_NS + 30 * 60 * S, BASE_NS + 35 * 60 * S, "session-lost"))
     finally:
         store.close()

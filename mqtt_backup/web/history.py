@@ -57,8 +57,8 @@ def read_span(reader: StoreReader, device: str, since: int, until: int, cap: int
     got = take(reader.messages(device, since, until), cap + 1)
     if len(got) <= cap:
         return SpanRead(got, len(got), exact=True)
-    # `cap` records took from `since` to the next one's time: assume that rate for the span.
-    took = max(got[cap].ts_ns - since, 1)
+    # `cap` intervals between the first and the look-ahead record: assume that rate throughout.
+    took = max(got[cap].ts_ns - got[0].ts_ns, 1)
     return SpanRead(got[:cap], cap * (until - since) / took, exact=False)
 
 

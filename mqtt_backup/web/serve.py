@@ -9,10 +9,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -139,4 +142,14 @@ def serve(app: object, sock: socket.socket) -> None:
         proxy_headers=False,
         access_log=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal that stopped it once its own handlers are gone; with
+        # these in place that ends here, and the command exits 0 after a clean stop.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stopped)
+    server.run(sockets=[sock])
+
+
+def _stopped(signum: int, _frame: FrameType | None) -> None:
+    log.info("web view stopped by %s", signal.Signals(signum).name)
