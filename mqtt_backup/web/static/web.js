@@ -33,6 +33,8 @@
       width: width,
       height: 180,
       scales: { x: { time: true } },
+      // The pages say times are UTC; so do the axes, whatever the browser's zone.
+      tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
       series: [{}].concat(series),
       hooks: { drawClear: [gapShading(gaps)] },
       legend: { live: true },
