@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest faults brokers bench bench-docs venv clean
+.PHONY: run test check lint typecheck pytest faults brokers bench bench-docs screenshots venv clean
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 bench-docs: $(STAMP)
 	$(PY) -m bench docs
+
+# The README's pictures of the web view (docs/web-*.png), taken in headless Chromium.
+screenshots: $(STAMP)
+	$(PY) -m tools.web_screenshots docs
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
