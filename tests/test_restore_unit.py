@@ -20,22 +20,21 @@ from typing import Any
 
 import pytest
 
-from mqtt_backup import restore as restore_module
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
 from mqtt_backup.records import Properties, Record
-from mqtt_backup.restore import (
+from mqtt_backup.restore import service as restore_module
+from mqtt_backup.restore.client import check_device
+from mqtt_backup.restore.reply import Pacer
+from mqtt_backup.restore.request import (
     MAX_ID_CHARS,
     MAX_REQUEST_BYTES,
     BadRequest,
-    DroppedWatcher,
-    Pacer,
     Request,
-    RestoreService,
     parse_request,
     response_topic,
 )
-from mqtt_backup.restore_client import check_device
+from mqtt_backup.restore.service import DroppedWatcher, RestoreService
 from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqtt_backup.config import parse_broker_url
-from mqtt_backup.restore_client import Ask, ask
+from mqtt_backup.restore.client import Ask, ask, request_for
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import BrokerFactory, Report
 from tests.faults.harness import (
@@ -298,7 +298,11 @@ def test_hostile_messages_are_stored_byte_exact(
     restored: Counter[tuple[str, bytes]] = Counter()
     for device in devices:
         lines: list[dict[str, Any]] = []
-        asyncio.run(ask(Ask(parse_broker_url(broker.url), device, {}, timeout=30), lines.append))
+        asyncio.run(
+            ask(
+                Ask(parse_broker_url(broker.url), request_for(device, {}), timeout=30), lines.append
+            )
+        )
         restored.update(_decoded(line) for line in lines)
     bridge.stop()
     exported = _exported(data_dir, devices)
