@@ -17,16 +17,27 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mqtt_backup.config import BrokerAddress
-from mqtt_backup.envelope import message_envelope
+from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
-from mqtt_backup.mqtt import AsyncConnection, Inbound, TlsFiles, Window
-from mqtt_backup.restore.reply import Pacer, Publisher, Reply, replay_props
+from mqtt_backup.mqtt import AsyncConnection, CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt.packets import Outgoing
+from mqtt_backup.restore.reply import (
+    Batches,
+    CodecOutbox,
+    Outbox,
+    Pacer,
+    Publisher,
+    PublisherOutbox,
+    Reply,
+    TooLarge,
+    replayed,
+    too_large,
+)
 from mqtt_backup.restore.request import BadRequest, Request, parse_request, response_topic
 from mqtt_backup.storage import StoredMessage, StoreReader
 from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
@@ -64,7 +75,7 @@ class RestoreService:
     max_active: int = MAX_ACTIVE
     max_waiting: int = MAX_WAITING
     _active: asyncio.Semaphore = field(init=False)
-    _waiting: int = field(init=False, default=0)
+    _running: int = field(init=False, default=0)
     _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
@@ -76,7 +87,7 @@ class RestoreService:
         """The restore prefix: `<namespace>/restore`."""
         return f"{self.namespace}/restore"
 
-    def submit(self, message: Inbound, conn: Publisher) -> None:
+    def submit(self, message: Inbound, conn: Outbox | Publisher) -> None:
         """Answer one request in its own task; requests are independent."""
         if message.retain:
             # A retained request, live or stale, would be answered again at every reconnect of
@@ -87,24 +98,25 @@ class RestoreService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def answer(self, message: Inbound, conn: Publisher) -> None:
+    async def answer(self, message: Inbound, conn: Outbox | Publisher) -> None:
         """Parse, scan and publish one request; any problem becomes one error terminal."""
+        outbox = conn if isinstance(conn, Outbox) else PublisherOutbox(conn, self.window)
         device = message.topic.removeprefix(self.prefix + "/")
         topic, refused = response_topic(
             message.topic, message.response_topic, self.prefix, self.any_response_topic
         )
-        reply = Reply(conn, topic, message.correlation_data, marked=self.any_response_topic)
+        reply = Reply(topic, message.correlation_data, marked=self.any_response_topic)
         try:
             request = _checked(parse_request(device, message.payload), refused)
             reply.request_id = request.request_id
-            await self._run(request, reply)
+            await self._run(request, reply, outbox)
         except BadRequest as exc:
             reply.request_id = reply.request_id or exc.request_id
             log.info("restore request on %s refused: %s", message.topic, exc.reason)
-            await _quietly(reply.error(exc.reason))
+            await _quietly(outbox.send_one(reply.error(exc.reason)))
         except BackupError as exc:
             # One line either way: on a lost connection the terminal cannot go out either.
-            told = await _sent(reply.error(exc.message()))
+            told = await _sent(outbox.send_one(reply.error(exc.message())))
             log.warning(
                 "restore of %s failed%s: %s",
                 device,
@@ -114,29 +126,26 @@ class RestoreService:
         except Exception:
             # A bug must still end the stream: the requester gets an error, not a silent timeout.
             log.exception("restore of %s failed on an unexpected error", device)
-            await _quietly(reply.error("internal error in the bridge; see its log"))
+            internal = reply.error("internal error in the bridge; see its log")
+            await _quietly(outbox.send_one(internal))
 
-    async def _run(self, request: Request, reply: Reply) -> None:
-        if (request.replay or request.raw) and not reply.conn.mqtt5:
+    async def _run(self, request: Request, reply: Reply, outbox: Outbox) -> None:
+        if (request.replay or request.raw) and not outbox.mqtt5:
             raise BadRequest("replay and raw format need the bridge to use MQTT 5")
-        if self._waiting >= self.max_waiting:
+        if self._running >= self.max_active + self.max_waiting:
             raise BadRequest("too many restores waiting; try again later")
-        self._waiting += 1
+        self._running += 1
         try:
-            await self._active.acquire()
+            count = await self._stream(request, reply, outbox)
         finally:
-            self._waiting -= 1
-        try:
-            count = await self._stream(request, reply)
-        finally:
-            self._active.release()
+            self._running -= 1
         gaps = self.gaps.overlapping(request.since_ns, request.until_ns)
         drops_known = self.dropped is None or not self.dropped.unknown(
             request.since_ns, request.until_ns
         )
-        await reply.done(request.device, count, gaps, drops_known)
+        await outbox.send_one(reply.done(request.device, count, gaps, drops_known))
 
-    async def _stream(self, request: Request, reply: Reply) -> int:
+    async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
         self.reader.refresh()
         # The topic filter is applied here, not in the reader, so that every *scanned* record
@@ -145,43 +154,42 @@ class RestoreService:
         stored = self.reader.messages(
             request.device, request.since_ns, request.until_ns, None, request.descending
         )
-        window = Window(self.window)
-        pacer = Pacer(request.rate if request.replay else None)
-        send = self._sender(request, reply)
+        batches = Batches(
+            outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
+        )
+        build = self._builder(request, reply)
         count = 0
         try:
             for scanned, message in enumerate(stored, 1):
                 if scanned % _YIELD_EVERY == 0:
+                    await batches.flush()
                     await asyncio.sleep(0)  # let other restores and the connection breathe
                 if request.topic is not None and not filter_matches(
                     request.topic, message.record.topic
                 ):
                     continue
                 count += 1
-                await pacer.wait()
-                await window.send(send(message))
+                await batches.add(_fitting(build(message), outbox, request))
                 if request.limit is not None and count >= request.limit:
                     break  # before scanning on for a next match that would not be sent
-            await window.drain()
-        except BaseException:
-            window.cancel()
+            await batches.finish()
+        except TooLarge:
+            await batches.finish()  # what went before it is answered, then the error
             raise
+        except BaseException:
+            batches.cancel()
+            raise
+        finally:
+            batches.release()
         return count
 
-    def _sender(
-        self, request: Request, reply: Reply
-    ) -> Callable[[StoredMessage], Coroutine[Any, Any, None]]:
+    @staticmethod
+    def _builder(request: Request, reply: Reply) -> Callable[[StoredMessage], Outgoing]:
         if request.replay:
-            return lambda m: reply.conn.publish(
-                m.record.topic,
-                m.record.payload,
-                m.record.qos,
-                request.retain and m.record.retain,
-                replay_props(m),
-            )
+            return lambda m: replayed(m, request.retain)
         if request.raw:
             return reply.raw_message
-        return lambda m: reply.json_message(message_envelope(m.device, m.ts_ns, m.record))
+        return reply.json_message
 
     async def stop(self) -> None:
         """Cancel restores in progress (they get no terminal: the bridge is going away)."""
@@ -199,6 +207,14 @@ class RestoreService:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
+
+
+def _fitting(packet: Outgoing, outbox: Outbox, request: Request) -> Outgoing:
+    """The packet, unless the broker would refuse it (and drop the connection) as too large."""
+    limit = outbox.max_packet_size
+    if limit is not None and packet.size() > limit:
+        raise too_large(packet, limit, request.raw or request.replay)
+    return packet
 
 
 def _checked(request: Request, refused_topic: str | None) -> Request:
@@ -471,13 +487,7 @@ async def serve(
     delay = 0.5
     while not stop.is_set():
         try:
-            async with AsyncConnection(
-                options.address,
-                options.client_id,
-                protocol=options.protocol,
-                tls_files=options.tls_files,
-                keepalive=options.keepalive,
-            ) as conn:
+            async with _connection(options, service.window) as conn:
                 watcher.connected()
                 await _watch_sys(conn)  # first: the current readings arrive before any request
                 # Retain-as-published: a live retained request (or the empty retained publish
@@ -502,7 +512,30 @@ async def serve(
     watcher.save()
 
 
-async def _watch_sys(conn: AsyncConnection) -> None:
+Connection = CodecConnection | AsyncConnection
+
+
+def _connection(options: ServeOptions, window: int) -> Connection:
+    """MQTT 5: the codec connection, whose one window all restores share; 3.1.1: aiomqtt."""
+    if options.protocol != ProtocolVersion.V5:
+        return AsyncConnection(
+            options.address,
+            options.client_id,
+            protocol=options.protocol,
+            tls_files=options.tls_files,
+            keepalive=options.keepalive,
+        )
+    conn = CodecConnection(
+        options.address,
+        options.client_id,
+        tls_files=options.tls_files,
+        keepalive=options.keepalive,
+    )
+    conn.send_window = window
+    return conn
+
+
+async def _watch_sys(conn: Connection) -> None:
     """Subscribe to the broker's uptime and dropped counter; a refusal only makes drops unknown."""
     try:
         # Not retain-as-published: $SYS values are published retained, and only without it does
@@ -516,16 +549,44 @@ async def _watch_sys(conn: AsyncConnection) -> None:
         )
 
 
-async def _dispatch(
-    service: RestoreService, conn: AsyncConnection, watcher: DroppedWatcher
-) -> None:
-    async for message in conn.messages():
+async def _dispatch(service: RestoreService, conn: Connection, watcher: DroppedWatcher) -> None:
+    outbox: Outbox = (
+        CodecOutbox(conn)
+        if isinstance(conn, CodecConnection)
+        else PublisherOutbox(conn, service.window)
+    )
+    async for message in _incoming(conn):
         if message.topic == DROPPED_TOPIC:
             watcher.observe(message.payload, retained=message.retain)
         elif message.topic == UPTIME_TOPIC:
             watcher.observe_uptime(message.payload)
         elif message.topic.startswith(service.prefix + "/"):
-            service.submit(message, conn)
+            service.submit(message, outbox)
+
+
+async def _incoming(conn: Connection) -> AsyncIterator[Inbound]:
+    """Requests and $SYS readings until the connection drops (then BrokerUnreachable)."""
+    if isinstance(conn, AsyncConnection):
+        async for message in conn.messages():
+            yield message
+        return
+    while True:
+        batch = await conn.receive()
+        for delivery in batch:
+            yield _inbound(delivery)
+        conn.ack(batch)  # a request is a task of its own by now
+
+
+def _inbound(delivery: Delivery) -> Inbound:
+    return Inbound(
+        topic=delivery.topic,
+        payload=delivery.payload,
+        qos=delivery.qos,
+        retain=delivery.retain,
+        response_topic=delivery.response_topic,
+        correlation_data=delivery.correlation_data,
+        user=delivery.user,
+    )
 
 
 async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
