@@ -31,9 +31,7 @@ from mqtt_backup.times import MAX_NS, format_ts
 # Text an MQTT message can carry: no lone surrogates.
 _TEXT = st.characters(exclude_categories=["Cs"])
 _LEVEL = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/+#"))
-devices = st.text(
-    st.characters(exclude_categories=["Cs"], exclude_characters="/+#"), min_size=1
-)
+devices = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/+#"), min_size=1)
 times = st.integers(0, MAX_NS)
 
 
