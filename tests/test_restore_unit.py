@@ -1232,6 +1232,37 @@ def test_a_long_scan_does_not_hold_up_another_restore(
     assert terminals == ["fast", "slow"]
 
 
+def test_scans_that_find_nothing_keep_no_other_restore_waiting(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More such scans than restores may run at once used to take every slot: an unrelated
+    # restore waited for whole scans to end (issue 8, item 10).
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=200)  # 1,000 records scanned each
+    terminals: list[str] = []
+
+    class Conn(FakeConn):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> None:
+            if b'"done"' in payload or b'"error"' in payload:
+                terminals.append(self.name)
+            await super().publish(topic, payload, *args, **kw)
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir), max_active=2)
+        for _ in range(6):
+            service.submit(Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1), Conn("slow"))
+        await asyncio.sleep(0)  # the scans are under way
+        service.submit(Inbound(f"{PREFIX}/dev-2", b"", qos=1), Conn("fast"))
+        while len(terminals) < 7:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert terminals[0] == "fast", terminals
+
+
 def test_a_limit_ends_the_scan_at_the_last_message_sent(
     reader: StoreReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
