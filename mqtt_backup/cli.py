@@ -40,7 +40,7 @@ from mqtt_backup.errors import (
     UsageError,
 )
 from mqtt_backup.mqtt import TlsFiles
-from mqtt_backup.restore_client import Ask, ask, check_device
+from mqtt_backup.restore.client import Ask, ask, check_device, request_for
 from mqtt_backup.simulate import FleetProgress, FleetReport, FleetSpec, run_fleet
 from mqtt_backup.storage import DeviceInfo, Store, StoreReader
 from mqtt_backup.times import format_ts, parse_duration, parse_time
@@ -441,8 +441,7 @@ def restore(
         raise UsageError("--timeout must be > 0")
     question = Ask(
         address=settings.broker_address,
-        device=device,
-        fields=fields,
+        request=request_for(device, fields),
         namespace=settings.namespace,
         protocol=settings.protocol,
         tls_files=TlsFiles(

@@ -16,6 +16,8 @@ import pytest
 from mqtt_backup.config import BrokerAddress, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, v311
+from mqtt_backup.mqtt.codec import CONNECTION_LOST
+from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
 from tools.devbroker import free_port
 
@@ -377,3 +379,116 @@ def test_v311_refuses_what_it_cannot_say() -> None:
         v311.write(mqtt5.ConnectPacket("c", will=will))
     with pytest.raises(ValueError, match="does not send"):
         v311.write(mqtt5.AuthPacket())
+
+
+# ---- pre-encoded publishes and the shared window -----------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 127 - 20, 128, 16_383, 16_384, 2_097_152])
+@pytest.mark.parametrize(("qos", "retain"), [(0, False), (1, False), (1, True)])
+def test_outgoing_reads_back_as_it_was_built(size: int, qos: int, retain: bool) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    props = encode_properties(
+        correlation_data=b"\x00c",
+        user=(("k", "v"), ("ü", "😀")),
+        content_type="application/json",
+        payload_format=1,
+        message_expiry=60,
+        response_topic="r/t",
+    ) + encode_user([("more", "x")])
+    outgoing = Outgoing("a/ü/b", payload, qos, retain, props)
+    data = outgoing.encode(513 if qos else None)
+    assert outgoing.size() == len(data)
+    packet, used = mqtt5.read(memoryview(data))
+    assert used == len(data)
+    assert isinstance(packet, mqtt5.PublishPacket)
+    assert (packet.topic, packet.payload, int(packet.qos), packet.retain) == (
+        "a/ü/b",
+        payload,
+        qos,
+        retain,
+    )
+    assert packet.packet_id == (513 if qos else None)
+    assert packet.user_properties == [("k", "v"), ("ü", "😀"), ("more", "x")]
+    assert (packet.correlation_data, packet.content_type, packet.response_topic) == (
+        b"\x00c",
+        "application/json",
+        "r/t",
+    )
+    assert (packet.payload_format_indicator, packet.message_expiry_interval) == (1, 60)
+    old = outgoing.encode(7, mqtt5_on=False)  # MQTT 3.1.1: no properties
+    assert outgoing.size(mqtt5_on=False) == len(old)
+    assert _parsed(old) == v311.read(memoryview(old))[0]
+
+
+def test_publish_many_shares_one_window_within_the_receive_maximum() -> None:
+    """Two streams of pre-encoded publishes never have more than the broker's Receive Maximum
+    awaiting a PUBACK between them; each arrives in order, each PUBACK reaches its stream."""
+    receive_max = 5
+    pending: list[int] = []
+    peak = 0
+    arrived: list[bytes] = []
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        nonlocal peak
+        if isinstance(packet, mqtt5.ConnectPacket):
+            connack = mqtt5.ConnAckPacket(receive_max=receive_max, max_packet_size=4096)
+            writer.write(connack.write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            assert packet.packet_id is not None
+            pending.append(packet.packet_id)
+            arrived.append(packet.payload)
+            peak = max(peak, len(pending))
+            if len(pending) == receive_max:  # acknowledge a full window at once, later
+                acks = [mqtt5.PubAckPacket(p).write() for p in pending]
+                pending.clear()
+                await asyncio.sleep(0.01)
+                writer.write(b"".join(acks))
+
+    async def scenario() -> tuple[list[int], list[int], CodecConnection]:
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            codes: tuple[list[int], list[int]] = ([], [])
+            streams = [
+                [Outgoing("s/a", b"a%d" % i) for i in range(30)],
+                [Outgoing("s/b", b"b%d" % i) for i in range(30)],
+            ]
+            await asyncio.gather(
+                conn.publish_many(streams[0], codes[0].append),
+                conn.publish_many(streams[1], codes[1].append),
+            )
+            async with asyncio.timeout(10):
+                while len(codes[0]) + len(codes[1]) < 60:
+                    await asyncio.sleep(0.01)
+            assert conn.max_packet_size == 4096
+            return codes[0], codes[1], conn
+
+    codes_a, codes_b, conn = asyncio.run(scenario())
+    assert codes_a == codes_b == [0] * 30
+    assert peak == receive_max
+    assert conn.send_window > receive_max  # the broker's limit won
+    assert [p for p in arrived if p.startswith(b"a")] == [b"a%d" % i for i in range(30)]
+    assert [p for p in arrived if p.startswith(b"b")] == [b"b%d" % i for i in range(30)]
+    # Both streams were in flight together, not one after the other.
+    assert arrived.index(b"b0") < arrived.index(b"a29")
+
+
+def test_a_lost_connection_reaches_every_publish_awaiting_its_puback() -> None:
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket(receive_max=3).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            writer.close()  # gone before any PUBACK
+
+    async def scenario() -> tuple[list[int], BaseException | None]:
+        codes: list[int] = []
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            packets = [Outgoing("s/a", b"%d" % i) for i in range(10)]
+            try:
+                await conn.publish_many(packets, codes.append)
+            except BrokerError as exc:
+                return codes, exc
+        return codes, None
+
+    codes, error = asyncio.run(scenario())
+    assert isinstance(error, BrokerUnreachable)
+    assert codes == [CONNECTION_LOST] * 3  # the first window's worth, then no more room

@@ -1,4 +1,4 @@
-"""The restore client (mqtt_backup.restore_client) against answers a real bridge does not give.
+"""The restore client (mqtt_backup.restore.client) against answers a real bridge does not give.
 
 A scripted bridge on a real Mosquitto answers the request the way a faulty or older service, or
 a broker that dropped messages, would; the client must neither wait for its timeout nor leave a
@@ -19,7 +19,7 @@ from mqtt_backup.cli import app
 from mqtt_backup.config import parse_broker_url
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE
 from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps
-from mqtt_backup.restore_client import Ask, LostOnTheWay, ask
+from mqtt_backup.restore.client import Ask, LostOnTheWay, ask, request_for
 from tests.conftest import Broker
 
 Answer = list[tuple[str, dict[str, Any]]]
@@ -52,7 +52,9 @@ def _restore(
         ready = asyncio.Event()
         bridge = asyncio.create_task(_fake_bridge(broker, device, ready, answer))
         await ready.wait()
-        question = Ask(parse_broker_url(broker.url), device, fields or {}, timeout=timeout)
+        question = Ask(
+            parse_broker_url(broker.url), request_for(device, fields or {}), timeout=timeout
+        )
         try:
             return await ask(question, lines.append)
         except LostOnTheWay as exc:

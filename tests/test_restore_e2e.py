@@ -19,9 +19,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup import restore as restore_module
 from mqtt_backup.config import Settings
 from mqtt_backup.records import Record
+from mqtt_backup.restore import reply as reply_module
+from mqtt_backup.restore import service as restore_module
 from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.times import format_ts
 from tests.conftest import (
@@ -128,10 +129,10 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
 
     # The pacer's timing is checked on a fake clock in test_restore_unit; here: the bridge paces
     # this replay, at the rate the request asked for.
-    pacers: list[restore_module.Pacer] = []
-    real_pacer = restore_module.Pacer
+    pacers: list[reply_module.Pacer] = []
+    real_pacer = reply_module.Pacer
 
-    def recorded(rate: float | None) -> restore_module.Pacer:
+    def recorded(rate: float | None) -> reply_module.Pacer:
         pacers.append(real_pacer(rate))
         return pacers[-1]
 

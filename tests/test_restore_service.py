@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_backup.config import Settings, parse_broker_url
 from mqtt_backup.mqtt import AsyncConnection
-from mqtt_backup.restore import DROPPED_TOPIC
+from mqtt_backup.restore.service import DROPPED_TOPIC
 from mqtt_backup.times import parse_time
 from tests.conftest import (
     BridgeThread,

@@ -20,22 +20,21 @@ from typing import Any
 
 import pytest
 
-from mqtt_backup import restore as restore_module
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
 from mqtt_backup.records import Properties, Record
-from mqtt_backup.restore import (
+from mqtt_backup.restore import service as restore_module
+from mqtt_backup.restore.client import check_device
+from mqtt_backup.restore.reply import Pacer
+from mqtt_backup.restore.request import (
     MAX_ID_CHARS,
     MAX_REQUEST_BYTES,
     BadRequest,
-    DroppedWatcher,
-    Pacer,
     Request,
-    RestoreService,
     parse_request,
     response_topic,
 )
-from mqtt_backup.restore_client import check_device
+from mqtt_backup.restore.service import DroppedWatcher, RestoreService
 from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
@@ -1231,6 +1230,37 @@ def test_a_long_scan_does_not_hold_up_another_restore(
 
     asyncio.run(run())
     assert terminals == ["fast", "slow"]
+
+
+def test_scans_that_find_nothing_keep_no_other_restore_waiting(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More such scans than restores may run at once used to take every slot: an unrelated
+    # restore waited for whole scans to end (issue 8, item 10).
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=200)  # 1,000 records scanned each
+    terminals: list[str] = []
+
+    class Conn(FakeConn):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> None:
+            if b'"done"' in payload or b'"error"' in payload:
+                terminals.append(self.name)
+            await super().publish(topic, payload, *args, **kw)
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir), max_active=2)
+        for _ in range(6):
+            service.submit(Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1), Conn("slow"))
+        await asyncio.sleep(0)  # the scans are under way
+        service.submit(Inbound(f"{PREFIX}/dev-2", b"", qos=1), Conn("fast"))
+        while len(terminals) < 7:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert terminals[0] == "fast", terminals
 
 
 def test_a_limit_ends_the_scan_at_the_last_message_sent(

@@ -8,6 +8,10 @@ message is never acknowledged and then lost in this process.
 
 One class for both protocol versions: MQTT 5 through `mqtt5`, 3.1.1 through the small codec in
 `v311`, which reads and writes the same packet objects.
+
+Outgoing QoS 1 publishes share one window, never larger than the broker's Receive Maximum from
+CONNACK: `publish` for one message, `publish_many` for pre-encoded packets (`packets.Outgoing`)
+written as many per write as the window has room for.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, Co
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.aio import OutProps, TlsFiles
 from mqtt_backup.mqtt.ingest import describe
+from mqtt_backup.mqtt.packets import Outgoing
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0
@@ -37,6 +42,9 @@ _MAX_PACKET_ID = 0xFFFF
 
 Reader = Callable[[memoryview], tuple[mqtt5.Packet, int]]
 Writer = Callable[[mqtt5.Packet], bytes]
+# Called with the PUBACK's reason code, or CONNECTION_LOST when none will come.
+Acked = Callable[[int], None]
+CONNECTION_LOST = -1
 
 
 def _write5(packet: mqtt5.Packet) -> bytes:
@@ -78,6 +86,70 @@ def _delivery(packet: mqtt5.PublishPacket) -> Delivery:
     )
 
 
+class SendWindow:
+    """QoS 1 publishes awaiting their PUBACK, at most `size`.
+
+    Credits are taken in turn, first come first served, and given back as PUBACKs arrive.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self.peak = 0
+        self.failure: BrokerError | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._wake_pending = False
+
+    async def take(self, most: int) -> int:
+        """Wait for room; take up to `most` credits (at least one). The failure once closed."""
+        queued = bool(self._waiters)  # behind those already waiting
+        while self.failure is None and (self.free == 0 or queued):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif self.free:
+                    self._wake()  # woken, then cancelled: the next in line may take it
+                raise
+            queued = False
+        if self.failure is not None:
+            raise self.failure
+        granted = min(most, self.free)
+        self.free -= granted
+        self.peak = max(self.peak, self.size - self.free)
+        if self.free and self._waiters:
+            self._wake()
+        return granted
+
+    def give(self, count: int = 1) -> None:
+        """Credits back; whoever waits is woken once the current batch of PUBACKs is read."""
+        self.free += count
+        if self._waiters and not self._wake_pending:
+            # Woken later, not now: one wake-up takes all the room a read freed, so the next
+            # write carries many packets instead of one.
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self, failure: BrokerError) -> None:
+        """The connection is gone: every waiter raises `failure`."""
+        self.failure = failure
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class _Wire(asyncio.Protocol):
     """Bytes in and out of one connection: parses packets, hands them on, keeps the inbox."""
 
@@ -89,6 +161,8 @@ class _Wire(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.connack: asyncio.Future[mqtt5.ConnAckPacket] = loop.create_future()
         self.answers: dict[int, asyncio.Future[mqtt5.Packet]] = {}
+        self.acks: dict[int, Acked] = {}  # pre-encoded publishes awaiting their PUBACK
+        self.window = SendWindow(1)
         self.inbox: deque[Delivery] = deque()
         self.arrived = asyncio.Event()
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -131,6 +205,9 @@ class _Wire(asyncio.Protocol):
         match packet:
             case mqtt5.PublishPacket():
                 self.inbox.append(_delivery(packet))
+            case mqtt5.PubAckPacket() if packet.packet_id in self.acks:
+                self.acks.pop(packet.packet_id)(int(packet.reason_code))
+                self.window.give()
             case mqtt5.PubAckPacket() | mqtt5.SubAckPacket():
                 waiter = self.answers.pop(packet.packet_id, None)
                 if waiter is not None and not waiter.done():
@@ -173,6 +250,10 @@ class _Wire(asyncio.Protocol):
                 waiter.set_exception(self.failure)
                 waiter.exception()  # retrieved: nobody may be waiting for it any more
         self.answers.clear()
+        acks, self.acks = self.acks, {}
+        for acked in acks.values():
+            acked(CONNECTION_LOST)
+        self.window.close(self.failure)
         self.arrived.set()
         if self.transport is not None:
             self.transport.close()
@@ -207,10 +288,14 @@ class CodecConnection:
         self.receive_max = receive_max
         self.session_expiry = session_expiry
         self.session_present = False
+        # At most this many QoS 1 publishes awaiting their PUBACK (set before connecting), and
+        # never more than the broker's Receive Maximum.
+        self.send_window = _MAX_PACKET_ID
+        # The broker's Maximum Packet Size (MQTT 5 CONNACK); None: no limit was given.
+        self.max_packet_size: int | None = None
         self._read: Reader = mqtt5.read if self.mqtt5 else v311.read
         self._write: Writer = _write5 if self.mqtt5 else v311.write
         self._wire: _Wire | None = None
-        self._send_slots = asyncio.Semaphore(1)
         self._next_id = 0
         self._pinger: asyncio.Task[None] | None = None
 
@@ -285,7 +370,15 @@ class CodecConnection:
             raise _refused(self.address, connack)
         self.session_present = connack.session_present
         # The broker's Receive Maximum bounds our QoS 1 publishes awaiting their PUBACK.
-        self._send_slots = asyncio.Semaphore(connack.receive_max if self.mqtt5 else 65535)
+        receive_max = connack.receive_max if self.mqtt5 else _MAX_PACKET_ID
+        wire.window = SendWindow(max(1, min(receive_max, self.send_window)))
+        if self.mqtt5:
+            self.max_packet_size = connack.max_packet_size
+
+    @property
+    def window(self) -> SendWindow:
+        """The window of QoS 1 publishes awaiting their PUBACK (shared by every publisher)."""
+        return self._live().window
 
     # ---- running -----------------------------------------------------------------------------
 
@@ -305,7 +398,7 @@ class CodecConnection:
     def _packet_id(self, wire: _Wire) -> int:
         for _ in range(_MAX_PACKET_ID):
             self._next_id = self._next_id % _MAX_PACKET_ID + 1
-            if self._next_id not in wire.answers:
+            if self._next_id not in wire.answers and self._next_id not in wire.acks:
                 return self._next_id
         raise BrokerError("no free packet id")  # cannot happen within the Receive Maximum
 
@@ -370,8 +463,12 @@ class CodecConnection:
         if qos == 0:
             self._send(packet(None))
             return
-        async with self._send_slots:
+        window = self._live().window
+        await window.take(1)
+        try:
             puback = await self._request(packet)
+        finally:
+            window.give()
         assert isinstance(puback, mqtt5.PubAckPacket)
         if int(puback.reason_code) >= 128:
             raise BrokerRefused(
@@ -402,6 +499,25 @@ class CodecConnection:
             correlation_data=p.correlation_data,
             user_properties=list(p.user),
         )
+
+    async def publish_many(self, packets: Sequence[Outgoing], acked: Acked) -> None:
+        """Write QoS 1 `packets` in order, as many per write as the window has room for.
+
+        Returns once all are written; `acked` is called once per packet with its PUBACK's reason
+        code (CONNECTION_LOST if the connection goes first). BrokerUnreachable when it is gone.
+        """
+        done = 0
+        while done < len(packets):
+            room = await self._live().window.take(len(packets) - done)
+            wire = self._live()
+            assert wire.transport is not None
+            chunk = []
+            for outgoing in packets[done : done + room]:
+                packet_id = self._packet_id(wire)
+                wire.acks[packet_id] = acked
+                chunk.append(outgoing.encode(packet_id, self.mqtt5))
+            wire.transport.write(b"".join(chunk))
+            done += room
 
     async def receive(self, max_count: int | None = None) -> list[Delivery]:
         """Wait for incoming messages; return up to `max_count` (default: half the window).

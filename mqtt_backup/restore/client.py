@@ -10,6 +10,7 @@ the way (a broker queue limit) makes the restore fail instead of leaving a silen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BackupError, BrokerError, UsageError
 from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles
+from mqtt_backup.restore.request import BadRequest, Request
 
 
 class NoAnswer(BrokerError):
@@ -34,8 +36,7 @@ class Ask:
     """One restore request as the client sends it."""
 
     address: BrokerAddress
-    device: str
-    fields: dict[str, Any]
+    request: Request
     namespace: str = "backup"
     protocol: str = "5"
     tls_files: TlsFiles | None = None
@@ -51,6 +52,18 @@ def check_device(device: str) -> None:
         )
 
 
+def request_for(device: str, fields: dict[str, Any]) -> Request:
+    """The request for `device` from JSON fields, checked by the bridge's own parser.
+
+    UsageError, before anything is sent, for what the bridge would refuse.
+    """
+    check_device(device)
+    try:
+        return Request.from_fields(device, fields)
+    except BadRequest as exc:
+        raise UsageError(exc.reason) from None
+
+
 async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Send the request; call `on_message` per stored message; return the terminal message.
 
@@ -59,9 +72,10 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
     NoAnswer when nothing arrives for `timeout` seconds; BrokerError when the broker fails;
     LostOnTheWay when the answer ended with messages missing.
     """
-    check_device(question.device)
+    check_device(question.request.device)
     request_id = uuid.uuid4().hex
-    request_topic = f"{question.namespace}/restore/{question.device}"
+    request = dataclasses.replace(question.request, request_id=request_id)
+    request_topic = f"{question.namespace}/restore/{request.device}"
     async with CodecConnection(
         question.address, protocol=question.protocol, tls_files=question.tls_files
     ) as conn:
@@ -70,14 +84,13 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
         default_topic = f"{request_topic}/response"
         own = _Own(f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic, request_id)
         await conn.subscribe(list(dict.fromkeys((own.topic, default_topic))), qos=1)
-        payload = json.dumps({**question.fields, "id": request_id}).encode("utf-8")
         props = OutProps(response_topic=own.topic, correlation_data=own.correlation)
-        await conn.publish(request_topic, payload, qos=1, props=props)
+        await conn.publish(request_topic, request.payload(), qos=1, props=props)
         try:
             terminal = await _read_answer(conn, own, question.timeout, on_message)
         except TimeoutError:
             raise own.silence(question.timeout) from None
-    if question.fields.get("mode") != "replay":  # a replay's messages go to their own topics
+    if not request.replay:  # a replay's messages go to their own topics
         own.check_complete(terminal)
     return terminal
 
