@@ -1,6 +1,7 @@
 """Error classes: each carries its exit code; its docstring is the user-facing message.
 
-Only `cli.py` turns them into output. A message says what is wrong and, after "Try:", what to do.
+Only the CLI (`cli/main.py`) turns them into output. A message says what is wrong and, after
+"Try:", what to do.
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return _levels_match(topic_filter.split("/"), topic.split("/"))
 
 
-def check_filter(topic_filter: str) -> None:
-    """UsageError when the text is not a valid MQTT topic filter."""
+def check_filter(topic_filter: str) -> str:
+    """The filter itself; UsageError when the text is not a valid MQTT topic filter."""
     if not topic_filter:
         raise UsageError("topic filter is empty", "use '#' for every topic")
     levels = topic_filter.split("/")
@@ -87,10 +87,11 @@ def check_filter(topic_filter: str) -> None:
                 f"topic filter {topic_filter!r} misplaces a wildcard: '#' must be a whole last "
                 "level and '+' a whole level"
             )
+    return topic_filter
 
 
-def check_namespace(namespace: str) -> None:
-    """UsageError when the namespace is not a plain topic prefix (no wildcards, no empty level)."""
+def check_namespace(namespace: str) -> str:
+    """The namespace; UsageError unless it is a plain topic prefix (no wildcard or empty level)."""
     if not namespace or any(c in namespace for c in "+#") or "" in namespace.split("/"):
         raise UsageError(
             f"namespace {namespace!r} must be one or more non-empty topic levels without wildcards",
@@ -98,6 +99,20 @@ def check_namespace(namespace: str) -> None:
         )
     if namespace.startswith("$"):
         raise UsageError(f"namespace {namespace!r} must not start with '$'", "--namespace backup")
+    return namespace
+
+
+def check_device(device: str) -> str:
+    """The device id; UsageError unless it is one non-empty topic level without wildcards.
+
+    What a restore request can name: its topic is `<namespace>/restore/<device>`.
+    """
+    if not device or any(c in device for c in "/+#"):
+        raise UsageError(
+            f"device {device!r} must be one topic level (no '/', '+' or '#')",
+            "mqtt-backup devices lists the stored ids",
+        )
+    return device
 
 
 class Router:

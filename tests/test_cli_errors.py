@@ -1,13 +1,15 @@
 """Bad input gets one clear line on stderr and a meaningful exit code, never a traceback.
 
-Most cases run the real console entry point in a subprocess (`python -m mqtt_backup`), in an empty
-directory and without any MQTT_BACKUP_* variable; the happy paths of the read commands use typer's
-CliRunner on a store filled directly.
+Most cases run the command line in this process through typer's CliRunner, which goes through
+the same error mapping as the console script (`Root.main`), in an empty directory and without any
+MQTT_BACKUP_* variable. A few run the real entry point in a subprocess (`python -m mqtt_backup`):
+exit codes, one line, no traceback, as a user's shell sees them.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -16,6 +18,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,23 @@ BASE_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def cli(
+@dataclass(frozen=True)
+class Ran:
+    """What a command line did: its exit code and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> Ran:
+    """Run `mqtt-backup ARGS` in this process, in `cwd`, with `env` added to the environment."""
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, list(args), env=dict(env or {}))
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def process(
     *args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m mqtt_backup ARGS` in `cwd` with a clean environment plus `env`."""
@@ -56,7 +75,7 @@ def cli(
     )
 
 
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+def one_line_error(result: Ran | subprocess.CompletedProcess[str], code: int) -> str:
     """Assert exit `code`, one `mqtt-backup:` line on stderr and no traceback; return the line."""
     shown = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert result.returncode == code, shown
@@ -123,12 +142,12 @@ def test_bad_command_line(cwd: Path, args: list[str], expect: str) -> None:
 
 
 def test_usage_hint_names_the_subcommand(cwd: Path) -> None:
-    line = one_line_error(cli("run", "--partitions", cwd=cwd), EXIT_USAGE)
+    line = one_line_error(process("run", "--partitions", cwd=cwd), EXIT_USAGE)
     assert "mqtt-backup run --help" in line
 
 
 def test_no_arguments_shows_usage_unmangled(cwd: Path) -> None:
-    result = cli(cwd=cwd)
+    result = process(cwd=cwd)
     assert result.returncode in (0, EXIT_USAGE)
     shown = result.stdout + result.stderr
     assert "Traceback" not in shown
@@ -266,7 +285,7 @@ def test_bad_run_option(cwd: Path, closed_url: str, flag: str, value: str) -> No
 
 def test_unreachable_broker_fails_and_leaves_nothing_behind(cwd: Path, closed_url: str) -> None:
     # It must not hang: a subprocess still running after 15 s fails the test (TimeoutExpired).
-    result = cli("run", "--broker", closed_url, "--data", "data", cwd=cwd, timeout=15)
+    result = process("run", "--broker", closed_url, "--data", "data", cwd=cwd)
     line = one_line_error(result, EXIT_BROKER)
     assert closed_url.removeprefix("mqtt://") in line
     assert "Try:" in line
@@ -282,7 +301,7 @@ def test_locked_data_dir(broker: Broker, tmp_path: Path, cwd: Path) -> None:
             20,
             "the first bridge to run",
         )
-        result = cli("run", "--broker", broker.url, "--data", str(data), cwd=cwd)
+        result = process("run", "--broker", broker.url, "--data", str(data), cwd=cwd)
         line = one_line_error(result, EXIT_STORAGE)
         assert "in use" in line
         assert f"held by pid {first.pid}" in line
@@ -516,12 +535,12 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
 ) -> None:
     empty = cwd / "empty"
     (empty / "lost+found").mkdir(parents=True)  # a freshly mounted volume counts as empty
-    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
+    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd)
     one_line_error(result, EXIT_BROKER)
     assert sorted(p.name for p in empty.iterdir()) == ["lost+found"]
     # A directory holding someone's files is not adopted at all (tests/test_store_safety.py).
     (empty / "notes.txt").write_text("mine")
-    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd, timeout=15)
+    result = cli("run", "--broker", closed_url, "--data", str(empty), cwd=cwd)
     assert "not an mqtt-backup data directory" in one_line_error(result, EXIT_STORAGE)
     assert sorted(p.name for p in empty.iterdir()) == ["lost+found", "notes.txt"]
     # An existing store keeps its client id when a start with another one fails.
@@ -537,7 +556,6 @@ def test_a_failed_start_leaves_an_existing_directory_as_it_was(
         "--client-id",
         "typo",
         cwd=cwd,
-        timeout=15,
     )
     one_line_error(refused, EXIT_BROKER)
     assert json.loads((data / "manifest.json").read_text())["client_id"] == before

@@ -24,7 +24,6 @@ from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
 from mqtt_backup.records import Properties, Record
 from mqtt_backup.restore import service as restore_module
-from mqtt_backup.restore.client import check_device
 from mqtt_backup.restore.reply import Pacer
 from mqtt_backup.restore.request import (
     MAX_ID_CHARS,
@@ -38,7 +37,7 @@ from mqtt_backup.restore.service import DroppedWatcher, RestoreService
 from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
-from mqtt_backup.topics import filter_matches
+from mqtt_backup.topics import check_device, filter_matches
 
 SEC = 10**9
 BASE_NS = 1_767_225_600 * SEC  # 2026-01-01T00:00:00Z
@@ -1810,12 +1809,12 @@ def test_dropped_gap_shows_in_a_restore(reader: StoreReader) -> None:
     ]
 
 
-# ---- 6. restore_client.check_device -------------------------------------------------------------
+# ---- 6. topics.check_device -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", ["dev-1", "Gerät-温度", "a b", "$dev", "x" * 200])
 def test_check_device_ok(device: str) -> None:
-    check_device(device)  # raises UsageError on a bad id
+    assert check_device(device) == device  # raises UsageError on a bad id
     # What it accepts is one topic level: the service's subscription hears the request.
     assert filter_matches(f"{PREFIX}/+", f"{PREFIX}/{device}")
 

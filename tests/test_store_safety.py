@@ -351,12 +351,16 @@ def test_partitions_add_refuses_a_path_on_the_stores_own_files(
     path = where.format(elsewhere=elsewhere)
     # Opening the writer rolls RocksDB's own files; what must not change is the layout.
     before = (manifest_path(data).read_text(), folders(data), folders(elsewhere))
+    # Run from the data directory: a relative --path is relative to the current directory.
     line = one_line_error(
-        cli("partitions", "add", "p9", "--path", path, "--data", str(data), cwd=tmp_path),
+        cli("partitions", "add", "p9", "--path", path, "--data", str(data), cwd=data),
         EXIT_USAGE,
     )
     assert expect in line
-    assert f"--path {path}" in line
+    # Passed on relative to the data directory when inside it (the manifest stays movable).
+    target = (data / path).resolve()
+    inside = target.is_relative_to(data.resolve())
+    assert f"--path {target.relative_to(data.resolve()) if inside else target}" in line
     assert (manifest_path(data).read_text(), folders(data), folders(elsewhere)) == before
 
 
@@ -375,7 +379,7 @@ def test_partitions_add_takes_a_path_on_another_disk(tmp_path: Path) -> None:
     fleet = {f"dev-{n}": [f"m{i}" for i in range(2)] for n in range(20)}
     fill(data, fleet)
     _add(data, "p3", str(tmp_path / "disk2" / "p3"), tmp_path)
-    _add(data, "p4", "partitions/p4", tmp_path)
+    _add(data, "p4", "partitions/p4", data)  # relative to the current directory
     assert (tmp_path / "disk2" / "p3" / "CURRENT").is_file()
     with StoreReader(data) as reader:
         got = {d: [m.record.payload.decode() for m in reader.messages(d)] for d in fleet}

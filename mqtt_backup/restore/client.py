@@ -21,6 +21,7 @@ from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BackupError, BrokerError, UsageError
 from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles
 from mqtt_backup.restore.request import BadRequest, Request
+from mqtt_backup.topics import check_device
 
 
 class NoAnswer(BrokerError):
@@ -41,15 +42,6 @@ class Ask:
     protocol: str = "5"
     tls_files: TlsFiles | None = None
     timeout: float = 10.0
-
-
-def check_device(device: str) -> None:
-    """UsageError unless the device id is one non-empty topic level without wildcards."""
-    if not device or any(c in device for c in "/+#"):
-        raise UsageError(
-            f"device {device!r} must be one topic level (no '/', '+' or '#')",
-            "mqtt-backup devices lists the stored ids",
-        )
 
 
 def request_for(device: str, fields: dict[str, Any]) -> Request:

@@ -1,0 +1,96 @@
+"""What the commands print: JSON documents, tables, lines, progress; the one Console.
+
+Stored data is shown as it is: a device id such as `[red]x[` is text, never rich markup.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mqtt_backup.errors import UsageError
+
+PROG = "mqtt-backup"
+# Piped output is for reading in full: tables are not cut to 80 columns.
+_PIPED_WIDTH = 250
+
+
+def console(*, stderr: bool = False) -> Console:
+    """The Console of every table and progress bar: no markup, no emoji, no highlighting."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else _PIPED_WIDTH
+    return Console(
+        file=stream, width=width, markup=False, emoji=False, highlight=False, stderr=stderr
+    )
+
+
+def print_json(document: Any) -> None:
+    """One JSON document on stdout (lists as an array)."""
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def json_line(out: TextIO, document: dict[str, Any]) -> None:
+    """One JSON object on one line (export and restore output)."""
+    out.write(json.dumps(document, ensure_ascii=False) + "\n")
+
+
+def say(text: str) -> None:
+    """One line of text on stdout."""
+    sys.stdout.write(text + "\n")
+
+
+def note(text: str) -> None:
+    """One line on stderr: summaries and what goes beside the data on stdout."""
+    sys.stderr.write(text + "\n")
+
+
+def error_line(message: str) -> None:
+    """The one line of an error."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """A table on stdout; each cell as its text (None shows as '-')."""
+    shown = Table(*columns)
+    for row in rows:
+        shown.add_row(*("-" if cell is None else str(cell) for cell in row))
+    console().print(shown)
+
+
+@contextmanager
+def output_file(path: str) -> Iterator[TextIO]:
+    """The file to write, or stdout for '-'; a path that cannot be written is a usage error."""
+    if path == "-":
+        yield sys.stdout
+        return
+    try:
+        with Path(path).open("w", encoding="utf-8", newline="") as handle:
+            yield handle
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def progress(unit: str = "messages") -> Iterator[Callable[[int], None]]:
+    """A live count on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda _count: None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.completed} " + unit),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(unit, total=None)
+        yield lambda count: bar.update(task, completed=count)

@@ -1,0 +1,82 @@
+"""`mqtt-backup run`: its options are the settings config.py declares, one flag each.
+
+A setting added to `config.Settings` is a `run` flag with no edit here: its name gives the flag,
+its declaration the help. The flag's click type only splits what click should refuse (a whole
+number that is not one, with the usual 'Try: mqtt-backup run --help') from what config.py checks
+(ranges, choices, URLs, templates), whose error names the flag, the variable or the file key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import types
+from pathlib import Path
+from types import FrameType
+from typing import Any, get_args, get_origin, get_type_hints
+
+import click
+
+from mqtt_backup import config
+from mqtt_backup.bridge import Bridge
+
+_HELP = "Run the bridge: store every message of the topic templates, acknowledged after fsync."
+_CONFIG_HELP = "TOML config file [default: ./mqtt-backup.toml when present]"
+
+
+def command() -> click.Command:
+    """The `run` command, one option per declared setting plus `--config`."""
+    options = [_option(name, kind) for name, kind in get_type_hints(config.Settings).items()]
+    config_option = click.Option(
+        ["--config", "config_file"], type=click.Path(path_type=Path), help=_CONFIG_HELP
+    )
+    return click.Command("run", callback=_run, params=[*options, config_option], help=_HELP)
+
+
+def _option(name: str, kind: Any) -> click.Option:
+    if get_origin(kind) is types.UnionType:
+        (kind,) = (a for a in get_args(kind) if a is not type(None))
+    many = get_origin(kind) is tuple
+    return click.Option(
+        [config.flag_name(name), name],
+        type=_click_type(kind),
+        multiple=many,
+        help=config.help_for(name),
+    )
+
+
+def _click_type(kind: Any) -> click.ParamType[Any]:
+    # Enums, URLs and the like stay text: config.py refuses them naming where they came from.
+    if kind is int:
+        return click.INT
+    if kind is float:
+        return click.FLOAT
+    if kind is Path:
+        return click.Path(path_type=Path)
+    return click.STRING
+
+
+def _run(config_file: Path | None, **flags: Any) -> None:
+    given = {name: _given(value) for name, value in flags.items()}
+    settings = config.load(given, os.environ, config_file)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    bridge = Bridge(settings)
+    bridge.connect()
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        bridge.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bridge.run()
+
+
+def _given(value: Any) -> Any:
+    """None for a flag not given (a repeatable one comes as an empty tuple)."""
+    return None if value == () else value
