@@ -36,6 +36,7 @@ from mqtt_backup.mqtt import (
 )
 from mqtt_backup.storage import StoredMessage, StoreReader
 from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
+from mqtt_backup.tally import TALLY
 from mqtt_backup.times import NS_PER_S, format_ts, parse_time
 from mqtt_backup.topics import check_filter, filter_matches
 
@@ -410,6 +411,7 @@ class Reply:
         payload = self._encode(self._with_id(body))
         props = self._props(("mqtt-backup-terminal", kind), content_type="application/json")
         await self.conn.publish(self.topic, payload, 1, False, props)
+        TALLY.restore_finished(kind, self.sent)
 
 
 def replay_props(stored: StoredMessage) -> OutProps:
@@ -670,6 +672,11 @@ class DroppedWatcher:
         self._saved_ns = 0
         self._save_failed = False
         self.connected()
+
+    @property
+    def dropped(self) -> int | None:
+        """The broker's dropped counter as last read (None: never read, or not known)."""
+        return self._last.dropped if self._last is not None else None
 
     def connected(self, now_ns: int | None = None) -> None:
         """A new connection: nothing is known on it until its first readings."""
