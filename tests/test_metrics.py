@@ -87,7 +87,7 @@ async def _restore(broker: Broker, device: str) -> dict[str, object]:
         await client.publish(f"backup/restore/{device}", b"", qos=1)
         async with asyncio.timeout(20):
             async for message in client.messages:
-                body: dict[str, object] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                body: dict[str, object] = json.loads(bytes(message.payload))
                 if "done" in body or "error" in body:
                     return body
     return {}
