@@ -423,9 +423,12 @@ class Settings:
         address = parse_broker_url(self.broker)
         if self.password_file is not None:
             password: str | None = read_password_file(self.password_file)
+        elif self.password is not None:
+            password = self.password
         else:
-            password = self.password if self.password is not None else address.password
-        if password is not None and address.username is None:
+            return address  # a URL's own password, as it always was
+        if address.username is None:
+            # paho would drop a password without a user name silently.
             raise ConfigError(
                 "a broker password needs a user name", "put it in the URL: mqtts://USER@host:8883"
             )
