@@ -70,6 +70,9 @@ class Bridge:
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._stop_metrics: Callable[[], None] = lambda: None
+        self._acknowledged = 0
+        self._connections = 0
+        self._dropped: DroppedWatcher | None = None  # set by the restore thread
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
@@ -79,7 +82,7 @@ class Bridge:
         self.pipeline = CommitPipeline(
             wrap_store(self.store) if wrap_store else self.store,
             self._router,
-            self._transport.ack,
+            self._ack,
             batch_max=settings.batch_max,
             batch_ms=settings.batch_ms,
         )
@@ -109,8 +112,8 @@ class Bridge:
     def connect(self) -> None:
         """Connect and subscribe (and serve metrics when asked); BrokerError, UsageError."""
         try:
-            if self.settings.metrics_port is not None:
-                self._stop_metrics = metrics.serve(self.settings.metrics_port, self.snapshot)
+            if (where := self.settings.metrics_address) is not None:
+                self._stop_metrics = metrics.serve(where[1], self.snapshot, host=where[0])
             self._transport.connect(self.pipeline, self._state.subscriptions)
             self.store.keep_client_id()
         except BaseException:
@@ -135,6 +138,7 @@ class Bridge:
             self.store.client_id + "-restore",
             self.store.gaps,
             self.restore_listening,
+            self,
         )
         control = ControlServer(self.settings.data, self.submit)
         control.start()  # before any other thread: it sets the process umask for a moment
@@ -164,7 +168,23 @@ class Bridge:
             connected=self._transport.connected,
             storage_stalled=self._transport.stall.active,
             gaps=self._gaps_count(),
+            received=c.received,
+            acknowledged=self._acknowledged,
+            reconnects=max(0, self._connections - 1),
+            partition_bytes=self._partition_bytes(),
+            broker_dropped=self._dropped.dropped if self._dropped is not None else None,
         )
+
+    def _partition_bytes(self) -> dict[str, int]:
+        # The files on disk, not the store's handles: a scrape runs on another thread.
+        return {
+            spec.name: _tree_bytes(spec.directory(self.settings.data))
+            for spec in self.store.manifest.partitions
+        }
+
+    def _ack(self, tokens: Sequence[Any]) -> None:
+        self._transport.ack(tokens)
+        self._acknowledged += len(tokens)
 
     def _gaps_count(self) -> int:
         try:
@@ -181,6 +201,7 @@ class Bridge:
     def connected(self, session_present: bool, subscribed: Sequence[str]) -> None:
         """Record a gap when the broker lost our session (it dropped what it held for us)."""
         now = time.time_ns()
+        self._connections += 1
         had_session = bool(self._state.subscriptions)
         if not session_present and had_session:
             # From the last moment the bridge had everything: what the broker queued after it
@@ -348,7 +369,12 @@ class RestoreThread:
     """The restore service on its own thread and event loop, beside ingest, never in its way."""
 
     def __init__(
-        self, settings: Settings, client_id: str, gaps: GapLog, listening: threading.Event
+        self,
+        settings: Settings,
+        client_id: str,
+        gaps: GapLog,
+        listening: threading.Event,
+        bridge: Bridge | None = None,
     ) -> None:
         self._settings = settings
         self._listening = listening
@@ -362,6 +388,7 @@ class RestoreThread:
             keepalive=settings.keepalive,
         )
         self._gaps = gaps
+        self._bridge = bridge  # told the dropped-counter watcher, for the metrics
         self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -392,6 +419,11 @@ class RestoreThread:
                 return
             try:
                 address = self._settings.broker_address
+                dropped = DroppedWatcher(
+                    self._gaps, self._settings.data, f"{address.host}:{address.port}"
+                )
+                if self._bridge is not None:
+                    self._bridge._dropped = dropped
                 service = RestoreService(
                     reader,
                     self._gaps,
@@ -399,9 +431,7 @@ class RestoreThread:
                     any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
                     # Its last reading is kept in the data directory, so that what the broker
                     # dropped while the bridge was away is a gap at the next start.
-                    dropped=DroppedWatcher(
-                        self._gaps, self._settings.data, f"{address.host}:{address.port}"
-                    ),
+                    dropped=dropped,
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:
@@ -438,3 +468,13 @@ class RestoreThread:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Bytes of the files in a directory tree (0 when it is gone, e.g. just removed)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for item in directory.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += item.stat().st_size if item.is_file() else 0
+    return total

@@ -10,6 +10,7 @@ other names derive from the field name: `--client-id` on the command line,
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,9 @@ from mqtt_backup.topics import Template, check_namespace, parse_template
 
 ENV_PREFIX = "MQTT_BACKUP_"
 DEFAULT_CONFIG = Path("mqtt-backup.toml")
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
+log = logging.getLogger(__name__)
 
 
 class ProtocolVersion(StrEnum):
@@ -41,6 +45,13 @@ class LogLevel(StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
+
+
+class LogFormat(StrEnum):
+    """How log lines look: text for people, json (one object per line) for log collectors."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 class Transport(StrEnum):
@@ -211,6 +222,46 @@ def _duration(value: str) -> str:
     return value
 
 
+def split_bind(value: str) -> tuple[str, int | None]:
+    """`HOST:PORT`, `HOST`, `[IPv6]:PORT` or `[IPv6]` -> (host, port or None); UsageError."""
+    hint = "HOST:PORT such as 0.0.0.0:9464 (IPv6: [::]:9464)"
+    host, port = value, ""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"{value!r} is not HOST:PORT", hint)
+        port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host:
+        raise UsageError(f"{value!r} has no host", hint)
+    if not port:
+        return host, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{value!r}: the port must be a number from 1 to 65535", hint)
+    return host, int(port)
+
+
+def _bind(value: str) -> str:
+    split_bind(value)
+    return value
+
+
+def read_password_file(path: Path) -> str:
+    """The password in `path`: its first line, without the line break; ConfigError otherwise."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the password file {path} is not UTF-8 text") from None
+    if not lines or not lines[0]:
+        raise ConfigError(
+            f"the password file {path} is empty", "put the password on its first line"
+        )
+    return lines[0]
+
+
 # ---- the declarations ---------------------------------------------------------------------------
 
 
@@ -224,6 +275,8 @@ class Setting:
     default_text: str | None = None  # the default as help shows it; derived when not given
     parse: Callable[[Any], Any] = _text  # derived from the field's type
     choices: tuple[str, ...] = ()  # derived from an enum type
+    # A secret: only from the environment, never a flag (`ps` shows flags) or a file key.
+    env_only: bool = False
 
     def validate(self, value: Any) -> Any:
         """The parsed, checked value: TypeError for a wrong type, UsageError for a bad value."""
@@ -244,9 +297,13 @@ def setting(
     bounds: tuple[int, int] | None = None,
     check: Callable[[Any], Any] | None = None,
     default_text: str | None = None,
+    env_only: bool = False,
 ) -> dict[str, Setting]:
-    """The metadata that declares one field of `Settings`: `field(default=..., metadata=...)`."""
-    return {_SETTING: Setting(help, bounds, check, default_text)}
+    """The metadata that declares one field of `Settings`: `field(default=..., metadata=...)`.
+
+    `env_only`: a secret, read from `MQTT_BACKUP_<NAME>` only (no flag, no file key).
+    """
+    return {_SETTING: Setting(help, bounds, check, default_text, env_only=env_only)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +351,28 @@ class Settings:
         default=None,
         metadata=setting("serve Prometheus metrics on 127.0.0.1:PORT/metrics", bounds=(1, 65535)),
     )
+    metrics_bind: str | None = field(
+        default=None,
+        metadata=setting(
+            "serve /metrics and /healthz on HOST:PORT (a HOST alone takes --metrics-port)",
+            check=_bind,
+            default_text=DEFAULT_METRICS_HOST,
+        ),
+    )
+    password_file: Path | None = field(
+        default=None,
+        metadata=setting(
+            "file whose first line is the broker password (wins over the URL's)", check=_a_file
+        ),
+    )
+    # Never in a repr: a Settings printed in a log or a traceback must not carry it.
+    password: str | None = field(
+        default=None,
+        repr=False,
+        metadata=setting(
+            "the broker password (after --password-file, before the URL's)", env_only=True
+        ),
+    )
     ca: Path | None = field(
         default=None, metadata=setting("CA certificate for mqtts://", check=_a_file)
     )
@@ -319,6 +398,9 @@ class Settings:
     log_level: LogLevel = field(
         default=LogLevel.INFO, metadata=setting("debug, info, warning, error")
     )
+    log_format: LogFormat = field(
+        default=LogFormat.TEXT, metadata=setting("text, or json: one JSON object per line")
+    )
     response_topics: ResponseTopics = field(
         default=ResponseTopics.STRICT,
         metadata=setting(
@@ -337,8 +419,27 @@ class Settings:
 
     @property
     def broker_address(self) -> BrokerAddress:
-        """The parsed broker URL."""
-        return parse_broker_url(self.broker)
+        """The parsed broker URL, its password replaced by --password-file's or the variable's."""
+        address = parse_broker_url(self.broker)
+        if self.password_file is not None:
+            password: str | None = read_password_file(self.password_file)
+        elif self.password is not None:
+            password = self.password
+        else:
+            return address  # a URL's own password, as it always was
+        if address.username is None:
+            # paho would drop a password without a user name silently.
+            raise ConfigError(
+                "a broker password needs a user name", "put it in the URL: mqtts://USER@host:8883"
+            )
+        return dataclasses.replace(address, password=password)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where /metrics and /healthz are served, or None when they are not."""
+        host, port = split_bind(self.metrics_bind or DEFAULT_METRICS_HOST)
+        port = port or self.metrics_port
+        return None if port is None else (host, port)
 
     @property
     def templates(self) -> list[Template]:
@@ -421,10 +522,30 @@ def load(
     values.update(_from_env(env))
     for name, value in flags.items():
         if value is not None:
+            if declared(name).env_only:
+                raise ConfigError(f"{name} has no flag", f"set {env_name(name)}")
             values[name] = _parse(name, value, flag_name(name))
     settings = Settings(**values)
     _validate_together(settings)
+    _warn_visible_password(flags.get("broker"))
     return settings
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_visible_password(broker_flag: Any) -> None:
+    """Once per process: a password in a --broker flag shows in `ps` to every local user."""
+    if not isinstance(broker_flag, str) or "visible-password" in _WARNED:
+        return
+    if parse_broker_url(broker_flag).password is not None:
+        _WARNED.add("visible-password")
+        log.warning(
+            "the password in --broker is visible to every user of this machine (ps): "
+            "put it in a file readable by this user only and pass --password-file FILE "
+            "(or set %s)",
+            env_name("password"),
+        )
 
 
 def _env_config(env: Mapping[str, str]) -> Path | None:
@@ -457,10 +578,10 @@ def _from_file(path: Path) -> dict[str, Any]:
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in _DECLARED:
-            raise ConfigError(
-                f"unknown key {key!r} in {path}", f"one of {', '.join(sorted(_DECLARED))}"
-            )
+        if name not in _DECLARED or _DECLARED[name].env_only:
+            keys = sorted(n for n, s in _DECLARED.items() if not s.env_only)
+            hint = "password_file = PATH" if name == "password" else f"one of {', '.join(keys)}"
+            raise ConfigError(f"unknown key {key!r} in {path}", hint)
         values[name] = _parse(name, value, f"{key!r} in {path}")
     return values
 
@@ -483,9 +604,24 @@ def _validate_together(settings: Settings) -> None:
                 f"topic template {template.text!r} lies under the bridge's namespace {own[0]!r}"
             )
     _validate_tls(settings)
+    settings.broker_address  # noqa: B018 - reads the password file: its errors are start-up errors
+    _validate_metrics(settings)
     if settings.transport == Transport.ASYNCIO and settings.protocol != ProtocolVersion.V5:
         raise ConfigError(
             "--transport asyncio speaks MQTT 5 only", "use --transport paho for MQTT 3.1.1"
+        )
+
+
+def _validate_metrics(settings: Settings) -> None:
+    bound = split_bind(settings.metrics_bind)[1] if settings.metrics_bind else None
+    if bound and settings.metrics_port and bound != settings.metrics_port:
+        raise ConfigError(
+            "--metrics-bind and --metrics-port name different ports", "give the port once"
+        )
+    if settings.metrics_bind and settings.metrics_address is None:
+        raise ConfigError(
+            f"--metrics-bind {settings.metrics_bind} has no port",
+            "HOST:PORT, or add --metrics-port",
         )
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from mqtt_backup.errors import StorageError, StorageUnavailable
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending
+from mqtt_backup.tally import TALLY
 from mqtt_backup.topics import Router
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ AckCallback = Callable[[Sequence[AckToken]], None]
 class IngestCounters:
     """Running totals for the rate log and metrics."""
 
+    received: int = 0
     stored: int = 0
     skipped: int = 0
     duplicates: int = 0
@@ -110,6 +112,7 @@ class CommitPipeline:
 
     def offer(self, record: Record, token: AckToken | None, replayed: bool = False) -> None:
         """Take one received message; `token` is None for QoS 0 (nothing to acknowledge)."""
+        self.counters.received += 1
         if not self.has_work:
             self._opened = time.monotonic()
         if token is not None:
@@ -167,6 +170,7 @@ class CommitPipeline:
         self._ack(tokens)
         self.counters.batches += 1
         self.counters.commit_seconds += time.perf_counter() - started
+        TALLY.committed(stored, time.perf_counter() - started)
         return stored
 
     def _reopen(self) -> None:

@@ -74,7 +74,9 @@ def test_wrong_password_on_the_command_line_is_one_line_and_exit_3(
         check=False,
     )
     assert result.returncode == 3, result.stderr
-    lines = result.stderr.strip().splitlines()
+    # The password in --broker is visible in `ps`: one warning says so, then the one error line.
+    warning, *lines = result.stderr.strip().splitlines()
+    assert "--password-file" in warning, warning
     assert len(lines) == 1, lines
     assert lines[0].startswith("mqtt-backup: the broker refused"), lines
     assert "nope" not in result.stderr, "the password must not be printed"

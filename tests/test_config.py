@@ -17,6 +17,7 @@ import pytest
 from mqtt_backup import config
 from mqtt_backup.config import (
     BrokerAddress,
+    LogFormat,
     LogLevel,
     ProtocolVersion,
     ResponseTopics,
@@ -136,8 +137,9 @@ def test_empty_environment_value_is_unset() -> None:
 
 def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
     pems = {name: write(tmp_path / f"{name}.pem", "-") for name in ("ca", "cert", "key")}
+    secret = write(tmp_path / "password", "pw\n")
     values = {
-        "broker": "mqtts://h:1",
+        "broker": "mqtts://u@h:1",
         "data": "/d",
         "topic": "x/{device}",
         "client_id": "c",
@@ -146,6 +148,9 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         "protocol": "3.1.1",
         "transport": "paho",
         "metrics_port": "9100",
+        "metrics_bind": "0.0.0.0",
+        "password_file": str(secret),
+        "password": "not used: the file wins",
         "ca": str(pems["ca"]),
         "cert": str(pems["cert"]),
         "key": str(pems["key"]),
@@ -154,6 +159,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         "batch_max": "5",
         "batch_ms": "3",
         "log_level": "debug",
+        "log_format": "json",
         "response_topics": "any",
         "prune_older_than": "30d",
         "prune_max_bytes_per_device": "1000000",
@@ -161,7 +167,7 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
     assert set(values) == set(config.field_names())
     settings = load(env={f"MQTT_BACKUP_{k.upper()}": v for k, v in values.items()})
     assert settings == Settings(
-        broker="mqtts://h:1",
+        broker="mqtts://u@h:1",
         data=Path("/d"),
         topic=("x/{device}",),
         client_id="c",
@@ -170,6 +176,9 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         protocol=ProtocolVersion.V311,
         transport=Transport.PAHO,
         metrics_port=9100,
+        metrics_bind="0.0.0.0",
+        password_file=secret,
+        password="not used: the file wins",
         ca=pems["ca"],
         cert=pems["cert"],
         key=pems["key"],
@@ -178,10 +187,13 @@ def test_every_option_has_an_environment_variable(tmp_path: Path) -> None:
         batch_max=5,
         batch_ms=3,
         log_level=LogLevel.DEBUG,
+        log_format=LogFormat.JSON,
         response_topics=ResponseTopics.ANY,
         prune_older_than="30d",
         prune_max_bytes_per_device=1_000_000,
     )
+    assert settings.broker_address.password == "pw"
+    assert settings.metrics_address == ("0.0.0.0", 9100)
     assert isinstance(settings.protocol, ProtocolVersion)
     assert isinstance(settings.log_level, LogLevel)
     assert isinstance(settings.response_topics, ResponseTopics)

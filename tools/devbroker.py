@@ -37,6 +37,7 @@ def render_config(
     bind: str = "127.0.0.1",
     as_user: bool = True,
     overlays: Sequence[Path] = (),
+    relocate_files: bool = False,
 ) -> str:
     """Return the template with its listener, persistence directory and user filled in.
 
@@ -44,9 +45,13 @@ def render_config(
     relative file names (password_file, cafile, ...) are resolved against the state directory.
     Started as root, Mosquitto drops to the `mosquitto` user, which often cannot write the
     persistence directory (persistence then fails silently). Running as the current user avoids it.
+    `relocate_files` moves the template's own files (production.conf's /etc/mosquitto/passwd, ...)
+    into the state directory, under their base names, so tests run that file unchanged otherwise.
     """
     where = state_dir.resolve() if isinstance(state_dir, Path) else state_dir
     text = template.read_text(encoding="utf-8")
+    if relocate_files:
+        text = _FILE_OPTION.sub(lambda m: f"{m[1]} {where}/{Path(m[2]).name}", text)
     for overlay in overlays:
         extra = _FILE_OPTION.sub(
             lambda m: f"{m[1]} {m[2] if m[2].startswith('/') else f'{where}/{m[2]}'}",
@@ -94,12 +99,18 @@ def start(
     state_dir: Path,
     log_path: Path | None = None,
     overlays: Sequence[str] = (),
+    *,
+    relocate_files: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start mosquitto with a config rendered from `mosquitto/<conf_name>`; wait for its port."""
     state_dir.mkdir(parents=True, exist_ok=True)
     conf_path = state_dir / "mosquitto.conf"
     rendered = render_config(
-        CONF_DIR / conf_name, port, state_dir, overlays=[CONF_DIR / o for o in overlays]
+        CONF_DIR / conf_name,
+        port,
+        state_dir,
+        overlays=[CONF_DIR / o for o in overlays],
+        relocate_files=relocate_files,
     )
     conf_path.write_text(rendered, encoding="utf-8")
     log = (log_path or state_dir / "mosquitto.log").open("ab")

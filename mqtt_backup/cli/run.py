@@ -8,10 +8,8 @@ number that is not one, with the usual 'Try: mqtt-backup run --help') from what 
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import sys
 import types
 from pathlib import Path
 from types import FrameType
@@ -19,7 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import click
 
-from mqtt_backup import config
+from mqtt_backup import config, logs
 from mqtt_backup.bridge import Bridge
 
 _HELP = "Run the bridge: store every message of the topic templates, acknowledged after fsync."
@@ -28,7 +26,11 @@ _CONFIG_HELP = "TOML config file [default: ./mqtt-backup.toml when present]"
 
 def command() -> click.Command:
     """The `run` command, one option per declared setting plus `--config`."""
-    options = [_option(name, kind) for name, kind in get_type_hints(config.Settings).items()]
+    options = [
+        _option(name, kind)
+        for name, kind in get_type_hints(config.Settings).items()
+        if not config.declared(name).env_only  # a secret: never a flag, which `ps` would show
+    ]
     config_option = click.Option(
         ["--config", "config_file"], type=click.Path(path_type=Path), help=_CONFIG_HELP
     )
@@ -61,10 +63,8 @@ def _click_type(kind: Any) -> click.ParamType[Any]:
 def _run(config_file: Path | None, **flags: Any) -> None:
     given = {name: _given(value) for name, value in flags.items()}
     settings = config.load(given, os.environ, config_file)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    logs.configure(
+        settings.log_level, settings.log_format, secrets=[settings.broker_address.password]
     )
     bridge = Bridge(settings)
     bridge.connect()

@@ -32,6 +32,7 @@ from mqtt_backup.errors import (
     StorageUnavailable,
 )
 from mqtt_backup.records import Properties, Record
+from mqtt_backup.tally import TALLY
 
 log = logging.getLogger(__name__)
 
@@ -516,6 +517,7 @@ class Stall:
     def failed(self, exc: StorageUnavailable) -> None:
         """A commit failed: log it the first time, schedule the next try."""
         if not self.active:
+            TALLY.storage_stalled()
             log.error(
                 "storage failed: %s. Not acknowledging or reading more; the broker keeps the "
                 "messages. Retrying by itself.",

@@ -25,6 +25,7 @@ from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from mqtt_backup.restore.request import BadRequest
 from mqtt_backup.storage import StoredMessage
 from mqtt_backup.storage.journal import Gap
+from mqtt_backup.tally import TALLY
 from mqtt_backup.times import format_ts
 
 # Packets per send: enough that one write carries many, few enough to bound a stream's memory.
@@ -120,6 +121,7 @@ class Reply:
     def _terminal(self, body: dict[str, Any], kind: str) -> Outgoing:
         payload = self._encode(self._with_id(body))
         props = self._props(("mqtt-backup-terminal", kind), content_type="application/json")
+        TALLY.restore_finished(kind, self.sent)
         return Outgoing(self.topic, payload, 1, False, props)
 
 

@@ -280,6 +280,11 @@ class DroppedWatcher:
         self._save_failed = False
         self.connected()
 
+    @property
+    def dropped(self) -> int | None:
+        """The broker's dropped counter as last read (None: never read, or not known)."""
+        return self._last.dropped if self._last is not None else None
+
     def connected(self, now_ns: int | None = None) -> None:
         """A new connection: nothing is known on it until its first readings."""
         self.readable = False

@@ -1,0 +1,90 @@
+"""Log output: text for people (the default) or JSON lines for log collectors (`--log-format`).
+
+A JSON line holds time (RFC 3339 UTC), level, logger, message, and the event's fields (what a
+call passes as `extra=`). Both formats pass through `Redact`, so a secret the process knows (the
+broker password) never reaches a log line, whoever logged it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from mqtt_backup.config import LogFormat
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MASK = "***"
+
+# What every LogRecord carries; anything else on a record is a field of the event.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as `{"time", "level", "logger", "message", ...fields}`."""
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        body.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
+        if record.exc_info:
+            body["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(body, default=str, ensure_ascii=False)
+
+
+class Redact(logging.Filter):
+    """Replaces each secret in a record's final text (and fields) by `***`."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drops it."""
+        if not self._secrets:
+            return True
+        record.msg, record.args = self._hide(record.getMessage()), None
+        for key, value in vars(record).items():
+            if key not in _STANDARD and isinstance(value, str):
+                setattr(record, key, self._hide(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._hide(record.exc_text)
+        return True
+
+    def _hide(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+def configure(
+    level: str,
+    log_format: LogFormat = LogFormat.TEXT,
+    secrets: Iterable[str | None] = (),
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """Send the process's logs to `stream` (stderr) in `log_format`; returns the handler.
+
+    Replaces the root logger's handlers, so calling it again (tests) does not double the lines.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format == LogFormat.JSON else logging.Formatter(TEXT_FORMAT)
+    )
+    handler.addFilter(Redact(s for s in secrets if s))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
