@@ -135,12 +135,21 @@ def run_command() -> click.Command:
 
 def test_run_has_a_flag_for_every_setting_with_its_declared_help() -> None:
     options = {p.opts[0]: p for p in run_command().params if isinstance(p, click.Option)}
-    for name in config.field_names():
+    flagged = [n for n in config.field_names() if not config.declared(n).env_only]
+    for name in flagged:
         flag = config.flag_name(name)
         assert flag in options, f"setting {name} has no run flag"
         assert options[flag].help == config.help_for(name)
-    declared = {config.flag_name(n) for n in config.field_names()}
-    assert set(options) == declared | {"--config"}
+    assert set(options) == {config.flag_name(n) for n in flagged} | {"--config"}
+
+
+def test_a_secret_setting_is_never_a_flag() -> None:
+    # `ps` shows flags: the password comes from --password-file or MQTT_BACKUP_PASSWORD only.
+    assert config.declared("password").env_only
+    line = usage_error("run", "--password", "hunter2")
+    assert "No such option '--password'" in line
+    assert "?. Try" not in line
+    assert "hunter2" not in line
 
 
 def test_run_flags_win_over_environment_and_file(

@@ -82,7 +82,7 @@ def _report(exc: BaseException, argv: list[str], root: click.Group) -> int:  # n
             return EXIT_USAGE
         case click.UsageError():
             where = _command_path(exc, argv, root)
-            error_line(f"{exc.format_message().rstrip('.')}. Try: {where} --help")
+            error_line(f"{_sentence(exc.format_message())} Try: {where} --help")
             return EXIT_USAGE
         case click.ClickException():
             error_line(exc.format_message())
@@ -105,6 +105,12 @@ def _report(exc: BaseException, argv: list[str], root: click.Group) -> int:  # n
                 "for the traceback, and report it"
             )
             return EXIT_RUNTIME
+
+
+def _sentence(text: str) -> str:
+    """The text ending in one stop: click's "Did you mean '--x'?" keeps its question mark."""
+    text = text.rstrip()
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def _command_path(exc: click.UsageError, argv: list[str], root: click.Group) -> str:
