@@ -228,13 +228,17 @@ class Bridge:
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
 
     def _before_operation(self, frees_space: bool) -> None:
-        """Commit what is pending (it goes where the current layout says), unless the disk is full.
+        """Commit what is pending (it goes where the current layout says), unless storage fails.
 
-        There a commit would fail, or take the room that the operation (a prune, a forget)
-        needs to free space: the ballast is released instead, and what is pending is held and
-        stored after the operation as usual.
+        On a full disk, or while ingest is stalled on storage, a commit would fail (and fail the
+        operation with it) or take the room that a prune or forget frees: what is pending is
+        held instead, placed again and stored after the operation as usual. A deleting
+        operation then owns the room: the ballast is released for it, and no ingest commit runs
+        until its reclaim is done and compactions are on again (`Store.done_freeing`).
         """
-        if frees_space and self.store.make_room():
+        stalled = self._transport.stall.active
+        full = frees_space and self.store.make_room(stalled=stalled)
+        if full or stalled:
             self.store.ensure_open()  # a failed write closed them: reopen before operating
             return
         self.pipeline.commit()

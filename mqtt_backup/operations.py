@@ -292,12 +292,13 @@ def frees_space(op: str, args: Mapping[str, Any]) -> bool:
 def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Run an operation by name (what the control socket receives); UsageError for bad ones.
 
-    Afterwards the ballast is made again if the operation gave the disk room for it.
+    Afterwards compactions are on again and the ballast is made again if the operation gave the
+    disk room for it.
     """
     try:
         return _dispatch(store, op, args)
     finally:
-        store.keep_ballast()
+        store.done_freeing()
 
 
 def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
