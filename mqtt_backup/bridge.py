@@ -26,7 +26,7 @@ from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
-from mqtt_backup.storage import Store, StoreReader
+from mqtt_backup.storage import Store, StoreReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router
@@ -290,7 +290,7 @@ class Bridge:
         try:
             self.pipeline.commit()
             pruned = self._while_serving(
-                lambda: operations.prune(self.store, older, s.prune_max_bytes_per_device)
+                lambda: maintenance.prune(self.store, older, s.prune_max_bytes_per_device)
             )
         except BackupError as exc:
             log.warning("retention pass failed (next one in an hour): %s", exc.message())
@@ -298,12 +298,12 @@ class Bridge:
         except Exception:
             log.exception("retention pass failed (next one in an hour)")
             return
-        if pruned["messages"]:
+        if pruned.messages:
             log.info(
                 "retention: pruned %d messages (%d bytes) of %d devices",
-                pruned["messages"],
-                pruned["bytes"],
-                len(pruned["devices"]),
+                pruned.messages,
+                pruned.size,
+                len(pruned.devices),
             )
 
     def _log_rate(self, now: float) -> None:
