@@ -26,7 +26,7 @@ from mqtt_backup.errors import BackupError, StorageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
-from mqtt_backup.storage import Store, StoreReader
+from mqtt_backup.storage import Store, StoreReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router
@@ -249,13 +249,17 @@ class Bridge:
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
 
     def _before_operation(self, frees_space: bool) -> None:
-        """Commit what is pending (it goes where the current layout says), unless the disk is full.
+        """Commit what is pending (it goes where the current layout says), unless storage fails.
 
-        There a commit would fail, or take the room that the operation (a prune, a forget)
-        needs to free space: the ballast is released instead, and what is pending is held and
-        stored after the operation as usual.
+        On a full disk, or while ingest is stalled on storage, a commit would fail (and fail the
+        operation with it) or take the room that a prune or forget frees: what is pending is
+        held instead, placed again and stored after the operation as usual. A deleting
+        operation then owns the room: the ballast is released for it, and no ingest commit runs
+        until its reclaim is done and compactions are on again (`Store.done_freeing`).
         """
-        if frees_space and self.store.make_room():
+        stalled = self._transport.stall.active
+        full = frees_space and self.store.make_room(stalled=stalled)
+        if full or stalled:
             self.store.ensure_open()  # a failed write closed them: reopen before operating
             return
         self.pipeline.commit()
@@ -307,7 +311,7 @@ class Bridge:
         try:
             self.pipeline.commit()
             pruned = self._while_serving(
-                lambda: operations.prune(self.store, older, s.prune_max_bytes_per_device)
+                lambda: maintenance.prune(self.store, older, s.prune_max_bytes_per_device)
             )
         except BackupError as exc:
             log.warning("retention pass failed (next one in an hour): %s", exc.message())
@@ -315,12 +319,12 @@ class Bridge:
         except Exception:
             log.exception("retention pass failed (next one in an hour)")
             return
-        if pruned["messages"]:
+        if pruned.messages:
             log.info(
                 "retention: pruned %d messages (%d bytes) of %d devices",
-                pruned["messages"],
-                pruned["bytes"],
-                len(pruned["devices"]),
+                pruned.messages,
+                pruned.size,
+                len(pruned.devices),
             )
 
     def _log_rate(self, now: float) -> None:

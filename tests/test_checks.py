@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from rocksdict import Options, Rdict
 
-from mqtt_backup.checks import PROGRESS_EVERY, Problem, VerifyReport, stats, verify
 from mqtt_backup.errors import DataDirMissing
 from mqtt_backup.keys import KEY_LEN, device_key, record_key
 from mqtt_backup.placement import place
 from mqtt_backup.records import Record, encode_record
 from mqtt_backup.storage import Pending, Store
+from mqtt_backup.storage.checks import PROGRESS_EVERY, Problem, VerifyReport, stats, verify
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.storage.manifest import load_manifest
 from mqtt_backup.storage.partition import IndexEntry

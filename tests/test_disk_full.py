@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, StoreReader, ballast
 from mqtt_backup.storage.ballast import BALLAST, FULL_BELOW_BYTES
 from tests.conftest import BridgeThread, Broker, Sent, make_settings, publish, wait_until
+from tests.faulty import Faults
 
 DISK_MIB = 64
 PAYLOAD = 20_000
@@ -164,13 +165,6 @@ def test_a_dry_run_on_a_full_disk_keeps_the_ballast(small_disk: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect, intermittent (1 of 4 runs): with the bridge running, ingest's stall "
-    "retries can take the room the released ballast gave, the reclaiming compaction then fails "
-    "with ENOSPC, and automatic compactions stay off until the ballast is back: the space does "
-    "not return by itself",
-)
 def test_prune_frees_a_full_disk_through_the_running_bridge(
     small_disk: Path, broker: Broker, unique: str
 ) -> None:
@@ -210,3 +204,40 @@ def test_a_new_store_reserves_its_ballast_and_makes_it_again(data_dir: Path) -> 
         assert path.stat().st_size == ballast.size_for(data_dir)
     finally:
         store.close()
+
+
+def test_a_prune_through_a_stalled_bridge_owns_the_room_it_frees(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    """Ingest stalled on storage: a deleting operation must not commit first.
+
+    A stalled bridge is a full disk even when a free-space reading says otherwise for a moment
+    (a failed flush or compaction has just deleted its partial file): a commit before the prune
+    would take that room, or fail and fail the prune with it. The operation owns the room until
+    its reclaim is done; then compactions are on again and the ballast is back.
+    """
+    faults = Faults()
+    bridge = run_bridge(make_settings(broker, data_dir, batch_max=20), wrap_store=faults.wrap)
+    publish(broker, [Sent(f"devices/{unique}/t", os.urandom(1000)) for _ in range(50)])
+    wait_until(lambda: bridge.bridge.pipeline.counters.stored == 50, 30, "the first 50 stored")
+    faults.failing = True
+    publish(broker, [Sent(f"devices/{unique}/t", b"held") for _ in range(5)])
+    wait_until(lambda: bridge.bridge._transport.stall.active, 30, "storage to stall")
+    failed = faults.calls["write_failed"]
+
+    pruned = runner.invoke(
+        app, ["prune", "--data", str(data_dir), "--max-bytes-per-device", "5000", "--json"]
+    )
+    assert pruned.exit_code == 0, pruned.output
+    assert json.loads(pruned.stdout)["messages"] > 0
+    assert faults.calls["write_failed"] == failed, "ingest committed before the prune"
+    store = bridge.bridge.store
+    assert not store.freeing_space, "the operation ended: compactions are on again"
+    assert (data_dir / BALLAST).is_file(), "the ballast is back: the disk has room"
+
+    faults.failing = False
+    wait_until(lambda: bridge.bridge.pipeline.counters.stored == 55, 60, "the held 5 stored")
+    with StoreReader(data_dir) as reader:
+        info = reader.device(unique)
+        assert info is not None
+        assert info.count == 55 - json.loads(pruned.stdout)["messages"]

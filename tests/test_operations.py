@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import DataDirMissing, UsageError
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import Pending, Store, StoreReader, checks, maintenance
 from mqtt_backup.times import NS_PER_S
 from tests.conftest import (
     BridgeThread,
@@ -67,13 +66,14 @@ def test_prune_older_than_keeps_exactly_the_newer_messages(data_dir: Path) -> No
     store = Store.open(data_dir, create=False)
     try:
         now = T0 + 9 * 60 * NS_PER_S  # the newest message's time
-        dry = operations.prune(store, older_than_ns=4 * 60 * NS_PER_S + 1, dry_run=True, now_ns=now)
-        assert (dry["messages"], len(dry["devices"])) == (20, 4)
+        cut = 4 * 60 * NS_PER_S + 1
+        dry = maintenance.prune(store, older_than_ns=cut, dry_run=True, now_ns=now)
+        assert (dry.messages, len(dry.devices)) == (20, 4)
         assert len(payloads(data_dir, "dev-0")) == 10, "a dry run changes nothing"
-        done = operations.prune(store, older_than_ns=4 * 60 * NS_PER_S + 1, now_ns=now)
+        done = maintenance.prune(store, older_than_ns=cut, now_ns=now)
     finally:
         store.close()
-    assert done["messages"] == 20
+    assert done.messages == 20
     for d in range(4):
         assert payloads(data_dir, f"dev-{d}") == [b"%010d" % i for i in range(5, 10)]
         count, first, _ = index_of(data_dir, f"dev-{d}") or (0, 0, 0)
@@ -89,7 +89,7 @@ def test_prune_max_bytes_keeps_the_newest_that_fit(data_dir: Path) -> None:
         size = index_of(data_dir, "dev-0")
         assert size is not None
         per_message = size[2] // 10
-        operations.prune(store, max_bytes_per_device=3 * per_message)
+        maintenance.prune(store, max_bytes_per_device=3 * per_message)
     finally:
         store.close()
     assert payloads(data_dir, "dev-0") == [b"%010d" % i for i in range(7, 10)]
@@ -100,17 +100,17 @@ def test_forget_a_device_or_its_past(data_dir: Path) -> None:
     fill(data_dir)
     store = Store.open(data_dir, create=False)
     try:
-        part = operations.forget(store, "dev-1", before_ns=T0 + 3 * 60 * NS_PER_S)
-        whole = operations.forget(store, "dev-2")
-        nobody = operations.forget(store, "nobody")
+        part = maintenance.forget(store, "dev-1", before_ns=T0 + 3 * 60 * NS_PER_S)
+        whole = maintenance.forget(store, "dev-2")
+        nobody = maintenance.forget(store, "nobody")
     finally:
         store.close()
-    assert part["messages"] == 3
+    assert part.removed.messages == 3
     assert payloads(data_dir, "dev-1") == [b"%010d" % i for i in range(3, 10)]
-    assert whole["messages"] == 10
+    assert whole.removed.messages == 10
     assert payloads(data_dir, "dev-2") == []
     assert index_of(data_dir, "dev-2") is None, "a forgotten device leaves the listing"
-    assert nobody["messages"] == 0
+    assert nobody.removed.messages == 0
     assert len(payloads(data_dir, "dev-0")) == 10
 
 
@@ -119,12 +119,12 @@ def test_snapshot_opens_as_a_data_dir(data_dir: Path, tmp_path: Path) -> None:
     dest = tmp_path / "copy"
     store = Store.open(data_dir, create=False)
     try:
-        result = operations.snapshot(store, dest)
+        result = maintenance.snapshot(store, dest)
         with pytest.raises(UsageError, match="not an empty directory"):
-            operations.snapshot(store, dest)
+            maintenance.snapshot(store, dest)
     finally:
         store.close()
-    assert result["partitions"] == ["p0", "p1", "p2"]
+    assert result.partitions == ("p0", "p1", "p2")
     assert read_all(dest).keys() == read_all(data_dir).keys()
     for device, msgs in read_all(data_dir).items():
         assert [m.record for m in read_all(dest)[device]] == [m.record for m in msgs]

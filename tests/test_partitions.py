@@ -16,7 +16,6 @@ from typing import cast
 import pytest
 from typer.testing import CliRunner
 
-from mqtt_backup import checks, operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings, Transport
 from mqtt_backup.errors import UsageError
@@ -24,7 +23,7 @@ from mqtt_backup.keys import device_key
 from mqtt_backup.mqtt import PahoIngest
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import Pending, Store, StoreReader, checks, moves
 from mqtt_backup.storage.manifest import load_manifest
 from mqtt_backup.storage.partition import Partition
 from tests.conftest import (
@@ -84,7 +83,7 @@ def test_adding_a_4th_and_5th_partition_moves_about_1_in_n_plus_1(data_dir: Path
         before = layout(data_dir)
         store = Store.open(data_dir, create=False)
         try:
-            result = operations.partitions_add(store, new)
+            result = moves.add(store, new)
         finally:
             store.close()
         after = layout(data_dir)
@@ -92,7 +91,7 @@ def test_adding_a_4th_and_5th_partition_moves_about_1_in_n_plus_1(data_dir: Path
         assert {after[d] for d in moved} == {new}, "devices move only onto the new partition"
         fraction = len(moved) / DEVICES
         assert abs(fraction - 1 / (n + 1)) <= 0.1 / (n + 1), fraction
-        assert result["devices"] == len(moved)
+        assert result.moves.devices == len(moved)
         assert_every_message_once(data_dir)
     assert [s.name for s in load_manifest(data_dir).partitions] == ["p0", "p1", "p2", "p3", "p4"]
 
@@ -102,15 +101,15 @@ def test_removing_a_partition_moves_only_its_devices(data_dir: Path) -> None:
     before = layout(data_dir)
     store = Store.open(data_dir, create=False)
     try:
-        result = operations.partitions_remove(store, "p1")
+        result = moves.remove(store, "p1")
         with pytest.raises(UsageError, match="no partition"):
-            operations.partitions_remove(store, "p1x")
+            moves.remove(store, "p1x")
     finally:
         store.close()
     after = layout(data_dir)
     moved = {d for d in before if before[d] != after[d]}
     assert moved == {d for d, p in before.items() if p == "p1"}
-    assert result["devices"] == len(moved)
+    assert result.moves.devices == len(moved)
     assert "p1" not in set(after.values())
     assert not (data_dir / "partitions" / "p1").exists()
     assert_every_message_once(data_dir)
@@ -120,7 +119,7 @@ def test_removing_the_last_partition_is_refused(data_dir: Path) -> None:
     store = Store.open(data_dir, partitions=1)
     try:
         with pytest.raises(UsageError, match="last partition"):
-            operations.partitions_remove(store, "p0")
+            moves.remove(store, "p0")
     finally:
         store.close()
 
@@ -134,9 +133,9 @@ def test_a_move_interrupted_after_the_switch_is_finished_by_a_rerun(
         raise KeyboardInterrupt("injected crash after the manifest switch")
 
     store = Store.open(data_dir, create=False)
-    monkeypatch.setattr(operations, "_drop", crash)
+    monkeypatch.setattr(moves, "_drop", crash)
     with pytest.raises(KeyboardInterrupt):
-        operations.partitions_add(store, "p3")
+        moves.add(store, "p3")
     store.close()
     monkeypatch.undo()
     assert_every_message_once(data_dir, devices=200)
@@ -189,7 +188,7 @@ def test_kill_9_during_an_add_then_rerun_loses_and_duplicates_nothing(data_dir: 
     assert_every_message_once(data_dir)
     store = Store.open(data_dir, create=False)
     try:
-        assert operations.rebalance(store, dry_run=True)["devices"] == 0
+        assert moves.rebalance(store, dry_run=True).devices == 0
     finally:
         store.close()
 

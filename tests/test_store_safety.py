@@ -23,7 +23,6 @@ import pytest
 from rocksdict import Rdict
 from typer.testing import CliRunner
 
-from mqtt_backup import operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import ENV_PREFIX, Settings
 from mqtt_backup.errors import (
@@ -34,7 +33,7 @@ from mqtt_backup.errors import (
     ForeignDataDir,
 )
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store, StoreReader
+from mqtt_backup.storage import Pending, Store, StoreReader, moves
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.storage.files import DirLock
 from mqtt_backup.storage.journal import BridgeState, Gap
@@ -460,7 +459,7 @@ def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
 
 def add_partition(store: Store, name: str, path: str) -> None:
     """`partitions add NAME --path PATH` on an open store."""
-    operations.partitions_add(store, name, path)
+    moves.add(store, name, path)
 
 
 def test_an_existing_open_store_is_tightened_and_says_so_once(

@@ -218,23 +218,37 @@ class Store:
             self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
             raise
 
-    def make_room(self) -> bool:
+    def make_room(self, stalled: bool = False) -> bool:
         """On a full disk, release the ballast so an operation can open, delete and reclaim.
 
-        True when the disk was full: `freeing_space` then stays set until the ballast is back.
+        `stalled`: writes are failing (a running bridge's ingest is stalled), which counts as a
+        full disk whatever a free-space reading says for a moment (a failed flush or compaction
+        has just deleted its partial file). True when it released: the store is then
+        `freeing_space` (partitions open without automatic compactions, the operation reclaims
+        what it deletes) until `done_freeing()`.
         """
-        if not ballast.short_of_space(self.data_dir):
+        if not stalled and not ballast.short_of_space(self.data_dir):
             return False
         ballast.release(self.data_dir)
         self.freeing_space = True
         return True
 
-    def keep_ballast(self) -> None:
-        """Make the ballast again when the disk has room for it (cheap: call it often)."""
-        if ballast.keep(self.data_dir) and self.freeing_space:
+    def done_freeing(self) -> None:
+        """The operation ended: compactions on again, and the ballast back when there is room.
+
+        Compactions come back even when the ballast cannot (the operation freed less than the
+        ballast plus the bar for a full disk): RocksDB's own compactions then reclaim what the
+        operation's did not, and the ballast returns once they have.
+        """
+        if self.freeing_space:
             self.freeing_space = False
             for part in self.partitions.values():
                 part.allow_compactions()
+        self.keep_ballast()
+
+    def keep_ballast(self) -> None:
+        """Make the ballast again when the disk has room for it (cheap: call it often)."""
+        ballast.keep(self.data_dir)
 
     def ensure_open(self) -> None:
         """Open the partitions again when a storage failure closed them."""
