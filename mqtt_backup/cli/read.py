@@ -11,13 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
-from mqtt_backup import checks
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, JsonOpt, load_settings
 from mqtt_backup.cli.types import TIME, TOPIC_FILTER
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
 from mqtt_backup.errors import StorageError, UsageError
-from mqtt_backup.storage import DeviceInfo, StoreReader
+from mqtt_backup.storage import DeviceInfo, StoreReader, checks
 from mqtt_backup.times import format_ts
 
 app = typer.Typer()
