@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rocksdict import (
     AccessType,
+    BlockBasedOptions,
     Checkpoint,
     DBCompressionType,
     Options,
@@ -96,11 +97,26 @@ class IndexEntry:
         return cls(device, first, last, count, size, dups)
 
 
+# Records: zstd at every level, flushes included (lz4 there left JSON telemetry at 0.59x its
+# topic + payload bytes until a compaction; zstd makes it 0.35x), at level 1 (as small as level
+# 3 on these blocks, for less CPU), in 16 KiB blocks (a 4 KiB block holds too few records to
+# share their keys; a trained dictionary then gained <= 0.01x and made a flush 3.4x as costly).
+# Options only: RocksDB reads any table file whatever it was written with, so stores written
+# before keep opening. Numbers and what lost: docs/design-notes.md, "Compression".
+ZSTD_LEVEL = 1
+BLOCK_BYTES = 16 * 1024
+_ZSTD_WINDOW_BITS = -14  # RocksDB's default (unused by zstd; the call wants it)
+
+
 def _options(compress: bool) -> Options:
     opts = Options(raw_mode=True)
     if compress:
-        opts.set_compression_type(DBCompressionType.lz4())
+        opts.set_compression_type(DBCompressionType.zstd())
         opts.set_bottommost_compression_type(DBCompressionType.zstd())
+        opts.set_compression_options(_ZSTD_WINDOW_BITS, ZSTD_LEVEL, 0, 0)
+        table = BlockBasedOptions()
+        table.set_block_size(BLOCK_BYTES)
+        opts.set_block_based_table_factory(table)
     return opts
 
 
