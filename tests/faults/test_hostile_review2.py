@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,21 @@ import pytest
 
 from mqtt_backup.config import parse_broker_url
 from mqtt_backup.restore.client import Ask, NoAnswer, ask, request_for
-from tests.conftest import BridgeThread, make_settings, wait_until
+from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import BrokerFactory
-from tests.faults.harness import cli
+from tests.faults.harness import (
+    RATE,
+    Publisher,
+    ReadBack,
+    assert_nothing_lost,
+    bridge_process,
+    cli,
+    copies_of,
+    fleet,
+    restored,
+    tally,
+)
+from tests.faults.test_real_disk_full import _count_all, _exported, _fill, small_disk
 
 RunBridge = Callable[..., BridgeThread]
 
@@ -117,3 +131,64 @@ def test_oversized_replay_error_terminal_itself_fits_and_names_the_stored_topic(
     assert f"devices/{device}/" in as_json["error"], "names the stored message's topic"
     assert "backup/restore" not in as_json["error"], "not the response topic"
     assert _reconnects(caplog) == [], "the restore connection must not drop"
+
+
+# ---- a full disk through a running bridge -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="a prune through the running bridge that deletes nothing still spends the ballast "
+    "(frees_space looks only at --dry-run); it is not made again (the disk has less than "
+    "ballast + 16 MiB free), stalled ingest eats the room, and the forget that would free "
+    "the disk then fails with exit 4 (cannot open partition: No space left on device)",
+)
+def test_a_prune_that_deletes_nothing_keeps_the_reserve_for_the_next_one(
+    own_broker: Broker, tmp_path: Path, unique: str
+) -> None:
+    """Full disk, ingest stalled: `prune --older-than 30d` (nothing that old), then `forget`."""
+    mount = tmp_path / "disk"
+    data = mount / "data"
+    with (
+        small_disk(mount) as inside,
+        bridge_process(own_broker.url, data, tmp_path / "bridge.log", prefix=inside) as bridge,
+    ):
+        bridge.start()
+        old = f"{unique}-old"
+        # Incompressible, so that forgetting it gives real room back (about 10 MB).
+        history = [(f"devices/{old}/t", random.randbytes(64 * 1024)) for _ in range(150)]
+        asyncio.run(_publish(own_broker.port, history))
+        wait_until(lambda: _count_on(data, inside, old) == len(history), 60, "the old history")
+        # Big enough messages that a stalled bridge refills a released ballast in seconds.
+        publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE, pad=16 * 1024)
+        publisher.start().wait_accepted(100)
+        _fill(inside, mount / "filler")
+        wait_until(lambda: "storage failed" in bridge.text(), 60, "the bridge to hit ENOSPC")
+        stalls = bridge.text().count("storage failed")
+
+        nothing = cli("prune", "--older-than", "30d", "--data", str(data), "--json", prefix=inside)
+        assert nothing.returncode == 0, nothing.stderr
+        assert json.loads(nothing.stdout)["messages"] == 0
+        # Whatever room the prune left, stalled ingest takes it until it stalls again.
+        wait_until(lambda: bridge.text().count("storage failed") > stalls, 120, "a new stall")
+        # A failed flush deletes its partial file; another program takes that room too.
+        _fill(inside, mount / "filler2")
+
+        freed = cli("forget", old, "--data", str(data), "--json", prefix=inside)
+        assert freed.returncode == 0, f"forget could not free the full disk: {freed.stderr}"
+        subprocess.run([*inside, "rm", str(mount / "filler"), str(mount / "filler2")], check=True)
+        publisher.wait_accepted(300)
+        ledger = publisher.stop()
+        wait_until(
+            lambda: _count_all(data, inside, list(ledger.accepted)) >= ledger.total, 120, "all"
+        )
+        got = restored(own_broker.url, list(ledger.accepted))
+        back = ReadBack(
+            tally(ledger, copies_of(_exported(data, inside))), tally(ledger, got.copies), got
+        )
+    assert_nothing_lost(back)
+
+
+def _count_on(data: Path, prefix: list[str], device: str) -> int:
+    return _count_all(data, prefix, [device])
