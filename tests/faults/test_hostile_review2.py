@@ -10,7 +10,9 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from mqtt_backup import control
 from mqtt_backup.config import parse_broker_url
+from mqtt_backup.errors import BackupError
 from mqtt_backup.restore.client import Ask, NoAnswer, ask, request_for
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import BrokerFactory
@@ -192,3 +196,31 @@ def test_a_prune_that_deletes_nothing_keeps_the_reserve_for_the_next_one(
 
 def _count_on(data: Path, prefix: list[str], device: str) -> int:
     return _count_all(data, prefix, [device])
+
+
+def test_an_operation_whose_bridge_dies_says_so(tmp_path: Path) -> None:
+    """A bridge killed during `forget` closes the control socket without a reply.
+
+    The CLI printed "mqtt-backup: no answer" (exit 1): neither what happened nor what to do.
+    A listening socket that closes each connection after reading the request stands in for it
+    (kill -9 of a real bridge mid-operation does the same, at a moment a test cannot choose).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / control.SOCKET))
+        server.listen(1)
+
+        def close_after_request() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+
+        dying = threading.Thread(target=close_after_request, daemon=True)
+        dying.start()
+        with pytest.raises(BackupError) as caught:
+            control.call(tmp_path, "forget", {"device": "dev-1"}, timeout=30)
+        dying.join(10)
+    message = caught.value.message()
+    assert "went away before it answered" in message
+    assert "forget" in message
+    assert "Try:" in message
+    assert caught.value.exit_code == 1
