@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from mqtt_backup.errors import BackupError, DataDirLocked
+from mqtt_backup.errors import BackupError, DataDirLocked, NoReply
 
 SOCKET = "control.sock"
 # AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
@@ -116,7 +116,15 @@ def call(data_dir: Path, op: str, args: Mapping[str, Any], timeout: float = 3600
                 "stop that process, or wait for it to finish",
             ) from exc
         sock.sendall(json.dumps({"op": op, "args": dict(args)}).encode() + b"\n")
-        reply = json.loads(sock.makefile("rb").readline() or b"{}")
+        line = sock.makefile("rb").readline()
+    if not line:
+        # The bridge stopped (or was killed) while it ran the operation: its outcome is unknown.
+        raise NoReply(
+            f"whether {op} ran is unknown",
+            "start the bridge again (or use the data directory with it stopped) and repeat the "
+            "command; prune and forget are safe to repeat",
+        )
+    reply = json.loads(line)
     if reply.get("ok"):
         result: dict[str, Any] = reply["result"]
         return result

@@ -71,6 +71,10 @@ class DataDirLocked(StorageError):
     """data directory is in use: {detail}"""
 
 
+class NoReply(BackupError):
+    """the bridge went away before it answered: {detail}"""
+
+
 class DataDirMissing(StorageError):
     """no data directory: {detail}"""
 

@@ -30,6 +30,8 @@ from mqtt_backup.times import format_ts
 
 # Packets per send: enough that one write carries many, few enough to bound a stream's memory.
 BATCH = 64
+# Characters of a stored topic an error quotes (a topic may be 65,535 bytes).
+SHOWN_TOPIC = 120
 
 
 class TooLarge(BadRequest):
@@ -147,16 +149,23 @@ def replayed(stored: StoredMessage, retain: bool) -> Outgoing:
     return Outgoing(record.topic, record.payload, record.qos, retain and record.retain, props)
 
 
-def too_large(outgoing: Outgoing, limit: int, raw: bool) -> TooLarge:
-    """The error for a message the broker would refuse as larger than its Maximum Packet Size."""
+def too_large(outgoing: Outgoing, limit: int, raw: bool, stored: StoredMessage) -> TooLarge:
+    """The error for a message the broker would refuse as larger than its Maximum Packet Size.
+
+    It names the stored message (its own topic, shortened, and time), not the packet's topic
+    (the response topic of a JSON answer): the error terminal must itself fit a packet.
+    """
     way_out = (
         "export it with 'mqtt-backup export'"
         if raw
         else 'ask with "format": "raw", or export it with \'mqtt-backup export\''
     )
+    topic = stored.record.topic
+    shown = topic if len(topic) <= SHOWN_TOPIC else topic[:SHOWN_TOPIC] + "..."
     return TooLarge(
-        f"a stored message on {outgoing.topic!r} needs a {outgoing.size():,}-byte packet, more "
-        f"than the broker's maximum packet size ({limit:,} bytes); {way_out}"
+        f"the stored message of {format_ts(stored.ts_ns)} on {shown!r} needs a "
+        f"{outgoing.size():,}-byte packet, more than the broker's maximum packet size "
+        f"({limit:,} bytes); {way_out}"
     )
 
 

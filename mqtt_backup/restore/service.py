@@ -169,7 +169,7 @@ class RestoreService:
                 ):
                     continue
                 count += 1
-                await batches.add(_fitting(build(message), outbox, request))
+                await batches.add(_fitting(build(message), outbox, request, message))
                 if request.limit is not None and count >= request.limit:
                     break  # before scanning on for a next match that would not be sent
             await batches.finish()
@@ -209,11 +209,11 @@ class RestoreService:
         return len(tasks)
 
 
-def _fitting(packet: Outgoing, outbox: Outbox, request: Request) -> Outgoing:
+def _fitting(packet: Outgoing, outbox: Outbox, request: Request, stored: StoredMessage) -> Outgoing:
     """The packet, unless the broker would refuse it (and drop the connection) as too large."""
     limit = outbox.max_packet_size
     if limit is not None and packet.size() > limit:
-        raise too_large(packet, limit, request.raw or request.replay)
+        raise too_large(packet, limit, request.raw or request.replay, stored)
     return packet
 
 
