@@ -42,10 +42,25 @@ def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     Afterwards compactions are on again and the ballast is made again if the operation gave the
     disk room for it.
     """
+    result: Result | None = None
     try:
-        return _dispatch(store, op, args).as_json()
+        result = _dispatch(store, op, args)
+        return result.as_json()
     finally:
-        store.done_freeing()
+        store.done_freeing(deleted=_deleted(result))
+
+
+def _deleted(result: Result | None) -> bool:
+    """Whether the operation removed messages (a failed one may have: counted as deleting)."""
+    match result:
+        case None:
+            return True
+        case maintenance.Pruned():
+            return not result.dry_run and result.messages > 0
+        case maintenance.Forgotten():
+            return not result.dry_run and result.removed.messages > 0
+        case _:
+            return False
 
 
 def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> Result:

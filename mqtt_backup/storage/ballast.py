@@ -85,6 +85,38 @@ def keep(data_dir: Path) -> bool:
     return True
 
 
+def retake(data_dir: Path) -> int:
+    """Make the ballast again from the room its release gave, after an operation freed nothing.
+
+    No margin is asked for, unlike `keep`: the room is the reserve itself (ingest was held while
+    the operation ran), and without it the next operation on the full disk could not open. It
+    takes what is free up to the full size; `keep` makes a whole one later once there is room.
+    Returns the bytes it holds (0 when nothing could be taken). Never raises.
+    """
+    path = data_dir / BALLAST
+    making = data_dir / MAKING
+    try:
+        size = min(size_for(data_dir), shutil.disk_usage(data_dir).free)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= size:
+                return path.stat().st_size
+        if size <= 0:
+            return 0
+        _allocate(making, size)
+        making.rename(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            making.unlink(missing_ok=True)
+        log.warning("could not keep the ballast in %s: %s", data_dir, exc)
+        return 0
+    log.warning(
+        "the operation freed nothing: kept %d MiB of the ballast for the next one (the disk is "
+        "still full; prune or forget what you can spare, or give the disk more room)",
+        size // (1024 * 1024),
+    )
+    return size
+
+
 def _allocate(path: Path, size: int) -> None:
     # Allocated, not sparse: a sparse file would reserve nothing. Made aside and renamed, so a
     # crash never leaves a short ballast that looks complete.

@@ -233,17 +233,22 @@ class Store:
         self.freeing_space = True
         return True
 
-    def done_freeing(self) -> None:
+    def done_freeing(self, deleted: bool = True) -> None:
         """The operation ended: compactions on again, and the ballast back when there is room.
 
         Compactions come back even when the ballast cannot (the operation freed less than the
         ballast plus the bar for a full disk): RocksDB's own compactions then reclaim what the
-        operation's did not, and the ballast returns once they have.
+        operation's did not, and the ballast returns once they have. `deleted`: False when the
+        operation removed nothing (a prune with nothing old enough): the released room is then
+        taken back as ballast at once, before held ingest can fill it, so that the next
+        operation on the still-full disk can open.
         """
         if self.freeing_space:
             self.freeing_space = False
             for part in self.partitions.values():
                 part.allow_compactions()
+            if not deleted:
+                ballast.retake(self.data_dir)
         self.keep_ballast()
 
     def keep_ballast(self) -> None:
