@@ -22,14 +22,15 @@ from typing import Any, TypeVar
 from mqtt_backup import metrics, operations
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
-from mqtt_backup.errors import BackupError, StorageError
+from mqtt_backup.errors import BackupError, StorageError, UsageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
+from mqtt_backup.storage.manifest import manifest_path
 from mqtt_backup.times import NS_PER_S, parse_duration
-from mqtt_backup.topics import Router
+from mqtt_backup.topics import Router, shared
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -66,7 +67,7 @@ class Bridge:
             queue.Queue()
         )
         self._router = Router(settings.templates, settings.namespace)
-        self.store = Store.open(settings.data, settings.partitions, settings.client_id)
+        self.store = _open_store(settings)
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._stop_metrics: Callable[[], None] = lambda: None
@@ -93,7 +94,8 @@ class Bridge:
         # asyncio + mqtt5 is the fast path (docs/design-notes.md); paho is 3.1.1 and the fallback.
         kind = self.settings.transport or ("asyncio" if self.settings.protocol == "5" else "paho")
         make = AsyncIngest if kind == "asyncio" else PahoIngest
-        return make(self._session(), self._router.filters, self)
+        filters = [shared(f, self.settings.group) for f in self._router.filters]
+        return make(self._session(), filters, self)
 
     def _session(self) -> Session:
         s = self.settings
@@ -363,6 +365,27 @@ class Bridge:
             self.store.gaps.record(gap)
         except StorageError as exc:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
+
+
+def _open_store(settings: Settings) -> Store:
+    """The store, under the client id it was made with (a new one with --group and --instance).
+
+    A data directory keeps its id: the broker holds the session (and what it queued) under it,
+    so `mqtt-backup-<group>-<instance>` applies to a new directory, and a mismatch is refused.
+    """
+    derived = settings.derived_client_id
+    if derived is None or not manifest_path(settings.data).exists():
+        return Store.open(settings.data, settings.partitions, settings.client_id or derived)
+    store = Store.open(settings.data, settings.partitions)
+    if store.client_id != derived:
+        store.close()
+        raise UsageError(
+            f"{settings.data} belongs to client id {store.client_id!r}, not {derived!r} "
+            f"(--group {settings.group} --instance {settings.instance}); the broker keeps its "
+            "session under the old id",
+            f"add --client-id {store.client_id} to keep it, or use a new --data directory",
+        )
+    return store
 
 
 class RestoreThread:
