@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mqtt_backup import metrics, operations
+from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
 from mqtt_backup.errors import BackupError, StorageError, UsageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
+from mqtt_backup.mqtt.ingest import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
@@ -68,6 +69,10 @@ class Bridge:
         )
         self._router = Router(settings.templates, settings.namespace)
         self.store = _open_store(settings)
+        self.identity = status.Identity(
+            settings.namespace, self.store.client_id, settings.group, settings.instance
+        )
+        self._started_ns = time.time_ns()
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._stop_metrics: Callable[[], None] = lambda: None
@@ -109,13 +114,37 @@ class Bridge:
             ca=str(s.ca) if s.ca else None,
             cert=str(s.cert) if s.cert else None,
             key=str(s.key) if s.key else None,
+            presence=self._presence(),
         )
+
+    def _presence(self) -> Presence:
+        body = status.announcement(
+            self.identity,
+            [spec.name for spec in self.store.manifest.partitions],
+            self.settings.keepalive,
+            self._started_ns,
+        )
+        return Presence(
+            self.identity.topic,
+            status.encode(body, status.ONLINE),
+            status.encode(body, status.OFFLINE),
+        )
+
+    def _wait_for_client_id(self) -> None:
+        """Do not take the session of a bridge that runs with our client id (see status.py)."""
+        s = self.settings
+        files = TlsFiles(*(str(p) if p else None for p in (s.ca, s.cert, s.key)))
+        waiting = status.wait_for_client_id(
+            s.broker_address, self.identity, s.keepalive, protocol=s.protocol, tls_files=files
+        )
+        asyncio.run(waiting)
 
     def connect(self) -> None:
         """Connect and subscribe (and serve metrics when asked); BrokerError, UsageError."""
         try:
             if (where := self.settings.metrics_address) is not None:
                 self._stop_metrics = metrics.serve(where[1], self.snapshot, host=where[0])
+            self._wait_for_client_id()
             self._transport.connect(self.pipeline, self._state.subscriptions)
             self.store.keep_client_id()
         except BaseException:

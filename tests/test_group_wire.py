@@ -15,7 +15,7 @@ import pytest
 
 from mqtt_backup import config
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.errors import ConfigError, UsageError
+from mqtt_backup.errors import ConfigError, SessionTakenOver, UsageError
 from mqtt_backup.storage.manifest import load_manifest
 from tests.conftest import TRANSPORT_ENV, BridgeThread, wait_until
 from tests.wirebroker import SUBSCRIBE, WireBroker
@@ -128,3 +128,23 @@ def test_group_and_instance_come_from_env_and_file(tmp_path: Path) -> None:
     toml.write_text('group = "fleet"\ninstance = "b3"\n', encoding="utf-8")
     assert config.load({}, {}, toml).derived_client_id == "mqtt-backup-fleet-b3"
     assert config.load({"client_id": "mine"}, env).derived_client_id is None
+
+
+def test_a_session_taken_over_ends_the_bridge_with_a_clear_error(
+    wire: WireBroker, data_dir: Path, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    bridge = run_bridge(settings_on(wire, data_dir, client_id="t1"))
+    wait_until(lambda: bool(wire.peer("t1").of_type(SUBSCRIBE)), 10, "a SUBSCRIBE")
+    connections = sum(1 for p in wire.peers if p.client_id == "t1")
+    wire.peer("t1").take_over()
+    wait_until(lambda: bridge.error is not None, 10, "the bridge to end")
+    with pytest.raises(SessionTakenOver) as ended:
+        bridge.stop()
+    assert ended.value.message() == (
+        "another connection took the bridge's broker session: the broker gave session t1 to a "
+        "new connection with the same client id (reason 0x8E): another bridge runs with it. "
+        "Try: stop one of them; each instance needs its own --instance (or --client-id) and "
+        "--data"
+    )
+    # It did not connect again to take the session back.
+    assert sum(1 for p in wire.peers if p.client_id == "t1") == connections

@@ -21,6 +21,12 @@ class Peer:
     client_id: str = ""
     v5: bool = True
     packets: list[tuple[int, bytes]] = field(default_factory=list)
+    sock: socket.socket | None = None
+
+    def take_over(self) -> None:
+        """What EMQX or HiveMQ send when a new connection takes the session: reason 0x8E."""
+        assert self.sock is not None
+        self.sock.sendall(b"\xe0\x02\x8e\x00")
 
     def of_type(self, kind: int) -> list[bytes]:
         """The packets of one type, in the order sent."""
@@ -62,7 +68,7 @@ class WireBroker:
                 conn, _ = self._server.accept()
             except OSError:
                 return
-            peer = Peer()
+            peer = Peer(sock=conn)
             with self._lock:
                 self.peers.append(peer)
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
@@ -85,7 +91,10 @@ class WireBroker:
                     answer = self._answer(kind, raw, peer)
                     if answer is None:
                         return
-                    conn.sendall(answer)
+                    try:
+                        conn.sendall(answer)
+                    except OSError:  # the client went first (an abort at its end)
+                        return
 
     @staticmethod
     def _answer(kind: int, raw: bytes, peer: Peer) -> bytes | None:  # noqa: PLR0911 - per type
