@@ -170,6 +170,7 @@ class Bridge:
             self.store.gaps,
             self.restore_listening,
             self,
+            instance=self.identity.name,
         )
         control = ControlServer(self.settings.data, self.submit)
         control.start()  # before any other thread: it sets the process umask for a moment
@@ -427,8 +428,10 @@ class RestoreThread:
         gaps: GapLog,
         listening: threading.Event,
         bridge: Bridge | None = None,
+        instance: str | None = None,
     ) -> None:
         self._settings = settings
+        self._instance = instance or client_id
         self._listening = listening
         self._options = ServeOptions(
             address=settings.broker_address,
@@ -484,6 +487,8 @@ class RestoreThread:
                     # Its last reading is kept in the data directory, so that what the broker
                     # dropped while the bridge was away is a gap at the next start.
                     dropped=dropped,
+                    group=self._settings.group,
+                    instance=self._instance,
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:
