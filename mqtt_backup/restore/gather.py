@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -155,8 +156,9 @@ async def _read(
     known: dict[str, Member],
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(question.timeout) as deadline:
-        try:
+    # The timeout is raised where the `async with` ends, so it is caught outside it.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(question.timeout) as deadline:
             while not merge.finished:
                 batch = await conn.receive()
                 deadline.reschedule(loop.time() + question.timeout)
@@ -165,8 +167,6 @@ async def _read(
                     if body is not None:
                         merge.take(body)
                 conn.ack(batch)  # written or held in the merge: the broker may send more
-        except TimeoutError:
-            pass
     if merge.nothing_arrived():
         raise NoAnswer(
             f"nothing on {question.namespace}/restore/{question.request.device} from "
