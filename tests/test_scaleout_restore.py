@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,8 @@ from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE
 from mqtt_backup.restore.request import BadRequest, parse_request
 from mqtt_backup.status import STATUS_PROTOCOL
 from tests.conftest import (
-    Broker,
     BridgeThread,
+    Broker,
     Sent,
     device_client,
     make_settings,
@@ -63,8 +64,12 @@ def two_instances(
                 topic=(f"t{unique}/{{device}}",),
             )
         )
-        wait_until(lambda n=name: state_of(broker, ns, n) == "online", 10, f"{name} online")
+        wait_until(functools.partial(_online, broker, ns, name), 10, f"{name} online")
     return ns, dirs
+
+
+def _online(broker: Broker, ns: str, name: str) -> bool:
+    return state_of(broker, ns, name) == "online"
 
 
 def test_the_group_field_round_trips_and_is_checked() -> None:
