@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mqtt_backup import metrics, operations
+from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
-from mqtt_backup.errors import BackupError, StorageError
+from mqtt_backup.errors import BackupError, StorageError, UsageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
+from mqtt_backup.mqtt.ingest import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.storage import Store, StoreReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
+from mqtt_backup.storage.manifest import manifest_path
 from mqtt_backup.times import NS_PER_S, parse_duration
-from mqtt_backup.topics import Router
+from mqtt_backup.topics import Router, shared
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -66,7 +68,11 @@ class Bridge:
             queue.Queue()
         )
         self._router = Router(settings.templates, settings.namespace)
-        self.store = Store.open(settings.data, settings.partitions, settings.client_id)
+        self.store = _open_store(settings)
+        self.identity = status.Identity(
+            settings.namespace, self.store.client_id, settings.group, settings.instance
+        )
+        self._started_ns = time.time_ns()
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._stop_metrics: Callable[[], None] = lambda: None
@@ -93,7 +99,8 @@ class Bridge:
         # asyncio + mqtt5 is the fast path (docs/design-notes.md); paho is 3.1.1 and the fallback.
         kind = self.settings.transport or ("asyncio" if self.settings.protocol == "5" else "paho")
         make = AsyncIngest if kind == "asyncio" else PahoIngest
-        return make(self._session(), self._router.filters, self)
+        filters = [shared(f, self.settings.group) for f in self._router.filters]
+        return make(self._session(), filters, self)
 
     def _session(self) -> Session:
         s = self.settings
@@ -107,13 +114,37 @@ class Bridge:
             ca=str(s.ca) if s.ca else None,
             cert=str(s.cert) if s.cert else None,
             key=str(s.key) if s.key else None,
+            presence=self._presence(),
         )
+
+    def _presence(self) -> Presence:
+        body = status.announcement(
+            self.identity,
+            [spec.name for spec in self.store.manifest.partitions],
+            self.settings.keepalive,
+            self._started_ns,
+        )
+        return Presence(
+            self.identity.topic,
+            status.encode(body, status.ONLINE),
+            status.encode(body, status.OFFLINE),
+        )
+
+    def _wait_for_client_id(self) -> None:
+        """Do not take the session of a bridge that runs with our client id (see status.py)."""
+        s = self.settings
+        files = TlsFiles(*(str(p) if p else None for p in (s.ca, s.cert, s.key)))
+        waiting = status.wait_for_client_id(
+            s.broker_address, self.identity, s.keepalive, protocol=s.protocol, tls_files=files
+        )
+        asyncio.run(waiting)
 
     def connect(self) -> None:
         """Connect and subscribe (and serve metrics when asked); BrokerError, UsageError."""
         try:
             if (where := self.settings.metrics_address) is not None:
                 self._stop_metrics = metrics.serve(where[1], self.snapshot, host=where[0])
+            self._wait_for_client_id()
             self._transport.connect(self.pipeline, self._state.subscriptions)
             self.store.keep_client_id()
         except BaseException:
@@ -139,6 +170,7 @@ class Bridge:
             self.store.gaps,
             self.restore_listening,
             self,
+            instance=self.identity.name,
         )
         control = ControlServer(self.settings.data, self.submit)
         control.start()  # before any other thread: it sets the process umask for a moment
@@ -369,6 +401,27 @@ class Bridge:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
 
 
+def _open_store(settings: Settings) -> Store:
+    """The store, under the client id it was made with (a new one with --group and --instance).
+
+    A data directory keeps its id: the broker holds the session (and what it queued) under it,
+    so `mqtt-backup-<group>-<instance>` applies to a new directory, and a mismatch is refused.
+    """
+    derived = settings.derived_client_id
+    if derived is None or not manifest_path(settings.data).exists():
+        return Store.open(settings.data, settings.partitions, settings.client_id or derived)
+    store = Store.open(settings.data, settings.partitions)
+    if store.client_id != derived:
+        store.close()
+        raise UsageError(
+            f"{settings.data} belongs to client id {store.client_id!r}, not {derived!r} "
+            f"(--group {settings.group} --instance {settings.instance}); the broker keeps its "
+            "session under the old id",
+            f"add --client-id {store.client_id} to keep it, or use a new --data directory",
+        )
+    return store
+
+
 class RestoreThread:
     """The restore service on its own thread and event loop, beside ingest, never in its way."""
 
@@ -379,8 +432,10 @@ class RestoreThread:
         gaps: GapLog,
         listening: threading.Event,
         bridge: Bridge | None = None,
+        instance: str | None = None,
     ) -> None:
         self._settings = settings
+        self._instance = instance or client_id
         self._listening = listening
         self._options = ServeOptions(
             address=settings.broker_address,
@@ -436,6 +491,8 @@ class RestoreThread:
                     # Its last reading is kept in the data directory, so that what the broker
                     # dropped while the bridge was away is a gap at the next start.
                     dropped=dropped,
+                    group=self._settings.group,
+                    instance=self._instance,
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:

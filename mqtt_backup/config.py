@@ -22,7 +22,13 @@ from urllib.parse import unquote, urlsplit
 
 from mqtt_backup.errors import ConfigError, UsageError
 from mqtt_backup.times import parse_duration
-from mqtt_backup.topics import Template, check_namespace, parse_template
+from mqtt_backup.topics import (
+    DEFAULT_GROUP,
+    Template,
+    check_member_name,
+    check_namespace,
+    parse_template,
+)
 
 ENV_PREFIX = "MQTT_BACKUP_"
 DEFAULT_CONFIG = Path("mqtt-backup.toml")
@@ -211,6 +217,11 @@ def _not_empty(value: str) -> str:
     return value
 
 
+def _member_name(value: str) -> str:
+    check_member_name(value)
+    return value
+
+
 def _a_file(value: Path) -> Path:
     if not value.is_file():
         raise UsageError(f"{value} does not exist or is not a file")
@@ -339,6 +350,21 @@ class Settings:
         default="backup",
         metadata=setting("the bridge's own topics, never stored", check=_namespace),
     )
+    group: str | None = field(
+        default=None,
+        metadata=setting(
+            "share ingest with the other bridges of this group ($share/<group>/<filter>)",
+            check=_member_name,
+        ),
+    )
+    instance: str | None = field(
+        default=None,
+        metadata=setting(
+            "this bridge's name in its group (status topic, restore answers)",
+            check=_member_name,
+            default_text="the client id",
+        ),
+    )
     protocol: ProtocolVersion = field(default=ProtocolVersion.V5, metadata=setting("5 or 3.1.1"))
     transport: Transport | None = field(
         default=None,
@@ -433,6 +459,13 @@ class Settings:
                 "a broker password needs a user name", "put it in the URL: mqtts://USER@host:8883"
             )
         return dataclasses.replace(address, password=password)
+
+    @property
+    def derived_client_id(self) -> str | None:
+        """`mqtt-backup-<group>-<instance>` when both are set and no client id is given."""
+        if self.client_id is None and self.group and self.instance:
+            return f"mqtt-backup-{self.group}-{self.instance}"
+        return None
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -606,9 +639,19 @@ def _validate_together(settings: Settings) -> None:
     _validate_tls(settings)
     settings.broker_address  # noqa: B018 - reads the password file: its errors are start-up errors
     _validate_metrics(settings)
+    _validate_group(settings)
     if settings.transport == Transport.ASYNCIO and settings.protocol != ProtocolVersion.V5:
         raise ConfigError(
             "--transport asyncio speaks MQTT 5 only", "use --transport paho for MQTT 3.1.1"
+        )
+
+
+def _validate_group(settings: Settings) -> None:
+    if settings.group is None:
+        return
+    if settings.group == DEFAULT_GROUP:
+        raise ConfigError(
+            f"--group {DEFAULT_GROUP} names the bridges without a group", "choose another name"
         )
 
 

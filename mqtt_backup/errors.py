@@ -61,6 +61,14 @@ class BrokerRefused(BrokerError):
     """the broker refused the bridge: {detail}"""
 
 
+class SessionTakenOver(BrokerError):
+    """another connection took the bridge's broker session: {detail}"""
+
+
+class ClientIdInUse(BrokerError):
+    """another bridge uses this client id: {detail}"""
+
+
 class StorageError(BackupError):
     """storage problem: {detail}"""
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mqtt_backup.errors import UsageError
 
 DEVICE = "{device}"
+DEFAULT_GROUP = "default"  # the group of a bridge without --group (status topic, requests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,30 @@ def check_device(device: str) -> str:
             "mqtt-backup devices lists the stored ids",
         )
     return device
+
+
+_MEMBER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+MAX_MEMBER_CHARS = 64
+
+
+def check_member_name(name: str) -> str:
+    """A group or instance name: one topic level and part of a client id, so plain characters."""
+    if not name or len(name) > MAX_MEMBER_CHARS or not set(name) <= _MEMBER_CHARS:
+        raise UsageError(
+            f"{name!r} must be 1 to {MAX_MEMBER_CHARS} letters, digits, '_', '.' or '-'",
+            "e.g. --group fleet --instance b1",
+        )
+    return name
+
+
+def shared(topic_filter: str, group: str | None) -> str:
+    """The filter as a member of a shared-subscription group subscribes it (unchanged without)."""
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
+
+
+def status_topic(namespace: str, group: str | None, name: str) -> str:
+    """Where a bridge keeps its retained status: `<namespace>/status/<group>/<name>`."""
+    return f"{namespace}/status/{group or DEFAULT_GROUP}/{name}"
 
 
 class Router:

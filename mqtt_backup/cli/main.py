@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 import mqtt_backup
-from mqtt_backup.cli import maintenance, read, restore, run, simulate, web
+from mqtt_backup.cli import maintenance, read, restore, run, simulate, status, web
 from mqtt_backup.cli.output import PROG, error_line
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError
 
@@ -130,7 +130,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-for group in (read.app, restore.app, maintenance.app, simulate.app, web.app):
+for group in (read.app, restore.app, status.app, maintenance.app, simulate.app, web.app):
     app.add_typer(group)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Any, TextIO
 
@@ -24,13 +25,19 @@ from mqtt_backup.cli.read import OutputOpt, SinceOpt, TopicFilterOpt, UntilOpt, 
 from mqtt_backup.cli.types import DEVICE_ID, RATE
 from mqtt_backup.errors import BackupError, UsageError
 from mqtt_backup.restore.client import Ask, ask, request_for
+from mqtt_backup.restore.gather import Gathered, gather, republish
 from mqtt_backup.restore.request import MIN_RATE, Request
+from mqtt_backup.topics import check_member_name
 
 app = typer.Typer()
 
 
 class BridgeRefused(BackupError):
     """the bridge answered with an error: {detail}"""
+
+
+class Incomplete(BackupError):
+    """the restore is incomplete: {detail}"""
 
 
 def restore_request(
@@ -79,9 +86,13 @@ class _Stream:
         self._progress = progress
 
     def __call__(self, body: dict[str, Any]) -> None:
-        output.json_line(self.out, {k: v for k, v in body.items() if k not in ("id", "seq")})
+        # Exactly the lines of `export`: what only the protocol needs is left out.
+        output.json_line(self.out, {k: v for k, v in body.items() if k not in _PROTOCOL_ONLY})
         self.count += 1
         self._progress(self.count)
+
+
+_PROTOCOL_ONLY = ("id", "seq", "instance")
 
 
 def _summary(device: str, terminal: dict[str, Any], written: int) -> str:
@@ -114,6 +125,10 @@ def restore(
     retain: Annotated[
         bool, typer.Option("--retain", help="replay: keep stored retain flags")
     ] = False,
+    group: Annotated[
+        str | None,
+        typer.Option(help="ask the bridges of this group (needed when several are online)"),
+    ] = None,
     to: OutputOpt = "-",
     timeout: Annotated[
         float, typer.Option(help="give up when nothing arrives for this many seconds")
@@ -156,9 +171,61 @@ def restore(
         tls_files=tls_files(settings),
         timeout=timeout,
     )
+    if group is not None:
+        check_member_name(group)
+    if replay and _replay_gathered(question, group, rate):
+        return
     with output.output_file(to) as out, output.progress() as progress:
         stream = _Stream(out, progress)
-        terminal = asyncio.run(ask(question, stream))
+        gathered = asyncio.run(gather(question, group, stream))
+        if gathered is None:  # no bridge announced scale-out support: one answer, as before
+            terminal = asyncio.run(ask(question, stream))
+    if gathered is not None:
+        _finish(device, gathered)
+        return
     if "error" in terminal:
         raise BridgeRefused(terminal["error"])
     output.note(_summary(device, terminal, stream.count))
+
+
+def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bool:
+    """In a group, gather first, then republish in order here; False: no group answers so."""
+    collected: list[dict[str, Any]] = []
+    asking = dataclasses.replace(
+        question, request=dataclasses.replace(question.request, replay=False, rate=None)
+    )
+    gathered = asyncio.run(gather(asking, group, collected.append))
+    if gathered is None:
+        return False
+    if gathered.errors or gathered.silent:
+        _finish(question.request.device, gathered)  # raises: nothing is replayed then
+    sent = asyncio.run(republish(question, collected, rate))
+    output.note(f"replayed {sent} messages of {question.request.device} from {_names(gathered)}")
+    _finish(question.request.device, gathered, quiet=True)
+    return True
+
+
+def _names(gathered: Gathered) -> str:
+    names = gathered.answered
+    return f"{len(names)} instance{'s' if len(names) != 1 else ''} ({', '.join(names)})"
+
+
+def _finish(device: str, gathered: Gathered, quiet: bool = False) -> None:
+    """The summary line of a gathered restore; an error or a silent instance is exit 1."""
+    if gathered.errors:
+        said = "; ".join(f"{name}: {reason}" for name, reason in gathered.errors.items())
+        raise BridgeRefused(said)
+    text = f"restored {gathered.written} messages of {device} from {_names(gathered)}"
+    if gathered.silent:
+        raise Incomplete(
+            f"{text}, but {', '.join(gathered.silent)} sent no terminal in time (what arrived "
+            "is written)",
+            "look at that instance's log (mqtt-backup status shows whether it is online), "
+            "or raise --timeout",
+        )
+    spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in gathered.gaps)
+    if not quiet:
+        output.note(
+            text
+            + (f" (INCOMPLETE: may have missed messages in {spans})" if spans else " (complete)")
+        )

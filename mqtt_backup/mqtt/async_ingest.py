@@ -31,6 +31,7 @@ from mqtt_backup.errors import (
     BrokerRefused,
     BrokerUnreachable,
     ConfigError,
+    SessionTakenOver,
     StorageUnavailable,
 )
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused
@@ -38,11 +39,13 @@ from mqtt_backup.mqtt.ingest import (
     CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
+    SESSION_TAKEN_OVER,
     Hooks,
     Session,
     Sink,
     Stall,
     describe,
+    taken_over,
 )
 from mqtt_backup.records import Properties, Record
 
@@ -56,6 +59,8 @@ _BACKOFF_MAX_S = 30.0
 _PUBLISH = mqtt5.PublishPacket
 _PINGREQ = mqtt5.PingReqPacket().write()
 _DISCONNECT = mqtt5.DisconnectPacket().write()
+# Our own packet ids: SUBSCRIBE 1, UNSUBSCRIBE 2, the status publishes (online, offline) 3 and 4.
+_ONLINE_ID, _OFFLINE_ID = 3, 4
 _T = TypeVar("_T")
 
 
@@ -182,6 +187,11 @@ class _Wire(asyncio.Protocol):
                     self.suback.set_result(packet)
             case mqtt5.PingRespPacket() | mqtt5.UnsubAckPacket():
                 pass
+            case mqtt5.PubAckPacket():  # of a status publish
+                if int(packet.reason_code) >= 128:
+                    log.warning("the broker refused the bridge's status (%s)", packet.reason_code)
+            case mqtt5.DisconnectPacket() if int(packet.reason_code) == SESSION_TAKEN_OVER:
+                self.fail(taken_over(self._ingest.session.client_id))
             case mqtt5.DisconnectPacket():
                 reason = packet.reason_str or packet.reason_code.name
                 self.fail(BrokerUnreachable(f"the broker closed the connection: {reason}"))
@@ -345,6 +355,7 @@ class AsyncIngest:
                 keep_alive=s.keepalive,
                 session_expiry_interval=s.session_expiry,
                 receive_max=s.receive_maximum,
+                will=self._will(),
             ).write()
         )
         connack = await self._answer(wire.connack, "CONNACK")
@@ -354,10 +365,32 @@ class AsyncIngest:
         gone = [f for f in known_filters if f not in self.filters]
         if gone and connack.session_present:
             wire.write(mqtt5.UnsubscribePacket(2, gone).write())
+        self._announce(wire, online=True)
         wire.serving = True
         self._connected = True
         self._hooks.connected(connack.session_present, self.filters)
         return connack.session_present
+
+    def _will(self) -> mqtt5.Will | None:
+        presence = self.session.presence
+        if presence is None:
+            return None
+        return mqtt5.Will(
+            presence.topic, payload=presence.offline, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True
+        )
+
+    def _announce(self, wire: _Wire, online: bool) -> None:
+        """Publish the retained status (QoS 1; its PUBACK is only looked at for a refusal)."""
+        presence = self.session.presence
+        if presence is not None:
+            packet = mqtt5.PublishPacket(
+                presence.topic,
+                presence.online if online else presence.offline,
+                qos=mqtt5.QoS.AT_LEAST_ONCE,
+                retain=True,
+                packet_id=_ONLINE_ID if online else _OFFLINE_ID,
+            )
+            wire.write(packet.write())
 
     async def _answer(self, future: asyncio.Future[_T], what: str) -> _T:
         try:
@@ -414,6 +447,10 @@ class AsyncIngest:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
+            if isinstance(wire.failure, SessionTakenOver):
+                self._connected = False
+                await self._shutdown(sink)  # stores what is pending; its acks are void
+                raise wire.failure
             if wire.failure is not None:
                 self._connection_lost(wire.failure.detail)
                 continue
@@ -581,6 +618,7 @@ class AsyncIngest:
                 exc.detail,
             )
         self._connected = False  # a disconnect we asked for is not a lost connection
+        self._announce(wire, online=False)  # a clean DISCONNECT discards the will
         wire.write(_DISCONNECT)
         wire.failure = BrokerUnreachable("disconnected")
         assert wire.transport is not None

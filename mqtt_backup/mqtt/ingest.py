@@ -29,6 +29,7 @@ from mqtt_backup.errors import (
     BrokerRefused,
     BrokerUnreachable,
     ConfigError,
+    SessionTakenOver,
     StorageUnavailable,
 )
 from mqtt_backup.records import Properties, Record
@@ -45,6 +46,28 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
+class Presence:
+    """The bridge's retained status: `online` after each connect, `offline` as will and at stop."""
+
+    topic: str
+    online: bytes
+    offline: bytes
+
+
+# MQTT 5 DISCONNECT reason: another connection with our client id took the session.
+SESSION_TAKEN_OVER = 0x8E
+
+
+def taken_over(client_id: str) -> SessionTakenOver:
+    """The error of a bridge whose session another connection took (it must not reconnect)."""
+    return SessionTakenOver(
+        f"the broker gave session {client_id} to a new connection with the same client id "
+        "(reason 0x8E): another bridge runs with it",
+        "stop one of them; each instance needs its own --instance (or --client-id) and --data",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     """How the bridge connects: who it is and how long the broker keeps its session."""
 
@@ -57,6 +80,7 @@ class Session:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    presence: Presence | None = None
 
 
 class Sink(Protocol):
@@ -151,6 +175,7 @@ class PahoIngest:
         self._connack: tuple[bool, ReasonCode | None] | None = None
         self._suback: list[ReasonCode] | None = None
         self._connected = False
+        self.taken_over: SessionTakenOver | None = None
         self.stall = Stall()
         self._client = self._make_client()
 
@@ -173,6 +198,9 @@ class PahoIngest:
                 )
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
+        presence = self.session.presence
+        if presence is not None:
+            client.will_set(presence.topic, presence.offline, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -199,6 +227,8 @@ class PahoIngest:
     def _on_disconnect(
         self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
     ) -> None:
+        if isinstance(rc, ReasonCode) and rc.value == SESSION_TAKEN_OVER:
+            self.taken_over = taken_over(self.session.client_id)
         if self._connected:
             self._connected = False
             self._hooks.disconnected(str(rc))
@@ -271,9 +301,17 @@ class PahoIngest:
         gone = [f for f in known_filters if f not in self.filters]
         if gone and session_present:
             self._client.unsubscribe(gone)
+        self._announce(online=True)
         self._connected = True
         self._hooks.connected(session_present, self.filters)
         return session_present
+
+    def _announce(self, online: bool) -> None:
+        """Publish the retained status (written with the next loop_write, before any ack)."""
+        presence = self.session.presence
+        if presence is not None:
+            payload = presence.online if online else presence.offline
+            self._client.publish(presence.topic, payload, qos=1, retain=True)
 
     def _is_v5(self) -> bool:
         return self.session.protocol == ProtocolVersion.V5
@@ -328,6 +366,9 @@ class PahoIngest:
         while not stop.is_set():
             self._hooks.tick()
             if not self._connected:
+                if self.taken_over is not None:
+                    self._commit_unacked(sink)  # storing twice is safe; the acks are void
+                    raise self.taken_over
                 self._reconnect(stop)
                 continue
             self._serve(sink, self.stall)
@@ -477,6 +518,7 @@ class PahoIngest:
                     sink.pending,
                     exc.detail,
                 )
+            self._announce(online=False)  # a clean DISCONNECT discards the will
             self._flush_writes()
             self._connected = False  # a disconnect we asked for is not a lost connection
             self._client.disconnect()

@@ -49,6 +49,8 @@ class Reply:
     # Answers on a topic an ingest template may match carry the loop marker, so they are not
     # stored as device data (only possible with --response-topics any).
     marked: bool = False
+    # Set when the answer is one stream of several (a group): on every message and the terminal.
+    instance: str | None = None
     _data_props: bytes | None = field(default=None, repr=False)
 
     def _props(self, *user: tuple[str, str], content_type: str | None = None) -> bytes:
@@ -63,7 +65,12 @@ class Reply:
         return json.dumps(body, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
     def _with_id(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"id": self.request_id, **body} if self.request_id is not None else body
+        head: dict[str, Any] = {}
+        if self.request_id is not None:
+            head["id"] = self.request_id
+        if self.instance is not None:
+            head["instance"] = self.instance
+        return {**head, **body} if head else body
 
     def json_message(self, stored: StoredMessage) -> Outgoing:
         """One stored message as a JSON envelope with `id` and `seq`."""
@@ -90,6 +97,8 @@ class Reply:
         ]
         if self.request_id is not None:
             user.append(("mqtt-backup-id", self.request_id))
+        if self.instance is not None:
+            user.append(("mqtt-backup-instance", self.instance))
         original = record.properties
         if original is not None:
             user.extend(original.user)

@@ -14,12 +14,24 @@ from typing import Any
 
 from mqtt_backup.errors import UsageError
 from mqtt_backup.times import format_ts, parse_time
-from mqtt_backup.topics import check_filter
+from mqtt_backup.topics import check_filter, check_member_name
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ID_CHARS = 1024
 MIN_RATE = 0.01
-FIELDS = ("since", "until", "topic", "limit", "order", "mode", "format", "id", "rate", "retain")
+FIELDS = (
+    "since",
+    "until",
+    "topic",
+    "limit",
+    "order",
+    "mode",
+    "format",
+    "id",
+    "rate",
+    "retain",
+    "group",
+)
 
 
 class BadRequest(Exception):
@@ -46,6 +58,7 @@ class Request:
     request_id: str | None = None
     rate: float | None = None
     retain: bool = False
+    group: str | None = None  # only the bridges of this group answer (DESIGN section 6)
 
     @classmethod
     def from_fields(cls, device: str, fields: dict[str, Any]) -> Request:
@@ -79,6 +92,8 @@ class Request:
             fields["rate"] = self.rate
         if self.retain:
             fields["retain"] = True
+        if self.group is not None:
+            fields["group"] = self.group
         return fields
 
     def payload(self) -> bytes:
@@ -207,6 +222,7 @@ def _build(device: str, fields: dict[str, Any], request_id: str | None) -> Reque
         request_id=request_id,
         rate=_rate(fields),
         retain=_flag(fields, "retain"),
+        group=_group(fields),
     )
 
 
@@ -261,6 +277,19 @@ def _rate(fields: dict[str, Any]) -> float | None:
         # A replay holds one of the few restore slots: one message in 100 s is the slowest.
         raise BadRequest(f"'rate' must be at least {MIN_RATE} messages per second")
     return float(value)
+
+
+def _group(fields: dict[str, Any]) -> str | None:
+    value = fields.get("group")
+    if value is None:
+        return None
+    try:
+        return check_member_name(value) if isinstance(value, str) else check_member_name("")
+    except UsageError:
+        raise BadRequest(
+            "'group' must be a group name (letters, digits, '_', '.', '-'); "
+            "ungrouped bridges are group 'default'"
+        ) from None
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:

@@ -42,7 +42,7 @@ from mqtt_backup.restore.request import BadRequest, Request, parse_request, resp
 from mqtt_backup.storage import StoredMessage, StoreReader
 from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, format_ts
-from mqtt_backup.topics import filter_matches
+from mqtt_backup.topics import DEFAULT_GROUP, filter_matches
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class RestoreService:
     any_response_topic: bool = False
     # Reads the broker's dropped counter; None (tests) means drops are not reported at all.
     dropped: DroppedWatcher | None = None
+    # This bridge's group (None: ungrouped, group "default") and its name in it.
+    group: str | None = None
+    instance: str | None = None
     window: int = WINDOW
     max_active: int = MAX_ACTIVE
     max_waiting: int = MAX_WAITING
@@ -109,6 +112,9 @@ class RestoreService:
         try:
             request = _checked(parse_request(device, message.payload), refused)
             reply.request_id = request.request_id
+            if not self._answers(request):
+                return  # the bridges of the group it names answer it
+            reply.instance = self._stream_name(request)
             await self._run(request, reply, outbox)
         except BadRequest as exc:
             reply.request_id = reply.request_id or exc.request_id
@@ -128,6 +134,15 @@ class RestoreService:
             log.exception("restore of %s failed on an unexpected error", device)
             internal = reply.error("internal error in the bridge; see its log")
             await _quietly(outbox.send_one(internal))
+
+    def _answers(self, request: Request) -> bool:
+        return request.group is None or request.group == (self.group or DEFAULT_GROUP)
+
+    def _stream_name(self, request: Request) -> str | None:
+        """`instance` on every message: in a group, or when a gathering client names the group."""
+        if self.group is None and request.group is None:
+            return None
+        return self.instance
 
     async def _run(self, request: Request, reply: Reply, outbox: Outbox) -> None:
         if (request.replay or request.raw) and not outbox.mqtt5:

@@ -1,0 +1,165 @@
+"""Status and membership on a real Mosquitto: the retained status, the will, one client id once.
+
+Each test has its own namespace, so the retained status of other tests' bridges stays out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click.testing
+import pytest
+from typer.testing import CliRunner
+
+from mqtt_backup.cli import app
+from mqtt_backup.config import parse_broker_url
+from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
+from mqtt_backup.mqtt import CodecConnection
+from mqtt_backup.status import STATUS_PROTOCOL, Member, read_members
+from tests.conftest import BridgeThread, Broker, bridge_process, make_settings, wait_until
+
+pytestmark = pytest.mark.usefixtures("transport")
+
+KEEPALIVE = 5  # the smallest the bridge takes: the will comes within 1.5 of them
+
+
+def status(broker: Broker, namespace: str, *args: str) -> click.testing.Result:
+    """`mqtt-backup status` in this process."""
+    argv = ["status", "--broker", broker.url, "--namespace", namespace, *args]
+    return CliRunner().invoke(app, argv)
+
+
+def members(broker: Broker, namespace: str) -> dict[str, Member]:
+    """The status messages now retained under the namespace, by instance name."""
+
+    async def read() -> dict[str, Member]:
+        async with CodecConnection(parse_broker_url(broker.url)) as conn:
+            found = await read_members(conn, namespace)
+        return {m.name: m for m in found.values()}
+
+    return asyncio.run(read())
+
+
+def state_of(broker: Broker, namespace: str, name: str) -> str | None:
+    """The state a member last announced, or None."""
+    member = members(broker, namespace).get(name)
+    return None if member is None else str(member.body["state"])
+
+
+def test_a_running_bridge_is_online_and_a_clean_stop_says_offline(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    ns = f"ns{unique}"
+    settings = make_settings(broker, data_dir, namespace=ns, group="g1", instance="a")
+    bridge = run_bridge(settings)
+    wait_until(lambda: state_of(broker, ns, "a") == "online", 10, "the online status")
+    result = status(broker, ns, "--json", "--wait", "0.5")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["topic"] == f"{ns}/status/g1/a"
+    expected: dict[str, Any] = {
+        "state": "online",
+        "protocol": STATUS_PROTOCOL,
+        "group": "g1",
+        "instance": "a",
+        "client_id": "mqtt-backup-g1-a",
+        "partitions": ["p0", "p1", "p2"],
+        "requests": f"{ns}/restore/+",
+        "keepalive": 10,
+    }
+    assert {k: row[k] for k in expected} == expected
+    assert row["started"].endswith("Z")
+    table = status(broker, ns, "--wait", "0.5")
+    assert table.exit_code == 0, table.output
+    assert "mqtt-backup-g1-a" in table.stdout
+    assert "online" in table.stdout
+    bridge.stop()
+    assert state_of(broker, ns, "a") == "offline"
+
+
+def test_an_ungrouped_bridge_is_named_by_its_client_id(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    ns = f"ns{unique}"
+    run_bridge(make_settings(broker, data_dir, namespace=ns, client_id=f"solo-{unique}"))
+    wait_until(lambda: state_of(broker, ns, f"solo-{unique}") == "online", 10, "online")
+    member = members(broker, ns)[f"solo-{unique}"]
+    assert member.topic == f"{ns}/status/default/solo-{unique}"
+    assert member.body["group"] == "default"
+
+
+def test_status_without_any_bridge_exits_1(broker: Broker, unique: str) -> None:
+    result = status(broker, f"ns{unique}", "--wait", "0.3")
+    assert result.exit_code == EXIT_RUNTIME, result.output
+    assert result.stderr.strip() == (
+        f"mqtt-backup: no bridge announced itself: nothing on ns{unique}/status/+/+ within "
+        "0.3 s. Try: check --broker and --namespace, that 'mqtt-backup run' runs there, or "
+        "raise --wait"
+    )
+
+
+@pytest.mark.slow
+def test_the_will_says_offline_within_one_and_a_half_keepalives_of_a_kill(
+    broker: Broker, data_dir: Path, unique: str
+) -> None:
+    ns = f"ns{unique}"
+    args = ("--namespace", ns, "--group", "g", "--instance", "k", "--keepalive", str(KEEPALIVE))
+    proc = bridge_process(broker, data_dir, *args)
+    try:
+        wait_until(lambda: state_of(broker, ns, "k") == "online", 30, "the online status")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_until(
+            lambda: state_of(broker, ns, "k") == "offline",
+            1.5 * KEEPALIVE,
+            "the will within 1.5 keepalives",
+        )
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_second_bridge_with_an_online_client_id_waits_then_exits_3(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    ns = f"ns{unique}"
+    first = make_settings(broker, tmp_path / "a", namespace=ns, client_id=f"twin-{unique}")
+    run_bridge(first)
+    wait_until(lambda: state_of(broker, ns, f"twin-{unique}") == "online", 10, "online")
+    args = ("--namespace", ns, "--client-id", f"twin-{unique}", "--keepalive", str(KEEPALIVE))
+    started = time.monotonic()
+    log = tmp_path / "second.log"
+    second = bridge_process(broker, tmp_path / "b", *args, "--instance", "other", log=log)
+    second.wait(60)
+    second_out = log.read_text(encoding="utf-8")
+    waited = time.monotonic() - started
+    assert second.returncode == EXIT_BROKER, second_out
+    assert f"client id twin-{unique} is online on {ns}/status/default/twin-{unique}" in second_out
+    assert "Try: stop the other bridge" in second_out
+    assert "Traceback" not in second_out
+    # It waited for the will before giving up (the first keeps a 10 s keepalive).
+    assert waited >= 1.5 * 10
+    # The first never lost its session.
+    assert state_of(broker, ns, f"twin-{unique}") == "online"
+
+
+def test_a_second_bridge_starts_once_the_first_goes_offline(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    ns = f"ns{unique}"
+    first = run_bridge(make_settings(broker, tmp_path / "a", namespace=ns, client_id=f"t{unique}"))
+    wait_until(lambda: state_of(broker, ns, f"t{unique}") == "online", 10, "online")
+    second = make_settings(broker, tmp_path / "b", namespace=ns, client_id=f"t{unique}")
+    # The first stops while the second waits for it (run_bridge returns once it connected).
+    threading.Timer(1.0, first.stop).start()
+    run_bridge(second)
+    wait_until(lambda: state_of(broker, ns, f"t{unique}") == "online", 10, "the second online")
+    assert members(broker, ns)[f"t{unique}"].body["pid"] > 0
