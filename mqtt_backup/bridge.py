@@ -493,6 +493,7 @@ class RestoreThread:
                     dropped=dropped,
                     group=self._settings.group,
                     instance=self._instance,
+                    max_packet_size=self._settings.max_packet_size,
                 )
                 await serve(service, self._options, self._stop, self._set_listening)
             finally:

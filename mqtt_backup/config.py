@@ -424,6 +424,16 @@ class Settings:
     log_level: LogLevel = field(
         default=LogLevel.INFO, metadata=setting("debug, info, warning, error")
     )
+    max_packet_size: int | None = field(
+        default=None,
+        metadata=setting(
+            "the broker's largest packet in bytes (Mosquitto's max_packet_size): an MQTT 5 "
+            "broker announces it, a 3.1.1 one does not; a restore answer larger than that ends "
+            "in an error instead of the broker dropping the connection",
+            bounds=(128, 268_435_460),
+            default_text="as announced by the broker",
+        ),
+    )
     log_format: LogFormat = field(
         default=LogFormat.TEXT, metadata=setting("text, or json: one JSON object per line")
     )

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 
 from mqtt_backup.config import Settings, parse_broker_url
 from mqtt_backup.mqtt import AsyncConnection
-from mqtt_backup.restore.service import DROPPED_TOPIC
+from mqtt_backup.restore.service import DROPPED_TOPIC, RETAINED_TOLD_MAX, RestoreService
 from mqtt_backup.times import parse_time
 from tests.conftest import (
     BridgeThread,
@@ -32,6 +32,10 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from mqtt_backup.storage import StoreReader
+    from mqtt_backup.storage.journal import GapLog
 
 RunBridge = Callable[[Settings], BridgeThread]
 Message = dict[str, Any]
@@ -83,7 +87,8 @@ def test_a_live_retained_request_and_its_clearing_publish_are_ignored(
     run_bridge: RunBridge,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="mqtt_backup.restore")
+    # DEBUG: the second publish on the same topic is told at DEBUG (once per topic at INFO).
+    caplog.set_level(logging.DEBUG, logger="mqtt_backup.restore")
     device = f"{unique}-live-ret"
     request = f"backup/restore/{device}"
     _start(run_bridge, make_settings(broker, data_dir))
@@ -100,6 +105,21 @@ def test_a_live_retained_request_and_its_clearing_publish_are_ignored(
         publish(broker, [Sent(request, b"", retain=True)])
     assert [a.get("id") for a in answers] == ["plain"] * len(answers), answers
     assert answers[-1]["done"] is True
+
+
+def test_retained_requests_are_told_once_per_topic_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found in review: every retained request was an INFO line, replayed at every reconnect.
+    caplog.set_level(logging.DEBUG, logger="mqtt_backup.restore")
+    # Telling needs neither the store nor the gap log.
+    service = RestoreService(cast("StoreReader", None), cast("GapLog", None))
+    for _ in range(3):
+        for n in range(RETAINED_TOLD_MAX + 10):
+            service._ignore_retained(f"backup/restore/dev-{n}")
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == RETAINED_TOLD_MAX
+    assert len(caplog.records) == 3 * (RETAINED_TOLD_MAX + 10)
 
 
 def test_a_stale_retained_request_is_ignored_on_mqtt_311(

@@ -59,6 +59,7 @@ RESTART_SLACK_NS = 60 * NS_PER_S
 SYS_EXPIRY_NS = 60 * NS_PER_S
 DROPS_UNKNOWN = "broker-drops-unknown.jsonl"
 _YIELD_EVERY = 128
+RETAINED_TOLD_MAX = 1024
 
 
 @dataclass
@@ -75,11 +76,15 @@ class RestoreService:
     group: str | None = None
     instance: str | None = None
     window: int = WINDOW
+    # The largest packet the broker takes, as configured (`--max-packet-size`): a 3.1.1 broker
+    # does not announce its limit; on MQTT 5 the smaller of this and the announced one counts.
+    max_packet_size: int | None = None
     max_active: int = MAX_ACTIVE
     max_waiting: int = MAX_WAITING
     _active: asyncio.Semaphore = field(init=False)
     _running: int = field(init=False, default=0)
     _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _retained_told: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         """Create the concurrency limit on the running loop."""
@@ -95,11 +100,29 @@ class RestoreService:
         if message.retain:
             # A retained request, live or stale, would be answered again at every reconnect of
             # every bridge, and the empty publish that clears it would ask for everything.
-            log.info("ignoring retained restore request on %s", message.topic)
+            self._ignore_retained(message.topic)
             return
         task = asyncio.create_task(self.answer(message, conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _limit(self, outbox: Outbox) -> int | None:
+        """The largest packet the broker takes: announced (MQTT 5), configured, or unknown."""
+        known = [n for n in (outbox.max_packet_size, self.max_packet_size) if n is not None]
+        return min(known) if known else None
+
+    def _ignore_retained(self, topic: str) -> None:
+        # Once per topic at INFO (a bounded set): thousands of retained requests, replayed at
+        # every reconnect, must not flood the log.
+        if topic in self._retained_told or len(self._retained_told) >= RETAINED_TOLD_MAX:
+            log.debug("ignoring retained restore request on %s", topic)
+            return
+        self._retained_told.add(topic)
+        log.info(
+            "ignoring retained restore request on %s (clear it: publish an empty retained "
+            "message there)",
+            topic,
+        )
 
     async def answer(self, message: Inbound, conn: Outbox | Publisher) -> None:
         """Parse, scan and publish one request; any problem becomes one error terminal."""
@@ -184,7 +207,8 @@ class RestoreService:
                 ):
                     continue
                 count += 1
-                await batches.add(_fitting(build(message), outbox, request, message))
+                packet = build(message)
+                await batches.add(_fitting(packet, self._limit(outbox), request, message))
                 if request.limit is not None and count >= request.limit:
                     break  # before scanning on for a next match that would not be sent
             await batches.finish()
@@ -224,9 +248,10 @@ class RestoreService:
         return len(tasks)
 
 
-def _fitting(packet: Outgoing, outbox: Outbox, request: Request, stored: StoredMessage) -> Outgoing:
+def _fitting(
+    packet: Outgoing, limit: int | None, request: Request, stored: StoredMessage
+) -> Outgoing:
     """The packet, unless the broker would refuse it (and drop the connection) as too large."""
-    limit = outbox.max_packet_size
     if limit is not None and packet.size() > limit:
         raise too_large(packet, limit, request.raw or request.replay, stored)
     return packet

@@ -69,12 +69,6 @@ def _reconnects(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage()[:200] for r in caplog.records if "retrying" in r.getMessage()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on MQTT 3.1.1 the broker's max_packet_size is unknown to the restore side: an "
-    "oversized JSON answer makes Mosquitto drop the restore connection (every restore in "
-    "progress is abandoned) and the requester times out (exit 3) instead of an error terminal",
-)
 def test_oversized_answer_on_a_311_bridge_ends_with_an_error_terminal(
     make_broker: BrokerFactory,
     data_dir: Path,
@@ -82,10 +76,14 @@ def test_oversized_answer_on_a_311_bridge_ends_with_an_error_terminal(
     run_bridge: RunBridge,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A 76,000-byte binary payload fits the broker; its base64 JSON answer (~101 kB) does not."""
+    """A 76,000-byte binary payload fits the broker; its base64 JSON answer (~101 kB) does not.
+
+    A 3.1.1 CONNACK does not announce the broker's limit: `--max-packet-size` says it (without
+    it, the broker drops the restore connection and the requester times out).
+    """
     caplog.set_level(logging.WARNING, logger="mqtt_backup.restore")
     broker = make_broker(f"max_packet_size {LIMIT}")
-    bridge = run_bridge(make_settings(broker, data_dir, protocol="3.1.1"))
+    bridge = run_bridge(make_settings(broker, data_dir, protocol="3.1.1", max_packet_size=LIMIT))
     wait_until(bridge.bridge.restore_listening.is_set, 30, "the restore service")
     device = f"{unique}-big"
     topic = f"devices/{device}/t"
