@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 AckToken = object
 HOLD_BATCHES = 10
+# Topics whose device is remembered (the router splits and matches a topic on a miss); the map is
+# emptied when full, so memory stays flat whatever the fleet size.
+TOPIC_CACHE_ENTRIES = 16384
 AckCallback = Callable[[Sequence[AckToken]], None]
 
 
@@ -99,6 +102,7 @@ class CommitPipeline:
         # a gap after a lost session starts here, not when the bridge last saved its state.
         self.caught_up_ns = 0
         self.connecting_ns = 0  # when the current connection was opened
+        self._devices: dict[str, str | None] = {}  # topic -> device (None: not to be stored)
 
     @property
     def pending(self) -> int:
@@ -113,11 +117,11 @@ class CommitPipeline:
     def offer(self, record: Record, token: AckToken | None, replayed: bool = False) -> None:
         """Take one received message; `token` is None for QoS 0 (nothing to acknowledge)."""
         self.counters.received += 1
-        if not self.has_work:
+        if not self._size and not self._tokens:
             self._opened = time.monotonic()
         if token is not None:
             self._tokens.append(token)
-        device = None if replayed else self._router.device_of(record.topic)
+        device = None if replayed else self._device_of(record.topic)
         if device is None:
             # The bridge's own traffic, its replays and unmatched topics are acknowledged unstored.
             self.counters.skipped += 1
@@ -126,6 +130,18 @@ class CommitPipeline:
         item = Pending(device, dev_key, time.time_ns(), record, self._connection)
         self._groups.setdefault(partition, []).append(item)
         self._size += 1
+
+    def _device_of(self, topic: str) -> str | None:
+        """The router's answer for a topic, remembered (telemetry repeats its few topics)."""
+        try:
+            return self._devices[topic]
+        except KeyError:
+            pass
+        device = self._router.device_of(topic)
+        if len(self._devices) >= TOPIC_CACHE_ENTRIES:
+            self._devices.clear()
+        self._devices[topic] = device
+        return device
 
     def full(self) -> bool:
         """The batch reached its size limit: commit before reading more."""

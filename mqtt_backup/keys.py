@@ -16,6 +16,8 @@ KEY_LEN = 28
 SEQ_MASK = 0xFFFFFFFF
 _TAIL = struct.Struct(">QI")
 _TS = struct.Struct(">Q")
+# What follows the device key in a record key, for the write path's inlined record_key: ts_ns, seq.
+key_tail = _TAIL.pack
 # Greater than every 28-byte key of a device: the exclusive upper bound of its whole range.
 _PAST_LAST = b"\xff" * (KEY_LEN - DEVICE_KEY_LEN + 1)
 

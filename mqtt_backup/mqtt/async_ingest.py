@@ -144,6 +144,7 @@ class _Wire(asyncio.Protocol):
     def _parse(self, view: memoryview) -> int:
         """Dispatch the whole packets at the start of `view`; how many bytes they took."""
         sink, read, offset, end = self._sink, mqtt5.read, 0, len(view)
+        generation = self._generation
         with view:
             while offset < end:
                 try:
@@ -154,8 +155,15 @@ class _Wire(asyncio.Protocol):
                     self.fail(BrokerError(f"malformed packet from the broker: {exc}"))
                     return offset
                 if type(packet) is _PUBLISH:
-                    props = _properties(packet) if _has_properties(view, offset) else None
-                    self._offer(sink, packet, view[offset], props)
+                    first = view[offset]
+                    if first & 0x06 == 0x02 and not _has_properties(view, offset):
+                        # QoS 1 without properties, telemetry's case: offered here directly.
+                        retain, dup = bool(first & 1), bool(first & 8)
+                        record = Record(packet.topic, packet.payload, 1, retain, dup)
+                        sink.offer(record, generation | cast("int", packet.packet_id))
+                    else:
+                        props = _properties(packet) if _has_properties(view, offset) else None
+                        self._offer(sink, packet, first, props)
                     if self.serving and sink.full():
                         self._ingest.commit_or_hold(self)
                 else:
