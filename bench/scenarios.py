@@ -56,7 +56,7 @@ class Sizes:
     web_small: int = 1_000  # messages of the web view's reference device
     web_big: int = 100_000  # messages of the device whose page should cost the same
     web_download: int = 10_000
-    web_requests: int = 40  # timed requests per page
+    web_requests: int = 15  # timed requests per page (p99: the slowest of them)
 
     def scaled(self, factor: float) -> Sizes:
         """Every count times factor (at least a few), durations too; for smoke runs."""

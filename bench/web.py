@@ -31,7 +31,7 @@ SMALL, BIG = "web-small", "web-big"
 TICK_NS = NS_PER_S  # the small and the big device report once a second
 FLEET_MESSAGES = 10  # each device of the fleet: this many, a minute apart
 FLEET_INTERVAL_NS = 60 * NS_PER_S
-WARMUP = 2  # requests per case before the clock runs (caches, first template render)
+WARMUP = 1  # requests per case before the clock runs (caches, first template render)
 EXPORT_RUNS = 3  # the export reference: the fastest of this many runs, each side
 WINDOWS = (("default window (1d)", ""), ("everything", "range=all"))
 FORMATS = (("HTML", ""), ("JSON", "format=json"))
@@ -263,7 +263,7 @@ def _download_row(
     lines = min(s.web_download, s.web_big)
     since, until = str((end_ns - lines * TICK_NS) // NS_PER_S), str(end_ns // NS_PER_S)
     download = Timed(f"/devices/{BIG}/download.jsonl?since={since}&until={until}")
-    in_turns(pages, pid, [download], max(3, s.web_requests // 4))
+    in_turns(pages, pid, [download], max(3, s.web_requests // 3))
     body = download.once(pages, pid, counted=False)
     export = _export(command, store, since, until, body)
     figures = download.figures()
