@@ -101,13 +101,16 @@ class WebView:
             if self.proc.poll() is not None:
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
                 raise BenchError(f"mqtt-backup web exited ({self.proc.returncode}): {tail}")
+            probe = Pages(self.port)
             try:
-                Pages(self.port).get("/store")
+                probe.get("/store")
             except (OSError, http.client.HTTPException, BenchError):
                 if time.monotonic() > deadline:
                     raise BenchError(f"mqtt-backup web did not answer in {timeout:.0f} s") from None
                 time.sleep(0.1)
                 continue
+            finally:
+                probe.close()
             return
 
     def stop(self) -> None:
@@ -199,7 +202,7 @@ def scenario(ctx: Context) -> list[Row]:
     start = time.monotonic()
     written = data.prefill_at(store, history(fleet, small, big, end_ns))
     fill = {"messages": written, "fill_s": time.monotonic() - start}
-    command = ctx.variants[0].command
+    command = ctx.variants[0].command  # `mqtt-backup` as --bridge-command names it
     with WebView(command, store, where / "web.log") as view:
         view.wait_ready()
         pages = Pages(view.port)
