@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import machine, report, scenarios
+from bench import machine, report, scenarios, web
 from bench.procs import BenchError, BridgeSpec, default_bridge_command, reap_subscribers
 from tools.devbroker import BrokerStartError
 
@@ -39,6 +39,7 @@ SCENARIOS: dict[str, Callable[[scenarios.Context], list[scenarios.Row]]] = {
     "live": scenarios.live,
     "operations": scenarios.operations,
     "busy": scenarios.busy_ingest,
+    "web": web.scenario,
 }
 
 

@@ -66,16 +66,31 @@ def prefill(
     data: Path, messages: Iterator[tuple[str, bytes]], partitions: int = 4, client_id: str = "bench"
 ) -> int:
     """Write messages into a (new) data directory through the storage API; returns the count."""
+    now = ((time.time_ns(), topic, payload) for topic, payload in messages)
+    return prefill_at(data, now, partitions, client_id)
+
+
+def prefill_at(
+    data: Path,
+    messages: Iterator[tuple[int, str, bytes]],
+    partitions: int = 4,
+    client_id: str = "bench",
+) -> int:
+    """Like prefill, with each message's receive time (ns) given; returns the count.
+
+    A partition's clock never goes back (a time earlier than the last one becomes that plus one
+    nanosecond), so the messages must come in time order.
+    """
     store = Store.open(data, partitions=partitions, client_id=client_id)
     written = 0
     try:
         store.keep_client_id()
         groups: dict[str, list[Pending]] = {}
-        for topic, payload in messages:
+        for received_ns, topic, payload in messages:
             device = topic.split("/")[1]
             partition, key = store.locate(device)
             groups.setdefault(partition, []).append(
-                Pending(device, key, time.time_ns(), Record(topic, payload))
+                Pending(device, key, received_ns, Record(topic, payload))
             )
             written += 1
             if written % PREFILL_BATCH == 0:

@@ -47,6 +47,7 @@ def _extras(row: dict[str, Any]) -> str:
         parts.append(f"peak RSS {d['peak_rss_bytes'] / 2**20:.0f} MiB")
     if "p99_ms" in d and row["unit"] != "ms p99 publish-to-stored":
         parts.append(f"p99 {d['p99_ms']:.1f} ms")
+    parts += _web_extras(d)
     if "broker_round_trip" in d:
         parts.append(f"broker round trip p50 {d['broker_round_trip']['p50_ms']:.2f} ms")
     if "max_lag_messages" in d:
@@ -65,6 +66,21 @@ def _extras(row: dict[str, Any]) -> str:
     if d.get("method") == "bounds":
         parts.append("coarse (drain < 2 s)")
     return "; ".join(parts)
+
+
+def _web_extras(d: dict[str, Any]) -> list[str]:
+    """The web scenario's: server CPU per request; its reference's p99, or export's start-up."""
+    parts = []
+    ref = d.get("reference")
+    if "cpu_ms_per_request" in d:
+        parts.append(f"server CPU {d['cpu_ms_per_request']:.0f} ms/request")
+    if isinstance(ref, dict) and "cpu_ms_per_request" in ref:
+        parts.append(
+            f"ref p99 {ref['p99_ms']:.1f} ms, ref server CPU {ref['cpu_ms_per_request']:.0f} ms"
+        )
+    if isinstance(ref, dict) and "start_up_s" in ref:
+        parts.append(f"export {ref['seconds']:.2f} s, of which start-up {ref['start_up_s']:.2f} s")
+    return parts
 
 
 COLUMNS = ("scenario", "case", "subject", "value", "unit", "reference", "ratio", "goal", "details")
@@ -168,6 +184,13 @@ same broker, and the ratio is the figure that counts: absolute rates move with t
 - devices: the ingest drain at growing numbers of distinct devices (ratio: against the smallest).
 - operations: `partitions add` on a prefilled store (bytes moved / wall time); `kill -9` of a
   bridge under a steady offered load, restarted at once, until its stored count moves again.
+- web: `mqtt-backup web` in its own process on a prefilled store (JSON telemetry, one message a
+  second per device), pages asked for over one keep-alive connection, request to last byte, p50
+  and p99 over a fixed number of requests and the server's CPU per request. The devices page at
+  1k devices; a big device's page (100k messages, 1M with BENCH_SCALE; default window and
+  everything, HTML and JSON) against the same page of a 1k-message device, asked for in turns
+  (ratio: bounded work per page). The JSONL download of 10k messages against `mqtt-backup export`
+  of the same window, net of an export of an empty window (start-up and opening the store).
 
 Brokers: "stock Mosquitto" is Mosquitto's defaults (inflight window 20) with only
 `max_queued_messages` raised to hold the preload and `sys_interval 1`; "mosquitto/dev.conf" is the

@@ -52,6 +52,11 @@ class Sizes:
     rebalance: int = 300_000
     restarts: int = 3
     busy_restore: int = 0  # > 0: ingest while a restore of this many messages runs
+    web_fleet: int = 1_000  # devices on the devices page
+    web_small: int = 1_000  # messages of the web view's reference device
+    web_big: int = 100_000  # messages of the device whose page should cost the same
+    web_download: int = 10_000
+    web_requests: int = 15  # timed requests per page (p99: the slowest of them)
 
     def scaled(self, factor: float) -> Sizes:
         """Every count times factor (at least a few), durations too; for smoke runs."""
@@ -72,6 +77,11 @@ class Sizes:
             rebalance=n(self.rebalance),
             restarts=max(1, min(self.restarts, int(self.restarts * factor) or 1)),
             busy_restore=n(self.busy_restore) if self.busy_restore else 0,
+            web_fleet=n(self.web_fleet),
+            web_small=n(self.web_small),
+            web_big=n(self.web_big),
+            web_download=n(self.web_download),
+            web_requests=max(3, int(self.web_requests * factor)),
         )
 
 
@@ -84,6 +94,7 @@ SCALE = Sizes(
     device_messages=1_000_000,
     rebalance=1_000_000,
     busy_restore=1_000_000,
+    web_big=1_000_000,
 )
 
 

@@ -53,17 +53,18 @@ def _well_formed(row: dict[str, object]) -> None:
 def test_tiny_run_writes_json_and_the_page(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--factor", "0.002", "--json", str(out), "--docs", str(tmp_path), "--no-docs"]
-    for scenario in ("storage", "ingest", "restore", "devices", "live"):
+    for scenario in ("storage", "ingest", "restore", "devices", "live", "web"):
         args += ["--only", scenario]
     assert main(args) == 0
     doc = json.loads(out.read_text())
     assert doc["machine"]["cores"] >= 1
     assert doc["machine"]["mosquitto"] not in ("", "unknown")
     scenarios = {row["scenario"] for row in doc["rows"]}
-    assert scenarios == {"storage", "ingest", "restore", "devices", "live ingest"}
+    assert scenarios == {"storage", "ingest", "restore", "devices", "live ingest", "web"}
     for row in doc["rows"]:
         _well_formed(row)
     (tmp_path / "benchmarks.json").write_text(out.read_text())
     page = report.write_markdown(tmp_path).read_text()
     assert "| ingest |" in page
+    assert "| web |" in page
     assert "Not run yet" in page  # no BENCH_SCALE file beside it
