@@ -44,11 +44,14 @@ MS = 1000.0
 def history(fleet: int, small: int, big: int, end_ns: int) -> Iterator[tuple[int, str, bytes]]:
     """(received ns, topic, payload) in time order, all ending just before end_ns.
 
-    The fleet's devices report every minute, each at its own offset; the small and the big
-    device every second, half a second apart, so that no two messages share a nanosecond.
+    The fleet's devices report every minute, each at its own offset; the big device every
+    second; the small one over the same span, sparser (so that a window holds fewer of its
+    messages, never fewer seconds), half a second off the big one's ticks, so that no two
+    messages share a nanosecond.
     """
     rng = random.Random(7)
-    streams = [_ticks(SMALL, small, end_ns - TICK_NS // 2, TICK_NS, rng)]
+    sparser = max(1, big // max(1, small))
+    streams = [_ticks(SMALL, small, end_ns - TICK_NS // 2, TICK_NS * sparser, rng)]
     streams.append(_ticks(BIG, big, end_ns, TICK_NS, rng))
     for j in range(fleet):
         last = end_ns - (j + 1) * FLEET_INTERVAL_NS // (fleet + 1)
@@ -192,7 +195,7 @@ def in_turns(pages: Pages, pid: int, cases: Sequence[Timed], requests: int) -> N
 
 
 def scenario(ctx: Context) -> list[Row]:
-    """Page times at 1k devices and of a 1k vs a big device; the download vs `export`."""
+    """Page times at 1k devices and of a small vs a big device; the download vs `export`."""
     s = ctx.sizes
     fleet, small, big = s.web_fleet, s.web_small, s.web_big
     where = ctx.scratch("web")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,7 +25,7 @@ from mqtt_backup.storage import Store, store
 from mqtt_backup.web import create_app, history, run_web
 from mqtt_backup.web.auth import COOKIE
 from mqtt_backup.web.paths import decode_device, encode_device
-from mqtt_backup.web.serve import load_token, parse_bind
+from mqtt_backup.web.serve import listen, load_token, parse_bind
 from tests.conftest import wait_until
 from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, fleet_store, telemetry, write
 from tools import devbroker
@@ -411,6 +413,29 @@ def test_bind_forms() -> None:
     assert parse_bind("localhost:1").loopback
     assert not parse_bind("0.0.0.0:80").loopback
     assert not parse_bind("example.org:80").loopback
+
+
+def test_served_connections_send_without_delay() -> None:
+    # Found by `make bench`: the socket was made without its protocol, so asyncio (which
+    # uvicorn serves on) left Nagle on, and every keep-alive response after the first waited
+    # ~40 ms for a delayed ACK. The accepted connection must have TCP_NODELAY.
+    async def nodelay_of_a_connection() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def accepted(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listen(parse_bind("127.0.0.1:0")))
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(nodelay_of_a_connection()) != 0
 
 
 def test_token_from_file_then_env(tmp_path: Path) -> None:

@@ -94,7 +94,10 @@ def listen(bind: Bind) -> socket.socket:
     family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
     try:
         infos = socket.getaddrinfo(bind.host, bind.port, family, socket.SOCK_STREAM)
-        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        # With its protocol (IPPROTO_TCP): asyncio sets TCP_NODELAY on accepted connections only
+        # then; without it every keep-alive response after the first waited ~40 ms for a
+        # delayed ACK (found by `make bench`'s web scenario).
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM, infos[0][2])
     except OSError as exc:
         raise UsageError(f"cannot listen on {bind}: {exc.strerror or exc}") from exc
     try:
