@@ -61,6 +61,10 @@ class BrokerRefused(BrokerError):
     """the broker refused the bridge: {detail}"""
 
 
+class RestoreClientRefused(BrokerRefused):
+    """the broker refused the restore client: {detail}"""
+
+
 class SessionTakenOver(BrokerError):
     """another connection took the bridge's broker session: {detail}"""
 

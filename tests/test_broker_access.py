@@ -8,8 +8,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from typer.testing import CliRunner
 
 from mqtt_backup import config
+from mqtt_backup.cli import app
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from tests.conftest import (
     BRIDGE_PASSWORD,
@@ -111,3 +113,18 @@ def test_ca_with_a_plain_broker_is_a_config_error(broker: Broker, tmp_path: Path
     ca.write_text("x")
     with pytest.raises(ConfigError, match="for TLS"):
         config.load({"ca": str(ca), "broker": broker.url}, {})
+
+
+def test_a_refused_restore_client_is_named_as_such(
+    auth_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: `mqtt-backup restore` said "the broker refused the bridge" when it was
+    # itself refused (a user would go and look at the bridge's credentials).
+    monkeypatch.setenv("MQTT_BACKUP_PASSWORD", "nope")
+    result = CliRunner().invoke(
+        app, ["restore", "dev-1", "--broker", f"mqtt://{BRIDGE_USER}@127.0.0.1:{auth_broker.port}"]
+    )
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("mqtt-backup: the broker refused the restore client: "), line
+    assert "nope" not in line

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
-from typing import Annotated, Any, TextIO
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
 
@@ -23,13 +23,14 @@ from mqtt_backup.cli.options import (
 )
 from mqtt_backup.cli.read import OutputOpt, SinceOpt, TopicFilterOpt, UntilOpt, check_window
 from mqtt_backup.cli.types import DEVICE_ID, RATE
-from mqtt_backup.errors import BackupError, UsageError
+from mqtt_backup.errors import BackupError, BrokerRefused, RestoreClientRefused, UsageError
 from mqtt_backup.restore.client import Ask, ask, request_for
 from mqtt_backup.restore.gather import Gathered, gather, republish
 from mqtt_backup.restore.request import MIN_RATE, Request
 from mqtt_backup.topics import check_member_name
 
 app = typer.Typer()
+_T = TypeVar("_T")
 
 
 class BridgeRefused(BackupError):
@@ -177,9 +178,9 @@ def restore(
         return
     with output.output_file(to) as out, output.progress() as progress:
         stream = _Stream(out, progress)
-        gathered = asyncio.run(gather(question, group, stream))
+        gathered = _as_client(gather(question, group, stream))
         if gathered is None:  # no bridge announced scale-out support: one answer, as before
-            terminal = asyncio.run(ask(question, stream))
+            terminal = _as_client(ask(question, stream))
     if gathered is not None:
         _finish(device, gathered)
         return
@@ -188,18 +189,26 @@ def restore(
     output.note(_summary(device, terminal, stream.count))
 
 
+def _as_client(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run the client's work; a refusal names the restore client, not the bridge."""
+    try:
+        return asyncio.run(work)
+    except BrokerRefused as exc:
+        raise RestoreClientRefused(exc.detail, exc.hint) from None
+
+
 def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bool:
     """In a group, gather first, then republish in order here; False: no group answers so."""
     collected: list[dict[str, Any]] = []
     asking = dataclasses.replace(
         question, request=dataclasses.replace(question.request, replay=False, rate=None)
     )
-    gathered = asyncio.run(gather(asking, group, collected.append))
+    gathered = _as_client(gather(asking, group, collected.append))
     if gathered is None:
         return False
     if gathered.errors or gathered.silent:
         _finish(question.request.device, gathered)  # raises: nothing is replayed then
-    sent = asyncio.run(republish(question, collected, rate))
+    sent = _as_client(republish(question, collected, rate))
     output.note(f"replayed {sent} messages of {question.request.device} from {_names(gathered)}")
     _finish(question.request.device, gathered, quiet=True)
     return True
