@@ -28,12 +28,13 @@ import mqtt_backup
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import ClientIdInUse
 from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles
+from mqtt_backup.restore.request import PROTOCOL
 from mqtt_backup.times import format_ts
 from mqtt_backup.topics import DEFAULT_GROUP, status_topic
 
 log = logging.getLogger(__name__)
 
-STATUS_PROTOCOL = 1
+STATUS_PROTOCOL = PROTOCOL  # one version for the status message and the restore terminals
 ONLINE, OFFLINE = "online", "offline"
 # After the barrier (see `read_members`), how long stragglers may still come (brokers that
 # queue retained messages behind a later SUBACK).

@@ -160,7 +160,9 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
         return arrived, answers
 
     arrived, answers = asyncio.run(scenario())
-    assert answers == [{"done": True, "device": device, "count": 30, "complete": True}]
+    assert answers == [
+        {"done": True, "protocol": 1, "device": device, "count": 30, "complete": True}
+    ]
     assert [m.payload for m in arrived] == [m.payload for m in sent]
     assert all(m.retain is False for m in arrived), "replays never overwrite retained values"
     users = [dict(getattr(m.properties, "UserProperty", [])) for m in arrived]
@@ -205,10 +207,10 @@ def test_every_bad_request_gets_one_error_and_ingest_goes_on(
     for payload, words in BAD_REQUESTS:
         answers = ask(broker, device, raw_payload=payload)
         assert len(answers) == 1, answers
-        assert set(answers[0]) == {"error"}, answers[0]
+        assert set(answers[0]) == {"error", "protocol"}, answers[0]
         assert words in answers[0]["error"], (payload[:40], answers[0])
     answers = ask(broker, device, {"id": "keep-me", "limt": 1})
-    assert answers == [{"id": "keep-me", "error": answers[0]["error"]}], "the id is echoed"
+    assert answers == [{"id": "keep-me", "error": answers[0]["error"], "protocol": 1}], "id echoed"
     publish(broker, [Sent(f"devices/{device}/t", b"still here")])
     wait_until(lambda: stored_count(data_dir) >= 1, 20, "ingest after bad requests")
     assert ask(broker, device)[-1]["count"] == 1
@@ -242,7 +244,14 @@ def test_unknown_device_is_done_with_zero(
     _start(run_bridge, make_settings(broker, data_dir))
     answers = ask(broker, f"{unique}-nobody", {"id": "n"})
     assert answers == [
-        {"id": "n", "done": True, "device": f"{unique}-nobody", "count": 0, "complete": True}
+        {
+            "id": "n",
+            "done": True,
+            "protocol": 1,
+            "device": f"{unique}-nobody",
+            "count": 0,
+            "complete": True,
+        }
     ]
 
 
@@ -272,7 +281,14 @@ def test_retained_requests_are_ignored(
 
     try:
         assert asyncio.run(scenario()) == [
-            {"id": "marker", "done": True, "device": device, "count": 0, "complete": True}
+            {
+                "id": "marker",
+                "done": True,
+                "protocol": 1,
+                "device": device,
+                "count": 0,
+                "complete": True,
+            }
         ]
     finally:
         publish(broker, [Sent(request_topic, b"", retain=True)])
@@ -401,6 +417,7 @@ def test_a_big_restore_does_not_stall_ingest(
     assert answers[0][-1] == {
         "id": "big",
         "done": True,
+        "protocol": 1,
         "device": device,
         "count": total,
         "complete": True,

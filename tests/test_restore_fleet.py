@@ -95,6 +95,7 @@ def test_round_trip_is_byte_exact_in_order_for_every_device(
         assert terminal == {
             "id": f"req-{d}",
             "done": True,
+            "protocol": 1,
             "device": device,
             "count": len(expected),
             "complete": True,
@@ -122,7 +123,7 @@ def test_windows_filters_limit_and_order(broker: Broker, stored_fleet: Fleet) ->
     epoch = _records(ask(broker, device, {"since": between, "until": ts[20]}))
     assert [r["ts"] for r in epoch] == ts[10:20], "epoch seconds work as well"
     empty = ask(broker, device, {"since": ts[5], "until": ts[5]})
-    assert empty == [{"done": True, "device": device, "count": 0, "complete": True}]
+    assert empty == [{"done": True, "protocol": 1, "device": device, "count": 0, "complete": True}]
 
     status = _records(ask(broker, device, {"topic": "devices/+/status"}))
     assert status == [

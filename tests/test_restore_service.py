@@ -305,6 +305,7 @@ def test_a_broker_without_the_dropped_counter_makes_drops_unknown(
         "_topic": f"backup/restore/{device}/response",
         "id": "u",
         "done": True,
+        "protocol": 1,
         "device": device,
         "count": 1,
         "complete": True,

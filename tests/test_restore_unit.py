@@ -662,7 +662,7 @@ def test_response_topic_follows_the_namespace() -> None:
 def test_everything_as_json_envelopes(reader: StoreReader) -> None:
     sent = ask(reader)
     messages, done = split(sent)
-    assert done == {"done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 5, "complete": True}
     assert all(m.topic == DEFAULT_REPLY for m in sent)
     assert all(m.qos == 1 and m.retain is False for m in sent)
     # Data messages carry only the correlation data (cheap for clients); terminals say JSON.
@@ -727,7 +727,14 @@ def test_id_in_every_message_when_requested(reader: StoreReader) -> None:
         body = published.body()
         assert next(iter(body)) == "id"
         assert body["id"] == "req-42"
-    assert done == {"id": "req-42", "done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert done == {
+        "id": "req-42",
+        "done": True,
+        "protocol": 1,
+        "device": "dev-1",
+        "count": 5,
+        "complete": True,
+    }
 
 
 def test_correlation_data_and_response_topic_on_every_message(reader: StoreReader) -> None:
@@ -822,7 +829,7 @@ def test_since_equal_until_is_done_with_nothing(reader: StoreReader, order: str)
     sent = ask(reader, json.dumps({"since": at, "until": at, "order": order}).encode())
     messages, done = split(sent)
     assert messages == []
-    assert done == {"done": True, "device": "dev-1", "count": 0, "complete": True}
+    assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 0, "complete": True}
 
 
 def test_since_after_until_is_one_error(reader: StoreReader) -> None:
@@ -835,7 +842,7 @@ def test_since_after_until_is_one_error(reader: StoreReader) -> None:
 def test_other_device_is_separate(reader: StoreReader) -> None:
     sent = ask(reader, topic=f"{PREFIX}/dev-2")
     messages, done = split(sent)
-    assert done == {"done": True, "device": "dev-2", "count": 3, "complete": True}
+    assert done == {"done": True, "protocol": 1, "device": "dev-2", "count": 3, "complete": True}
     bodies = [m.body() for m in messages]
     assert payloads(bodies) == [b"d2-0", b"d2-1", b"d2-2"]
     assert all(b["device"] == "dev-2" for b in bodies)
@@ -846,7 +853,13 @@ def test_other_device_is_separate(reader: StoreReader) -> None:
 def test_unknown_device_is_done_with_nothing(reader: StoreReader, device: str) -> None:
     sent = ask(reader, topic=f"{PREFIX}/{device}")
     assert len(sent) == 1
-    assert split(sent)[1] == {"done": True, "device": device, "count": 0, "complete": True}
+    assert split(sent)[1] == {
+        "done": True,
+        "protocol": 1,
+        "device": device,
+        "count": 0,
+        "complete": True,
+    }
     assert sent[0].topic == f"{PREFIX}/{device}/response"
 
 
@@ -854,7 +867,14 @@ def test_raw_format(reader: StoreReader) -> None:
     reply = f"{PREFIX}/dev-1/raw"
     sent = ask(reader, b'{"format": "raw", "id": "r"}', response=reply, correlation=b"c1")
     messages, done = split(sent)
-    assert done == {"id": "r", "done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert done == {
+        "id": "r",
+        "done": True,
+        "protocol": 1,
+        "device": "dev-1",
+        "count": 5,
+        "complete": True,
+    }
     assert [m.payload for m in messages] == [r.payload for r in DEV1]
     assert all(p.topic == reply and p.qos == 1 and p.retain is False for p in sent)
     for seq, (published, record, ts) in enumerate(zip(messages, DEV1, T, strict=True), 1):
@@ -895,7 +915,7 @@ def replayed(sent: list[Published]) -> tuple[list[Published], dict[str, Any]]:
 def test_replay(reader: StoreReader) -> None:
     sent = ask(reader, b'{"mode": "replay"}', correlation=b"k")
     messages, done = replayed(sent)
-    assert done == {"done": True, "device": "dev-1", "count": 5, "complete": True}
+    assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 5, "complete": True}
     assert [m.topic for m in messages] == [r.topic for r in DEV1]
     assert [m.payload for m in messages] == [r.payload for r in DEV1]
     assert [m.qos for m in messages] == [r.qos for r in DEV1]
@@ -1035,7 +1055,7 @@ def test_gaps_overlapping_the_window_make_it_incomplete(reader: StoreReader) -> 
     messages, done = split(ask(reader, json.dumps(fields).encode()))
     assert len(messages) == 3
     assert done == {
-        "done": True,
+        "done": True, "protocol": 1,
         "device": "dev-1",
         "count": 3,
         "complete": False,
@@ -1115,7 +1135,7 @@ def test_bad_request_error_carries_the_id(reader: StoreReader) -> None:
     sent = ask(reader, b'{"id": "req-9", "limt": 5}')
     only_error(sent)
     body = sent[0].body()
-    assert list(body) == ["id", "error"]
+    assert list(body) == ["id", "error", "protocol"]
     assert body["id"] == "req-9"
     assert "'limt'" in body["error"]
 
@@ -1746,6 +1766,7 @@ def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -
     done = split(ask(reader, dropped=watcher))[1]
     assert done == {
         "done": True,
+        "protocol": 1,
         "device": "dev-1",
         "count": 5,
         "complete": True,

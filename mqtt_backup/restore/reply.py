@@ -22,7 +22,7 @@ from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, OutProps, Window
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
-from mqtt_backup.restore.request import BadRequest
+from mqtt_backup.restore.request import PROTOCOL, BadRequest
 from mqtt_backup.storage import StoredMessage
 from mqtt_backup.storage.journal import Gap
 from mqtt_backup.tally import TALLY
@@ -130,7 +130,7 @@ class Reply:
         return self._terminal({"error": reason}, "error")
 
     def _terminal(self, body: dict[str, Any], kind: str) -> Outgoing:
-        payload = self._encode(self._with_id(body))
+        payload = self._encode(self._with_id({**body, "protocol": PROTOCOL}))
         props = self._props(("mqtt-backup-terminal", kind), content_type="application/json")
         TALLY.restore_finished(kind, self.sent)
         return Outgoing(self.topic, payload, 1, False, props)

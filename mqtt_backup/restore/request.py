@@ -16,6 +16,11 @@ from mqtt_backup.errors import UsageError
 from mqtt_backup.times import format_ts, parse_time
 from mqtt_backup.topics import check_filter, check_member_name
 
+# The version of the restore protocol beyond shared/DESIGN.md section 4, in every terminal and
+# in the status message, so that a newer client can tell what an older bridge understands:
+# absent (0) = before scale-out; 1 = answers carry `instance` in a group, requests may carry
+# `group`, terminals carry `protocol`.
+PROTOCOL = 1
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ID_CHARS = 1024
 MIN_RATE = 0.01
