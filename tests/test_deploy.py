@@ -130,12 +130,14 @@ def _named_metrics() -> set[str]:
 
 
 def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(
-    broker: Broker, data_dir: Path
+    own_broker: Broker, data_dir: Path
 ) -> None:
+    # Its own broker: Mosquitto 2.0.11 lets the retained $SYS dropped counter expire after about
+    # a minute without change, so on a long-running shared broker it may never be read.
     named = _named_metrics()
     assert len(named) >= 15, named
     port = devbroker.free_port()
-    bridge = BridgeThread(make_settings(broker, data_dir, metrics_port=port))
+    bridge = BridgeThread(make_settings(own_broker, data_dir, metrics_port=port))
     try:
         # The broker's dropped counter is exported once $SYS has been read (up to one interval).
         wait_until(lambda: bridge.bridge.snapshot().broker_dropped is not None, 30, "$SYS dropped")

@@ -194,7 +194,10 @@ def test_the_cli_prints_the_same_documents(store: Store, data_dir: Path) -> None
         app, ["partitions", "add", "p3", "--dry-run", "--json", "--data", str(data_dir)]
     )
     assert dry.exit_code == 0, dry.output
-    same(json.loads(dry.stdout), ADD_DRY)
+    # The CLI adds where the partition goes, absolute (`partitions add --path` resolves it).
+    printed = json.loads(dry.stdout)
+    assert printed.pop("path") == str((data_dir / "partitions" / "p3").resolve())
+    same(printed, ADD_DRY)
     gone = runner.invoke(app, ["forget", "dev-2", "--json", "--data", str(data_dir)])
     assert gone.exit_code == 0, gone.output
     same(json.loads(gone.stdout), FORGET)
