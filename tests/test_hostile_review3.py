@@ -1,0 +1,117 @@
+"""Hostile review of issues 11-13 (scale-out, production, web view) on a real Mosquitto.
+
+Each test reproduces one thing a hostile or unlucky user did to the landed work; the ones not
+fixed yet are strict xfails that say what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import Result
+
+from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    device_client,
+    publish,
+    stored_count,
+    wait_until,
+)
+from tests.test_scaleout_restore import announce, restore, two_instances
+
+
+def _spoof(broker: Broker, topic: str, body: dict[str, object]) -> None:
+    """What a device can do on a broker without the production ACL: a retained status."""
+
+    async def send() -> None:
+        async with device_client(broker) as client:
+            await client.publish(topic, json.dumps(body).encode(), qos=1, retain=True)
+
+    asyncio.run(send())
+
+
+def test_a_status_without_protocol_does_not_turn_a_group_restore_into_a_one_answer_one(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    """A device publishes `{"state": "online"}` (no `protocol`) anywhere under backup/status.
+
+    Before: the client took that for an old bridge, asked the one-answer way without the group,
+    wrote the first instance's terminal as the summary ("restored 3 ... (complete)", exit 0) and
+    a mix of both instances' messages: a silent wrong answer to `restore --group`.
+    """
+    ns, dirs = two_instances(broker, tmp_path, unique, run_bridge)
+    publish(broker, [Sent(f"t{unique}/d1", f"m{i}".encode()) for i in range(20)])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 20, 20, "20 stored")
+    _spoof(broker, f"{ns}/status/other/old", {"state": "online"})
+
+    result = restore(broker, ns, "d1", "--group", f"g{unique}")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["payload"] for line in result.stdout.splitlines()] == [
+        f"m{i}" for i in range(20)
+    ]
+    assert "restored 20 messages of d1 from 2 instances (a, b) (complete)" in result.stderr
+
+
+def test_traffic_on_the_status_topic_does_not_keep_a_silent_members_restore_waiting(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    """A ghost member never answers; some client keeps publishing to backup/status/... .
+
+    Before: every status message pushed the deadline back, so `--timeout 1` never came while
+    the noise went on (27 s by hand with a 3 s timeout and one message a second): a device
+    without the ACL could hang every group restore.
+    """
+    ns, _dirs = two_instances(broker, tmp_path, unique, run_bridge)
+    announce(broker, ns, f"g{unique}", "ghost")
+    result = _restore_amid_noise(broker, f"{ns}/status/noise/n", ns, "d2")
+    assert result.exit_code == EXIT_RUNTIME, result.output
+    assert "ghost sent no terminal in time" in result.stderr
+
+
+def _restore_amid_noise(broker: Broker, noise_topic: str, ns: str, device: str) -> Result:
+    """`restore --timeout 1` while a client publishes to `noise_topic` ten times a second.
+
+    The noise stops when the restore returns, or after 200 messages, when the test fails.
+    """
+    restore_done = threading.Event()
+    noise: list[int] = []
+
+    async def chatter() -> None:
+        async with device_client(broker) as client:
+            for i in range(200):
+                if restore_done.is_set():
+                    return
+                await client.publish(noise_topic, b"x", qos=0)
+                noise.append(i)
+                await asyncio.sleep(0.1)
+
+    chatterer = threading.Thread(target=asyncio.run, args=(chatter(),))
+    chatterer.start()
+    try:
+        wait_until(lambda: len(noise) > 0, 10, "noise started")
+        result = restore(broker, ns, device, "--timeout", "1")
+    finally:
+        restore_done.set()
+        chatterer.join()
+    assert len(noise) < 200, "the restore waited as long as the noise went on"
+    return result
+
+
+def test_others_traffic_on_the_default_response_topic_does_not_keep_a_restore_waiting(
+    broker: Broker, unique: str
+) -> None:
+    """No bridge online; something keeps publishing on backup/restore/<device>/response.
+
+    Before: every message there pushed `--timeout` back, though none answered our request.
+    """
+    ns = f"ns{unique}"
+    result = _restore_amid_noise(broker, f"{ns}/restore/d3/response", ns, "d3")
+    assert result.exit_code == EXIT_BROKER, result.output
+    assert "no bridge answered" in result.stderr
