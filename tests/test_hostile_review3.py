@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from click.testing import Result
 
 from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
 from tests.conftest import (
+    REPO,
     BridgeThread,
     Broker,
     Sent,
@@ -25,6 +28,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_scaleout_restore import announce, restore, two_instances
+from tools import devbroker
 
 
 def _spoof(broker: Broker, topic: str, body: dict[str, object]) -> None:
@@ -53,9 +57,9 @@ def test_a_status_without_protocol_does_not_turn_a_group_restore_into_a_one_answ
 
     result = restore(broker, ns, "d1", "--group", f"g{unique}")
     assert result.exit_code == 0, result.output
-    assert [json.loads(line)["payload"] for line in result.stdout.splitlines()] == [
-        f"m{i}" for i in range(20)
-    ]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [m["ts"] for m in lines] == sorted(m["ts"] for m in lines)  # merged by receive time
+    assert sorted(m["payload"] for m in lines) == sorted(f"m{i}" for i in range(20))
     assert "restored 20 messages of d1 from 2 instances (a, b) (complete)" in result.stderr
 
 
@@ -115,3 +119,36 @@ def test_others_traffic_on_the_default_response_topic_does_not_keep_a_restore_wa
     result = _restore_amid_noise(broker, f"{ns}/restore/d3/response", ns, "d3")
     assert result.exit_code == EXIT_BROKER, result.output
     assert "no bridge answered" in result.stderr
+
+
+# ---- production: logs and secrets -----------------------------------------------------------
+
+
+def test_the_visible_password_warning_is_a_json_line_under_log_format_json(
+    tmp_path: Path,
+) -> None:
+    """`run --log-format json --broker mqtt://u:pw@...`: every log line must be one JSON object.
+
+    Before: the warning came before logging was set up, as a bare text line (Python's last
+    resort handler): a log shipper parsing JSON met a line that is not.
+    """
+    closed = devbroker.free_port()
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "mqtt_backup", "run", "--log-format", "json", "--broker"),
+            *(f"mqtt://u:pw-{closed}@127.0.0.1:{closed}", "--data", str(tmp_path / "d")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == EXIT_BROKER, result.stderr
+    *logged, error = result.stderr.strip().splitlines()
+    assert error.startswith("mqtt-backup: cannot reach the broker"), error  # the CLI's one line
+    records = [json.loads(line) for line in logged]
+    warnings = [r for r in records if r["level"] == "warning"]
+    assert len(warnings) == 1, records
+    assert "--password-file" in warnings[0]["message"]
+    assert f"pw-{closed}" not in result.stderr
