@@ -11,22 +11,28 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
 from click.testing import Result
 
 from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
+from mqtt_backup.ingest import PipelineStore
+from mqtt_backup.storage import Pending
 from tests.conftest import (
     REPO,
     BridgeThread,
     Broker,
     Sent,
     device_client,
+    make_settings,
     publish,
     stored_count,
     wait_until,
 )
+from tests.faulty import FaultyStore
+from tests.test_metrics import healthz
 from tests.test_scaleout_restore import announce, restore, two_instances
 from tools import devbroker
 
@@ -152,3 +158,57 @@ def test_the_visible_password_warning_is_a_json_line_under_log_format_json(
     assert len(warnings) == 1, records
     assert "--password-file" in warnings[0]["message"]
     assert f"pw-{closed}" not in result.stderr
+
+
+class _StalledDisk(FaultyStore):
+    """A disk that stops answering: writes block (an NFS server gone, a dying disk's fsync)."""
+
+    def __init__(self, inner: PipelineStore, release: threading.Event) -> None:
+        super().__init__(inner)
+        self.release = release
+        self.blocked = threading.Event()
+
+    def write(self, partition: str, items: Sequence[Pending]) -> None:
+        """Block until released (at most 120 s), then store."""
+        self.blocked.set()
+        self.release.wait(120)
+        super().write(partition, items)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="/healthz and mqtt_backup_storage_stalled only see a write that failed; a write that "
+    "hangs (fsync on a dead disk or NFS) leaves them at 200 / 0 while nothing is stored",
+)
+def test_healthz_says_503_while_a_write_hangs(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    release = threading.Event()
+    stores: list[_StalledDisk] = []
+
+    def wrap(store: PipelineStore) -> _StalledDisk:
+        stores.append(_StalledDisk(store, release))
+        return stores[-1]
+
+    port = devbroker.free_port()
+    run_bridge(make_settings(broker, data_dir, metrics_port=port), wrap_store=wrap)
+    try:
+        wait_until(lambda: healthz(port)[0] == 200, 30, "/healthz 200 at the start")
+        publish(broker, [Sent(f"devices/{unique}/t", b"x")])
+        wait_until(lambda: any(s.blocked.is_set() for s in stores), 30, "the write to hang")
+        wait_until(lambda: healthz(port)[0] == 503, 30, "/healthz to report the hung write")
+    finally:
+        release.set()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a refused CONNECT raises BrokerRefused, whose message says 'the broker refused the "
+    "bridge' for the restore and status clients too (issue 12: 'the restore client')",
+)
+def test_a_refused_restore_client_is_not_called_the_bridge(auth_broker: Broker) -> None:
+    url = f"mqtt://nobody@127.0.0.1:{auth_broker.port}"
+    result = restore(auth_broker, "backup", "d1", "--timeout", "1", "--broker", url)
+    assert result.exit_code == EXIT_BROKER, result.output
+    assert "the bridge" not in result.stderr, result.stderr
+    assert "restore client" in result.stderr, result.stderr
