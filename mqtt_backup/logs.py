@@ -7,10 +7,11 @@ broker password) never reaches a log line, whoever logged it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -87,4 +88,45 @@ def configure(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    while _pending:  # what was held while the settings loaded (`held`)
+        record = _pending.pop(0)
+        logging.getLogger(record.name).handle(record)
     return handler
+
+
+class _Hold(logging.Handler):
+    """Keeps records instead of writing them (see `held`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep it."""
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold what is logged while the settings load, and write it once `configure` ran.
+
+    Loading the settings may warn (a password in --broker), but the settings decide the log
+    format: without this, such a warning would be a bare text line among JSON ones. When
+    loading fails, the held records go out as text (there is no format to honour then).
+    """
+    hold = _Hold()
+    root = logging.getLogger()
+    root.addHandler(hold)
+    try:
+        yield
+    except BaseException:
+        root.removeHandler(hold)
+        if (last := logging.lastResort) is not None:
+            for record in hold.records:
+                last.handle(record)
+        raise
+    root.removeHandler(hold)
+    _pending.extend(hold.records)
+
+
+_pending: list[logging.LogRecord] = []

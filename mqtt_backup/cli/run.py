@@ -62,7 +62,8 @@ def _click_type(kind: Any) -> click.ParamType[Any]:
 
 def _run(config_file: Path | None, **flags: Any) -> None:
     given = {name: _given(value) for name, value in flags.items()}
-    settings = config.load(given, os.environ, config_file)
+    with logs.held():
+        settings = config.load(given, os.environ, config_file)
     logs.configure(
         settings.log_level, settings.log_format, secrets=[settings.broker_address.password]
     )

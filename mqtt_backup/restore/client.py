@@ -94,11 +94,12 @@ async def _read_answer(
     on_message: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    # One deadline, pushed back on every batch (cheaper than a wait_for per message).
+    # One deadline, pushed back on every batch that held an answer for us (cheaper than a
+    # wait_for per message); others' traffic on the default response topic does not count.
     async with asyncio.timeout(timeout) as deadline:
         while True:
             batch = await conn.receive()
-            deadline.reschedule(loop.time() + timeout)
+            ours = False
             for done, message in enumerate(batch, 1):
                 body = own.body(message)
                 if body is None:
@@ -106,8 +107,11 @@ async def _read_answer(
                 if "done" in body or "error" in body:
                     conn.ack(batch[:done])
                     return body
+                ours = True
                 own.count(body)
                 on_message(body)
+            if ours:
+                deadline.reschedule(loop.time() + timeout)
             conn.ack(batch)  # written: now the broker may send more
 
 

@@ -125,8 +125,11 @@ async def gather(
         question.address, protocol=question.protocol, tls_files=question.tls_files
     ) as conn:
         known = await read_members(conn, question.namespace)
-        live = [m for m in known.values() if m.online]
-        if not live or any(m.protocol < STATUS_PROTOCOL for m in live):
+        # A status without `protocol` is no bridge that can gather (bridges before scale-out
+        # publish none): anyone may write one on a broker without the ACL, and taking it for an
+        # old bridge would ask the one-answer way and mix the instances' answers.
+        live = [m for m in known.values() if m.online and m.protocol >= STATUS_PROTOCOL]
+        if not live:
             return None
         chosen = choose_group(live, group)
         if not chosen:
@@ -161,11 +164,13 @@ async def _read(
         async with asyncio.timeout(question.timeout) as deadline:
             while not merge.finished:
                 batch = await conn.receive()
-                deadline.reschedule(loop.time() + question.timeout)
                 for delivery in update_members(question.namespace, known, batch):
                     body = _body(delivery, request_id)
                     if body is not None:
                         merge.take(body)
+                        # Only an answer pushes the deadline back: status traffic (anyone's,
+                        # on a broker without the ACL) must not keep a silent member waited for.
+                        deadline.reschedule(loop.time() + question.timeout)
                 conn.ack(batch)  # written or held in the merge: the broker may send more
     if merge.nothing_arrived():
         raise NoAnswer(
