@@ -65,6 +65,10 @@ class RestoreClientRefused(BrokerRefused):
     """the broker refused the restore client: {detail}"""
 
 
+class StatusClientRefused(BrokerRefused):
+    """the broker refused the status client: {detail}"""
+
+
 class SessionTakenOver(BrokerError):
     """another connection took the bridge's broker session: {detail}"""
 

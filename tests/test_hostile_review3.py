@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
+from typer.testing import CliRunner
 
+from mqtt_backup.cli import app
 from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
 from mqtt_backup.ingest import PipelineStore
 from mqtt_backup.storage import Pending
@@ -201,14 +203,12 @@ def test_healthz_says_503_while_a_write_hangs(
         release.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused CONNECT raises BrokerRefused, whose message says 'the broker refused the "
-    "bridge' for the restore and status clients too (issue 12: 'the restore client')",
-)
 def test_a_refused_restore_client_is_not_called_the_bridge(auth_broker: Broker) -> None:
     url = f"mqtt://nobody@127.0.0.1:{auth_broker.port}"
     result = restore(auth_broker, "backup", "d1", "--timeout", "1", "--broker", url)
     assert result.exit_code == EXIT_BROKER, result.output
     assert "the bridge" not in result.stderr, result.stderr
     assert "restore client" in result.stderr, result.stderr
+    status = CliRunner().invoke(app, ["status", "--broker", url, "--wait", "0.2"])
+    assert status.exit_code == EXIT_BROKER, status.output
+    assert "the broker refused the status client: " in status.stderr, status.stderr

@@ -21,7 +21,7 @@ from mqtt_backup.cli.options import (
     tls_files,
 )
 from mqtt_backup.config import Settings
-from mqtt_backup.errors import BackupError, UsageError
+from mqtt_backup.errors import BackupError, BrokerRefused, StatusClientRefused, UsageError
 from mqtt_backup.mqtt import CodecConnection
 from mqtt_backup.status import Member, read_members, status_filter
 
@@ -66,7 +66,10 @@ def status(
     )
     if not wait > 0:
         raise UsageError("--wait must be > 0")
-    members = asyncio.run(_members(settings, wait))
+    try:
+        members = asyncio.run(_members(settings, wait))
+    except BrokerRefused as exc:  # it is this command's client the broker refused
+        raise StatusClientRefused(exc.detail, exc.hint) from None
     if as_json:
         output.print_json([m.row() for m in members])
     elif members:
