@@ -237,3 +237,15 @@ def test_web_on_a_directory_without_a_store_is_a_storage_error(tmp_path: Path) -
     result = invoke("web", "--data", str(tmp_path / "none"), "--bind", "127.0.0.1:0")
     assert result.exit_code == EXIT_STORAGE, result.output
     assert "no data directory" in result.stderr
+
+
+def test_one_message_is_one_message() -> None:
+    # Found in review: "restored 1 messages".
+    from mqtt_backup.cli.restore import _summary  # noqa: PLC0415 - the one helper under test
+
+    assert (
+        _summary("d1", {"count": 1, "complete": True}, 1) == "restored 1 message of d1 (complete)"
+    )
+    assert (
+        _summary("d1", {"count": 2, "complete": True}, 2) == "restored 2 messages of d1 (complete)"
+    )

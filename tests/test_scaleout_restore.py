@@ -127,5 +127,5 @@ def test_several_groups_online_need_a_group(broker: Broker, unique: str) -> None
     assert result.exit_code == EXIT_USAGE, result.output
     assert result.stderr.strip() == (
         "mqtt-backup: bridges of 2 groups are online (east, west); each group holds a full "
-        "copy. Try: choose one: --group east"
+        "copy. Try: choose one: --group east or --group west"
     )

@@ -457,17 +457,16 @@ def test_missing_store_is_a_storage_error(tmp_path: Path) -> None:
     assert caught.value.exit_code == EXIT_STORAGE
 
 
-def test_run_web_serves_until_sigterm(fleet: Path, tmp_path: Path) -> None:
+def test_the_web_command_serves_until_sigterm(fleet: Path, tmp_path: Path) -> None:
     port = devbroker.free_port()
     token = tmp_path / "token"
     token.write_text("t0k\n")
-    code = (
-        "import sys; from pathlib import Path; from mqtt_backup.web import run_web; "
-        "run_web(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))"
-    )
+    command = ["web", "--data", str(fleet), "--bind", f"0.0.0.0:{port}", "--token-file", str(token)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(fleet), f"0.0.0.0:{port}", str(token)],
+        [sys.executable, "-m", "mqtt_backup", *command],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         request = urllib.request.Request(
@@ -478,7 +477,11 @@ def test_run_web_serves_until_sigterm(fleet: Path, tmp_path: Path) -> None:
         assert [p["name"] for p in answer[0]["partitions"]] == ["p0", "p1", "p2"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    # Found in review: it printed nothing, so a new user could not tell where it listened.
+    assert f"web view of {fleet} at http://0.0.0.0:{port}/ (read-only; Ctrl-C stops)" in err
+    assert "t0k" not in err
 
 
 def _fetches(request: urllib.request.Request, into: list[Any]) -> Callable[[], bool]:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, load_settings
 
 app = typer.Typer()
@@ -32,4 +33,9 @@ def web(
     # Imported here: starlette and uvicorn cost every other command their start-up time.
     from mqtt_backup.web import run_web  # noqa: PLC0415
 
-    run_web(load_settings(config_file, data=data).data, bind, token_file)
+    store = load_settings(config_file, data=data).data
+
+    def ready(url: str) -> None:
+        output.note(f"web view of {store} at {url} (read-only; Ctrl-C stops)")
+
+    run_web(store, bind, token_file, ready=ready)

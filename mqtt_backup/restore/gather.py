@@ -101,7 +101,7 @@ def choose_group(live: list[Member], wanted: str | None) -> list[Member]:
         raise UsageError(
             f"bridges of {len(groups)} groups are online ({', '.join(groups)}); each group holds "
             "a full copy",
-            f"choose one: --group {groups[0]}",
+            "choose one: " + " or ".join(f"--group {g}" for g in groups),
         )
     return live
 

@@ -6,13 +6,14 @@ Safe by default: it listens on 127.0.0.1; any other address needs a token, read 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -117,8 +118,11 @@ def run_web(
     bind: str = DEFAULT_BIND,
     token_file: Path | None = None,
     env: Mapping[str, str] | None = None,
+    ready: Callable[[str], None] = lambda _url: None,
 ) -> None:
     """The `web` command: serve the read-only view until interrupted (Ctrl-C, SIGTERM).
+
+    `ready` gets the view's URL once the socket listens (the CLI says where to point a browser).
 
     Raises UsageError (exit 2) for a bad address, an unreadable token file or a non-loopback
     address without a token; StorageError (exit 4) when the store cannot be read.
@@ -130,6 +134,7 @@ def run_web(
     sock = listen(where)
     try:
         log.info("web view of %s on http://%s/", data, where)
+        ready(f"http://{dataclasses.replace(where, port=sock.getsockname()[1])}/")  # port 0: chosen
         serve(app, sock)
     finally:
         sock.close()
