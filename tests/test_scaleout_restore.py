@@ -129,3 +129,44 @@ def test_several_groups_online_need_a_group(broker: Broker, unique: str) -> None
         "mqtt-backup: bridges of 2 groups are online (east, west); each group holds a full "
         "copy. Try: choose one: --group east or --group west"
     )
+
+
+def test_a_replay_in_a_group_gathers_first_and_republishes_in_order(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    ns, dirs = two_instances(broker, tmp_path, unique, run_bridge)
+    sent = [Sent(f"t{unique}/d1", f"r{i}".encode()) for i in range(20)]
+    publish(broker, sent)
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 20, 20, "20 stored")
+    assert all(stored_count(d) > 0 for d in dirs), "the broker shared the messages"
+    exported = restore(broker, ns, "d1")
+    assert exported.exit_code == 0, exported.output
+    in_order = [json.loads(line)["payload"] for line in exported.stdout.splitlines()]
+
+    async def replay_and_listen() -> tuple[click.testing.Result, list[tuple[str, bool]]]:
+        heard: list[tuple[str, bool]] = []
+        async with device_client(broker) as listener:
+            await listener.subscribe(f"t{unique}/d1", qos=1)
+            result = await asyncio.to_thread(restore, broker, ns, "d1", "--replay")
+            async with asyncio.timeout(20):
+                async for message in listener.messages:
+                    assert isinstance(message.payload, bytes)
+                    props = message.properties
+                    user = (
+                        dict(props.UserProperty) if props and hasattr(props, "UserProperty") else {}
+                    )
+                    heard.append((message.payload.decode(), "mqtt-backup-replay" in user))
+                    if len(heard) == len(in_order):
+                        break
+        return result, heard
+
+    result, heard = asyncio.run(replay_and_listen())
+    assert result.exit_code == 0, result.output
+    assert "replayed 20 messages of d1 from 2 instances (a, b)" in result.stderr
+    # One stream, in the merged order (receive time across both instances), each marked.
+    assert [payload for payload, _ in heard] == in_order
+    assert all(marked for _, marked in heard)
+    # Marked replays are not stored again by either instance.
+    publish(broker, [Sent(f"t{unique}/d1", b"barrier")])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 21, 20, "the barrier stored")
+    assert sum(stored_count(d) for d in dirs) == 21
