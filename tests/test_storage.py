@@ -809,3 +809,20 @@ def test_new_store_writes_its_manifest_last(
     monkeypatch.undo()
     Store.open(data_dir, partitions=2).close()
     assert len(load_manifest(data_dir).partitions) == 2
+
+
+def test_a_secondary_reader_catches_up_with_the_partition_of_one_device(
+    store: Store, data_dir: Path, tmp_path: Path
+) -> None:
+    # A restore reads one device: refreshing only its partition saves the others' catch-up.
+    devices = [f"dev-{n}" for n in range(20)]
+    a = devices[0]
+    b = next(d for d in devices if store.locate(d)[0] != store.locate(a)[0])
+    with StoreReader(data_dir, secondary=tmp_path / "scratch") as reader:
+        write(store, a, [(1, rec(1, a))])
+        write(store, b, [(1, rec(1, b))])
+        reader.refresh(a)
+        assert payloads(list(reader.messages(a))) == ["m1"]
+        assert list(reader.messages(b)) == [], "b's partition was not caught up"
+        reader.refresh()
+        assert payloads(list(reader.messages(b))) == ["m1"]

@@ -185,7 +185,7 @@ class RestoreService:
 
     async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
-        self.reader.refresh()
+        self.reader.refresh(request.device)
         # The topic filter is applied here, not in the reader, so that every *scanned* record
         # counts towards the next yield: a filter that matches nothing in a long history must
         # not hold the loop (and every other restore) for the whole scan.

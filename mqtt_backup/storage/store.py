@@ -504,9 +504,19 @@ class StoreReader:
         for part in self.partitions.values():
             part.catch_up()
 
-    def refresh(self) -> None:
-        """Catch up with the writer (secondary readers), following partition changes."""
-        for part in self.partitions.values():
+    def refresh(self, device_id: str | None = None) -> None:
+        """Catch up with the writer (secondary readers), following partition changes.
+
+        With `device_id`, only the partition that holds it: a restore reads one device, and
+        each partition's catch-up reads its MANIFEST and WAL tail (milliseconds each). A changed
+        layout still reopens, and catches up, every partition.
+        """
+        if device_id is None:
+            parts = list(self.partitions.values())
+        else:
+            home = self.partitions.get(self.home(device_key(device_id)))
+            parts = [home] if home is not None else list(self.partitions.values())
+        for part in parts:
             part.catch_up()
         self._follow_layout()
 
