@@ -245,19 +245,23 @@ class CommitPipeline:
     def _store_batch(self, batch: _Batch) -> None:
         """One synced write per partition; on the committing thread, the only one on the store."""
         started = time.perf_counter()
-        if self._broken:
-            self._reopen()
-        groups = batch.groups
-        for partition in list(groups):
-            items = groups[partition]
-            try:
-                self._store.write(partition, items)
-            except StorageError:
-                self._broken = True
-                self._store.close_partitions()
-                raise
-            del groups[partition]
-            batch.written.append(items)
+        try:
+            if self._broken:
+                self._reopen()
+            groups = batch.groups
+            for partition in list(groups):
+                items = groups[partition]
+                try:
+                    self._store.write(partition, items)
+                except StorageError:
+                    self._broken = True
+                    self._store.close_partitions()
+                    raise
+                del groups[partition]
+                batch.written.append(items)
+        except StorageError as exc:
+            _drop_frames(exc)
+            raise
         batch.seconds = time.perf_counter() - started
 
     def _finish(self, batch: _Batch) -> int:
@@ -343,3 +347,18 @@ class CommitPipeline:
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""
         self._tokens = [t for t in self._tokens if keep(t)]
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Let go of the frames in `exc`'s traceback chain.
+
+    A failed write's frames hold its partition's database handle, and with it RocksDB's lock on
+    the directory, for as long as the exception lives: a future keeps it, so the partitions could
+    not be opened again until a garbage collection.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
