@@ -56,6 +56,7 @@ class _Batch:
     tokens: list[AckToken]
     size: int
     opened: float
+    prepared: dict[str, object] = field(default_factory=dict)  # partition -> `prepare`'s work
     written: list[list[Pending]] = field(default_factory=list)  # stored so far, per partition
     future: Future[None] | None = None
     seconds: float = 0.0  # how long its writes took
@@ -72,9 +73,19 @@ class PipelineStore(Protocol):
         """(partition name, device key) of a device, by placement. Pure: raises nothing."""
         ...
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
+    def prepare(self, partition: str, items: Sequence[Pending]) -> object | None:
+        """The CPU half of `write` done ahead, on the caller's thread (None: not now).
+
+        Raises StorageError when it has to read and the read fails.
+        """
+        ...
+
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
         """Store the items in one partition with a synced WAL, all or none.
 
+        `prepared`: what `prepare` made of these items (ignored when the partition changed since).
         Raises StorageUnavailable (a StorageError) when the partition is not open or the write or
         sync fails (disk full, I/O error); nothing of the batch is stored then.
         """
@@ -210,6 +221,8 @@ class CommitPipeline:
         batch = self._take()
         if batch is None:
             return None
+        if not self._broken:
+            self._prepare(batch)
         batch.future = executor.submit(self._store_batch, batch)
         return batch.future
 
@@ -252,7 +265,7 @@ class CommitPipeline:
             for partition in list(groups):
                 items = groups[partition]
                 try:
-                    self._store.write(partition, items)
+                    self._store.write(partition, items, batch.prepared.get(partition))
                 except StorageError:
                     self._broken = True
                     self._store.close_partitions()
@@ -262,7 +275,19 @@ class CommitPipeline:
         except StorageError as exc:
             _drop_frames(exc)
             raise
+        finally:
+            batch.prepared.clear()  # it holds the partitions' handles (and RocksDB's locks)
         batch.seconds = time.perf_counter() - started
+
+    def _prepare(self, batch: _Batch) -> None:
+        """Encode the batch here, so that the commit thread mostly waits without the GIL."""
+        try:
+            for partition, items in batch.groups.items():
+                prepared = self._store.prepare(partition, items)
+                if prepared is not None:
+                    batch.prepared[partition] = prepared
+        except StorageError:
+            batch.prepared.clear()  # the commit thread prepares again, and meets the failure
 
     def _finish(self, batch: _Batch) -> int:
         """The batch is stored: count it and acknowledge it in receive order."""

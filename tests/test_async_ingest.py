@@ -517,10 +517,12 @@ class GatedStore(FaultyStore):
         self.gate = threading.Event()
         self.writing = threading.Event()
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
         self.writing.set()
         assert self.gate.wait(60), "the test never opened the gate"
-        super().write(partition, items)
+        super().write(partition, items, prepared)
 
 
 @contextlib.contextmanager

@@ -519,9 +519,10 @@ class AsyncIngest:
     ) -> None:
         """Start committing the batch in the worker thread; while storage fails, hold.
 
-        One commit at a time: while one is in flight, what arrives waits for the next, and
-        reading pauses if a full batch waits. While storage fails, reading pauses when the hold
-        is full. `drained_at`: a read found the socket empty then.
+        One commit at a time: while one is in flight, what arrives makes the next batch, which
+        grows past `batch_max` if it must (reading on is what overlaps the parse with the
+        fsyncs); reading pauses only when the hold is full, as while storage fails.
+        `drained_at`: a read found the socket empty then.
         """
         sink = self.sink
         if sink is None:
@@ -531,7 +532,7 @@ class AsyncIngest:
             # held back, so all it had sent by then is stored once the next batch is.
             self._drained_at = drained_at
         if sink.committing:
-            if sink.full():
+            if not sink.can_hold():
                 wire.pause()  # resumed when the commit in flight returns
             return
         if self.stall.active and not retry:
