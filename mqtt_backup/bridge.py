@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
-from mqtt_backup.errors import BackupError, StorageError, UsageError
+from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.mqtt.ingest import Presence
@@ -289,6 +289,7 @@ class Bridge:
         operation then owns the room: the ballast is released for it, and no ingest commit runs
         until its reclaim is done and compactions are on again (`Store.done_freeing`).
         """
+        self._settle_commit()
         stalled = self._transport.stall.active
         full = frees_space and self.store.make_room(stalled=stalled)
         if full or stalled:
@@ -296,12 +297,28 @@ class Bridge:
             return
         self.pipeline.commit()
 
+    def _settle_commit(self) -> None:
+        """Wait for the commit in flight in the transport's worker thread, and finish it.
+
+        Whatever touches the store from the loop comes after it, so nothing interleaves with its
+        writes; its outcome counts for the storage stall as if the transport had seen it.
+        """
+        stall = self._transport.stall
+        try:
+            stored = self.pipeline.settle()
+        except StorageUnavailable as exc:
+            stall.failed(exc)  # held again; retried as usual
+            return
+        if stored is not None:
+            stall.cleared()
+
     def _while_serving(self, work: Callable[[], _R]) -> _R:
         """Run a long operation on this thread while the connection stays answered.
 
         Messages that arrive meanwhile are held, not committed (nothing interleaves with the
         operation's writes), and placed again afterwards, in case the partition set changed.
         """
+        self._settle_commit()
         last = time.monotonic()
 
         def breathe() -> None:
@@ -341,6 +358,7 @@ class Bridge:
             return
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
         try:
+            self._settle_commit()
             self.pipeline.commit()
             pruned = self._while_serving(
                 lambda: maintenance.prune(self.store, older, s.prune_max_bytes_per_device)

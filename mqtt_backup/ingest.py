@@ -3,6 +3,11 @@
 It does not know which MQTT client feeds it. A transport offers each message with an opaque ack
 token, tells the pipeline when to close a batch (socket drained, batch full or old), and gets the
 tokens back, in receive order, only after every message of the batch is on disk with a synced WAL.
+
+A batch is committed either on the caller's thread (`commit`) or in a worker thread
+(`commit_in_background`, then `settle` on the caller's thread): at most one batch is in flight, and
+every other use of the store waits for it first (`settle`, which `commit` calls), so nothing
+interleaves with its writes.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from mqtt_backup.errors import StorageError, StorageUnavailable
@@ -42,6 +48,20 @@ class IngestCounters:
     commit_seconds: float = 0.0
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A batch taken from the pipeline: what its commit still has to write, and whom to ack."""
+
+    groups: dict[str, list[Pending]]
+    tokens: list[AckToken]
+    size: int
+    opened: float
+    prepared: dict[str, object] = field(default_factory=dict)  # partition -> `prepare`'s work
+    written: list[list[Pending]] = field(default_factory=list)  # stored so far, per partition
+    future: Future[None] | None = None
+    seconds: float = 0.0  # how long its writes took
+
+
 class PipelineStore(Protocol):
     """What the commit pipeline needs from the store (`storage.Store` is one; a test may wrap it).
 
@@ -53,9 +73,19 @@ class PipelineStore(Protocol):
         """(partition name, device key) of a device, by placement. Pure: raises nothing."""
         ...
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
+    def prepare(self, partition: str, items: Sequence[Pending]) -> object | None:
+        """The CPU half of `write` done ahead, on the caller's thread (None: not now).
+
+        Raises StorageError when it has to read and the read fails.
+        """
+        ...
+
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
         """Store the items in one partition with a synced WAL, all or none.
 
+        `prepared`: what `prepare` made of these items (ignored when the partition changed since).
         Raises StorageUnavailable (a StorageError) when the partition is not open or the write or
         sync fails (disk full, I/O error); nothing of the batch is stored then.
         """
@@ -103,16 +133,23 @@ class CommitPipeline:
         self.caught_up_ns = 0
         self.connecting_ns = 0  # when the current connection was opened
         self._devices: dict[str, str | None] = {}  # topic -> device (None: not to be stored)
+        self._in_flight: _Batch | None = None
 
     @property
     def pending(self) -> int:
-        """Messages received and not yet stored."""
-        return self._size
+        """Messages received and not yet stored (the commit in flight included)."""
+        flight = self._in_flight
+        return self._size + (flight.size if flight is not None else 0)
 
     @property
     def has_work(self) -> bool:
-        """Something waits to be stored or acknowledged."""
-        return self._size > 0 or bool(self._tokens)
+        """Something waits to be stored or acknowledged, or a commit is in flight."""
+        return self._size > 0 or bool(self._tokens) or self._in_flight is not None
+
+    @property
+    def committing(self) -> bool:
+        """A commit started by `commit_in_background` is not settled yet."""
+        return self._in_flight is not None
 
     def offer(self, record: Record, token: AckToken | None, replayed: bool = False) -> None:
         """Take one received message; `token` is None for QoS 0 (nothing to acknowledge)."""
@@ -158,36 +195,127 @@ class CommitPipeline:
     def commit(self) -> int:
         """Store the batch (one synced write per partition), then acknowledge it in receive order.
 
-        Raises StorageUnavailable when a write fails: what is not stored stays pending and
+        A commit in flight is settled first (its acks go out before this batch's). Raises
+        StorageUnavailable when a write fails: what is not stored stays pending and
         unacknowledged, the database handles are dropped, and the next call reopens them.
         """
-        if not self.has_work:
-            return 0
+        settled = self.settle() or 0
+        batch = self._take()
+        if batch is None:
+            return settled
+        try:
+            self._store_batch(batch)
+        except BaseException:
+            self._hold_again(batch)
+            raise
+        return settled + self._finish(batch)
+
+    def commit_in_background(self, executor: Executor) -> Future[None] | None:
+        """Start storing the batch on `executor`'s thread; None when nothing waits or one is.
+
+        The loop goes on reading meanwhile: what arrives makes the next batch. Nothing of this
+        batch is acknowledged until `settle` (on the caller's thread) finishes it.
+        """
+        if self._in_flight is not None:
+            return None
+        batch = self._take()
+        if batch is None:
+            return None
+        if not self._broken:
+            self._prepare(batch)
+        batch.future = executor.submit(self._store_batch, batch)
+        return batch.future
+
+    def settle(self, which: Future[None] | None = None) -> int | None:
+        """Wait for the commit in flight (only `which`, when given) and finish it.
+
+        Returns how many messages it stored, once its tokens went to the ack callback in receive
+        order; None when there was no such commit (it was settled already). Raises
+        StorageUnavailable when it failed: what it did not store is held again, ahead of what was
+        received since, and nothing of it is acknowledged.
+        """
+        batch = self._in_flight
+        if batch is None or batch.future is None or which not in (None, batch.future):
+            return None  # none, or a commit on this thread (`commit`) is still writing
+        try:
+            batch.future.result()
+        except BaseException:
+            self._hold_again(batch)
+            raise
+        return self._finish(batch)
+
+    def _take(self) -> _Batch | None:
+        """The open batch, now in flight, leaving an empty one; None when nothing waits."""
+        if not self._size and not self._tokens:
+            return None
+        batch = _Batch(self._groups, self._tokens, self._size, self._opened)
+        # In flight before the open batch empties: `pending`, read from other threads (metrics,
+        # tests), may count a batch twice for a moment but never drops it.
+        self._in_flight = batch
+        self._groups, self._tokens, self._size = {}, [], 0
+        return batch
+
+    def _store_batch(self, batch: _Batch) -> None:
+        """One synced write per partition; on the committing thread, the only one on the store."""
         started = time.perf_counter()
-        if self._broken:
-            self._reopen()
-        stored = 0
-        for partition in list(self._groups):
-            items = self._groups[partition]
-            try:
-                self._store.write(partition, items)
-            except StorageError:
-                self._broken = True
-                self._store.close_partitions()
-                raise
-            del self._groups[partition]
-            self._size -= len(items)
-            stored += len(items)
-            self._count(items)
+        try:
+            if self._broken:
+                self._reopen()
+            groups = batch.groups
+            for partition in list(groups):
+                items = groups[partition]
+                try:
+                    self._store.write(partition, items, batch.prepared.get(partition))
+                except StorageError:
+                    self._broken = True
+                    self._store.close_partitions()
+                    raise
+                del groups[partition]
+                batch.written.append(items)
+        except StorageError as exc:
+            _drop_frames(exc)
+            raise
+        finally:
+            batch.prepared.clear()  # it holds the partitions' handles (and RocksDB's locks)
+        batch.seconds = time.perf_counter() - started
+
+    def _prepare(self, batch: _Batch) -> None:
+        """Encode the batch here, so that the commit thread mostly waits without the GIL."""
+        try:
+            for partition, items in batch.groups.items():
+                prepared = self._store.prepare(partition, items)
+                if prepared is not None:
+                    batch.prepared[partition] = prepared
+        except StorageError:
+            batch.prepared.clear()  # the commit thread prepares again, and meets the failure
+
+    def _finish(self, batch: _Batch) -> int:
+        """The batch is stored: count it and acknowledge it in receive order."""
+        stored = self._count(batch)
+        self._in_flight = None  # after the count: `stored` grows before `pending` shrinks
         if self._recovering:
             self._recovering = False
             log.warning("storage is writable again: resuming")
-        tokens, self._tokens = self._tokens, []
-        self._ack(tokens)
+        self._ack(batch.tokens)
         self.counters.batches += 1
-        self.counters.commit_seconds += time.perf_counter() - started
-        TALLY.committed(stored, time.perf_counter() - started)
+        self.counters.commit_seconds += batch.seconds
+        TALLY.committed(stored, batch.seconds)
         return stored
+
+    def _hold_again(self, batch: _Batch) -> None:
+        """A commit failed: what it did not store is pending again, ahead of what came since.
+
+        What it did store stays stored (a device's items live in one partition, so receive order
+        holds); all of its tokens wait for a later commit.
+        """
+        stored = self._count(batch)
+        for partition, items in self._groups.items():
+            batch.groups.setdefault(partition, []).extend(items)
+        self._groups = batch.groups
+        self._tokens = batch.tokens + self._tokens
+        self._size += batch.size - stored
+        self._opened = batch.opened
+        self._in_flight = None
 
     def _reopen(self) -> None:
         try:
@@ -198,12 +326,18 @@ class CommitPipeline:
         self._broken = False
         self._recovering = True
 
-    def _count(self, items: Sequence[Pending]) -> None:
+    def _count(self, batch: _Batch) -> int:
+        """Count what the batch's writes stored (once) and return how many messages."""
         c = self.counters
-        c.stored += len(items)
-        for item in items:
-            c.bytes += len(item.record.payload)
-            c.duplicates += item.record.dup
+        stored = 0
+        for items in batch.written:
+            stored += len(items)
+            for item in items:
+                c.bytes += len(item.record.payload)
+                c.duplicates += item.record.dup
+        c.stored += stored
+        batch.written = []
+        return stored
 
     def caught_up(self, at_ns: int) -> None:
         """The transport found nothing more to read at `at_ns`, and all before it is stored."""
@@ -215,7 +349,7 @@ class CommitPipeline:
         The broker's window bounds the QoS 1 messages of one connection, but neither QoS 0 nor
         the copies held from earlier connections (kept, never dropped: see `new_connection`).
         """
-        return self._size < HOLD_BATCHES * self.batch_max
+        return self.pending < HOLD_BATCHES * self.batch_max
 
     def new_connection(self) -> None:
         """A new broker connection starts: what arrives from now on belongs to it.
@@ -238,3 +372,18 @@ class CommitPipeline:
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""
         self._tokens = [t for t in self._tokens if keep(t)]
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Let go of the frames in `exc`'s traceback chain.
+
+    A failed write's frames hold its partition's database handle, and with it RocksDB's lock on
+    the directory, for as long as the exception lives: a future keeps it, so the partitions could
+    not be opened again until a garbage collection.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__

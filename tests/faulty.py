@@ -58,7 +58,13 @@ class FaultyStore:
         """Placement of the real store."""
         return self.inner.locate(device_id)
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
+    def prepare(self, partition: str, items: Sequence[Pending]) -> object | None:
+        """What the real store prepares."""
+        return self.inner.prepare(partition, items)
+
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
         """Fail like a full disk while switched on (nothing stored); otherwise store."""
         f = self.faults
         if f.write_delay_s:
@@ -66,7 +72,7 @@ class FaultyStore:
         if f.failing or partition in f.failing_partitions:
             f.count("write_failed")
             raise StorageUnavailable(f"write to partition {partition} failed: {f.reason}")
-        self.inner.write(partition, items)
+        self.inner.write(partition, items, prepared)
         f.count("write", len(items))
 
     def open_partitions(self) -> None:

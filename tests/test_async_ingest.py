@@ -26,10 +26,10 @@ from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
 from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY
-from mqtt_backup.storage import Store
+from mqtt_backup.storage import Pending, Store
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import Broker, Sent, publish, read_all, wait_until
-from tests.faulty import Faults
+from tests.faulty import Faults, FaultyStore
 from tools.devbroker import free_port
 
 Answer = tuple[bytes, bool]  # bytes to send, then hang up
@@ -78,6 +78,7 @@ class FakeBroker:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.got: list[list[mqtt5.Packet]] = []
+        self._writers: list[asyncio.StreamWriter] = []
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -113,6 +114,7 @@ class FakeBroker:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = len(self.got)
         self.got.append([])
+        self._writers.append(writer)
         buffer = b""
         with contextlib.suppress(ConnectionError):
             while chunk := await reader.read(65536):
@@ -132,6 +134,10 @@ class FakeBroker:
                             writer.close()
                             return
         writer.close()
+
+    def push(self, conn: int, data: bytes) -> None:
+        """Send `data` on connection `conn` now, unasked."""
+        self._loop.call_soon_threadsafe(self._writers[conn].write, data)
 
     def pubacks(self, conn: int) -> list[int]:
         """Packet ids the bridge acknowledged on connection `conn`."""
@@ -498,3 +504,78 @@ def test_a_commit_longer_than_the_keepalive_does_not_condemn_a_live_broker(store
             wait_until(lambda: pings() >= after + 2, 20, "two more pings answered")
     assert hooks.disconnects == []
     assert len(broker.got) == 1, "one connection throughout"
+
+
+# ---- the commit in a worker thread --------------------------------------------------------------
+
+
+class GatedStore(FaultyStore):
+    """Every write waits for `gate` first: a synced write as slow as the test wants."""
+
+    def __init__(self, inner: Store, faults: Faults) -> None:
+        super().__init__(inner, faults)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
+        self.writing.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        super().write(partition, items, prepared)
+
+
+@contextlib.contextmanager
+def _opened_at_last(gated: GatedStore) -> Iterator[None]:
+    """Open the gate when the block ends, however it ends (the transport can then stop)."""
+    try:
+        yield
+    finally:
+        gated.gate.set()
+
+
+def _gated(store: Store, faults: Faults, ack: AckCallback) -> tuple[CommitPipeline, GatedStore]:
+    gated = GatedStore(store, faults)
+    router = Router([parse_template("devices/{device}/#")], "backup")
+    return CommitPipeline(gated, router, ack, batch_max=50, batch_ms=10), gated
+
+
+def test_reading_goes_on_while_a_commit_writes_and_acks_wait_for_its_write(
+    store: Store, data_dir: Path
+) -> None:
+    """One commit in flight; what arrives meanwhile is the next batch, acked after its own write."""
+    with FakeBroker(accept(lambda _conn: _publish(1, b"m1"))) as broker:
+        ingest = _ingest(broker.address, Hooks())
+        pipeline, gated = _gated(store, Faults(), ingest.ack)
+        with Running(ingest, pipeline), _opened_at_last(gated):
+            assert gated.writing.wait(20), "the first commit to start"
+            broker.push(0, _publish(2, b"m2") + _publish(3, b"m3"))
+            wait_until(lambda: pipeline.pending == 3, 20, "m2 and m3 read during the commit")
+            assert pipeline.committing
+            assert broker.pubacks(0) == [], "nothing acknowledged before its write returned"
+            gated.gate.set()
+            wait_until(lambda: len(broker.pubacks(0)) == 3, 20, "every ack")
+            assert pipeline.counters.batches == 2, "m1 alone, then m2 and m3 in one commit"
+    assert broker.pubacks(0) == [1, 2, 3], "in receive order, batch after batch"
+    assert [m.record.payload for m in read_all(data_dir)["d1"]] == [b"m1", b"m2", b"m3"]
+
+
+def test_a_failed_commit_in_flight_holds_its_messages_ahead_of_the_next(
+    store: Store, data_dir: Path
+) -> None:
+    """Nothing of a failed commit is acknowledged; its messages are stored first once it works."""
+    faults = Faults(failing=True)
+    with FakeBroker(accept(lambda _conn: _publish(1, b"m1"))) as broker:
+        ingest = _ingest(broker.address, Hooks())
+        pipeline, gated = _gated(store, faults, ingest.ack)
+        with Running(ingest, pipeline), _opened_at_last(gated):
+            assert gated.writing.wait(20), "the first commit to start"
+            broker.push(0, _publish(2, b"m2"))
+            wait_until(lambda: pipeline.pending == 2, 20, "m2 read during the commit")
+            gated.gate.set()
+            wait_until(lambda: ingest.stall.active, 20, "the failed commit to stall ingest")
+            assert pipeline.pending == 2
+            assert broker.pubacks(0) == []
+            faults.failing = False
+            wait_until(lambda: broker.pubacks(0) == [1, 2], 20, "both acks after the retry")
+    assert [m.record.payload for m in read_all(data_dir)["d1"]] == [b"m1", b"m2"]

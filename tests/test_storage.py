@@ -656,11 +656,13 @@ class FaultyStore(Store):
         self.failing: set[str] = set()
         self.writes = 0
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
         """Fail for partitions in `failing`; otherwise store."""
         if partition in self.failing:
             raise StorageUnavailable(f"write to partition {partition} failed: {DISK_FULL}")
-        super().write(partition, items)
+        super().write(partition, items, prepared)
         self.writes += 1
 
 

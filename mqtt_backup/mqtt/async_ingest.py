@@ -3,12 +3,14 @@
 `AsyncIngest` does what `PahoIngest` does (persistent session, QoS 1, acks only after the synced
 write, reconnect with backoff, hold while storage fails) with the work per message cut to what
 the codec gives: every whole packet of a `data_received` call is parsed and offered to the commit
-pipeline, the batch is committed before the call returns (the socket had nothing more to read),
-and all PUBACKs of the batch leave in one `transport.write`.
+pipeline, and when the socket has nothing more to read the batch goes to a worker thread for its
+synced writes. The loop goes on reading meanwhile; when the commit returns, all PUBACKs of its
+batch leave in one `transport.write` and what arrived in between is committed next (one commit in
+flight: under load the group commit grows by itself).
 
 One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
-`PahoIngest`, so the bridge does not know which transport it drives. Commits block the loop for
-their fsync (a later step moves them to a thread); the bridge's `tick` runs between them.
+`PahoIngest`, so the bridge does not know which transport it drives. The bridge's `tick` runs on
+the loop; whatever in it touches the store settles the commit in flight first.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import struct
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar, cast
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar, cast
 
 import mqtt5
 
@@ -62,6 +65,20 @@ _DISCONNECT = mqtt5.DisconnectPacket().write()
 # Our own packet ids: SUBSCRIBE 1, UNSUBSCRIBE 2, the status publishes (online, offline) 3 and 4.
 _ONLINE_ID, _OFFLINE_ID = 3, 4
 _T = TypeVar("_T")
+
+
+class PipelinedSink(Sink, Protocol):
+    """A sink that can commit in a worker thread (`ingest.CommitPipeline` is one)."""
+
+    @property
+    def committing(self) -> bool:
+        """A commit runs in the worker thread, not settled yet."""
+
+    def commit_in_background(self, executor: Executor) -> Future[None] | None:
+        """Start storing the batch on `executor`; None when nothing waits or one is in flight."""
+
+    def settle(self, which: Future[None] | None = None) -> int | None:
+        """Finish the commit in flight (acks in receive order); StorageUnavailable if it failed."""
 
 
 def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
@@ -105,7 +122,7 @@ def _has_properties(view: memoryview, start: int) -> bool:
 class _Wire(asyncio.Protocol):
     """One connection: parses every packet, feeds the sink, commits when the reads run dry."""
 
-    def __init__(self, ingest: AsyncIngest, sink: Sink, generation: int) -> None:
+    def __init__(self, ingest: AsyncIngest, sink: PipelinedSink, generation: int) -> None:
         loop = asyncio.get_running_loop()
         self._ingest = ingest
         self._sink = sink
@@ -172,7 +189,7 @@ class _Wire(asyncio.Protocol):
         return offset
 
     def _offer(
-        self, sink: Sink, packet: mqtt5.PublishPacket, first: int, props: Properties | None
+        self, sink: PipelinedSink, packet: mqtt5.PublishPacket, first: int, props: Properties | None
     ) -> None:
         qos = (first >> 1) & 3
         if qos == 2:
@@ -256,8 +273,10 @@ class AsyncIngest:
         self.session = session
         self.filters = list(filters)
         self._hooks = hooks
-        self.sink: Sink | None = None
+        self.sink: PipelinedSink | None = None
         self.stall = Stall()
+        self._executor: ThreadPoolExecutor | None = None  # the commit's worker thread
+        self._drained_at: int | None = None  # the socket ran dry, the broker had nothing more
         self._ssl = self._ssl_context()
         self._generation = 0
         self._wire: _Wire | None = None
@@ -292,13 +311,17 @@ class AsyncIngest:
         return self._loop.run_until_complete(work)
 
     def _close_loop(self) -> None:
+        if self._executor is not None:
+            # A commit still in flight (only after an error) ends first: unacknowledged, safe.
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self._loop is not None:
             self._loop.close()
             self._loop = None
 
     # ---- connecting ----------------------------------------------------------------------------
 
-    def connect(self, sink: Sink, known_filters: Sequence[str]) -> bool:
+    def connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
         """First connection: BrokerError when the broker cannot be reached or refuses.
 
         Returns whether the broker still had the session. MQTT 5 subscribes every filter each
@@ -311,7 +334,9 @@ class AsyncIngest:
             self._close_loop()
             raise
 
-    async def _connect(self, sink: Sink, known_filters: Sequence[str], first: bool = False) -> bool:
+    async def _connect(
+        self, sink: PipelinedSink, known_filters: Sequence[str], first: bool = False
+    ) -> bool:
         wire = await self._open(sink, first)
         try:
             return await self._handshake(wire, known_filters)
@@ -319,7 +344,7 @@ class AsyncIngest:
             await self._drop()
             raise
 
-    async def _open(self, sink: Sink, first: bool) -> _Wire:
+    async def _open(self, sink: PipelinedSink, first: bool) -> _Wire:
         loop = asyncio.get_running_loop()
         # A new connection voids the acks of the old one; count it before any packet is read.
         self._generation = self._generation % 0xFFFF + 1
@@ -439,7 +464,7 @@ class AsyncIngest:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, sink: Sink, stop: threading.Event) -> None:
+    def run(self, sink: PipelinedSink, stop: threading.Event) -> None:
         """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
         self.sink = sink
         try:
@@ -447,7 +472,7 @@ class AsyncIngest:
         finally:
             self._close_loop()
 
-    async def _run(self, sink: Sink, stop: threading.Event) -> None:
+    async def _run(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
             wire = self._wire
             if not self._connected or wire is None:
@@ -468,8 +493,10 @@ class AsyncIngest:
             self._hooks.tick()
         await self._shutdown(sink)
 
-    def _housekeeping(self, wire: _Wire, sink: Sink) -> None:
+    def _housekeeping(self, wire: _Wire, sink: PipelinedSink) -> None:
         """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
+        if wire.paused and not self.stall.active and not sink.committing:
+            wire.resume()  # the commit it waited for was settled by the bridge (an operation)
         if self.stall.active and self.stall.seconds_left() == 0:
             self.commit_or_hold(wire, retry=True)
         elif not self.stall.active and sink.has_work:
@@ -490,26 +517,65 @@ class AsyncIngest:
     def commit_or_hold(
         self, wire: _Wire, retry: bool = False, drained_at: int | None = None
     ) -> None:
-        """Commit the batch (its acks go out); while storage fails, hold, and pause when full."""
+        """Start committing the batch in the worker thread; while storage fails, hold.
+
+        One commit at a time: while one is in flight, what arrives makes the next batch, which
+        grows past `batch_max` if it must (reading on is what overlaps the parse with the
+        fsyncs); reading pauses only when the hold is full, as while storage fails.
+        `drained_at`: a read found the socket empty then.
+        """
         sink = self.sink
         if sink is None:
+            return
+        if drained_at is not None and sink.pending < CAUGHT_UP_BELOW:
+            # Drained, with fewer unacknowledged than any broker's window: the broker had nothing
+            # held back, so all it had sent by then is stored once the next batch is.
+            self._drained_at = drained_at
+        if sink.committing:
+            if not sink.can_hold():
+                wire.pause()  # resumed when the commit in flight returns
             return
         if self.stall.active and not retry:
             if not sink.can_hold():
                 wire.pause()
             return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest.commit")
+        done = sink.commit_in_background(self._executor)
+        drained_at, self._drained_at = self._drained_at, None
+        if done is None:  # nothing to store or acknowledge
+            self._stored(wire, drained_at)
+            return
+        asyncio.wrap_future(done).add_done_callback(
+            lambda _: self._committed(wire, done, drained_at)
+        )
+
+    def _committed(self, wire: _Wire, done: Future[None], drained_at: int | None) -> None:
+        """A commit returned from the worker thread: settle it here, then start the next."""
+        sink = self.sink
+        if sink is None:
+            return
         try:
-            stored = sink.commit()
+            stored = sink.settle(done)
         except StorageUnavailable as exc:
             self.stall.failed(exc)
-            if not sink.can_hold():
+            if sink.can_hold():
+                wire.resume()  # hold what comes, within the broker's window
+            else:
                 wire.pause()
             return
+        if stored is None:
+            return  # settled already, by a commit on the loop (an operation, the shutdown)
+        self._stored(wire, drained_at)
+        if wire is self._wire and wire.serving and wire.failure is None and sink.has_work:
+            self.commit_or_hold(wire)  # what arrived meanwhile: the next group commit
+
+    def _stored(self, wire: _Wire, drained_at: int | None) -> None:
+        """A commit worked: storage is fine, reading goes on."""
         self.stall.cleared()
         wire.resume()
-        # Drained, and a batch below any broker's window: the broker had nothing held back.
-        if drained_at is not None and stored < CAUGHT_UP_BELOW:
-            sink.caught_up(drained_at)
+        if drained_at is not None and self.sink is not None:
+            self.sink.caught_up(drained_at)
 
     def keep_alive(self) -> None:
         """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
@@ -559,7 +625,7 @@ class AsyncIngest:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
 
-    async def _reconnect(self, sink: Sink, stop: threading.Event) -> None:
+    async def _reconnect(self, sink: PipelinedSink, stop: threading.Event) -> None:
         """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
         self._connected = False
         await self._drop()
@@ -588,7 +654,7 @@ class AsyncIngest:
             log.info("reconnected to %s", self.session.address)
             return
 
-    def _room_for_a_connection(self, sink: Sink) -> bool:
+    def _room_for_a_connection(self, sink: PipelinedSink) -> bool:
         """Whether the sink can take the window a new connection brings (retrying storage first).
 
         Held copies are never dropped, so during a storage stall each connection may add one
@@ -596,14 +662,14 @@ class AsyncIngest:
         """
         if not sink.can_hold() and self.stall.seconds_left() == 0:
             try:
-                sink.commit()
+                _commit_now(sink)
             except StorageUnavailable as exc:
                 self.stall.failed(exc)
             else:
                 self.stall.cleared()
         return sink.can_hold()
 
-    async def _shutdown(self, sink: Sink) -> None:
+    async def _shutdown(self, sink: PipelinedSink) -> None:
         """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
         wire = self._wire
         if not self._connected or wire is None or wire.failure is not None:
@@ -611,13 +677,13 @@ class AsyncIngest:
             await self._drop()
             # Keep what was received on the lost connection: storing it twice is safe.
             try:
-                sink.commit()
+                _commit_now(sink)
             except StorageUnavailable as exc:
                 log.warning("storage still failing while disconnected: %s", exc.detail)
             return
         wire.pause()
         try:
-            sink.commit()
+            _commit_now(sink)
         except StorageUnavailable as exc:
             log.error(
                 "could not store %d pending messages at shutdown (not acknowledged: the "
@@ -636,6 +702,16 @@ class AsyncIngest:
         except TimeoutError:
             wire.transport.abort()
         self._wire = None
+
+
+def _commit_now(sink: PipelinedSink) -> int:
+    """Commit on the loop: the commit in flight first, then a fresh try at everything held.
+
+    StorageUnavailable when that try fails; a commit in flight that failed just holds again.
+    """
+    with contextlib.suppress(StorageUnavailable):
+        sink.settle()
+    return sink.commit()
 
 
 async def _sleep(seconds: float, stop: threading.Event) -> None:

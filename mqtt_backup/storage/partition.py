@@ -67,6 +67,25 @@ class Pending:
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A write made ready by `Partition.prepare`, for `Partition.apply` of the same partition."""
+
+    partition: Partition
+    batch: WriteBatch
+    clock_ns: int  # the partition's clock and sequence once it is applied
+    seq: int
+    touched: dict[bytes, IndexEntry]
+    clock_from: int = 0  # the partition's clock it was prepared from
+
+    def __post_init__(self) -> None:
+        self.clock_from = self.partition.clock_ns
+
+    def fits(self, partition: Partition) -> bool:
+        """Made by this partition object, and nothing written to it since."""
+        return self.partition is partition and self.clock_from == partition.clock_ns
+
+
+@dataclass(slots=True)
 class IndexEntry:
     """What the per-device index knows about one device in one partition."""
 
@@ -284,10 +303,16 @@ class Partition:
             raise storage_failure(exc, f"write to partition {self.name} failed") from exc
 
     def write(self, items: Sequence[Pending]) -> None:
-        """Store the messages in one synced WriteBatch; nothing changes in memory if it fails.
+        """Store the messages in one synced WriteBatch; nothing changes in memory if it fails."""
+        self.apply(self.prepare(items))
 
-        Runs once per partition per commit over every message of the batch: the loop is kept
-        flat (no calls but the encoding and the batch's put) for speed.
+    def prepare(self, items: Sequence[Pending]) -> Prepared:
+        """The messages encoded into one WriteBatch, with the index entries they make.
+
+        No I/O but index reads on a cache miss; nothing changes until `apply`. This is the Python
+        half of a write (the synced write releases the GIL): the ingest loop does it, so that its
+        commit thread holds the GIL only for a moment. It runs once per partition per commit over
+        every message: the loop is kept flat (no calls but the encoding and the put) for speed.
         """
         batch = WriteBatch(raw_mode=True)
         put = batch.put
@@ -315,9 +340,13 @@ class Partition:
         for dev_key, entry in touched.items():
             batch.put(dev_key, entry.encode(), self._index)
         self._put_meta(batch, clock, seq)
-        self._commit(batch)
-        self.clock_ns, self.seq = clock, seq
-        for dev_key, entry in touched.items():
+        return Prepared(self, batch, clock, seq, touched)
+
+    def apply(self, prepared: Prepared) -> None:
+        """The synced write of a `prepare` of this partition that `fits` it still."""
+        self._commit(prepared.batch)
+        self.clock_ns, self.seq = prepared.clock_ns, prepared.seq
+        for dev_key, entry in prepared.touched.items():
             self._entries.put(dev_key, entry)
 
     def _entry_copy(self, item: Pending) -> IndexEntry:

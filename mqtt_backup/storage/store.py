@@ -29,7 +29,7 @@ from mqtt_backup.storage.manifest import (
     new_manifest,
     save_manifest,
 )
-from mqtt_backup.storage.partition import Partition, Pending
+from mqtt_backup.storage.partition import Partition, Pending, Prepared
 from mqtt_backup.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -280,12 +280,27 @@ class Store:
         """Device placements held in memory now (bounded by LOCATE_CACHE_ENTRIES)."""
         return len(self._located)
 
-    def write(self, partition: str, items: Sequence[Pending]) -> None:
-        """Store items in one partition with a synced WAL; StorageUnavailable when it fails."""
+    def prepare(self, partition: str, items: Sequence[Pending]) -> Prepared | None:
+        """The Python half of `write` for these items, done ahead (None: not open now).
+
+        StorageError when an index read fails.
+        """
+        part = self.partitions.get(partition)
+        return None if part is None else part.prepare(items)
+
+    def write(
+        self, partition: str, items: Sequence[Pending], prepared: object | None = None
+    ) -> None:
+        """Store items in one partition with a synced WAL; StorageUnavailable when it fails.
+
+        `prepared`: what `prepare` made of the same items, used when it still fits the partition.
+        """
         part = self.partitions.get(partition)
         if part is None:
             raise StorageUnavailable(f"partition {partition} is not open")
-        part.write(items)
+        if not (isinstance(prepared, Prepared) and prepared.fits(part)):
+            prepared = part.prepare(items)
+        part.apply(prepared)
 
     def open_new_partition(self, spec: PartitionSpec) -> Partition:
         """Open (creating it when needed) a partition that the manifest does not list yet."""
