@@ -205,6 +205,7 @@ class Bridge:
             reconnects=max(0, self._connections - 1),
             partition_bytes=self._partition_bytes(),
             broker_dropped=self._dropped.dropped if self._dropped is not None else None,
+            write_seconds=self.pipeline.write_seconds(),
         )
 
     def _partition_bytes(self) -> dict[str, int]:

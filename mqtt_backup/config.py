@@ -416,7 +416,12 @@ class Settings:
         default=30, metadata=setting("MQTT keepalive seconds", bounds=(5, 65535))
     )
     batch_max: int = field(
-        default=1000, metadata=setting("messages per commit at most", bounds=(1, 100_000))
+        default=1000,
+        metadata=setting(
+            "messages a batch closes at (on asyncio, what arrives while a commit is in flight "
+            "joins the next, up to 10x this held)",
+            bounds=(1, 100_000),
+        ),
     )
     batch_ms: int = field(
         default=20, metadata=setting("longest a batch waits for more messages", bounds=(1, 10_000))

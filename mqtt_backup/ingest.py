@@ -134,6 +134,7 @@ class CommitPipeline:
         self.connecting_ns = 0  # when the current connection was opened
         self._devices: dict[str, str | None] = {}  # topic -> device (None: not to be stored)
         self._in_flight: _Batch | None = None
+        self._writing_since: float | None = None  # monotonic; read from other threads (health)
 
     @property
     def pending(self) -> int:
@@ -210,6 +211,15 @@ class CommitPipeline:
             raise
         return settled + self._finish(batch)
 
+    def write_seconds(self) -> float:
+        """How long the write under way has been waiting (0 when none): a hung disk shows here.
+
+        A write that fails is a stall; one that never returns (fsync on a dead disk, a network
+        filesystem gone) fails nothing, so health reads this too.
+        """
+        since = self._writing_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def commit_in_background(self, executor: Executor) -> Future[None] | None:
         """Start storing the batch on `executor`'s thread; None when nothing waits or one is.
 
@@ -258,6 +268,7 @@ class CommitPipeline:
     def _store_batch(self, batch: _Batch) -> None:
         """One synced write per partition; on the committing thread, the only one on the store."""
         started = time.perf_counter()
+        self._writing_since = time.monotonic()
         try:
             if self._broken:
                 self._reopen()
@@ -276,6 +287,7 @@ class CommitPipeline:
             _drop_frames(exc)
             raise
         finally:
+            self._writing_since = None
             batch.prepared.clear()  # it holds the partitions' handles (and RocksDB's locks)
         batch.seconds = time.perf_counter() - started
 

@@ -49,6 +49,11 @@ class Snapshot:
     reconnects: int = 0
     partition_bytes: Mapping[str, int] = field(default_factory=dict)
     broker_dropped: int | None = None  # None: $SYS not readable (yet)
+    write_seconds: float = 0.0  # how long the storage write under way has been waiting
+
+
+# A synced write of one batch takes milliseconds; one that takes this long is hung, not slow.
+WRITE_HUNG_S = 10.0
 
 
 def health(s: Snapshot) -> tuple[bool, str]:
@@ -57,6 +62,11 @@ def health(s: Snapshot) -> tuple[bool, str]:
         return False, "not connected to the broker (reconnecting; see the log)"
     if s.storage_stalled:
         return False, "storage is failing: messages are held unacknowledged (see the log)"
+    if s.write_seconds >= WRITE_HUNG_S:
+        return False, (
+            f"a storage write has not returned for {s.write_seconds:.0f} s: messages are held "
+            "unacknowledged (a dead disk, or a network filesystem gone?)"
+        )
     return True, "ok: connected, storage writable"
 
 
@@ -97,7 +107,9 @@ def _state(s: Snapshot) -> Iterator[Any]:
     yield _gauge("pending_messages", "Backlog held: received, not yet stored and acked", s.pending)
     yield _gauge("connected", "1 while connected to the broker", int(s.connected))
     yield _gauge(
-        "storage_stalled", "1 while storage fails and acks are held", int(s.storage_stalled)
+        "storage_stalled",
+        "1 while storage fails (or a write hangs) and acks are held",
+        int(s.storage_stalled or s.write_seconds >= WRITE_HUNG_S),
     )
     yield _gauge("gaps", "Spans recorded in the gap log", s.gaps)
     yield _counter("reconnects", "Connections to the broker after the first", s.reconnects)
