@@ -23,7 +23,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from mqtt_backup import config
+from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
@@ -230,6 +230,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(work)
     # Every data dir reserves a ballast of allocated space: 1 MiB, not 64, for each test's.
     monkeypatch.setattr(ballast, "MAX_BYTES", 1024 * 1024)
+    # A bridge in this process stops in ~0.05 s, not 0.5 s (its control thread's poll).
+    monkeypatch.setattr(control, "POLL_S", 0.02)
 
 
 @pytest.fixture
