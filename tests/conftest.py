@@ -142,6 +142,15 @@ def own_broker(tmp_path: Path) -> Iterator[Broker]:
     yield from _start_broker("dev.conf", tmp_path / "broker")
 
 
+@pytest.fixture
+def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
+    """dev.conf + mosquitto/small-queue.conf: queues 100 messages per client, $SYS every second.
+
+    Also for tests that wait for a $SYS reading: seconds, where dev.conf's default takes 10-20 s.
+    """
+    yield from _start_broker("dev.conf", tmp_path / "broker", "small-queue.conf")
+
+
 BRIDGE_USER, BRIDGE_PASSWORD = "bridge", "s3cret:/@x"
 
 

@@ -230,12 +230,6 @@ def _overlay_broker(tmp_path: Path, overlay: str) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
-    """dev.conf + mosquitto/small-queue.conf: queues 100 messages per client, $SYS every second."""
-    yield from _overlay_broker(tmp_path, "small-queue.conf")
-
-
-@pytest.fixture
 def no_sys_broker(tmp_path: Path) -> Iterator[Broker]:
     """dev.conf + mosquitto/no-sys.conf: no $SYS topics."""
     yield from _overlay_broker(tmp_path, "no-sys.conf")
