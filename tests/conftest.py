@@ -25,6 +25,8 @@ import pytest
 
 from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
+from mqtt_backup.mqtt import async_ingest, ingest
+from mqtt_backup.restore import service as restore_service
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
@@ -239,8 +241,20 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(work)
     # Every data dir reserves a ballast of allocated space: 1 MiB, not 64, for each test's.
     monkeypatch.setattr(ballast, "MAX_BYTES", 1024 * 1024)
-    # A bridge in this process stops in ~0.05 s, not 0.5 s (its control thread's poll).
+
+
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing knobs turned down for bridges in this process; what they pace stays the same.
+
+    Retries still back off (0.5 s, then 1 s, with jitter), but stop doubling at 1 s, not 30 s: a
+    broker back or a disk freed after a few seconds is seen within about a second, not after the
+    4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
+    """
     monkeypatch.setattr(control, "POLL_S", 0.02)
+    monkeypatch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
+    monkeypatch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
+    monkeypatch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
 
 
 @pytest.fixture
