@@ -272,11 +272,14 @@ def data_dir(tmp_path: Path) -> Path:
 TRANSPORT_ENV = config.ENV_PREFIX + "TRANSPORT"
 
 
-@pytest.fixture(params=["asyncio", "paho"])
+@pytest.fixture(params=["asyncio", pytest.param("paho", marks=pytest.mark.slow)])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The ingest transport under test, for bridges in this process and in subprocesses.
 
-    Ingest tests use both (`pytestmark = pytest.mark.usefixtures("transport")`), so neither rots.
+    Ingest tests use both (`pytestmark = pytest.mark.usefixtures("transport")`), so neither rots:
+    `make test` runs each on both; `make test-fast` on MQTT 5's default (asyncio) only. Tests of
+    paho itself (MQTT 3.1.1, its log) choose it (`parametrize("transport", ["paho"], ...)`) and
+    stay in both.
     """
     value = str(request.param)
     monkeypatch.setenv(TRANSPORT_ENV, value)
