@@ -25,7 +25,16 @@ from mqtt_backup.web.auth import COOKIE
 from mqtt_backup.web.paths import decode_device, encode_device
 from mqtt_backup.web.serve import load_token, parse_bind
 from tests.conftest import wait_until
-from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, fleet_store, telemetry, write
+from tests.webstore import (
+    BASE_NS,
+    ODD_IDS,
+    SCRIPT,
+    S,
+    exported,
+    fleet_store,
+    telemetry,
+    write,
+)
 from tools import devbroker
 
 # "Now" for the pages: where the sensors end, 100 minutes after BASE_NS.
@@ -229,15 +238,10 @@ def test_download_is_what_export_writes(client: TestClient, fleet: Path) -> None
         got = client.get(f"/devices/sensor-01/download.{fmt}?{query}")
         assert got.status_code == 200
         assert "attachment" in got.headers["content-disposition"]
-        export = subprocess.run(
-            [
-                *(sys.executable, "-m", "mqtt_backup", "export", "--data", str(fleet)),
-                *("--device", "sensor-01", "--since", since, "--until", until, "--format", fmt),
-            ],
-            capture_output=True,
-            check=True,
+        export = exported(
+            fleet, "--device", "sensor-01", "--since", since, "--until", until, "--format", fmt
         )
-        assert got.content == export.stdout
+        assert got.content == export
     lines = client.get(f"/devices/sensor-01/download.jsonl?{query}").text.splitlines()
     assert len(lines) == 60
     text = client.get(f"/devices/sensor-01/download.csv?{query}").text
