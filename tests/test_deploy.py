@@ -166,6 +166,7 @@ def _dockerfile() -> tuple[dict[str, str], list[str], list[str]]:
     return env, entrypoint + cmd, health
 
 
+@pytest.mark.slow  # the image's command and health check as processes against a broker
 def test_the_images_command_and_health_check_work(broker: Broker, tmp_path: Path) -> None:
     env, command, health = _dockerfile()
     assert command == ["mqtt-backup", "run"]
