@@ -21,7 +21,10 @@ from mqtt_backup.web.paths import encode_device
 from tests.conftest import wait_until
 from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, exported, fleet_store
 
-pytestmark = pytest.mark.browser
+# A real Chromium costs 15-30 s of CPU: `make test` only. test_web checks the same pages' HTML,
+# links, escaping and downloads in this process; here are what only a browser shows (the plots
+# drawn, the copy button, navigation by the links' accessible names).
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 NOW_NS = BASE_NS + 6000 * S
