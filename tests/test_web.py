@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from mqtt_backup import records
 from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
-from mqtt_backup.storage import Store, store
+from mqtt_backup.storage import Store, ballast, store
 from mqtt_backup.web import create_app, history, run_web
 from mqtt_backup.web.auth import COOKIE
 from mqtt_backup.web.paths import decode_device, encode_device
@@ -42,10 +42,17 @@ NOW_NS = BASE_NS + 6000 * S
 JSON = {"accept": "application/json"}
 
 
-@pytest.fixture
-def fleet(data_dir: Path) -> Path:
-    fleet_store(data_dir)
-    return data_dir
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One store for the module: the tests that use it only read (the app never writes)."""
+    data = tmp_path_factory.mktemp("fleet") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
+        fleet_store(data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*") if "partitions" not in p.parts)
+    yield data
+    after = sorted(p.relative_to(data) for p in data.rglob("*") if "partitions" not in p.parts)
+    assert after == before, "a test changed the shared fleet: give it its own store"
 
 
 @pytest.fixture
