@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck pytest faults brokers bench bench-docs screenshots venv clean
+.PHONY: run test test-fast check lint typecheck pytest faults brokers bench bench-docs screenshots venv clean
 
 # Recreate the venv's install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -19,6 +19,10 @@ run: $(STAMP)
 	@bash tools/run-dev.sh
 
 test: check pytest
+
+# Everything but the tests marked slow (see README, Development).
+test-fast: check
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 check: lint typecheck
 

@@ -21,6 +21,9 @@ from typing import Any
 from mqtt_backup.errors import BackupError, DataDirLocked, NoReply
 
 SOCKET = "control.sock"
+# How often the serving thread looks for a stop: a stopping bridge waits up to this long for it.
+# The tests turn it down (they stop hundreds of bridges).
+POLL_S = 0.5
 # AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
 _MAX_SUN_PATH = 100
 Submit = Callable[[str, Mapping[str, Any]], "Future[dict[str, Any]]"]
@@ -90,7 +93,9 @@ class ControlServer:
                 os.umask(old_umask)
             server.server_activate()
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="control", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(POLL_S,), name="control", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

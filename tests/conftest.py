@@ -23,8 +23,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from mqtt_backup import config
+from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
+from mqtt_backup.mqtt import async_ingest, ingest
+from mqtt_backup.restore import service as restore_service
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
@@ -142,6 +144,15 @@ def own_broker(tmp_path: Path) -> Iterator[Broker]:
     yield from _start_broker("dev.conf", tmp_path / "broker")
 
 
+@pytest.fixture
+def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
+    """dev.conf + mosquitto/small-queue.conf: queues 100 messages per client, $SYS every second.
+
+    Also for tests that wait for a $SYS reading: seconds, where dev.conf's default takes 10-20 s.
+    """
+    yield from _start_broker("dev.conf", tmp_path / "broker", "small-queue.conf")
+
+
 BRIDGE_USER, BRIDGE_PASSWORD = "bridge", "s3cret:/@x"
 
 
@@ -232,6 +243,20 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(ballast, "MAX_BYTES", 1024 * 1024)
 
 
+@pytest.fixture(autouse=True)
+def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing knobs turned down for bridges in this process; what they pace stays the same.
+
+    Retries still back off (0.5 s, then 1 s, with jitter), but stop doubling at 1 s, not 30 s: a
+    broker back or a disk freed after a few seconds is seen within about a second, not after the
+    4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
+    """
+    monkeypatch.setattr(control, "POLL_S", 0.02)
+    monkeypatch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
+    monkeypatch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
+    monkeypatch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
+
+
 @pytest.fixture
 def unique() -> str:
     """A short random id for this test's topics and devices."""
@@ -247,11 +272,14 @@ def data_dir(tmp_path: Path) -> Path:
 TRANSPORT_ENV = config.ENV_PREFIX + "TRANSPORT"
 
 
-@pytest.fixture(params=["asyncio", "paho"])
+@pytest.fixture(params=["asyncio", pytest.param("paho", marks=pytest.mark.slow)])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The ingest transport under test, for bridges in this process and in subprocesses.
 
-    Ingest tests use both (`pytestmark = pytest.mark.usefixtures("transport")`), so neither rots.
+    Ingest tests use both (`pytestmark = pytest.mark.usefixtures("transport")`), so neither rots:
+    `make test` runs each on both; `make test-fast` on MQTT 5's default (asyncio) only. Tests of
+    paho itself (MQTT 3.1.1, its log) choose it (`parametrize("transport", ["paho"], ...)`) and
+    stay in both.
     """
     value = str(request.param)
     monkeypatch.setenv(TRANSPORT_ENV, value)

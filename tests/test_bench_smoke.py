@@ -12,8 +12,6 @@ from bench import report
 from bench.__main__ import main
 from bench.measure import drain, percentile
 
-pytestmark = pytest.mark.slow
-
 
 def test_drain_fits_a_line_through_the_samples_inside() -> None:
     samples = [(0.0, 1000), (1.0, 1000), (2.0, 800), (3.0, 600), (4.0, 400), (5.0, 0)]
@@ -50,6 +48,7 @@ def _well_formed(row: dict[str, object]) -> None:
         assert ratio > 0
 
 
+@pytest.mark.slow  # every scenario end to end, with its fixed warm-up and measuring windows
 def test_tiny_run_writes_json_and_the_page(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--factor", "0.002", "--json", str(out), "--docs", str(tmp_path), "--no-docs"]

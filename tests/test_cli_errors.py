@@ -292,6 +292,7 @@ def test_unreachable_broker_fails_and_leaves_nothing_behind(cwd: Path, closed_ur
     assert not (cwd / "data").exists(), "a failed start must not leave a new data directory"
 
 
+@pytest.mark.slow  # two bridge processes; test_ingest_e2e has the lock within one process
 def test_locked_data_dir(broker: Broker, tmp_path: Path, cwd: Path) -> None:
     data, log = tmp_path / "data", tmp_path / "bridge.log"
     first = bridge_process(broker, data, log=log)

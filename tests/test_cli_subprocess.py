@@ -62,6 +62,7 @@ def test_offline_commands_as_processes(data_dir: Path, tmp_path: Path) -> None:
     assert json.loads(ok("verify", *d, "--json"))["ok"] is True
 
 
+@pytest.mark.slow  # two processes; test_simulate feeds a bridge in this process
 def test_simulate_feeds_a_running_bridge(broker: Broker, data_dir: Path, unique: str) -> None:
     bridge = BridgeThread(make_settings(broker, data_dir))
     try:

@@ -8,6 +8,8 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from mqtt_backup.storage import StoreReader
 from tests.conftest import (
     Broker,
@@ -18,6 +20,10 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+
+# Real processes killed and stopped by signals: `make test` only. In this process,
+# test_ingest_e2e's crash between sync and ack covers what a kill leaves behind.
+pytestmark = pytest.mark.slow
 
 
 def _wait_running(proc: subprocess.Popen[bytes], log: Path) -> None:

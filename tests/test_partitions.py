@@ -230,6 +230,7 @@ def _devices_moving_to(new: str, unique: str, moving: int, staying: int) -> list
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow  # 4 s or more by design: an operation longer than Mosquitto's 1.5 keepalives
 def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     broker: Broker,
     data_dir: Path,

@@ -38,6 +38,8 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+from tests.test_cli_errors import Ran
+from tests.test_cli_errors import cli as run_cli
 
 RunBridge = Callable[[Settings], BridgeThread]
 Message = dict[str, Any]
@@ -320,15 +322,10 @@ def test_a_lost_session_makes_the_restore_incomplete(
 def test_cli_exit_codes(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, tmp_path: Path
 ) -> None:
-    def cli(*args: str, url: str = broker.url) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mqtt_backup", "restore", *args, "--broker", url],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
+    # In this process, through the console script's error mapping (Root.main): the exit code
+    # and stderr line a shell sees (test_cli_subprocess starts the real process).
+    def cli(*args: str, url: str = broker.url) -> Ran:
+        return run_cli("restore", *args, "--broker", url, cwd=tmp_path)
 
     silent = cli(f"{unique}-x", "--timeout", "1")
     assert silent.returncode == 3, silent.stderr

@@ -188,7 +188,7 @@ def test_a_socket_closed_under_a_pending_write_is_one_warning_line(
             fd = gone.fileno()
             loop.call_soon(gone.close)
             loop.call_soon(loop.add_writer, fd, lambda: None)
-            await asyncio.sleep(0.05)
+            await _after_the_callbacks_before(loop)
 
     caplog.set_level(logging.WARNING)
     asyncio.run(scenario())
@@ -196,6 +196,13 @@ def test_a_socket_closed_under_a_pending_write_is_one_warning_line(
     assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None)], caplog.text
     assert "closed while it had a write pending" in lines[0].getMessage()
     assert "Traceback" not in caplog.text
+
+
+async def _after_the_callbacks_before(loop: asyncio.AbstractEventLoop) -> None:
+    """Return once every callback scheduled so far has run (the loop runs them in order)."""
+    done = loop.create_future()
+    loop.call_soon(done.set_result, None)
+    await done
 
 
 def test_other_loop_errors_still_reach_the_previous_handler(broker: Broker) -> None:
@@ -206,7 +213,7 @@ def test_other_loop_errors_still_reach_the_previous_handler(broker: Broker) -> N
         loop.set_exception_handler(lambda _loop, context: seen.append(context["message"]))
         async with AsyncConnection(parse_broker_url(broker.url), protocol="5"):
             loop.call_soon(_boom)
-            await asyncio.sleep(0.05)
+            await _after_the_callbacks_before(loop)
 
     asyncio.run(scenario())
     assert len(seen) == 1
@@ -227,12 +234,6 @@ def _overlay_broker(tmp_path: Path, overlay: str) -> Iterator[Broker]:
         yield broker
     finally:
         broker.stop()
-
-
-@pytest.fixture
-def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
-    """dev.conf + mosquitto/small-queue.conf: queues 100 messages per client, $SYS every second."""
-    yield from _overlay_broker(tmp_path, "small-queue.conf")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from mqtt_backup.restore.request import (
     response_topic,
 )
 from mqtt_backup.restore.service import DroppedWatcher, RestoreService
-from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
+from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
 from mqtt_backup.topics import check_device, filter_matches
@@ -140,10 +140,9 @@ def write(store: Store, device: str, items: list[tuple[int, Record]]) -> None:
     store.write(partition, [pending(store, device, ns, rec) for ns, rec in items])
 
 
-@pytest.fixture
-def store(data_dir: Path) -> Iterator[Store]:
+def _open_filled(data: Path) -> Store:
     """A 3-partition store holding DEV1 for dev-1 and three messages of dev-2; stays open."""
-    opened = Store.open(data_dir, partitions=3)
+    opened = Store.open(data, partitions=3)
     write(opened, "dev-1", list(zip(T, DEV1, strict=True)))
     write(
         opened,
@@ -153,16 +152,59 @@ def store(data_dir: Path) -> Iterator[Store]:
             for i in range(3)
         ],
     )
+    return opened
+
+
+def _secondary(data: Path, scratch: Path) -> StoreReader:
+    """A secondary reader beside the open writer, as the bridge's restore service has."""
+    scratch.mkdir()  # the bridge passes a fresh mkdtemp(); RocksDB creates only the last level
+    return StoreReader(data, secondary=scratch)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, StoreReader]]:
+    """One filled store and reader for the tests that only read (most of them).
+
+    Opening a store per test was two thirds of this module's time. A test that writes messages,
+    gaps or broker-drop files takes `own_store`/`own_reader` instead.
+    """
+    root = tmp_path_factory.mktemp("restore-unit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
+        opened = _open_filled(root / "data")
+    secondary = _secondary(opened.data_dir, root / "sec")
+    before = {p.name for p in opened.data_dir.iterdir()}
+    yield opened, secondary
+    written = {p.name for p in opened.data_dir.iterdir()} - before
+    secondary.close()
+    opened.close()
+    assert written == set(), f"a test wrote {written} beside the shared store: use own_reader"
+
+
+@pytest.fixture
+def store(shared: tuple[Store, StoreReader]) -> Store:
+    """The shared store: read it, never write to it (use `own_store`)."""
+    return shared[0]
+
+
+@pytest.fixture
+def reader(shared: tuple[Store, StoreReader]) -> StoreReader:
+    """The shared secondary reader (its data dir must not change: use `own_reader`)."""
+    return shared[1]
+
+
+@pytest.fixture
+def own_store(data_dir: Path) -> Iterator[Store]:
+    """A store of this test alone, filled as the shared one is."""
+    opened = _open_filled(data_dir)
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def reader(store: Store, tmp_path: Path) -> Iterator[StoreReader]:
-    """A secondary reader beside the open writer, as the bridge's restore service has."""
-    scratch = tmp_path / "sec"
-    scratch.mkdir()  # the bridge passes a fresh mkdtemp(); RocksDB creates only the last level
-    opened = StoreReader(store.data_dir, secondary=scratch)
+def own_reader(own_store: Store, tmp_path: Path) -> Iterator[StoreReader]:
+    """A secondary reader of `own_store`."""
+    opened = _secondary(own_store.data_dir, tmp_path / "sec")
     yield opened
     opened.close()
 
@@ -1041,8 +1083,8 @@ def test_retained_request_is_ignored(reader: StoreReader) -> None:
     assert split(live.sent)[1]["count"] == 5
 
 
-def test_gaps_overlapping_the_window_make_it_incomplete(reader: StoreReader) -> None:
-    log = GapLog(reader.data_dir)
+def test_gaps_overlapping_the_window_make_it_incomplete(own_reader: StoreReader) -> None:
+    log = GapLog(own_reader.data_dir)
     inside = Gap(T[1] - SEC // 2, T[1] + SEC // 2, "session-lost")
     across_start = Gap(T[0] - 10 * SEC, T[0] + 1, "downtime")
     before = Gap(T[0] - 10 * SEC, T[0] - 5 * SEC, "downtime")
@@ -1052,7 +1094,7 @@ def test_gaps_overlapping_the_window_make_it_incomplete(reader: StoreReader) -> 
     for gap in (inside, across_start, before, ends_at_since, starts_at_until, after):
         log.record(gap)
     fields = {"since": format_ts(T[0]), "until": format_ts(T[3])}
-    messages, done = split(ask(reader, json.dumps(fields).encode()))
+    messages, done = split(ask(own_reader, json.dumps(fields).encode()))
     assert len(messages) == 3
     assert done == {
         "done": True, "protocol": 1,
@@ -1069,19 +1111,19 @@ def test_gaps_overlapping_the_window_make_it_incomplete(reader: StoreReader) -> 
     assert done["gaps"][0]["since"] == "2026-01-01T00:00:00.623456789Z"
 
 
-def test_gaps_outside_the_window_leave_it_complete(reader: StoreReader) -> None:
-    log = GapLog(reader.data_dir)
+def test_gaps_outside_the_window_leave_it_complete(own_reader: StoreReader) -> None:
+    log = GapLog(own_reader.data_dir)
     log.record(Gap(T[0] - 10 * SEC, T[0] - 5 * SEC, "downtime"))
     log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "session-lost"))
     fields = {"since": format_ts(T[0]), "until": format_ts(T[4] + 1)}
-    assert split(ask(reader, json.dumps(fields).encode()))[1]["complete"] is True
+    assert split(ask(own_reader, json.dumps(fields).encode()))[1]["complete"] is True
 
 
-def test_every_gap_counts_without_a_window(reader: StoreReader) -> None:
-    log = GapLog(reader.data_dir)
+def test_every_gap_counts_without_a_window(own_reader: StoreReader) -> None:
+    log = GapLog(own_reader.data_dir)
     log.record(Gap(1, 2, "downtime"))
     log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "broker-dropped"))
-    done = split(ask(reader, b'{"id": "g"}'))[1]
+    done = split(ask(own_reader, b'{"id": "g"}'))[1]
     assert done["complete"] is False
     assert done["gaps"] == [
         {"since": format_ts(1), "until": format_ts(2), "reason": "downtime"},
@@ -1091,9 +1133,9 @@ def test_every_gap_counts_without_a_window(reader: StoreReader) -> None:
     assert done["id"] == "g"
 
 
-def test_gaps_are_reported_for_an_unknown_device_too(reader: StoreReader) -> None:
-    GapLog(reader.data_dir).record(Gap(T[0], T[1], "session-lost"))
-    done = split(ask(reader, topic=f"{PREFIX}/nobody"))[1]
+def test_gaps_are_reported_for_an_unknown_device_too(own_reader: StoreReader) -> None:
+    GapLog(own_reader.data_dir).record(Gap(T[0], T[1], "session-lost"))
+    done = split(ask(own_reader, topic=f"{PREFIX}/nobody"))[1]
     assert (done["count"], done["complete"]) == (0, False)
 
 
@@ -1182,15 +1224,15 @@ def test_namespace_is_honoured(reader: StoreReader) -> None:
     assert {p.topic for p in sent} == {"site/a/restore/dev-1/response"}
 
 
-def test_writes_after_the_reader_opened_are_seen(store: Store, reader: StoreReader) -> None:
-    assert len(stream(reader, {})) == 5
+def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: StoreReader) -> None:
+    assert len(stream(own_reader, {})) == 5
     late = Record("devices/dev-1/late", b"late")
-    write(store, "dev-1", [(BASE_NS + 200 * SEC, late)])
-    write(store, "dev-3", [(BASE_NS + 201 * SEC, Record("devices/dev-3/t", b"new device"))])
-    bodies = stream(reader, {})
+    write(own_store, "dev-1", [(BASE_NS + 200 * SEC, late)])
+    write(own_store, "dev-3", [(BASE_NS + 201 * SEC, Record("devices/dev-3/t", b"new device"))])
+    bodies = stream(own_reader, {})
     assert payloads(bodies)[-1] == b"late"
     assert len(bodies) == 6
-    assert payloads(stream(reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
+    assert payloads(stream(own_reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
 
 
 def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
@@ -1300,10 +1342,12 @@ def test_a_limit_ends_the_scan_at_the_last_message_sent(
     assert len(scanned) == 3  # the status record between them, not the rest of the history
 
 
-def test_window_bounds_publishes_in_flight(store: Store, reader: StoreReader) -> None:
-    write(store, "dev-4", [(BASE_NS + i, Record("devices/dev-4/t", b"%d" % i)) for i in range(30)])
+def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: StoreReader) -> None:
+    write(
+        own_store, "dev-4", [(BASE_NS + i, Record("devices/dev-4/t", b"%d" % i)) for i in range(30)]
+    )
     conn = FakeConn(delay=0.002)
-    sent = ask(reader, b"", topic=f"{PREFIX}/dev-4", conn=conn, window=3)
+    sent = ask(own_reader, b"", topic=f"{PREFIX}/dev-4", conn=conn, window=3)
     messages, done = split(sent)
     assert done["count"] == 30
     assert payloads([m.body() for m in messages]) == [b"%d" % i for i in range(30)]
@@ -1361,9 +1405,9 @@ def test_id_that_is_not_unicode_still_gets_one_terminal(
     assert "'id'" in only_error(sent)
 
 
-def test_corrupt_gap_log_ends_the_stream_with_an_error(reader: StoreReader) -> None:
-    GapLog(reader.data_dir).path.write_text("garbage\n", encoding="utf-8")
-    messages, body = split(ask(reader))
+def test_corrupt_gap_log_ends_the_stream_with_an_error(own_reader: StoreReader) -> None:
+    GapLog(own_reader.data_dir).path.write_text("garbage\n", encoding="utf-8")
+    messages, body = split(ask(own_reader))
     assert len(messages) == 5
     assert "gaps.jsonl" in body["error"]
 
@@ -1761,9 +1805,9 @@ def test_no_retained_value_after_a_long_absence_makes_the_downtime_unknown(
     assert DroppedWatcher(log, tmp_path, BROKER).unknown(50 * SEC, 150 * SEC) is True
 
 
-def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -> None:
-    watcher = DroppedWatcher(GapLog(reader.data_dir), reader.data_dir, BROKER)
-    done = split(ask(reader, dropped=watcher))[1]
+def test_done_says_broker_drops_unknown_without_a_reading(own_reader: StoreReader) -> None:
+    watcher = DroppedWatcher(GapLog(own_reader.data_dir), own_reader.data_dir, BROKER)
+    done = split(ask(own_reader, dropped=watcher))[1]
     assert done == {
         "done": True,
         "protocol": 1,
@@ -1773,22 +1817,22 @@ def test_done_says_broker_drops_unknown_without_a_reading(reader: StoreReader) -
         "broker_drops": "unknown",
     }
     watcher.observe(b"0")
-    done = split(ask(reader, dropped=watcher))[1]
+    done = split(ask(own_reader, dropped=watcher))[1]
     assert "broker_drops" not in done
     assert done["complete"] is True
 
 
-def test_done_says_broker_drops_unknown_over_an_unknown_span(reader: StoreReader) -> None:
-    data = reader.data_dir
+def test_done_says_broker_drops_unknown_over_an_unknown_span(own_reader: StoreReader) -> None:
+    data = own_reader.data_dir
     DroppedWatcher(GapLog(data), data, BROKER).observe(b"0", now_ns=T[0] - 1000 * SEC)
     watcher = DroppedWatcher(GapLog(data), data, BROKER)
     watcher.connected(now_ns=T[2])  # away from long before T[0] until T[2]
     watcher.observe_uptime(_uptime(9000), now_ns=T[2])
     watcher.observe_uptime(_uptime(9010), now_ns=T[2] + 10 * SEC)
-    inside = split(ask(reader, dropped=watcher))[1]
+    inside = split(ask(own_reader, dropped=watcher))[1]
     assert (inside["complete"], inside["broker_drops"]) == (True, "unknown")
     after = json.dumps({"since": format_ts(T[3])}).encode()
-    assert "broker_drops" not in split(ask(reader, after, dropped=watcher))[1]
+    assert "broker_drops" not in split(ask(own_reader, after, dropped=watcher))[1]
 
 
 def test_dropped_watcher_span_starts_at_the_previous_reading(tmp_path: Path) -> None:
@@ -1820,11 +1864,11 @@ def test_dropped_watcher_uses_the_clock(tmp_path: Path) -> None:
     assert before <= gap.since_ns <= gap.until_ns <= after
 
 
-def test_dropped_gap_shows_in_a_restore(reader: StoreReader) -> None:
-    watcher = DroppedWatcher(GapLog(reader.data_dir))
+def test_dropped_gap_shows_in_a_restore(own_reader: StoreReader) -> None:
+    watcher = DroppedWatcher(GapLog(own_reader.data_dir))
     watcher.observe(b"100", now_ns=T[1])
     watcher.observe(b"101", now_ns=T[2])
-    done = split(ask(reader))[1]
+    done = split(ask(own_reader))[1]
     assert done["gaps"] == [
         {"since": format_ts(T[1]), "until": format_ts(T[2]), "reason": "broker-dropped"}
     ]

@@ -33,7 +33,9 @@ from tests.conftest import (
 )
 from tests.test_status import KEEPALIVE, state_of
 
-pytestmark = pytest.mark.usefixtures("transport")
+# Four bridge processes, a kill -9 and a gathered restore: `make test` only. The group logic
+# itself is tested in this process by test_scaleout_restore and test_group_wire.
+pytestmark = [pytest.mark.usefixtures("transport"), pytest.mark.slow]
 
 INSTANCES = ("a", "b", "c")
 
@@ -130,7 +132,7 @@ def group(broker: Broker, tmp_path: Path, unique: str) -> Iterator[Group]:
 
 @pytest.mark.parametrize(
     ("messages", "devices"),
-    [(2_000, 20), pytest.param(20_000, 100, marks=pytest.mark.slow, id="full")],
+    [(2_000, 20), pytest.param(20_000, 100, id="full")],
 )
 def test_three_instances_keep_every_message_and_restore_merges_them(
     group: Group, unique: str, messages: int, devices: int

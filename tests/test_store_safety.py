@@ -24,7 +24,7 @@ from rocksdict import Rdict
 from typer.testing import CliRunner
 
 from mqtt_backup.cli import app
-from mqtt_backup.config import ENV_PREFIX, Settings
+from mqtt_backup.config import Settings
 from mqtt_backup.errors import (
     EXIT_STORAGE,
     EXIT_USAGE,
@@ -47,6 +47,7 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+from tests.test_cli_errors import cli, one_line_error
 from tools.devbroker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,30 +118,9 @@ def test_release_1_store_opens_as_a_writer(store_v1: Path) -> None:
 # ---- a directory that is not ours ---------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`python -m mqtt_backup ARGS` in a clean environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "mqtt_backup", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    """Assert exit `code` and one `mqtt-backup:` line on stderr; return the line."""
-    shown = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert result.returncode == code, shown
-    assert "Traceback" not in result.stderr, shown
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, shown
-    assert lines[0].startswith("mqtt-backup: "), shown
-    return lines[0]
+# `cli` and `one_line_error` (test_cli_errors) run the command lines in this process, through
+# the console script's own error mapping (Root.main): the one stderr line and the exit code a
+# shell sees, without a Python start each (test_cli_subprocess runs the real processes).
 
 
 def contents(root: Path) -> dict[str, bytes | None]:

@@ -244,7 +244,7 @@ def test_filter_from_topic_matches_it(levels: list[str], data: st.DataObject) ->
     assert filter_matches("/".join([*levels[:cut], "#"]), topic) is not (dollar and cut == 0)
 
 
-# --- check_filter / check_namespace --------------------------------------------------------------
+# --- check_filter / check_namespace (check_device: test_restore_unit.py) -------------------------
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_filter_from_topic_matches_it(levels: list[str], data: st.DataObject) ->
     ["#", "+", "a/b", "a/+/c", "a/#", "+/+/#", "/", "/+", "a//b", "ünï/🙂/#", "$SYS/#"],
 )
 def test_check_filter_accepts(topic_filter: str) -> None:
-    check_filter(topic_filter)  # raises UsageError on a bad filter
+    assert check_filter(topic_filter) == topic_filter  # raises UsageError on a bad filter
     # What it accepts works as a filter: it matches the topic it describes.
     topic = "/".join("x" if level in {"+", "#"} else level for level in topic_filter.split("/"))
     assert filter_matches(topic_filter, topic)
@@ -270,7 +270,7 @@ def test_check_filter_rejects(topic_filter: str) -> None:
 
 @pytest.mark.parametrize("namespace", ["backup", "a/b", "ops/backup/v1", "bäckup", "a b"])
 def test_check_namespace_accepts(namespace: str) -> None:
-    check_namespace(namespace)  # raises UsageError on a bad namespace
+    assert check_namespace(namespace) == namespace  # raises UsageError on a bad namespace
     # What it accepts works as the bridge's own prefix: its restore traffic is never stored, even
     # under a template that takes every other topic.
     router = Router([parse_template("{device}/#")], namespace)

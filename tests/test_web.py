@@ -21,13 +21,22 @@ from starlette.testclient import TestClient
 
 from mqtt_backup import records
 from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
-from mqtt_backup.storage import Store, store
+from mqtt_backup.storage import Store, ballast, store
 from mqtt_backup.web import create_app, history, run_web
 from mqtt_backup.web.auth import COOKIE
 from mqtt_backup.web.paths import decode_device, encode_device
 from mqtt_backup.web.serve import listen, load_token, parse_bind
 from tests.conftest import wait_until
-from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, fleet_store, telemetry, write
+from tests.webstore import (
+    BASE_NS,
+    ODD_IDS,
+    SCRIPT,
+    S,
+    exported,
+    fleet_store,
+    telemetry,
+    write,
+)
 from tools import devbroker
 
 # "Now" for the pages: where the sensors end, 100 minutes after BASE_NS.
@@ -35,10 +44,17 @@ NOW_NS = BASE_NS + 6000 * S
 JSON = {"accept": "application/json"}
 
 
-@pytest.fixture
-def fleet(data_dir: Path) -> Path:
-    fleet_store(data_dir)
-    return data_dir
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One store for the module: the tests that use it only read (the app never writes)."""
+    data = tmp_path_factory.mktemp("fleet") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
+        fleet_store(data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*") if "partitions" not in p.parts)
+    yield data
+    after = sorted(p.relative_to(data) for p in data.rglob("*") if "partitions" not in p.parts)
+    assert after == before, "a test changed the shared fleet: give it its own store"
 
 
 @pytest.fixture
@@ -231,15 +247,10 @@ def test_download_is_what_export_writes(client: TestClient, fleet: Path) -> None
         got = client.get(f"/devices/sensor-01/download.{fmt}?{query}")
         assert got.status_code == 200
         assert "attachment" in got.headers["content-disposition"]
-        export = subprocess.run(
-            [
-                *(sys.executable, "-m", "mqtt_backup", "export", "--data", str(fleet)),
-                *("--device", "sensor-01", "--since", since, "--until", until, "--format", fmt),
-            ],
-            capture_output=True,
-            check=True,
+        export = exported(
+            fleet, "--device", "sensor-01", "--since", since, "--until", until, "--format", fmt
         )
-        assert got.content == export.stdout
+        assert got.content == export
     lines = client.get(f"/devices/sensor-01/download.jsonl?{query}").text.splitlines()
     assert len(lines) == 60
     text = client.get(f"/devices/sensor-01/download.csv?{query}").text

@@ -7,8 +7,6 @@ temp dir (pytest keeps the last runs' dirs), so a failure can be looked at.
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +15,16 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
+from mqtt_backup.storage import ballast
 from mqtt_backup.web import create_app
 from mqtt_backup.web.paths import encode_device
 from tests.conftest import wait_until
-from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, fleet_store
+from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, exported, fleet_store
 
-pytestmark = pytest.mark.browser
+# A real Chromium costs 15-30 s of CPU: `make test` only. test_web checks the same pages' HTML,
+# links, escaping and downloads in this process; here are what only a browser shows (the plots
+# drawn, the copy button, navigation by the links' accessible names).
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 NOW_NS = BASE_NS + 6000 * S
@@ -62,13 +64,17 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture
-def fleet(data_dir: Path) -> Path:
-    fleet_store(data_dir)
-    return data_dir
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for the module: every test only reads it (each has its own browser context)."""
+    data = tmp_path_factory.mktemp("fleet") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
+        fleet_store(data)
+    return data
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def web(fleet: Path) -> Iterator[WebServer]:
     server = WebServer(fleet)
     yield server
@@ -101,7 +107,8 @@ class Watched:
         response = self.page.goto(url)
         assert response is not None
         assert response.status == 200, response.status
-        self.page.wait_for_load_state("networkidle")
+        # goto returned at the load event: the pages fetch nothing after it (no XHR), so there
+        # is no "network idle" to wait for (Playwright's takes 0.5 s of quiet each time).
         self.page.screenshot(path=self.shots / f"{shot}.png", full_page=True)
         return self.page
 
@@ -138,7 +145,7 @@ def test_devices_page_lists_the_stored_devices(web: WebServer, tab: Watched) -> 
     assert page.locator("svg.spark polyline").count() == DEVICES
     page.fill("input[name=prefix]", "sens")
     page.click("form.filters button")
-    page.wait_for_load_state("networkidle")
+    page.wait_for_url(lambda url: "prefix=sens" in url)  # the filtered list has loaded
     assert page.locator("table.devices a.device").all_inner_texts() == ["sensor-01"]
     assert tab.errors == []
 
@@ -184,7 +191,7 @@ def test_odd_ids_are_reached_from_the_list(web: WebServer, tab: Watched) -> None
     for device in ODD_IDS:
         page.goto(web.url + "/?limit=100")
         page.get_by_role("link", name=device, exact=True).click()
-        page.wait_for_load_state("networkidle")
+        page.wait_for_url(lambda url: "/devices/" in url)  # the device's page has loaded
         assert page.locator("h1.device-id").inner_text() == device
     assert tab.errors == []
 
@@ -195,17 +202,13 @@ def test_download_matches_export(web: WebServer, tab: Watched, fleet: Path) -> N
         with page.expect_download() as caught:
             page.get_by_role("link", name=label, exact=True).click()
         got = Path(caught.value.path()).read_bytes()
-        export = subprocess.run(
-            [
-                *(sys.executable, "-m", "mqtt_backup", "export", "--data", str(fleet)),
-                *("--device", "sensor-01", "--format", fmt),
-                *("--since", "2026-01-01T00:39:50.000000001Z"),
-                *("--until", "2026-01-01T01:39:50.000000001Z"),
-            ],
-            capture_output=True,
-            check=True,
+        export = exported(
+            fleet,
+            *("--device", "sensor-01", "--format", fmt),
+            *("--since", "2026-01-01T00:39:50.000000001Z"),
+            *("--until", "2026-01-01T01:39:50.000000001Z"),
         )
-        assert got == export.stdout
+        assert got == export
         assert got.count(b"\n") >= 360
     assert tab.errors == []
 

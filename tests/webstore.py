@@ -6,6 +6,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from mqtt_backup.cli import app
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store
 from mqtt_backup.storage.journal import Gap, GapLog
@@ -63,3 +66,10 @@ def fleet_store(data: Path) -> None:
         GapLog(data).record(Gap(BASE_NS + 30 * 60 * S, BASE_NS + 35 * 60 * S, "session-lost"))
     finally:
         store.close()
+
+
+def exported(data: Path, *args: str) -> bytes:
+    """What `mqtt-backup export --data DATA ARGS` writes to stdout (run in this process)."""
+    result = CliRunner().invoke(app, ["export", "--data", str(data), *args])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout_bytes
