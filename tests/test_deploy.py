@@ -244,7 +244,12 @@ def test_the_kubernetes_config_is_valid_and_agrees_with_the_pod(tmp_path: Path) 
     assert service["clusterIP"] == "None"
     assert service["ports"] == [{"name": "metrics", "port": port, "targetPort": "metrics"}]
     statefulset = k8s("statefulset.yaml")["spec"]
-    assert statefulset["replicas"] == 1
+    # Instances of one group: the group from the ConfigMap, each pod's name its instance.
+    assert settings["group"]
+    assert statefulset["replicas"] >= 1
+    (instance,) = (e for e in container.get("env", []) if e["name"] == "MQTT_BACKUP_INSTANCE")
+    assert instance["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "client_id" not in settings, "a shared client id would make the pods take turns"
     assert statefulset["serviceName"] == k8s("service.yaml")["metadata"]["name"]
     assert statefulset["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     # The same TOML, its files here, loads as the bridge would load it.
