@@ -135,7 +135,9 @@ async def _flood(port: int, devices: list[str], unique: str, flood: int) -> dict
             await client.publish(f"{PREFIX}/{device}", limit, qos=1, properties=_props(rt))
         rng = random.Random(unique)
         for i in range(flood // 4):
-            junk = rng.randbytes(rng.randint(0, 300))
+            # Never empty or blank: an empty request is a valid one (everything), and the seed
+            # is random per run (a run drew one: flaky).
+            junk = b"\xff" + rng.randbytes(rng.randint(0, 299))
             rt = f"{PREFIX}/{victim}/junk/{i}"
             await client.publish(f"{PREFIX}/{victim}", junk, qos=1, properties=_props(rt))
 
