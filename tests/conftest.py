@@ -398,12 +398,18 @@ def stored_count(data: Path) -> int:
         return 0
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll `check` until it holds; fail the test with `what` when it does not in time."""
+def wait_until(
+    check: Callable[[], bool], timeout: float = 30.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    """Poll `check` until it holds; fail the test with `what` when it does not in time.
+
+    `what` may be a function: it is called at the timeout, to say what the state was then.
+    """
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout}s waiting for {said}")
         time.sleep(0.05)
 
 
