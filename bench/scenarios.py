@@ -291,7 +291,10 @@ def _wait_drained(watch: SysWatch, since: float, level: int, timeout: float) -> 
             last_value, last_move = seen[-1][1], time.monotonic()
         now = time.monotonic()
         if now - last_move > STALL_S:
-            raise BenchError(f"the drain stalled at {last_value} queued for {STALL_S:.0f} s")
+            raise BenchError(
+                f"the drain stalled for {STALL_S:.0f} s: store count {last_value}, "
+                f"never down to {level} (the count before the preload plus slack)"
+            )
         if now > deadline:
             raise BenchError(f"the queue did not drain in {timeout:.0f} s ({last_value} left)")
         time.sleep(0.1)
@@ -317,7 +320,10 @@ def measure_drain(
     pids = {"broker": broker.pid}
     with Sampler(pids, period=0.01, wal_dir=wal_dir) as sampler:
         pids["consumer"] = consumer.start()
-        _wait_drained(watch, since, base + slack, timeout)
+        try:
+            _wait_drained(watch, since, base + slack, timeout)
+        except BenchError as exc:
+            raise BenchError(f"{type(consumer).__name__}: {exc}") from exc
         time.sleep(0.1)
     events = consumer.events(sampler)
     return drain(watch.values[SysWatch.STORE], since, full, base, events), sampler
