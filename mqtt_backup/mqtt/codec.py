@@ -516,11 +516,11 @@ class CodecConnection:
             room = await self._live().window.take(len(packets) - done)
             wire = self._live()
             assert wire.transport is not None
-            chunk = []
+            chunk: list[bytes] = []
             for outgoing in packets[done : done + room]:
                 packet_id = self._packet_id(wire)
                 wire.acks[packet_id] = acked
-                chunk.append(outgoing.encode(packet_id, self.mqtt5))
+                chunk.extend(outgoing.parts(packet_id, self.mqtt5))
             wire.transport.write(b"".join(chunk))
             done += room
 
