@@ -254,7 +254,9 @@ class _CodecFlow(Flow):
             raise self._failure
         self._in_flight += len(packets)
         self._settled.clear()
-        await self._conn.publish_many(packets, self._acked)
+        # A batch may wait in the connection's queue while the next one is built: the window
+        # is refilled from it as PUBACKs arrive, with no wait for this task to run.
+        await self._conn.publish_many(packets, self._acked, ahead=BATCH)
 
     def _acked(self, reason: int) -> None:
         self._in_flight -= 1
@@ -275,8 +277,10 @@ class _CodecFlow(Flow):
             raise self._failure
 
     def cancel(self) -> None:
-        # What is written goes out; its PUBACKs give the shared window its room back.
+        # What is written goes out; its PUBACKs give the shared window its room back. What
+        # waits in the connection's queue is dropped.
         self._failure = self._failure or BrokerUnreachable("the restore was abandoned")
+        self._conn.withdraw(self._acked)
 
 
 class Publisher(Protocol):
