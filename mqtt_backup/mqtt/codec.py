@@ -277,13 +277,19 @@ class _Wire(asyncio.Protocol):
         if self.transport is None or self.failure is not None:
             return
         parts: list[bytes] = []
+        answers, packet_id = self.answers, self._next_id
         while ready and window.free:
             stream = ready[0]
-            packets = stream.packets
+            packets, acked = stream.packets, stream.acked
             for _ in range(window.grab(len(packets))):
-                packet_id = self.next_packet_id()
-                acks[packet_id] = stream.acked
+                # next_packet_id, inlined: this loop runs once per restored message.
+                packet_id = packet_id % _MAX_PACKET_ID + 1
+                if packet_id in acks or packet_id in answers:
+                    self._next_id = packet_id
+                    packet_id = self.next_packet_id()  # a bounded search, or BrokerError
+                acks[packet_id] = acked
                 parts.extend(packets.popleft().parts(packet_id, mqtt5_on))
+            self._next_id = packet_id
             ready.popleft()
             if packets:
                 ready.append(stream)

@@ -74,7 +74,9 @@ def encode_properties(
     return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed: one is built per restored message, and a frozen dataclass's
+# __init__ (object.__setattr__ per field) cost several times a plain one's.
+@dataclass(slots=True)
 class Outgoing:
     """One PUBLISH, encoded but for its packet id (QoS 1) or ready as it is (QoS 0)."""
 
