@@ -615,16 +615,19 @@ class CodecConnection:
         """Queue QoS 1 `packets` in order; they are written as the window has room.
 
         The stream is `acked`, called once per packet with its PUBACK's reason code, or with
-        CONNECTION_LOST when the connection goes first (written or not). Returns once at most
-        `ahead` of the stream's packets are unwritten: a stream that queues its next packets
-        while the last ones wait keeps the window full, because each read of PUBACKs refills
-        it from the queue at once. BrokerUnreachable when the connection is gone.
+        CONNECTION_LOST when the connection goes first (written or not); one call at a time per
+        stream. Returns once at most `ahead` of the stream's packets are unwritten: a stream
+        that queues its next packets while the last ones wait keeps the window full, because
+        each read of PUBACKs refills it from the queue at once. BrokerUnreachable when the
+        connection is gone.
         """
         wire = self._live()
         stream = wire.queues.get(acked)
         if stream is None:
             stream = wire.queues[acked] = _Ready(acked, deque(), ahead)
             wire.ready.append(stream)
+        if stream.waiter is not None:
+            raise RuntimeError("publish_many: one call at a time per stream (`acked`)")
         stream.ahead = ahead
         stream.packets.extend(packets)
         wire.refill()
