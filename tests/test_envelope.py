@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mqtt_backup.envelope import (
     CSV_COLUMNS,
+    EnvelopeText,
     csv_row,
     encode_payload,
     message_envelope,
@@ -106,6 +107,52 @@ def test_envelope_with_properties() -> None:
         "user_properties": [["k", "v1"], ["k", "v2"], ["ü", "🙂"]],
     }
     assert json.loads(json.dumps(env, ensure_ascii=False)) == env
+
+
+# Quotes, backslashes, control characters, a lone surrogate, a line separator: what JSON escapes.
+_TEXTS = st.text(max_size=12) | st.sampled_from(
+    ["", "t/🙂", 'q"\\\n\x00\x1f\x7f', "\ud800x", "\u2028"]
+)
+_PROPS = st.none() | st.builds(
+    Properties,
+    payload_format=st.none() | st.integers(0, 1),
+    message_expiry=st.none() | st.integers(0, 2**32 - 1),
+    content_type=st.none() | _TEXTS,
+    response_topic=st.none() | _TEXTS,
+    correlation_data=st.none() | st.binary(max_size=8),
+    user=st.lists(st.tuples(_TEXTS, _TEXTS), max_size=3).map(tuple),
+)
+_RECORDS = st.builds(
+    Record,
+    topic=_TEXTS,
+    payload=st.binary(max_size=40) | _TEXTS.map(lambda t: t.encode("utf-8", "surrogatepass")),
+    qos=st.integers(0, 2),
+    retain=st.booleans(),
+    dup=st.booleans(),
+    properties=_PROPS,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.lists(st.sampled_from(["id", "instance"]), unique=True).flatmap(
+        lambda keys: st.tuples(*[st.tuples(st.just(k), _TEXTS) for k in keys])
+    ),
+    device=_TEXTS,
+    messages=st.lists(
+        st.tuples(st.integers(0, 2**64 - 1), _RECORDS) | st.tuples(st.just(TS), _RECORDS),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_envelope_text_is_what_json_dumps_writes(
+    head: tuple[tuple[str, str], ...], device: str, messages: list[tuple[int, Record]]
+) -> None:
+    # The restore protocol's bytes: the direct writer must never differ from json.dumps.
+    texts = EnvelopeText(head, device)
+    for seq, (ts_ns, record) in enumerate(messages, 1):
+        body = {**dict(head), "seq": seq, **message_envelope(device, ts_ns, record)}
+        assert texts.text(seq, ts_ns, record) == json.dumps(body, ensure_ascii=False)
 
 
 @pytest.mark.parametrize(

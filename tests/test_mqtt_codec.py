@@ -491,4 +491,114 @@ def test_a_lost_connection_reaches_every_publish_awaiting_its_puback() -> None:
 
     codes, error = asyncio.run(scenario())
     assert isinstance(error, BrokerUnreachable)
-    assert codes == [CONNECTION_LOST] * 3  # the first window's worth, then no more room
+    # The first window's worth was written, the rest waited in the queue: every packet handed
+    # over hears of the loss, written or not (a stream that queued ahead and returned must too).
+    assert codes == [CONNECTION_LOST] * 10
+
+
+def test_puback_reads_refill_the_window_without_the_publisher_running() -> None:
+    """Packets queued ahead go out as PUBACKs arrive, written from the read itself: the
+    stream that queued them is busy elsewhere (here: waits for all of them) and never runs."""
+    receive_max = 4
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket(receive_max=receive_max).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            assert packet.packet_id is not None
+            writer.write(mqtt5.PubAckPacket(packet.packet_id).write())
+
+    async def scenario() -> tuple[list[int], int]:
+        codes: list[int] = []
+        all_acked = asyncio.Event()
+
+        def acked(code: int) -> None:
+            codes.append(code)
+            if len(codes) == 50:
+                all_acked.set()
+
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            packets = [Outgoing("s/a", b"%d" % i) for i in range(50)]
+            await conn.publish_many(packets, acked, ahead=50)  # returns at once
+            async with asyncio.timeout(10):
+                await all_acked.wait()
+            return codes, conn.window.peak
+
+    codes, peak = asyncio.run(scenario())
+    assert codes == [0] * 50
+    assert peak == receive_max
+
+
+def test_a_stream_queues_at_most_ahead_plus_one_batch() -> None:
+    """What a stream holds unwritten is bounded by `ahead` and its batch, however long it is
+    and however slow the broker: a million-message restore holds what a small one does."""
+    batch, ahead, batches = 16, 16, 40
+    queued_seen: list[int] = []
+    conn_box: list[CodecConnection] = []
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket(receive_max=3).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            assert packet.packet_id is not None
+            queued_seen.append(conn_box[0].queued)
+            await asyncio.sleep(0.001)  # a slow subscriber's broker: the PUBACKs come late
+            writer.write(mqtt5.PubAckPacket(packet.packet_id).write())
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        codes: list[int] = []
+        on_return: list[int] = []
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            conn_box.append(conn)
+            for b in range(batches):
+                packets = [Outgoing("s/a", b"%d" % (b * batch + i)) for i in range(batch)]
+                await conn.publish_many(packets, codes.append, ahead=ahead)
+                on_return.append(conn.queued)
+            async with asyncio.timeout(20):
+                while len(codes) < batch * batches:
+                    await asyncio.sleep(0.01)
+        return on_return, codes
+
+    on_return, codes = asyncio.run(scenario())
+    assert codes == [0] * (batch * batches)
+    assert max(on_return) <= ahead
+    assert max(queued_seen) <= ahead + batch
+
+
+def test_a_cancelled_stream_writes_nothing_more() -> None:
+    """A stream abandoned while its packets wait for room: they never go out, and the room its
+    written ones free goes to others."""
+    arrived: list[bytes] = []
+    held: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writers.append(writer)
+            writer.write(mqtt5.ConnAckPacket(receive_max=2).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            assert packet.packet_id is not None
+            arrived.append(packet.payload)
+            if packet.topic == "s/a":
+                held.append(packet.packet_id)  # acknowledged only when the test says so
+            else:
+                writer.write(mqtt5.PubAckPacket(packet.packet_id).write())
+
+    async def scenario() -> None:
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            packets = [Outgoing("s/a", b"a%d" % i) for i in range(10)]
+            task = asyncio.create_task(conn.publish_many(packets, lambda _code: None))
+            async with asyncio.timeout(10):
+                while len(held) < 2:
+                    await asyncio.sleep(0.001)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert conn.queued == 0
+            writers[0].write(b"".join(mqtt5.PubAckPacket(p).write() for p in held))
+            # After those PUBACKs, a publish of its own: a withdrawn packet would have been
+            # written from the read of the PUBACKs, before this one.
+            await conn.publish("s/b", b"after", qos=1)
+
+    asyncio.run(scenario())
+    assert arrived == [b"a0", b"a1", b"after"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 import mqtt5
 
@@ -73,7 +74,9 @@ def encode_properties(
     return b"".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed: one is built per restored message, and a frozen dataclass's
+# __init__ (object.__setattr__ per field) cost several times a plain one's.
+@dataclass(slots=True)
 class Outgoing:
     """One PUBLISH, encoded but for its packet id (QoS 1) or ready as it is (QoS 0)."""
 
@@ -85,22 +88,23 @@ class Outgoing:
 
     def encode(self, packet_id: int | None, mqtt5_on: bool = True) -> bytes:
         """The whole packet; `packet_id` for QoS 1."""
-        first = 0x30 | (self.qos << 1) | int(self.retain)
-        variable = _string(self.topic)
-        if self.qos:
-            variable += struct.pack("!H", packet_id or 0)
-        if mqtt5_on:
-            variable += varint(len(self.properties)) + self.properties
-        length = len(variable) + len(self.payload)
-        return bytes((first,)) + varint(length) + variable + self.payload
+        return b"".join(self.parts(packet_id, mqtt5_on))
+
+    def parts(self, packet_id: int | None, mqtt5_on: bool = True) -> tuple[bytes, ...]:
+        """The packet as pieces to join (a batch joins all of its packets' pieces at once)."""
+        first, topic, props = _fixed(self.topic, self.qos, self.retain, self.properties, mqtt5_on)
+        payload = self.payload
+        if not self.qos:
+            length = len(topic) + len(props) + len(payload)
+            return _head(first, length), topic, props, payload
+        length = len(topic) + 2 + len(props) + len(payload)
+        return _head(first, length), topic, _PACKET_ID(packet_id or 0), props, payload
 
     def size(self, mqtt5_on: bool = True) -> int:
         """Bytes on the wire, as the broker's Maximum Packet Size counts them."""
-        variable = len(self.topic.encode("utf-8", "backslashreplace")) + 2 + (2 if self.qos else 0)
-        if mqtt5_on:
-            variable += len(varint(len(self.properties))) + len(self.properties)
-        length = variable + len(self.payload)
-        return 1 + len(varint(length)) + length
+        _, topic, props = _fixed(self.topic, self.qos, self.retain, self.properties, mqtt5_on)
+        length = len(topic) + (2 if self.qos else 0) + len(props) + len(self.payload)
+        return 1 + _varint_size(length) + length
 
     def out_props(self) -> OutProps:
         """The properties as a value (for a connection that takes them so, e.g. aiomqtt)."""
@@ -114,3 +118,34 @@ class Outgoing:
             message_expiry=packet.message_expiry_interval,
             response_topic=packet.response_topic,
         )
+
+
+_PACKET_ID = struct.Struct("!H").pack
+
+
+@lru_cache(maxsize=256)
+def _fixed(
+    topic: str, qos: int, retain: bool, properties: bytes, mqtt5_on: bool
+) -> tuple[int, bytes, bytes]:
+    # What the messages of one answer share (its topic, its properties), encoded once: a
+    # restore's packets differ only in packet id and payload.
+    first = 0x30 | (qos << 1) | int(retain)
+    props = varint(len(properties)) + properties if mqtt5_on else b""
+    return first, _string(topic), props
+
+
+def _head(first: int, length: int) -> bytes:
+    """The fixed header: packet type and flags, then the remaining length."""
+    if length < 0x80:
+        return bytes((first, length))
+    if length < 0x4000:
+        return bytes((first, length & 0x7F | 0x80, length >> 7))
+    return bytes((first,)) + varint(length)
+
+
+def _varint_size(value: int) -> int:
+    size = 1
+    while value >= 0x80:
+        value >>= 7
+        size += 1
+    return size

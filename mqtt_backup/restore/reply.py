@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mqtt_backup.envelope import message_envelope
+from mqtt_backup.envelope import EnvelopeText
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, OutProps, Window
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
@@ -52,6 +52,9 @@ class Reply:
     # Set when the answer is one stream of several (a group): on every message and the terminal.
     instance: str | None = None
     _data_props: bytes | None = field(default=None, repr=False)
+    _texts: tuple[tuple[str | None, str | None, str], EnvelopeText] | None = field(
+        default=None, repr=False
+    )
 
     def _props(self, *user: tuple[str, str], content_type: str | None = None) -> bytes:
         marker = ((REPLAY_PROPERTY, "1"),) if self.marked else ()
@@ -75,12 +78,23 @@ class Reply:
     def json_message(self, stored: StoredMessage) -> Outgoing:
         """One stored message as a JSON envelope with `id` and `seq`."""
         self.sent += 1
-        envelope = message_envelope(stored.device, stored.ts_ns, stored.record)
-        payload = self._encode(self._with_id({"seq": self.sent, **envelope}))
+        text = self._envelopes(stored.device).text(self.sent, stored.ts_ns, stored.record)
+        # backslashreplace, as in _encode: the same bytes json.dumps's text would give.
+        payload = text.encode("utf-8", "backslashreplace")
         # Correlation data only: every MQTT 5 property costs the receiving client parse time.
         if self._data_props is None:
             self._data_props = self._props()
         return Outgoing(self.topic, payload, 1, False, self._data_props)
+
+    def _envelopes(self, device: str) -> EnvelopeText:
+        # One writer per answer: its head (id, instance) and device are written once.
+        key = (self.request_id, self.instance, device)
+        if self._texts is None or self._texts[0] != key:
+            head = [("id", self.request_id)] if self.request_id is not None else []
+            if self.instance is not None:
+                head.append(("instance", self.instance))
+            self._texts = (key, EnvelopeText(head, device))
+        return self._texts[1]
 
     def raw_message(self, stored: StoredMessage) -> Outgoing:
         """One stored message as its original bytes; its metadata in user properties."""
@@ -240,7 +254,9 @@ class _CodecFlow(Flow):
             raise self._failure
         self._in_flight += len(packets)
         self._settled.clear()
-        await self._conn.publish_many(packets, self._acked)
+        # A batch may wait in the connection's queue while the next one is built: the window
+        # is refilled from it as PUBACKs arrive, with no wait for this task to run.
+        await self._conn.publish_many(packets, self._acked, ahead=BATCH)
 
     def _acked(self, reason: int) -> None:
         self._in_flight -= 1
@@ -261,8 +277,10 @@ class _CodecFlow(Flow):
             raise self._failure
 
     def cancel(self) -> None:
-        # What is written goes out; its PUBACKs give the shared window its room back.
+        # What is written goes out; its PUBACKs give the shared window its room back. What
+        # waits in the connection's queue is dropped.
         self._failure = self._failure or BrokerUnreachable("the restore was abandoned")
+        self._conn.withdraw(self._acked)
 
 
 class Publisher(Protocol):
