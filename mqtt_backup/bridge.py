@@ -22,14 +22,15 @@ from typing import Any, TypeVar
 from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import ControlServer
-from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable, UsageError
+from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.mqtt.ingest import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
-from mqtt_backup.storage import Store, StoreReader, maintenance
+from mqtt_backup.startup import Startup, start_check
+from mqtt_backup.startup import identity as startup_identity
+from mqtt_backup.storage import StoreReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
-from mqtt_backup.storage.manifest import manifest_path
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router, shared
 
@@ -59,8 +60,12 @@ class Bridge:
         self,
         settings: Settings,
         wrap_store: Callable[[PipelineStore], PipelineStore] | None = None,
+        startup: Startup | None = None,
     ) -> None:
-        """`wrap_store` wraps the store the pipeline writes to (tests inject faults with it)."""
+        """`wrap_store` wraps the store the pipeline writes to (tests inject faults with it).
+
+        `startup`: the store and the client-id check, begun while `run` imported this module.
+        """
         self.settings = settings
         self._stop = threading.Event()
         self.restore_listening = threading.Event()
@@ -68,10 +73,13 @@ class Bridge:
             queue.Queue()
         )
         self._router = Router(settings.templates, settings.namespace)
-        self.store = _open_store(settings)
-        self.identity = status.Identity(
-            settings.namespace, self.store.client_id, settings.group, settings.instance
-        )
+        # The store and the client-id check, side by side (docs/design-notes.md, "Start-up").
+        if startup is None:
+            startup = Startup(settings)
+            startup.check_client_id()
+        self.store = startup.store()
+        self.identity = startup_identity(settings, self.store.client_id)
+        self._client_id_check: status.ClientIdCheck | None = startup.take_check(self.identity)
         self._started_ns = time.time_ns()
         self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
@@ -83,6 +91,7 @@ class Bridge:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
         except BaseException:
+            self._cancel_client_id_check()
             self.store.discard_new()
             raise
         self.pipeline = CommitPipeline(
@@ -132,12 +141,15 @@ class Bridge:
 
     def _wait_for_client_id(self) -> None:
         """Do not take the session of a bridge that runs with our client id (see status.py)."""
-        s = self.settings
-        files = TlsFiles(*(str(p) if p else None for p in (s.ca, s.cert, s.key)))
-        waiting = status.wait_for_client_id(
-            s.broker_address, self.identity, s.keepalive, protocol=s.protocol, tls_files=files
-        )
-        asyncio.run(waiting)
+        check, self._client_id_check = self._client_id_check, None
+        if check is None:  # a second connect(): check again
+            check = start_check(self.settings, self.store.client_id)
+        check.result()
+
+    def _cancel_client_id_check(self) -> None:
+        check, self._client_id_check = self._client_id_check, None
+        if check is not None:
+            check.cancel()
 
     def connect(self) -> None:
         """Connect and subscribe (and serve metrics when asked); BrokerError, UsageError."""
@@ -149,6 +161,7 @@ class Bridge:
             self.store.keep_client_id()
         except BaseException:
             # Bad input changes nothing: a data directory made by this failed start goes again.
+            self._cancel_client_id_check()
             self._stop_metrics()
             self.store.discard_new()
             raise
@@ -418,27 +431,6 @@ class Bridge:
             self.store.gaps.record(gap)
         except StorageError as exc:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
-
-
-def _open_store(settings: Settings) -> Store:
-    """The store, under the client id it was made with (a new one with --group and --instance).
-
-    A data directory keeps its id: the broker holds the session (and what it queued) under it,
-    so `mqtt-backup-<group>-<instance>` applies to a new directory, and a mismatch is refused.
-    """
-    derived = settings.derived_client_id
-    if derived is None or not manifest_path(settings.data).exists():
-        return Store.open(settings.data, settings.partitions, settings.client_id or derived)
-    store = Store.open(settings.data, settings.partitions)
-    if store.client_id != derived:
-        store.close()
-        raise UsageError(
-            f"{settings.data} belongs to client id {store.client_id!r}, not {derived!r} "
-            f"(--group {settings.group} --instance {settings.instance}); the broker keeps its "
-            "session under the old id",
-            f"add --client-id {store.client_id} to keep it, or use a new --data directory",
-        )
-    return store
 
 
 class RestoreThread:

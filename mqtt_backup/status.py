@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import mqtt_backup
 from mqtt_backup.config import BrokerAddress
-from mqtt_backup.errors import ClientIdInUse
+from mqtt_backup.errors import BrokerError, ClientIdInUse
 from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles
 from mqtt_backup.restore.request import PROTOCOL
 from mqtt_backup.times import format_ts
@@ -235,25 +236,138 @@ async def wait_for_client_id(
     """
     async with CodecConnection(address, protocol=protocol, tls_files=tls_files) as conn:
         members = await read_members(conn, identity.namespace)
-        other = holder(members, identity.client_id)
-        if other is None:
+        await _wait_while_held(conn, identity, members, keepalive)
+
+
+async def _wait_while_held(
+    conn: CodecConnection, identity: Identity, members: dict[str, Member], keepalive: int
+) -> None:
+    other = holder(members, identity.client_id)
+    if other is None:
+        return
+    patience = WILL_WITHIN_KEEPALIVES * (other.keepalive or keepalive)
+    log.warning(
+        "client id %s is online on %s; waiting up to %.0f s for it to go offline",
+        identity.client_id,
+        other.topic,
+        patience,
+    )
+    loop = asyncio.get_running_loop()
+    until = loop.time() + patience
+    while (other := holder(members, identity.client_id)) is not None:
+        if (left := until - loop.time()) <= 0:
+            raise _in_use(identity, other)
+        with contextlib.suppress(TimeoutError):
+            update_members(
+                identity.namespace, members, await asyncio.wait_for(conn.receive(), left)
+            )
+
+
+async def _listen_until(
+    conn: CodecConnection, namespace: str, members: dict[str, Member], until: asyncio.Event
+) -> None:
+    """Apply what arrives to `members` until `until` is set."""
+    told = asyncio.ensure_future(until.wait())
+    try:
+        while not told.done():
+            receiving = asyncio.ensure_future(conn.receive())
+            try:
+                await asyncio.wait({receiving, told}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                receiving.cancel()
+            if receiving.done() and not receiving.cancelled():
+                update_members(namespace, members, receiving.result())
+    finally:
+        told.cancel()
+
+
+async def _catch_up(conn: CodecConnection, namespace: str, members: dict[str, Member]) -> None:
+    """Apply every status the broker sent before now.
+
+    A SUBSCRIBE that sends nothing (retain handling 2) is answered after them, as in
+    `read_members`; then what the connection holds is taken without waiting for more.
+    """
+    await conn.subscribe([status_filter(namespace)], qos=0, retain_handling=2)
+    while True:
+        receiving = asyncio.ensure_future(conn.receive())
+        await asyncio.sleep(0)  # one step: it returns at once when deliveries are waiting
+        if not receiving.done():
+            receiving.cancel()
             return
-        patience = WILL_WITHIN_KEEPALIVES * (other.keepalive or keepalive)
-        log.warning(
-            "client id %s is online on %s; waiting up to %.0f s for it to go offline",
-            identity.client_id,
-            other.topic,
-            patience,
+        update_members(namespace, members, receiving.result())
+
+
+class ClientIdCheck:
+    """`wait_for_client_id` started ahead, on a thread of its own, while the bridge opens its store.
+
+    The retained statuses and the grace after them (one broker connection, ~0.1 s) then overlap
+    the store's opening instead of following it. The statuses are kept up to date until
+    `result()`, which decides as `wait_for_client_id` does, for that moment: its warning and its
+    patience start then, and a bridge that came online in between is waited for. Should the
+    connection drop in between, `result()` runs the whole check again.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        identity: Identity,
+        keepalive: int,
+        *,
+        protocol: str = "5",
+        tls_files: TlsFiles | None = None,
+    ) -> None:
+        self.identity = identity
+        self._address, self._keepalive = address, keepalive
+        self._protocol, self._tls_files = protocol, tls_files
+        self.read = threading.Event()  # the retained statuses are in
+        self._loop = asyncio.new_event_loop()
+        self._until = asyncio.Event()
+        self._task = self._loop.create_task(self._check())
+        self._thread = threading.Thread(target=self._main, name="client-id-check", daemon=True)
+        self._thread.start()
+
+    async def _check(self) -> None:
+        namespace = self.identity.namespace
+        try:
+            async with CodecConnection(
+                self._address, protocol=self._protocol, tls_files=self._tls_files
+            ) as conn:
+                members = await read_members(conn, namespace)
+                self.read.set()
+                await _listen_until(conn, namespace, members, self._until)
+                await _catch_up(conn, namespace, members)
+                await _wait_while_held(conn, self.identity, members, self._keepalive)
+                return
+        except BrokerError:
+            if not self._until.is_set():
+                raise  # the broker cannot be reached: the same error as checking at connect
+        await wait_for_client_id(
+            self._address,
+            self.identity,
+            self._keepalive,
+            protocol=self._protocol,
+            tls_files=self._tls_files,
         )
-        loop = asyncio.get_running_loop()
-        until = loop.time() + patience
-        while (other := holder(members, identity.client_id)) is not None:
-            if (left := until - loop.time()) <= 0:
-                raise _in_use(identity, other)
-            with contextlib.suppress(TimeoutError):
-                update_members(
-                    identity.namespace, members, await asyncio.wait_for(conn.receive(), left)
-                )
+
+    def _main(self) -> None:
+        with contextlib.suppress(BaseException):  # the outcome is the task's: `result()` says
+            self._loop.run_until_complete(self._task)
+        if self._task.done() and not self._task.cancelled():
+            self._task.exception()  # looked at: asyncio does not log it as never retrieved
+        self._loop.close()
+
+    def result(self) -> None:
+        """Wait for the check to pass as of now; its error (ClientIdInUse, BrokerError) if not."""
+        with contextlib.suppress(RuntimeError):  # the loop is done already
+            self._loop.call_soon_threadsafe(self._until.set)
+        self._thread.join()
+        self._task.result()
+
+    def cancel(self) -> None:
+        """Stop it (the bridge failed to start); its connection closes."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join()
 
 
 def _in_use(identity: Identity, other: Member) -> ClientIdInUse:

@@ -168,7 +168,7 @@ def test_run_flags_win_over_environment_and_file(
         seen.append(settings)
         raise Stop
 
-    monkeypatch.setattr("mqtt_backup.cli.run.Bridge", capture)
+    monkeypatch.setattr("mqtt_backup.startup.Startup", capture)  # the first to take the settings
     result = invoke("run", "--config", str(tmp_path / "bridge.toml"), "--keepalive", "80")
     assert result.exit_code == 1, result.output  # Stop is no BackupError: an internal error
     (settings,) = seen

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +23,19 @@ from typer.testing import CliRunner
 
 from mqtt_backup.cli import app
 from mqtt_backup.config import parse_broker_url
-from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME
+from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME, ClientIdInUse
 from mqtt_backup.mqtt import CodecConnection
-from mqtt_backup.status import STATUS_PROTOCOL, Member, read_members
-from tests.conftest import BridgeThread, Broker, bridge_process, make_settings, wait_until
+from mqtt_backup.status import STATUS_PROTOCOL, ClientIdCheck, Identity, Member, read_members
+from mqtt_backup.topics import status_topic
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    bridge_process,
+    make_settings,
+    publish,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("transport")
 
@@ -169,3 +181,59 @@ def test_a_second_bridge_starts_once_the_first_goes_offline(
     run_bridge(second)
     wait_until(lambda: state_of(broker, ns, f"t{unique}") == "online", 10, "the second online")
     assert members(broker, ns)[f"t{unique}"].body["pid"] > 0
+
+
+# ---- the check started before the store opens (docs/design-notes.md, "Start-up") ---------------
+
+
+def announce(broker: Broker, namespace: str, client_id: str, state: str) -> None:
+    """A retained status for `client_id` as a live bridge of this machine (this process) says it."""
+    body = {"state": state, "client_id": client_id, "keepalive": 1}
+    body |= {"host": socket.gethostname(), "pid": os.getpid()}
+    topic = status_topic(namespace, None, client_id)
+    publish(broker, [Sent(topic, json.dumps(body).encode(), retain=True)])
+
+
+def early_check(broker: Broker, namespace: str, client_id: str) -> ClientIdCheck:
+    identity = Identity(namespace, client_id)
+    return ClientIdCheck(parse_broker_url(broker.url), identity, KEEPALIVE)
+
+
+def test_a_check_started_early_waits_for_a_bridge_that_came_online_since(
+    broker: Broker, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ns, client_id = f"ns{unique}", f"early-{unique}"
+    with caplog.at_level(logging.WARNING, logger="mqtt_backup.status"):
+        check = early_check(broker, ns, client_id)
+        wait_until(check.read.is_set, 10, "the check to read the retained statuses")
+        # Online after the check started, before the bridge connects: the check answers for the
+        # moment of connecting, so it waits for this one (1.5 x its keepalive of 1 s), then exit 3.
+        announce(broker, ns, client_id, "online")
+        assert "is online" not in caplog.text, "nothing is said before the bridge connects"
+        started = time.monotonic()
+        with pytest.raises(ClientIdInUse):
+            check.result()
+    assert time.monotonic() - started >= 1.5
+    assert f"client id {client_id} is online on {ns}/status/default/{client_id}" in caplog.text
+
+
+def test_a_check_started_early_passes_when_that_bridge_went_offline_before_connecting(
+    broker: Broker, unique: str
+) -> None:
+    ns, client_id = f"ns{unique}", f"early-{unique}"
+    check = early_check(broker, ns, client_id)
+    wait_until(check.read.is_set, 10, "the check to read the retained statuses")
+    announce(broker, ns, client_id, "online")
+    announce(broker, ns, client_id, "offline")
+    check.result()
+
+
+def test_a_cancelled_check_ends_without_a_word(
+    broker: Broker, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ns, client_id = f"ns{unique}", f"early-{unique}"
+    announce(broker, ns, client_id, "online")
+    with caplog.at_level(logging.DEBUG):
+        check = early_check(broker, ns, client_id)
+        check.cancel()  # the store failed to open: no warning about a wait that never comes
+    assert "is online" not in caplog.text

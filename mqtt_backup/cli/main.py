@@ -7,10 +7,11 @@ code: 0 ok, 1 runtime failure, 2 usage or bad input, 3 broker unreachable or ref
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any, NoReturn
 
@@ -19,7 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 import mqtt_backup
-from mqtt_backup.cli import maintenance, read, restore, run, simulate, status, web
+from mqtt_backup.cli import run
 from mqtt_backup.cli.output import PROG, error_line
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError
 
@@ -44,12 +45,66 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
+# Each command's module, in the order `--help` lists them. A module is imported when one of its
+# commands is looked up, so `run` (and a bad command line) never pays for the imports of the
+# others (rich, the restore client, storage maintenance, ...): docs/design-notes.md, "Start-up".
+# tests/test_cli_lazy.py checks this table against the modules' own commands.
+COMMAND_MODULES: dict[str, str] = {
+    "devices": "read",
+    "export": "read",
+    "verify": "read",
+    "stats": "read",
+    "restore": "restore",
+    "status": "status",
+    "snapshot": "maintenance",
+    "prune": "maintenance",
+    "forget": "maintenance",
+    "partitions": "maintenance",
+    "simulate": "simulate",
+    "web": "web",
+}
+
+
+def module_commands(module: str) -> dict[str, click.Command]:
+    """The click commands of `mqtt_backup.cli.<module>`'s typer app, as the root holds them."""
+    typer_app = importlib.import_module(f"mqtt_backup.cli.{module}").app
+    holder = typer.Typer(**_APP_SETTINGS)  # the root's settings: the same help, the same errors
+    holder.add_typer(typer_app)
+    holder.callback()(_root)  # typer then builds a group, as for the root
+    group = typer.main.get_command(holder)
+    assert isinstance(group, click.Group)
+    return dict(group.commands)
+
+
+class LazyCommands(Mapping[str, click.Command]):
+    """The root's commands by name; a command's module is imported on its first lookup."""
+
+    def __init__(self, loaded: dict[str, click.Command], lazy: Mapping[str, str]) -> None:
+        self._loaded = loaded
+        self._lazy = dict(lazy)
+
+    def __getitem__(self, name: str) -> click.Command:
+        if name not in self._loaded and name in self._lazy:
+            self._loaded.update(module_commands(self._lazy[name]))
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._loaded, **dict.fromkeys(self._lazy)})
+
+    def __len__(self) -> int:
+        return len(self._loaded.keys() | self._lazy.keys())
+
+    def __setitem__(self, name: str, command: click.Command) -> None:  # click's add_command
+        self._loaded[name] = command
+
+
 class Root(TyperGroup):
     """The top-level group: typer's commands, plus `run` (built from the settings) and --version."""
 
     def __init__(self, **attrs: Any) -> None:
         commands = attrs.pop("commands", None) or {}
-        super().__init__(commands={"run": run.command(), **commands}, **attrs)
+        super().__init__(**attrs)
+        self.commands = LazyCommands({"run": run.command(), **commands}, COMMAND_MODULES)  # type: ignore[assignment]
         version = click.Option(
             ["--version"],
             is_flag=True,
@@ -121,17 +176,24 @@ def _command_path(exc: click.UsageError, argv: list[str], root: click.Group) -> 
     return f"{PROG} {command}" if command in root.commands else PROG
 
 
+_APP_SETTINGS: dict[str, Any] = {
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+}
 app = typer.Typer(
     name=PROG,
     cls=Root,
     help="Back up every message an MQTT broker delivers; give it back over MQTT.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    **_APP_SETTINGS,
 )
-for group in (read.app, restore.app, status.app, maintenance.app, simulate.app, web.app):
-    app.add_typer(group)
+
+
+@app.callback()
+def _root() -> None:
+    # Its commands are Root's (loaded on demand): a callback makes typer build the group anyway.
+    pass
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -10,13 +10,15 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mqtt_backup.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich is imported where a table or a progress bar is drawn: `run` and the error path never
+# draw one, and importing it costs every start (docs/design-notes.md, "Start-up").
 
 PROG = "mqtt-backup"
 # Piped output is for reading in full: tables are not cut to 80 columns.
@@ -25,6 +27,8 @@ _PIPED_WIDTH = 250
 
 def console(*, stderr: bool = False) -> Console:
     """The Console of every table and progress bar: no markup, no emoji, no highlighting."""
+    from rich.console import Console  # noqa: PLC0415 - see the imports
+
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else _PIPED_WIDTH
     return Console(
@@ -60,6 +64,8 @@ def error_line(message: str) -> None:
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """A table on stdout; each cell as its text (None shows as '-')."""
+    from rich.table import Table  # noqa: PLC0415 - see the imports
+
     shown = Table(*columns)
     for row in rows:
         shown.add_row(*("-" if cell is None else str(cell) for cell in row))
@@ -85,6 +91,13 @@ def progress(unit: str = "messages") -> Iterator[Callable[[int], None]]:
     if not sys.stderr.isatty():
         yield lambda _count: None
         return
+    from rich.progress import (  # noqa: PLC0415 - see the imports
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.completed} " + unit),

@@ -18,7 +18,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 import click
 
 from mqtt_backup import config, logs
-from mqtt_backup.bridge import Bridge
 
 _HELP = "Run the bridge: store every message of the topic templates, acknowledged after fsync."
 _CONFIG_HELP = "TOML config file [default: ./mqtt-backup.toml when present]"
@@ -67,7 +66,15 @@ def _run(config_file: Path | None, **flags: Any) -> None:
     logs.configure(
         settings.log_level, settings.log_format, secrets=[settings.broker_address.password]
     )
-    bridge = Bridge(settings)
+    # The store opens and the client-id check runs while the bridge's modules are imported, once
+    # the settings hold (a bad flag or file answers without them): docs/design-notes.md, "Start-up".
+    from mqtt_backup.startup import Startup  # noqa: PLC0415
+
+    startup = Startup(settings)
+    startup.check_client_id()
+    from mqtt_backup.bridge import Bridge  # noqa: PLC0415
+
+    bridge = Bridge(settings, startup=startup)
     bridge.connect()
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
