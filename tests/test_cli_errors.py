@@ -572,3 +572,18 @@ def test_tables_show_device_ids_as_they_are(runner: CliRunner, tmp_path: Path, d
     dry = runner.invoke(app, ["prune", "--older-than", "1d", "--data", str(data), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert f" {device} " in dry.stdout  # the table of what it would delete
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("restor",), "No such command 'restor'. Did you mean 'restore'? Try: mqtt-backup --help"),
+        (
+            ("partitions", "ad"),
+            "No such command 'ad'. Did you mean 'add'? Try: mqtt-backup partitions --help",
+        ),
+    ],
+)
+def test_a_mistyped_command_is_suggested_once(args: tuple[str, ...], said: str, cwd: Path) -> None:
+    # click and typer both suggested a command, so the hint came twice.
+    assert one_line_error(cli(*args, cwd=cwd), EXIT_USAGE) == f"mqtt-backup: {said}"

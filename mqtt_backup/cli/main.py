@@ -180,6 +180,8 @@ _APP_SETTINGS: dict[str, Any] = {
     "add_completion": False,
     "pretty_exceptions_enable": False,
     "rich_markup_mode": None,
+    # click itself says "Did you mean 'restore'?": typer's own suggestion would say it twice.
+    "suggest_commands": False,
 }
 app = typer.Typer(
     name=PROG,
