@@ -88,10 +88,29 @@ def configure(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    global _json_handler  # noqa: PLW0603 - the process has one log configuration
+    _json_handler = handler if log_format == LogFormat.JSON else None
     while _pending:  # what was held while the settings loaded (`held`)
         record = _pending.pop(0)
         logging.getLogger(record.name).handle(record)
     return handler
+
+
+def error_line(text: str) -> str:
+    """The line that ends the process with an error: a JSON log line when the logs are JSON.
+
+    A log collector reading `--log-format json` should not meet a bare text line as the last
+    word of a failed start; the secrets are masked as in every other line.
+    """
+    handler = _json_handler
+    if handler is None or handler not in logging.getLogger().handlers:
+        return text  # not configured, or replaced since (an in-process caller's own handler)
+    record = logging.LogRecord("mqtt_backup", logging.ERROR, "", 0, text, None, None)
+    handler.filter(record)
+    return handler.format(record)
+
+
+_json_handler: logging.Handler | None = None
 
 
 class _Hold(logging.Handler):

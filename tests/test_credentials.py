@@ -312,3 +312,15 @@ def test_no_log_line_shows_the_password(log_format: LogFormat) -> None:
     assert "hunter2" not in text
     assert "***" in text
     assert "ValueError" in text
+
+
+def test_the_error_line_follows_the_log_format_and_masks_secrets() -> None:
+    assert logs.error_line("mqtt-backup: plain") == "mqtt-backup: plain"  # not configured
+    handler = logs.configure("info", LogFormat.JSON, secrets=["hunter2"], stream=io.StringIO())
+    try:
+        line = json.loads(logs.error_line("mqtt-backup: cannot log in as u:hunter2"))
+        assert line["level"] == "error"
+        assert line["message"] == "mqtt-backup: cannot log in as u:***"
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert logs.error_line("mqtt-backup: plain") == "mqtt-backup: plain"  # its handler is gone

@@ -152,11 +152,12 @@ def test_the_visible_password_warning_is_a_json_line_under_log_format_json(
         check=False,
     )
     assert result.returncode == EXIT_BROKER, result.stderr
-    *logged, error = result.stderr.strip().splitlines()
-    assert error.startswith("mqtt-backup: cannot reach the broker"), error  # the CLI's one line
-    records = [json.loads(line) for line in logged]
-    warnings = [r for r in records if r["level"] == "warning"]
-    assert len(warnings) == 1, records
+    *logged, error = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    # The CLI's one line is a JSON log line too (it was bare text among JSON lines).
+    assert error["level"] == "error", error
+    assert error["message"].startswith("mqtt-backup: cannot reach the broker"), error
+    warnings = [r for r in logged if r["level"] == "warning"]
+    assert len(warnings) == 1, logged
     assert "--password-file" in warnings[0]["message"]
     assert f"pw-{closed}" not in result.stderr
 

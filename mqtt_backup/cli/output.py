@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mqtt_backup import logs
 from mqtt_backup.errors import UsageError
 
 if TYPE_CHECKING:
@@ -58,8 +59,8 @@ def note(text: str) -> None:
 
 
 def error_line(message: str) -> None:
-    """The one line of an error."""
-    sys.stderr.write(f"{PROG}: {message}\n")
+    """The one line of an error (a JSON log line under `run --log-format json`)."""
+    sys.stderr.write(logs.error_line(f"{PROG}: {message}") + "\n")
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
