@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import hypothesis
 import pytest
 
 from mqtt_backup import config, control
@@ -31,6 +32,27 @@ from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Whether this run leaves out the tests marked slow (`make test-fast`): see `examples`.
+_FAST_RUN = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Note a fast run (`-m "not slow"`) before the test modules are imported."""
+    global _FAST_RUN  # noqa: PLW0603 - read by `examples` while the test modules are imported
+    _FAST_RUN = "not slow" in str(config.getoption("markexpr", default="") or "")
+    if _FAST_RUN:  # properties without a count of their own: 20 examples, not Hypothesis's 100
+        hypothesis.settings.register_profile("fast", max_examples=20)
+        hypothesis.settings.load_profile("fast")
+
+
+def examples(full: int) -> int:
+    """Hypothesis examples for a property: all of `full` in `make test`, a fifth in a fast run.
+
+    Every property still runs in `make test-fast` (at least 10 examples, a fresh random draw each
+    run); the full counts, and the shrinking they feed, are `make test`'s.
+    """
+    return full if not _FAST_RUN else max(10, full // 5)
 
 
 @dataclass
