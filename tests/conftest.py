@@ -273,10 +273,16 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     broker back or a disk freed after a few seconds is seen within about a second, not after the
     4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
     """
-    monkeypatch.setattr(control, "POLL_S", 0.02)
-    monkeypatch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
-    monkeypatch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
-    monkeypatch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
+    turn_down_timing(monkeypatch)
+
+
+def turn_down_timing(patch: pytest.MonkeyPatch) -> None:
+    """What `quick_timing` sets; also for module fixtures that run a bridge (they start first)."""
+    if hasattr(control, "POLL_S"):  # a control socket served by polling
+        patch.setattr(control, "POLL_S", 0.02)
+    patch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
+    patch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
+    patch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
 
 
 @pytest.fixture

@@ -62,6 +62,15 @@ class Group:
 
     def start(self, name: str) -> None:
         """Start (again) one instance and wait until it is online."""
+        self.launch(name)
+        self.wait_online(name)
+
+    def wait_online(self, name: str) -> None:
+        """Wait until the status topic says one instance is online."""
+        wait_until(lambda: self.state(name) == "online", 30, f"{name} online")
+
+    def launch(self, name: str) -> None:
+        """Start one instance's process (it comes online on its own)."""
         self.procs[name] = bridge_process(
             self.broker,
             self.data(name),
@@ -69,7 +78,6 @@ class Group:
             *("--topic", self.template, "--keepalive", str(KEEPALIVE)),
             log=self.root / f"{name}.log",
         )
-        wait_until(lambda: self.state(name) == "online", 30, f"{name} online")
 
     def state(self, name: str) -> str | None:
         """What the status topic says of one instance."""
@@ -123,8 +131,10 @@ def group(broker: Broker, tmp_path: Path, unique: str) -> Iterator[Group]:
     """Three instances running."""
     running = Group(broker, tmp_path, unique)
     try:
+        for name in INSTANCES:  # the three start side by side
+            running.launch(name)
         for name in INSTANCES:
-            running.start(name)
+            running.wait_online(name)
         yield running
     finally:
         running.kill_all()
