@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from mqtt_backup.storage import StoreReader
 from tests.conftest import Broker, wait_until
 from tests.faults.conftest import Report
 from tests.faults.harness import (
@@ -27,6 +26,7 @@ from tests.faults.harness import (
     fleet,
     restored,
     size,
+    stored_total,
     tally,
 )
 
@@ -143,11 +143,7 @@ def _count_all(data: Path, prefix: list[str], devices: list[str]) -> int:
     bridge under test.
     """
     seen = Path(f"/proc/{prefix[prefix.index('-t') + 1]}/root") / data.relative_to("/")
-    try:
-        with StoreReader(seen) as reader:
-            return sum(d.count for d in reader.devices() if d.device in devices)
-    except Exception:  # noqa: BLE001 - not created yet, or caught mid-creation
-        return 0
+    return stored_total(seen, devices)
 
 
 def test_real_disk_full_freed_by_removing_a_file(
