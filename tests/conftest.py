@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import hypothesis
 import pytest
 
 from mqtt_backup import config, control
@@ -31,6 +32,27 @@ from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Whether this run leaves out the tests marked slow (`make test-fast`): see `examples`.
+_FAST_RUN = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Note a fast run (`-m "not slow"`) before the test modules are imported."""
+    global _FAST_RUN  # noqa: PLW0603 - read by `examples` while the test modules are imported
+    _FAST_RUN = "not slow" in str(config.getoption("markexpr", default="") or "")
+    if _FAST_RUN:  # properties without a count of their own: 20 examples, not Hypothesis's 100
+        hypothesis.settings.register_profile("fast", max_examples=20)
+        hypothesis.settings.load_profile("fast")
+
+
+def examples(full: int) -> int:
+    """Hypothesis examples for a property: all of `full` in `make test`, a fifth in a fast run.
+
+    Every property still runs in `make test-fast` (at least 10 examples, a fresh random draw each
+    run); the full counts, and the shrinking they feed, are `make test`'s.
+    """
+    return full if not _FAST_RUN else max(10, full // 5)
 
 
 @dataclass
@@ -251,10 +273,16 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     broker back or a disk freed after a few seconds is seen within about a second, not after the
     4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
     """
-    monkeypatch.setattr(control, "POLL_S", 0.02)
-    monkeypatch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
-    monkeypatch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
-    monkeypatch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
+    turn_down_timing(monkeypatch)
+
+
+def turn_down_timing(patch: pytest.MonkeyPatch) -> None:
+    """What `quick_timing` sets; also for module fixtures that run a bridge (they start first)."""
+    if hasattr(control, "POLL_S"):  # a control socket served by polling
+        patch.setattr(control, "POLL_S", 0.02)
+    patch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
+    patch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
+    patch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
 
 
 @pytest.fixture

@@ -40,14 +40,41 @@ def ok(*args: str) -> str:
     return result.stdout
 
 
+def ok_side_by_side(*commands: tuple[str, ...]) -> list[str]:
+    """Run read-only commands as processes at once (each opens the store read-only); stdouts."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mqtt_backup", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for args in commands
+    ]
+    outputs = []
+    for args, proc in zip(commands, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (args, stderr)
+        assert "Traceback" not in stderr
+        outputs.append(stdout)
+    return outputs
+
+
 @pytest.mark.slow  # 14 processes; test_operations and test_cli_errors run the commands in-process
 def test_offline_commands_as_processes(data_dir: Path, tmp_path: Path) -> None:
     fill(data_dir, devices=40)
     d = ("--data", str(data_dir))
-    assert len(json.loads(ok("devices", *d, "--json"))) == 40
-    assert ok("export", *d, "--device", "dev-0001").count("\n") == 4
-    assert json.loads(ok("stats", *d, "--json"))["total"]["messages"] == 160
-    assert json.loads(ok("verify", *d, "--json"))["ok"] is True
+    devices, export, stats, verify = ok_side_by_side(
+        ("devices", *d, "--json"),
+        ("export", *d, "--device", "dev-0001"),
+        ("stats", *d, "--json"),
+        ("verify", *d, "--json"),
+    )
+    assert len(json.loads(devices)) == 40
+    assert export.count("\n") == 4
+    assert json.loads(stats)["total"]["messages"] == 160
+    assert json.loads(verify)["ok"] is True
     assert "snapshot of 3 partitions" in ok("snapshot", str(tmp_path / "snap"), *d)
     assert json.loads(ok("forget", "dev-0002", *d, "--json"))["messages"] == 4
     assert json.loads(ok("prune", *d, "--max-bytes-per-device", "100", "--json"))["messages"] > 0

@@ -20,6 +20,7 @@ from mqtt_backup.envelope import (
     properties_json,
 )
 from mqtt_backup.records import Properties, Record
+from tests.conftest import examples
 
 TS = 1_795_514_400_123_456_789
 TS_TEXT = "2026-11-24T10:00:00.123456789Z"
@@ -44,7 +45,7 @@ def test_encode_payload(payload: bytes, encoding: str, text: str) -> None:
     assert encode_payload(payload) == (encoding, text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     payload=st.binary(max_size=200)
     | st.text(max_size=50).map(lambda t: t.encode("utf-8", "surrogatepass"))

@@ -41,9 +41,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (wheel,) = wheels.glob("mqtt_backup-*.whl")
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
-    subprocess.run([*pip, str(wheel)], check=True)
+    # Without pip of its own (ensurepip is most of a venv's making): this venv's pip installs
+    # into it (`--python`).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install"]
+    subprocess.run([*pip, "-q", "--no-deps", "--no-index", str(wheel)], check=True)
     site = subprocess.run(
         [
             str(venv / "bin" / "python"),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mqtt_backup import keys, placement
 from mqtt_backup.placement import Weighted, place
+from tests.conftest import examples
 
 FLEET = 20_000
 
@@ -39,7 +40,7 @@ def placements(partitions: Sequence[Weighted]) -> list[str]:
 # --- keys -------------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     device=device_ids,
     stamps=st.lists(st.tuples(timestamps, sequences), unique=True, max_size=50),
@@ -51,7 +52,7 @@ def test_key_order_is_time_order(device: str, stamps: list[tuple[int, int]]) -> 
     assert by_key == by_time
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(device=device_ids, ts_ns=timestamps, seq=st.integers(0, 2**40))
 def test_split_key_inverts_record_key(device: str, ts_ns: int, seq: int) -> None:
     dev_key = keys.device_key(device)
@@ -75,7 +76,7 @@ def test_device_key_is_16_bytes_of_murmur3() -> None:
 bounds = st.none() | timestamps
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     device=device_ids,
     other=device_ids,
@@ -137,7 +138,7 @@ partition_sets = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(device=device_ids, partitions=partition_sets, data=st.data())
 def test_placement_ignores_partition_order(
     device: str, partitions: list[Weighted], data: st.DataObject
@@ -148,7 +149,7 @@ def test_placement_ignores_partition_order(
     assert place(dev_key, partitions) in {p.name for p in partitions}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     partitions=partition_sets,
     new=st.builds(Weighted, partition_names, weights),
@@ -166,7 +167,7 @@ def test_adding_a_partition_moves_devices_only_onto_it(
         assert after in {before, new.name}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(partitions=partition_sets, data=st.data(), first=st.integers(0, FLEET - 300))
 def test_removing_a_partition_moves_only_its_devices(
     partitions: list[Weighted], data: st.DataObject, first: int
@@ -183,7 +184,7 @@ def test_removing_a_partition_moves_only_its_devices(
             assert after != gone.name
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(partitions=partition_sets, data=st.data(), first=st.integers(0, FLEET - 300))
 def test_reweighting_one_partition_moves_devices_only_to_or_from_it(
     partitions: list[Weighted], data: st.DataObject, first: int

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mqtt_backup.errors import EXIT_STORAGE, CorruptRecord
 from mqtt_backup.records import FORMAT_VERSION, Properties, Record, decode_record, encode_record
+from tests.conftest import examples
 
 MAX_TOPIC_BYTES = 65535
 MAX_PAYLOAD = 300 * 1024
@@ -87,7 +88,7 @@ def _expected(record: Record) -> Record:
     return record
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record=records, ts_ns=timestamps)
 def test_round_trip(record: Record, ts_ns: int) -> None:
     encoded = encode_record(record, ts_ns)
@@ -134,7 +135,7 @@ def test_encoding_is_deterministic_and_version_first() -> None:
     assert crc == zlib.crc32(first[5:])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(record=small_records, ts_ns=timestamps, data=st.data())
 def test_any_flipped_bit_is_detected(record: Record, ts_ns: int, data: st.DataObject) -> None:
     encoded = bytearray(encode_record(record, ts_ns))
@@ -145,7 +146,7 @@ def test_any_flipped_bit_is_detected(record: Record, ts_ns: int, data: st.DataOb
         decode_record(bytes(encoded))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(record=small_records, ts_ns=timestamps, data=st.data())
 def test_any_changed_byte_is_detected(record: Record, ts_ns: int, data: st.DataObject) -> None:
     encoded = bytearray(encode_record(record, ts_ns))
@@ -179,7 +180,7 @@ def test_every_single_bit_flip_of_a_full_record_is_detected() -> None:
                 decode_record(bytes(damaged))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(record=small_records, ts_ns=timestamps, data=st.data())
 def test_truncation_is_detected(record: Record, ts_ns: int, data: st.DataObject) -> None:
     encoded = encode_record(record, ts_ns)
@@ -195,7 +196,7 @@ def test_every_truncation_of_a_record_is_detected() -> None:
             decode_record(encoded[:cut])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(record=small_records, extra=st.binary(min_size=1, max_size=16))
 def test_appended_bytes_are_detected(record: Record, extra: bytes) -> None:
     with pytest.raises(CorruptRecord):
@@ -247,7 +248,7 @@ def test_malformed_body_with_valid_crc_is_corrupt(name: str, body: bytes) -> Non
     assert name
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(body=st.binary(min_size=11, max_size=80))
 def test_arbitrary_body_with_valid_crc_decodes_or_is_corrupt(body: bytes) -> None:
     """A valid checksum over garbage must not raise anything but CorruptRecord."""

@@ -25,6 +25,7 @@ from tests.conftest import (
     make_settings,
     publish,
     stored_count,
+    turn_down_timing,
     wait_until,
 )
 from tests.test_restore_e2e import _payload_bytes, _records, ask
@@ -74,6 +75,7 @@ def stored_fleet(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
     sent = _fleet(unique)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
+        turn_down_timing(patch)  # as quick_timing does for each test (set up after this)
         bridge = BridgeThread(make_settings(broker, data))
         try:
             wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service")

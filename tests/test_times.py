@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mqtt_backup import times
 from mqtt_backup.errors import EXIT_USAGE, UsageError
 from mqtt_backup.times import NS_PER_S, format_ts, parse_time
+from tests.conftest import examples
 
 T0 = 1_795_514_400  # 2026-11-24T10:00:00Z
 RFC3339_NS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}Z$")
@@ -35,7 +36,7 @@ def test_format_ts(ts_ns: int, text: str) -> None:
     assert format_ts(ts_ns) == text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ts_ns=st.integers(0, MAX_NS))
 def test_format_ts_shape_and_round_trip(ts_ns: int) -> None:
     text = format_ts(ts_ns)
@@ -92,13 +93,13 @@ def test_parse_epoch_seconds(value: str | float, ts_ns: int) -> None:
     assert parse_time(value) == ts_ns
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(seconds=st.integers(0, 2**34))
 def test_epoch_int_and_text_agree(seconds: int) -> None:
     assert parse_time(seconds) == parse_time(str(seconds)) == seconds * NS_PER_S
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(seconds=st.floats(0, 2**33, allow_nan=False, allow_infinity=False))
 def test_epoch_float_is_close(seconds: float) -> None:
     got = parse_time(seconds)

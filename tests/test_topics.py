@@ -15,6 +15,7 @@ from mqtt_backup.topics import (
     filter_matches,
     parse_template,
 )
+from tests.conftest import examples
 
 # --- parse_template ------------------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ def test_a_sibling_sharing_the_prefix_is_not_the_namespace(namespace: str) -> No
         assert router.device_of(topic) == topic.split("/")[0]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     rest=st.lists(
         st.text(st.characters(codec="utf-8", exclude_characters="/+#\x00")),
@@ -222,7 +223,7 @@ def test_filter_matches_spec_examples(topic_filter: str, topic: str, matches: bo
     assert filter_matches(topic_filter, topic) is matches
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     levels=st.lists(
         st.text(st.characters(codec="utf-8", exclude_characters="/+#\x00")),

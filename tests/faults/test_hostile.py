@@ -32,6 +32,7 @@ from tests.faults.harness import (
     fleet,
     read_back,
     size,
+    stored_total,
 )
 
 pytestmark = pytest.mark.slow
@@ -303,6 +304,9 @@ def test_hostile_messages_are_stored_byte_exact(
     ledger = Counter((messages[i][0], messages[i][1]) for i in accepted)
     big = (messages[7][0], messages[7][1])
     devices = sorted({topic.split("/")[1] for topic, _ in ledger})
+    # The index count first (in this process), then the export (a process) once or twice.
+    wanted = ledger.total()
+    wait_until(lambda: stored_total(data_dir, devices) >= wanted, 60, "the hostile messages")
     wait_until(lambda: _exported(data_dir, devices) >= ledger, 60, "the hostile messages")
     restored: Counter[tuple[str, bytes]] = Counter()
     errors: list[str] = []
