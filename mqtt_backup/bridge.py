@@ -27,8 +27,8 @@ from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
 from mqtt_backup.mqtt.ingest import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
-from mqtt_backup.storage import Store, StoreReader, maintenance
-from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
+from mqtt_backup.storage import LiveReader, Store, maintenance
+from mqtt_backup.storage.journal import BridgeState, Gap
 from mqtt_backup.storage.manifest import manifest_path
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router, shared
@@ -40,7 +40,8 @@ STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
 BREATHE_EVERY_S = 0.2
-RESTORE_SCRATCH = ".restore-reader"
+# Where a bridge before 0.x kept its restore reader's scratch space: removed when found.
+OLD_RESTORE_SCRATCH = ".restore-reader"
 
 
 @dataclass(slots=True)
@@ -167,7 +168,7 @@ class Bridge:
         restore = RestoreThread(
             self.settings,
             self.store.client_id + "-restore",
-            self.store.gaps,
+            LiveReader(self.store),
             self.restore_listening,
             self,
             instance=self.identity.name,
@@ -448,7 +449,7 @@ class RestoreThread:
         self,
         settings: Settings,
         client_id: str,
-        gaps: GapLog,
+        reader: LiveReader,
         listening: threading.Event,
         bridge: Bridge | None = None,
         instance: str | None = None,
@@ -465,7 +466,8 @@ class RestoreThread:
             ),
             keepalive=settings.keepalive,
         )
-        self._gaps = gaps
+        self._reader = reader
+        self._gaps = reader.store.gaps
         self._bridge = bridge  # told the dropped-counter watcher, for the metrics
         self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -487,55 +489,28 @@ class RestoreThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready.set()
-        # The secondary instance's scratch space lives in the data directory (which this process
-        # holds locked), so one left by a kill -9 is simply replaced at the next start.
-        scratch = self._settings.data / RESTORE_SCRATCH
-        shutil.rmtree(scratch, ignore_errors=True)
+        # The scratch space of an earlier version's secondary reader, if a kill -9 left it.
+        shutil.rmtree(self._settings.data / OLD_RESTORE_SCRATCH, ignore_errors=True)
+        address = self._settings.broker_address
+        dropped = DroppedWatcher(self._gaps, self._settings.data, f"{address.host}:{address.port}")
+        if self._bridge is not None:
+            self._bridge._dropped = dropped
+        service = RestoreService(
+            self._reader,
+            self._gaps,
+            self._settings.namespace,
+            any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
+            # Its last reading is kept in the data directory, so that what the broker
+            # dropped while the bridge was away is a gap at the next start.
+            dropped=dropped,
+            group=self._settings.group,
+            instance=self._instance,
+            max_packet_size=self._settings.max_packet_size,
+        )
         try:
-            reader = await self._open_reader(scratch)
-            if reader is None:
-                return
-            try:
-                address = self._settings.broker_address
-                dropped = DroppedWatcher(
-                    self._gaps, self._settings.data, f"{address.host}:{address.port}"
-                )
-                if self._bridge is not None:
-                    self._bridge._dropped = dropped
-                service = RestoreService(
-                    reader,
-                    self._gaps,
-                    self._settings.namespace,
-                    any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
-                    # Its last reading is kept in the data directory, so that what the broker
-                    # dropped while the bridge was away is a gap at the next start.
-                    dropped=dropped,
-                    group=self._settings.group,
-                    instance=self._instance,
-                    max_packet_size=self._settings.max_packet_size,
-                )
-                await serve(service, self._options, self._stop, self._set_listening)
-            finally:
-                reader.close()
+            await serve(service, self._options, self._stop, self._set_listening)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    async def _open_reader(self, scratch: Path) -> StoreReader | None:
-        """A secondary RocksDB instance that follows the writer without sharing its handles.
-
-        Retried with backoff: restore must come back by itself when the storage does.
-        """
-        assert self._stop is not None
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                return StoreReader(self._settings.data, secondary=scratch)
-            except StorageError as exc:
-                log.warning("restore service cannot read the store (%s); retrying", exc.detail)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
-        return None
+            self._reader.close()
 
     def _set_listening(self, up: bool) -> None:
         if up:
