@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
-from mqtt_backup.control import ControlServer
+from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
@@ -79,7 +79,10 @@ class Bridge:
         self._stop_metrics: Callable[[], None] = lambda: None
         self._acknowledged = 0
         self._connections = 0
-        self._dropped: DroppedWatcher | None = None  # set by the restore thread
+        self._dropped: DroppedWatcher | None = None  # set by the restore service
+        self._one_operation: asyncio.Lock | None = None  # made on the loop (asyncio transport)
+        self._operating = False  # an operation owns the store (tick leaves it alone)
+        self._background: set[asyncio.Task[None]] = set()  # retention passes beside ingest
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
@@ -165,7 +168,7 @@ class Bridge:
             self.store.client_id,
             ", ".join(s.topic),
         )
-        restore = RestoreThread(
+        restore = RestoreSide(
             self.settings,
             self.store.client_id + "-restore",
             LiveReader(self.store),
@@ -173,19 +176,51 @@ class Bridge:
             self,
             instance=self.identity.name,
         )
-        control = ControlServer(self.settings.data, self.submit)
-        control.start()  # before any other thread: it sets the process umask for a moment
-        restore.start()
         try:
-            self._transport.run(self.pipeline, self._stop)
+            if isinstance(self._transport, AsyncIngest):
+                self._run_on_one_loop(self._transport, restore)
+            else:
+                self._run_on_threads(self._transport, restore)
         finally:
-            control.stop()
-            self._fail_requests()
-            restore.stop()
             self._save_state()
             self.store.close()
             self._stop_metrics()
             log.info("stopped: %d messages stored this run", self.pipeline.counters.stored)
+
+    def _run_on_one_loop(self, transport: AsyncIngest, restore: RestoreSide) -> None:
+        """Ingest, restore and the control socket as tasks of the transport's event loop."""
+        control = AsyncControlServer(self.settings.data, self._operate)
+        control.bind()
+
+        async def services() -> None:
+            stop = asyncio.Event()
+            serving = asyncio.create_task(restore.serve(stop), name="restore.service")
+            await control.start()
+            try:
+                await asyncio.Event().wait()  # until the transport cancels it, at shutdown
+            finally:
+                control.stop()
+                await self._settle_operations()
+                stop.set()
+                await serving
+
+        try:
+            transport.run(self.pipeline, self._stop, beside=services)
+        finally:
+            control.stop()
+
+    def _run_on_threads(self, transport: PahoIngest, restore: RestoreSide) -> None:
+        """paho: its select loop here, restore and the control socket on threads of their own."""
+        restoring = RestoreThread(restore)
+        control = ControlServer(self.settings.data, self.submit)
+        control.start()  # before any other thread: it sets the process umask for a moment
+        restoring.start()
+        try:
+            transport.run(self.pipeline, self._stop)
+        finally:
+            control.stop()
+            self._fail_requests()
+            restoring.stop()
 
     def snapshot(self) -> metrics.Snapshot:
         """The bridge's counters and state right now (for /metrics)."""
@@ -336,6 +371,36 @@ class Bridge:
             self.store.on_progress = lambda: None
             self.pipeline.regroup()
 
+    async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """An operation from the control socket, on the loop (the asyncio transport)."""
+        work = functools.partial(operations.run, self.store, op, args)
+        return await self._beside_ingest(op, work, operations.frees_space(op, args))
+
+    async def _beside_ingest(self, what: str, work: Callable[[], _R], frees_space: bool) -> _R:
+        """Run a long operation in a worker thread while the loop reads on and holds.
+
+        Operations run one at a time, between two commits: the commit in flight is settled and
+        what is pending committed first (`_before_operation`); then no commit starts until the
+        operation ends (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
+        window and placed again afterwards, in case the partition set changed. Acknowledgements
+        wait for the operation only if the hold fills.
+        """
+        assert isinstance(self._transport, AsyncIngest)
+        if self._one_operation is None:
+            self._one_operation = asyncio.Lock()
+        async with self._one_operation:
+            if self._stop.is_set():
+                raise BackupError("the bridge is stopping; run the command again")
+            self._transport.hold(True)
+            self._operating = True
+            try:
+                self._before_operation(frees_space)
+                return await _to_thread_to_the_end(work, what)
+            finally:
+                self._operating = False
+                self.pipeline.regroup()
+                self._transport.hold(False)
+
     def _fail_requests(self) -> None:
         while not self._requests.empty():
             _, _, future = self._requests.get_nowait()
@@ -345,6 +410,8 @@ class Bridge:
         """Periodic work, called from the transport loop: operations, state file, rate log."""
         if not self._requests.empty():
             self._run_requests()
+        if self._operating:
+            return  # the store is the operation's until it ends (the state file comes after it)
         now = time.monotonic()
         if now - self._clock.state_at >= STATE_EVERY_S:
             self._save_state()
@@ -359,25 +426,38 @@ class Bridge:
         if s.prune_older_than is None and s.prune_max_bytes_per_device is None:
             return
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
+        work = functools.partial(maintenance.prune, self.store, older, s.prune_max_bytes_per_device)
+        if isinstance(self._transport, AsyncIngest):
+            # Beside ingest, as an operation from the control socket is.
+            task = asyncio.get_running_loop().create_task(self._retention(work))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
         try:
             self._settle_commit()
             self.pipeline.commit()
-            pruned = self._while_serving(
-                lambda: maintenance.prune(self.store, older, s.prune_max_bytes_per_device)
-            )
-        except BackupError as exc:
-            log.warning("retention pass failed (next one in an hour): %s", exc.message())
+            pruned = self._while_serving(work)
+        except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
+            _retention_failed(exc)
             return
-        except Exception:
-            log.exception("retention pass failed (next one in an hour)")
+        _retention_done(pruned)
+
+    async def _retention(self, work: Callable[[], maintenance.Pruned]) -> None:
+        try:
+            pruned = await self._beside_ingest("retention", work, frees_space=False)
+        except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
+            _retention_failed(exc)
             return
-        if pruned.messages:
-            log.info(
-                "retention: pruned %d messages (%d bytes) of %d devices",
-                pruned.messages,
-                pruned.size,
-                len(pruned.devices),
-            )
+        _retention_done(pruned)
+
+    async def _settle_operations(self) -> None:
+        """At shutdown: retention passes are cancelled, and an operation under way ends first."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._one_operation is not None:
+            async with self._one_operation:
+                pass  # the bridge is stopping: operations after this one are refused
 
     def _log_rate(self, now: float) -> None:
         c = self.pipeline.counters
@@ -442,8 +522,8 @@ def _open_store(settings: Settings) -> Store:
     return store
 
 
-class RestoreThread:
-    """The restore service on its own thread and event loop, beside ingest, never in its way."""
+class RestoreSide:
+    """The restore service with its own connection (`<id>-restore`), on whichever loop runs it."""
 
     def __init__(
         self,
@@ -469,26 +549,15 @@ class RestoreThread:
         self._reader = reader
         self._gaps = reader.store.gaps
         self._bridge = bridge  # told the dropped-counter watcher, for the metrics
-        self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
 
-    def start(self) -> None:
-        """Start serving; returns once the thread's loop runs."""
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _main(self) -> None:
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Answer restore requests until `stop` is set; an unexpected error is logged."""
         try:
-            asyncio.run(self._serve())
+            await self._serve(stop)
         except Exception:
             log.exception("the restore service stopped on an unexpected error")
 
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._ready.set()
+    async def _serve(self, stop: asyncio.Event) -> None:
         # The scratch space of an earlier version's secondary reader, if a kill -9 left it.
         shutil.rmtree(self._settings.data / OLD_RESTORE_SCRATCH, ignore_errors=True)
         address = self._settings.broker_address
@@ -508,7 +577,7 @@ class RestoreThread:
             max_packet_size=self._settings.max_packet_size,
         )
         try:
-            await serve(service, self._options, self._stop, self._set_listening)
+            await serve(service, self._options, stop, self._set_listening)
         finally:
             self._reader.close()
 
@@ -518,12 +587,72 @@ class RestoreThread:
         else:
             self._listening.clear()
 
+
+class RestoreThread:
+    """The restore side on a thread and event loop of its own (the paho transport's bridge)."""
+
+    def __init__(self, side: RestoreSide) -> None:
+        self._side = side
+        self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        """Start serving; returns once the thread's loop runs."""
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ready.set()
+        await self._side.serve(self._stop)
+
     def stop(self) -> None:
         """Stop serving (restores in progress are cancelled) and wait for the thread."""
         if self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def _retention_failed(exc: Exception) -> None:
+    if isinstance(exc, BackupError):
+        log.warning("retention pass failed (next one in an hour): %s", exc.message())
+    else:
+        log.error("retention pass failed (next one in an hour)", exc_info=exc)
+
+
+def _retention_done(pruned: maintenance.Pruned) -> None:
+    if pruned.messages:
+        log.info(
+            "retention: pruned %d messages (%d bytes) of %d devices",
+            pruned.messages,
+            pruned.size,
+            len(pruned.devices),
+        )
+
+
+async def _to_thread_to_the_end(work: Callable[[], _R], what: str) -> _R:
+    """`work` in a worker thread; cancelled, it still waits for the thread (it owns the store).
+
+    A failure that is not a BackupError (a bug) becomes one, logged with its traceback.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+    except BackupError:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise BackupError(f"{what} failed: {exc}") from exc
 
 
 def _tree_bytes(directory: Path) -> int:

@@ -9,8 +9,11 @@ batch leave in one `transport.write` and what arrived in between is committed ne
 flight: under load the group commit grows by itself).
 
 One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
-`PahoIngest`, so the bridge does not know which transport it drives. The bridge's `tick` runs on
-the loop; whatever in it touches the store settles the commit in flight first.
+`PahoIngest`. `run` also runs the bridge's other services (restore, control socket) as a task of
+the same loop (`beside`). The bridge's `tick` runs on the loop; whatever in it touches the store
+settles the commit in flight first. While an operation owns the store the bridge `hold`s commits:
+what arrives is held exactly as while storage fails (within the broker's window, reading paused
+when the hold is full), one hold path.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, cast
 
@@ -282,6 +285,8 @@ class AsyncIngest:
         self._wire: _Wire | None = None
         self._connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._held = False  # an operation owns the store: commit nothing, hold what comes
+        self._stopping = False  # reading stopped for good: the shutdown has begun
 
     @property
     def connected(self) -> bool:
@@ -464,15 +469,44 @@ class AsyncIngest:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, sink: PipelinedSink, stop: threading.Event) -> None:
-        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
+    def run(
+        self,
+        sink: PipelinedSink,
+        stop: threading.Event,
+        beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order.
+
+        `beside`: the bridge's other services, a task of this loop from start to shutdown; it is
+        cancelled (and awaited) before the last commit, so nothing of it touches the store then.
+        """
         self.sink = sink
         try:
-            self._run_loop(self._run(sink, stop))
+            self._run_loop(self._run(sink, stop, beside))
         finally:
             self._close_loop()
 
-    async def _run(self, sink: PipelinedSink, stop: threading.Event) -> None:
+    async def _run(
+        self,
+        sink: PipelinedSink,
+        stop: threading.Event,
+        beside: Callable[[], Coroutine[Any, Any, None]] | None,
+    ) -> None:
+        services = asyncio.create_task(beside(), name="bridge.services") if beside else None
+        try:
+            await self._serve(sink, stop)
+        finally:
+            # Stop reading first, as before any shutdown: what the broker still holds is not
+            # taken (it stays with the session) while the other services wind down.
+            self._stopping = True
+            if self._wire is not None:
+                self._wire.pause()
+            if services is not None:
+                services.cancel()
+                await asyncio.gather(services, return_exceptions=True)
+            await self._shutdown(sink)
+
+    async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
             wire = self._wire
             if not self._connected or wire is None:
@@ -481,8 +515,7 @@ class AsyncIngest:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
             if isinstance(wire.failure, SessionTakenOver):
-                self._connected = False
-                await self._shutdown(sink)  # stores what is pending; its acks are void
+                self._connected = False  # the shutdown stores what is pending; its acks are void
                 raise wire.failure
             if wire.failure is not None:
                 self._connection_lost(wire.failure.detail)
@@ -491,12 +524,11 @@ class AsyncIngest:
             # operation in `tick` blocks the loop: the broker's answers wait meanwhile).
             self._housekeeping(wire, sink)
             self._hooks.tick()
-        await self._shutdown(sink)
 
     def _housekeeping(self, wire: _Wire, sink: PipelinedSink) -> None:
         """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
-        if wire.paused and not self.stall.active and not sink.committing:
-            wire.resume()  # the commit it waited for was settled by the bridge (an operation)
+        if wire.paused and not self.stall.active and not sink.committing and not self._held:
+            self._resume(wire)  # the commit it waited for was settled by the bridge (an operation)
         if self.stall.active and self.stall.seconds_left() == 0:
             self.commit_or_hold(wire, retry=True)
         elif not self.stall.active and sink.has_work:
@@ -535,7 +567,7 @@ class AsyncIngest:
             if not sink.can_hold():
                 wire.pause()  # resumed when the commit in flight returns
             return
-        if self.stall.active and not retry:
+        if (self.stall.active and not retry) or self._held:
             if not sink.can_hold():
                 wire.pause()
             return
@@ -560,7 +592,7 @@ class AsyncIngest:
         except StorageUnavailable as exc:
             self.stall.failed(exc)
             if sink.can_hold():
-                wire.resume()  # hold what comes, within the broker's window
+                self._resume(wire)  # hold what comes, within the broker's window
             else:
                 wire.pause()
             return
@@ -573,9 +605,23 @@ class AsyncIngest:
     def _stored(self, wire: _Wire, drained_at: int | None) -> None:
         """A commit worked: storage is fine, reading goes on."""
         self.stall.cleared()
-        wire.resume()
+        self._resume(wire)
         if drained_at is not None and self.sink is not None:
             self.sink.caught_up(drained_at)
+
+    def _resume(self, wire: _Wire) -> None:
+        if not self._stopping:
+            wire.resume()
+
+    def hold(self, on: bool) -> None:
+        """Commit nothing while on (an operation owns the store); off: commit what was held."""
+        self._held = on
+        wire = self._wire
+        if not on and wire is not None and wire.serving and wire.failure is None:
+            if self.sink is not None and self.sink.has_work:
+                self.commit_or_hold(wire)  # resumes reading once it is stored
+            elif not self.stall.active:
+                self._resume(wire)
 
     def keep_alive(self) -> None:
         """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
@@ -660,7 +706,7 @@ class AsyncIngest:
         Held copies are never dropped, so during a storage stall each connection may add one
         broker window to them; connecting only while there is room keeps what is held bounded.
         """
-        if not sink.can_hold() and self.stall.seconds_left() == 0:
+        if not sink.can_hold() and self.stall.seconds_left() == 0 and not self._held:
             try:
                 _commit_now(sink)
             except StorageUnavailable as exc:
