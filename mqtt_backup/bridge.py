@@ -40,7 +40,7 @@ STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
 BREATHE_EVERY_S = 0.2
-# Where a bridge before 0.x kept its restore reader's scratch space: removed when found.
+# Where earlier releases kept the restore reader's scratch space: removed when found.
 OLD_RESTORE_SCRATCH = ".restore-reader"
 
 
@@ -191,21 +191,8 @@ class Bridge:
         """Ingest, restore and the control socket as tasks of the transport's event loop."""
         control = AsyncControlServer(self.settings.data, self._operate)
         control.bind()
-
-        async def services() -> None:
-            stop = asyncio.Event()
-            serving = asyncio.create_task(restore.serve(stop), name="restore.service")
-            await control.start()
-            try:
-                await asyncio.Event().wait()  # until the transport cancels it, at shutdown
-            finally:
-                control.stop()
-                await self._settle_operations()
-                stop.set()
-                await serving
-
         try:
-            transport.run(self.pipeline, self._stop, beside=services)
+            transport.run(self.pipeline, self._stop, beside=_LoopServices(self, restore, control))
         finally:
             control.stop()
 
@@ -382,8 +369,9 @@ class Bridge:
         Operations run one at a time, between two commits: the commit in flight is settled and
         what is pending committed first (`_before_operation`); then no commit starts until the
         operation ends (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
-        window and placed again afterwards, in case the partition set changed. Acknowledgements
-        wait for the operation only if the hold fills.
+        window, reading paused when the hold is full, and placed again afterwards, in case the
+        partition set changed. The loop keeps the connection and answers restores meanwhile; the
+        acknowledgements of what is held wait for the operation's end (docs/design-notes.md).
         """
         assert isinstance(self._transport, AsyncIngest)
         if self._one_operation is None:
@@ -520,6 +508,33 @@ def _open_store(settings: Settings) -> Store:
             f"add --client-id {store.client_id} to keep it, or use a new --data directory",
         )
     return store
+
+
+class _LoopServices:
+    """The restore side and the control socket as tasks of the ingest loop (`mqtt.Beside`)."""
+
+    def __init__(self, bridge: Bridge, restore: RestoreSide, control: AsyncControlServer) -> None:
+        self._bridge = bridge
+        self._restore = restore
+        self._control = control
+        self._stop = asyncio.Event()
+        self._serving: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """The restore service connects by itself; the control socket listens."""
+        self._serving = asyncio.create_task(self._restore.serve(self._stop), name="restore.service")
+        await self._control.start()
+
+    async def settle(self) -> None:
+        """No operation from now on, and the one under way (if any) ended."""
+        self._control.stop()
+        await self._bridge._settle_operations()
+
+    async def stop(self) -> None:
+        """After ingest's shutdown, as before: restores in progress are cancelled."""
+        self._stop.set()
+        if self._serving is not None:
+            await self._serving
 
 
 class RestoreSide:

@@ -25,8 +25,7 @@ import pytest
 
 from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.mqtt import async_ingest, ingest
-from mqtt_backup.restore import service as restore_service
+from mqtt_backup.mqtt import backoff
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
@@ -252,9 +251,7 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
     """
     monkeypatch.setattr(control, "POLL_S", 0.02)
-    monkeypatch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
-    monkeypatch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
-    monkeypatch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
+    monkeypatch.setattr(backoff, "MAX_S", 1.0)  # reconnects (ingest, restore), storage stalls
 
 
 @pytest.fixture

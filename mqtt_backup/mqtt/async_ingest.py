@@ -21,12 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, cast
 
@@ -40,6 +39,7 @@ from mqtt_backup.errors import (
     SessionTakenOver,
     StorageUnavailable,
 )
+from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused
 from mqtt_backup.mqtt.ingest import (
     CAUGHT_UP_BELOW,
@@ -61,7 +61,6 @@ CLOSE_TIMEOUT_S = 5.0
 # asyncio reads at most 256 KiB at a time; a shorter read means the socket was empty.
 DRAINED_BELOW_BYTES = 64 * 1024
 TICK_S = 0.1  # how often the bridge's periodic work runs and `stop` is looked at
-_BACKOFF_MAX_S = 30.0
 _PUBLISH = mqtt5.PublishPacket
 _PINGREQ = mqtt5.PingReqPacket().write()
 _DISCONNECT = mqtt5.DisconnectPacket().write()
@@ -82,6 +81,19 @@ class PipelinedSink(Sink, Protocol):
 
     def settle(self, which: Future[None] | None = None) -> int | None:
         """Finish the commit in flight (acks in receive order); StorageUnavailable if it failed."""
+
+
+class Beside(Protocol):
+    """Services that run on the ingest loop beside it (the bridge's restore and control socket)."""
+
+    async def start(self) -> None:
+        """Start them (the loop runs; ingest is connected)."""
+
+    async def settle(self) -> None:
+        """Before the last commit: end what touches the store, and start nothing more."""
+
+    async def stop(self) -> None:
+        """After the shutdown: stop them."""
 
 
 def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
@@ -281,12 +293,11 @@ class AsyncIngest:
         self._executor: ThreadPoolExecutor | None = None  # the commit's worker thread
         self._drained_at: int | None = None  # the socket ran dry, the broker had nothing more
         self._ssl = self._ssl_context()
-        self._generation = 0
+        self._generation = 0  # the low 16 bits of the sink's number of the open connection
         self._wire: _Wire | None = None
         self._connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held = False  # an operation owns the store: commit nothing, hold what comes
-        self._stopping = False  # reading stopped for good: the shutdown has begun
 
     @property
     def connected(self) -> bool:
@@ -352,9 +363,8 @@ class AsyncIngest:
     async def _open(self, sink: PipelinedSink, first: bool) -> _Wire:
         loop = asyncio.get_running_loop()
         # A new connection voids the acks of the old one; count it before any packet is read.
-        self._generation = self._generation % 0xFFFF + 1
-        sink.new_connection()
-        generation = self._generation
+        # The sink counts connections; a token keeps 16 bits of the number beside the packet id.
+        generation = self._generation = sink.new_connection() & 0xFFFF
         address = self.session.address
         try:
             _, wire = await asyncio.wait_for(
@@ -469,16 +479,12 @@ class AsyncIngest:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(
-        self,
-        sink: PipelinedSink,
-        stop: threading.Event,
-        beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
-    ) -> None:
+    def run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None = None) -> None:
         """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order.
 
-        `beside`: the bridge's other services, a task of this loop from start to shutdown; it is
-        cancelled (and awaited) before the last commit, so nothing of it touches the store then.
+        `beside`: the bridge's other services, on this loop from start to end: started first,
+        settled before the last commit (nothing of theirs touches the store after it), stopped
+        after the shutdown.
         """
         self.sink = sink
         try:
@@ -486,25 +492,19 @@ class AsyncIngest:
         finally:
             self._close_loop()
 
-    async def _run(
-        self,
-        sink: PipelinedSink,
-        stop: threading.Event,
-        beside: Callable[[], Coroutine[Any, Any, None]] | None,
-    ) -> None:
-        services = asyncio.create_task(beside(), name="bridge.services") if beside else None
+    async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
+        if beside is not None:
+            await beside.start()
         try:
-            await self._serve(sink, stop)
+            try:
+                await self._serve(sink, stop)
+            finally:
+                if beside is not None:
+                    await beside.settle()
+                await self._shutdown(sink)
         finally:
-            # Stop reading first, as before any shutdown: what the broker still holds is not
-            # taken (it stays with the session) while the other services wind down.
-            self._stopping = True
-            if self._wire is not None:
-                self._wire.pause()
-            if services is not None:
-                services.cancel()
-                await asyncio.gather(services, return_exceptions=True)
-            await self._shutdown(sink)
+            if beside is not None:
+                await beside.stop()
 
     async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -528,7 +528,7 @@ class AsyncIngest:
     def _housekeeping(self, wire: _Wire, sink: PipelinedSink) -> None:
         """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
         if wire.paused and not self.stall.active and not sink.committing and not self._held:
-            self._resume(wire)  # the commit it waited for was settled by the bridge (an operation)
+            wire.resume()  # the commit it waited for was settled by the bridge (an operation)
         if self.stall.active and self.stall.seconds_left() == 0:
             self.commit_or_hold(wire, retry=True)
         elif not self.stall.active and sink.has_work:
@@ -592,7 +592,7 @@ class AsyncIngest:
         except StorageUnavailable as exc:
             self.stall.failed(exc)
             if sink.can_hold():
-                self._resume(wire)  # hold what comes, within the broker's window
+                wire.resume()  # hold what comes, within the broker's window
             else:
                 wire.pause()
             return
@@ -605,13 +605,9 @@ class AsyncIngest:
     def _stored(self, wire: _Wire, drained_at: int | None) -> None:
         """A commit worked: storage is fine, reading goes on."""
         self.stall.cleared()
-        self._resume(wire)
+        wire.resume()
         if drained_at is not None and self.sink is not None:
             self.sink.caught_up(drained_at)
-
-    def _resume(self, wire: _Wire) -> None:
-        if not self._stopping:
-            wire.resume()
 
     def hold(self, on: bool) -> None:
         """Commit nothing while on (an operation owns the store); off: commit what was held."""
@@ -621,7 +617,7 @@ class AsyncIngest:
             if self.sink is not None and self.sink.has_work:
                 self.commit_or_hold(wire)  # resumes reading once it is stored
             elif not self.stall.active:
-                self._resume(wire)
+                wire.resume()
 
     def keep_alive(self) -> None:
         """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
@@ -678,7 +674,7 @@ class AsyncIngest:
         # Acks of the closed connection are void (a packet id means nothing on another one).
         # Its messages stay held: the broker resends only those whose expiry has not passed.
         sink.drop_tokens(lambda _token: False)
-        delay = 0.5
+        backoff = Backoff()
         while not stop.is_set():
             if not self._room_for_a_connection(sink):
                 self._hooks.tick()
@@ -687,6 +683,7 @@ class AsyncIngest:
             try:
                 await self._connect(sink, self.filters)
             except (OSError, BrokerError) as exc:
+                delay = backoff.next()
                 log.warning(
                     "broker %s unreachable (%s); retrying in %.1fs",
                     self.session.address,
@@ -695,7 +692,6 @@ class AsyncIngest:
                 )
                 self._hooks.tick()  # operations and bookkeeping go on while the broker is away
                 await _sleep(delay, stop)
-                delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
                 continue
             log.info("reconnected to %s", self.session.address)
             return

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
 from mqtt_backup.mqtt import AsyncConnection, CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.restore.reply import (
     Batches,
@@ -526,8 +527,6 @@ def _restarted(previous: DroppedReading, value: int, started_ns: int | None) -> 
 
 # ---- the connection -----------------------------------------------------------------------------
 
-RETRY_MAX_S = 30.0
-
 
 @dataclass
 class ServeOptions:
@@ -552,7 +551,7 @@ async def serve(
     while the bridge is down gets no answer, and the requester's timeout says so.
     """
     watcher = service.dropped = service.dropped or DroppedWatcher(service.gaps)
-    delay = 0.5
+    backoff = Backoff()
     while not stop.is_set():
         try:
             async with _connection(options, service.window) as conn:
@@ -561,7 +560,7 @@ async def serve(
                 # Retain-as-published: a live retained request (or the empty retained publish
                 # that clears one) arrives with its flag, so submit() can ignore it.
                 await conn.subscribe([f"{service.prefix}/+"], retain_as_published=True)
-                delay = 0.5
+                backoff.reset()
                 log.info("restore service listening on %s/+", service.prefix)
                 listening(True)
                 try:
@@ -572,10 +571,10 @@ async def serve(
                     if abandoned and not stop.is_set():
                         log.warning("%d restores in progress abandoned: connection lost", abandoned)
         except BackupError as exc:
+            delay = backoff.next()
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, RETRY_MAX_S)
     await service.stop()
     watcher.save()
 
