@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
-from mqtt_backup.control import ControlServer
+from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
@@ -29,8 +29,8 @@ from mqtt_backup.mqtt.ingest import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.startup import Startup, start_check
 from mqtt_backup.startup import identity as startup_identity
-from mqtt_backup.storage import StoreReader, maintenance
-from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
+from mqtt_backup.storage import LiveReader, maintenance
+from mqtt_backup.storage.journal import BridgeState, Gap
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router, shared
 
@@ -41,7 +41,8 @@ STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
 BREATHE_EVERY_S = 0.2
-RESTORE_SCRATCH = ".restore-reader"
+# Where earlier releases kept the restore reader's scratch space: removed when found.
+OLD_RESTORE_SCRATCH = ".restore-reader"
 
 
 @dataclass(slots=True)
@@ -86,7 +87,10 @@ class Bridge:
         self._stop_metrics: Callable[[], None] = lambda: None
         self._acknowledged = 0
         self._connections = 0
-        self._dropped: DroppedWatcher | None = None  # set by the restore thread
+        self._dropped: DroppedWatcher | None = None  # set by the restore service
+        self._one_operation: asyncio.Lock | None = None  # made on the loop (asyncio transport)
+        self._operating = False  # an operation owns the store (tick leaves it alone)
+        self._background: set[asyncio.Task[None]] = set()  # retention passes beside ingest
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
@@ -177,27 +181,46 @@ class Bridge:
             self.store.client_id,
             ", ".join(s.topic),
         )
-        restore = RestoreThread(
+        restore = RestoreSide(
             self.settings,
             self.store.client_id + "-restore",
-            self.store.gaps,
+            LiveReader(self.store),
             self.restore_listening,
             self,
             instance=self.identity.name,
         )
-        control = ControlServer(self.settings.data, self.submit)
-        control.start()  # before any other thread: it sets the process umask for a moment
-        restore.start()
         try:
-            self._transport.run(self.pipeline, self._stop)
+            if isinstance(self._transport, AsyncIngest):
+                self._run_on_one_loop(self._transport, restore)
+            else:
+                self._run_on_threads(self._transport, restore)
         finally:
-            control.stop()
-            self._fail_requests()
-            restore.stop()
             self._save_state()
             self.store.close()
             self._stop_metrics()
             log.info("stopped: %d messages stored this run", self.pipeline.counters.stored)
+
+    def _run_on_one_loop(self, transport: AsyncIngest, restore: RestoreSide) -> None:
+        """Ingest, restore and the control socket as tasks of the transport's event loop."""
+        control = AsyncControlServer(self.settings.data, self._operate)
+        control.bind()
+        try:
+            transport.run(self.pipeline, self._stop, beside=_LoopServices(self, restore, control))
+        finally:
+            control.stop()
+
+    def _run_on_threads(self, transport: PahoIngest, restore: RestoreSide) -> None:
+        """paho: its select loop here, restore and the control socket on threads of their own."""
+        restoring = RestoreThread(restore)
+        control = ControlServer(self.settings.data, self.submit)
+        control.start()  # before any other thread: it sets the process umask for a moment
+        restoring.start()
+        try:
+            transport.run(self.pipeline, self._stop)
+        finally:
+            control.stop()
+            self._fail_requests()
+            restoring.stop()
 
     def snapshot(self) -> metrics.Snapshot:
         """The bridge's counters and state right now (for /metrics)."""
@@ -348,6 +371,37 @@ class Bridge:
             self.store.on_progress = lambda: None
             self.pipeline.regroup()
 
+    async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """An operation from the control socket, on the loop (the asyncio transport)."""
+        work = functools.partial(operations.run, self.store, op, args)
+        return await self._beside_ingest(op, work, operations.frees_space(op, args))
+
+    async def _beside_ingest(self, what: str, work: Callable[[], _R], frees_space: bool) -> _R:
+        """Run a long operation in a worker thread while the loop reads on and holds.
+
+        Operations run one at a time, between two commits: the commit in flight is settled and
+        what is pending committed first (`_before_operation`); then no commit starts until the
+        operation ends (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
+        window, reading paused when the hold is full, and placed again afterwards, in case the
+        partition set changed. The loop keeps the connection and answers restores meanwhile; the
+        acknowledgements of what is held wait for the operation's end (docs/design-notes.md).
+        """
+        assert isinstance(self._transport, AsyncIngest)
+        if self._one_operation is None:
+            self._one_operation = asyncio.Lock()
+        async with self._one_operation:
+            if self._stop.is_set():
+                raise BackupError("the bridge is stopping; run the command again")
+            self._transport.hold(True)
+            self._operating = True
+            try:
+                self._before_operation(frees_space)
+                return await _to_thread_to_the_end(work, what)
+            finally:
+                self._operating = False
+                self.pipeline.regroup()
+                self._transport.hold(False)
+
     def _fail_requests(self) -> None:
         while not self._requests.empty():
             _, _, future = self._requests.get_nowait()
@@ -357,6 +411,8 @@ class Bridge:
         """Periodic work, called from the transport loop: operations, state file, rate log."""
         if not self._requests.empty():
             self._run_requests()
+        if self._operating:
+            return  # the store is the operation's until it ends (the state file comes after it)
         now = time.monotonic()
         if now - self._clock.state_at >= STATE_EVERY_S:
             self._save_state()
@@ -371,25 +427,38 @@ class Bridge:
         if s.prune_older_than is None and s.prune_max_bytes_per_device is None:
             return
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
+        work = functools.partial(maintenance.prune, self.store, older, s.prune_max_bytes_per_device)
+        if isinstance(self._transport, AsyncIngest):
+            # Beside ingest, as an operation from the control socket is.
+            task = asyncio.get_running_loop().create_task(self._retention(work))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
         try:
             self._settle_commit()
             self.pipeline.commit()
-            pruned = self._while_serving(
-                lambda: maintenance.prune(self.store, older, s.prune_max_bytes_per_device)
-            )
-        except BackupError as exc:
-            log.warning("retention pass failed (next one in an hour): %s", exc.message())
+            pruned = self._while_serving(work)
+        except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
+            _retention_failed(exc)
             return
-        except Exception:
-            log.exception("retention pass failed (next one in an hour)")
+        _retention_done(pruned)
+
+    async def _retention(self, work: Callable[[], maintenance.Pruned]) -> None:
+        try:
+            pruned = await self._beside_ingest("retention", work, frees_space=False)
+        except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
+            _retention_failed(exc)
             return
-        if pruned.messages:
-            log.info(
-                "retention: pruned %d messages (%d bytes) of %d devices",
-                pruned.messages,
-                pruned.size,
-                len(pruned.devices),
-            )
+        _retention_done(pruned)
+
+    async def _settle_operations(self) -> None:
+        """At shutdown: retention passes are cancelled, and an operation under way ends first."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._one_operation is not None:
+            async with self._one_operation:
+                pass  # the bridge is stopping: operations after this one are refused
 
     def _log_rate(self, now: float) -> None:
         c = self.pipeline.counters
@@ -433,14 +502,41 @@ class Bridge:
             log.error("could not record a %s gap: %s", gap.reason, exc.detail)
 
 
-class RestoreThread:
-    """The restore service on its own thread and event loop, beside ingest, never in its way."""
+class _LoopServices:
+    """The restore side and the control socket as tasks of the ingest loop (`mqtt.Beside`)."""
+
+    def __init__(self, bridge: Bridge, restore: RestoreSide, control: AsyncControlServer) -> None:
+        self._bridge = bridge
+        self._restore = restore
+        self._control = control
+        self._stop = asyncio.Event()
+        self._serving: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """The restore service connects by itself; the control socket listens."""
+        self._serving = asyncio.create_task(self._restore.serve(self._stop), name="restore.service")
+        await self._control.start()
+
+    async def settle(self) -> None:
+        """No operation from now on, and the one under way (if any) ended."""
+        self._control.stop()
+        await self._bridge._settle_operations()
+
+    async def stop(self) -> None:
+        """After ingest's shutdown, as before: restores in progress are cancelled."""
+        self._stop.set()
+        if self._serving is not None:
+            await self._serving
+
+
+class RestoreSide:
+    """The restore service with its own connection (`<id>-restore`), on whichever loop runs it."""
 
     def __init__(
         self,
         settings: Settings,
         client_id: str,
-        gaps: GapLog,
+        reader: LiveReader,
         listening: threading.Event,
         bridge: Bridge | None = None,
         instance: str | None = None,
@@ -457,8 +553,53 @@ class RestoreThread:
             ),
             keepalive=settings.keepalive,
         )
-        self._gaps = gaps
+        self._reader = reader
+        self._gaps = reader.store.gaps
         self._bridge = bridge  # told the dropped-counter watcher, for the metrics
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Answer restore requests until `stop` is set; an unexpected error is logged."""
+        try:
+            await self._serve(stop)
+        except Exception:
+            log.exception("the restore service stopped on an unexpected error")
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        # The scratch space of an earlier version's secondary reader, if a kill -9 left it.
+        shutil.rmtree(self._settings.data / OLD_RESTORE_SCRATCH, ignore_errors=True)
+        address = self._settings.broker_address
+        dropped = DroppedWatcher(self._gaps, self._settings.data, f"{address.host}:{address.port}")
+        if self._bridge is not None:
+            self._bridge._dropped = dropped
+        service = RestoreService(
+            self._reader,
+            self._gaps,
+            self._settings.namespace,
+            any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
+            # Its last reading is kept in the data directory, so that what the broker
+            # dropped while the bridge was away is a gap at the next start.
+            dropped=dropped,
+            group=self._settings.group,
+            instance=self._instance,
+            max_packet_size=self._settings.max_packet_size,
+        )
+        try:
+            await serve(service, self._options, stop, self._set_listening)
+        finally:
+            self._reader.close()
+
+    def _set_listening(self, up: bool) -> None:
+        if up:
+            self._listening.set()
+        else:
+            self._listening.clear()
+
+
+class RestoreThread:
+    """The restore side on a thread and event loop of its own (the paho transport's bridge)."""
+
+    def __init__(self, side: RestoreSide) -> None:
+        self._side = side
         self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -470,70 +611,13 @@ class RestoreThread:
         self._ready.wait(10)
 
     def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except Exception:
-            log.exception("the restore service stopped on an unexpected error")
+        asyncio.run(self._serve())
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready.set()
-        # The secondary instance's scratch space lives in the data directory (which this process
-        # holds locked), so one left by a kill -9 is simply replaced at the next start.
-        scratch = self._settings.data / RESTORE_SCRATCH
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            reader = await self._open_reader(scratch)
-            if reader is None:
-                return
-            try:
-                address = self._settings.broker_address
-                dropped = DroppedWatcher(
-                    self._gaps, self._settings.data, f"{address.host}:{address.port}"
-                )
-                if self._bridge is not None:
-                    self._bridge._dropped = dropped
-                service = RestoreService(
-                    reader,
-                    self._gaps,
-                    self._settings.namespace,
-                    any_response_topic=self._settings.response_topics == ResponseTopics.ANY,
-                    # Its last reading is kept in the data directory, so that what the broker
-                    # dropped while the bridge was away is a gap at the next start.
-                    dropped=dropped,
-                    group=self._settings.group,
-                    instance=self._instance,
-                    max_packet_size=self._settings.max_packet_size,
-                )
-                await serve(service, self._options, self._stop, self._set_listening)
-            finally:
-                reader.close()
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    async def _open_reader(self, scratch: Path) -> StoreReader | None:
-        """A secondary RocksDB instance that follows the writer without sharing its handles.
-
-        Retried with backoff: restore must come back by itself when the storage does.
-        """
-        assert self._stop is not None
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                return StoreReader(self._settings.data, secondary=scratch)
-            except StorageError as exc:
-                log.warning("restore service cannot read the store (%s); retrying", exc.detail)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
-        return None
-
-    def _set_listening(self, up: bool) -> None:
-        if up:
-            self._listening.set()
-        else:
-            self._listening.clear()
+        await self._side.serve(self._stop)
 
     def stop(self) -> None:
         """Stop serving (restores in progress are cancelled) and wait for the thread."""
@@ -541,6 +625,41 @@ class RestoreThread:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+def _retention_failed(exc: Exception) -> None:
+    if isinstance(exc, BackupError):
+        log.warning("retention pass failed (next one in an hour): %s", exc.message())
+    else:
+        log.error("retention pass failed (next one in an hour)", exc_info=exc)
+
+
+def _retention_done(pruned: maintenance.Pruned) -> None:
+    if pruned.messages:
+        log.info(
+            "retention: pruned %d messages (%d bytes) of %d devices",
+            pruned.messages,
+            pruned.size,
+            len(pruned.devices),
+        )
+
+
+async def _to_thread_to_the_end(work: Callable[[], _R], what: str) -> _R:
+    """`work` in a worker thread; cancelled, it still waits for the thread (it owns the store).
+
+    A failure that is not a BackupError (a bug) becomes one, logged with its traceback.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+    except BackupError:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise BackupError(f"{what} failed: {exc}") from exc
 
 
 def _tree_bytes(directory: Path) -> int:

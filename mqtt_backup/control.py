@@ -3,17 +3,21 @@
 `<data>/control.sock`, one JSON line each way: `{"op": "snapshot", "args": {...}}` then
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "...", "exit_code": 4}`. Its only door
 is the filesystem: the socket is mode 0600 in the data directory.
+
+`AsyncControlServer` serves it as a task of the bridge's event loop (the asyncio transport);
+`ControlServer` on a thread of its own (the paho transport). Both answer the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import socket
 import socketserver
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,9 @@ SOCKET = "control.sock"
 POLL_S = 0.5
 # AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
 _MAX_SUN_PATH = 100
+_MAX_LINE = 1 << 20
 Submit = Callable[[str, Mapping[str, Any]], "Future[dict[str, Any]]"]
+Operate = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class RemoteError(BackupError):
@@ -49,20 +55,28 @@ def _address(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
+    """(op, args) of a request line; ValueError, KeyError or TypeError when it is not one."""
+    request = json.loads(line)
+    return str(request["op"]), dict(request.get("args") or {})
+
+
+def _failed(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, BackupError):
+        return {"ok": False, "error": exc.message(), "exit_code": exc.exit_code}
+    return {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
+
+
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        line = self.rfile.readline(1 << 20)
+        line = self.rfile.readline(_MAX_LINE)
         try:
-            request = json.loads(line)
-            op, args = str(request["op"]), dict(request.get("args") or {})
-            result = self.server.submit(op, args).result()
-            reply: dict[str, Any] = {"ok": True, "result": result}
-        except BackupError as exc:
-            reply = {"ok": False, "error": exc.message(), "exit_code": exc.exit_code}
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
+            op, args = _parse(line)
+            reply: dict[str, Any] = {"ok": True, "result": self.server.submit(op, args).result()}
+        except (BackupError, ValueError, KeyError, TypeError) as exc:
+            reply = _failed(exc)
         self.wfile.write(json.dumps(reply).encode() + b"\n")
 
 
@@ -104,6 +118,69 @@ class ControlServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self.path.unlink(missing_ok=True)
+
+
+class AsyncControlServer:
+    """Serves the control socket on the running event loop; requests go to `operate`."""
+
+    def __init__(self, data_dir: Path, operate: Operate) -> None:
+        self.path = data_dir / SOCKET
+        self._operate = operate
+        self._sock: socket.socket | None = None
+        self._server: asyncio.Server | None = None
+
+    def bind(self) -> None:
+        """Bind (replacing a stale socket: we hold the data directory's lock), before the loop.
+
+        An error here is a start-up error, as with `ControlServer.start`.
+        """
+        self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _address(self.path) as address:
+                # Born private: the open store holds the process umask at 0o077 (no umask change
+                # here, which would race the store's worker threads); then owner read/write only.
+                sock.bind(address)
+            self.path.chmod(0o600)
+        except BaseException:
+            sock.close()
+            self.path.unlink(missing_ok=True)
+            raise
+        self._sock = sock
+
+    async def start(self) -> None:
+        """Serve on the running loop (after `bind`)."""
+        assert self._sock is not None
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=self._sock, limit=_MAX_LINE
+        )
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            reply = await self._answer(await reader.readline())
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, ValueError):  # the client went away; or a line over the limit
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            op, args = _parse(line)
+            return {"ok": True, "result": await self._operate(op, args)}
+        except (BackupError, ValueError, KeyError, TypeError) as exc:
+            return _failed(exc)
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket (a request in progress gets no reply: NoReply)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
         self.path.unlink(missing_ok=True)
 
 

@@ -363,8 +363,11 @@ class CommitPipeline:
         """
         return self.pending < HOLD_BATCHES * self.batch_max
 
-    def new_connection(self) -> None:
-        """A new broker connection starts: what arrives from now on belongs to it.
+    def new_connection(self) -> int:
+        """A new broker connection starts: what arrives from now on belongs to it; its number.
+
+        The number is the connection generation, counted here only: the transports put it in
+        their ack tokens, so that an ack never goes out on a connection other than its message's.
 
         What is held from earlier connections stays and is stored as it was received: the broker
         resends an unacknowledged QoS 1 message (DUP set, stored as a flagged copy) only if its
@@ -372,6 +375,7 @@ class CommitPipeline:
         """
         self._connection += 1
         self.connecting_ns = time.time_ns()
+        return self._connection
 
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""

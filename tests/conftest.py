@@ -26,8 +26,7 @@ import pytest
 
 from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.mqtt import async_ingest, ingest
-from mqtt_backup.restore import service as restore_service
+from mqtt_backup.mqtt import backoff
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
 from tools import devbroker
 
@@ -278,11 +277,9 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def turn_down_timing(patch: pytest.MonkeyPatch) -> None:
     """What `quick_timing` sets; also for module fixtures that run a bridge (they start first)."""
-    if hasattr(control, "POLL_S"):  # a control socket served by polling
+    if hasattr(control, "POLL_S"):  # a control socket served by polling (the paho bridge's)
         patch.setattr(control, "POLL_S", 0.02)
-    patch.setattr(ingest, "_BACKOFF_MAX_S", 1.0)  # paho reconnects and storage stalls
-    patch.setattr(async_ingest, "_BACKOFF_MAX_S", 1.0)  # asyncio reconnects
-    patch.setattr(restore_service, "RETRY_MAX_S", 1.0)  # the restore service's reconnects
+    patch.setattr(backoff, "MAX_S", 1.0)  # reconnects (ingest, restore), storage stalls
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from mqtt_backup.config import Settings
 from mqtt_backup.records import Record
 from mqtt_backup.restore import reply as reply_module
 from mqtt_backup.restore import service as restore_module
-from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.times import format_ts
 from tests.conftest import (
     REPO,
@@ -383,22 +383,24 @@ def test_a_big_restore_does_not_stall_ingest(
     streaming = threading.Event()
     confirmed: list[int] = []  # bursts the test saw stored
     waited: list[tuple[int, bool]] = []  # (point, whether ingest got there in time)
-    real_messages = StoreReader.messages
+    real_read = LiveReader.read
+    step = total // rounds
+    read_so_far: dict[int, int] = {}  # messages each restore (cursor) has read
 
-    def slow_scan(
-        self: StoreReader, device_id: str, *args: Any, **kw: Any
-    ) -> Iterator[StoredMessage]:
-        for n, message in enumerate(real_messages(self, device_id, *args, **kw), 1):
-            if device_id == device and n % (total // rounds) == 0:
-                point = n // (total // rounds)
+    def slow_read(self: LiveReader, cursor: Cursor, limit: int) -> list[StoredMessage]:
+        found = real_read(self, cursor, limit)
+        if cursor.device == device:
+            before = read_so_far.get(id(cursor), 0)
+            read_so_far[id(cursor)] = before + len(found)
+            for point in range(before // step + 1, (before + len(found)) // step + 1):
                 deadline = time.monotonic() + 60
                 while len(confirmed) < point and time.monotonic() < deadline:
-                    time.sleep(0.005)  # the slow read: blocking, as in the restore thread
+                    time.sleep(0.005)  # the slow read: blocking, as in a worker thread
                 waited.append((point, len(confirmed) >= point))
             streaming.set()
-            yield message
+        return found
 
-    monkeypatch.setattr(StoreReader, "messages", slow_scan)
+    monkeypatch.setattr(LiveReader, "read", slow_read)
     answers: list[list[Message]] = []
     asker = threading.Thread(
         target=lambda: answers.append(ask(broker, device, {"id": "big"}, timeout=120))

@@ -33,8 +33,8 @@ from mqtt_backup.restore.request import (
     parse_request,
     response_topic,
 )
-from mqtt_backup.restore.service import DroppedWatcher, RestoreService
-from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader, ballast
+from mqtt_backup.restore.service import FIRST_CHUNK, DroppedWatcher, RestoreService
+from mqtt_backup.storage import Cursor, Pending, Store, StoredMessage, StoreReader, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.times import format_ts
 from mqtt_backup.topics import check_device, filter_matches
@@ -1238,29 +1238,25 @@ def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: S
 def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
     """Fault injection: dev-1's history reads as `rounds` copies of itself, each record slow.
 
-    The records still come from the real store and a topic filter is applied as the real reader
-    applies it, so the service sees a long, slow scan exactly where RocksDB would be slow.
+    The records still come from the real store, chunk by chunk as the service asks for them (in
+    its worker threads), so the service sees a long, slow scan exactly where RocksDB would be slow.
     """
-    real = reader.messages
+    real = reader.read
 
-    def messages(
-        device: str,
-        since_ns: int | None = None,
-        until_ns: int | None = None,
-        topic_filter: str | None = None,
-        reverse: bool = False,
-    ) -> Iterator[StoredMessage]:
-        if device != "dev-1":
-            yield from real(device, since_ns, until_ns, topic_filter, reverse)
-            return
-        history = list(real(device, since_ns, until_ns, None, reverse))
-        for _ in range(rounds):
-            for message in history:
-                time.sleep(0.0001)  # a slow disk: blocking, as a RocksDB read is
-                if topic_filter is None or filter_matches(topic_filter, message.record.topic):
-                    yield message
+    def read(cursor: Cursor, limit: int) -> list[StoredMessage]:
+        if cursor.device != "dev-1":
+            return real(cursor, limit)
+        whole = Cursor(cursor.device, cursor.since_ns, cursor.until_ns, cursor.reverse)
+        copies = real(whole, 1 << 20) * rounds
+        at = int.from_bytes(cursor.after or b"")  # this fake's cursor: a position
+        chunk = copies[at : at + limit]
+        for _ in chunk:
+            time.sleep(0.0001)  # a slow disk: blocking, as a RocksDB read is
+        cursor.after = (at + len(chunk)).to_bytes(4)
+        cursor.done = at + len(chunk) >= len(copies)
+        return chunk
 
-    monkeypatch.setattr(reader, "messages", messages)
+    monkeypatch.setattr(reader, "read", read)
 
 
 def test_a_long_scan_does_not_hold_up_another_restore(
@@ -1327,19 +1323,19 @@ def test_scans_that_find_nothing_keep_no_other_restore_waiting(
 def test_a_limit_ends_the_scan_at_the_last_message_sent(
     reader: StoreReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_scan_of_dev1(reader, monkeypatch, rounds=1)
-    scanned: list[StoredMessage] = []
-    real = reader.messages
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=100)  # 500 records: several chunks
+    chunks: list[int] = []
+    real = reader.read
 
-    def counting(*args: Any, **kwargs: Any) -> Iterator[StoredMessage]:
-        for message in real(*args, **kwargs):
-            scanned.append(message)
-            yield message
+    def counting(cursor: Cursor, limit: int) -> list[StoredMessage]:
+        found = real(cursor, limit)
+        chunks.append(len(found))
+        return found
 
-    monkeypatch.setattr(reader, "messages", counting)
+    monkeypatch.setattr(reader, "read", counting)
     bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
     assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
-    assert len(scanned) == 3  # the status record between them, not the rest of the history
+    assert chunks == [FIRST_CHUNK]  # the first chunk held both: no further chunk was read
 
 
 def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: StoreReader) -> None:

@@ -10,7 +10,7 @@
 """
 
 from mqtt_backup.mqtt.aio import AsyncConnection, Inbound, OutProps, TlsFiles, Window
-from mqtt_backup.mqtt.async_ingest import AsyncIngest
+from mqtt_backup.mqtt.async_ingest import AsyncIngest, Beside
 from mqtt_backup.mqtt.codec import CodecConnection, Delivery
 from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY, PahoIngest, Session, Stall
 
@@ -18,6 +18,7 @@ __all__ = [
     "REPLAY_PROPERTY",
     "AsyncConnection",
     "AsyncIngest",
+    "Beside",
     "CodecConnection",
     "Delivery",
     "Inbound",

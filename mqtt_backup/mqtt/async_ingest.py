@@ -9,8 +9,11 @@ batch leave in one `transport.write` and what arrived in between is committed ne
 flight: under load the group commit grows by itself).
 
 One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
-`PahoIngest`, so the bridge does not know which transport it drives. The bridge's `tick` runs on
-the loop; whatever in it touches the store settles the commit in flight first.
+`PahoIngest`. `run` also runs the bridge's other services (restore, control socket) as a task of
+the same loop (`beside`). The bridge's `tick` runs on the loop; whatever in it touches the store
+settles the commit in flight first. While an operation owns the store the bridge `hold`s commits:
+what arrives is held exactly as while storage fails (within the broker's window, reading paused
+when the hold is full), one hold path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import struct
 import threading
@@ -37,6 +39,7 @@ from mqtt_backup.errors import (
     SessionTakenOver,
     StorageUnavailable,
 )
+from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused
 from mqtt_backup.mqtt.ingest import (
     CAUGHT_UP_BELOW,
@@ -58,7 +61,6 @@ CLOSE_TIMEOUT_S = 5.0
 # asyncio reads at most 256 KiB at a time; a shorter read means the socket was empty.
 DRAINED_BELOW_BYTES = 64 * 1024
 TICK_S = 0.1  # how often the bridge's periodic work runs and `stop` is looked at
-_BACKOFF_MAX_S = 30.0
 _PUBLISH = mqtt5.PublishPacket
 _PINGREQ = mqtt5.PingReqPacket().write()
 _DISCONNECT = mqtt5.DisconnectPacket().write()
@@ -79,6 +81,19 @@ class PipelinedSink(Sink, Protocol):
 
     def settle(self, which: Future[None] | None = None) -> int | None:
         """Finish the commit in flight (acks in receive order); StorageUnavailable if it failed."""
+
+
+class Beside(Protocol):
+    """Services that run on the ingest loop beside it (the bridge's restore and control socket)."""
+
+    async def start(self) -> None:
+        """Start them (the loop runs; ingest is connected)."""
+
+    async def settle(self) -> None:
+        """Before the last commit: end what touches the store, and start nothing more."""
+
+    async def stop(self) -> None:
+        """After the shutdown: stop them."""
 
 
 def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
@@ -278,10 +293,11 @@ class AsyncIngest:
         self._executor: ThreadPoolExecutor | None = None  # the commit's worker thread
         self._drained_at: int | None = None  # the socket ran dry, the broker had nothing more
         self._ssl = self._ssl_context()
-        self._generation = 0
+        self._generation = 0  # the low 16 bits of the sink's number of the open connection
         self._wire: _Wire | None = None
         self._connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._held = False  # an operation owns the store: commit nothing, hold what comes
 
     @property
     def connected(self) -> bool:
@@ -347,9 +363,8 @@ class AsyncIngest:
     async def _open(self, sink: PipelinedSink, first: bool) -> _Wire:
         loop = asyncio.get_running_loop()
         # A new connection voids the acks of the old one; count it before any packet is read.
-        self._generation = self._generation % 0xFFFF + 1
-        sink.new_connection()
-        generation = self._generation
+        # The sink counts connections; a token keeps 16 bits of the number beside the packet id.
+        generation = self._generation = sink.new_connection() & 0xFFFF
         address = self.session.address
         try:
             _, wire = await asyncio.wait_for(
@@ -464,15 +479,34 @@ class AsyncIngest:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, sink: PipelinedSink, stop: threading.Event) -> None:
-        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
+    def run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None = None) -> None:
+        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order.
+
+        `beside`: the bridge's other services, on this loop from start to end: started first,
+        settled before the last commit (nothing of theirs touches the store after it), stopped
+        after the shutdown.
+        """
         self.sink = sink
         try:
-            self._run_loop(self._run(sink, stop))
+            self._run_loop(self._run(sink, stop, beside))
         finally:
             self._close_loop()
 
-    async def _run(self, sink: PipelinedSink, stop: threading.Event) -> None:
+    async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
+        if beside is not None:
+            await beside.start()
+        try:
+            try:
+                await self._serve(sink, stop)
+            finally:
+                if beside is not None:
+                    await beside.settle()
+                await self._shutdown(sink)
+        finally:
+            if beside is not None:
+                await beside.stop()
+
+    async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
             wire = self._wire
             if not self._connected or wire is None:
@@ -481,8 +515,7 @@ class AsyncIngest:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
             if isinstance(wire.failure, SessionTakenOver):
-                self._connected = False
-                await self._shutdown(sink)  # stores what is pending; its acks are void
+                self._connected = False  # the shutdown stores what is pending; its acks are void
                 raise wire.failure
             if wire.failure is not None:
                 self._connection_lost(wire.failure.detail)
@@ -491,11 +524,10 @@ class AsyncIngest:
             # operation in `tick` blocks the loop: the broker's answers wait meanwhile).
             self._housekeeping(wire, sink)
             self._hooks.tick()
-        await self._shutdown(sink)
 
     def _housekeeping(self, wire: _Wire, sink: PipelinedSink) -> None:
         """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
-        if wire.paused and not self.stall.active and not sink.committing:
+        if wire.paused and not self.stall.active and not sink.committing and not self._held:
             wire.resume()  # the commit it waited for was settled by the bridge (an operation)
         if self.stall.active and self.stall.seconds_left() == 0:
             self.commit_or_hold(wire, retry=True)
@@ -535,7 +567,7 @@ class AsyncIngest:
             if not sink.can_hold():
                 wire.pause()  # resumed when the commit in flight returns
             return
-        if self.stall.active and not retry:
+        if (self.stall.active and not retry) or self._held:
             if not sink.can_hold():
                 wire.pause()
             return
@@ -576,6 +608,16 @@ class AsyncIngest:
         wire.resume()
         if drained_at is not None and self.sink is not None:
             self.sink.caught_up(drained_at)
+
+    def hold(self, on: bool) -> None:
+        """Commit nothing while on (an operation owns the store); off: commit what was held."""
+        self._held = on
+        wire = self._wire
+        if not on and wire is not None and wire.serving and wire.failure is None:
+            if self.sink is not None and self.sink.has_work:
+                self.commit_or_hold(wire)  # resumes reading once it is stored
+            elif not self.stall.active:
+                wire.resume()
 
     def keep_alive(self) -> None:
         """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
@@ -632,7 +674,7 @@ class AsyncIngest:
         # Acks of the closed connection are void (a packet id means nothing on another one).
         # Its messages stay held: the broker resends only those whose expiry has not passed.
         sink.drop_tokens(lambda _token: False)
-        delay = 0.5
+        backoff = Backoff()
         while not stop.is_set():
             if not self._room_for_a_connection(sink):
                 self._hooks.tick()
@@ -641,6 +683,7 @@ class AsyncIngest:
             try:
                 await self._connect(sink, self.filters)
             except (OSError, BrokerError) as exc:
+                delay = backoff.next()
                 log.warning(
                     "broker %s unreachable (%s); retrying in %.1fs",
                     self.session.address,
@@ -649,7 +692,6 @@ class AsyncIngest:
                 )
                 self._hooks.tick()  # operations and bookkeeping go on while the broker is away
                 await _sleep(delay, stop)
-                delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
                 continue
             log.info("reconnected to %s", self.session.address)
             return
@@ -660,7 +702,7 @@ class AsyncIngest:
         Held copies are never dropped, so during a storage stall each connection may add one
         broker window to them; connecting only while there is room keeps what is held bounded.
         """
-        if not sink.can_hold() and self.stall.seconds_left() == 0:
+        if not sink.can_hold() and self.stall.seconds_left() == 0 and not self._held:
             try:
                 _commit_now(sink)
             except StorageUnavailable as exc:

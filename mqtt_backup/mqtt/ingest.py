@@ -7,7 +7,6 @@ driven by its own loop so that a batch closes the moment the socket has nothing 
 from __future__ import annotations
 
 import logging
-import random
 import select
 import ssl
 import threading
@@ -32,6 +31,7 @@ from mqtt_backup.errors import (
     SessionTakenOver,
     StorageUnavailable,
 )
+from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.records import Properties, Record
 from mqtt_backup.tally import TALLY
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 REPLAY_PROPERTY = "mqtt-backup-replay"
 CONNECT_TIMEOUT_S = 10.0
-_BACKOFF_MAX_S = 30.0
 # Smaller than every broker's window of unacknowledged messages (Mosquitto's default is 20).
 CAUGHT_UP_BELOW = 16
 _T = TypeVar("_T")
@@ -112,8 +111,8 @@ class Sink(Protocol):
     def drop_tokens(self, keep: Callable[[object], bool]) -> None:
         """Forget tokens of a closed connection."""
 
-    def new_connection(self) -> None:
-        """Messages from now on come over a new connection (held ones stay held)."""
+    def new_connection(self) -> int:
+        """Messages from now on come over a new connection (held ones stay held); its number."""
 
     def can_hold(self) -> bool:
         """Room to hold more messages while storage fails."""
@@ -171,7 +170,7 @@ class PahoIngest:
         self.filters = list(filters)
         self._hooks = hooks
         self._sink: Sink | None = None
-        self._generation = 0
+        self._generation = 0  # the sink's number of the open connection
         self._connack: tuple[bool, ReasonCode | None] | None = None
         self._suback: list[ReasonCode] | None = None
         self._connected = False
@@ -267,9 +266,8 @@ class PahoIngest:
     def _open_socket(self) -> None:
         self._connack = None
         # A new connection voids the acks of the old one; count it before any packet is read.
-        self._generation += 1
-        if self._sink is not None:
-            self._sink.new_connection()
+        assert self._sink is not None
+        self._generation = self._sink.new_connection()
         properties = None
         if self.session.protocol == ProtocolVersion.V5:
             properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -466,7 +464,7 @@ class PahoIngest:
             # Acks of the closed connection are void (a packet id means nothing on another one).
             # Its messages stay held: the broker resends only those whose expiry has not passed.
             sink.drop_tokens(lambda _token: False)
-        delay = 0.5
+        backoff = Backoff()
         while not stop.is_set():
             if sink is not None and not self._room_for_a_connection(sink):
                 self._hooks.tick()
@@ -476,6 +474,7 @@ class PahoIngest:
                 self._open_socket()
                 self._handshake(self.filters)
             except (OSError, ssl.SSLError, BrokerError) as exc:
+                delay = backoff.next()
                 log.warning(
                     "broker %s unreachable (%s); retrying in %.1fs",
                     self.session.address,
@@ -484,7 +483,6 @@ class PahoIngest:
                 )
                 self._hooks.tick()  # operations and bookkeeping go on while the broker is away
                 stop.wait(delay)
-                delay = min(delay * 2, _BACKOFF_MAX_S) * random.uniform(0.8, 1.2)  # noqa: S311
                 continue
             log.info("reconnected to %s", self.session.address)
             return
@@ -550,7 +548,7 @@ class Stall:
     def __init__(self) -> None:
         self.active = False
         self._retry_at = 0.0
-        self._delay = 0.5
+        self._backoff = Backoff()
 
     def seconds_left(self) -> float:
         """Time until the next retry."""
@@ -566,10 +564,9 @@ class Stall:
                 exc.detail,
             )
         self.active = True
-        self._retry_at = time.monotonic() + self._delay
-        self._delay = min(self._delay * 2, _BACKOFF_MAX_S)
+        self._retry_at = time.monotonic() + self._backoff.next()
 
     def cleared(self) -> None:
         """A commit worked: back to normal."""
         self.active = False
-        self._delay = 0.5
+        self._backoff.reset()

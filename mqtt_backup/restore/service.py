@@ -1,7 +1,8 @@
 """The restore service: answers `<namespace>/restore/<device>` requests over MQTT.
 
 A request is parsed strictly (an unknown field is an error, never "everything"), the device's key
-range is scanned (a seek, never a full scan), and each stored message goes out as a JSON envelope,
+range is scanned (a seek, never a full scan) in bounded chunks on worker threads (the loop keeps
+serving meanwhile), and each stored message goes out as a JSON envelope,
 as its original bytes (`format: raw`), or back to its original topic (`mode: replay`), followed by
 exactly one terminal message: `done` (with count and completeness) or `error`.
 
@@ -17,14 +18,15 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
 from mqtt_backup.mqtt import AsyncConnection, CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.restore.reply import (
     Batches,
@@ -39,7 +41,7 @@ from mqtt_backup.restore.reply import (
     too_large,
 )
 from mqtt_backup.restore.request import BadRequest, Request, parse_request, response_topic
-from mqtt_backup.storage import StoredMessage, StoreReader
+from mqtt_backup.storage import Cursor, StoredMessage
 from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, format_ts
 from mqtt_backup.topics import DEFAULT_GROUP, filter_matches
@@ -59,14 +61,26 @@ RESTART_SLACK_NS = 60 * NS_PER_S
 SYS_EXPIRY_NS = 60 * NS_PER_S
 DROPS_UNKNOWN = "broker-drops-unknown.jsonl"
 _YIELD_EVERY = 128
+# Records read per chunk (in a worker thread, under the store's read lease): small at first, so
+# that the first answer goes out at once; then larger, as each chunk costs a thread hop.
+FIRST_CHUNK = 64
+CHUNK = 512
 RETAINED_TOLD_MAX = 1024
+
+
+class MessageSource(Protocol):
+    """Where restores read: the writer's own handles (`LiveReader`) or a `StoreReader`."""
+
+    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
+        """The next chunk of the cursor's device (blocking: called in a worker thread)."""
+        ...
 
 
 @dataclass
 class RestoreService:
-    """Serves restore requests from a reader that follows the writer (a secondary instance)."""
+    """Serves restore requests from a source that sees every acknowledged message."""
 
-    reader: StoreReader
+    reader: MessageSource
     gaps: GapLog
     namespace: str = "backup"
     any_response_topic: bool = False
@@ -185,12 +199,11 @@ class RestoreService:
 
     async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
-        self.reader.refresh(request.device)
         # The topic filter is applied here, not in the reader, so that every *scanned* record
         # counts towards the next yield: a filter that matches nothing in a long history must
         # not hold the loop (and every other restore) for the whole scan.
-        stored = self.reader.messages(
-            request.device, request.since_ns, request.until_ns, None, request.descending
+        stored = self._chunks(
+            Cursor(request.device, request.since_ns, request.until_ns, request.descending)
         )
         batches = Batches(
             outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
@@ -198,7 +211,9 @@ class RestoreService:
         build = self._builder(request, reply)
         count = 0
         try:
-            for scanned, message in enumerate(stored, 1):
+            scanned = 0
+            async for message in stored:
+                scanned += 1
                 if scanned % _YIELD_EVERY == 0:
                     await batches.flush()
                     await asyncio.sleep(0)  # let other restores and the connection breathe
@@ -220,7 +235,16 @@ class RestoreService:
             raise
         finally:
             batches.release()
+            await stored.aclose()
         return count
+
+    async def _chunks(self, cursor: Cursor) -> AsyncGenerator[StoredMessage]:
+        """The cursor's messages, read chunk by chunk in worker threads."""
+        limit = FIRST_CHUNK
+        while not cursor.done:
+            for message in await asyncio.to_thread(self.reader.read, cursor, limit):
+                yield message
+            limit = CHUNK
 
     @staticmethod
     def _builder(request: Request, reply: Reply) -> Callable[[StoredMessage], Outgoing]:
@@ -503,8 +527,6 @@ def _restarted(previous: DroppedReading, value: int, started_ns: int | None) -> 
 
 # ---- the connection -----------------------------------------------------------------------------
 
-RETRY_MAX_S = 30.0
-
 
 @dataclass
 class ServeOptions:
@@ -529,7 +551,7 @@ async def serve(
     while the bridge is down gets no answer, and the requester's timeout says so.
     """
     watcher = service.dropped = service.dropped or DroppedWatcher(service.gaps)
-    delay = 0.5
+    backoff = Backoff()
     while not stop.is_set():
         try:
             async with _connection(options, service.window) as conn:
@@ -538,7 +560,7 @@ async def serve(
                 # Retain-as-published: a live retained request (or the empty retained publish
                 # that clears one) arrives with its flag, so submit() can ignore it.
                 await conn.subscribe([f"{service.prefix}/+"], retain_as_published=True)
-                delay = 0.5
+                backoff.reset()
                 log.info("restore service listening on %s/+", service.prefix)
                 listening(True)
                 try:
@@ -549,10 +571,10 @@ async def serve(
                     if abandoned and not stop.is_set():
                         log.warning("%d restores in progress abandoned: connection lost", abandoned)
         except BackupError as exc:
+            delay = backoff.next()
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, RETRY_MAX_S)
     await service.stop()
     watcher.save()
 

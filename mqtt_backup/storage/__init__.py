@@ -8,6 +8,14 @@ Maintenance is here too, each returning a typed result with `as_json()`: `mainte
 `checks` (verify, stats) opens the partitions read-only.
 """
 
-from mqtt_backup.storage.store import DeviceInfo, Pending, Store, StoredMessage, StoreReader
+from mqtt_backup.storage.store import (
+    Cursor,
+    DeviceInfo,
+    LiveReader,
+    Pending,
+    Store,
+    StoredMessage,
+    StoreReader,
+)
 
-__all__ = ["DeviceInfo", "Pending", "Store", "StoreReader", "StoredMessage"]
+__all__ = ["Cursor", "DeviceInfo", "LiveReader", "Pending", "Store", "StoreReader", "StoredMessage"]

@@ -132,7 +132,7 @@ def add(
         moves = [m for m in _moves(store, weighted, only_homes=True) if m.source != name]
         _copy(store, moves)
     except BaseException:
-        store.partitions.pop(name).close()  # a retry must be able to open it again
+        store.drop_partition(name)  # a retry must be able to open it again
         raise
     store.switch(dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec)))
     _drop(store, moves)

@@ -15,7 +15,7 @@ import functools
 import logging
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,9 +389,17 @@ class Partition:
         since_ns: int | None = None,
         until_ns: int | None = None,
         reverse: bool = False,
-    ) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) of one device's messages in [since, until): a seek, then a short scan."""
+        after: bytes | None = None,
+    ) -> Generator[tuple[bytes, bytes]]:
+        """(key, value) of one device's messages in [since, until): a seek, then a short scan.
+
+        `after`: the last key an earlier chunk read; the scan goes on past it (in its direction).
+        """
         lower, upper = device_range(dev_key, since_ns, until_ns)
+        if after is not None and reverse:
+            upper = min(upper, after)
+        elif after is not None:
+            lower = max(lower, after + b"\x00")  # the smallest key above `after`
         opts = ReadOptions()
         # rocksdict honours the upper bound but not the lower one: the reverse walk checks it.
         opts.set_iterate_upper_bound(upper)
@@ -411,6 +419,31 @@ class Partition:
             else:
                 it.next()
         self._check(it)
+
+    def read_range(
+        self,
+        dev_key: bytes,
+        since_ns: int | None,
+        until_ns: int | None,
+        reverse: bool,
+        after: bytes | None,
+        limit: int,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (key, value) of `scan`, its iterator closed before it returns.
+
+        A live iterator keeps the database open (see storage/lease.py): a chunk never outlives
+        the read lease it was taken under.
+        """
+        found: list[tuple[bytes, bytes]] = []
+        scan = self.scan(dev_key, since_ns, until_ns, reverse, after)
+        try:
+            for item in scan:
+                found.append(item)
+                if len(found) >= limit:
+                    break
+        finally:
+            scan.close()
+        return found
 
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) in the records family, in key order (a full scan: verify, moves)."""

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.storage.files import PRIVATE_UMASK_HOLD, DirLock, fsync_dir, make_private
 from mqtt_backup.storage.journal import STATE, GapLog
+from mqtt_backup.storage.lease import Lease
 from mqtt_backup.storage.manifest import (
     MANIFEST,
     Manifest,
@@ -40,7 +42,7 @@ PARTITIONS = "partitions"
 LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
 
-__all__ = ["DeviceInfo", "Pending", "Store", "StoreReader", "StoredMessage"]
+__all__ = ["Cursor", "DeviceInfo", "LiveReader", "Pending", "Store", "StoreReader", "StoredMessage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,42 @@ class StoredMessage:
     ts_ns: int
     seq: int
     record: Record
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Where a chunked read of one device's messages stands: resumed by key, not by position.
+
+    Keys are copied unchanged when a device moves, so a read that goes on in the device's new
+    partition after a move continues past the same key: every message reads exactly once.
+    """
+
+    device: str
+    since_ns: int | None = None
+    until_ns: int | None = None
+    reverse: bool = False
+    after: bytes | None = None  # the last key read
+    done: bool = False
+
+
+def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessage]:
+    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor."""
+    rows = part.read_range(
+        device_key(cursor.device),
+        cursor.since_ns,
+        cursor.until_ns,
+        cursor.reverse,
+        cursor.after,
+        limit,
+    )
+    cursor.done = len(rows) < limit
+    if rows:
+        cursor.after = rows[-1][0]
+    found = []
+    for key, value in rows:
+        ts_ns, record = decode_record(value)
+        found.append(StoredMessage(cursor.device, ts_ns, split_key(key)[2], record))
+    return found
 
 
 def _check_data_dir(data_dir: Path, need_space: bool = True) -> None:
@@ -102,6 +140,10 @@ class Store:
         # Called between the units of a long operation (a device moved, a partition copied), so
         # a running bridge can answer keepalives meanwhile.
         self.on_progress: Callable[[], None] = _nothing
+        # Reads through these handles (LiveReader) hold it shared; opening or closing them holds
+        # it exclusive. `opened` counts the opens: a fallback reader knows when it is stale.
+        self.lease = Lease()
+        self.opened = 0
 
     @classmethod
     def open(
@@ -205,18 +247,20 @@ class Store:
 
     def open_partitions(self, create: bool = False) -> None:
         """Open every partition's database (again, after a failure)."""
-        self.close_partitions()
-        try:
-            for spec in self.manifest.partitions:
-                path = spec.directory(self.data_dir)
-                if create:
-                    path.mkdir(parents=True, exist_ok=True)
-                self.partitions[spec.name] = Partition.open_writer(
-                    spec.name, path, create, compactions=not self.freeing_space
-                )
-        except BaseException:
-            self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
-            raise
+        with self.lease.exclusive():
+            self.close_partitions()
+            self.opened += 1
+            try:
+                for spec in self.manifest.partitions:
+                    path = spec.directory(self.data_dir)
+                    if create:
+                        path.mkdir(parents=True, exist_ok=True)
+                    self.partitions[spec.name] = Partition.open_writer(
+                        spec.name, path, create, compactions=not self.freeing_space
+                    )
+            except BaseException:
+                self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
+                raise
 
     def make_room(self, stalled: bool = False) -> bool:
         """On a full disk, release the ballast so an operation can open, delete and reclaim.
@@ -262,9 +306,21 @@ class Store:
 
     def close_partitions(self) -> None:
         """Drop every database handle (rocksdict has no resume after an I/O error)."""
-        for part in self.partitions.values():
-            part.close()
-        self.partitions.clear()
+        with self.lease.exclusive():
+            for part in self.partitions.values():
+                part.close()
+            self.partitions.clear()
+
+    def drop_partition(self, name: str) -> None:
+        """Close one partition's handle (a partition an interrupted add opened)."""
+        with self.lease.exclusive():
+            part = self.partitions.pop(name, None)
+            if part is not None:
+                part.close()
+
+    def home(self, dev_key: bytes) -> str:
+        """The partition placement gives this device key now (uncached: any thread)."""
+        return place(dev_key, self._weighted)
 
     def locate(self, device_id: str) -> tuple[str, bytes]:
         """(partition name, device key) of a device; cached, as this runs per message."""
@@ -317,7 +373,8 @@ class Store:
         except OSError as exc:
             raise UsageError(f"cannot use {path}: {exc.strerror or exc}") from exc
         part = Partition.open_writer(spec.name, path)
-        self.partitions[spec.name] = part
+        with self.lease.exclusive():
+            self.partitions[spec.name] = part
         return part
 
     def _check_new_path(self, spec: PartitionSpec) -> None:
@@ -337,16 +394,20 @@ class Store:
             raise UsageError(f"--path {spec.path}: {problem}", "choose a directory of its own")
 
     def switch(self, manifest: Manifest) -> None:
-        """Make `manifest` the layout, atomically on disk; close partitions it no longer lists."""
-        save_manifest(self.data_dir, manifest)
-        for spec in manifest.partitions:  # an added partition is ours for good now
-            (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
-        self.manifest = manifest
-        self._weighted = manifest.weighted
-        self._located.clear()
-        listed = {spec.name for spec in manifest.partitions}
-        for name in [n for n in self.partitions if n not in listed]:
-            self.partitions.pop(name).close()
+        """Make `manifest` the layout, atomically on disk; close partitions it no longer lists.
+
+        Under the exclusive lease: a read sees the old layout and its partitions, or the new.
+        """
+        with self.lease.exclusive():
+            save_manifest(self.data_dir, manifest)
+            for spec in manifest.partitions:  # an added partition is ours for good now
+                (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
+            self.manifest = manifest
+            self._weighted = manifest.weighted
+            self._located.clear()
+            listed = {spec.name for spec in manifest.partitions}
+            for name in [n for n in self.partitions if n not in listed]:
+                self.partitions.pop(name).close()
 
     def bury_retired(self) -> None:
         """Delete the files of retired partitions, then forget them (finishes a remove)."""
@@ -487,6 +548,7 @@ class StoreReader:
         self.gaps = GapLog(data_dir)
         self._secondary = secondary
         self.partitions: dict[str, Partition] = {}
+        self._reading = threading.Lock()  # `read` runs in worker threads; refresh reopens
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
         self.manifest = _NO_LAYOUT
@@ -582,12 +644,74 @@ class StoreReader:
             if topic_filter is None or filter_matches(topic_filter, record.topic):
                 yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
 
+    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
+        """The next chunk of a device's messages (a secondary reader catches up at the first)."""
+        with self._reading:
+            if cursor.after is None:
+                self.refresh(cursor.device)
+            dev_key = device_key(cursor.device)
+            return _read_chunk(self.partitions[self.home(dev_key)], cursor, limit)
+
     def close(self) -> None:
         """Close every partition."""
         for part in self.partitions.values():
             part.close()
         self.partitions.clear()
         self.manifest = _NO_LAYOUT
+
+
+class LiveReader:
+    """Reads through the writer's own handles, in the writer's process: no catch-up needed.
+
+    It sees every acknowledged message, as it reads the database the synced writes went to.
+    Each chunk holds the store's read lease (storage/lease.py) and looks the device's partition
+    up again, so a move, a failed write that closed the handles, or the shutdown happen between
+    two chunks, never under one. While a storage failure keeps the writer's handles closed (a
+    full disk), a read-only handle opened for the moment serves instead: nothing is written then,
+    so it sees everything stored; it goes as soon as the writer's handles are back.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.data_dir = store.data_dir
+        self._fallback: dict[str, tuple[int, Partition]] = {}
+        self._falling_back = threading.Lock()
+
+    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
+        """The next chunk of a device's messages; StorageError when its partition cannot be read."""
+        store = self.store
+        with store.lease.shared():
+            name = store.home(device_key(cursor.device))
+            part = store.partitions.get(name)
+            if part is not None:
+                if self._fallback:
+                    self._close_fallback()
+                return _read_chunk(part, cursor, limit)
+            with self._falling_back:
+                return _read_chunk(self._read_only(name), cursor, limit)
+
+    def _read_only(self, name: str) -> Partition:
+        # Under the shared lease: the writer cannot reopen (and write) while this is in use.
+        opened, part = self._fallback.get(name, (-1, None))
+        if part is not None and opened == self.store.opened:
+            return part
+        if part is not None:
+            part.close()  # the writer opened and wrote since: this one is stale
+        spec = next(s for s in self.store.manifest.partitions if s.name == name)
+        log.info("partition %s is not open for writing (storage fails): reading it read-only", name)
+        part = Partition.open_reader(name, spec.directory(self.data_dir))
+        self._fallback[name] = (self.store.opened, part)
+        return part
+
+    def _close_fallback(self) -> None:
+        with self._falling_back:
+            for _, part in self._fallback.values():
+                part.close()
+            self._fallback.clear()
+
+    def close(self) -> None:
+        """Close the read-only handles of a storage failure (the writer's are not ours)."""
+        self._close_fallback()
 
 
 def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:

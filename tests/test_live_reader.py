@@ -1,0 +1,175 @@
+"""Restores read through the writer's own handles (`LiveReader`), beside writes, moves and failures.
+
+Real RocksDB in temp dirs; faults are injected only to hold a scan open at a chosen moment.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mqtt_backup.keys import device_key
+from mqtt_backup.placement import Weighted, place
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage, moves
+from mqtt_backup.storage.partition import Partition
+
+BASE_NS = 1_700_000_000 * 10**9
+MESSAGES = 300
+
+
+def _write(store: Store, device: str, first: int, count: int) -> None:
+    partition, dev_key = store.locate(device)
+    items = [
+        Pending(device, dev_key, BASE_NS + i, Record(f"d/{device}/t", b"%d" % i))
+        for i in range(first, first + count)
+    ]
+    store.write(partition, items)
+
+
+def _moving_device(store: Store, new: str) -> str:
+    """A device that adding partition `new` (weight 1) moves onto it."""
+    weighted = [*store.manifest.weighted, Weighted(new, 1.0)]
+    for i in range(1000):
+        device = f"dev-{i}"
+        if place(device_key(device), weighted) == new:
+            return device
+    raise AssertionError("no device moves")
+
+
+def _payloads(found: list[StoredMessage]) -> list[bytes]:
+    return [m.record.payload for m in found]
+
+
+def _read_all(reader: LiveReader, device: str, limit: int, reverse: bool = False) -> list[bytes]:
+    cursor = Cursor(device, reverse=reverse)
+    found: list[StoredMessage] = []
+    while not cursor.done:
+        found += reader.read(cursor, limit)
+    return _payloads(found)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store.open(tmp_path / "data", partitions=3)
+    yield opened
+    opened.close()
+
+
+def test_a_write_is_read_at_once_without_catching_up(store: Store) -> None:
+    reader = LiveReader(store)
+    _write(store, "dev-a", 0, 3)
+    assert _read_all(reader, "dev-a", 64) == [b"0", b"1", b"2"]
+    _write(store, "dev-a", 3, 1)  # acknowledged just before the next request
+    assert _read_all(reader, "dev-a", 64)[-1] == b"3"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunks_read_every_message_once_in_either_order(store: Store, reverse: bool) -> None:
+    _write(store, "dev-a", 0, MESSAGES)
+    _write(store, "dev-b", 0, 5)  # a neighbour in key order is never read
+    expected = [b"%d" % i for i in range(MESSAGES)]
+    got = _read_all(LiveReader(store), "dev-a", 7, reverse)
+    assert got == (expected[::-1] if reverse else expected)
+
+
+def test_a_restore_across_a_partition_add_reads_every_message_once(store: Store) -> None:
+    device = _moving_device(store, "p-new")
+    _write(store, device, 0, MESSAGES)
+    reader = LiveReader(store)
+    cursor = Cursor(device)
+    first = reader.read(cursor, 100)  # from its old partition
+    added = moves.add(store, "p-new")
+    assert device in {m.device for m in added.moves.moves}
+    rest: list[StoredMessage] = []
+    while not cursor.done:
+        rest += reader.read(cursor, 100)  # from the new one, resumed after the same key
+    assert _payloads(first + rest) == [b"%d" % i for i in range(MESSAGES)]
+
+
+def test_a_restore_racing_add_and_remove_reads_every_message_once(store: Store) -> None:
+    device = _moving_device(store, "p-new")
+    _write(store, device, 0, MESSAGES)
+    reader = LiveReader(store)
+    results: list[list[bytes]] = []
+    stop = threading.Event()
+
+    def restore_again_and_again() -> None:
+        while not stop.is_set():
+            results.append(_read_all(reader, device, 3))
+
+    restoring = threading.Thread(target=restore_again_and_again)
+    restoring.start()
+    try:
+        for _ in range(3):
+            moves.add(store, "p-new")
+            moves.remove(store, "p-new")
+    finally:
+        stop.set()
+        restoring.join(30)
+    expected = [b"%d" % i for i in range(MESSAGES)]
+    assert results
+    assert all(got == expected for got in results), [len(r) for r in results if r != expected]
+
+
+def _held_scan(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Fault injection: the next scan stops after its first record until `go` is set."""
+    started, go = threading.Event(), threading.Event()
+    real = Partition.scan
+
+    def scan(self: Partition, *args: object, **kwargs: object) -> Generator[tuple[bytes, bytes]]:
+        for n, item in enumerate(real(self, *args, **kwargs)):  # type: ignore[arg-type]
+            yield item
+            if n == 0 and not started.is_set():
+                started.set()
+                go.wait(10)
+
+    monkeypatch.setattr(Partition, "scan", scan)
+    return started, go
+
+
+def test_closing_the_handles_waits_for_the_chunk_under_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A live rocksdict iterator keeps its database open after close(): reopening it then fails
+    # ("lock hold by current process"). A failed write's close and reopen wait for the chunk.
+    _write(store, "dev-a", 0, 10)
+    started, go = _held_scan(monkeypatch)
+    reader = LiveReader(store)
+    read: list[bytes] = []
+    scanning = threading.Thread(target=lambda: read.extend(_read_all(reader, "dev-a", 100)))
+    scanning.start()
+    assert started.wait(10)
+    reopened = threading.Event()
+
+    def close_and_reopen() -> None:
+        store.close_partitions()
+        store.open_partitions()
+        reopened.set()
+
+    closing = threading.Thread(target=close_and_reopen)
+    closing.start()
+    assert not reopened.wait(0.3), "the handles closed under a live scan"
+    go.set()
+    scanning.join(10)
+    closing.join(10)
+    assert reopened.is_set()
+    assert read == [b"%d" % i for i in range(10)]
+    _write(store, "dev-a", 10, 1)  # the reopened handles write
+    assert _read_all(reader, "dev-a", 100)[-1] == b"10"
+
+
+def test_while_storage_failure_closed_the_handles_a_read_only_handle_serves(store: Store) -> None:
+    _write(store, "dev-a", 0, 5)
+    reader = LiveReader(store)
+    store.close_partitions()  # what a failed write does (a full disk)
+    assert _read_all(reader, "dev-a", 2) == [b"%d" % i for i in range(5)]
+    store.open_partitions()  # storage is back: the writer's handles serve again
+    _write(store, "dev-a", 5, 1)
+    assert _read_all(reader, "dev-a", 2)[-1] == b"5"
+    store.close_partitions()  # failing again: a fresh read-only handle sees the new write
+    assert _read_all(reader, "dev-a", 100)[-1] == b"5"
+    reader.close()

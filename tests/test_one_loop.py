@@ -1,0 +1,170 @@
+"""The running bridge on MQTT 5: ingest, restore and the control socket as tasks of one loop.
+
+Real Mosquitto, real bridges and RocksDB; a slow operation is injected by wrapping the dispatcher.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_backup import operations
+from mqtt_backup.config import Transport
+from mqtt_backup.control import RemoteError, call
+from mqtt_backup.storage import Store
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    stored_count,
+    wait_until,
+)
+from tests.test_restore_e2e import ask
+
+RunBridge = Callable[..., BridgeThread]
+
+
+def _start(run_bridge: RunBridge, broker: Broker, data: Path, **changes: Any) -> BridgeThread:
+    bridge = run_bridge(make_settings(broker, data, transport=Transport.ASYNCIO, **changes))
+    wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service to subscribe")
+    return bridge
+
+
+def _raw(data: Path, line: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(data / "control.sock"))
+        sock.sendall(line)
+        reply: dict[str, Any] = json.loads(sock.makefile("rb").readline())
+    return reply
+
+
+def test_one_loop_runs_ingest_restore_and_control(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    bridge = _start(run_bridge, broker, data_dir)
+    names = {t.name for t in threading.enumerate()}
+    assert "restore" not in names
+    assert "control" not in names
+    publish(broker, [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(5)])
+    wait_until(lambda: stored_count(data_dir) >= 5, 20, "stored messages")
+    assert ask(broker, unique)[-1]["count"] == 5
+    assert call(data_dir, "rebalance", {"dry_run": True})["devices"] == 0
+    bridge.stop()
+    assert not (data_dir / "control.sock").exists()
+
+
+def test_the_control_socket_is_private_and_keeps_its_error_shapes(
+    broker: Broker, data_dir: Path, run_bridge: RunBridge
+) -> None:
+    _start(run_bridge, broker, data_dir)
+    assert stat.S_IMODE((data_dir / "control.sock").stat().st_mode) == 0o600
+    bad = _raw(data_dir, b"not json\n")
+    assert bad["ok"] is False
+    assert bad["exit_code"] == 2
+    assert bad["error"].startswith("bad control request: ")
+    assert _raw(data_dir, b'{"args": {}}\n')["exit_code"] == 2  # no op
+    with pytest.raises(RemoteError, match="unknown operation") as refused:
+        call(data_dir, "format-disk", {})
+    assert refused.value.exit_code == 2
+    with pytest.raises(RemoteError, match="no partition") as missing:
+        call(data_dir, "partitions-remove", {"name": "nope"})
+    assert missing.value.exit_code == 2
+
+
+def test_a_data_dir_past_the_socket_path_limit_is_reached_through_its_fd(
+    broker: Broker, tmp_path: Path, run_bridge: RunBridge
+) -> None:
+    data = tmp_path / ("d" * 60) / ("e" * 60) / "data"
+    assert len(str(data / "control.sock")) > 107
+    _start(run_bridge, broker, data)
+    assert stat.S_IMODE((data / "control.sock").stat().st_mode) == 0o600
+    assert call(data, "rebalance", {"dry_run": True})["dry_run"] is True
+
+
+def test_during_an_operation_the_loop_reads_on_holds_and_answers_restores(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = _start(run_bridge, broker, data_dir)
+    publish(broker, [Sent(f"devices/{unique}-old/t", b"old%d" % i) for i in range(3)])
+    wait_until(lambda: stored_count(data_dir) >= 3, 20, "the first messages stored")
+    running, finish = threading.Event(), threading.Event()
+    real = operations.run
+
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        running.set()
+        assert finish.wait(60), "the test did not let the operation end"  # a long operation
+        return real(store, op, args)
+
+    monkeypatch.setattr(operations, "run", slow)
+    result: list[dict[str, Any]] = []
+    operating = threading.Thread(target=lambda: result.append(call(data_dir, "rebalance", {})))
+    operating.start()
+    try:
+        assert running.wait(20)
+        acked = bridge.bridge.snapshot().acknowledged
+        publish(broker, [Sent(f"devices/{unique}-new/t", b"new%d" % i) for i in range(10)])
+        wait_until(lambda: bridge.bridge.snapshot().received >= 13, 20, "the loop to read on")
+        # Held, not committed: nothing interleaves with the operation's writes.
+        assert bridge.bridge.snapshot().acknowledged == acked
+        assert stored_count(data_dir) == 3
+        answers = ask(broker, f"{unique}-old")  # the loop answers restores meanwhile
+        assert answers[-1]["count"] == 3
+    finally:
+        finish.set()
+        operating.join(30)
+    assert result
+    assert result[0]["dry_run"] is False
+    wait_until(lambda: stored_count(data_dir) >= 13, 20, "the held messages stored")
+    wait_until(lambda: bridge.bridge.snapshot().acknowledged >= acked + 10, 20, "their acks")
+
+
+def test_stopping_during_an_operation_waits_for_it(
+    broker: Broker,
+    data_dir: Path,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bridge = _start(run_bridge, broker, data_dir)
+    running, finish = threading.Event(), threading.Event()
+    ended: list[bool] = []
+    real = operations.run
+
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        running.set()
+        finish.wait(60)
+        done = real(store, op, args)
+        ended.append(True)
+        return done
+
+    monkeypatch.setattr(operations, "run", slow)
+    operating = threading.Thread(target=lambda: _quiet_call(data_dir), daemon=True)
+    operating.start()
+    assert running.wait(20)
+    stopping = threading.Thread(target=bridge.stop)
+    stopping.start()
+    stopping.join(0.5)
+    assert stopping.is_alive(), "the bridge stopped under a running operation"
+    finish.set()
+    stopping.join(30)
+    assert ended == [True]  # the store closed only after the operation ended
+
+
+def _quiet_call(data: Path) -> None:
+    try:
+        call(data, "rebalance", {})
+    except Exception:  # noqa: BLE001 - the bridge stops meanwhile: either outcome is fine here
+        return
