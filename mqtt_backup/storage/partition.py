@@ -34,7 +34,14 @@ from rocksdict import (
 
 from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
 from mqtt_backup.keys import KEY_LEN, SEQ_MASK, device_range, key_tail, split_key
-from mqtt_backup.records import FORMAT_VERSION, Record, decode_record, encode_record
+from mqtt_backup.records import (
+    FORMAT_VERSION,
+    Record,
+    decode_record,
+    encode_parts,
+    is_dup,
+    stored_parts,
+)
 from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
 
@@ -50,20 +57,61 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _INDEX = struct.Struct(">BQQQQQ")  # version, first_ns, last_ns, count, bytes, dups; then the id
 _INDEX_VERSION = 1
+_FLAG_DUP = 0x08  # records' flag of a redelivered copy (`records.is_dup`), for the inner loop
 # Index entries kept in memory per partition, for the write path; the rest are read back from the
 # index column family when their device writes again (memory stays flat whatever the fleet size).
 INDEX_CACHE_ENTRIES = 4096
 
 
-@dataclass(slots=True)
-class Pending:
-    """A message received and not yet stored: where it goes and what it is."""
+class Pending(tuple[str, bytes, int, int, bytes, bytes]):
+    """A message received and not yet stored: where it goes and its record, in stored form.
 
-    device_id: str
-    device_key: bytes
-    received_ns: int
-    record: Record
-    connection: int = 0  # which broker connection delivered it (ingest's bookkeeping)
+    (device id, device key, receive time, then the record as `records.stored_parts` gives it:
+    flags, the middle bytes, the payload.) One tuple per message and no `Record`: the ingest path
+    makes millions, and `prepare` only joins the parts with the time. `Pending(device, key, ns,
+    record)` makes one from a record; the ingest pipeline builds the tuple directly.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, device_id: str, device_key: bytes, received_ns: int, record: Record
+    ) -> Pending:
+        """The pending form of `record` received at `received_ns`."""
+        flags, middle = stored_parts(record)
+        parts = (device_id, device_key, received_ns, flags, middle, record.payload)
+        return tuple.__new__(cls, parts)
+
+    @property
+    def device_id(self) -> str:
+        """The device the message belongs to."""
+        return self[0]
+
+    @property
+    def device_key(self) -> bytes:
+        """Its device key."""
+        return self[1]
+
+    @property
+    def received_ns(self) -> int:
+        """When the bridge received it."""
+        return self[2]
+
+    @property
+    def payload(self) -> bytes:
+        """The payload as received."""
+        return self[5]
+
+    @property
+    def dup(self) -> bool:
+        """Whether the broker marked it redelivered."""
+        return is_dup(self[3])
+
+    @property
+    def record(self) -> Record:
+        """The record (decoded again from its parts: not for a per-message path)."""
+        flags, middle, payload = self[3], self[4], self[5]
+        return decode_record(encode_parts(flags, self[2], middle, payload))[1]
 
 
 @dataclass(slots=True)
@@ -318,24 +366,21 @@ class Partition:
         put = batch.put
         clock, seq = self.clock_ns, self.seq
         touched: dict[bytes, IndexEntry] = {}
-        for item in items:
-            received = item.received_ns
+        for device_id, dev_key, received, flags, middle, payload in items:
             clock = received if received > clock else clock + 1
             seq = (seq + 1) & SEQ_MASK
-            dev_key = item.device_key
             key = dev_key + key_tail(clock, seq)  # keys.record_key, inlined
-            record = item.record
-            value = encode_record(record, clock)
+            value = encode_parts(flags, clock, middle, payload)
             put(key, value)
             entry = touched.get(dev_key)
             if entry is None:
-                entry = touched[dev_key] = self._entry_copy(item)
+                entry = touched[dev_key] = self._entry_copy(dev_key, device_id)
                 if entry.count == 0:
                     entry.first_ns = clock
             entry.last_ns = clock
             entry.count += 1
-            entry.size += len(key) + len(value)
-            if record.dup:
+            entry.size += KEY_LEN + len(value)
+            if flags & _FLAG_DUP:
                 entry.dups += 1
         for dev_key, entry in touched.items():
             batch.put(dev_key, entry.encode(), self._index)
@@ -349,10 +394,10 @@ class Partition:
         for dev_key, entry in prepared.touched.items():
             self._entries.put(dev_key, entry)
 
-    def _entry_copy(self, item: Pending) -> IndexEntry:
-        known = self._entries.get(item.device_key) or self.index_entry(item.device_key)
+    def _entry_copy(self, dev_key: bytes, device_id: str) -> IndexEntry:
+        known = self._entries.get(dev_key) or self.index_entry(dev_key)
         if known is None:
-            return IndexEntry(item.device_id, 0, 0, 0, 0, 0)
+            return IndexEntry(device_id, 0, 0, 0, 0, 0)
         return IndexEntry(
             known.device_id, known.first_ns, known.last_ns, known.count, known.size, known.dups
         )
