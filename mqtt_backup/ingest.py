@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mqtt_backup.errors import StorageError, StorageUnavailable
-from mqtt_backup.records import Record, is_dup, topic_field
+from mqtt_backup.records import DUP_FLAG, Record, topic_field
 from mqtt_backup.storage import Pending
 from mqtt_backup.tally import TALLY
 from mqtt_backup.topics import Router
@@ -381,9 +381,8 @@ class CommitPipeline:
         stored = size = dups = 0
         for items in batch.written:
             stored += len(items)
-            for item in items:
-                size += len(item[5])  # the payload
-                dups += is_dup(item[3])  # the flags
+            size += sum([len(item[5]) for item in items])  # the payloads
+            dups += sum([item[3] & DUP_FLAG for item in items]) // DUP_FLAG  # by their flags
         c.stored += stored
         c.bytes += size
         c.duplicates += dups

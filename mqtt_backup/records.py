@@ -35,7 +35,7 @@ _HEAD_PACK = _HEAD.pack
 _crc32 = zlib.crc32
 
 _FLAG_RETAIN = 0x04
-_FLAG_DUP = 0x08
+_FLAG_DUP = DUP_FLAG = 0x08  # public: the ingest path counts redelivered copies by it
 _FLAG_PROPS = 0x10
 
 _PAYLOAD_FORMAT = 0x01

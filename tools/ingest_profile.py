@@ -121,6 +121,11 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     thread = time.thread_time() - thread
+    c = pipeline.counters
+    print(
+        f"{c.batches} commits, {c.stored / max(c.batches, 1):.0f} messages each, "
+        f"{c.commit_seconds / max(c.batches, 1) * 1000:.1f} ms each in the commit thread"
+    )
     if ingest._executor is not None:
         ingest._executor.shutdown()
     store.close()
