@@ -172,33 +172,44 @@ class CommitPipeline:
         self._groups.setdefault(partition, []).append(item)
         self._size += 1
 
-    def offer_publish(
-        self, topic: bytes, payload: bytes, flags: int, token: AckToken, received_ns: int
+    def offer_publishes(
+        self,
+        topics: Sequence[bytes],
+        payloads: Sequence[bytes],
+        flags: Sequence[int],
+        tokens: Sequence[AckToken],
+        received_ns: int,
     ) -> bool:
-        """`offer` for a message without properties, from its wire parts; whether `full()`.
+        """`offer` for messages without properties, from their wire parts; whether `full()`.
 
-        The transport's fast path (QoS 1 telemetry): `flags` as `records.stored_flags` makes
-        them, `topic` the UTF-8 bytes as received (UnicodeDecodeError when they are not UTF-8).
-        No `Record` is made: one tuple per message, the stored topic bytes made once per topic.
+        The transport's fast path (QoS 1 telemetry), one call per read of the socket: the i-th
+        message is `topics[i]` (UTF-8 bytes as received; UnicodeDecodeError when they are not),
+        `payloads[i]`, `flags[i]` (as `records.stored_flags` makes them) and `tokens[i]`. No
+        `Record` is made: one tuple per message, the stored topic bytes once per topic.
         """
-        self.counters.received += 1
-        tokens = self._tokens
-        if not self._size and not tokens:
-            self._opened = time.monotonic()
-        tokens.append(token)
-        route = self._routes.get(topic) or self._route(topic)
-        if route is None:
-            self.counters.skipped += 1
+        if not tokens:
             return self._size >= self.batch_max
-        partition, device, dev_key, middle = route
-        item = _new_pending(Pending, (device, dev_key, received_ns, flags, middle, payload))
-        group = self._groups.get(partition)
-        if group is None:
-            self._groups[partition] = [item]
-        else:
-            group.append(item)
-        self._size += 1
-        return self._size >= self.batch_max
+        if not self._size and not self._tokens:
+            self._opened = time.monotonic()
+        self.counters.received += len(tokens)
+        self._tokens += tokens
+        routes, groups, size, skipped = self._routes, self._groups, self._size, 0
+        for topic, payload, flag in zip(topics, payloads, flags, strict=True):
+            route = routes.get(topic) or self._route(topic)
+            if route is None:
+                skipped += 1
+                continue
+            partition, device, dev_key, middle = route
+            item = _new_pending(Pending, (device, dev_key, received_ns, flag, middle, payload))
+            group = groups.get(partition)
+            if group is None:
+                groups[partition] = [item]
+            else:
+                group.append(item)
+            size += 1
+        self._size = size
+        self.counters.skipped += skipped
+        return size >= self.batch_max
 
     def _route(self, topic: bytes) -> _Route | None:
         """Where a topic's messages go, remembered (telemetry repeats its few topics).

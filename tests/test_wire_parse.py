@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import mqtt5
@@ -32,13 +33,20 @@ class RecordingSink:
     def __init__(self) -> None:
         self.heard: list[Heard] = []
 
-    def offer_publish(
-        self, topic: bytes, payload: bytes, flags: int, token: int, received_ns: int
+    def offer_publishes(
+        self,
+        topics: Sequence[bytes],
+        payloads: Sequence[bytes],
+        flags: Sequence[int],
+        tokens: Sequence[int],
+        received_ns: int,
     ) -> bool:
         assert received_ns > 0
-        record = Record(topic.decode("utf-8"), payload)
-        middle = stored_parts(record)[1]
-        self.heard.append((record.topic, payload, flags, middle, token, False))
+        assert len(topics) == len(payloads) == len(flags) == len(tokens)
+        for topic, payload, flag, token in zip(topics, payloads, flags, tokens, strict=True):
+            record = Record(topic.decode("utf-8"), payload)
+            middle = stored_parts(record)[1]
+            self.heard.append((record.topic, payload, flag, middle, token, False))
         return False
 
     def offer(self, record: Record, token: int | None, replayed: bool = False) -> None:

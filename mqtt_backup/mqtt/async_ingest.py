@@ -80,10 +80,15 @@ class PipelinedSink(Sink, Protocol):
     def settle(self, which: Future[None] | None = None) -> int | None:
         """Finish the commit in flight (acks in receive order); StorageUnavailable if it failed."""
 
-    def offer_publish(
-        self, topic: bytes, payload: bytes, flags: int, token: int, received_ns: int
+    def offer_publishes(
+        self,
+        topics: Sequence[bytes],
+        payloads: Sequence[bytes],
+        flags: Sequence[int],
+        tokens: Sequence[int],
+        received_ns: int,
     ) -> bool:
-        """Take a message without properties from its wire parts; whether the batch is full."""
+        """Take messages without properties from their wire parts; whether the batch is full."""
 
 
 def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
@@ -177,13 +182,17 @@ class _Wire(asyncio.Protocol):
     def _parse(self, buffer: bytes) -> int:
         """Dispatch the whole packets at the start of `buffer`; how many bytes they took.
 
-        Hand-written for the one packet that counts, a QoS 1 PUBLISH without properties: its
-        parts go to the sink as they are (no packet object, no topic decoded but once per topic
-        by the sink). Every other packet, a PUBLISH with properties included, is the codec's.
-        Packets of one read share its receive time.
+        Hand-written for the one packet that counts, a QoS 1 PUBLISH without properties: the
+        parts of those go to the sink in one call per read (no packet object, no topic decoded
+        but once per topic by the sink). Every other packet, a PUBLISH with properties
+        included, is the codec's, after what came before it. Packets of one read share its
+        receive time.
         """
-        offer, generation = self._sink.offer_publish, self._generation
-        received_ns = time.time_ns()
+        generation = self._generation
+        topics: list[bytes] = []
+        payloads: list[bytes] = []
+        flags: list[int] = []
+        tokens: list[int] = []
         offset, end = 0, len(buffer)
         try:
             while offset + 1 < end:
@@ -199,23 +208,32 @@ class _Wire(asyncio.Protocol):
                 if first & _QOS1_PUBLISH_MASK == _QOS1_PUBLISH and size >= _SMALLEST_FAST:
                     topic_end = at + 2 + (buffer[at] << 8 | buffer[at + 1])
                     if at + 2 < topic_end <= stop - 3 and buffer[topic_end + 2] == 0:
-                        packet_id = buffer[topic_end] << 8 | buffer[topic_end + 1]
-                        full = offer(
-                            buffer[at + 2 : topic_end],
-                            buffer[topic_end + 3 : stop],
-                            _QOS1_FLAGS[first & 0x0F],
-                            generation | packet_id,
-                            received_ns,
-                        )
-                        if full and self.serving:
-                            self._ingest.commit_or_hold(self)
+                        topics.append(buffer[at + 2 : topic_end])
+                        payloads.append(buffer[topic_end + 3 : stop])
+                        flags.append(_QOS1_FLAGS[first & 0x0F])
+                        tokens.append(generation | buffer[topic_end] << 8 | buffer[topic_end + 1])
                         offset = stop
                         continue
+                self._offer(topics, payloads, flags, tokens)  # what came first goes first
                 self._decode(memoryview(buffer)[offset:stop])
                 offset = stop
+            self._offer(topics, payloads, flags, tokens)
         except ValueError as exc:  # UnicodeDecodeError included: a topic that is not UTF-8
             self.fail(BrokerError(f"malformed packet from the broker: {exc}"))
         return offset
+
+    def _offer(
+        self, topics: list[bytes], payloads: list[bytes], flags: list[int], tokens: list[int]
+    ) -> None:
+        """Offer the fast path's messages so far to the sink, and empty the lists."""
+        if tokens:
+            full = self._sink.offer_publishes(topics, payloads, flags, tokens, time.time_ns())
+            topics.clear()
+            payloads.clear()
+            flags.clear()
+            tokens.clear()
+            if full and self.serving:
+                self._ingest.commit_or_hold(self)
 
     def _decode(self, packet_bytes: memoryview) -> None:
         """One whole packet by the codec (ValueError when it is malformed)."""
