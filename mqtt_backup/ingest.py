@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mqtt_backup.errors import StorageError, StorageUnavailable
-from mqtt_backup.records import Record
+from mqtt_backup.records import DUP_FLAG, Record, topic_field
 from mqtt_backup.storage import Pending
 from mqtt_backup.tally import TALLY
 from mqtt_backup.topics import Router
@@ -33,6 +33,8 @@ HOLD_BATCHES = 10
 # emptied when full, so memory stays flat whatever the fleet size.
 TOPIC_CACHE_ENTRIES = 16384
 AckCallback = Callable[[Sequence[AckToken]], None]
+_Route = tuple[str, str, bytes, bytes]
+_new_pending = tuple.__new__  # a Pending from its parts, without `Pending.__new__`'s encoding
 
 
 @dataclass(slots=True)
@@ -132,7 +134,8 @@ class CommitPipeline:
         # a gap after a lost session starts here, not when the bridge last saved its state.
         self.caught_up_ns = 0
         self.connecting_ns = 0  # when the current connection was opened
-        self._devices: dict[str, str | None] = {}  # topic -> device (None: not to be stored)
+        # topic -> (partition, device, device key, stored topic bytes); None: not to be stored.
+        self._routes: dict[bytes, _Route | None] = {}
         self._in_flight: _Batch | None = None
         self._writing_since: float | None = None  # monotonic; read from other threads (health)
 
@@ -159,27 +162,72 @@ class CommitPipeline:
             self._opened = time.monotonic()
         if token is not None:
             self._tokens.append(token)
-        device = None if replayed else self._device_of(record.topic)
-        if device is None:
+        route = None if replayed else self._route(record.topic.encode("utf-8"))
+        if route is None:
             # The bridge's own traffic, its replays and unmatched topics are acknowledged unstored.
             self.counters.skipped += 1
             return
-        partition, dev_key = self._store.locate(device)
-        item = Pending(device, dev_key, time.time_ns(), record, self._connection)
+        partition, device, dev_key, _ = route
+        item = Pending(device, dev_key, time.time_ns(), record)
         self._groups.setdefault(partition, []).append(item)
         self._size += 1
 
-    def _device_of(self, topic: str) -> str | None:
-        """The router's answer for a topic, remembered (telemetry repeats its few topics)."""
-        try:
-            return self._devices[topic]
-        except KeyError:
-            pass
-        device = self._router.device_of(topic)
-        if len(self._devices) >= TOPIC_CACHE_ENTRIES:
-            self._devices.clear()
-        self._devices[topic] = device
-        return device
+    def offer_publishes(
+        self,
+        topics: Sequence[bytes],
+        payloads: Sequence[bytes],
+        flags: Sequence[int],
+        tokens: Sequence[AckToken],
+        received_ns: int,
+    ) -> bool:
+        """`offer` for messages without properties, from their wire parts; whether `full()`.
+
+        The transport's fast path (QoS 1 telemetry), one call per read of the socket: the i-th
+        message is `topics[i]` (UTF-8 bytes as received; UnicodeDecodeError when they are not),
+        `payloads[i]`, `flags[i]` (as `records.stored_flags` makes them) and `tokens[i]`. No
+        `Record` is made: one tuple per message, the stored topic bytes once per topic.
+        """
+        if not tokens:
+            return self._size >= self.batch_max
+        if not self._size and not self._tokens:
+            self._opened = time.monotonic()
+        self.counters.received += len(tokens)
+        self._tokens += tokens
+        routes, groups, size, skipped = self._routes, self._groups, self._size, 0
+        for topic, payload, flag in zip(topics, payloads, flags, strict=True):
+            route = routes.get(topic) or self._route(topic)
+            if route is None:
+                skipped += 1
+                continue
+            partition, device, dev_key, middle = route
+            item = _new_pending(Pending, (device, dev_key, received_ns, flag, middle, payload))
+            group = groups.get(partition)
+            if group is None:
+                groups[partition] = [item]
+            else:
+                group.append(item)
+            size += 1
+        self._size = size
+        self.counters.skipped += skipped
+        return size >= self.batch_max
+
+    def _route(self, topic: bytes) -> _Route | None:
+        """Where a topic's messages go, remembered (telemetry repeats its few topics).
+
+        None: not to be stored. The router splits and matches the topic, the store places the
+        device, and the stored topic bytes are made: once per topic until the map is emptied.
+        """
+        if topic in self._routes:
+            return self._routes[topic]
+        device = self._router.device_of(topic.decode("utf-8"))
+        route = None
+        if device is not None:
+            partition, dev_key = self._store.locate(device)
+            route = (partition, device, dev_key, topic_field(topic))
+        if len(self._routes) >= TOPIC_CACHE_ENTRIES:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
 
     def full(self) -> bool:
         """The batch reached its size limit: commit before reading more."""
@@ -341,13 +389,14 @@ class CommitPipeline:
     def _count(self, batch: _Batch) -> int:
         """Count what the batch's writes stored (once) and return how many messages."""
         c = self.counters
-        stored = 0
+        stored = size = dups = 0
         for items in batch.written:
             stored += len(items)
-            for item in items:
-                c.bytes += len(item.record.payload)
-                c.duplicates += item.record.dup
+            size += sum([len(item[5]) for item in items])  # the payloads
+            dups += sum([item[3] & DUP_FLAG for item in items]) // DUP_FLAG  # by their flags
         c.stored += stored
+        c.bytes += size
+        c.duplicates += dups
         batch.written = []
         return stored
 
@@ -379,6 +428,7 @@ class CommitPipeline:
 
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""
+        self._routes.clear()  # they name partitions
         held = [item for items in self._groups.values() for item in items]
         self._groups = {}
         for item in held:  # a device's items stay in receive order

@@ -27,15 +27,15 @@ FORMAT_VERSION = 1
 
 _HEAD = struct.Struct(">BI")  # version, crc32
 _BODY = struct.Struct(">BQH")  # flags, ts_ns, topic length
+_STAMP_PACK = struct.Struct(">BQ").pack  # flags, ts_ns: what precedes `stored_parts`' middle
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _HEAD_PACK = _HEAD.pack
-_BODY_PACK = _BODY.pack
 _crc32 = zlib.crc32
 
 _FLAG_RETAIN = 0x04
-_FLAG_DUP = 0x08
+_FLAG_DUP = DUP_FLAG = 0x08  # public: the ingest path counts redelivered copies by it
 _FLAG_PROPS = 0x10
 
 _PAYLOAD_FORMAT = 0x01
@@ -78,22 +78,47 @@ class Record:
 
 
 def encode_record(record: Record, ts_ns: int) -> bytes:
-    """The record's stored bytes; `ts_ns` is the receive time also held in its key.
+    """The record's stored bytes; `ts_ns` is the receive time also held in its key."""
+    flags, middle = stored_parts(record)
+    return encode_parts(flags, ts_ns, middle, record.payload)
 
-    Runs once per stored message: written for speed (one join, no temporaries beyond it).
+
+def stored_parts(record: Record) -> tuple[int, bytes]:
+    """(flags, the bytes between the time and the payload) of the record's stored form.
+
+    Neither depends on the receive time: the ingest path makes them once per message (the
+    middle part once per topic when there are no properties: `topic_field`).
     """
     qos = record.qos
     if qos not in (0, 1, 2):
         raise ValueError(f"QoS must be 0, 1 or 2, not {qos}")
-    topic = record.topic.encode("utf-8")
-    flags = qos | (_FLAG_RETAIN if record.retain else 0) | (_FLAG_DUP if record.dup else 0)
+    flags = stored_flags(qos, record.retain, record.dup)
+    middle = topic_field(record.topic.encode("utf-8"))
     props = record.properties
     if props is None or props.is_empty():
-        body = _BODY_PACK(flags, ts_ns, len(topic)) + topic + record.payload
-    else:
-        encoded = _encode_properties(props)
-        head = _BODY_PACK(flags | _FLAG_PROPS, ts_ns, len(topic))
-        body = b"".join((head, topic, _U32.pack(len(encoded)), encoded, record.payload))
+        return flags, middle
+    encoded = _encode_properties(props)
+    return flags | _FLAG_PROPS, b"".join((middle, _U32.pack(len(encoded)), encoded))
+
+
+def stored_flags(qos: int, retain: bool, dup: bool) -> int:
+    """The flags byte of a record without properties."""
+    return qos | (_FLAG_RETAIN if retain else 0) | (_FLAG_DUP if dup else 0)
+
+
+def is_dup(flags: int) -> bool:
+    """Whether stored flags mark a redelivered copy."""
+    return bool(flags & _FLAG_DUP)
+
+
+def topic_field(topic: bytes) -> bytes:
+    """The stored topic: u16 length + UTF-8 (the middle part of a record without properties)."""
+    return _U16.pack(len(topic)) + topic
+
+
+def encode_parts(flags: int, ts_ns: int, middle: bytes, payload: bytes) -> bytes:
+    """The stored bytes from `stored_parts` and the receive time (the inner loop of `prepare`)."""
+    body = _STAMP_PACK(flags, ts_ns) + middle + payload
     return _HEAD_PACK(FORMAT_VERSION, _crc32(body)) + body
 
 

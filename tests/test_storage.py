@@ -28,7 +28,7 @@ from mqtt_backup.records import Properties, Record, encode_record
 from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.storage.manifest import MANIFEST, Manifest, load_manifest
-from mqtt_backup.storage.partition import IndexEntry, Partition
+from mqtt_backup.storage.partition import Partition
 from mqtt_backup.topics import Router, parse_template
 
 BASE_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
@@ -522,8 +522,8 @@ class _FailingDb:
         return getattr(self._db, name)
 
 
-def _snapshot(part: Partition) -> tuple[int, int, dict[bytes, IndexEntry]]:
-    entries = {k: dataclasses.replace(v) for k, v in part._entries.items()}
+def _snapshot(part: Partition) -> tuple[int, int, dict[bytes, list[int]]]:
+    entries = {k: list(v) for k, v in part._entries.items()}
     return part.clock_ns, part.seq, entries
 
 

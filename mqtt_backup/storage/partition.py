@@ -15,6 +15,7 @@ import functools
 import logging
 import struct
 import tempfile
+import zlib
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,14 @@ from rocksdict import (
 
 from mqtt_backup.errors import CorruptRecord, DataDirLocked, StorageError, StorageUnavailable
 from mqtt_backup.keys import KEY_LEN, SEQ_MASK, device_range, key_tail, split_key
-from mqtt_backup.records import FORMAT_VERSION, Record, decode_record, encode_record
+from mqtt_backup.records import (
+    FORMAT_VERSION,
+    Record,
+    decode_record,
+    encode_parts,
+    is_dup,
+    stored_parts,
+)
 from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
 
@@ -50,20 +58,65 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _INDEX = struct.Struct(">BQQQQQ")  # version, first_ns, last_ns, count, bytes, dups; then the id
 _INDEX_VERSION = 1
+_INDEX_PACK = _INDEX.pack
+_Stats = list[int]  # an index entry's first_ns, last_ns, count, size, dups (the cached form)
+_STAMP_PACK = struct.Struct(">BQ").pack  # flags, receive time: records.encode_parts' first part
+_HEAD_PACK = struct.Struct(">BI").pack  # format version, crc32: what precedes a record's body
+_crc32 = zlib.crc32
 # Index entries kept in memory per partition, for the write path; the rest are read back from the
 # index column family when their device writes again (memory stays flat whatever the fleet size).
 INDEX_CACHE_ENTRIES = 4096
 
 
-@dataclass(slots=True)
-class Pending:
-    """A message received and not yet stored: where it goes and what it is."""
+class Pending(tuple[str, bytes, int, int, bytes, bytes]):
+    """A message received and not yet stored: where it goes and its record, in stored form.
 
-    device_id: str
-    device_key: bytes
-    received_ns: int
-    record: Record
-    connection: int = 0  # which broker connection delivered it (ingest's bookkeeping)
+    (device id, device key, receive time, then the record as `records.stored_parts` gives it:
+    flags, the middle bytes, the payload.) One tuple per message and no `Record`: the ingest path
+    makes millions, and `prepare` only joins the parts with the time. `Pending(device, key, ns,
+    record)` makes one from a record; the ingest pipeline builds the tuple directly.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, device_id: str, device_key: bytes, received_ns: int, record: Record
+    ) -> Pending:
+        """The pending form of `record` received at `received_ns`."""
+        flags, middle = stored_parts(record)
+        parts = (device_id, device_key, received_ns, flags, middle, record.payload)
+        return tuple.__new__(cls, parts)
+
+    @property
+    def device_id(self) -> str:
+        """The device the message belongs to."""
+        return self[0]
+
+    @property
+    def device_key(self) -> bytes:
+        """Its device key."""
+        return self[1]
+
+    @property
+    def received_ns(self) -> int:
+        """When the bridge received it."""
+        return self[2]
+
+    @property
+    def payload(self) -> bytes:
+        """The payload as received."""
+        return self[5]
+
+    @property
+    def dup(self) -> bool:
+        """Whether the broker marked it redelivered."""
+        return is_dup(self[3])
+
+    @property
+    def record(self) -> Record:
+        """The record (decoded again from its parts: not for a per-message path)."""
+        flags, middle, payload = self[3], self[4], self[5]
+        return decode_record(encode_parts(flags, self[2], middle, payload))[1]
 
 
 @dataclass(slots=True)
@@ -74,7 +127,7 @@ class Prepared:
     batch: WriteBatch
     clock_ns: int  # the partition's clock and sequence once it is applied
     seq: int
-    touched: dict[bytes, IndexEntry]
+    touched: dict[bytes, _Stats]  # device key -> its index entry's figures once applied
     clock_from: int = 0  # the partition's clock it was prepared from
 
     def __post_init__(self) -> None:
@@ -208,7 +261,8 @@ class Partition:
         self._meta = db.get_column_family_handle(CF_META)
         self._index_cf = db.get_column_family(CF_INDEX)
         self._meta_cf = db.get_column_family(CF_META)
-        self._entries: RecentCache[bytes, IndexEntry] = RecentCache(INDEX_CACHE_ENTRIES)
+        # device key -> [first, last, count, size, dups] of its index entry (`_Stats`)
+        self._entries: RecentCache[bytes, _Stats] = RecentCache(INDEX_CACHE_ENTRIES)
         self.clock_ns = self._meta_int(META_CLOCK, _U64)
         self.seq = self._meta_int(META_SEQ, _U32)
         self._sync = WriteOptions()
@@ -312,50 +366,53 @@ class Partition:
         No I/O but index reads on a cache miss; nothing changes until `apply`. This is the Python
         half of a write (the synced write releases the GIL): the ingest loop does it, so that its
         commit thread holds the GIL only for a moment. It runs once per partition per commit over
-        every message: the loop is kept flat (no calls but the encoding and the put) for speed.
+        every message: the loop is kept flat (no calls but the packing and the put) for speed.
         """
         batch = WriteBatch(raw_mode=True)
         put = batch.put
         clock, seq = self.clock_ns, self.seq
-        touched: dict[bytes, IndexEntry] = {}
-        for item in items:
-            received = item.received_ns
+        # device key -> its index entry's figures after this batch (lists: cheap to update)
+        stats: dict[bytes, _Stats] = {}
+        names: dict[bytes, str] = {}
+        for device, dev_key, received, flags, middle, payload in items:
             clock = received if received > clock else clock + 1
             seq = (seq + 1) & SEQ_MASK
-            dev_key = item.device_key
-            key = dev_key + key_tail(clock, seq)  # keys.record_key, inlined
-            record = item.record
-            value = encode_record(record, clock)
-            put(key, value)
-            entry = touched.get(dev_key)
-            if entry is None:
-                entry = touched[dev_key] = self._entry_copy(item)
-                if entry.count == 0:
-                    entry.first_ns = clock
-            entry.last_ns = clock
-            entry.count += 1
-            entry.size += len(key) + len(value)
-            if record.dup:
-                entry.dups += 1
-        for dev_key, entry in touched.items():
-            batch.put(dev_key, entry.encode(), self._index)
+            # records.encode_parts, inlined: the time stamp, then the parts made at receive time.
+            body = _STAMP_PACK(flags, clock) + middle + payload
+            value = _HEAD_PACK(FORMAT_VERSION, _crc32(body)) + body
+            put(dev_key + key_tail(clock, seq), value)  # keys.record_key, inlined
+            known = stats.get(dev_key)
+            if known is None:
+                known = stats[dev_key] = self._stats_before(dev_key, clock)
+                names[dev_key] = device
+            known[1] = clock
+            known[2] += 1
+            known[3] += KEY_LEN + len(value)
+            known[4] += flags >> 3 & 1  # records' DUP flag (`records.is_dup`)
+        index = self._index
+        for dev_key, figures in stats.items():  # IndexEntry.encode, inlined
+            batch.put(
+                dev_key, _INDEX_PACK(_INDEX_VERSION, *figures) + names[dev_key].encode(), index
+            )
         self._put_meta(batch, clock, seq)
-        return Prepared(self, batch, clock, seq, touched)
+        return Prepared(self, batch, clock, seq, stats)
+
+    def _stats_before(self, dev_key: bytes, clock: int) -> _Stats:
+        """A copy of the device's index figures before this batch (first = `clock` if none)."""
+        known = self._entries.get(dev_key)
+        if known is not None:
+            return known[:]
+        entry = self.index_entry(dev_key)
+        if entry is None:
+            return [clock, clock, 0, 0, 0]
+        return [entry.first_ns, entry.last_ns, entry.count, entry.size, entry.dups]
 
     def apply(self, prepared: Prepared) -> None:
         """The synced write of a `prepare` of this partition that `fits` it still."""
         self._commit(prepared.batch)
         self.clock_ns, self.seq = prepared.clock_ns, prepared.seq
-        for dev_key, entry in prepared.touched.items():
-            self._entries.put(dev_key, entry)
-
-    def _entry_copy(self, item: Pending) -> IndexEntry:
-        known = self._entries.get(item.device_key) or self.index_entry(item.device_key)
-        if known is None:
-            return IndexEntry(item.device_id, 0, 0, 0, 0, 0)
-        return IndexEntry(
-            known.device_id, known.first_ns, known.last_ns, known.count, known.size, known.dups
-        )
+        for dev_key, figures in prepared.touched.items():
+            self._entries.put(dev_key, figures)
 
     @property
     def cached_entries(self) -> int:
