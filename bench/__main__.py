@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "mode": ("scale" if args.scale else "default")
         + (f" x{args.factor:g}" if args.factor != 1 else ""),
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": machine.commit(),
         "seconds": time.monotonic() - t0,
         "bridge_command": shlex.join(
             ["python" if c == sys.executable else c for c in specs[0].command]

@@ -70,6 +70,29 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def commit() -> str | None:
+    """The commit measured (with `+` when the tree has changes); None outside a git checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def describe() -> dict[str, Any]:
     """Everything the report says about the machine."""
     return {

@@ -141,6 +141,7 @@ def _md_machine(doc: dict[str, Any]) -> list[str]:
     packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     lines = [
         f"- run: {doc['started']} ({doc['mode']}, {doc['seconds']:.0f} s), "
+        f"commit {doc.get('commit') or 'not recorded'}, "
         f"bridge command `{_command(doc['bridge_command'])}`, variants: "
         + ", ".join(
             f"`{v['name']}` (`run {v['run_args']}`)".replace("(`run `)", "(`run`)")
