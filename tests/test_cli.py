@@ -249,3 +249,21 @@ def test_one_message_is_one_message() -> None:
     assert (
         _summary("d1", {"count": 2, "complete": True}, 2) == "restored 2 messages of d1 (complete)"
     )
+
+
+def test_counts_in_summaries_agree_with_their_number() -> None:
+    # Found by a new-user run: "would delete 1 messages", "(+1 retained statuses)".
+    from mqtt_backup.cli.output import count  # noqa: PLC0415 - the one helper under test
+
+    assert count(1, "message") == "1 message"
+    assert count(0, "message") == "0 messages"
+    assert count(1, "retained status", "retained statuses") == "1 retained status"
+    assert count(2, "retained status", "retained statuses") == "2 retained statuses"
+
+
+def test_forget_of_one_message_says_one_message(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    fill(data, devices=1, per_device=1)
+    result = invoke("forget", "dev-0000", "--data", str(data), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("would delete 1 message ("), result.stdout

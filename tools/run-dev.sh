@@ -44,7 +44,7 @@ if [ -z "${MQTT_BACKUP_BROKER:-}" ]; then
   mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   # Its own session: Ctrl-C reaches the bridge only, which then stores, acks and disconnects
   # before the trap below stops the broker.
-  setsid "$mosquitto_bin" -c .run/mosquitto.conf 2> >(sed 's/^/[mosquitto] /' >&2) &
+  setsid "$mosquitto_bin" -c .run/mosquitto.conf 2> >(sed -u 's/^/[mosquitto] /' >&2) &
   broker_pid=$!
   for _ in $(seq 100); do port_in_use && break; sleep 0.05; done
   port_in_use || { echo "mqtt-backup: mosquitto did not start; see the lines above" >&2; exit 3; }

@@ -96,8 +96,9 @@ def prune(
     }
     result = writer_operation(settings.data, "prune", args)
     text = (
-        f"{_verb(dry_run, 'deleted')} {result['messages']} messages ({result['bytes']} bytes) "
-        f"of {len(result['devices'])} devices"
+        f"{_verb(dry_run, 'deleted')} {output.count(result['messages'], 'message')} "
+        f"({output.count(result['bytes'], 'byte')}) "
+        f"of {output.count(len(result['devices']), 'device')}"
     )
     _show(result, as_json, text)
     if not as_json and result["devices"]:
@@ -125,8 +126,8 @@ def forget(
     args = {"device": device, "before_ns": before, "dry_run": dry_run}
     result = writer_operation(settings.data, "forget", args)
     text = (
-        f"{_verb(dry_run, 'deleted')} {result['messages']} messages ({result['bytes']} bytes) "
-        f"of {device}"
+        f"{_verb(dry_run, 'deleted')} {output.count(result['messages'], 'message')} "
+        f"({output.count(result['bytes'], 'byte')}) of {device}"
     )
     _show(result, as_json, text)
 
@@ -142,8 +143,8 @@ app.add_typer(partitions, name="partitions")
 
 def _moves_text(result: dict[str, Any], dry_run: bool) -> str:
     return (
-        f"{_verb(dry_run, 'moved')} {result['devices']} devices ({result['messages']} messages, "
-        f"{result['bytes']} bytes)"
+        f"{_verb(dry_run, 'moved')} {output.count(result['devices'], 'device')} "
+        f"({output.count(result['messages'], 'message')}, {output.count(result['bytes'], 'byte')})"
     )
 
 

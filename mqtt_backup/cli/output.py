@@ -58,6 +58,11 @@ def note(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 message`, `2 messages` (`plural` for a noun that is not one `s` away)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def error_line(message: str) -> None:
     """The one line of an error (a JSON log line under `run --log-format json`)."""
     sys.stderr.write(logs.error_line(f"{PROG}: {message}") + "\n")

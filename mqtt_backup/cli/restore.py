@@ -98,7 +98,7 @@ _PROTOCOL_ONLY = ("id", "seq", "instance")
 
 def _summary(device: str, terminal: dict[str, Any], written: int) -> str:
     count = terminal.get("count", written)
-    text = f"restored {_messages(count)} of {device}"
+    text = f"restored {output.count(count, 'message')} of {device}"
     if terminal.get("complete", True):
         return text + " (complete)"
     spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in terminal["gaps"])
@@ -214,10 +214,6 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
     return True
 
 
-def _messages(count: int) -> str:
-    return f"{count} message" if count == 1 else f"{count} messages"
-
-
 def _names(gathered: Gathered) -> str:
     names = gathered.answered
     return f"{len(names)} instance{'s' if len(names) != 1 else ''} ({', '.join(names)})"
@@ -228,7 +224,9 @@ def _finish(device: str, gathered: Gathered, quiet: bool = False) -> None:
     if gathered.errors:
         said = "; ".join(f"{name}: {reason}" for name, reason in gathered.errors.items())
         raise BridgeRefused(said)
-    text = f"restored {_messages(gathered.written)} of {device} from {_names(gathered)}"
+    text = (
+        f"restored {output.count(gathered.written, 'message')} of {device} from {_names(gathered)}"
+    )
     if gathered.silent:
         raise Incomplete(
             f"{text}, but {', '.join(gathered.silent)} sent no terminal in time (what arrived "

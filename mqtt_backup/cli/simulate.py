@@ -62,8 +62,10 @@ def simulate(
     )
     report = asyncio.run(_fleet_until_interrupted(spec))
     output.note(
-        f"published {report.published} messages (+{report.retained} retained statuses) from "
-        f"{report.devices} devices in {report.elapsed:.1f} s ({report.rate:.0f} msg/s)"
+        f"published {output.count(report.published, 'message')} "
+        f"(+{output.count(report.retained, 'retained status', 'retained statuses')}) from "
+        f"{output.count(report.devices, 'device')} "
+        f"in {report.elapsed:.1f} s ({report.rate:.0f} msg/s)"
     )
 
 

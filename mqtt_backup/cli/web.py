@@ -24,7 +24,8 @@ def web(
         Path | None,
         typer.Option(
             "--token-file",
-            help="file holding the access token [env MQTT_BACKUP_WEB_TOKEN]; never a flag value",
+            help="file holding the access token (or the token itself in env "
+            "MQTT_BACKUP_WEB_TOKEN); never a flag value",
         ),
     ] = None,
     config_file: ConfigOpt = None,
