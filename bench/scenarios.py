@@ -56,7 +56,8 @@ class Sizes:
     busy_restore: int = 0  # > 0: ingest while a restore of this many messages runs
     web_fleet: int = 1_000  # devices on the devices page
     # messages of the web view's reference device: more than a page reads (READ_BUDGET, 8192),
-    # so the ratio shows whether a page's cost stays flat beyond that, as designed
+    # so the ratio shows whether a page's cost stays flat beyond that, as designed (its default
+    # window, a day, also holds more: bench/web.py spaces it at most 10 s apart)
     web_small: int = 10_000
     web_big: int = 100_000  # messages of the device whose page should cost the same
     web_download: int = 10_000

@@ -21,8 +21,9 @@ from starlette.testclient import TestClient
 
 from mqtt_backup import records
 from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE, StorageError, UsageError
-from mqtt_backup.storage import Store, ballast, store
-from mqtt_backup.web import create_app, history, run_web
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Pending, Store, StoreReader, ballast, store
+from mqtt_backup.web import create_app, history, pages, run_web
 from mqtt_backup.web.auth import COOKIE
 from mqtt_backup.web.paths import decode_device, encode_device
 from mqtt_backup.web.serve import listen, load_token, parse_bind
@@ -181,6 +182,89 @@ def test_plot_work_is_bounded_whatever_the_device_size(
     estimated = sum(big["per_minute"]) * big["bucket_seconds"] / 60
     assert not all(big["exact"])
     assert estimated == pytest.approx(20_000, rel=0.05)
+
+
+class _CountingIter:
+    """A RocksDB iterator that counts its seeks and steps (it changes nothing)."""
+
+    def __init__(self, it: Any, counts: dict[str, int]) -> None:
+        self._it = it
+        self._counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._it, name)
+        if name in ("seek", "seek_to_first", "seek_to_last", "seek_for_prev", "next", "prev"):
+            kind = "steps" if name in ("next", "prev") else "seeks"
+
+            def counted(*args: Any) -> Any:
+                self._counts[kind] += 1
+                return found(*args)
+
+            return counted
+        return found
+
+
+class _CountingDb:
+    """A partition's database whose iterators count (everything else passes through)."""
+
+    def __init__(self, db: Any, counts: dict[str, int]) -> None:
+        self._db = db
+        self._counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    def iter(self, *args: Any) -> _CountingIter:
+        return _CountingIter(self._db.iter(*args), self._counts)
+
+
+def test_default_window_work_is_the_same_for_a_device_ten_times_bigger(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default window (1d) of two devices alike in their last day, one with ten times the
+    # history before it: the page must seek and step through RocksDB exactly as often for both.
+    monkeypatch.setattr(history, "READ_BUDGET", 400)
+    minute = 60 * S
+    end = BASE_NS + 250 * 3600 * S
+    # One batch per partition in time order: a partition's clock never goes back.
+    items = sorted(
+        (end - (hours * 60 - i) * minute, device, telemetry(i))
+        for device, hours in (("small", 25), ("big", 250))
+        for i in range(hours * 60)
+    )
+    opened = Store.open(data_dir, 2)
+    try:
+        batches: dict[str, list[Pending]] = {}
+        for ns, device, payload in items:
+            name, dev_key = opened.locate(device)
+            record = Record(f"devices/{device}/telemetry", payload)
+            batches.setdefault(name, []).append(Pending(device, dev_key, ns, record))
+        for name, batch in batches.items():
+            opened.write(name, batch)
+    finally:
+        opened.close()
+    counts = {"seeks": 0, "steps": 0}
+    work: dict[str, dict[str, int]] = {}
+    shown: dict[str, dict[str, Any]] = {}
+    with StoreReader(data_dir) as reader:
+        for part in reader.partitions.values():
+            # A spy in place of the database: it counts and passes everything through.
+            part._db = _CountingDb(part._db, counts)  # type: ignore[assignment]
+        for device in ("small", "big"):
+            counts.update(seeks=0, steps=0)
+            shown[device] = pages.device_page(reader, device, {"buckets": "20", "limit": "10"})
+            work[device] = dict(counts)
+    assert work["big"] == work["small"]
+    # 80 spans of one seek each, plus the table's; at most the budget plus the table's 11 reads.
+    assert work["big"]["seeks"] == 80 + 1
+    assert work["big"]["steps"] <= 400 + 11
+    for device, total in (("small", 1500), ("big", 15000)):
+        series = shown[device]["series"]
+        assert shown[device]["device"]["count"] == total  # the index's count, exact
+        assert series["records_read"] <= 400
+        estimated = sum(series["per_minute"]) * series["bucket_seconds"] / 60
+        assert estimated == pytest.approx(1440, rel=0.05)
+        assert len(shown[device]["messages"]["items"]) == 10
 
 
 def test_gaps_in_the_window_come_with_the_plots(client: TestClient) -> None:
