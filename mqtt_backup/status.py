@@ -188,7 +188,7 @@ async def take_members(
     others: list[Delivery] = []
     while (left := until - loop.time()) > 0:
         try:
-            batch = await asyncio.wait_for(conn.receive(), left)
+            batch = await _receive_within(conn, left)
         except TimeoutError:
             break
         others.extend(update_members(namespace, members, batch))
@@ -258,9 +258,17 @@ async def _wait_while_held(
         if (left := until - loop.time()) <= 0:
             raise _in_use(identity, other)
         with contextlib.suppress(TimeoutError):
-            update_members(
-                identity.namespace, members, await asyncio.wait_for(conn.receive(), left)
-            )
+            update_members(identity.namespace, members, await _receive_within(conn, left))
+
+
+async def _receive_within(conn: CodecConnection, seconds: float) -> list[Delivery]:
+    """The next deliveries, or TimeoutError after `seconds`.
+
+    Not `asyncio.wait_for`: on Python 3.11 it returns the result, and swallows a cancellation,
+    when both come at once (cpython gh-86296), and a cancelled check then waited for ever.
+    """
+    async with asyncio.timeout(seconds):
+        return await conn.receive()
 
 
 async def _listen_until(
@@ -295,6 +303,9 @@ async def _catch_up(conn: CodecConnection, namespace: str, members: dict[str, Me
             receiving.cancel()
             return
         update_members(namespace, members, receiving.result())
+
+
+CANCEL_AGAIN_S = 0.5  # how long `ClientIdCheck.cancel` waits before asking again
 
 
 class ClientIdCheck:
@@ -364,10 +375,15 @@ class ClientIdCheck:
         self._task.result()
 
     def cancel(self) -> None:
-        """Stop it (the bridge failed to start); its connection closes."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join()
+        """Stop it (the bridge failed to start); its connection closes.
+
+        Asked again until the thread ends: a cancellation that lands while a library call
+        finishes can be swallowed by it, and one lost request must not hang the failed start.
+        """
+        while self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the thread is ending
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(CANCEL_AGAIN_S)
 
 
 def _in_use(identity: Identity, other: Member) -> ClientIdInUse:

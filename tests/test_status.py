@@ -21,6 +21,7 @@ import click.testing
 import pytest
 from typer.testing import CliRunner
 
+from mqtt_backup import status as status_module
 from mqtt_backup.cli import app
 from mqtt_backup.config import parse_broker_url
 from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME, ClientIdInUse
@@ -237,3 +238,30 @@ def test_a_cancelled_check_ends_without_a_word(
         check = early_check(broker, ns, client_id)
         check.cancel()  # the store failed to open: no warning about a wait that never comes
     assert "is online" not in caplog.text
+
+
+def test_a_check_whose_cancellation_is_swallowed_once_still_ends(
+    broker: Broker, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found under load: `asyncio.wait_for` (3.11) swallowed the cancellation, `cancel()` hung.
+
+    The fault is injected where the check waits for the bridge to connect: it swallows the first
+    cancellation, as the library call did, and waits on; `cancel()` must still return.
+    """
+    swallowed = threading.Event()
+
+    async def listen_swallowing_once(*_args: object) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(status_module, "_listen_until", listen_swallowing_once)
+    check = early_check(broker, f"ns{unique}", f"early-{unique}")
+    wait_until(check.read.is_set, 10, "the check to read the retained statuses")
+    cancelling = threading.Thread(target=check.cancel, daemon=True)
+    cancelling.start()
+    cancelling.join(10)
+    assert not cancelling.is_alive(), "cancel() did not return"
+    assert swallowed.is_set()
