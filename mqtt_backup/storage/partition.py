@@ -569,6 +569,16 @@ class Partition:
         """RocksDB's estimate of the number of records (cheap; exact counts are in the index)."""
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
 
+    def family_figures(self, prop: str) -> list[int]:
+        """A RocksDB integer property of each family: records, index, meta (0 when unknown).
+
+        E.g. `rocksdb.cur-size-all-mem-tables`, what MEMTABLE_BUDGET bounds over all partitions.
+        """
+        return [
+            family.property_int_value(prop) or 0
+            for family in (self._db, self._index_cf, self._meta_cf)
+        ]
+
     def checkpoint(self, dest: Path) -> None:
         """A consistent copy of this partition at `dest` (hard links where possible).
 
