@@ -53,9 +53,7 @@ def open_store(data: Path, reopened: bool) -> Store:
 
 
 @pytest.mark.parametrize("reopened", [False, True], ids=["new", "reopened"])
-def test_memtables_of_all_partitions_stay_within_one_budget(
-    tmp_path: Path, reopened: bool
-) -> None:
+def test_memtables_of_all_partitions_stay_within_one_budget(tmp_path: Path, reopened: bool) -> None:
     store = open_store(tmp_path / "data", reopened)
     try:
         # Three budgets' worth, a quarter of it per partition: each partition alone stays under
