@@ -23,6 +23,7 @@ from pathlib import Path
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
+    Cache,
     Checkpoint,
     DBCompressionType,
     Options,
@@ -30,6 +31,7 @@ from rocksdict import (
     RdictIter,
     ReadOptions,
     WriteBatch,
+    WriteBufferManager,
     WriteOptions,
 )
 
@@ -180,15 +182,57 @@ BLOCK_BYTES = 16 * 1024
 _ZSTD_WINDOW_BITS = -14  # RocksDB's default (unused by zstd; the call wants it)
 
 
+# Memory: left at RocksDB's defaults, every column family of every partition had its own 64 MiB
+# memtables (two of them) and its own block cache, so the bridge's RSS grew with what had been
+# written and with the number of partitions (90 MiB after 100k messages, 227 MiB after 1M, still
+# growing). One write buffer manager and one block cache, for every partition this process opens,
+# bound both whatever the partitions and however long it runs. When all memtables together pass
+# ~90% of MEMTABLE_BUDGET, RocksDB flushes the largest of the database being written to; writers
+# never stall for it (a flush writes table files; the WAL, synced at every commit, is what makes
+# a message durable, so memtable sizes change nothing in the guarantees). 32 MiB: a flush of the
+# records then holds ~8 MiB at 4 partitions, large enough that the extra flushes and compactions
+# cost little CPU (docs/design-notes.md, "Memory"). The index and meta families get small
+# memtables of their own: they hold a few bytes per device and per commit.
+MEMTABLE_BUDGET = 32 * 1024 * 1024
+RECORDS_WRITE_BUFFER = 16 * 1024 * 1024  # one records memtable, before the budget's own flushes
+SMALL_WRITE_BUFFER = 4 * 1024 * 1024  # one index or meta memtable
+# Table blocks read back (index entries of devices not in the write path's cache, restores):
+# one LRU cache of this size for every family of every partition (RocksDB's default is one
+# 32 MiB cache per family: 384 MiB at 4 partitions, had it filled).
+BLOCK_CACHE_BYTES = 16 * 1024 * 1024
+
+
+@functools.cache
+def _shared_memory() -> tuple[WriteBufferManager, Cache]:
+    """The process's one write buffer manager and block cache (they outlive every database)."""
+    return WriteBufferManager(MEMTABLE_BUDGET, False), Cache(BLOCK_CACHE_BYTES)
+
+
+def _table(compress: bool) -> BlockBasedOptions:
+    table = BlockBasedOptions()
+    if compress:
+        table.set_block_size(BLOCK_BYTES)
+    table.set_block_cache(_shared_memory()[1])
+    return table
+
+
+def _bound_memory(opts: Options, compress: bool) -> None:
+    """Put a family's memtables and blocks under the process's budgets.
+
+    Also applied to options loaded from an OPTIONS file, which cannot carry the shared objects.
+    """
+    opts.set_write_buffer_manager(_shared_memory()[0])
+    opts.set_write_buffer_size(RECORDS_WRITE_BUFFER if compress else SMALL_WRITE_BUFFER)
+    opts.set_block_based_table_factory(_table(compress))
+
+
 def _options(compress: bool) -> Options:
     opts = Options(raw_mode=True)
     if compress:
         opts.set_compression_type(DBCompressionType.zstd())
         opts.set_bottommost_compression_type(DBCompressionType.zstd())
         opts.set_compression_options(_ZSTD_WINDOW_BITS, ZSTD_LEVEL, 0, 0)
-        table = BlockBasedOptions()
-        table.set_block_size(BLOCK_BYTES)
-        opts.set_block_based_table_factory(table)
+    _bound_memory(opts, compress)
     return opts
 
 
@@ -228,6 +272,9 @@ def _reopen_options() -> tuple[Options, dict[str, Options]] | None:
         return None
     opts.create_if_missing(False)
     opts.create_missing_column_families(True)
+    _bound_memory(opts, compress=True)
+    for name, family in families.items():  # the loaded families include the records' (default)
+        _bound_memory(family, compress=name not in (CF_INDEX, CF_META))
     return opts, families
 
 
@@ -521,6 +568,16 @@ class Partition:
     def estimated_keys(self) -> int:
         """RocksDB's estimate of the number of records (cheap; exact counts are in the index)."""
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
+
+    def family_figures(self, prop: str) -> list[int]:
+        """A RocksDB integer property of each family: records, index, meta (0 when unknown).
+
+        E.g. `rocksdb.cur-size-all-mem-tables`, what MEMTABLE_BUDGET bounds over all partitions.
+        """
+        return [
+            family.property_int_value(prop) or 0
+            for family in (self._db, self._index_cf, self._meta_cf)
+        ]
 
     def checkpoint(self, dest: Path) -> None:
         """A consistent copy of this partition at `dest` (hard links where possible).
