@@ -129,6 +129,9 @@ class AsyncControlServer:
         self._operate = operate
         self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
+        # Connections still waiting for their request line: closed at `stop` (a client that
+        # never sends would otherwise keep its socket open past the bridge's end).
+        self._waiting: set[asyncio.StreamWriter] = set()
 
     def bind(self) -> None:
         """Bind (replacing a stale socket: we hold the data directory's lock), before the loop.
@@ -158,7 +161,14 @@ class AsyncControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await self._answer(await reader.readline())
+            self._waiting.add(writer)
+            try:
+                line = await reader.readline()
+            finally:
+                self._waiting.discard(writer)
+            if not line:
+                return  # the client hung up without asking, or the bridge is stopping
+            reply = await self._answer(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, ValueError):  # the client went away; or a line over the limit
@@ -174,7 +184,10 @@ class AsyncControlServer:
             return _failed(exc)
 
     def stop(self) -> None:
-        """Stop serving and remove the socket (a request in progress gets no reply: NoReply)."""
+        """Stop serving and remove the socket; a request under way still gets its reply."""
+        for writer in self._waiting:
+            writer.close()  # its readline sees the end: nothing to answer
+        self._waiting.clear()
         if self._server is not None:
             self._server.close()
             self._server = None

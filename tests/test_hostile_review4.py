@@ -7,19 +7,26 @@ path, start-up). Real RocksDB in temp dirs; faults and thread interleavings inje
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mqtt_backup import operations
+from mqtt_backup.control import call
+from mqtt_backup.errors import BackupError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.storage import Store
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.topics import Router, parse_template
+from tests.conftest import Broker, wait_until
+from tests.test_one_loop import RunBridge, _start
 
 
 @pytest.fixture
@@ -102,3 +109,81 @@ def test_a_placement_read_racing_a_partitions_add_is_not_cached_stale(
     assert raced.is_set()
     assert "p9" in store.partitions
     assert store.locate(device) == ("p9", device_key(device))
+
+
+# --- 2. the control socket as a task of the loop ---------------------------------------------
+
+
+def _connected(data: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(str(data / "control.sock"))
+    return sock
+
+
+def test_hostile_control_clients_neither_block_others_nor_the_stop(
+    broker: Broker, data_dir: Path, run_bridge: RunBridge
+) -> None:
+    """One client never sends; one sends 10 MB without a newline; one hangs up mid-request.
+
+    Requests from others are still answered, the oversized one is refused without the bridge
+    keeping the 10 MB, and the bridge still stops (the silent client does not hold it).
+    """
+    bridge = _start(run_bridge, broker, data_dir)
+    silent = _connected(data_dir)
+    try:
+        flood = _connected(data_dir)
+        with flood:
+            with contextlib.suppress(OSError):  # the bridge may hang up before all is sent
+                flood.sendall(b"x" * (10 << 20))
+            try:
+                answer = flood.makefile("rb").readline()
+            except ConnectionResetError:  # closed with our bytes unread: a reset
+                answer = b""
+            assert answer == b""  # refused: the line over the limit is not kept
+        with _connected(data_dir) as gone:
+            gone.sendall(b'{"op": "rebalance", "args": {"dry_run": true}}')  # no newline: hangs
+        assert call(data_dir, "rebalance", {"dry_run": True})["dry_run"] is True
+        stopping = threading.Thread(target=bridge.stop)
+        stopping.start()
+        stopping.join(30)
+        assert not stopping.is_alive(), "a silent control client kept the bridge from stopping"
+        assert silent.makefile("rb").readline() == b""  # told by the socket's close
+    finally:
+        silent.close()
+
+
+def test_a_client_whose_operation_the_stop_waited_for_gets_its_result(
+    broker: Broker, data_dir: Path, run_bridge: RunBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during an operation: the stop waits for it, and its client hears how it ended."""
+    bridge = _start(run_bridge, broker, data_dir)
+    running, finish = threading.Event(), threading.Event()
+    real = operations.run
+
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        running.set()
+        assert finish.wait(60)
+        return real(store, op, args)
+
+    monkeypatch.setattr(operations, "run", slow)
+    answers: list[object] = []
+
+    def ask_rebalance() -> None:
+        try:
+            answers.append(call(data_dir, "rebalance", {}, timeout=60))
+        except BackupError as exc:
+            answers.append(exc)
+
+    operating = threading.Thread(target=ask_rebalance)
+    operating.start()
+    assert running.wait(20)
+    stopping = threading.Thread(target=bridge.stop)
+    stopping.start()
+    wait_until(lambda: not (data_dir / "control.sock").exists(), 20, "the socket to close")
+    finish.set()
+    stopping.join(30)
+    operating.join(30)
+    assert len(answers) == 1
+    assert isinstance(answers[0], dict), answers
+    assert answers[0]["dry_run"] is False
