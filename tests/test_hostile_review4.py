@@ -7,6 +7,7 @@ path, start-up). Real RocksDB in temp dirs; faults and thread interleavings inje
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -14,13 +15,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import mqtt5
 import pytest
 
 from mqtt_backup import operations
+from mqtt_backup.config import BrokerAddress
 from mqtt_backup.control import call
-from mqtt_backup.errors import BackupError
+from mqtt_backup.errors import BackupError, BrokerError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
+from mqtt_backup.mqtt import codec
+from mqtt_backup.mqtt.codec import CodecConnection
+from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
@@ -28,6 +34,7 @@ from mqtt_backup.storage import store as store_module
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import Broker, wait_until
 from tests.test_one_loop import RunBridge, _start
+from tests.test_wire_parse import expected, feed
 
 
 @pytest.fixture
@@ -259,3 +266,112 @@ def test_many_restores_racing_forget_and_moves_of_their_device_never_fail_or_rep
         assert got == sorted(set(got), key=int), got[:20]
         assert set(got) <= set(everything)
     assert results
+
+
+def test_a_cached_route_follows_a_partitions_add_for_held_and_new_messages(store: Store) -> None:
+    """The route cache by topic bytes names partitions: after an add, nothing goes to the old one.
+
+    One message is offered before the operation (its route cached), one during it (held), one
+    after; all three are stored in the device's new home, which a restore reads.
+    """
+    device = _a_device_that_moves_to(store, "p9")
+    topic = f"devices/{device}/t".encode()
+    acked: list[object] = []
+    pipeline = _pipeline(store, acked)
+    pipeline.offer_publishes([topic], [b"before"], [0], [1], BASE_NS)
+    pipeline.commit()
+    pipeline.offer_publishes([topic], [b"during"], [0], [2], BASE_NS + 1)  # held meanwhile
+    operations.run(store, "partitions-add", {"name": "p9"})
+    pipeline.regroup()  # what the bridge does when an operation ends
+    pipeline.offer_publishes([topic], [b"after"], [0], [3], BASE_NS + 2)
+    pipeline.commit()
+    assert acked == [1, 2, 3]
+    assert _read_all(LiveReader(store), device) == [b"before", b"during", b"after"]
+    homes = {n for n, part in store.partitions.items() if part.index_entry(device_key(device))}
+    assert homes == {"p9"}
+
+
+# --- 3. malformed packets on the hand-written path -------------------------------------------
+
+_GOOD = mqtt5.PublishPacket("devices/d1/t", b"ok", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1)
+
+
+def _qos1(body: bytes, first: int = 0x32) -> bytes:
+    """A PUBLISH of fixed header `first` around `body` (one-byte remaining length)."""
+    assert len(body) < 128
+    return bytes([first, len(body)]) + body
+
+
+_HOSTILE = {
+    "topic length past the packet end": _qos1(b"\x00\xffdevices/d1/t\x00\x02\x00x"),
+    "topic length past the payload": _qos1(b"\x00\x0edevices/d1/t\x00\x02\x00"),
+    "zero-length topic": _qos1(b"\x00\x00\x00\x02\x00x"),
+    "topic with U+0000": _qos1(b"\x00\x0cdevices/d\x00/t\x00\x02\x00x"),
+    "packet id 0": _qos1(b"\x00\x0cdevices/d1/t\x00\x00\x00x"),
+    "QoS 3": _qos1(b"\x00\x0cdevices/d1/t\x00\x02\x00x", first=0x36),
+    "property length over-long": _qos1(b"\x00\x0cdevices/d1/t\x00\x02\x80\x00x"),
+    "property length past the packet": _qos1(b"\x00\x0cdevices/d1/t\x00\x02\x05x"),
+    "shorter than any fast one": _qos1(b"\x00\x01d\x00\x02"),
+    "surrogate in the topic": _qos1(b"\x00\x0ddevices/\xed\xa0\x80/t\x00\x02\x00x"),
+    "overlong UTF-8 in the topic": _qos1(b"\x00\x0cdevices/\xc0\xaf/t\x00\x02\x00x"),
+    # With a property (content type ""): the codec's, not the fast path's.
+    "surrogate in the topic, with a property": _qos1(
+        b"\x00\x0ddevices/\xed\xa0\x80/t\x00\x02\x03\x03\x00\x00x"
+    ),
+    "surrogate in the topic, retained, with a property": _qos1(
+        b"\x00\x0ddevices/\xed\xa0\x80/t\x00\x02\x03\x03\x00\x00x", first=0x33
+    ),
+    "surrogate in a user property": _qos1(
+        b"\x00\x0cdevices/d1/t\x00\x02\x09\x26\x00\x01k\x00\x03\xed\xa0\x80x"
+    ),
+}
+
+
+# mqtt5 reports a topic's UnicodeDecodeError as unraisable before it panics (see the next test).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("name", sorted(_HOSTILE))
+def test_a_hostile_publish_is_read_as_the_codec_reads_it_at_every_split(name: str) -> None:
+    """Between two good messages, in one read or one byte per read: as the codec reads it.
+
+    Either the codec reads the packet and the sink hears what it reads, or it refuses it and
+    the connection fails as malformed with only what came before heard (nothing acknowledged).
+    """
+    bad = _HOSTILE[name]
+    stream = _GOOD.write() + bad + _GOOD.write()
+    try:
+        packet, _ = read5(memoryview(bad))
+    except ValueError:
+        packet = None
+    one_byte_reads = [stream[i : i + 1] for i in range(len(stream))]
+    for cut, reads in (("none", [stream]), ("every byte", one_byte_reads)):
+        heard, wire = feed(reads)
+        if packet is None:
+            assert heard == [expected(_GOOD)], cut
+            assert isinstance(wire.failure, BrokerError), cut
+            assert "malformed packet" in wire.failure.detail
+        else:
+            assert isinstance(packet, mqtt5.PublishPacket)
+            assert wire.failure is None, (cut, wire.failure)
+            assert heard == [expected(_GOOD), expected(packet), expected(_GOOD)], cut
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_publish_the_codec_panics_on_fails_a_client_connection_as_malformed() -> None:
+    """The client codec (restore service, `restore` command, client-id check) hears the same.
+
+    mqtt5 0.8.0 reports the topic's UnicodeDecodeError as unraisable, then panics (pyo3's
+    PanicException, a BaseException): out of `data_received` asyncio would log a traceback as
+    a fatal error. It must fail the connection as a malformed packet instead.
+    """
+    bad = _HOSTILE["surrogate in the topic, with a property"]
+
+    async def run() -> BrokerError | None:
+        conn = CodecConnection(BrokerAddress("127.0.0.1", 1883))  # its reader, unconnected
+        wire = codec._Wire(conn._read, inbox_limit=10)
+        wire.data_received(_GOOD.write() + bad)
+        assert len(wire.inbox) == 1  # what came before it is delivered
+        return wire.failure
+
+    failure = asyncio.run(run())
+    assert isinstance(failure, BrokerError)
+    assert "malformed packet" in failure.detail

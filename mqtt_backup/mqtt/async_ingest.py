@@ -53,6 +53,7 @@ from mqtt_backup.mqtt.ingest import (
     describe,
     taken_over,
 )
+from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.records import Properties, Record, stored_flags
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class _Wire(asyncio.Protocol):
     def _decode(self, packet_bytes: memoryview) -> None:
         """One whole packet by the codec (ValueError when it is malformed)."""
         with packet_bytes:
-            packet, _ = mqtt5.read(packet_bytes)
+            packet, _ = read5(packet_bytes)
         if type(packet) is not _PUBLISH:
             self._dispatch(packet)
             return
