@@ -24,7 +24,7 @@ from mqtt_backup.control import call
 from mqtt_backup.errors import BackupError, BrokerError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
-from mqtt_backup.mqtt import codec
+from mqtt_backup.mqtt import AsyncIngest, codec
 from mqtt_backup.mqtt.codec import CodecConnection
 from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.placement import Weighted, place
@@ -32,7 +32,7 @@ from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.topics import Router, parse_template
-from tests.conftest import Broker, wait_until
+from tests.conftest import Broker, Sent, publish, read_all, stored_count, wait_until
 from tests.test_one_loop import RunBridge, _start
 from tests.test_wire_parse import expected, feed
 
@@ -375,3 +375,47 @@ def test_a_publish_the_codec_panics_on_fails_a_client_connection_as_malformed() 
     failure = asyncio.run(run())
     assert isinstance(failure, BrokerError)
     assert "malformed packet" in failure.detail
+
+
+def test_a_hold_that_fills_during_an_operation_pauses_then_loses_nothing(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operation outlasts the hold (batch_max 2: 20 held): reading pauses, then all is stored.
+
+    Nothing is acknowledged while the operation runs; afterwards every message is stored once
+    (copies flagged) and acknowledged.
+    """
+    bridge = _start(run_bridge, broker, data_dir, batch_max=2)
+    running, finish = threading.Event(), threading.Event()
+    real = operations.run
+
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        running.set()
+        assert finish.wait(60)
+        return real(store, op, args)
+
+    monkeypatch.setattr(operations, "run", slow)
+    operating = threading.Thread(target=lambda: call(data_dir, "rebalance", {}, timeout=60))
+    operating.start()
+    try:
+        assert running.wait(20)
+        acked = bridge.bridge.snapshot().acknowledged
+        sent = [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(60)]
+        publish(broker, sent)
+        transport = bridge.bridge._transport
+        assert isinstance(transport, AsyncIngest)
+        wait_until(lambda: transport.paused, 20, "reading to pause with the hold full")
+        assert bridge.bridge.snapshot().acknowledged == acked
+        assert stored_count(data_dir) == 0
+    finally:
+        finish.set()
+        operating.join(30)
+    wait_until(lambda: stored_count(data_dir) >= 60, 30, "every held and paused message stored")
+    wait_until(lambda: not transport.paused, 20, "reading to resume")
+    originals = [m.record.payload for m in read_all(data_dir)[unique] if not m.record.dup]
+    assert sorted(originals) == sorted(s.payload for s in sent)
+    wait_until(lambda: bridge.bridge.snapshot().acknowledged >= acked + 60, 20, "their acks")
