@@ -419,3 +419,40 @@ def test_a_hold_that_fills_during_an_operation_pauses_then_loses_nothing(
     originals = [m.record.payload for m in read_all(data_dir)[unique] if not m.record.dup]
     assert sorted(originals) == sorted(s.payload for s in sent)
     wait_until(lambda: bridge.bridge.snapshot().acknowledged >= acked + 60, 20, "their acks")
+
+
+def test_two_operations_at_once_run_one_after_the_other_and_both_answer(
+    broker: Broker, data_dir: Path, run_bridge: RunBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _start(run_bridge, broker, data_dir)
+    first_running, finish = threading.Event(), threading.Event()
+    order: list[str] = []
+    real = operations.run
+
+    def slow_first(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        order.append(f"start {op}")
+        if op == "rebalance":
+            first_running.set()
+            assert finish.wait(60)
+        done = real(store, op, args)
+        order.append(f"end {op}")
+        return done
+
+    monkeypatch.setattr(operations, "run", slow_first)
+    answers: dict[str, dict[str, Any]] = {}
+
+    def ask(op: str, args: dict[str, Any]) -> None:
+        answers[op] = call(data_dir, op, args, timeout=60)
+
+    first = threading.Thread(target=ask, args=("rebalance", {}))
+    first.start()
+    assert first_running.wait(20)
+    second = threading.Thread(target=ask, args=("prune", {"dry_run": True, "older_than_ns": 1}))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second operation ran beside the first"
+    finish.set()
+    first.join(30)
+    second.join(30)
+    assert order == ["start rebalance", "end rebalance", "start prune", "end prune"]
+    assert set(answers) == {"rebalance", "prune"}
