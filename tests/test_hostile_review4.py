@@ -8,7 +8,10 @@ path, start-up). Real RocksDB in temp dirs; faults and thread interleavings inje
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import gc
+import os
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,8 +35,23 @@ from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.topics import Router, parse_template
-from tests.conftest import Broker, Sent, publish, read_all, stored_count, wait_until
+from tests import test_disk_full as disk_full
+from tests.conftest import (
+    BridgeThread,
+    Broker,
+    Sent,
+    make_settings,
+    publish,
+    read_all,
+    stored_count,
+    wait_until,
+)
+from tests.faulty import Faults
+from tests.test_async_ingest import Hooks, Running, _ingest
+from tests.test_async_ingest import _pipeline as ingest_pipeline
+from tests.test_disk_full import small_disk  # noqa: F401 - a fixture, used by name
 from tests.test_one_loop import RunBridge, _start
+from tests.test_restore_e2e import ask as ask_restore
 from tests.test_wire_parse import expected, feed
 
 
@@ -456,3 +474,57 @@ def test_two_operations_at_once_run_one_after_the_other_and_both_answer(
     second.join(30)
     assert order == ["start rebalance", "end rebalance", "start prune", "end prune"]
     assert set(answers) == {"rebalance", "prune"}
+
+
+def test_a_restore_during_a_real_full_disk_stall_answers_from_what_is_stored(
+    small_disk: Path,  # noqa: F811 - the imported fixture
+    broker: Broker,
+    unique: str,
+) -> None:
+    """The writer's handles are closed by ENOSPC on a real (tmpfs) disk; a restore still answers.
+
+    LiveReader falls back to a read-only handle while the stall lasts, on a disk with no room.
+    """
+    bridge = BridgeThread(make_settings(broker, small_disk, batch_max=20))
+    try:
+        payload = os.urandom(disk_full.PAYLOAD)
+        sent = [Sent(f"devices/{unique}/t", payload) for _ in range(disk_full.DISK_MIB * 60)]
+        publish(broker, sent)
+        transport = bridge.bridge._transport
+        wait_until(lambda: transport.stall.active, 60, "storage to stall")
+        stored = bridge.bridge.snapshot().stored
+        assert 0 < stored < len(sent)
+        answers = ask_restore(broker, unique, {"limit": 3})
+        assert answers[-1]["done"] is True, answers[-1]
+        assert answers[-1]["count"] == 3
+        assert all(base64.b64decode(a["payload"]) == payload for a in answers[:-1])
+        assert transport.stall.active  # answered while the stall lasts
+    finally:
+        bridge.stop()
+
+
+def test_a_failed_commit_in_the_worker_logs_no_unretrieved_future_traceback(
+    broker: Broker, data_dir: Path, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit that fails on storage is a stall (one warning), not an asyncio ERROR traceback.
+
+    The commit's concurrent future is wrapped for the loop; its failure is read from the
+    original, so the wrapper's exception must be marked retrieved or asyncio logs "Future
+    exception was never retrieved" with the whole traceback, once per failed commit.
+    """
+    store = Store.open(data_dir, 2)
+    faults, hooks = Faults(failing=True), Hooks()
+    ingest = _ingest(BrokerAddress("127.0.0.1", broker.port), hooks, f"devices/{unique}/#")
+    pipeline = ingest_pipeline(store, faults, ingest.ack)
+    try:
+        ingest.connect(pipeline, [])
+        with Running(ingest, pipeline):
+            publish(broker, [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(5)])
+            wait_until(lambda: faults.calls["write_failed"] >= 2, 20, "two failed commits")
+            faults.failing = False
+            wait_until(lambda: pipeline.counters.stored == 5, 40, "every message stored")
+        gc.collect()
+    finally:
+        store.close()
+    unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert unretrieved == []
