@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import logging
 import os
 import socket
 import threading
@@ -32,7 +33,7 @@ from mqtt_backup.mqtt.codec import CodecConnection
 from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.topics import Router, parse_template
 from tests import test_disk_full as disk_full
@@ -40,6 +41,7 @@ from tests.conftest import (
     BridgeThread,
     Broker,
     Sent,
+    device_client,
     make_settings,
     publish,
     read_all,
@@ -528,3 +530,47 @@ def test_a_failed_commit_in_the_worker_logs_no_unretrieved_future_traceback(
         store.close()
     unretrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert unretrieved == []
+
+
+def test_stopping_the_bridge_mid_restore_stops_cleanly_with_everything_stored(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Restores are being answered (chunks on worker threads) when the bridge is told to stop.
+
+    The stop ends them, closes the store after their reads, raises nothing and logs no
+    unexpected error; what was stored before stays readable.
+    """
+    bridge = _start(run_bridge, broker, data_dir)
+    sent = [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(3000)]
+    publish(broker, sent)
+    wait_until(lambda: stored_count(data_dir) >= len(sent), 60, "everything stored")
+
+    async def ask_many() -> None:
+        async with device_client(broker) as client:
+            for _ in range(4):
+                await client.publish(f"backup/restore/{unique}", b"", qos=1)
+
+    reading, release = threading.Event(), threading.Event()
+    real_read = LiveReader.read
+
+    def read_then_hold(self: LiveReader, cursor: Cursor, limit: int) -> list[StoredMessage]:
+        got = real_read(self, cursor, limit)
+        reading.set()
+        release.wait(20)  # a chunk in flight on its worker thread while the bridge stops
+        return got
+
+    monkeypatch.setattr(LiveReader, "read", read_then_hold)
+    asyncio.run(ask_many())  # nobody listens to the answers: only their sending matters
+    assert reading.wait(20)
+    bridge.bridge.stop()  # asks; the bridge's thread stops
+    listening = bridge.bridge.restore_listening
+    wait_until(lambda: not listening.is_set(), 20, "the restore side to go (its chunk still read)")
+    release.set()
+    bridge.stop()  # joined: what its thread raised is raised here
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert len(read_all(data_dir)[unique]) == len(sent)
