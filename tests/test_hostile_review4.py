@@ -23,9 +23,10 @@ import mqtt5
 import pytest
 
 from mqtt_backup import operations
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.bridge import Bridge
+from mqtt_backup.config import BrokerAddress, Transport
 from mqtt_backup.control import call
-from mqtt_backup.errors import BackupError, BrokerError
+from mqtt_backup.errors import BackupError, BrokerError, StorageError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
 from mqtt_backup.mqtt import AsyncIngest, codec
@@ -574,3 +575,18 @@ def test_stopping_the_bridge_mid_restore_stops_cleanly_with_everything_stored(
     bridge.stop()  # joined: what its thread raised is raised here
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert len(read_all(data_dir)[unique]) == len(sent)
+
+
+@pytest.mark.parametrize("transport", [Transport.ASYNCIO, Transport.PAHO])
+def test_a_control_socket_path_taken_by_a_directory_is_a_storage_error_naming_it(
+    broker: Broker, data_dir: Path, transport: Transport
+) -> None:
+    """Not a stale socket but a directory where the socket goes: one line saying what to do."""
+    bridge = Bridge(make_settings(broker, data_dir, transport=transport))
+    (data_dir / "control.sock").mkdir()
+    bridge.connect()
+    with pytest.raises(StorageError) as refused:
+        bridge.run()
+    assert refused.value.exit_code == 4
+    assert "control.sock" in refused.value.message()
+    assert "remove it" in refused.value.message()
