@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from mqtt_backup.errors import BackupError, DataDirLocked, NoReply
+from mqtt_backup.errors import BackupError, DataDirLocked, NoReply, StorageError
 
 SOCKET = "control.sock"
 # How often the serving thread looks for a stop: a stopping bridge waits up to this long for it.
@@ -61,6 +61,14 @@ def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
     return str(request["op"]), dict(request.get("args") or {})
 
 
+def _cannot_bind(path: Path, exc: OSError) -> StorageError:
+    """The control socket cannot be made where it belongs (something else is there)."""
+    return StorageError(
+        f"cannot make the control socket {path}: {exc.strerror or exc}",
+        "only the bridge's socket belongs there: remove it and start the bridge again",
+    )
+
+
 def _failed(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, BackupError):
         return {"ok": False, "error": exc.message(), "exit_code": exc.exit_code}
@@ -96,7 +104,10 @@ class ControlServer:
 
     def start(self) -> None:
         """Bind (replacing a stale socket: we hold the data directory's lock) and serve."""
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _cannot_bind(self.path, exc) from exc
         with _address(self.path) as address:
             server = _Server(address, _Handler, bind_and_activate=False)
             server.submit = self._submit
@@ -129,13 +140,19 @@ class AsyncControlServer:
         self._operate = operate
         self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
+        # Connections still waiting for their request line: closed at `stop` (a client that
+        # never sends would otherwise keep its socket open past the bridge's end).
+        self._waiting: set[asyncio.StreamWriter] = set()
 
     def bind(self) -> None:
         """Bind (replacing a stale socket: we hold the data directory's lock), before the loop.
 
-        An error here is a start-up error, as with `ControlServer.start`.
+        An error here is a start-up error (StorageError), as with `ControlServer.start`.
         """
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _cannot_bind(self.path, exc) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with _address(self.path) as address:
@@ -143,9 +160,11 @@ class AsyncControlServer:
                 # here, which would race the store's worker threads); then owner read/write only.
                 sock.bind(address)
             self.path.chmod(0o600)
-        except BaseException:
+        except BaseException as exc:
             sock.close()
             self.path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _cannot_bind(self.path, exc) from exc
             raise
         self._sock = sock
 
@@ -158,7 +177,14 @@ class AsyncControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await self._answer(await reader.readline())
+            self._waiting.add(writer)
+            try:
+                line = await reader.readline()
+            finally:
+                self._waiting.discard(writer)
+            if not line:
+                return  # the client hung up without asking, or the bridge is stopping
+            reply = await self._answer(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, ValueError):  # the client went away; or a line over the limit
@@ -174,7 +200,10 @@ class AsyncControlServer:
             return _failed(exc)
 
     def stop(self) -> None:
-        """Stop serving and remove the socket (a request in progress gets no reply: NoReply)."""
+        """Stop serving and remove the socket; a request under way still gets its reply."""
+        for writer in self._waiting:
+            writer.close()  # its readline sees the end: nothing to answer
+        self._waiting.clear()
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -194,21 +194,25 @@ class CommitPipeline:
         self.counters.received += len(tokens)
         self._tokens += tokens
         routes, groups, size, skipped = self._routes, self._groups, self._size, 0
-        for topic, payload, flag in zip(topics, payloads, flags, strict=True):
-            route = routes.get(topic) or self._route(topic)
-            if route is None:
-                skipped += 1
-                continue
-            partition, device, dev_key, middle = route
-            item = _new_pending(Pending, (device, dev_key, received_ns, flag, middle, payload))
-            group = groups.get(partition)
-            if group is None:
-                groups[partition] = [item]
-            else:
-                group.append(item)
-            size += 1
-        self._size = size
-        self.counters.skipped += skipped
+        try:
+            for topic, payload, flag in zip(topics, payloads, flags, strict=True):
+                route = routes.get(topic) or self._route(topic)
+                if route is None:
+                    skipped += 1
+                    continue
+                partition, device, dev_key, middle = route
+                item = _new_pending(Pending, (device, dev_key, received_ns, flag, middle, payload))
+                group = groups.get(partition)
+                if group is None:
+                    groups[partition] = [item]
+                else:
+                    group.append(item)
+                size += 1
+        finally:
+            # A topic that is not UTF-8 raises midway: what was placed before it still counts
+            # (else the batch looks empty and nothing commits it).
+            self._size = size
+            self.counters.skipped += skipped
         return size >= self.batch_max
 
     def _route(self, topic: bytes) -> _Route | None:

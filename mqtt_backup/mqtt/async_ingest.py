@@ -53,6 +53,7 @@ from mqtt_backup.mqtt.ingest import (
     describe,
     taken_over,
 )
+from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.records import Properties, Record, stored_flags
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class _Wire(asyncio.Protocol):
     def _decode(self, packet_bytes: memoryview) -> None:
         """One whole packet by the codec (ValueError when it is malformed)."""
         with packet_bytes:
-            packet, _ = mqtt5.read(packet_bytes)
+            packet, _ = read5(packet_bytes)
         if type(packet) is not _PUBLISH:
             self._dispatch(packet)
             return
@@ -637,11 +638,23 @@ class AsyncIngest:
             self._stored(wire, drained_at)
             return
         asyncio.wrap_future(done).add_done_callback(
-            lambda _: self._committed(wire, done, drained_at)
+            lambda wrapped: self._committed(wire, done, drained_at, wrapped)
         )
 
-    def _committed(self, wire: _Wire, done: Future[None], drained_at: int | None) -> None:
-        """A commit returned from the worker thread: settle it here, then start the next."""
+    def _committed(
+        self,
+        wire: _Wire,
+        done: Future[None],
+        drained_at: int | None,
+        wrapped: asyncio.Future[None] | None = None,
+    ) -> None:
+        """A commit returned from the worker thread: settle it here, then start the next.
+
+        Its outcome is read from `done`; the loop's wrapper of it is marked read too, or a
+        failed commit would also be logged by asyncio as a never-retrieved exception.
+        """
+        if wrapped is not None and not wrapped.cancelled():
+            wrapped.exception()
         sink = self.sink
         if sink is None:
             return

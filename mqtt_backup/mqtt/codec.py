@@ -34,7 +34,7 @@ from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, Co
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.aio import OutProps, TlsFiles
 from mqtt_backup.mqtt.ingest import describe
-from mqtt_backup.mqtt.packets import Outgoing
+from mqtt_backup.mqtt.packets import Outgoing, read5
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0
@@ -410,7 +410,7 @@ class CodecConnection:
         self.send_window = _MAX_PACKET_ID
         # The broker's Maximum Packet Size (MQTT 5 CONNACK); None: no limit was given.
         self.max_packet_size: int | None = None
-        self._read: Reader = mqtt5.read if self.mqtt5 else v311.read
+        self._read: Reader = read5 if self.mqtt5 else v311.read
         self._write: Writer = _write5 if self.mqtt5 else v311.write
         self._wire: _Wire | None = None
         self._pinger: asyncio.Task[None] | None = None

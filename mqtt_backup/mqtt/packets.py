@@ -24,6 +24,23 @@ _CORRELATION_DATA = 0x09
 _USER_PROPERTY = 0x26
 
 
+def read5(buffer: memoryview) -> tuple[mqtt5.Packet, int]:
+    """`mqtt5.read`, with its panics as ValueError: a malformed packet, like any other.
+
+    mqtt5 0.8.0 panics (pyo3's PanicException, a BaseException that no `except ValueError` or
+    `except Exception` sees) on some malformed packets, e.g. a QoS 1 PUBLISH whose topic is not
+    UTF-8; out of `data_received`, asyncio logs it with a traceback as a fatal error.
+    """
+    try:
+        return mqtt5.read(buffer)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError(f"the codec cannot read it ({exc})") from None
+
+
 def varint(value: int) -> bytes:
     """MQTT's variable byte integer (remaining length, property length)."""
     out = bytearray()

@@ -324,11 +324,15 @@ class Store:
 
     def locate(self, device_id: str) -> tuple[str, bytes]:
         """(partition name, device key) of a device; cached, as this runs per message."""
-        found = self._located.get(device_id)
+        # The cache first, then the layout: `switch` (an operation's thread, while the loop
+        # reads on) sets the layout first, then a new cache, so an answer from the old layout
+        # can only land in the old cache, never outlive the switch.
+        located = self._located
+        found = located.get(device_id)
         if found is None:
             dev_key = device_key(device_id)
             found = (place(dev_key, self._weighted), dev_key)
-            self._located.put(device_id, found)
+            located.put(device_id, found)
         return found
 
     @property
@@ -404,7 +408,7 @@ class Store:
                 (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
             self.manifest = manifest
             self._weighted = manifest.weighted
-            self._located.clear()
+            self._located = RecentCache(LOCATE_CACHE_ENTRIES)  # not clear(): see `locate`
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
                 self.partitions.pop(name).close()
