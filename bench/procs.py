@@ -249,6 +249,19 @@ class SysWatch:
             f"timed out after {timeout:.0f} s waiting for {what} ({self.latest(topic)})"
         )
 
+    def settled(self, quiet: float, timeout: float, topic: str = STORE) -> int:
+        """The value once it has not changed for `quiet` seconds (BenchError after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = list(self.values[topic])
+            if seen:
+                value = seen[-1][1]
+                changed = max((t for t, v in seen if v != value), default=0.0)
+                if time.monotonic() - changed >= quiet:
+                    return value
+            time.sleep(0.1)
+        raise BenchError(f"{topic} did not settle in {timeout:.0f} s ({self.latest(topic)})")
+
     def wait_after(
         self,
         since: float,

@@ -273,12 +273,18 @@ class BridgeConsumer:
 def preload_queue(
     broker: Broker, watch: SysWatch, messages: Iterator[tuple[str, bytes]], name: str
 ) -> int:
-    """Preload a queue; returns the store count before it (the level the drain goes back to)."""
-    before = watch.latest()
+    """Preload a queue; returns the store count before it (the level the drain goes back to).
+
+    The count must have settled first: with persistence (mosquitto/dev.conf, autosave every
+    5 s) the messages of a drained session left the count for a while after, and a level read
+    then lay thousands below the one the next drain comes back to (it never ended).
+    """
+    before = watch.settled(SETTLED_S, timeout=120)
     preload(broker, messages, name)
     return before
 
 
+SETTLED_S = 6.0  # longer than dev.conf's autosave_interval
 STALL_S = 120.0  # a drain whose store count has not moved for this long has failed
 
 
