@@ -72,25 +72,20 @@ def load_average() -> tuple[float, float, float]:
 
 def commit() -> str | None:
     """The commit measured (with `+` when the tree has changes); None outside a git checkout."""
-    here = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+" if dirty else "")
+
+
+def _git(*args: str) -> str:
+    here = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["git", "-C", str(here), *args], capture_output=True, text=True, check=True, timeout=10
+    )
+    return done.stdout.strip()
 
 
 def describe() -> dict[str, Any]:
