@@ -22,7 +22,7 @@ test: check pytest
 
 # Everything but the tests marked slow (see README, Development).
 test-fast: check
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 check: lint typecheck
 
@@ -33,11 +33,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# One pytest worker per core (pytest-xdist); PYTEST_WORKERS=0 runs them in this process, in order.
+# One pytest worker per core (pytest-xdist; a test marked xdist_group keeps to one worker with
+# its group); PYTEST_WORKERS=0 runs them in this process, in order.
 PYTEST_WORKERS ?= auto
 
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The bridge against aedes (npm) and amqtt (own venv) under .run/brokers; not part of `make test`.
 # BROKER_ARGS='--brokers aedes --scenarios live -n 200' runs a subset (see docs/brokers.md).

@@ -18,7 +18,9 @@ import pytest
 import mqtt_backup
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+# One worker builds the wheel (pytest-xdist, --dist loadgroup): setuptools builds in the source
+# tree (build/, *.egg-info), and two builds there at once would race.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 LIST_WEB_FILES = """
 from importlib.resources import files

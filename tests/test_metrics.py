@@ -181,3 +181,16 @@ def test_a_taken_metrics_port_is_a_usage_error(broker: Broker, data_dir: Path) -
         assert caught.value.exit_code == 2
     finally:
         stop()
+
+
+def test_a_write_counts_as_hung_from_ten_seconds() -> None:
+    # The bridge test turns WRITE_HUNG_S down to 1 s (to save the wait): the real bar is here.
+    assert metrics.WRITE_HUNG_S == 10.0
+
+    def waiting(seconds: float) -> metrics.Snapshot:
+        return metrics.Snapshot(0, 0, 0, 0, 0, 0.0, 0, True, False, 0, write_seconds=seconds)
+
+    assert metrics.health(waiting(9.9)) == (True, "ok: connected, storage writable")
+    healthy, why = metrics.health(waiting(10.0))
+    assert not healthy
+    assert why.startswith("a storage write has not returned for 10 s")
