@@ -15,7 +15,7 @@ import pytest
 
 from mqtt_backup.config import BrokerAddress, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, codec, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
@@ -145,6 +145,41 @@ def test_nobody_listening_is_unreachable() -> None:
     with pytest.raises(BrokerUnreachable) as unreachable:
         asyncio.run(connect())
     assert "check --broker and that the broker runs" in unreachable.value.message()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_cancellation_that_comes_with_the_connack_is_not_swallowed(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """A stop while connecting stops the connect, even when the CONNACK arrives at that moment.
+
+    `asyncio.wait_for` (3.11, cpython gh-86296) returned the CONNACK and dropped the
+    cancellation: the connection went on as if nobody had asked it to stop. The fault injected:
+    the task is cancelled in the very callback that hands the CONNACK over.
+    """
+    connecting: list[asyncio.Task[None]] = []
+    dispatch = codec._Wire._dispatch
+
+    def dispatch_then_cancel(wire: codec._Wire, packet: mqtt5.Packet) -> None:
+        dispatch(wire, packet)
+        if isinstance(packet, mqtt5.ConnAckPacket):
+            connecting[0].cancel()
+
+    monkeypatch.setattr(codec._Wire, "_dispatch", dispatch_then_cancel)
+    entered = False
+
+    async def connect() -> None:
+        nonlocal entered
+        async with CodecConnection(_address(broker), protocol=protocol):
+            entered = True
+
+    async def scenario() -> bool:
+        connecting.append(asyncio.create_task(connect()))
+        await asyncio.wait(connecting)
+        return connecting[0].cancelled()
+
+    assert asyncio.run(scenario()), "the cancellation was swallowed"
+    assert not entered
 
 
 def test_broker_gone_mid_stream_hands_out_what_arrived_then_a_clear_error(

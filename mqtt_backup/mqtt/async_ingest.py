@@ -426,16 +426,15 @@ class AsyncIngest:
         generation = self._generation = sink.new_connection() & 0xFFFF
         address = self.session.address
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(
+            # Not `asyncio.wait_for`: on 3.11 it can swallow a cancellation (cpython gh-86296).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, wire = await loop.create_connection(
                     lambda: _Wire(self, sink, generation),
                     address.host,
                     address.port,
                     ssl=self._ssl,
                     server_hostname=address.host if self._ssl else None,
-                ),
-                CONNECT_TIMEOUT_S,
-            )
+                )
         except TimeoutError:
             raise BrokerUnreachable(
                 f"{address}: no connection within {CONNECT_TIMEOUT_S:g} s",
@@ -501,7 +500,8 @@ class AsyncIngest:
 
     async def _answer(self, future: asyncio.Future[_T], what: str) -> _T:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await asyncio.shield(future)
         except TimeoutError:
             raise BrokerUnreachable(f"no {what} from {self.session.address} in time") from None
         except BrokerError as exc:
@@ -572,7 +572,8 @@ class AsyncIngest:
                 await self._reconnect(sink, stop)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await asyncio.shield(wire.lost)
             if isinstance(wire.failure, SessionTakenOver):
                 self._connected = False  # the shutdown stores what is pending; its acks are void
                 raise wire.failure
@@ -736,7 +737,8 @@ class AsyncIngest:
         if wire is not None and wire.transport is not None:
             wire.transport.abort()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.shield(wire.lost)
 
     async def _reconnect(self, sink: PipelinedSink, stop: threading.Event) -> None:
         """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
@@ -811,7 +813,8 @@ class AsyncIngest:
         assert wire.transport is not None
         wire.transport.close()  # after the buffered acks and the DISCONNECT are written
         try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(wire.lost)
         except TimeoutError:
             wire.transport.abort()
         self._wire = None

@@ -422,16 +422,15 @@ class CodecConnection:
         loop = asyncio.get_running_loop()
         limit = 2 * self.receive_max
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(
+            # Not `asyncio.wait_for`: on 3.11 it can swallow a cancellation (cpython gh-86296).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, wire = await loop.create_connection(
                     lambda: _Wire(self._read, limit, self.mqtt5),
                     self.address.host,
                     self.address.port,
                     ssl=self._ssl_context(),
                     server_hostname=self.address.host if self.address.tls else None,
-                ),
-                CONNECT_TIMEOUT_S,
-            )
+                )
         except TimeoutError:
             raise BrokerUnreachable(
                 f"{self.address}: no connection within {CONNECT_TIMEOUT_S:g} s",
@@ -477,7 +476,8 @@ class CodecConnection:
             )
         )
         try:
-            connack = await asyncio.wait_for(wire.connack, CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                connack = await wire.connack
         except TimeoutError:
             raise BrokerUnreachable(f"no CONNACK from {self.address} in time") from None
         except BrokerError as exc:
@@ -714,7 +714,8 @@ class CodecConnection:
             wire.failure = BrokerUnreachable(f"{self.address}: disconnected")
             wire.transport.close()  # after the buffered bytes are written
         try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(wire.lost)
         except TimeoutError:
             wire.transport.abort()
 

@@ -574,7 +574,8 @@ async def serve(
             delay = backoff.next()
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
     await service.stop()
     watcher.save()
 
