@@ -383,19 +383,10 @@ class Store:
 
     def _check_new_path(self, spec: PartitionSpec) -> None:
         """UsageError when a new partition's directory would sit on the store's own files."""
-        path = spec.directory(self.data_dir).resolve()
-        inside = path.is_relative_to(self.data_dir.resolve())
-        if inside and path.parent != (self.data_dir / PARTITIONS).resolve():
-            # Everything else in the data directory is the store's own (the restore reader's
-            # scratch space is wiped at every start).
-            raise UsageError(
-                f"--path {spec.path} lies among the data directory's own files",
-                f"use {PARTITIONS}/{spec.name}, or a directory outside {self.data_dir}",
-            )
-        specs = (*self.manifest.partitions, spec)
-        problem = layout_problem(self.data_dir, specs, self.manifest.retired)
-        if problem:
-            raise UsageError(f"--path {spec.path}: {problem}", "choose a directory of its own")
+        shown = str(spec.directory(self.data_dir))  # what was typed is the CLI's to name
+        error = new_partition_error(self.data_dir, self.manifest, spec, shown)
+        if error is not None:
+            raise error
 
     def switch(self, manifest: Manifest) -> None:
         """Make `manifest` the layout, atomically on disk; close partitions it no longer lists.
@@ -455,6 +446,28 @@ class Store:
 
 
 _ADDING = "MQTT_BACKUP_ADDING"
+
+
+def new_partition_error(
+    data_dir: Path, manifest: Manifest, spec: PartitionSpec, shown: str
+) -> UsageError | None:
+    """Why `spec` cannot join this layout (None: it can); `shown` names its directory.
+
+    The CLI asks first, naming --path as it was typed; the store asks again when it opens it.
+    """
+    path = spec.directory(data_dir).resolve()
+    if path.is_relative_to(data_dir.resolve()) and path.parent != (data_dir / PARTITIONS).resolve():
+        # Everything else in the data directory is the store's own (the restore reader's
+        # scratch space is wiped at every start).
+        return UsageError(
+            f"{shown} lies among the data directory's own files",
+            f"leave --path out ({spec.name} then goes to {data_dir / PARTITIONS / spec.name}), "
+            f"or choose a directory outside {data_dir}",
+        )
+    problem = layout_problem(data_dir, (*manifest.partitions, spec), manifest.retired)
+    if problem:
+        return UsageError(f"{shown}: {problem}", "choose a directory of its own")
+    return None
 
 
 def _create_partition_dir(name: str, path: Path, mark: str) -> None:
