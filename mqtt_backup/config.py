@@ -98,6 +98,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     """
     hint = "a URL such as mqtt://host:1883 (or mqtts://host:8883 for TLS)"
     shown = repr(mask_url(url))
+    _check_user_part(url, shown)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -121,6 +122,24 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
+
+
+def _check_user_part(url: str, shown: str) -> None:
+    """ConfigError when the user name or password holds a `/`, `?` or `#` not percent-encoded.
+
+    urllib ends the host part at the first of them, and then reads the rest of the password
+    as the port: "its port must be a number" would send the user looking in the wrong place.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    for part, text in (("user name", user), ("password", password)):
+        if char := next((c for c in text if c in "/?#"), None):
+            code = f"%{ord(char):02X}"
+            raise ConfigError(
+                f"broker URL {shown}: its {part} holds a '{char}' that is not percent-encoded",
+                f"write '{char}' as {code} in the URL"
+                + (", or give the password with --password-file" if part == "password" else ""),
+            )
 
 
 def mask_url(url: str) -> str:
