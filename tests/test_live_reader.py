@@ -16,6 +16,7 @@ from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage, moves
 from mqtt_backup.storage.partition import Partition
+from mqtt_backup.storage.store import CHUNK_BYTES
 
 BASE_NS = 1_700_000_000 * 10**9
 MESSAGES = 300
@@ -173,3 +174,39 @@ def test_while_storage_failure_closed_the_handles_a_read_only_handle_serves(stor
     store.close_partitions()  # failing again: a fresh read-only handle sees the new write
     assert _read_all(reader, "dev-a", 100)[-1] == b"5"
     reader.close()
+
+
+def _write_big(store: Store, device: str, count: int, size: int) -> list[bytes]:
+    partition, dev_key = store.locate(device)
+    payloads = [bytes([i]) * size for i in range(count)]
+    items = [
+        Pending(device, dev_key, BASE_NS + i, Record(f"d/{device}/t", p))
+        for i, p in enumerate(payloads)
+    ]
+    store.write(partition, items)
+    return payloads
+
+
+def test_a_chunk_of_big_values_stops_at_its_byte_budget(store: Store) -> None:
+    # Counted in records alone, a chunk of 512 one-MB payloads held half a GB per restore.
+    size = CHUNK_BYTES // 4 + 1
+    payloads = _write_big(store, "dev-big", 12, size)
+    reader = LiveReader(store)
+    cursor = Cursor("dev-big")
+    first = reader.read(cursor, 512)
+    assert len(first) == 4  # the fourth value passes the budget: the chunk ends there
+    ended_early = not cursor.done
+    rest: list[StoredMessage] = []
+    while not cursor.done:
+        rest += reader.read(cursor, 512)
+    assert ended_early
+    assert _payloads(first + rest) == payloads  # everything, once, in order
+    assert _read_all(reader, "dev-big", 512, reverse=True) == payloads[::-1]
+
+
+def test_a_value_larger_than_the_budget_still_reads(store: Store) -> None:
+    payloads = _write_big(store, "dev-huge", 3, CHUNK_BYTES + 1)
+    reader = LiveReader(store)
+    cursor = Cursor("dev-huge")
+    assert _payloads(reader.read(cursor, 512)) == payloads[:1]  # at least one record a chunk
+    assert _read_all(reader, "dev-huge", 512) == payloads

@@ -41,6 +41,9 @@ PARTITIONS = "partitions"
 # Devices whose placement is kept in memory (placement hashes once per partition on a miss).
 LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
+# A chunk read ends once its values reach this many bytes (always one record at least): counted
+# in records alone, 512 one-MB payloads were half a GB held by each restore.
+CHUNK_BYTES = 1 << 20
 
 __all__ = ["Cursor", "DeviceInfo", "LiveReader", "Pending", "Store", "StoreReader", "StoredMessage"]
 
@@ -85,7 +88,10 @@ class Cursor:
 
 
 def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessage]:
-    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor."""
+    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor.
+
+    The chunk also ends once its values reach CHUNK_BYTES (one message at least).
+    """
     rows = part.read_range(
         device_key(cursor.device),
         cursor.since_ns,
@@ -93,8 +99,10 @@ def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessa
         cursor.reverse,
         cursor.after,
         limit,
+        CHUNK_BYTES,
     )
-    cursor.done = len(rows) < limit
+    # Short of both bounds: the scan ran out.
+    cursor.done = len(rows) < limit and sum(len(value) for _, value in rows) < CHUNK_BYTES
     if rows:
         cursor.after = rows[-1][0]
     found = []
