@@ -152,6 +152,11 @@ class Store:
         # it exclusive. `opened` counts the opens: a fallback reader knows when it is stale.
         self.lease = Lease()
         self.opened = 0
+        # Called under the exclusive lease once the writer's handles are open again, and at the
+        # close: readers drop the read-only handles a storage failure made them open (left
+        # open, they pin table files that a prune or forget deletes).
+        self.drop_read_only: list[Callable[[], None]] = []
+        self.closed = False
 
     @classmethod
     def open(
@@ -269,6 +274,11 @@ class Store:
             except BaseException:
                 self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
                 raise
+            self._drop_read_only()
+
+    def _drop_read_only(self) -> None:
+        for drop in list(self.drop_read_only):
+            drop()
 
     def make_room(self, stalled: bool = False) -> bool:
         """On a full disk, release the ballast so an operation can open, delete and reclaim.
@@ -420,6 +430,7 @@ class Store:
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
                 self.partitions.pop(name).close()
+            self._drop_read_only()  # one of a partition now retired would pin its files
 
     def bury_retired(self) -> None:
         """Delete the files of retired partitions, then forget them (finishes a remove)."""
@@ -455,7 +466,10 @@ class Store:
 
     def close(self) -> None:
         """Close every partition, release the directory lock and the private umask."""
-        self.close_partitions()
+        with self.lease.exclusive():
+            self.closed = True  # a chunk that comes late (a queued thread) opens nothing
+            self.close_partitions()
+            self._drop_read_only()
         self._lock.release()
         if self._holds_umask:
             self._holds_umask = False
@@ -688,11 +702,19 @@ class LiveReader:
         self.data_dir = store.data_dir
         self._fallback: dict[str, tuple[int, Partition]] = {}
         self._falling_back = threading.Lock()
+        self._closed = False
+        store.drop_read_only.append(self._close_fallback)
 
     def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of a device's messages; StorageError when its partition cannot be read."""
+        """The next chunk of a device's messages; StorageError when its partition cannot be read.
+
+        StorageError too once the reader or the store is closed: a chunk queued in a worker
+        thread may run after the shutdown, and must not open a handle nobody closes.
+        """
         store = self.store
         with store.lease.shared():
+            if self._closed or store.closed:
+                raise StorageError(f"{self.data_dir} is closed (the bridge is stopping)")
             name = store.home(device_key(cursor.device))
             part = store.partitions.get(name)
             if part is not None:
@@ -722,8 +744,15 @@ class LiveReader:
             self._fallback.clear()
 
     def close(self) -> None:
-        """Close the read-only handles of a storage failure (the writer's are not ours)."""
-        self._close_fallback()
+        """Close the read-only handles of a storage failure (the writer's are not ours).
+
+        Under the exclusive lease: no chunk is under way, and none after it opens another.
+        """
+        with self.store.lease.exclusive():
+            self._closed = True
+            self._close_fallback()
+            if self._close_fallback in self.store.drop_read_only:
+                self.store.drop_read_only.remove(self._close_fallback)
 
 
 def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
