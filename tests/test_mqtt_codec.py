@@ -637,3 +637,40 @@ def test_a_cancelled_stream_writes_nothing_more() -> None:
 
     asyncio.run(scenario())
     assert arrived == [b"a0", b"a1", b"after"]
+
+
+def test_qos0_packets_take_no_window_credit_and_count_as_done_at_once() -> None:
+    """A stream that mixes QoS 0 (a replay keeps the stored QoS) with QoS 1: no PUBACK comes for
+    a QoS 0 publish, so it takes no credit and no packet id, and is done once written. Many
+    more QoS 0 packets than the window holds all go out, and the window ends as full as it
+    began (a credit lost per QoS 0 message stalled every restore after ~20 of them)."""
+    receive_max = 2
+    arrived: list[tuple[bytes, int, int | None]] = []
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket(receive_max=receive_max).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            arrived.append((packet.payload, int(packet.qos), packet.packet_id))
+            if int(packet.qos):
+                assert packet.packet_id is not None
+                writer.write(mqtt5.PubAckPacket(packet.packet_id).write())
+
+    qos = [0] * 10 + [1, 0, 1, 1, 0] + [0] * 10
+
+    async def scenario() -> tuple[list[int], int, int]:
+        codes: list[int] = []
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            packets = [Outgoing("s/a", b"%d" % i, q) for i, q in enumerate(qos)]
+            async with asyncio.timeout(10):
+                await conn.publish_many(packets, codes.append)
+                while len(codes) < len(qos) or len(arrived) < len(qos):
+                    await asyncio.sleep(0.01)
+            assert conn._wire is not None
+            return codes, conn.window.free, len(conn._wire.acks)
+
+    codes, free, awaiting = asyncio.run(scenario())
+    assert codes == [0] * len(qos)
+    assert (free, awaiting) == (receive_max, 0)
+    assert [p for p, _, _ in arrived] == [b"%d" % i for i in range(len(qos))]
+    assert [(q, pid is None) for _, q, pid in arrived] == [(q, q == 0) for q in qos]

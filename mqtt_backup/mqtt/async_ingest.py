@@ -211,7 +211,8 @@ class _Wire(asyncio.Protocol):
         tokens: list[int] = []
         offset, end = 0, len(buffer)
         try:
-            while offset + 1 < end:
+            # Nothing after a failure (a DISCONNECT, a QoS 2 message): the connection is dead.
+            while offset + 1 < end and self.failure is None:
                 first, size, at = buffer[offset], buffer[offset + 1], offset + 2
                 if size & 0x80:
                     found = _remaining_length(buffer, offset + 1, end)
@@ -552,10 +553,10 @@ class AsyncIngest:
             self._close_loop()
 
     async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
-        if beside is not None:
-            await beside.start()
         try:
             try:
+                if beside is not None:
+                    await beside.start()  # inside: what it started is stopped if it fails
                 await self._serve(sink, stop)
             finally:
                 if beside is not None:
@@ -564,6 +565,9 @@ class AsyncIngest:
         finally:
             if beside is not None:
                 await beside.stop()
+            # loop.close() does not wait for it: a restore's chunk read queued there would run
+            # after the store closed.
+            await asyncio.get_running_loop().shutdown_default_executor()
 
     async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():

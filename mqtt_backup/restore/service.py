@@ -203,7 +203,8 @@ class RestoreService:
         # counts towards the next yield: a filter that matches nothing in a long history must
         # not hold the loop (and every other restore) for the whole scan.
         stored = self._chunks(
-            Cursor(request.device, request.since_ns, request.until_ns, request.descending)
+            Cursor(request.device, request.since_ns, request.until_ns, request.descending),
+            request.limit if request.topic is None else None,  # a filter may skip records
         )
         batches = Batches(
             outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
@@ -238,11 +239,18 @@ class RestoreService:
             await stored.aclose()
         return count
 
-    async def _chunks(self, cursor: Cursor) -> AsyncGenerator[StoredMessage]:
-        """The cursor's messages, read chunk by chunk in worker threads."""
+    async def _chunks(self, cursor: Cursor, most: int | None) -> AsyncGenerator[StoredMessage]:
+        """The cursor's messages (up to `most`), read chunk by chunk in worker threads."""
         limit = FIRST_CHUNK
         while not cursor.done:
-            for message in await asyncio.to_thread(self.reader.read, cursor, limit):
+            if most is not None:
+                limit = min(limit, most)
+            chunk = await asyncio.to_thread(self.reader.read, cursor, limit)
+            if most is not None:
+                most -= len(chunk)
+                if most <= 0:
+                    cursor.done = True  # read to the limit: nothing more is sent
+            for message in chunk:
                 yield message
             limit = CHUNK
 

@@ -532,19 +532,26 @@ class Partition:
         reverse: bool,
         after: bytes | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (key, value) of `scan`, its iterator closed before it returns.
 
+        With `max_bytes`, it ends once the values read reach that many bytes (one at least).
         A live iterator keeps the database open (see storage/lease.py): a chunk never outlives
         the read lease it was taken under.
         """
         found: list[tuple[bytes, bytes]] = []
+        budget = max_bytes if max_bytes is not None else -1
         scan = self.scan(dev_key, since_ns, until_ns, reverse, after)
         try:
             for item in scan:
                 found.append(item)
                 if len(found) >= limit:
                     break
+                if budget >= 0:
+                    budget -= len(item[1])
+                    if budget <= 0:
+                        break
         finally:
             scan.close()
         return found

@@ -41,6 +41,9 @@ PARTITIONS = "partitions"
 # Devices whose placement is kept in memory (placement hashes once per partition on a miss).
 LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
+# A chunk read ends once its values reach this many bytes (always one record at least): counted
+# in records alone, 512 one-MB payloads were half a GB held by each restore.
+CHUNK_BYTES = 1 << 20
 
 __all__ = ["Cursor", "DeviceInfo", "LiveReader", "Pending", "Store", "StoreReader", "StoredMessage"]
 
@@ -85,7 +88,10 @@ class Cursor:
 
 
 def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessage]:
-    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor."""
+    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor.
+
+    The chunk also ends once its values reach CHUNK_BYTES (one message at least).
+    """
     rows = part.read_range(
         device_key(cursor.device),
         cursor.since_ns,
@@ -93,8 +99,10 @@ def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessa
         cursor.reverse,
         cursor.after,
         limit,
+        CHUNK_BYTES,
     )
-    cursor.done = len(rows) < limit
+    # Short of both bounds: the scan ran out.
+    cursor.done = len(rows) < limit and sum(len(value) for _, value in rows) < CHUNK_BYTES
     if rows:
         cursor.after = rows[-1][0]
     found = []
@@ -144,6 +152,11 @@ class Store:
         # it exclusive. `opened` counts the opens: a fallback reader knows when it is stale.
         self.lease = Lease()
         self.opened = 0
+        # Called under the exclusive lease once the writer's handles are open again, and at the
+        # close: readers drop the read-only handles a storage failure made them open (left
+        # open, they pin table files that a prune or forget deletes).
+        self.drop_read_only: list[Callable[[], None]] = []
+        self.closed = False
 
     @classmethod
     def open(
@@ -261,6 +274,11 @@ class Store:
             except BaseException:
                 self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
                 raise
+            self._drop_read_only()
+
+    def _drop_read_only(self) -> None:
+        for drop in list(self.drop_read_only):
+            drop()
 
     def make_room(self, stalled: bool = False) -> bool:
         """On a full disk, release the ballast so an operation can open, delete and reclaim.
@@ -403,6 +421,7 @@ class Store:
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
                 self.partitions.pop(name).close()
+            self._drop_read_only()  # one of a partition now retired would pin its files
 
     def bury_retired(self) -> None:
         """Delete the files of retired partitions, then forget them (finishes a remove)."""
@@ -438,7 +457,10 @@ class Store:
 
     def close(self) -> None:
         """Close every partition, release the directory lock and the private umask."""
-        self.close_partitions()
+        with self.lease.exclusive():
+            self.closed = True  # a chunk that comes late (a queued thread) opens nothing
+            self.close_partitions()
+            self._drop_read_only()
         self._lock.release()
         if self._holds_umask:
             self._holds_umask = False
@@ -693,11 +715,19 @@ class LiveReader:
         self.data_dir = store.data_dir
         self._fallback: dict[str, tuple[int, Partition]] = {}
         self._falling_back = threading.Lock()
+        self._closed = False
+        store.drop_read_only.append(self._close_fallback)
 
     def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of a device's messages; StorageError when its partition cannot be read."""
+        """The next chunk of a device's messages; StorageError when its partition cannot be read.
+
+        StorageError too once the reader or the store is closed: a chunk queued in a worker
+        thread may run after the shutdown, and must not open a handle nobody closes.
+        """
         store = self.store
         with store.lease.shared():
+            if self._closed or store.closed:
+                raise StorageError(f"{self.data_dir} is closed (the bridge is stopping)")
             name = store.home(device_key(cursor.device))
             part = store.partitions.get(name)
             if part is not None:
@@ -727,8 +757,15 @@ class LiveReader:
             self._fallback.clear()
 
     def close(self) -> None:
-        """Close the read-only handles of a storage failure (the writer's are not ours)."""
-        self._close_fallback()
+        """Close the read-only handles of a storage failure (the writer's are not ours).
+
+        Under the exclusive lease: no chunk is under way, and none after it opens another.
+        """
+        with self.store.lease.exclusive():
+            self._closed = True
+            self._close_fallback()
+            if self._close_fallback in self.store.drop_read_only:
+                self.store.drop_read_only.remove(self._close_fallback)
 
 
 def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
