@@ -17,15 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mqtt_backup import metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
-from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, TlsFiles
-from mqtt_backup.mqtt.ingest import Presence
+from mqtt_backup.mqtt import AsyncIngest, Session, TlsFiles
+from mqtt_backup.mqtt.session import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.startup import Startup, start_check
 from mqtt_backup.startup import identity as startup_identity
@@ -33,6 +33,9 @@ from mqtt_backup.storage import LiveReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router, shared
+
+if TYPE_CHECKING:
+    from mqtt_backup.mqtt import PahoIngest
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -111,9 +114,12 @@ class Bridge:
     def _make_transport(self) -> AsyncIngest | PahoIngest:
         # asyncio + mqtt5 is the fast path (docs/design-notes.md); paho is 3.1.1 and the fallback.
         kind = self.settings.transport or ("asyncio" if self.settings.protocol == "5" else "paho")
-        make = AsyncIngest if kind == "asyncio" else PahoIngest
         filters = [shared(f, self.settings.group) for f in self._router.filters]
-        return make(self._session(), filters, self)
+        if kind == "asyncio":
+            return AsyncIngest(self._session(), filters, self)
+        from mqtt_backup.mqtt import PahoIngest  # noqa: PLC0415 - paho loads only for its transport
+
+        return PahoIngest(self._session(), filters, self)
 
     def _session(self) -> Session:
         s = self.settings
