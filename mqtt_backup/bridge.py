@@ -44,6 +44,9 @@ STATE_EVERY_S = 5.0
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
 BREATHE_EVERY_S = 0.2
+# A scrape walks the partitions' files at most this often (a scraper polling every few ms, as the
+# bench's restart scenario does, would otherwise keep a core busy with directory walks).
+DISK_BYTES_EVERY_S = 1.0
 # Where earlier releases kept the restore reader's scratch space: removed when found.
 OLD_RESTORE_SCRATCH = ".restore-reader"
 
@@ -94,6 +97,7 @@ class Bridge:
         self._one_operation: asyncio.Lock | None = None  # made on the loop (asyncio transport)
         self._operating = False  # an operation owns the store (tick leaves it alone)
         self._background: set[asyncio.Task[None]] = set()  # retention passes beside ingest
+        self._disk_bytes: tuple[float, dict[str, int]] | None = None  # when read, what
         try:
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
@@ -252,10 +256,16 @@ class Bridge:
 
     def _partition_bytes(self) -> dict[str, int]:
         # The files on disk, not the store's handles: a scrape runs on another thread.
-        return {
+        now = time.monotonic()
+        read = self._disk_bytes
+        if read is not None and now - read[0] < DISK_BYTES_EVERY_S:
+            return read[1]
+        sizes = {
             spec.name: _tree_bytes(spec.directory(self.settings.data))
             for spec in self.store.manifest.partitions
         }
+        self._disk_bytes = (now, sizes)
+        return sizes
 
     def _ack(self, tokens: Sequence[Any]) -> None:
         self._transport.ack(tokens)
