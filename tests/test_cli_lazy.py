@@ -32,6 +32,7 @@ NOT_FOR_RUN = (
     "mqtt_backup.restore.gather",
     *(f"mqtt_backup.cli.{m}" for m in ("read", "restore", "status", "maintenance", "simulate")),
     "importlib.metadata",  # --version's only
+    "tomllib",  # only with a config file
 )
 # Nor by a running bridge on the default transport (MQTT 5, asyncio): only --protocol 3.1.1 and
 # --transport paho need them.
