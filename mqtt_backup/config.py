@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tomllib
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -632,6 +631,8 @@ def _parse(name: str, value: Any, origin: str) -> Any:
 
 
 def _from_file(path: Path) -> dict[str, Any]:
+    import tomllib  # noqa: PLC0415 - only with a config file (start-up time, design-notes)
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

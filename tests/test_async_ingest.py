@@ -26,7 +26,7 @@ from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
-from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY
+from mqtt_backup.mqtt.session import REPLAY_PROPERTY
 from mqtt_backup.storage import Pending, Store
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import Broker, Sent, publish, read_all, wait_until

@@ -41,7 +41,8 @@ from mqtt_backup.errors import (
 )
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused
-from mqtt_backup.mqtt.ingest import (
+from mqtt_backup.mqtt.packets import read5
+from mqtt_backup.mqtt.session import (
     CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
@@ -53,7 +54,6 @@ from mqtt_backup.mqtt.ingest import (
     describe,
     taken_over,
 )
-from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.records import Properties, Record, stored_flags
 
 log = logging.getLogger(__name__)

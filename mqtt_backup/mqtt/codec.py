@@ -32,9 +32,9 @@ import mqtt5
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.mqtt import v311
-from mqtt_backup.mqtt.aio import OutProps, TlsFiles
-from mqtt_backup.mqtt.ingest import describe
 from mqtt_backup.mqtt.packets import Outgoing, read5
+from mqtt_backup.mqtt.session import describe
+from mqtt_backup.mqtt.values import OutProps, TlsFiles
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0

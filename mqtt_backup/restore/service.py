@@ -21,11 +21,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
-from mqtt_backup.mqtt import AsyncConnection, CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery, Inbound, TlsFiles
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.restore.reply import (
@@ -588,12 +588,17 @@ async def serve(
     watcher.save()
 
 
-Connection = CodecConnection | AsyncConnection
+if TYPE_CHECKING:
+    from mqtt_backup.mqtt import AsyncConnection
+
+    Connection = CodecConnection | AsyncConnection
 
 
 def _connection(options: ServeOptions, window: int) -> Connection:
     """MQTT 5: the codec connection, whose one window all restores share; 3.1.1: aiomqtt."""
     if options.protocol != ProtocolVersion.V5:
+        from mqtt_backup.mqtt import AsyncConnection  # noqa: PLC0415 - aiomqtt for 3.1.1 only
+
         return AsyncConnection(
             options.address,
             options.client_id,
@@ -642,7 +647,7 @@ async def _dispatch(service: RestoreService, conn: Connection, watcher: DroppedW
 
 async def _incoming(conn: Connection) -> AsyncIterator[Inbound]:
     """Requests and $SYS readings until the connection drops (then BrokerUnreachable)."""
-    if isinstance(conn, AsyncConnection):
+    if not isinstance(conn, CodecConnection):  # aiomqtt (MQTT 3.1.1)
         async for message in conn.messages():
             yield message
         return

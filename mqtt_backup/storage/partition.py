@@ -228,12 +228,17 @@ def _bound_memory(opts: Options, compress: bool) -> None:
 
 def _options(compress: bool) -> Options:
     opts = Options(raw_mode=True)
+    _configure(opts, compress)
+    return opts
+
+
+def _configure(opts: Options, compress: bool) -> None:
+    """Our settings of a family (records: `compress`), on new or loaded options."""
     if compress:
         opts.set_compression_type(DBCompressionType.zstd())
         opts.set_bottommost_compression_type(DBCompressionType.zstd())
         opts.set_compression_options(_ZSTD_WINDOW_BITS, ZSTD_LEVEL, 0, 0)
     _bound_memory(opts, compress)
-    return opts
 
 
 def _families() -> dict[str, Options]:
@@ -242,10 +247,34 @@ def _families() -> dict[str, Options]:
 
 def _writer_options(create: bool) -> Options:
     opts = _options(compress=True)
+    _configure_writer(opts, create)
+    return opts
+
+
+def _configure_writer(opts: Options, create: bool) -> None:
     opts.create_if_missing(create)
     opts.create_missing_column_families(True)
     opts.set_keep_log_file_num(3)
-    return opts
+
+
+# An OPTIONS file with every option at RocksDB's default but one: what `Options.load_latest`
+# needs to give options with avoid_flush_during_recovery set. Only options a file names are
+# parsed, so this parses with any RocksDB since 4.x (an older version number than the library's
+# is read as such; a newer one would make RocksDB skip options it does not know).
+_REOPEN_OPTIONS_FILE = f"""\
+[Version]
+  rocksdb_version=6.0.0
+  options_file_version=1.1
+
+[DBOptions]
+  avoid_flush_during_recovery=true
+
+[CFOptions "default"]
+
+[CFOptions "{CF_INDEX}"]
+
+[CFOptions "{CF_META}"]
+"""
 
 
 @functools.cache
@@ -254,27 +283,24 @@ def _reopen_options() -> tuple[Options, dict[str, Options]] | None:
 
     By default opening replays the WAL into a new table file: on a full disk that fails, and
     nothing (not even a delete) can run. With the flag the replayed data stays in memory and
-    the WAL is kept until the next flush. rocksdict loads options from a RocksDB OPTIONS file,
-    so a scratch database writes one with exactly our options, the flag is switched there,
-    and it is loaded back. None when that cannot be done (the default options then serve).
+    the WAL is kept until the next flush. rocksdict loads options from a RocksDB OPTIONS file:
+    one that sets only the flag is loaded, and our settings are applied to what it gives, as
+    to new options (tests/test_compression.py compares the result with the writer's options). A
+    few milliseconds; it used to be a scratch database per process (~50-200 ms). None when
+    that cannot be done (the default options then serve).
     """
-    flag = "avoid_flush_during_recovery="
     try:
         with tempfile.TemporaryDirectory(prefix="mqtt-backup-options-") as scratch:
-            Rdict(scratch, _writer_options(create=True), column_families=_families()).close()
-            written = max(Path(scratch).glob("OPTIONS-*"), key=lambda f: int(f.name[8:]))
-            text = written.read_text()
-            if f"{flag}false" not in text:
-                return None
-            written.write_text(text.replace(f"{flag}false", f"{flag}true"))
+            (Path(scratch) / "OPTIONS-000001").write_text(_REOPEN_OPTIONS_FILE)
             opts, families = Options.load_latest(scratch)
     except Exception:  # noqa: BLE001 - any failure leaves the default options, which work
         return None
-    opts.create_if_missing(False)
-    opts.create_missing_column_families(True)
-    _bound_memory(opts, compress=True)
+    if set(families) != {"default", CF_INDEX, CF_META}:
+        return None
+    _configure(opts, compress=True)
+    _configure_writer(opts, create=False)
     for name, family in families.items():  # the loaded families include the records' (default)
-        _bound_memory(family, compress=name not in (CF_INDEX, CF_META))
+        _configure(family, compress=name not in (CF_INDEX, CF_META))
     return opts, families
 
 
