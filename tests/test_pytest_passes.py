@@ -27,8 +27,12 @@ SUITE = {
 
 
 def passes(suite: Path, *args: str, workers: str = "2") -> subprocess.CompletedProcess[str]:
-    """The script on `suite`; pytest loads only xdist (this venv's other plugins cost seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    """The script on `suite`; pytest loads only xdist (this venv's other plugins cost seconds).
+
+    Not as a worker of this run's pytest-xdist: its PYTEST_XDIST_* variables are left out.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env |= {"PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     cmd = [sys.executable, "-m", "tools.pytest_passes", "--workers", workers, "--", *args]
     return subprocess.run(
         [*cmd, "-p", "xdist.plugin", "-p", "no:cacheprovider"],
