@@ -341,6 +341,8 @@ class Partition:
         self._sync = WriteOptions()
         self._sync.sync = True
         self._follows = False
+        # Whether RocksDB compacts by itself (off for an operation on a full disk: `open_writer`).
+        self.compactions = writable
 
     @classmethod
     def open_writer(
@@ -370,6 +372,7 @@ class Partition:
         except Exception as exc:
             raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
         part = cls(name, path, db, writable=True)
+        part.compactions = compactions
         part._check_format()
         return part
 
@@ -697,6 +700,7 @@ class Partition:
         with contextlib.suppress(Exception):
             for family in (self._db, self._index_cf, self._meta_cf):
                 family.set_options({"disable_auto_compactions": "false"})
+            self.compactions = True
 
     def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
         """Make this partition hold exactly the device's messages and index entry of `source`.

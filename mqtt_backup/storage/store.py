@@ -293,6 +293,16 @@ class Store:
             return False
         ballast.release(self.data_dir)
         self.freeing_space = True
+        if any(part.compactions for part in self.partitions.values()):
+            # Open from before (a running bridge whose last write got through): a compaction of
+            # RocksDB's own, pending on a full disk, would spend the released room rewriting
+            # what the operation is about to delete, and fail its flush and reclaim (ENOSPC).
+            # Closing stops it; they open again without.
+            try:
+                self.open_partitions()
+            except BaseException:
+                self.done_freeing(deleted=False)  # nothing deleted: the room is ballast again
+                raise
         return True
 
     def done_freeing(self, deleted: bool = True) -> None:
