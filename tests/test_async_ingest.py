@@ -85,6 +85,8 @@ class FakeBroker:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="fake-broker", daemon=True)
         self._server: asyncio.Server | None = None
+        self.resets: list[int] = []  # connections the bridge ended with a reset
+        self.ended: list[int] = []
 
     @property
     def address(self) -> BrokerAddress:
@@ -116,25 +118,36 @@ class FakeBroker:
         conn = len(self.got)
         self.got.append([])
         self._writers.append(writer)
+        try:
+            await self._read(conn, reader, writer)
+        except ConnectionResetError:
+            self.resets.append(conn)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.ended.append(conn)
+
+    async def _read(
+        self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer each packet by the script until the bridge closes or the script hangs up."""
         buffer = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(65536):
-                buffer += chunk
-                while True:
-                    try:
-                        packet, size = mqtt5.read(memoryview(buffer))
-                    except IndexError:
-                        break
-                    buffer = buffer[size:]
-                    self.got[conn].append(packet)
-                    answer = self.script(conn, packet)
-                    if answer is not None:
-                        writer.write(answer[0])
-                        if answer[1]:
-                            await writer.drain()
-                            writer.close()
-                            return
-        writer.close()
+        while chunk := await reader.read(65536):
+            buffer += chunk
+            while True:
+                try:
+                    packet, size = mqtt5.read(memoryview(buffer))
+                except IndexError:
+                    break
+                buffer = buffer[size:]
+                self.got[conn].append(packet)
+                answer = self.script(conn, packet)
+                if answer is not None:
+                    writer.write(answer[0])
+                    if answer[1]:
+                        await writer.drain()
+                        return
 
     def push(self, conn: int, data: bytes) -> None:
         """Send `data` on connection `conn` now, unasked."""
@@ -407,6 +420,28 @@ def test_shutdown_stores_what_is_held_acks_it_then_disconnects(store: Store) -> 
     assert broker.pubacks(0) == [1, 2, 3]
     assert pipeline.pending == 0
     assert hooks.disconnects == [], "a disconnect we asked for is not a lost connection"
+
+
+def test_a_clean_stop_half_closes_so_unread_data_cannot_reset_the_connection(
+    store: Store,
+) -> None:
+    """A stop with the broker's data still unread in the socket must not end in a reset.
+
+    Closing a socket with unread data makes the kernel send a reset, and a broker then drops
+    the acknowledgements it had not read yet: they came again as duplicates (a SIGTERM under
+    load left 132). The stop half-closes after its acks and DISCONNECT and reads on until the
+    broker closes.
+    """
+    flood = b"".join(_publish(None, b"x" * 1000) for _ in range(10_000))  # QoS 0: no window
+    hooks, faults = Hooks(), Faults()
+    with FakeBroker(accept(lambda conn: flood if conn == 0 else b"")) as broker:
+        ingest = _ingest(broker.address, hooks)
+        pipeline = _pipeline(store, faults, ingest.ack)
+        with Running(ingest, pipeline):
+            wait_until(lambda: pipeline.counters.stored > 0, 20, "the flood arriving")
+        wait_until(lambda: broker.ended == [0], 10, "the broker's side to end")
+        assert broker.resets == [], "the stop reset the connection"
+        assert isinstance(broker.got[0][-1], mqtt5.DisconnectPacket)
 
 
 def test_a_full_hold_pauses_reading_and_resumes_when_storage_works(

@@ -813,15 +813,31 @@ class AsyncIngest:
         self._connected = False  # a disconnect we asked for is not a lost connection
         self._announce(wire, online=False)  # a clean DISCONNECT discards the will
         wire.write(_DISCONNECT)
-        wire.failure = BrokerUnreachable("disconnected")
+        wire.failure = BrokerUnreachable("disconnected")  # what is read from now on is dropped
         assert wire.transport is not None
-        wire.transport.close()  # after the buffered acks and the DISCONNECT are written
+        _close_after_the_broker(wire.transport)
+        wire.resume()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await asyncio.shield(wire.lost)
         except TimeoutError:
             wire.transport.abort()
         self._wire = None
+
+
+def _close_after_the_broker(transport: asyncio.Transport) -> None:
+    """Half-close after the buffered acks and the DISCONNECT; the broker closes the rest.
+
+    Closing a socket with unread data in it makes the kernel send a reset, and the broker then
+    discards the acknowledgements it had not read yet: they come again as duplicates. So the
+    write side ends with a FIN (after what is buffered), reading goes on (what arrives is
+    dropped: unacknowledged, the broker sends it again), and the broker's close ends it. TLS
+    cannot half-close: there the transport closes, as before.
+    """
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
 
 
 def _commit_now(sink: PipelinedSink) -> int:
