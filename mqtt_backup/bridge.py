@@ -31,6 +31,7 @@ from mqtt_backup.startup import Startup, start_check
 from mqtt_backup.startup import identity as startup_identity
 from mqtt_backup.storage import LiveReader, maintenance
 from mqtt_backup.storage.journal import BridgeState, Gap
+from mqtt_backup.storage.units import Units, step
 from mqtt_backup.times import NS_PER_S, parse_duration
 from mqtt_backup.topics import Router, shared
 
@@ -394,18 +395,18 @@ class Bridge:
 
     async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """An operation from the control socket, on the loop (the asyncio transport)."""
-        work = functools.partial(operations.run, self.store, op, args)
+        work = operations.units(self.store, op, args)
         return await self._beside_ingest(op, work, operations.frees_space(op, args))
 
-    async def _beside_ingest(self, what: str, work: Callable[[], _R], frees_space: bool) -> _R:
-        """Run a long operation in a worker thread while the loop reads on and holds.
+    async def _beside_ingest(self, what: str, work: Units[_R], frees_space: bool) -> _R:
+        """Run a long operation's units in a worker thread, committing between them.
 
         Operations run one at a time, between two commits: the commit in flight is settled and
-        what is pending committed first (`_before_operation`); then no commit starts until the
-        operation ends (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
-        window, reading paused when the hold is full, and placed again afterwards, in case the
-        partition set changed. The loop keeps the connection and answers restores meanwhile; the
-        acknowledgements of what is held wait for the operation's end (docs/design-notes.md).
+        what is pending committed first (`_before_operation`); then no commit starts while a
+        unit runs (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
+        window, reading paused when the hold is full. Between two units it is placed again (a
+        unit may have switched the layout), stored and acknowledged (`_between_units`). The loop
+        keeps the connection and answers restores meanwhile (docs/design-notes.md).
         """
         assert isinstance(self._transport, AsyncIngest)
         if self._one_operation is None:
@@ -417,11 +418,33 @@ class Bridge:
             self._operating = True
             try:
                 self._before_operation(frees_space)
-                return await _to_thread_to_the_end(work, what)
+                while True:
+                    done = await _to_thread_to_the_end(functools.partial(step, work), what)
+                    if done is not None:
+                        return done.result
+                    await self._between_units()
             finally:
+                work.close()  # cancelled between units (a retention pass at a stop): it ends there
                 self._operating = False
                 self.pipeline.regroup()
                 self._transport.hold(False)
+
+    async def _between_units(self) -> None:
+        """Store and acknowledge what arrived during the last unit, before the next one.
+
+        Not while storage fails (the stall retries after the operation) nor while a deleting
+        operation owns the room it frees on a full disk. A commit that fails here fails the
+        operation, as its own write would: the handles are closed, and a re-run finishes it.
+        """
+        assert isinstance(self._transport, AsyncIngest)
+        self.pipeline.regroup()  # the unit may have switched the layout
+        stall = self._transport.stall
+        if stall.active or self.store.freeing_space:
+            return
+        await self._transport.commit_held()
+        self._settle_commit()
+        if stall.active:
+            raise StorageUnavailable("a commit between two units of the operation failed")
 
     def _fail_requests(self) -> None:
         while not self._requests.empty():
@@ -448,13 +471,15 @@ class Bridge:
         if s.prune_older_than is None and s.prune_max_bytes_per_device is None:
             return
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
-        work = functools.partial(maintenance.prune, self.store, older, s.prune_max_bytes_per_device)
+        budget = s.prune_max_bytes_per_device
         if isinstance(self._transport, AsyncIngest):
-            # Beside ingest, as an operation from the control socket is.
-            task = asyncio.get_running_loop().create_task(self._retention(work))
+            # Beside ingest, in units, as an operation from the control socket is.
+            units = maintenance.pruning(self.store, older, budget)
+            task = asyncio.get_running_loop().create_task(self._retention(units))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
+        work = functools.partial(maintenance.prune, self.store, older, budget)
         try:
             self._settle_commit()
             self.pipeline.commit()
@@ -464,7 +489,7 @@ class Bridge:
             return
         _retention_done(pruned)
 
-    async def _retention(self, work: Callable[[], maintenance.Pruned]) -> None:
+    async def _retention(self, work: Units[maintenance.Pruned]) -> None:
         try:
             pruned = await self._beside_ingest("retention", work, frees_space=False)
         except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge

@@ -2,8 +2,8 @@
 
 snapshot, prune, forget and the partition moves run where the writer is: offline the CLI opens
 the store itself; with a bridge running, the CLI sends them over the control socket and the
-bridge runs them on its ingest thread between two commits (so no write interleaves, and a
-snapshot is consistent across partitions). The work is `storage.maintenance` and
+bridge runs them in units (`storage.units`) with its commits between them (a snapshot is one
+unit, so it is consistent across partitions). The work is `storage.maintenance` and
 `storage.moves`; their typed results cross the socket as `as_json()`.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from mqtt_backup.errors import UsageError
 from mqtt_backup.storage import Store, maintenance, moves
+from mqtt_backup.storage.units import Units, to_the_end
 
 _T = TypeVar("_T")
 
@@ -42,9 +43,14 @@ def run(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
     Afterwards compactions are on again and the ballast is made again if the operation gave the
     disk room for it.
     """
+    return to_the_end(units(store, op, args))
+
+
+def units(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
+    """`run` in units, for a caller that commits between them (the asyncio bridge)."""
     result: Result | None = None
     try:
-        result = _dispatch(store, op, args)
+        result = yield from _dispatch(store, op, args)
         return result.as_json()
     finally:
         store.done_freeing(deleted=_deleted(result))
@@ -63,34 +69,40 @@ def _deleted(result: Result | None) -> bool:
             return False
 
 
-def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> Result:
+def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> Units[Result]:
     dry_run = bool(args.get("dry_run", False))
     match op:
-        case "snapshot":
+        case "snapshot":  # one unit: consistent across partitions
             return maintenance.snapshot(store, Path(_arg(args, "dest", str)))
         case "prune":
-            return maintenance.prune(
-                store,
-                _opt(args, "older_than_ns", int),
-                _opt(args, "max_bytes_per_device", int),
-                dry_run,
+            return (
+                yield from maintenance.pruning(
+                    store,
+                    _opt(args, "older_than_ns", int),
+                    _opt(args, "max_bytes_per_device", int),
+                    dry_run,
+                )
             )
         case "forget":
-            return maintenance.forget(
-                store, _arg(args, "device", str), _opt(args, "before_ns", int), dry_run
+            return (
+                yield from maintenance.forgetting(
+                    store, _arg(args, "device", str), _opt(args, "before_ns", int), dry_run
+                )
             )
         case "partitions-add":
-            return moves.add(
-                store,
-                _arg(args, "name", str),
-                _opt(args, "path", str),
-                float(args.get("weight", 1.0)),
-                dry_run,
+            return (
+                yield from moves.adding(
+                    store,
+                    _arg(args, "name", str),
+                    _opt(args, "path", str),
+                    float(args.get("weight", 1.0)),
+                    dry_run,
+                )
             )
         case "partitions-remove":
-            return moves.remove(store, _arg(args, "name", str), dry_run)
+            return (yield from moves.removing(store, _arg(args, "name", str), dry_run))
         case "rebalance":
-            return moves.rebalance(store, dry_run)
+            return (yield from moves.rebalancing(store, dry_run))
         case _:
             raise UsageError(f"unknown operation {op!r}")
 

@@ -36,6 +36,7 @@ from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage
 from mqtt_backup.storage import store as store_module
+from mqtt_backup.storage.units import Units
 from mqtt_backup.topics import Router, parse_template
 from tests import test_disk_full as disk_full
 from tests.conftest import (
@@ -188,14 +189,14 @@ def test_a_client_whose_operation_the_stop_waited_for_gets_its_result(
     """SIGTERM during an operation: the stop waits for it, and its client hears how it ended."""
     bridge = _start(run_bridge, broker, data_dir)
     running, finish = threading.Event(), threading.Event()
-    real = operations.run
+    real = operations.units
 
-    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         running.set()
         assert finish.wait(60)
-        return real(store, op, args)
+        return (yield from real(store, op, args))
 
-    monkeypatch.setattr(operations, "run", slow)
+    monkeypatch.setattr(operations, "units", slow)
     answers: list[object] = []
 
     def ask_rebalance() -> None:
@@ -421,14 +422,14 @@ def test_a_hold_that_fills_during_an_operation_pauses_then_loses_nothing(
     """
     bridge = _start(run_bridge, broker, data_dir, batch_max=2)
     running, finish = threading.Event(), threading.Event()
-    real = operations.run
+    real = operations.units
 
-    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         running.set()
         assert finish.wait(60)
-        return real(store, op, args)
+        return (yield from real(store, op, args))
 
-    monkeypatch.setattr(operations, "run", slow)
+    monkeypatch.setattr(operations, "units", slow)
     operating = threading.Thread(target=lambda: call(data_dir, "rebalance", {}, timeout=60))
     operating.start()
     try:
@@ -457,18 +458,18 @@ def test_two_operations_at_once_run_one_after_the_other_and_both_answer(
     _start(run_bridge, broker, data_dir)
     first_running, finish = threading.Event(), threading.Event()
     order: list[str] = []
-    real = operations.run
+    real = operations.units
 
-    def slow_first(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def slow_first(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         order.append(f"start {op}")
         if op == "rebalance":
             first_running.set()
             assert finish.wait(60)
-        done = real(store, op, args)
+        done = yield from real(store, op, args)
         order.append(f"end {op}")
         return done
 
-    monkeypatch.setattr(operations, "run", slow_first)
+    monkeypatch.setattr(operations, "units", slow_first)
     answers: dict[str, dict[str, Any]] = {}
 
     def ask(op: str, args: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from mqtt_backup import operations
 from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.storage import Store
+from mqtt_backup.storage.units import Units
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -102,14 +103,14 @@ def test_during_an_operation_the_loop_reads_on_holds_and_answers_restores(
     publish(broker, [Sent(f"devices/{unique}-old/t", b"old%d" % i) for i in range(3)])
     wait_until(lambda: stored_count(data_dir) >= 3, 20, "the first messages stored")
     running, finish = threading.Event(), threading.Event()
-    real = operations.run
+    real = operations.units
 
-    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         running.set()
         assert finish.wait(60), "the test did not let the operation end"  # a long operation
-        return real(store, op, args)
+        return (yield from real(store, op, args))
 
-    monkeypatch.setattr(operations, "run", slow)
+    monkeypatch.setattr(operations, "units", slow)
     result: list[dict[str, Any]] = []
     operating = threading.Thread(target=lambda: result.append(call(data_dir, "rebalance", {})))
     operating.start()
@@ -141,16 +142,16 @@ def test_stopping_during_an_operation_waits_for_it(
     bridge = _start(run_bridge, broker, data_dir)
     running, finish = threading.Event(), threading.Event()
     ended: list[bool] = []
-    real = operations.run
+    real = operations.units
 
-    def slow(store: Store, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def slow(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         running.set()
         finish.wait(60)
-        done = real(store, op, args)
+        done = yield from real(store, op, args)
         ended.append(True)
         return done
 
-    monkeypatch.setattr(operations, "run", slow)
+    monkeypatch.setattr(operations, "units", slow)
     operating = threading.Thread(target=lambda: _quiet_call(data_dir), daemon=True)
     operating.start()
     assert running.wait(20)

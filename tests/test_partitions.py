@@ -11,19 +11,20 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from typer.testing import CliRunner
 
 from mqtt_backup.cli import app
 from mqtt_backup.config import Settings, Transport
+from mqtt_backup.control import call
 from mqtt_backup.errors import UsageError
 from mqtt_backup.keys import device_key
 from mqtt_backup.mqtt import PahoIngest
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store, StoreReader, checks, moves
+from mqtt_backup.storage import Pending, Store, StoreReader, checks, moves, units
 from mqtt_backup.storage.manifest import load_manifest
 from mqtt_backup.storage.partition import Partition
 from tests.conftest import (
@@ -255,11 +256,16 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     monkeypatch.setattr(bridge.bridge, "disconnected", disconnects.append)
     copying, published = threading.Event(), threading.Event()
     slow_copies: list[int] = []  # pings sent when each slow copy began
-    real_copy = Partition.copy_device_from
+    real_copy = Partition.copy_keys_from
 
     def slow_copy(
-        self: Partition, source: Partition, dev_key: bytes, batch_size: int = 5000
-    ) -> int:
+        self: Partition,
+        source: Partition,
+        dev_key: bytes,
+        after: bytes | None,
+        limit: int,
+        **options: bool,
+    ) -> tuple[bytes | None, int]:
         # A big device on a slow disk: each copy takes a while, and the bridge breathes only
         # between copies. Slow until the devices have published and three pings went out.
         if not copying.is_set():
@@ -268,9 +274,9 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
         if len(pings) < 3 or not published.is_set():
             slow_copies.append(len(pings))
             time.sleep(0.3)  # the slow disk under test, not a wait for a condition
-        return real_copy(self, source, dev_key, batch_size)
+        return real_copy(self, source, dev_key, after, limit, **options)
 
-    monkeypatch.setattr(Partition, "copy_device_from", slow_copy)
+    monkeypatch.setattr(Partition, "copy_keys_from", slow_copy)
     add = [sys.executable, "-m", "mqtt_backup", "partitions", "add", "p3", "--json"]
     result: list[subprocess.CompletedProcess[str]] = []
     adder = threading.Thread(
@@ -307,3 +313,141 @@ def test_a_long_operation_keeps_the_bridge_connected_and_places_what_arrives(
     monkeypatch.undo()
     bridge.stop()
     assert checks.verify(data_dir).ok
+
+
+class _Waves:
+    """Messages published at chosen copy units of a move, and what the bridge did meanwhile.
+
+    At the copy unit a wave is due, the copy waits until the test has published the wave and the
+    bridge has read it (held: nothing is committed while a unit runs); every copy notes how many
+    messages the bridge had acknowledged by then.
+    """
+
+    def __init__(
+        self, bridge: BridgeThread, waves: dict[str, list[str]], due_at: dict[int, str]
+    ) -> None:
+        self.bridge = bridge
+        self.waves = waves
+        self.due_at = due_at
+        self.due = {w: threading.Event() for w in waves}
+        self.published = {w: threading.Event() for w in waves}
+        self.events: list[tuple[str, int]] = []  # (what, acknowledged by then), in order
+        self._calls = itertools.count(1)
+        self._real = Partition.copy_keys_from
+
+    def copy(
+        self,
+        part: Partition,
+        source: Partition,
+        dev_key: bytes,
+        after: bytes | None,
+        limit: int,
+        **options: bool,
+    ) -> tuple[bytes | None, int]:
+        """`Partition.copy_keys_from`, observed."""
+        snapshot = self.bridge.bridge.snapshot()
+        self.events.append(("copy", snapshot.acknowledged))
+        wave = self.due_at.get(next(self._calls))
+        if wave is not None:
+            self.due[wave].set()
+            assert self.published[wave].wait(30)
+            count = snapshot.received + len(self.waves[wave])
+            wait_until(lambda: self.bridge.bridge.snapshot().received >= count, 30, "reads")
+            self.events.append((f"held {wave}", self.bridge.bridge.snapshot().acknowledged))
+        return self._real(part, source, dev_key, after, limit, **options)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Observe every copy of a move from now on."""
+
+        def copy_keys_from(
+            part: Partition,
+            source: Partition,
+            dev_key: bytes,
+            after: bytes | None,
+            limit: int,
+            **options: bool,
+        ) -> tuple[bytes | None, int]:
+            return self.copy(part, source, dev_key, after, limit, **options)
+
+        monkeypatch.setattr(Partition, "copy_keys_from", copy_keys_from)
+
+    def publish_when_due(self, broker: Broker) -> None:
+        for wave, devices in self.waves.items():
+            assert self.due[wave].wait(60), f"the move to reach wave {wave}"
+            publish(broker, [Sent(f"devices/{d}/t", wave.encode()) for d in devices])
+            self.published[wave].set()
+
+    def acknowledged_during_the_move(self, wave: str, total: int) -> None:
+        """The wave was held during one unit, then acknowledged at a later unit of the move."""
+        held = next(i for i, e in enumerate(self.events) if e[0] == f"held {wave}")
+        assert self.events[held][1] < total, self.events[held]
+        later = [n for what, n in self.events[held + 1 : -1] if what == "copy"]
+        assert max(later) >= total, (wave, self.events[held:][:5])
+
+
+def _assert_placed(data_dir: Path, expected: dict[str, list[bytes]], after: list[Weighted]) -> None:
+    """Every device where placement says, with exactly these messages; no copy left behind."""
+    with StoreReader(data_dir) as reader:
+        listed = {d.device: d for d in reader.devices()}
+        assert sorted(listed) == sorted(expected)
+        for device, payloads in expected.items():
+            assert listed[device].partition == place(device_key(device), after), device
+            assert [m.record.payload for m in reader.messages(device)] == payloads, device
+    store = Store.open(data_dir, create=False)
+    try:
+        assert moves.rebalance(store, dry_run=True).devices == 0, "no copy left behind"
+    finally:
+        store.close()
+    assert checks.verify(data_dir).ok
+
+
+def test_a_move_in_units_acknowledges_new_messages_before_it_ends(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An add on a store that takes many units (small ones: the knob, not a huge store).
+
+    Messages published while it copies are stored and acknowledged between its units, before it
+    ends; afterwards every message is where placement says, once. Ordering only, no timing.
+    """
+    monkeypatch.setattr(units, "UNIT_KEYS", 20)
+    fill(data_dir)  # 1,000 devices x 4 messages on p0-p2: about 1,000 records move to p3
+    bridge = run_bridge(make_settings(broker, data_dir, transport=Transport.ASYNCIO))
+    wait_until(lambda: bridge.bridge._transport.connected, 20, "the bridge to connect")
+    waves = _Waves(
+        bridge,
+        {
+            wave: [
+                *[f"dev-{d:04d}" for d in range(offset, DEVICES, 25)],  # moving or not
+                *[f"{unique}-{wave}-{i}" for i in range(10)],  # devices born during the add
+            ]
+            for wave, offset in (("a", 0), ("b", 7))
+        },
+        due_at={1: "a", 25: "b"},  # the copy units at which each wave is published
+    )
+    waves.install(monkeypatch)
+    acked_before = bridge.bridge.snapshot().acknowledged
+    result: list[dict[str, Any]] = []
+    adder = threading.Thread(
+        target=lambda: result.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
+    )
+    adder.start()
+    waves.publish_when_due(broker)
+    adder.join(120)
+    assert result, "the add answered"
+    waves.events.append(("add done", bridge.bridge.snapshot().acknowledged))
+    assert result[0]["added"] == "p3"
+    assert result[0]["devices"] > 200
+    first = len(waves.waves["a"])
+    waves.acknowledged_during_the_move("a", acked_before + first)
+    waves.acknowledged_during_the_move("b", acked_before + first + len(waves.waves["b"]))
+    monkeypatch.undo()
+    bridge.stop()
+    expected = {f"dev-{d:04d}": [b"%d" % i for i in range(PER_DEVICE)] for d in range(DEVICES)}
+    for wave, devices in waves.waves.items():
+        for device in devices:
+            expected.setdefault(device, []).append(wave.encode())
+    _assert_placed(data_dir, expected, [*[Weighted(f"p{i}") for i in range(3)], Weighted("p3")])

@@ -11,9 +11,10 @@ flight: under load the group commit grows by itself).
 One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
 `PahoIngest`. `run` also runs the bridge's other services (restore, control socket) as a task of
 the same loop (`beside`). The bridge's `tick` runs on the loop; whatever in it touches the store
-settles the commit in flight first. While an operation owns the store the bridge `hold`s commits:
-what arrives is held exactly as while storage fails (within the broker's window, reading paused
-when the hold is full), one hold path.
+settles the commit in flight first. While a unit of an operation owns the store the bridge
+`hold`s commits: what arrives is held exactly as while storage fails (within the broker's window,
+reading paused when the hold is full), one hold path; between two units it is committed
+(`commit_held`).
 """
 
 from __future__ import annotations
@@ -358,6 +359,7 @@ class AsyncIngest:
         self._connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held = False  # an operation owns the store: commit nothing, hold what comes
+        self._commit_done: asyncio.Future[None] | None = None  # the last commit started
 
     @property
     def connected(self) -> bool:
@@ -642,9 +644,9 @@ class AsyncIngest:
         if done is None:  # nothing to store or acknowledge
             self._stored(wire, drained_at)
             return
-        asyncio.wrap_future(done).add_done_callback(
-            lambda wrapped: self._committed(wire, done, drained_at, wrapped)
-        )
+        wrapped = asyncio.wrap_future(done)
+        wrapped.add_done_callback(lambda _: self._committed(wire, done, drained_at, wrapped))
+        self._commit_done = wrapped
 
     def _committed(
         self,
@@ -694,6 +696,25 @@ class AsyncIngest:
                 self.commit_or_hold(wire)  # resumes reading once it is stored
             elif not self.stall.active:
                 wire.resume()
+
+    async def commit_held(self) -> None:
+        """Between two units of an operation: store what is held and acknowledge it.
+
+        One commit in the worker thread, as any other (the loop reads on meanwhile); the hold is
+        on again before it returns, so no commit follows it into the next unit. Nothing happens
+        without a connection to acknowledge on: what is held waits for the operation's end.
+        """
+        wire, sink = self._wire, self.sink
+        if wire is None or sink is None or not wire.serving or wire.failure is not None:
+            return
+        self._held = False
+        try:
+            self.commit_or_hold(wire)
+        finally:
+            self._held = True
+        done = self._commit_done
+        if sink.committing and done is not None:
+            await asyncio.wait([done])  # settled by `_committed`, whose callback comes first
 
     def keep_alive(self) -> None:
         """Keep the connection during a long operation on the loop: a PINGREQ when one is due.

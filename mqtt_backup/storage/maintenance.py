@@ -21,9 +21,20 @@ from mqtt_backup.storage.journal import GAPS, STATE
 from mqtt_backup.storage.manifest import Manifest, PartitionSpec, save_manifest
 from mqtt_backup.storage.partition import Removal
 from mqtt_backup.storage.store import Store
+from mqtt_backup.storage.units import Budget, Units, to_the_end
 from mqtt_backup.times import format_ts
 
-__all__ = ["Forgotten", "Pruned", "Removed", "Snapshot", "forget", "prune", "snapshot"]
+__all__ = [
+    "Forgotten",
+    "Pruned",
+    "Removed",
+    "Snapshot",
+    "forget",
+    "forgetting",
+    "prune",
+    "pruning",
+    "snapshot",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,20 +156,38 @@ def prune(
     deleted ranges are reclaimed at once; otherwise RocksDB's compactions give the space back
     in time (an hourly retention pass must not rewrite files every hour).
     """
+    return to_the_end(pruning(store, older_than_ns, max_bytes_per_device, dry_run, now_ns))
+
+
+def pruning(
+    store: Store,
+    older_than_ns: int | None = None,
+    max_bytes_per_device: int | None = None,
+    dry_run: bool = False,
+    now_ns: int | None = None,
+) -> Units[Pruned]:
+    """`prune` in units: a partition's index read, then its devices, a unit's worth at a time.
+
+    A device's cut, its range delete and its index update are one unit's: a commit between
+    units finds the entry as the delete left it (the listing read before may be older: it only
+    chooses which devices to look at, the cut is made from what is there).
+    """
     if older_than_ns is None and max_bytes_per_device is None:
         raise UsageError("prune needs --older-than or --max-bytes-per-device")
     cutoff = None if older_than_ns is None else (now_ns or time.time_ns()) - older_than_ns
     devices = []
-    for part in store.partitions.values():
+    budget = Budget()
+    for name in list(store.partitions):
         deleted = []
-        for dev_key, entry in list(part.index_entries()):
+        for dev_key, entry in list(store.partitions[name].index_entries()):
             # The index knows each device's size: one within its budget is not even read.
-            budget = max_bytes_per_device
-            if budget is not None and entry.size <= budget:
-                budget = None
-            if cutoff is not None and entry.first_ns >= cutoff and budget is None:
+            budget_bytes = max_bytes_per_device
+            if budget_bytes is not None and entry.size <= budget_bytes:
+                budget_bytes = None
+            if cutoff is not None and entry.first_ns >= cutoff and budget_bytes is None:
                 continue
-            until = _cut(part.keep_newest_start, dev_key, cutoff, budget)
+            part = store.partitions[name]
+            until = _cut(part.keep_newest_start, dev_key, cutoff, budget_bytes)
             if until is None:
                 continue
             removal = (
@@ -170,8 +199,11 @@ def prune(
                 devices.append(_removed(entry.device_id, removal))
                 deleted.append(dev_key)
             store.on_progress()
+            if budget.spend(removal.count):
+                yield
         if store.freeing_space:
-            part.reclaim(deleted)
+            store.partitions[name].reclaim(deleted)
+        yield
     return Pruned(dry_run, cutoff, tuple(sorted(devices, key=lambda d: d.device)))
 
 
@@ -196,12 +228,21 @@ def forget(
     at once where the disk has room (the device's range is compacted): forgotten data should
     leave the disk too.
     """
+    return to_the_end(forgetting(store, device, before_ns, dry_run))
+
+
+def forgetting(
+    store: Store, device: str, before_ns: int | None = None, dry_run: bool = False
+) -> Units[Forgotten]:
+    """`forget` in units: one partition each (its range delete, index update and reclaim)."""
     partition, dev_key = store.locate(device)
     removal = store.partitions[partition].measure(dev_key, before_ns)
     if not dry_run:
-        for part in store.partitions.values():
+        for name in list(store.partitions):
+            yield
+            part = store.partitions[name]
             gone = part.delete_device_range(dev_key, before_ns)
             part.reclaim([dev_key])  # also when a first run deleted it and could not reclaim
-            if part.name == partition:
+            if name == partition:
                 removal = gone
     return Forgotten(dry_run, before_ns, _removed(device, removal))

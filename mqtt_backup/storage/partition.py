@@ -340,6 +340,7 @@ class Partition:
         self.seq = self._meta_int(META_SEQ, _U32)
         self._sync = WriteOptions()
         self._sync.sync = True
+        self._unsynced = WriteOptions()  # a unit's writes, made durable at once by `sync`
         self._follows = False
         # Whether RocksDB compacts by itself (off for an operation on a full disk: `open_writer`).
         self.compactions = writable
@@ -424,13 +425,24 @@ class Partition:
         batch.put(META_CLOCK, _U64.pack(clock_ns), self._meta)
         batch.put(META_SEQ, _U32.pack(seq & 0xFFFFFFFF), self._meta)
 
-    def _commit(self, batch: WriteBatch) -> None:
+    def _commit(self, batch: WriteBatch, sync: bool = True) -> None:
         # A write with sync=True is RocksDB's durable write: it returns after the WAL is fsynced,
         # the same as write() then flush_wal(True), with one call.
         try:
-            self._db.write(batch, self._sync)
+            self._db.write(batch, self._sync if sync else self._unsynced)
         except Exception as exc:
             raise storage_failure(exc, f"write to partition {self.name} failed") from exc
+
+    def sync(self) -> None:
+        """Make every write made here so far durable (the WAL synced): a unit's writes at its end.
+
+        The WAL is one sequence: a synced write (an ingest commit) makes the earlier ones durable
+        too, so unsynced writes are durable in order, never one without those before it.
+        """
+        try:
+            self._db.flush_wal(True)
+        except Exception as exc:
+            raise storage_failure(exc, f"sync of partition {self.name} failed") from exc
 
     def write(self, items: Sequence[Pending]) -> None:
         """Store the messages in one synced WriteBatch; nothing changes in memory if it fails."""
@@ -645,10 +657,13 @@ class Partition:
                 return split_key(key)[1] + 1
         return None
 
-    def delete_device_range(self, dev_key: bytes, until_ns: int | None = None) -> Removal:
+    def delete_device_range(
+        self, dev_key: bytes, until_ns: int | None = None, *, sync: bool = True
+    ) -> Removal:
         """Delete the device's messages received before `until_ns` (all when None).
 
-        One range delete and the index update in one synced batch; returns what went.
+        One range delete and the index update in one batch, synced unless `sync` is False (a
+        move's unit syncs once at its end); returns what went.
         """
         removal = self.measure(dev_key, until_ns)
         if removal.count == 0:
@@ -667,7 +682,7 @@ class Partition:
             entry.size -= removal.size
             entry.dups -= removal.dups
             batch.put(dev_key, entry.encode(), self._index)
-        self._commit(batch)
+        self._commit(batch, sync)
         self._entries.pop(dev_key)
         return removal
 
@@ -710,23 +725,85 @@ class Partition:
         later messages of the device still sort after the moved ones. Returns messages copied.
         """
         self.delete_device_range(dev_key)  # a stale copy of an earlier, interrupted move
-        entry = source.index_entry(dev_key)
-        if entry is None:
+        if source.index_entry(dev_key) is None:
             return 0
-        copied, batch = 0, WriteBatch(raw_mode=True)
-        for key, value in source.scan(dev_key):
+        copied, after = 0, None
+        while True:
+            after, count = self.copy_keys_from(source, dev_key, after, batch_size)
+            copied += count
+            if count < batch_size:
+                return copied
+
+    def copy_keys_from(
+        self,
+        source: Partition,
+        dev_key: bytes,
+        after: bytes | None,
+        limit: int,
+        *,
+        entry: bool = True,
+        sync: bool = True,
+    ) -> tuple[bytes | None, int]:
+        """Copy up to `limit` of the device's records that follow key `after` in `source`.
+
+        Keys are copied as they are (a copy done twice is the same copy), in one write, synced
+        unless `sync` is False. Returns the last key copied (`after` when none) and how many
+        were: fewer than `limit` means the device's end in `source` was reached, and then (with
+        `entry`) its index entry is taken from `source` in the same write, and this partition's
+        clock raised to the device's last receive time, so its later messages sort after these.
+        """
+        rows = source.read_range(dev_key, None, None, False, after, limit)
+        batch = WriteBatch(raw_mode=True)
+        for key, value in rows:
             batch.put(key, value)
-            copied += 1
-            if copied % batch_size == 0:
-                self._commit(batch)
-                batch = WriteBatch(raw_mode=True)
+        taken = source.index_entry(dev_key) if entry and len(rows) < limit else None
+        clock = self.clock_ns
+        if taken is not None:
+            clock = max(clock, taken.last_ns)
+            batch.put(dev_key, taken.encode(), self._index)
+            self._put_meta(batch, clock, self.seq)
+        if rows or taken is not None:
+            self._commit(batch, sync)
+        if taken is not None:
+            self.clock_ns = clock
+            self._entries.pop(dev_key)
+        return (rows[-1][0] if rows else after), len(rows)
+
+    def reindex(self, dev_key: bytes, device_id: str) -> None:
+        """Count the device's records here again and write its index entry (after a merge).
+
+        A device copied into the partition that already receives its new messages (a rebalance
+        finishing a move the layout made earlier) ends with records from both: the entry is
+        made from what is there, in one scan.
+        """
+        first = last = count = size = dups = 0
+        for key, value in self.scan(dev_key):
+            ts = split_key(key)[1]
+            first = ts if count == 0 else first
+            last = ts
+            count += 1
+            size += len(key) + len(value)
+            dups += _is_dup(value)
+        if count:
+            self._put_entry(dev_key, IndexEntry(device_id, first, last, count, size, dups))
+
+    def _put_entry(self, dev_key: bytes, entry: IndexEntry) -> None:
         clock = max(self.clock_ns, entry.last_ns)
+        batch = WriteBatch(raw_mode=True)
         batch.put(dev_key, entry.encode(), self._index)
         self._put_meta(batch, clock, self.seq)
         self._commit(batch)
         self.clock_ns = clock
         self._entries.pop(dev_key)
-        return copied
+
+    def last_key(self, dev_key: bytes) -> bytes | None:
+        """The device's newest record key here (None when it has none)."""
+        found = self.read_range(dev_key, None, None, True, None, 1)
+        return found[0][0] if found else None
+
+    def has_key(self, key: bytes) -> bool:
+        """Whether this partition holds a record under `key`."""
+        return self._db.get(key) is not None
 
     def catch_up(self) -> None:
         """A secondary instance reads what the writer committed since (WAL included).

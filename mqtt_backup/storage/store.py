@@ -157,6 +157,9 @@ class Store:
         # open, they pin table files that a prune or forget deletes).
         self.drop_read_only: list[Callable[[], None]] = []
         self.closed = False
+        # Devices written since a move began watching (None: no move watches): a move copies
+        # them again before its switch, so nothing a commit between its units stored is left behind.
+        self._written: set[bytes] | None = None
 
     @classmethod
     def open(
@@ -389,6 +392,20 @@ class Store:
         if not (isinstance(prepared, Prepared) and prepared.fits(part)):
             prepared = part.prepare(items)
         part.apply(prepared)
+        if self._written is not None:
+            self._written.update(prepared.touched)
+
+    def watch_writes(self, on: bool) -> None:
+        """Start (or stop) noting which devices `write` stores messages of (`written`)."""
+        self._written = set() if on else None
+
+    def written(self) -> set[bytes]:
+        """The device keys written since the last call (or since watching began)."""
+        found = self._written
+        if found is None:
+            return set()
+        self._written = set()
+        return found
 
     def open_new_partition(self, spec: PartitionSpec) -> Partition:
         """Open (creating it when needed) a partition that the manifest does not list yet."""
