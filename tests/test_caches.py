@@ -102,3 +102,47 @@ def test_caches_stay_bounded_and_evicted_entries_read_back(data_dir: Path) -> No
         weights = reader.manifest.weighted
     for device, partition in placed.items():
         assert partition == place(device_key(device), weights)
+
+
+def index_after(data_dir: Path, batches: list[list[tuple[str, int, bool]]]) -> dict[bytes, bytes]:
+    """Every stored index entry after writing `batches` of (device, payload size, dup)."""
+    store = Store.open(data_dir, 2)
+    try:
+        clock = BASE_NS
+        for batch in batches:
+            items = []
+            for device, size, dup in batch:
+                clock += 1000
+                partition, dev_key = store.locate(device)
+                record = Record(f"devices/{device}/t", b"x" * size, dup=dup)
+                items.append((partition, Pending(device, dev_key, clock, record)))
+            for partition, group in store_mod.group_by_partition(items).items():
+                store.write(partition, group)
+        return {
+            key: entry.encode()
+            for part in store.partitions.values()
+            for key, entry in part.index_entries()
+        }
+    finally:
+        store.close()
+
+
+def test_index_entries_read_back_for_a_batch_add_up_as_cached_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Devices evicted from the index cache are read back all at once per batch, after the
+    # batch's own figures were summed: a device seen several times in that batch, with
+    # redelivered copies, a new device and a cached one must come out as with a cache that
+    # never evicts.
+    devices = [f"dev-{n}" for n in range(200)]
+    batches = [
+        [(d, 10, False) for d in devices],
+        [(d, 5 + n % 7, n % 3 == 0) for n, d in enumerate(devices * 3)],
+        [("new-one", 4, True), ("new-one", 6, False), *((d, 9, False) for d in devices[:40])],
+        [(d, 3, True) for d in reversed(devices)],
+    ]
+    roomy = index_after(tmp_path / "roomy", batches)
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", INDEX_BOUND)
+    evicting = index_after(tmp_path / "evicting", batches)
+    assert len(roomy) == len(devices) + 1
+    assert evicting == roomy

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import tempfile
 import time
@@ -97,6 +98,20 @@ async def feed(wire: _Wire, transport: _Transport, stream: list[bytes], window: 
         await asyncio.sleep(0)
 
 
+def thread_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads so far, summed by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return seconds
+
+
 async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float]:
     store = Store.open(root / "data", 4)
     session = Session(BrokerAddress("127.0.0.1", 1883), "profile")
@@ -113,6 +128,7 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float
     wire.serving = True
     stream = packets(args.messages, args.devices)
     profiler = cProfile.Profile() if args.profile else None
+    before = thread_seconds()
     wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
     if profiler:
         profiler.enable()
@@ -121,6 +137,16 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     thread = time.thread_time() - thread
+    per = 100_000 / args.messages
+    spent = {k: v - before.get(k, 0.0) for k, v in thread_seconds().items()}
+    print(
+        "CPU/100k by thread: "
+        + ", ".join(
+            f"{name} {s * per:.2f} s"
+            for name, s in sorted(spent.items(), key=lambda kv: -kv[1])
+            if s
+        )
+    )
     c = pipeline.counters
     print(
         f"{c.batches} commits, {c.stored / max(c.batches, 1):.0f} messages each, "
