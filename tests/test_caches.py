@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from mqtt_backup import ingest as ingest_mod
+from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
 from mqtt_backup.placement import place
-from mqtt_backup.records import Record
+from mqtt_backup.records import Record, stored_flags
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
 from mqtt_backup.storage import store as store_mod
 from mqtt_backup.storage.cache import RecentCache
+from mqtt_backup.topics import Router, parse_template
 
 BASE_NS = 1_767_225_600 * 10**9
 INDEX_BOUND = 16
@@ -146,3 +149,34 @@ def test_index_entries_read_back_for_a_batch_add_up_as_cached_ones(
     evicting = index_after(tmp_path / "evicting", batches)
     assert len(roomy) == len(devices) + 1
     assert evicting == roomy
+
+
+def test_the_route_map_stays_bounded_and_forgets_long_topics(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bounded by count and by topic length: a route holds its topic twice, and an MQTT topic may
+    # be 65,535 bytes long, so a long one is routed afresh on each message, never remembered.
+    monkeypatch.setattr(ingest_mod, "TOPIC_CACHE_ENTRIES", 8)
+    store = Store.open(data_dir, 2)
+    acked: list[object] = []
+    router = Router([parse_template("devices/{device}/#")], "backup")
+    pipeline = CommitPipeline(store, router, acked.extend)
+    flag = stored_flags(1, retain=False, dup=False)
+    long_topic = b"devices/dev-long/" + b"x" * ingest_mod.TOPIC_CACHE_BYTES
+    offered = [*(f"devices/dev-{n}/t".encode() for n in range(20)), b"backup/own", long_topic]
+    try:
+        for n, topic in enumerate([*offered, long_topic]):
+            before = pipeline.cached_routes
+            pipeline.offer_publishes([topic], [b"p%d" % n], [flag], [n], BASE_NS + n)
+            assert pipeline.cached_routes <= 8
+            if topic == long_topic:
+                assert pipeline.cached_routes == before
+        assert pipeline.commit() == 22
+    finally:
+        store.close()
+    assert acked == list(range(23))
+    assert pipeline.counters.skipped == 1  # the bridge's own namespace: acknowledged unstored
+    with StoreReader(data_dir) as reader:
+        stored = list(reader.messages("dev-long"))
+    assert [m.record.topic.encode() for m in stored] == [long_topic, long_topic]
+    assert [m.record.payload for m in stored] == [b"p21", b"p22"]
