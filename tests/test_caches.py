@@ -50,6 +50,20 @@ def test_cache_keeps_what_is_used_and_drops_what_is_not() -> None:
     assert len(cache) <= 8
 
 
+def test_put_all_is_put_of_each_entry() -> None:
+    cache: RecentCache[int, int] = RecentCache(8)
+    for n in range(6):  # 4 and 5 in the current generation, 0-3 in the previous one
+        cache.put(n, n)
+    cache.put_all({1: 10, 4: 40})  # fits the current generation: one update
+    assert dict(cache.items()) == {0: 0, 1: 10, 2: 2, 3: 3, 4: 40, 5: 5}
+    assert (cache.get(1), cache.get(4)) == (10, 40)  # not the previous generation's 1
+    cache.pop(1)
+    assert cache.get(1) is None  # no stale copy left behind
+    cache.put_all({n: -n for n in range(100, 110)})  # more than a generation: put by put
+    assert len(cache) <= 8
+    assert [cache.get(n) for n in (106, 107, 108, 109)] == [-106, -107, -108, -109]
+
+
 def test_cache_size_must_leave_room() -> None:
     with pytest.raises(ValueError, match="room for 2"):
         RecentCache[int, int](1)

@@ -483,8 +483,7 @@ class Partition:
         """The synced write of a `prepare` of this partition that `fits` it still."""
         self._commit(prepared.batch)
         self.clock_ns, self.seq = prepared.clock_ns, prepared.seq
-        for dev_key, figures in prepared.touched.items():
-            self._entries.put(dev_key, figures)
+        self._entries.put_all(prepared.touched)  # on the commit thread, with the GIL: one update
 
     @property
     def cached_entries(self) -> int:
