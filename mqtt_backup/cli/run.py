@@ -89,11 +89,12 @@ def _run(config_file: Path | None, **flags: Any) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    _quieter_gc()
+    quieter_gc()
     bridge.run()
 
 
-def _quieter_gc() -> None:
+def quieter_gc() -> None:
+    """The cyclic GC as the running bridge wants it (GC_YOUNG_OBJECTS)."""
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_OBJECTS, older, oldest)
