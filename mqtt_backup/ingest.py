@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 AckToken = object
 HOLD_BATCHES = 10
 # Topics whose device is remembered (the router splits and matches a topic on a miss); the map is
-# emptied when full, so memory stays flat whatever the fleet size.
+# emptied when full, so memory stays flat whatever the fleet size. A topic longer than
+# TOPIC_CACHE_BYTES is routed afresh each time: an entry holds the topic twice (key and stored
+# field), and MQTT allows 65,535 bytes, so a count alone would bound it at ~2 GiB.
 TOPIC_CACHE_ENTRIES = 16384
+TOPIC_CACHE_BYTES = 256
 AckCallback = Callable[[Sequence[AckToken]], None]
 _Route = tuple[str, str, bytes, bytes]
+_UNKNOWN: _Route = ("", "", b"", b"")  # `_routes.get`'s default: not None, which means "skip"
 _new_pending = tuple.__new__  # a Pending from its parts, without `Pending.__new__`'s encoding
 
 
@@ -196,7 +200,9 @@ class CommitPipeline:
         routes, groups, size, skipped = self._routes, self._groups, self._size, 0
         try:
             for topic, payload, flag in zip(topics, payloads, flags, strict=True):
-                route = routes.get(topic) or self._route(topic)
+                route = routes.get(topic, _UNKNOWN)
+                if route is _UNKNOWN:
+                    route = self._route(topic)
                 if route is None:
                     skipped += 1
                     continue
@@ -221,17 +227,24 @@ class CommitPipeline:
         None: not to be stored. The router splits and matches the topic, the store places the
         device, and the stored topic bytes are made: once per topic until the map is emptied.
         """
-        if topic in self._routes:
-            return self._routes[topic]
+        routes = self._routes
+        if topic in routes:
+            return routes[topic]
         device = self._router.device_of(topic.decode("utf-8"))
         route = None
         if device is not None:
             partition, dev_key = self._store.locate(device)
             route = (partition, device, dev_key, topic_field(topic))
-        if len(self._routes) >= TOPIC_CACHE_ENTRIES:
-            self._routes.clear()
-        self._routes[topic] = route
+        if len(topic) <= TOPIC_CACHE_BYTES:
+            if len(routes) >= TOPIC_CACHE_ENTRIES:
+                routes.clear()
+            routes[topic] = route
         return route
+
+    @property
+    def cached_routes(self) -> int:
+        """Topics whose route is remembered now (bounded by TOPIC_CACHE_ENTRIES)."""
+        return len(self._routes)
 
     def full(self) -> bool:
         """The batch reached its size limit: commit before reading more."""

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from mqtt_backup import ingest as ingest_mod
+from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
 from mqtt_backup.placement import place
-from mqtt_backup.records import Record
+from mqtt_backup.records import Record, stored_flags
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
 from mqtt_backup.storage import store as store_mod
 from mqtt_backup.storage.cache import RecentCache
+from mqtt_backup.topics import Router, parse_template
 
 BASE_NS = 1_767_225_600 * 10**9
 INDEX_BOUND = 16
@@ -45,6 +48,20 @@ def test_cache_keeps_what_is_used_and_drops_what_is_not() -> None:
     cache.pop(-1)
     assert cache.get(-1) is None
     assert len(cache) <= 8
+
+
+def test_put_all_is_put_of_each_entry() -> None:
+    cache: RecentCache[int, int] = RecentCache(8)
+    for n in range(6):  # 4 and 5 in the current generation, 0-3 in the previous one
+        cache.put(n, n)
+    cache.put_all({1: 10, 4: 40})  # fits the current generation: one update
+    assert dict(cache.items()) == {0: 0, 1: 10, 2: 2, 3: 3, 4: 40, 5: 5}
+    assert (cache.get(1), cache.get(4)) == (10, 40)  # not the previous generation's 1
+    cache.pop(1)
+    assert cache.get(1) is None  # no stale copy left behind
+    cache.put_all({n: -n for n in range(100, 110)})  # more than a generation: put by put
+    assert len(cache) <= 8
+    assert [cache.get(n) for n in (106, 107, 108, 109)] == [-106, -107, -108, -109]
 
 
 def test_cache_size_must_leave_room() -> None:
@@ -102,3 +119,78 @@ def test_caches_stay_bounded_and_evicted_entries_read_back(data_dir: Path) -> No
         weights = reader.manifest.weighted
     for device, partition in placed.items():
         assert partition == place(device_key(device), weights)
+
+
+def index_after(data_dir: Path, batches: list[list[tuple[str, int, bool]]]) -> dict[bytes, bytes]:
+    """Every stored index entry after writing `batches` of (device, payload size, dup)."""
+    store = Store.open(data_dir, 2)
+    try:
+        clock = BASE_NS
+        for batch in batches:
+            items = []
+            for device, size, dup in batch:
+                clock += 1000
+                partition, dev_key = store.locate(device)
+                record = Record(f"devices/{device}/t", b"x" * size, dup=dup)
+                items.append((partition, Pending(device, dev_key, clock, record)))
+            for partition, group in store_mod.group_by_partition(items).items():
+                store.write(partition, group)
+        return {
+            key: entry.encode()
+            for part in store.partitions.values()
+            for key, entry in part.index_entries()
+        }
+    finally:
+        store.close()
+
+
+def test_index_entries_read_back_for_a_batch_add_up_as_cached_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Devices evicted from the index cache are read back all at once per batch, after the
+    # batch's own figures were summed: a device seen several times in that batch, with
+    # redelivered copies, a new device and a cached one must come out as with a cache that
+    # never evicts.
+    devices = [f"dev-{n}" for n in range(200)]
+    batches = [
+        [(d, 10, False) for d in devices],
+        [(d, 5 + n % 7, n % 3 == 0) for n, d in enumerate(devices * 3)],
+        [("new-one", 4, True), ("new-one", 6, False), *((d, 9, False) for d in devices[:40])],
+        [(d, 3, True) for d in reversed(devices)],
+    ]
+    roomy = index_after(tmp_path / "roomy", batches)
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", INDEX_BOUND)
+    evicting = index_after(tmp_path / "evicting", batches)
+    assert len(roomy) == len(devices) + 1
+    assert evicting == roomy
+
+
+def test_the_route_map_stays_bounded_and_forgets_long_topics(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bounded by count and by topic length: a route holds its topic twice, and an MQTT topic may
+    # be 65,535 bytes long, so a long one is routed afresh on each message, never remembered.
+    monkeypatch.setattr(ingest_mod, "TOPIC_CACHE_ENTRIES", 8)
+    store = Store.open(data_dir, 2)
+    acked: list[object] = []
+    router = Router([parse_template("devices/{device}/#")], "backup")
+    pipeline = CommitPipeline(store, router, acked.extend)
+    flag = stored_flags(1, retain=False, dup=False)
+    long_topic = b"devices/dev-long/" + b"x" * ingest_mod.TOPIC_CACHE_BYTES
+    offered = [*(f"devices/dev-{n}/t".encode() for n in range(20)), b"backup/own", long_topic]
+    try:
+        for n, topic in enumerate([*offered, long_topic]):
+            before = pipeline.cached_routes
+            pipeline.offer_publishes([topic], [b"p%d" % n], [flag], [n], BASE_NS + n)
+            assert pipeline.cached_routes <= 8
+            if topic == long_topic:
+                assert pipeline.cached_routes == before
+        assert pipeline.commit() == 22
+    finally:
+        store.close()
+    assert acked == list(range(23))
+    assert pipeline.counters.skipped == 1  # the bridge's own namespace: acknowledged unstored
+    with StoreReader(data_dir) as reader:
+        stored = list(reader.messages("dev-long"))
+    assert [m.record.topic.encode() for m in stored] == [long_topic, long_topic]
+    assert [m.record.payload for m in stored] == [b"p21", b"p22"]

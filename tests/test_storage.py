@@ -553,6 +553,29 @@ def test_failed_write_changes_nothing_and_a_retry_stores_once(
     assert info.count == 6
 
 
+class _FailingReads:
+    """A column family whose reads fail with an I/O error, as rocksdict reports them."""
+
+    def get(self, *_args: object) -> None:
+        raise Exception("IO error: Input/output error")  # noqa: TRY002 - rocksdict raises it bare
+
+
+def test_a_failed_index_read_is_a_storage_error(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A device not in the index cache has its entry read while the batch is prepared; a failing
+    # read must be the StorageError the pipeline holds and retries on, not a bare Exception.
+    write(store, "dev-1", [(BASE_NS, rec(0))])
+    part = partition_of(store, "dev-1")
+    part._entries.clear()
+    monkeypatch.setattr(part, "_index_cf", _FailingReads())
+    with pytest.raises(StorageUnavailable, match=f"index of partition {part.name}"):
+        write(store, "dev-1", [(BASE_NS + 1, rec(1))])
+    monkeypatch.undo()
+    write(store, "dev-1", [(BASE_NS + 1, rec(1))])
+    assert payloads(read(data_dir, "dev-1")) == ["m0", "m1"]
+
+
 def test_write_to_a_closed_partition(store: Store) -> None:
     partition, _ = store.locate("dev-1")
     store.close_partitions()

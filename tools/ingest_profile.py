@@ -6,8 +6,9 @@ A fake transport stands for the socket: it hands the bridge's `_Wire` the packet
 send (QoS 1, no properties, ~100 B JSON, 1,000 devices round-robin), never more than `--window`
 unacknowledged, in reads of at most asyncio's 256 KiB, and counts the PUBACKs written back. The
 commit pipeline and a real store in a temp dir do the rest, synced writes included. Prints the
-process CPU (every thread) per 100k messages and the loop thread's share; `--profile` prints the
-loop thread's cProfile. What the broker costs is not in it: this is the bridge's side alone.
+process CPU (every thread) per 100k messages, by thread and the loop thread's share; `--profile`
+prints the loop thread's cProfile. The cyclic GC is set as `mqtt-backup run` sets it. What the
+broker costs is not in it: this is the bridge's side alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import tempfile
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import mqtt5
 
 from bench import data
+from mqtt_backup.cli.run import quieter_gc
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, _Wire
@@ -97,6 +100,20 @@ async def feed(wire: _Wire, transport: _Transport, stream: list[bytes], window: 
         await asyncio.sleep(0)
 
 
+def thread_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads so far, summed by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return seconds
+
+
 async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float]:
     store = Store.open(root / "data", 4)
     session = Session(BrokerAddress("127.0.0.1", 1883), "profile")
@@ -112,7 +129,9 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float
     wire.transport = transport  # type: ignore[assignment]
     wire.serving = True
     stream = packets(args.messages, args.devices)
+    quieter_gc()  # as `mqtt-backup run` does
     profiler = cProfile.Profile() if args.profile else None
+    before = thread_seconds()
     wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
     if profiler:
         profiler.enable()
@@ -121,6 +140,16 @@ async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float
         profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     thread = time.thread_time() - thread
+    per = 100_000 / args.messages
+    spent = {k: v - before.get(k, 0.0) for k, v in thread_seconds().items()}
+    print(
+        "CPU/100k by thread: "
+        + ", ".join(
+            f"{name} {s * per:.2f} s"
+            for name, s in sorted(spent.items(), key=lambda kv: -kv[1])
+            if s
+        )
+    )
     c = pipeline.counters
     print(
         f"{c.batches} commits, {c.stored / max(c.batches, 1):.0f} messages each, "

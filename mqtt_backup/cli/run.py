@@ -8,6 +8,7 @@ number that is not one, with the usual 'Try: mqtt-backup run --help') from what 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import types
@@ -18,6 +19,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 import click
 
 from mqtt_backup import config, logs
+
+# The cyclic GC's youngest generation filled every ~600 messages on the ingest path (a tuple per
+# message held until its commit), and its older collections walked every object of the start-up:
+# ~12% of the ingest loop's CPU. Start-up's objects are frozen out of it (they live as long as
+# the process), and it collects after this many new objects instead of 700.
+GC_YOUNG_OBJECTS = 50_000
 
 _HELP = "Run the bridge: store every message of the topic templates, acknowledged after fsync."
 _CONFIG_HELP = "TOML config file [default: ./mqtt-backup.toml when present]"
@@ -82,7 +89,15 @@ def _run(config_file: Path | None, **flags: Any) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    quieter_gc()
     bridge.run()
+
+
+def quieter_gc() -> None:
+    """The cyclic GC as the running bridge wants it (GC_YOUNG_OBJECTS)."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_OBJECTS, older, oldest)
 
 
 def _given(value: Any) -> Any:

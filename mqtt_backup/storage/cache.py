@@ -44,6 +44,19 @@ class RecentCache(Generic[K, V]):
         self._previous.pop(key, None)
         self._add(key, value)
 
+    def put_all(self, entries: dict[K, V]) -> None:
+        """`put` of every entry, as one dict update when they fit the current generation.
+
+        A stale copy of a key in the previous generation is shadowed by the current one (`get`
+        looks there first, `pop` drops both) and goes with it at the next turn.
+        """
+        current = self._current
+        if len(current) + len(entries) <= self._half:
+            current.update(entries)
+            return
+        for key, value in entries.items():
+            self.put(key, value)
+
     def _add(self, key: K, value: V) -> None:
         if len(self._current) >= self._half:
             self._previous, self._current = self._current, {}
@@ -60,8 +73,8 @@ class RecentCache(Generic[K, V]):
         self._previous.clear()
 
     def items(self) -> list[tuple[K, V]]:
-        """Every (key, entry) held now."""
-        return [*self._previous.items(), *self._current.items()]
+        """Every (key, entry) held now, each key once (the current generation's copy wins)."""
+        return list({**self._previous, **self._current}.items())
 
     def __len__(self) -> int:
         """Entries held now (never more than the size)."""
