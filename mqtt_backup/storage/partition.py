@@ -16,8 +16,11 @@ import logging
 import struct
 import tempfile
 import zlib
+from bisect import bisect_left
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 
 from rocksdict import (
@@ -49,6 +52,7 @@ from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
 
 log = logging.getLogger(__name__)
+_KEY_OF = itemgetter(0)
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -538,7 +542,51 @@ class Partition:
         A live iterator keeps the database open (see storage/lease.py): a chunk never outlives
         the read lease it was taken under.
         """
+        if reverse:
+            return self._read_checked(dev_key, since_ns, until_ns, reverse, after, limit)
+        # Forward (every restore unless it asks for newest first): the chunk through rocksdict's
+        # item iterator, one call per record instead of five (a quarter of the time). That
+        # iterator ends quietly at a damaged block, so wherever it ends early the rest of the
+        # range is read by `scan`, whose end is checked: a chunk is short only at the true end.
+        lower, upper = device_range(dev_key, since_ns, until_ns)
+        if after is not None:
+            lower = max(lower, after + b"\x00")  # the smallest key above `after`
+        opts = ReadOptions()
+        opts.set_iterate_upper_bound(upper)
+        # The item iterator points into `opts` (its upper bound) without keeping it alive: a
+        # dropped `opts` let it read on into other devices' records. It goes first, here.
+        items = self.forward_items(lower, opts)
+        found = list(islice(items, limit))
+        del items  # closes its RocksDB iterator now, under the caller's read lease
+        if found and found[-1][0] >= upper:  # the bound not honoured: never another device's
+            found = found[: bisect_left(found, (upper,))]
+        if len(found) == limit and set(map(len, map(_KEY_OF, found))) == {KEY_LEN}:
+            return found
+        read = found[-1][0] if found else after
+        found = [row for row in found if len(row[0]) == KEY_LEN]
+        rest = self._read_checked(dev_key, since_ns, until_ns, False, read, limit - len(found))
+        return found + rest
+
+    def forward_items(self, lower: bytes, opts: ReadOptions) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) from `lower` on, in key order, within `opts`' bounds (`read_range`).
+
+        Unchecked: it ends quietly at a damaged block. Every key, of any length. An open
+        RocksDB iterator until it is dropped, which must be before `opts` is.
+        """
+        return self._db.items(from_key=lower, read_opt=opts)  # type: ignore[return-value]
+
+    def _read_checked(
+        self,
+        dev_key: bytes,
+        since_ns: int | None,
+        until_ns: int | None,
+        reverse: bool,
+        after: bytes | None,
+        limit: int,
+    ) -> list[tuple[bytes, bytes]]:
         found: list[tuple[bytes, bytes]] = []
+        if limit <= 0:
+            return found
         scan = self.scan(dev_key, since_ns, until_ns, reverse, after)
         try:
             for item in scan:
