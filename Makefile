@@ -20,7 +20,8 @@ run: $(STAMP)
 
 test: check pytest
 
-# Everything but the tests marked slow (see README, Development).
+# Everything but the tests marked slow (see README, Development), spread over the cores. The
+# `serial` tests are slow too (tests/conftest.py refuses one that is not), so none runs here.
 test-fast: check
 	$(VENV)/bin/pytest -n auto --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
@@ -33,13 +34,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# make test runs in one process (PYTEST_WORKERS=auto spreads it over the cores with pytest-xdist:
-# 7 minutes instead of 12, but the real full-disk tests met ENOSPC beside the other worker once);
-# make test-fast always spreads (a test marked xdist_group keeps to one worker with its group).
-PYTEST_WORKERS ?= 0
+# make test's pytest runs two passes (tools/pytest_passes.py): every test not marked `serial`
+# spread over PYTEST_WORKERS pytest-xdist workers (--dist loadgroup: an xdist_group keeps to one
+# worker), then the `serial` ones (the real full-disk tests) alone in one process. A `-m EXPR` in
+# PYTEST_ARGS narrows both passes; one pass may find nothing when the other ran tests.
+# PYTEST_WORKERS=0 runs everything in one process, in one pass. Times: README, Development.
+PYTEST_WORKERS ?= auto
 
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m tools.pytest_passes --workers $(PYTEST_WORKERS) -- $(PYTEST_ARGS)
 
 # The bridge against aedes (npm) and amqtt (own venv) under .run/brokers; not part of `make test`.
 # BROKER_ARGS='--brokers aedes --scenarios live -n 200' runs a subset (see docs/brokers.md).

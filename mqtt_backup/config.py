@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tomllib
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +97,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     """
     hint = "a URL such as mqtt://host:1883 (or mqtts://host:8883 for TLS)"
     shown = repr(mask_url(url))
+    _check_user_part(url, shown)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -121,6 +121,24 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
     )
+
+
+def _check_user_part(url: str, shown: str) -> None:
+    """ConfigError when the user name or password holds a `/`, `?` or `#` not percent-encoded.
+
+    urllib ends the host part at the first of them, and then reads the rest of the password
+    as the port: "its port must be a number" would send the user looking in the wrong place.
+    """
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    for part, text in (("user name", user), ("password", password)):
+        if char := next((c for c in text if c in "/?#"), None):
+            code = f"%{ord(char):02X}"
+            raise ConfigError(
+                f"broker URL {shown}: its {part} holds a '{char}' that is not percent-encoded",
+                f"write '{char}' as {code} in the URL"
+                + (", or give the password with --password-file" if part == "password" else ""),
+            )
 
 
 def mask_url(url: str) -> str:
@@ -613,6 +631,8 @@ def _parse(name: str, value: Any, origin: str) -> Any:
 
 
 def _from_file(path: Path) -> dict[str, Any]:
+    import tomllib  # noqa: PLC0415 - only with a config file (start-up time, design-notes)
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -471,4 +471,5 @@ async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
         await asyncio.sleep(0)  # let the window's publishes run
         return
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), max(delay, _MIN_SLEEP_S))
+        async with asyncio.timeout(max(delay, _MIN_SLEEP_S)):
+            await stop.wait()

@@ -23,6 +23,7 @@ from typing import Any
 import aiomqtt
 import hypothesis
 import pytest
+from _pytest.mark.expression import Expression
 
 from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
@@ -39,10 +40,38 @@ _FAST_RUN = False
 def pytest_configure(config: pytest.Config) -> None:
     """Note a fast run (`-m "not slow"`) before the test modules are imported."""
     global _FAST_RUN  # noqa: PLW0603 - read by `examples` while the test modules are imported
-    _FAST_RUN = "not slow" in str(config.getoption("markexpr", default="") or "")
+    _FAST_RUN = leaves_out_slow(str(config.getoption("markexpr", default="") or ""))
     if _FAST_RUN:  # properties without a count of their own: 20 examples, not Hypothesis's 100
         hypothesis.settings.register_profile("fast", max_examples=20)
         hypothesis.settings.load_profile("fast")
+
+
+def leaves_out_slow(markexpr: str) -> bool:
+    """Whether `-m markexpr` runs an unmarked test but not one marked slow (`make test-fast`).
+
+    The expression is evaluated as pytest does (`not slow and not serial` is a fast run too;
+    `serial` alone, or `not serial`, is not). pytest's Expression is not public API: if it
+    moves, this fails loudly rather than guessing from the text.
+    """
+    if not markexpr.strip():
+        return False
+    expression = Expression.compile(markexpr)
+
+    def selected(*marks: str) -> bool:
+        return expression.evaluate(lambda name, /, **_kwargs: name in marks)
+
+    return selected() and not selected("slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A `serial` test must be `slow` too: `make test-fast` spreads what it runs over workers."""
+    lone = [
+        i.nodeid
+        for i in items
+        if i.get_closest_marker("serial") and not i.get_closest_marker("slow")
+    ]
+    if lone:
+        raise pytest.UsageError(f"marked serial but not slow (mark them slow too): {lone}")
 
 
 def examples(full: int) -> int:
@@ -63,6 +92,7 @@ class Broker:
     overlays: tuple[str, ...] = ()
     port: int = field(default_factory=devbroker.free_port)
     proc: subprocess.Popen[bytes] | None = None
+    ran: bool = False
 
     @property
     def url(self) -> str:
@@ -71,8 +101,27 @@ class Broker:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Start (again) on the same port and state directory."""
-        self.proc = devbroker.start(self.conf, self.port, self.state_dir, overlays=self.overlays)
+        """Start (again) on the same port and state directory.
+
+        Until it first ran, a port that another process took between `free_port` and mosquitto's
+        bind (another pytest-xdist worker's broker, say) is traded for a new free one. A restart
+        keeps its port, where the bridge under test reconnects: taken, it fails (PortTaken).
+        """
+        tries = 1 if self.ran else 5
+        for tried in range(1, tries + 1):
+            try:
+                self.proc = self.launch()
+            except devbroker.PortTaken:
+                if tried == tries:
+                    raise
+                self.port = devbroker.free_port()
+            else:
+                break
+        self.ran = True
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Run mosquitto on `port` (devbroker.PortTaken when another process listens there)."""
+        return devbroker.start(self.conf, self.port, self.state_dir, overlays=self.overlays)
 
     def stop(self) -> None:
         """SIGTERM: Mosquitto saves its persistence file on the way out."""

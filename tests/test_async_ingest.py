@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +26,7 @@ from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
-from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY
+from mqtt_backup.mqtt.session import REPLAY_PROPERTY
 from mqtt_backup.storage import Pending, Store
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import Broker, Sent, publish, read_all, wait_until
@@ -579,3 +580,90 @@ def test_a_failed_commit_in_flight_holds_its_messages_ahead_of_the_next(
             faults.failing = False
             wait_until(lambda: broker.pubacks(0) == [1, 2], 20, "both acks after the retry")
     assert [m.record.payload for m in read_all(data_dir)["d1"]] == [b"m1", b"m2"]
+
+
+class RecordingBeside:
+    """A `Beside` that records its calls; fault injection: `start` raises when told to."""
+
+    def __init__(self, fail_start: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail_start = fail_start
+        self.chunk_done = threading.Event()
+        self._go = threading.Event()
+
+    async def start(self) -> None:
+        self.calls.append("start")
+        if self.fail_start:
+            raise OSError("the control socket cannot listen (injected)")
+
+    def start_chunk(self) -> None:
+        """A restore's chunk read in the default executor, running on past the stop."""
+
+        def chunk() -> None:
+            self._go.wait(10)
+            time.sleep(0.05)  # the read itself, after the restore was cancelled
+            self.chunk_done.set()
+
+        asyncio.get_running_loop().run_in_executor(None, chunk)
+
+    async def settle(self) -> None:
+        self.calls.append("settle")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+        self._go.set()
+
+
+def _disconnected(broker: FakeBroker) -> bool:
+    return any(isinstance(p, mqtt5.DisconnectPacket) for p in broker.got[0])
+
+
+def test_a_beside_that_fails_to_start_still_gets_the_shutdown_in_order(store: Store) -> None:
+    hooks, faults = Hooks(), Faults()
+    beside = RecordingBeside(fail_start=True)
+    with FakeBroker(accept()) as broker:
+        ingest = _ingest(broker.address, hooks)
+        pipeline = _pipeline(store, faults, ingest.ack)
+        ingest.connect(pipeline, [])
+        with pytest.raises(OSError, match="injected"):
+            ingest.run(pipeline, threading.Event(), beside)
+        wait_until(lambda: _disconnected(broker), 10, "the DISCONNECT of the shutdown")
+    assert beside.calls == ["start", "settle", "stop"]
+
+
+def test_run_returns_only_once_the_default_executor_is_done(store: Store) -> None:
+    # loop.close() does not wait for the default executor: a restore's chunk read queued or
+    # running there went on after the store was closed.
+    hooks, faults = Hooks(), Faults()
+
+    class Chunking(RecordingBeside):
+        async def start(self) -> None:
+            await super().start()
+            self.start_chunk()
+
+    beside = Chunking()
+    stop = threading.Event()
+    stop.set()  # straight to the shutdown
+    with FakeBroker(accept()) as broker:
+        ingest = _ingest(broker.address, hooks)
+        pipeline = _pipeline(store, faults, ingest.ack)
+        ingest.connect(pipeline, [])
+        ingest.run(pipeline, stop, beside)
+        assert beside.chunk_done.is_set()
+    assert beside.calls == ["start", "settle", "stop"]
+
+
+def test_nothing_after_a_failure_in_one_read_is_offered(store: Store, data_dir: Path) -> None:
+    # The broker's DISCONNECT ends the connection: a message behind it in the same read is
+    # not the dead connection's to store (it comes again, on the next one).
+    disconnect = mqtt5.DisconnectPacket().write()
+    burst = _publish(1, b"before") + disconnect + _publish(2, b"after")
+    hooks, faults = Hooks(), Faults()
+    with FakeBroker(accept(lambda conn: burst if conn == 0 else b"")) as broker:
+        ingest = _ingest(broker.address, hooks)
+        pipeline = _pipeline(store, faults, ingest.ack)
+        with Running(ingest, pipeline):
+            wait_until(lambda: len(broker.got) >= 2, 20, "a reconnect after the DISCONNECT")
+            wait_until(lambda: pipeline.pending == 0, 20, "what was offered to be stored")
+    stored = [m.record.payload for m in read_all(data_dir).get("d1", [])]
+    assert stored == [b"before"]

@@ -342,6 +342,26 @@ def test_read_command_without_data(cwd: Path, command: str, where: str) -> None:
         assert not (cwd / "d").exists(), "a read command must not create the data directory"
 
 
+def test_a_partition_path_among_the_stores_files_is_named_as_typed(cwd: Path) -> None:
+    # Found in use: the error named `--path p7` (the path relative to the data directory) for
+    # `--path mqtt-backup-data/p7`, and its hint `partitions/p7` meant ./partitions/p7.
+    Store.open(cwd / "mqtt-backup-data", 3).close()
+    typed = "mqtt-backup-data/p7"
+    line = one_line_error(cli("partitions", "add", "p7", "--path", typed, cwd=cwd), EXIT_USAGE)
+    assert f"--path {typed} lies among the data directory's own files" in line
+    assert "--path p7" not in line
+    assert "leave --path out" in line
+    assert not (cwd / typed).exists()
+
+
+def test_a_partition_path_over_another_partition_is_named_as_typed(cwd: Path) -> None:
+    Store.open(cwd / "mqtt-backup-data", 3).close()
+    typed = "mqtt-backup-data/partitions/p0"
+    line = one_line_error(cli("partitions", "add", "p7", "--path", typed, cwd=cwd), EXIT_USAGE)
+    assert f"--path {typed}: partitions p7 and p0 overlap" in line
+    assert "--path partitions/p0" not in line
+
+
 def test_partition_count_mismatch(cwd: Path, closed_url: str) -> None:
     Store.open(cwd / "data", 3).close()
     result = cli("run", "--broker", closed_url, "--data", "data", "--partitions", "5", cwd=cwd)

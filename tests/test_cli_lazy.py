@@ -1,19 +1,24 @@
 """The command line imports a command's module only when that command runs (or --help lists it).
 
 `run` is on the restart path (kill -9 to ingesting again): it must not pay for rich, the web
-view's starlette/uvicorn/jinja2 or the other commands' modules (docs/design-notes.md, "Start-up").
+view's starlette/uvicorn/jinja2, the other commands' modules, nor (on the default asyncio
+transport) paho and aiomqtt (docs/design-notes.md, "Start-up").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import typer
 
 from mqtt_backup.cli import maintenance, read, restore, simulate, status, web
 from mqtt_backup.cli.main import COMMAND_MODULES, module_commands
+from tests.conftest import REPO, Broker, Sent, publish_async, stored_count, wait_until
 
 # Never imported by `mqtt-backup run` (nor by --version, --help of run, or a usage error).
 NOT_FOR_RUN = (
@@ -26,7 +31,12 @@ NOT_FOR_RUN = (
     "mqtt_backup.restore.client",
     "mqtt_backup.restore.gather",
     *(f"mqtt_backup.cli.{m}" for m in ("read", "restore", "status", "maintenance", "simulate")),
+    "importlib.metadata",  # --version's only
+    "tomllib",  # only with a config file
 )
+# Nor by a running bridge on the default transport (MQTT 5, asyncio): only --protocol 3.1.1 and
+# --transport paho need them.
+MQTT_CLIENTS = ("paho", "aiomqtt")
 
 
 def _imported_by(code: str) -> set[str]:
@@ -78,3 +88,41 @@ def test_looking_a_command_up_imports_its_module_only() -> None:
     assert "mqtt_backup.cli.read" in modules
     assert "mqtt_backup.cli.maintenance" not in modules
     assert "mqtt_backup.web" not in modules
+
+
+# Runs `mqtt-backup run` in this process; at exit, writes the modules it had loaded.
+_RUN_AND_LIST = """
+import atexit, json, sys
+listed = sys.argv[1]
+atexit.register(lambda: open(listed, "w").write(json.dumps(sorted(sys.modules))))
+from mqtt_backup.cli import main
+sys.argv = ["mqtt-backup", *sys.argv[2:]]
+main()
+"""
+
+
+def test_a_running_bridge_loads_neither_paho_nor_aiomqtt(
+    broker: Broker, data_dir: Path, unique: str, tmp_path: Path
+) -> None:
+    listed, log = tmp_path / "modules.json", tmp_path / "bridge.log"
+    argv = ["run", "--broker", broker.url, "--data", str(data_dir), "--partitions", "3"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RUN_AND_LIST, str(listed), *argv],
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+        )
+    try:
+        wait_until(lambda: proc.poll() is None and "running" in log.read_text(), 20, "the bridge")
+        # Stored, restore service and control socket up: every part of a run has been loaded.
+        asyncio.run(publish_async(broker, [Sent(f"devices/{unique}/t", b"1")]))
+        wait_until(lambda: stored_count(data_dir) >= 1, 20, "the message stored")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    modules = set(json.loads(listed.read_text()))
+    assert "mqtt_backup.bridge" in modules
+    assert "mqtt_backup.restore.service" in modules
+    assert _heavy(modules) == []
+    assert sorted(m for m in modules if m.split(".")[0] in MQTT_CLIENTS) == []

@@ -30,9 +30,14 @@ EXPORT_V1 = FIXTURES / "store-v1.export.jsonl"
 _TABLE_COMPRESSION = re.compile(rb"ression(ZSTD|LZ4|Snappy|NoCompression)")
 
 
-def options_file(partition: Path) -> dict[str, dict[str, str]]:
-    """The partition's latest OPTIONS file: {section: {option: value}}."""
-    latest = max(partition.glob("OPTIONS-*"), key=lambda f: int(f.name[8:]))
+def options_files(partition: Path) -> list[Path]:
+    """The partition's OPTIONS files, oldest first (RocksDB keeps the last two)."""
+    return sorted(partition.glob("OPTIONS-*"), key=lambda f: int(f.name[8:]))
+
+
+def options_file(partition: Path, latest: Path | None = None) -> dict[str, dict[str, str]]:
+    """The partition's latest OPTIONS file (or `latest`): {section: {option: value}}."""
+    latest = latest or options_files(partition)[-1]
     sections: dict[str, dict[str, str]] = {}
     current: dict[str, str] = {}
     for raw in latest.read_text().splitlines():
@@ -103,6 +108,23 @@ def test_a_reopened_partition_keeps_the_options(tmp_path: Path) -> None:
         assert db_options["avoid_flush_during_recovery"] == "true"
     finally:
         part.close()
+
+
+def test_a_reopened_partition_differs_from_a_new_one_by_the_recovery_flag_only(
+    tmp_path: Path,
+) -> None:
+    """The reopen options are loaded from an OPTIONS file naming only the flag, then ours applied:
+    every other option must be what a new partition gets (compared in RocksDB's own files)."""
+    path = tmp_path / "p0"
+    path.mkdir()
+    Partition.open_writer("p0", path, create=True).close()
+    Partition.open_writer("p0", path).close()
+    made, reopened = (options_file(path, f) for f in options_files(path)[-2:])
+    assert made["[DBOptions]"].pop("avoid_flush_during_recovery") == "false"
+    assert reopened["[DBOptions]"].pop("avoid_flush_during_recovery") == "true"
+    assert made["[DBOptions]"].pop("create_if_missing") == "true"
+    assert reopened["[DBOptions]"].pop("create_if_missing") == "false"
+    assert reopened == made
 
 
 @pytest.fixture

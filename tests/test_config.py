@@ -487,6 +487,33 @@ def test_bad_broker_urls(url: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "part", "char", "code", "user", "password"),
+    [
+        ("mqtt://u:pa/ss@host:1883", "password", "/", "%2F", "u", "pa/ss"),
+        ("mqtt://u:pa/ss@host", "password", "/", "%2F", "u", "pa/ss"),
+        ("mqtts://u:pa#ss@host:8883", "password", "#", "%23", "u", "pa#ss"),
+        ("mqtt://u:pa?ss@host", "password", "?", "%3F", "u", "pa?ss"),
+        ("mqtt://u/v:pass@host", "user name", "/", "%2F", "u/v", "pass"),
+        ("mqtt://u/v@host", "user name", "/", "%2F", "u/v", None),
+    ],
+)
+def test_an_unescaped_character_in_the_user_part_is_named(
+    url: str, part: str, char: str, code: str, user: str, password: str | None
+) -> None:
+    # Found in use: mqtt://u:pa/ss@host:1883 was "its port must be a number from 1 to 65535".
+    with pytest.raises(ConfigError) as info:
+        parse_broker_url(url)
+    message = info.value.message()
+    assert f"its {part} holds a '{char}' that is not percent-encoded" in message
+    assert f"'{char}' as {code}" in info.value.hint
+    assert "port" not in message
+    assert "ss@" not in message, "the password is never shown"
+    scheme, rest = url.split("://")
+    encoded = parse_broker_url(f"{scheme}://{rest.replace(char, code)}")
+    assert (encoded.host, encoded.username, encoded.password) == ("host", user, password)
+
+
+@pytest.mark.parametrize(
     ("url", "address"),
     [
         ("mqtt://host", BrokerAddress("host", 1883)),

@@ -26,6 +26,9 @@ from mqtt_backup.storage.ballast import BALLAST, FULL_BELOW_BYTES
 from tests.conftest import BridgeThread, Broker, Sent, make_settings, publish, wait_until
 from tests.faulty import Faults
 
+# The tests on a real full disk are `serial` (make test runs them alone, after the others): how
+# full the disk is when RocksDB meets ENOSPC, and what its background flushes, compactions and
+# file deletions hold at each step, follow the machine's load; their margins are measured alone.
 DISK_MIB = 64
 PAYLOAD = 20_000
 runner = CliRunner()
@@ -142,6 +145,7 @@ def write_until_refused(data: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_prune_and_forget_free_a_full_disk_offline(small_disk: Path) -> None:
     data = small_disk
     fill_until_full(data)
@@ -167,6 +171,7 @@ def test_prune_and_forget_free_a_full_disk_offline(small_disk: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_dry_run_on_a_full_disk_keeps_the_ballast(small_disk: Path) -> None:
     data = small_disk
     fill_until_full(data)
@@ -183,6 +188,7 @@ def test_a_dry_run_on_a_full_disk_keeps_the_ballast(small_disk: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_prune_frees_a_full_disk_through_the_running_bridge(
     small_disk: Path, broker: Broker, unique: str
 ) -> None:
@@ -220,6 +226,26 @@ def test_a_new_store_reserves_its_ballast_and_makes_it_again(data_dir: Path) -> 
         assert not path.exists()
         store.keep_ballast()
         assert path.stat().st_size == ballast.size_for(data_dir)
+    finally:
+        store.close()
+
+
+def test_an_operation_on_a_full_disk_stops_rocksdbs_own_compactions(data_dir: Path) -> None:
+    """Partitions open from before (a bridge whose last write got through, on a disk short of
+    room) had RocksDB's compactions on: one pending would spend the released ballast rewriting
+    what the prune is about to delete, and the prune's own flush and reclaim then met ENOSPC.
+    """
+    store = Store.open(data_dir, partitions=2)
+    try:
+        assert all(part.compactions for part in store.partitions.values())
+        opened = store.opened
+        assert store.make_room(stalled=True)
+        assert not (data_dir / BALLAST).exists(), "released for the operation"
+        assert store.opened == opened + 1, "the partitions were opened again"
+        assert not any(part.compactions for part in store.partitions.values())
+        store.done_freeing()
+        assert all(part.compactions for part in store.partitions.values())
+        assert (data_dir / BALLAST).is_file()
     finally:
         store.close()
 

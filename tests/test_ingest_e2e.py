@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -16,11 +17,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from mqtt_backup import config
+from mqtt_backup.bridge import Bridge
 from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest
 from mqtt_backup.mqtt.async_ingest import _Wire
 from mqtt_backup.storage import StoreReader
-from mqtt_backup.storage.journal import GapLog
+from mqtt_backup.storage.journal import BridgeState, GapLog
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -211,6 +214,45 @@ def test_lost_broker_session_is_recorded_as_a_gap(
     gaps = GapLog(data_dir).all()
     assert [g.reason for g in gaps] == ["session-lost"]
     assert gaps[0].since_ns < gaps[0].until_ns
+
+
+def test_the_subscriptions_are_on_disk_before_anything_is_stored(
+    broker: Broker, data_dir: Path, unique: str
+) -> None:
+    """A start that finds no session records a gap only if the state file says there was one.
+
+    So new (or changed) subscriptions are saved at connect, before a message can be stored and
+    acknowledged (a kill -9 right after must not lose the next gap). A restart with the same
+    ones leaves the file to the first tick, off the way to the first commit.
+    """
+
+    def connected(settings: config.Settings) -> Bridge:
+        bridge = Bridge(settings)
+        bridge.connect()
+        return bridge
+
+    def stopped(bridge: Bridge) -> None:
+        bridge.stop()
+        bridge.run()  # stopped before it runs: shuts down in order at once
+
+    state = data_dir / "state.json"
+    first = connected(make_settings(broker, data_dir))
+    assert BridgeState.load(data_dir).subscriptions == ["devices/+/#"]
+    stopped(first)
+    changed = connected(make_settings(broker, data_dir, topic=(f"tele/{{device}}/{unique}",)))
+    assert BridgeState.load(data_dir).subscriptions == [f"tele/+/{unique}"]
+    stopped(changed)
+    before = state.stat().st_mtime_ns
+    again = connected(make_settings(broker, data_dir, topic=(f"tele/{{device}}/{unique}",)))
+    assert state.stat().st_mtime_ns == before, "nothing new to save before the first commit"
+    thread = threading.Thread(target=again.run, name="bridge")
+    thread.start()
+    try:
+        wait_until(lambda: state.stat().st_mtime_ns != before, 10, "the first tick's save")
+    finally:
+        again.stop()
+        thread.join(30)
+    assert BridgeState.load(data_dir).subscriptions == [f"tele/+/{unique}"]
 
 
 def test_bridge_reconnects_after_a_broker_restart(

@@ -5,17 +5,22 @@ Real RocksDB in temp dirs; faults are injected only to hold a scan open at a cho
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from mqtt_backup.errors import StorageError
 from mqtt_backup.keys import device_key
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage, moves
 from mqtt_backup.storage.partition import Partition
+from mqtt_backup.storage.store import CHUNK_BYTES
 
 BASE_NS = 1_700_000_000 * 10**9
 MESSAGES = 300
@@ -125,6 +130,37 @@ def test_a_chunk_never_holds_another_devices_records(
         assert _read_all(LiveReader(store), first, limit) == [b"%d" % i for i in range(10)]
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=40),
+    limit=st.integers(1, 45),
+    max_bytes=st.none() | st.integers(0, 20_000),
+    skip=st.integers(0, 5),
+)
+def test_a_forward_chunk_holds_what_the_checked_scan_reads(
+    sizes: list[int], limit: int, max_bytes: int | None, skip: int
+) -> None:
+    # The fast path (the item iterator, taken a few records at a time under a byte budget)
+    # stops exactly where the record-by-record scan does.
+    with tempfile.TemporaryDirectory() as scratch:
+        opened = Store.open(Path(scratch) / "data", partitions=1)
+        try:
+            name, dev_key = opened.locate("dev-a")
+            items = [
+                Pending("dev-a", dev_key, BASE_NS + i, Record("d/dev-a/t", b"x" * n))
+                for i, n in enumerate(sizes)
+            ]
+            opened.write(name, items)
+            part = opened.partitions[name]
+            keys = [k for k, _ in part.read_range(dev_key, None, None, False, None, 99)]
+            after = keys[skip - 1] if 0 < skip <= len(keys) else None
+            fast = part.read_range(dev_key, None, None, False, after, limit, max_bytes)
+            checked = part._read_checked(dev_key, None, None, False, after, limit, max_bytes)
+            assert fast == checked
+        finally:
+            opened.close()
+
+
 def test_a_restore_across_a_partition_add_reads_every_message_once(store: Store) -> None:
     device = _moving_device(store, "p-new")
     _write(store, device, 0, MESSAGES)
@@ -230,3 +266,111 @@ def test_while_storage_failure_closed_the_handles_a_read_only_handle_serves(stor
     store.close_partitions()  # failing again: a fresh read-only handle sees the new write
     assert _read_all(reader, "dev-a", 100)[-1] == b"5"
     reader.close()
+
+
+def _write_big(store: Store, device: str, count: int, size: int) -> list[bytes]:
+    partition, dev_key = store.locate(device)
+    payloads = [bytes([i]) * size for i in range(count)]
+    items = [
+        Pending(device, dev_key, BASE_NS + i, Record(f"d/{device}/t", p))
+        for i, p in enumerate(payloads)
+    ]
+    store.write(partition, items)
+    return payloads
+
+
+def test_a_chunk_of_big_values_stops_at_its_byte_budget(store: Store) -> None:
+    # Counted in records alone, a chunk of 512 one-MB payloads held half a GB per restore.
+    size = CHUNK_BYTES // 4 + 1
+    payloads = _write_big(store, "dev-big", 12, size)
+    reader = LiveReader(store)
+    cursor = Cursor("dev-big")
+    first = reader.read(cursor, 512)
+    assert len(first) == 4  # the fourth value passes the budget: the chunk ends there
+    ended_early = not cursor.done
+    rest: list[StoredMessage] = []
+    while not cursor.done:
+        rest += reader.read(cursor, 512)
+    assert ended_early
+    assert _payloads(first + rest) == payloads  # everything, once, in order
+    assert _read_all(reader, "dev-big", 512, reverse=True) == payloads[::-1]
+
+
+def test_a_value_larger_than_the_budget_still_reads(store: Store) -> None:
+    payloads = _write_big(store, "dev-huge", 3, CHUNK_BYTES + 1)
+    reader = LiveReader(store)
+    cursor = Cursor("dev-huge")
+    assert _payloads(reader.read(cursor, 512)) == payloads[:1]  # at least one record a chunk
+    assert _read_all(reader, "dev-huge", 512) == payloads
+
+
+def _read_only_opened(monkeypatch: pytest.MonkeyPatch) -> list[Partition]:
+    """A spy: every read-only handle opened from now on (the real one, only recorded)."""
+    opened: list[Partition] = []
+    real = Partition.open_reader
+
+    def spy(name: str, path: Path, secondary: Path | None = None) -> Partition:
+        part = real(name, path, secondary)
+        opened.append(part)
+        return part
+
+    monkeypatch.setattr(Partition, "open_reader", spy)
+    return opened
+
+
+def _is_closed(part: Partition) -> bool:
+    try:
+        part.read_range(device_key("dev-a"), None, None, False, None, 1)
+    except Exception as exc:  # noqa: BLE001 - rocksdict's DbClosedError is what counts
+        return "closed" in str(exc)
+    return False
+
+
+def test_the_read_only_handle_goes_when_the_writer_reopens(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kept until the next read, it outlived the stall and pinned table files a prune or forget
+    # deletes (the disk they were to free stayed full).
+    _write(store, "dev-a", 0, 5)
+    opened = _read_only_opened(monkeypatch)
+    reader = LiveReader(store)
+    store.close_partitions()  # what a failed write does (a full disk)
+    assert _read_all(reader, "dev-a", 100) == [b"%d" % i for i in range(5)]
+    assert len(opened) == 1
+    assert not _is_closed(opened[0])
+    store.open_partitions()  # storage is back; no restore reads after it
+    assert _is_closed(opened[0])
+    assert _read_all(reader, "dev-a", 100) == [b"%d" % i for i in range(5)]
+    assert len(opened) == 1  # read through the writer's handles again
+
+
+def test_a_chunk_after_the_close_opens_no_handle(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chunk queued in the default executor can run after the shutdown closed the reader and
+    # the store's handles: a read-only handle opened then was never closed.
+    _write(store, "dev-a", 0, 5)
+    opened = _read_only_opened(monkeypatch)
+    reader = LiveReader(store)
+    reader.close()
+    store.close_partitions()  # store.close() at shutdown
+    with pytest.raises(StorageError, match="closed"):
+        reader.read(Cursor("dev-a"), 64)
+    assert opened == []
+
+
+def test_a_chunk_after_the_store_closed_opens_no_handle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path / "data", partitions=3)
+    _write(store, "dev-a", 0, 5)
+    opened = _read_only_opened(monkeypatch)
+    reader = LiveReader(store)
+    store.close_partitions()
+    assert len(_read_all(reader, "dev-a", 100)) == 5  # a read-only handle serves meanwhile
+    store.close()  # without the reader's close: its handle goes all the same
+    assert len(opened) == 1
+    assert _is_closed(opened[0])
+    with pytest.raises(StorageError, match="closed"):
+        reader.read(Cursor("dev-a"), 64)
+    assert len(opened) == 1

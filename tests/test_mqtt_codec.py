@@ -15,7 +15,7 @@ import pytest
 
 from mqtt_backup.config import BrokerAddress, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, codec, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
@@ -145,6 +145,41 @@ def test_nobody_listening_is_unreachable() -> None:
     with pytest.raises(BrokerUnreachable) as unreachable:
         asyncio.run(connect())
     assert "check --broker and that the broker runs" in unreachable.value.message()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_cancellation_that_comes_with_the_connack_is_not_swallowed(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """A stop while connecting stops the connect, even when the CONNACK arrives at that moment.
+
+    `asyncio.wait_for` (3.11, cpython gh-86296) returned the CONNACK and dropped the
+    cancellation: the connection went on as if nobody had asked it to stop. The fault injected:
+    the task is cancelled in the very callback that hands the CONNACK over.
+    """
+    connecting: list[asyncio.Task[None]] = []
+    dispatch = codec._Wire._dispatch
+
+    def dispatch_then_cancel(wire: codec._Wire, packet: mqtt5.Packet) -> None:
+        dispatch(wire, packet)
+        if isinstance(packet, mqtt5.ConnAckPacket):
+            connecting[0].cancel()
+
+    monkeypatch.setattr(codec._Wire, "_dispatch", dispatch_then_cancel)
+    entered = False
+
+    async def connect() -> None:
+        nonlocal entered
+        async with CodecConnection(_address(broker), protocol=protocol):
+            entered = True
+
+    async def scenario() -> bool:
+        connecting.append(asyncio.create_task(connect()))
+        await asyncio.wait(connecting)
+        return connecting[0].cancelled()
+
+    assert asyncio.run(scenario()), "the cancellation was swallowed"
+    assert not entered
 
 
 def test_broker_gone_mid_stream_hands_out_what_arrived_then_a_clear_error(
@@ -602,3 +637,40 @@ def test_a_cancelled_stream_writes_nothing_more() -> None:
 
     asyncio.run(scenario())
     assert arrived == [b"a0", b"a1", b"after"]
+
+
+def test_qos0_packets_take_no_window_credit_and_count_as_done_at_once() -> None:
+    """A stream that mixes QoS 0 (a replay keeps the stored QoS) with QoS 1: no PUBACK comes for
+    a QoS 0 publish, so it takes no credit and no packet id, and is done once written. Many
+    more QoS 0 packets than the window holds all go out, and the window ends as full as it
+    began (a credit lost per QoS 0 message stalled every restore after ~20 of them)."""
+    receive_max = 2
+    arrived: list[tuple[bytes, int, int | None]] = []
+
+    async def script(packet: mqtt5.Packet, writer: asyncio.StreamWriter) -> None:
+        if isinstance(packet, mqtt5.ConnectPacket):
+            writer.write(mqtt5.ConnAckPacket(receive_max=receive_max).write())
+        elif isinstance(packet, mqtt5.PublishPacket):
+            arrived.append((packet.payload, int(packet.qos), packet.packet_id))
+            if int(packet.qos):
+                assert packet.packet_id is not None
+                writer.write(mqtt5.PubAckPacket(packet.packet_id).write())
+
+    qos = [0] * 10 + [1, 0, 1, 1, 0] + [0] * 10
+
+    async def scenario() -> tuple[list[int], int, int]:
+        codes: list[int] = []
+        async with scripted_broker(script) as address, CodecConnection(address) as conn:
+            packets = [Outgoing("s/a", b"%d" % i, q) for i, q in enumerate(qos)]
+            async with asyncio.timeout(10):
+                await conn.publish_many(packets, codes.append)
+                while len(codes) < len(qos) or len(arrived) < len(qos):
+                    await asyncio.sleep(0.01)
+            assert conn._wire is not None
+            return codes, conn.window.free, len(conn._wire.acks)
+
+    codes, free, awaiting = asyncio.run(scenario())
+    assert codes == [0] * len(qos)
+    assert (free, awaiting) == (receive_max, 0)
+    assert [p for p, _, _ in arrived] == [b"%d" % i for i in range(len(qos))]
+    assert [(q, pid is None) for _, q, pid in arrived] == [(q, q == 0) for q in qos]

@@ -47,9 +47,9 @@ class ProductionBroker(Broker):
         """Its TLS listener."""
         return f"mqtts://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def launch(self) -> subprocess.Popen[bytes]:
         """Start from production.conf, its file options moved into the state directory."""
-        self.proc = devbroker.start(self.conf, self.port, self.state_dir, relocate_files=True)
+        return devbroker.start(self.conf, self.port, self.state_dir, relocate_files=True)
 
 
 def _passwords(state: Path) -> None:

@@ -179,6 +179,44 @@ def test_replay_republishes_at_the_rate_and_is_not_stored_again(
     assert bridge.bridge.pipeline.counters.skipped >= 30
 
 
+def test_a_replay_of_qos0_history_completes_and_leaves_the_window_whole(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
+) -> None:
+    # A replay keeps the stored QoS: a QoS 0 message gets no PUBACK. It used to take a credit
+    # of the window that all restores share and never give it back: no terminal, ever.
+    _start(run_bridge, make_settings(broker, data_dir))
+    device = f"{unique}-qos0"
+    sent = [Sent(f"devices/{device}/t", b"q%d" % i, qos=int(i % 3 == 0)) for i in range(30)]
+    publish(broker, sent)
+    wait_until(lambda: stored_count(data_dir) >= 30, 20, "stored messages")
+    assert [m.record.qos for m in read_all(data_dir)[device]] == [m.qos for m in sent]
+
+    async def scenario() -> tuple[list[aiomqtt.Message], list[Message], list[Message]]:
+        arrived: list[aiomqtt.Message] = []
+        async with device_client(broker) as watcher:
+            await watcher.subscribe(f"devices/{device}/#", qos=1)
+
+            async def collect() -> None:
+                async for message in watcher.messages:
+                    arrived.append(message)
+                    if len(arrived) == len(sent):
+                        return
+
+            collector = asyncio.create_task(collect())
+            replay = await _ask(broker, device, {"mode": "replay"})
+            await asyncio.wait_for(collector, 20)
+        # The same bridge answers the next restore: the window is whole again.
+        return arrived, replay, await _ask(broker, device)
+
+    arrived, replay, after = asyncio.run(scenario())
+    done = {"done": True, "protocol": 1, "device": device, "count": 30, "complete": True}
+    assert replay == [done]
+    assert [m.payload for m in arrived] == [m.payload for m in sent]
+    assert [m.qos for m in arrived] == [m.qos for m in sent]
+    assert after[-1] == done
+    assert [_payload_bytes(m) for m in _records(after)] == [m.payload for m in sent]
+
+
 BAD_REQUESTS: list[tuple[bytes, str]] = [
     (b"{", "not valid JSON"),
     (b"[1, 2]", "JSON object"),

@@ -22,7 +22,7 @@ import pytest
 
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
-from mqtt_backup.records import Properties, Record
+from mqtt_backup.records import Properties, Record, decode_fields
 from mqtt_backup.restore import service as restore_module
 from mqtt_backup.restore.reply import Pacer
 from mqtt_backup.restore.request import (
@@ -36,6 +36,7 @@ from mqtt_backup.restore.request import (
 from mqtt_backup.restore.service import FIRST_CHUNK, DroppedWatcher, RestoreService
 from mqtt_backup.storage import Cursor, Pending, Store, StoreReader, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
+from mqtt_backup.storage.store import CHUNK_BYTES
 from mqtt_backup.times import format_ts
 from mqtt_backup.topics import check_device, filter_matches
 
@@ -1336,6 +1337,42 @@ def test_a_limit_ends_the_scan_at_the_last_message_sent(
     bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
     assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
     assert chunks == [FIRST_CHUNK]  # the first chunk held both: no further chunk was read
+
+
+def test_a_limit_bounds_the_chunk_read(
+    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a topic filter every record read is sent: `limit 1` reads one, not a chunk.
+    asked: list[int] = []
+    real = reader.read_rows
+
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        asked.append(limit)
+        return real(cursor, limit)
+
+    monkeypatch.setattr(reader, "read_rows", counting)
+    assert payloads(stream(reader, {"limit": 1})) == [DEV1[0].payload]
+    assert asked == [1]
+
+
+def test_a_restore_of_big_values_reads_byte_bounded_chunks_and_sends_all(
+    own_store: Store, own_reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = [Record("devices/dev-5/t", bytes([i]) * (CHUNK_BYTES // 3)) for i in range(10)]
+    write(own_store, "dev-5", [(BASE_NS + i, r) for i, r in enumerate(big)])
+    chunks: list[int] = []
+    real = own_reader.read_rows
+
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        found = real(cursor, limit)
+        chunks.append(sum(len(decode_fields(value)[4]) for _, value in found))  # payloads
+        return found
+
+    monkeypatch.setattr(own_reader, "read_rows", counting)
+    bodies = stream(own_reader, {}, topic=f"{PREFIX}/dev-5")
+    assert payloads(bodies) == [r.payload for r in big]
+    assert len(chunks) > 1
+    assert max(chunks) < CHUNK_BYTES + CHUNK_BYTES // 3  # the budget, overshot by one value
 
 
 def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: StoreReader) -> None:

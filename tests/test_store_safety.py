@@ -336,10 +336,7 @@ def test_partitions_add_refuses_a_path_on_the_stores_own_files(
         EXIT_USAGE,
     )
     assert expect in line
-    # Passed on relative to the data directory when inside it (the manifest stays movable).
-    target = (data / path).resolve()
-    inside = target.is_relative_to(data.resolve())
-    assert f"--path {target.relative_to(data.resolve()) if inside else target}" in line
+    assert f"--path {Path(path)}" in line, "named as typed"
     assert (manifest_path(data).read_text(), folders(data), folders(elsewhere)) == before
 
 
@@ -435,6 +432,44 @@ def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
     assert open_to_others(data) == []
     assert open_to_others(outside) == []
     assert (outside / "CURRENT").is_file()
+
+
+def test_modules_imported_while_the_store_is_open_leave_no_private_bytecode(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Found in review: `run` imports the bridge while the store opens (umask 0077) on a thread.
+
+    A package installed without its bytecode then got owner-only `__pycache__` folders and
+    files, which other users cannot read. A fresh copy of the package, bytecode writing on.
+    """
+    pkg = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "mqtt_backup", pkg / "mqtt_backup", ignore=ignore)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_BACKUP_", "PYTHON"))}
+    log = tmp_path / "bridge.log"
+    with log.open("ab") as out:
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "mqtt_backup", "run", "--broker", broker.url, "--data", "data"],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(pkg)},
+            umask=0o022,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_until(lambda: b"mqtt-backup running" in log.read_bytes(), 60, "the bridge to run")
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
+    written = [p for p in pkg.rglob("*") if "__pycache__" in p.parts]
+    assert any(p.suffix == ".pyc" for p in written), "the copy was imported, bytecode written"
+    private = [
+        f"{oct(stat.S_IMODE(p.stat().st_mode))} {p.relative_to(pkg)}"
+        for p in written
+        if stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044
+    ]
+    assert private == []
+    assert open_to_others(tmp_path / "data") == []
 
 
 def add_partition(store: Store, name: str, path: str) -> None:

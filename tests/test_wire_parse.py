@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerError
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, _properties, _Wire
-from mqtt_backup.mqtt.ingest import REPLAY_PROPERTY, Session
+from mqtt_backup.mqtt.session import REPLAY_PROPERTY, Session
 from mqtt_backup.records import Record, stored_parts
 
 GENERATION = 7

@@ -26,6 +26,10 @@ class BrokerStartError(RuntimeError):
     """Mosquitto could not be started; the message says why."""
 
 
+class PortTaken(BrokerStartError):
+    """Another process listens on the port (it took it between `free_port` and our bind)."""
+
+
 _FILE_OPTION = re.compile(r"(?m)^(password_file|acl_file|cafile|certfile|keyfile)\s+(\S+)\s*$")
 
 
@@ -78,6 +82,27 @@ def free_port() -> int:
         return port
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself listens on TCP `port` (not merely: something does).
+
+    Reads Linux's /proc: the listening sockets of /proc/net/tcp, matched to the process's file
+    descriptors by inode. Elsewhere any listener on 127.0.0.1 counts.
+    """
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return port_open(port)
+    try:
+        sockets = {str(fd.readlink()) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:  # gone, or a descriptor closed while we looked
+        return False
+    for line in table.read_text(encoding="ascii").splitlines()[1:]:
+        fields = line.split()  # sl local_address rem_address st ... inode
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            return f"socket:[{inode}]" in sockets
+    return False
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something accepts TCP connections on host:port."""
     with socket.socket() as sock:
@@ -102,7 +127,11 @@ def start(
     *,
     relocate_files: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start mosquitto with a config rendered from `mosquitto/<conf_name>`; wait for its port."""
+    """Start mosquitto with a config rendered from `mosquitto/<conf_name>`; wait for its port.
+
+    PortTaken when another process listens there: a caller that chose the port with `free_port`
+    may choose again (another pytest-xdist worker can take it before mosquitto binds).
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     conf_path = state_dir / "mosquitto.conf"
     rendered = render_config(
@@ -114,13 +143,17 @@ def start(
     )
     conf_path.write_text(rendered, encoding="utf-8")
     log = (log_path or state_dir / "mosquitto.log").open("ab")
+    said_from = log.tell()  # the log is kept across restarts: what this start says comes after
     proc = subprocess.Popen(
         [mosquitto_binary(), "-c", str(conf_path)], stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 10
-    while not port_open(port):
+    while not listens(proc.pid, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
+            if b"Address already in use" in Path(log.name).read_bytes()[said_from:]:
+                raise PortTaken(f"port {port} is taken by another process; see {log.name}")
             raise BrokerStartError(f"mosquitto did not start on port {port}; see {log.name}")
         time.sleep(0.02)
     return proc

@@ -27,7 +27,7 @@ from bench import data
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, _Wire
-from mqtt_backup.mqtt.ingest import Session
+from mqtt_backup.mqtt.session import Session
 from mqtt_backup.storage import Store
 from mqtt_backup.topics import Router, parse_template
 

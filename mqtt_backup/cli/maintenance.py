@@ -16,8 +16,10 @@ from mqtt_backup import control, operations
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, DryRunOpt, JsonOpt, load_settings
 from mqtt_backup.cli.types import DURATION, TIME
-from mqtt_backup.errors import DataDirLocked, UsageError
+from mqtt_backup.errors import BackupError, DataDirLocked, UsageError
 from mqtt_backup.storage import Store, StoreReader
+from mqtt_backup.storage.manifest import PartitionSpec, load_manifest
+from mqtt_backup.storage.store import new_partition_error
 
 app = typer.Typer()
 
@@ -199,6 +201,23 @@ def new_partition_path(data: Path, name: str, path: Path | None) -> tuple[str | 
     return (str(where.relative_to(home)) if where.is_relative_to(home) else str(where)), where
 
 
+def _check_new_path(data: Path, spec: PartitionSpec, shown: str) -> None:
+    """The store's check of a new partition's directory, made here first to name --path as typed.
+
+    (The store knows only the path it keeps, relative to the data directory.) A missing manifest,
+    or a partition that is there already (an add to finish), is the operation's to answer.
+    """
+    try:
+        manifest = load_manifest(data)
+    except BackupError:
+        return
+    if spec.name in {p.name for p in manifest.partitions}:
+        return
+    error = new_partition_error(data, manifest, spec, shown)
+    if error is not None:
+        raise error
+
+
 @partitions.command("add")
 def partitions_add(
     name: Annotated[str, typer.Argument(help="new partition name, e.g. p4")],
@@ -218,6 +237,8 @@ def partitions_add(
     """Add a partition; only the devices it wins move (about 1/(n+1) of them)."""
     settings = load_settings(config_file, data=data)
     stored, where = new_partition_path(settings.data, name, path)
+    if path is not None:
+        _check_new_path(settings.data, PartitionSpec(name, stored or "", weight), f"--path {path}")
     args = {"name": name, "path": stored, "weight": weight, "dry_run": dry_run}
     result = {**writer_operation(settings.data, "partitions-add", args), "path": str(where)}
     _show(result, as_json, f"adding {name} at {where}: " + _moves_text(result, dry_run))

@@ -12,8 +12,7 @@ import errno
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,6 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
+from mqtt_backup.mqtt.values import Inbound, OutProps, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -35,55 +35,22 @@ _AIOMQTT_LOG = logging.getLogger("mqtt_backup.aiomqtt")
 _AIOMQTT_LOG.setLevel(logging.ERROR)
 
 
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """CA file for an mqtts:// broker; client certificate and key for mTLS."""
-
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message as a restore request or a response: what the receiver needs of it."""
-
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class OutProps:
-    """MQTT 5 properties of an outgoing message (ignored on MQTT 3.1.1)."""
-
-    correlation_data: bytes | None = None
-    user: tuple[tuple[str, str], ...] = ()
-    content_type: str | None = None
-    payload_format: int | None = None
-    message_expiry: int | None = None
-    response_topic: str | None = None
-
-    def to_paho(self) -> PahoProperties:
-        """The PUBLISH properties object of paho."""
-        props = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        if self.correlation_data is not None:
-            props.CorrelationData = self.correlation_data
-        if self.user:
-            props.UserProperty = list(self.user)
-        if self.content_type is not None:
-            props.ContentType = self.content_type
-        if self.payload_format is not None:
-            props.PayloadFormatIndicator = self.payload_format
-        if self.message_expiry is not None:
-            props.MessageExpiryInterval = self.message_expiry
-        if self.response_topic is not None:
-            props.ResponseTopic = self.response_topic
-        return props
+def _to_paho(out: OutProps) -> PahoProperties:
+    """The PUBLISH properties object of paho."""
+    props = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if out.correlation_data is not None:
+        props.CorrelationData = out.correlation_data
+    if out.user:
+        props.UserProperty = list(out.user)
+    if out.content_type is not None:
+        props.ContentType = out.content_type
+    if out.payload_format is not None:
+        props.PayloadFormatIndicator = out.payload_format
+    if out.message_expiry is not None:
+        props.MessageExpiryInterval = out.message_expiry
+    if out.response_topic is not None:
+        props.ResponseTopic = out.response_topic
+    return props
 
 
 def _inbound(message: aiomqtt.Message) -> Inbound:
@@ -217,7 +184,7 @@ class AsyncConnection:
         if props is None or not self.mqtt5:
             return None
         if self._last_props is None or self._last_props[0] is not props:
-            self._last_props = (props, props.to_paho())
+            self._last_props = (props, _to_paho(props))
         return self._last_props[1]
 
     async def messages(self) -> AsyncIterator[Inbound]:
@@ -227,47 +194,6 @@ class AsyncConnection:
                 yield _inbound(message)
         except aiomqtt.MqttError as exc:
             raise BrokerUnreachable(f"{self.address}: connection lost: {exc}") from exc
-
-
-class Window:
-    """At most `size` publishes awaiting their PUBACK; the first failure stops the stream."""
-
-    def __init__(self, size: int) -> None:
-        self._slots = asyncio.Semaphore(size)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._failure: BaseException | None = None
-
-    async def send(self, publish: Coroutine[Any, Any, None]) -> None:
-        """Start a publish once a slot is free."""
-        if self._failure is not None:
-            publish.close()
-            raise self._failure
-        try:
-            await self._slots.acquire()
-        except BaseException:
-            publish.close()  # cancelled while waiting for a slot: never started, never awaited
-            raise
-        task = asyncio.create_task(publish)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
-
-    async def drain(self) -> None:
-        """Wait until every publish is acknowledged; re-raise the first failure."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._failure is not None:
-            raise self._failure
-
-    def cancel(self) -> None:
-        """Abandon what is in flight (the connection is gone or the bridge stops)."""
-        for task in self._tasks:
-            task.cancel()
 
 
 def _quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:

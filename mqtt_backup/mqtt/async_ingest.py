@@ -41,7 +41,8 @@ from mqtt_backup.errors import (
 )
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused
-from mqtt_backup.mqtt.ingest import (
+from mqtt_backup.mqtt.packets import read5
+from mqtt_backup.mqtt.session import (
     CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
@@ -53,7 +54,6 @@ from mqtt_backup.mqtt.ingest import (
     describe,
     taken_over,
 )
-from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.records import Properties, Record, stored_flags
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ class _Wire(asyncio.Protocol):
         tokens: list[int] = []
         offset, end = 0, len(buffer)
         try:
-            while offset + 1 < end:
+            # Nothing after a failure (a DISCONNECT, a QoS 2 message): the connection is dead.
+            while offset + 1 < end and self.failure is None:
                 first, size, at = buffer[offset], buffer[offset + 1], offset + 2
                 if size & 0x80:
                     found = _remaining_length(buffer, offset + 1, end)
@@ -426,16 +427,15 @@ class AsyncIngest:
         generation = self._generation = sink.new_connection() & 0xFFFF
         address = self.session.address
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(
+            # Not `asyncio.wait_for`: on 3.11 it can swallow a cancellation (cpython gh-86296).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, wire = await loop.create_connection(
                     lambda: _Wire(self, sink, generation),
                     address.host,
                     address.port,
                     ssl=self._ssl,
                     server_hostname=address.host if self._ssl else None,
-                ),
-                CONNECT_TIMEOUT_S,
-            )
+                )
         except TimeoutError:
             raise BrokerUnreachable(
                 f"{address}: no connection within {CONNECT_TIMEOUT_S:g} s",
@@ -501,7 +501,8 @@ class AsyncIngest:
 
     async def _answer(self, future: asyncio.Future[_T], what: str) -> _T:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await asyncio.shield(future)
         except TimeoutError:
             raise BrokerUnreachable(f"no {what} from {self.session.address} in time") from None
         except BrokerError as exc:
@@ -552,10 +553,10 @@ class AsyncIngest:
             self._close_loop()
 
     async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
-        if beside is not None:
-            await beside.start()
         try:
             try:
+                if beside is not None:
+                    await beside.start()  # inside: what it started is stopped if it fails
                 await self._serve(sink, stop)
             finally:
                 if beside is not None:
@@ -564,6 +565,9 @@ class AsyncIngest:
         finally:
             if beside is not None:
                 await beside.stop()
+            # loop.close() does not wait for it: a restore's chunk read queued there would run
+            # after the store closed.
+            await asyncio.get_running_loop().shutdown_default_executor()
 
     async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -572,7 +576,8 @@ class AsyncIngest:
                 await self._reconnect(sink, stop)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.lost), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await asyncio.shield(wire.lost)
             if isinstance(wire.failure, SessionTakenOver):
                 self._connected = False  # the shutdown stores what is pending; its acks are void
                 raise wire.failure
@@ -736,7 +741,8 @@ class AsyncIngest:
         if wire is not None and wire.transport is not None:
             wire.transport.abort()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.shield(wire.lost)
 
     async def _reconnect(self, sink: PipelinedSink, stop: threading.Event) -> None:
         """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
@@ -811,7 +817,8 @@ class AsyncIngest:
         assert wire.transport is not None
         wire.transport.close()  # after the buffered acks and the DISCONNECT are written
         try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(wire.lost)
         except TimeoutError:
             wire.transport.abort()
         self._wire = None

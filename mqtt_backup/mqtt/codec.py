@@ -32,9 +32,9 @@ import mqtt5
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.mqtt import v311
-from mqtt_backup.mqtt.aio import OutProps, TlsFiles
-from mqtt_backup.mqtt.ingest import describe
 from mqtt_backup.mqtt.packets import Outgoing, read5
+from mqtt_backup.mqtt.session import describe
+from mqtt_backup.mqtt.values import OutProps, TlsFiles
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0
@@ -127,11 +127,15 @@ class SendWindow:
         return granted
 
     def grab(self, most: int) -> int:
-        """Take up to `most` credits now, without waiting (the ready queue's refill)."""
+        """Take up to `most` credits now, without waiting (the ready queue's refill); `keep`."""
         granted = min(most, self.free)
         self.free -= granted
-        self.peak = max(self.peak, self.size - self.free)
         return granted
+
+    def keep(self, unused: int) -> None:
+        """After a `grab`: give back the credits not used (QoS 0 needs none); note the peak."""
+        self.free += unused
+        self.peak = max(self.peak, self.size - self.free)
 
     def give(self, count: int = 1) -> None:
         """Credits back; whoever waits is woken once the current batch of PUBACKs is read."""
@@ -181,6 +185,11 @@ class _Ready:
         elif len(self.packets) <= self.ahead:
             waiter.set_result(None)
             self.waiter = None
+
+
+def _qos0_next(stream: _Ready) -> bool:
+    """The stream's next packet is QoS 0: it goes out with no room in the window."""
+    return bool(stream.packets) and not stream.packets[0].qos
 
 
 class _Wire(asyncio.Protocol):
@@ -277,18 +286,28 @@ class _Wire(asyncio.Protocol):
         if self.transport is None or self.failure is not None:
             return
         parts: list[bytes] = []
+        done: list[Acked] = []  # QoS 0: no PUBACK will come, written is done
         answers, packet_id = self.answers, self._next_id
-        while ready and window.free:
+        while ready and (window.free or _qos0_next(ready[0])):
             stream = ready[0]
             packets, acked = stream.packets, stream.acked
-            for _ in range(window.grab(len(packets))):
+            room = window.grab(len(packets))
+            while packets and (room or not packets[0].qos):
+                packet = packets.popleft()
+                if not packet.qos:
+                    # No credit, no packet id, no acks entry: nothing would ever give them back.
+                    parts.extend(packet.parts(None, mqtt5_on))
+                    done.append(acked)
+                    continue
+                room -= 1
                 # next_packet_id, inlined: this loop runs once per restored message.
                 packet_id = packet_id % _MAX_PACKET_ID + 1
                 if packet_id in acks or packet_id in answers:
                     self._next_id = packet_id
                     packet_id = self.next_packet_id()  # a bounded search, or BrokerError
                 acks[packet_id] = acked
-                parts.extend(packets.popleft().parts(packet_id, mqtt5_on))
+                parts.extend(packet.parts(packet_id, mqtt5_on))
+            window.keep(room)
             self._next_id = packet_id
             ready.popleft()
             if packets:
@@ -298,6 +317,8 @@ class _Wire(asyncio.Protocol):
             stream.settle()
         if parts:
             self.transport.write(b"".join(parts))
+        for acked in done:
+            acked(0)
 
     def withdraw(self, acked: Acked) -> int:
         """Drop a stream's unwritten publishes (it was abandoned); returns how many."""
@@ -422,16 +443,15 @@ class CodecConnection:
         loop = asyncio.get_running_loop()
         limit = 2 * self.receive_max
         try:
-            _, wire = await asyncio.wait_for(
-                loop.create_connection(
+            # Not `asyncio.wait_for`: on 3.11 it can swallow a cancellation (cpython gh-86296).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, wire = await loop.create_connection(
                     lambda: _Wire(self._read, limit, self.mqtt5),
                     self.address.host,
                     self.address.port,
                     ssl=self._ssl_context(),
                     server_hostname=self.address.host if self.address.tls else None,
-                ),
-                CONNECT_TIMEOUT_S,
-            )
+                )
         except TimeoutError:
             raise BrokerUnreachable(
                 f"{self.address}: no connection within {CONNECT_TIMEOUT_S:g} s",
@@ -477,7 +497,8 @@ class CodecConnection:
             )
         )
         try:
-            connack = await asyncio.wait_for(wire.connack, CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                connack = await wire.connack
         except TimeoutError:
             raise BrokerUnreachable(f"no CONNACK from {self.address} in time") from None
         except BrokerError as exc:
@@ -612,7 +633,10 @@ class CodecConnection:
     async def publish_many(
         self, packets: Sequence[Outgoing], acked: Acked, *, ahead: int = 0
     ) -> None:
-        """Queue QoS 1 `packets` in order; they are written as the window has room.
+        """Queue `packets` in order; they are written as the window has room.
+
+        A QoS 0 packet (a replay keeps the stored QoS) takes no room and no packet id: it is
+        done, `acked(0)`, once written.
 
         The stream is `acked`, called once per packet with its PUBACK's reason code, or with
         CONNECTION_LOST when the connection goes first (written or not); one call at a time per
@@ -714,7 +738,8 @@ class CodecConnection:
             wire.failure = BrokerUnreachable(f"{self.address}: disconnected")
             wire.transport.close()  # after the buffered bytes are written
         try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(wire.lost)
         except TimeoutError:
             wire.transport.abort()
 

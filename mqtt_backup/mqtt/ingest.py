@@ -12,8 +12,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -22,7 +21,7 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerAddress, ProtocolVersion
+from mqtt_backup.config import ProtocolVersion
 from mqtt_backup.errors import (
     BrokerError,
     BrokerRefused,
@@ -32,106 +31,23 @@ from mqtt_backup.errors import (
     StorageUnavailable,
 )
 from mqtt_backup.mqtt.backoff import Backoff
+from mqtt_backup.mqtt.session import (
+    CAUGHT_UP_BELOW,
+    CONNECT_TIMEOUT_S,
+    REPLAY_PROPERTY,
+    SESSION_TAKEN_OVER,
+    Hooks,
+    Session,
+    Sink,
+    Stall,
+    describe,
+    taken_over,
+)
 from mqtt_backup.records import Properties, Record
-from mqtt_backup.tally import TALLY
 
 log = logging.getLogger(__name__)
 
-REPLAY_PROPERTY = "mqtt-backup-replay"
-CONNECT_TIMEOUT_S = 10.0
-# Smaller than every broker's window of unacknowledged messages (Mosquitto's default is 20).
-CAUGHT_UP_BELOW = 16
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """The bridge's retained status: `online` after each connect, `offline` as will and at stop."""
-
-    topic: str
-    online: bytes
-    offline: bytes
-
-
-# MQTT 5 DISCONNECT reason: another connection with our client id took the session.
-SESSION_TAKEN_OVER = 0x8E
-
-
-def taken_over(client_id: str) -> SessionTakenOver:
-    """The error of a bridge whose session another connection took (it must not reconnect)."""
-    return SessionTakenOver(
-        f"the broker gave session {client_id} to a new connection with the same client id "
-        "(reason 0x8E): another bridge runs with it",
-        "stop one of them; each instance needs its own --instance (or --client-id) and --data",
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """How the bridge connects: who it is and how long the broker keeps its session."""
-
-    address: BrokerAddress
-    client_id: str
-    protocol: str = "5"
-    keepalive: int = 30
-    session_expiry: int = 7 * 24 * 3600
-    receive_maximum: int = 1000
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    presence: Presence | None = None
-
-
-class Sink(Protocol):
-    """What the transport feeds: the commit pipeline, seen from the network side."""
-
-    @property
-    def pending(self) -> int:
-        """Messages received, not yet stored."""
-
-    @property
-    def has_work(self) -> bool:
-        """Something waits to be stored or acknowledged."""
-
-    def offer(self, record: Record, token: object | None, replayed: bool = False) -> None:
-        """Take one message."""
-
-    def full(self) -> bool:
-        """The batch reached its size limit."""
-
-    def due(self) -> bool:
-        """The batch should close now."""
-
-    def seconds_left(self) -> float:
-        """How long the open batch may wait."""
-
-    def commit(self) -> int:
-        """Store and acknowledge the batch; StorageUnavailable when storage fails."""
-
-    def drop_tokens(self, keep: Callable[[object], bool]) -> None:
-        """Forget tokens of a closed connection."""
-
-    def new_connection(self) -> int:
-        """Messages from now on come over a new connection (held ones stay held); its number."""
-
-    def can_hold(self) -> bool:
-        """Room to hold more messages while storage fails."""
-
-    def caught_up(self, at_ns: int) -> None:
-        """Everything the broker had sent by `at_ns` is stored and acknowledged."""
-
-
-class Hooks(Protocol):
-    """What the bridge wants to hear from the transport."""
-
-    def connected(self, session_present: bool, subscribed: Sequence[str]) -> None:
-        """A connection is up and subscribed."""
-
-    def disconnected(self, reason: str) -> None:
-        """The connection was lost."""
-
-    def tick(self) -> None:
-        """Called every loop turn, for periodic work."""
 
 
 def _paho_properties(props: Any) -> Properties | None:
@@ -147,15 +63,6 @@ def _paho_properties(props: Any) -> Properties | None:
         user=tuple((str(k), str(v)) for k, v in user) if user else (),
     )
     return None if result.is_empty() else result
-
-
-def describe(exc: BaseException) -> str:
-    """The useful part of a socket or TLS error, on one line."""
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _is_replay(props: Properties | None) -> bool:
@@ -540,33 +447,3 @@ class PahoIngest:
             gen, mid, qos = cast("tuple[int, int, int]", token)
             if gen == generation:
                 ack(mid, qos)
-
-
-class Stall:
-    """Backoff state while storage fails: when to retry, and saying so once, not per message."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self._retry_at = 0.0
-        self._backoff = Backoff()
-
-    def seconds_left(self) -> float:
-        """Time until the next retry."""
-        return max(0.0, self._retry_at - time.monotonic())
-
-    def failed(self, exc: StorageUnavailable) -> None:
-        """A commit failed: log it the first time, schedule the next try."""
-        if not self.active:
-            TALLY.storage_stalled()
-            log.error(
-                "storage failed: %s. Not acknowledging or reading more; the broker keeps the "
-                "messages. Retrying by itself.",
-                exc.detail,
-            )
-        self.active = True
-        self._retry_at = time.monotonic() + self._backoff.next()
-
-    def cleared(self) -> None:
-        """A commit worked: back to normal."""
-        self.active = False
-        self._backoff.reset()

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import mqtt5
 
-from mqtt_backup.mqtt.aio import OutProps
+from mqtt_backup.mqtt.values import OutProps
 
 _PAYLOAD_FORMAT = 0x01
 _MESSAGE_EXPIRY = 0x02

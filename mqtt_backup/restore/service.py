@@ -21,11 +21,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
-from mqtt_backup.mqtt import AsyncConnection, CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery, Inbound, TlsFiles
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.records import RecordFields, decode_fields
@@ -201,7 +201,8 @@ class RestoreService:
     async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
         chunks = self._chunks(
-            Cursor(request.device, request.since_ns, request.until_ns, request.descending)
+            Cursor(request.device, request.since_ns, request.until_ns, request.descending),
+            request.limit if request.topic is None else None,  # a filter may skip records
         )
         batches = Batches(
             outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
@@ -259,11 +260,20 @@ class RestoreService:
                 break
         return count
 
-    async def _chunks(self, cursor: Cursor) -> AsyncGenerator[list[tuple[bytes, bytes]]]:
-        """The cursor's stored records, chunk by chunk, each read in a worker thread."""
+    async def _chunks(
+        self, cursor: Cursor, most: int | None
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]]]:
+        """The cursor's stored records (up to `most`), chunk by chunk, read in worker threads."""
         limit = FIRST_CHUNK
         while not cursor.done:
-            yield await asyncio.to_thread(self.reader.read_rows, cursor, limit)
+            if most is not None:
+                limit = min(limit, most)
+            chunk = await asyncio.to_thread(self.reader.read_rows, cursor, limit)
+            if most is not None:
+                most -= len(chunk)
+                if most <= 0:
+                    cursor.done = True  # read to the limit: nothing more is sent
+            yield chunk
             limit = CHUNK
 
     @staticmethod
@@ -585,17 +595,23 @@ async def serve(
             delay = backoff.next()
             log.warning("restore service: %s; retrying in %.1fs", exc.message(), delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
     await service.stop()
     watcher.save()
 
 
-Connection = CodecConnection | AsyncConnection
+if TYPE_CHECKING:
+    from mqtt_backup.mqtt import AsyncConnection
+
+    Connection = CodecConnection | AsyncConnection
 
 
 def _connection(options: ServeOptions, window: int) -> Connection:
     """MQTT 5: the codec connection, whose one window all restores share; 3.1.1: aiomqtt."""
     if options.protocol != ProtocolVersion.V5:
+        from mqtt_backup.mqtt import AsyncConnection  # noqa: PLC0415 - aiomqtt for 3.1.1 only
+
         return AsyncConnection(
             options.address,
             options.client_id,
@@ -644,7 +660,7 @@ async def _dispatch(service: RestoreService, conn: Connection, watcher: DroppedW
 
 async def _incoming(conn: Connection) -> AsyncIterator[Inbound]:
     """Requests and $SYS readings until the connection drops (then BrokerUnreachable)."""
-    if isinstance(conn, AsyncConnection):
+    if not isinstance(conn, CodecConnection):  # aiomqtt (MQTT 3.1.1)
         async for message in conn.messages():
             yield message
         return

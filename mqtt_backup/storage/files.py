@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -145,16 +146,23 @@ PRIVATE_UMASK = 0o077
 
 
 class _PrivateUmask:
-    """The process umask held at PRIVATE_UMASK while any store is open, then given back."""
+    """The process umask held at PRIVATE_UMASK while any store is open, then given back.
+
+    No bytecode is written meanwhile: a module imported then (`run` imports the bridge while
+    the store opens) would leave owner-only `__pycache__` files in an installed package.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._holders = 0
         self._saved = 0
+        self._saved_bytecode = False
 
     def hold(self) -> None:
         with self._lock:
-            if self._holders == 0:
+            if self._holders == 0:  # bytecode off before the umask tightens, back after
+                self._saved_bytecode = sys.dont_write_bytecode
+                sys.dont_write_bytecode = True
                 self._saved = os.umask(PRIVATE_UMASK)
             self._holders += 1
 
@@ -163,6 +171,7 @@ class _PrivateUmask:
             self._holders -= 1
             if self._holders == 0:
                 os.umask(self._saved)
+                sys.dont_write_bytecode = self._saved_bytecode
 
 
 PRIVATE_UMASK_HOLD = _PrivateUmask()

@@ -19,7 +19,7 @@ import zlib
 from bisect import bisect_left
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import accumulate, islice
 from operator import itemgetter
 from pathlib import Path
 
@@ -53,6 +53,43 @@ from mqtt_backup.storage.cache import RecentCache
 
 log = logging.getLogger(__name__)
 _KEY_OF = itemgetter(0)
+_VALUE_OF = itemgetter(1)
+# Records taken from the item iterator at a time when a chunk has a byte budget: the budget is
+# checked between takes, and what a take read past it is dropped at once.
+_TAKE = 32
+
+
+def _take(
+    items: Iterator[tuple[bytes, bytes]], limit: int, max_bytes: int | None
+) -> tuple[list[tuple[bytes, bytes]], bool, int]:
+    """(rows, whether `items` ran out, their values' bytes): as `read_range`'s loop would stop.
+
+    Up to `limit` rows; with `max_bytes`, up to and including the row whose value reaches it.
+    A take is never more rows than the budget left holds at the largest value seen so far
+    (the first, one row), so big values are read a few at a time.
+    """
+    if max_bytes is None:
+        found = list(islice(items, limit))
+        return found, len(found) < limit, 0
+    found = []
+    spent = biggest = 0
+    while len(found) < limit:
+        room = max_bytes - spent
+        want = min(limit - len(found), _TAKE, max(1, room // biggest) if biggest else 1)
+        took = list(islice(items, want))
+        sizes = list(map(len, map(_VALUE_OF, took)))
+        totals = list(accumulate(sizes))
+        if totals and totals[-1] >= room:  # the budget is reached in this take: stop there
+            end = bisect_left(totals, room) + 1
+            found += took[:end]
+            return found, False, spent + totals[end - 1]
+        found += took
+        spent += totals[-1] if totals else 0
+        if len(took) < want:
+            return found, True, spent
+        biggest = max(biggest, *sizes)
+    return found, False, spent
+
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -232,12 +269,17 @@ def _bound_memory(opts: Options, compress: bool) -> None:
 
 def _options(compress: bool) -> Options:
     opts = Options(raw_mode=True)
+    _configure(opts, compress)
+    return opts
+
+
+def _configure(opts: Options, compress: bool) -> None:
+    """Our settings of a family (records: `compress`), on new or loaded options."""
     if compress:
         opts.set_compression_type(DBCompressionType.zstd())
         opts.set_bottommost_compression_type(DBCompressionType.zstd())
         opts.set_compression_options(_ZSTD_WINDOW_BITS, ZSTD_LEVEL, 0, 0)
     _bound_memory(opts, compress)
-    return opts
 
 
 def _families() -> dict[str, Options]:
@@ -246,10 +288,34 @@ def _families() -> dict[str, Options]:
 
 def _writer_options(create: bool) -> Options:
     opts = _options(compress=True)
+    _configure_writer(opts, create)
+    return opts
+
+
+def _configure_writer(opts: Options, create: bool) -> None:
     opts.create_if_missing(create)
     opts.create_missing_column_families(True)
     opts.set_keep_log_file_num(3)
-    return opts
+
+
+# An OPTIONS file with every option at RocksDB's default but one: what `Options.load_latest`
+# needs to give options with avoid_flush_during_recovery set. Only options a file names are
+# parsed, so this parses with any RocksDB since 4.x (an older version number than the library's
+# is read as such; a newer one would make RocksDB skip options it does not know).
+_REOPEN_OPTIONS_FILE = f"""\
+[Version]
+  rocksdb_version=6.0.0
+  options_file_version=1.1
+
+[DBOptions]
+  avoid_flush_during_recovery=true
+
+[CFOptions "default"]
+
+[CFOptions "{CF_INDEX}"]
+
+[CFOptions "{CF_META}"]
+"""
 
 
 @functools.cache
@@ -258,27 +324,24 @@ def _reopen_options() -> tuple[Options, dict[str, Options]] | None:
 
     By default opening replays the WAL into a new table file: on a full disk that fails, and
     nothing (not even a delete) can run. With the flag the replayed data stays in memory and
-    the WAL is kept until the next flush. rocksdict loads options from a RocksDB OPTIONS file,
-    so a scratch database writes one with exactly our options, the flag is switched there,
-    and it is loaded back. None when that cannot be done (the default options then serve).
+    the WAL is kept until the next flush. rocksdict loads options from a RocksDB OPTIONS file:
+    one that sets only the flag is loaded, and our settings are applied to what it gives, as
+    to new options (tests/test_compression.py compares the result with the writer's options). A
+    few milliseconds; it used to be a scratch database per process (~50-200 ms). None when
+    that cannot be done (the default options then serve).
     """
-    flag = "avoid_flush_during_recovery="
     try:
         with tempfile.TemporaryDirectory(prefix="mqtt-backup-options-") as scratch:
-            Rdict(scratch, _writer_options(create=True), column_families=_families()).close()
-            written = max(Path(scratch).glob("OPTIONS-*"), key=lambda f: int(f.name[8:]))
-            text = written.read_text()
-            if f"{flag}false" not in text:
-                return None
-            written.write_text(text.replace(f"{flag}false", f"{flag}true"))
+            (Path(scratch) / "OPTIONS-000001").write_text(_REOPEN_OPTIONS_FILE)
             opts, families = Options.load_latest(scratch)
     except Exception:  # noqa: BLE001 - any failure leaves the default options, which work
         return None
-    opts.create_if_missing(False)
-    opts.create_missing_column_families(True)
-    _bound_memory(opts, compress=True)
+    if set(families) != {"default", CF_INDEX, CF_META}:
+        return None
+    _configure(opts, compress=True)
+    _configure_writer(opts, create=False)
     for name, family in families.items():  # the loaded families include the records' (default)
-        _bound_memory(family, compress=name not in (CF_INDEX, CF_META))
+        _configure(family, compress=name not in (CF_INDEX, CF_META))
     return opts, families
 
 
@@ -319,6 +382,8 @@ class Partition:
         self._sync = WriteOptions()
         self._sync.sync = True
         self._follows = False
+        # Whether RocksDB compacts by itself (off for an operation on a full disk: `open_writer`).
+        self.compactions = writable
 
     @classmethod
     def open_writer(
@@ -348,6 +413,7 @@ class Partition:
         except Exception as exc:
             raise storage_failure(exc, f"cannot open partition {name} at {path}") from exc
         part = cls(name, path, db, writable=True)
+        part.compactions = compactions
         part._check_format()
         return part
 
@@ -536,17 +602,19 @@ class Partition:
         reverse: bool,
         after: bytes | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (key, value) of `scan`, its iterator closed before it returns.
 
+        With `max_bytes`, it ends once the values read reach that many bytes (one at least).
         A live iterator keeps the database open (see storage/lease.py): a chunk never outlives
         the read lease it was taken under.
         """
         if reverse:
-            return self._read_checked(dev_key, since_ns, until_ns, reverse, after, limit)
+            return self._read_checked(dev_key, since_ns, until_ns, True, after, limit, max_bytes)
         # Forward (every restore unless it asks for newest first): the chunk through rocksdict's
         # item iterator, one call per record instead of five (a quarter of the time). That
-        # iterator ends quietly at a damaged block, so wherever it ends early the rest of the
+        # iterator ends quietly at a damaged block, so wherever it runs out the rest of the
         # range is read by `scan`, whose end is checked: a chunk is short only at the true end.
         lower, upper = device_range(dev_key, since_ns, until_ns)
         if after is not None:
@@ -556,16 +624,19 @@ class Partition:
         # The item iterator points into `opts` (its upper bound) without keeping it alive: a
         # dropped `opts` let it read on into other devices' records. It goes first, here.
         items = self.forward_items(lower, opts)
-        found = list(islice(items, limit))
+        found, ran_out, spent = _take(items, limit, max_bytes)
         del items  # closes its RocksDB iterator now, under the caller's read lease
         if found and found[-1][0] >= upper:  # the bound not honoured: never another device's
-            found = found[: bisect_left(found, (upper,))]
-        if len(found) == limit and set(map(len, map(_KEY_OF, found))) == {KEY_LEN}:
+            found, ran_out = found[: bisect_left(found, (upper,))], True
+            spent = sum(map(len, map(_VALUE_OF, found)))
+        if set(map(len, map(_KEY_OF, found))) - {KEY_LEN}:  # stray keys (damage): rare
+            return self._read_checked(dev_key, since_ns, until_ns, False, after, limit, max_bytes)
+        if not ran_out:
             return found
-        read = found[-1][0] if found else after
-        found = [row for row in found if len(row[0]) == KEY_LEN]
-        rest = self._read_checked(dev_key, since_ns, until_ns, False, read, limit - len(found))
-        return found + rest
+        last = found[-1][0] if found else after
+        left = max_bytes - spent if max_bytes is not None else None
+        more = limit - len(found)
+        return found + self._read_checked(dev_key, since_ns, until_ns, False, last, more, left)
 
     def forward_items(self, lower: bytes, opts: ReadOptions) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) from `lower` on, in key order, within `opts`' bounds (`read_range`).
@@ -583,16 +654,22 @@ class Partition:
         reverse: bool,
         after: bytes | None,
         limit: int,
+        max_bytes: int | None,
     ) -> list[tuple[bytes, bytes]]:
         found: list[tuple[bytes, bytes]] = []
         if limit <= 0:
             return found
+        budget = max_bytes if max_bytes is not None else -1
         scan = self.scan(dev_key, since_ns, until_ns, reverse, after)
         try:
             for item in scan:
                 found.append(item)
                 if len(found) >= limit:
                     break
+                if budget >= 0:
+                    budget -= len(item[1])
+                    if budget <= 0:
+                        break
         finally:
             scan.close()
         return found
@@ -712,6 +789,7 @@ class Partition:
         with contextlib.suppress(Exception):
             for family in (self._db, self._index_cf, self._meta_cf):
                 family.set_options({"disable_auto_compactions": "false"})
+            self.compactions = True
 
     def copy_device_from(self, source: Partition, dev_key: bytes, batch_size: int = 5000) -> int:
         """Make this partition hold exactly the device's messages and index entry of `source`.

@@ -41,6 +41,9 @@ PARTITIONS = "partitions"
 # Devices whose placement is kept in memory (placement hashes once per partition on a miss).
 LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
+# A chunk read ends once its values reach this many bytes (always one record at least): counted
+# in records alone, 512 one-MB payloads were half a GB held by each restore.
+CHUNK_BYTES = 1 << 20
 
 __all__ = ["Cursor", "DeviceInfo", "LiveReader", "Pending", "Store", "StoreReader", "StoredMessage"]
 
@@ -85,7 +88,10 @@ class Cursor:
 
 
 def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
-    """The next (up to) `limit` (key, stored bytes) of the cursor's device in `part`; moves it."""
+    """The next (up to) `limit` (key, stored bytes) of the cursor's device in `part`; moves it.
+
+    The chunk also ends once its values reach CHUNK_BYTES (one record at least).
+    """
     rows = part.read_range(
         device_key(cursor.device),
         cursor.since_ns,
@@ -93,8 +99,10 @@ def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes,
         cursor.reverse,
         cursor.after,
         limit,
+        CHUNK_BYTES,
     )
-    cursor.done = len(rows) < limit
+    # Short of both bounds: the scan ran out.
+    cursor.done = len(rows) < limit and sum(len(value) for _, value in rows) < CHUNK_BYTES
     if rows:
         cursor.after = rows[-1][0]
     return rows
@@ -148,6 +156,11 @@ class Store:
         # it exclusive. `opened` counts the opens: a fallback reader knows when it is stale.
         self.lease = Lease()
         self.opened = 0
+        # Called under the exclusive lease once the writer's handles are open again, and at the
+        # close: readers drop the read-only handles a storage failure made them open (left
+        # open, they pin table files that a prune or forget deletes).
+        self.drop_read_only: list[Callable[[], None]] = []
+        self.closed = False
 
     @classmethod
     def open(
@@ -265,6 +278,11 @@ class Store:
             except BaseException:
                 self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
                 raise
+            self._drop_read_only()
+
+    def _drop_read_only(self) -> None:
+        for drop in list(self.drop_read_only):
+            drop()
 
     def make_room(self, stalled: bool = False) -> bool:
         """On a full disk, release the ballast so an operation can open, delete and reclaim.
@@ -279,6 +297,16 @@ class Store:
             return False
         ballast.release(self.data_dir)
         self.freeing_space = True
+        if any(part.compactions for part in self.partitions.values()):
+            # Open from before (a running bridge whose last write got through): a compaction of
+            # RocksDB's own, pending on a full disk, would spend the released room rewriting
+            # what the operation is about to delete, and fail its flush and reclaim (ENOSPC).
+            # Closing stops it; they open again without.
+            try:
+                self.open_partitions()
+            except BaseException:
+                self.done_freeing(deleted=False)  # nothing deleted: the room is ballast again
+                raise
         return True
 
     def done_freeing(self, deleted: bool = True) -> None:
@@ -387,19 +415,10 @@ class Store:
 
     def _check_new_path(self, spec: PartitionSpec) -> None:
         """UsageError when a new partition's directory would sit on the store's own files."""
-        path = spec.directory(self.data_dir).resolve()
-        inside = path.is_relative_to(self.data_dir.resolve())
-        if inside and path.parent != (self.data_dir / PARTITIONS).resolve():
-            # Everything else in the data directory is the store's own (the restore reader's
-            # scratch space is wiped at every start).
-            raise UsageError(
-                f"--path {spec.path} lies among the data directory's own files",
-                f"use {PARTITIONS}/{spec.name}, or a directory outside {self.data_dir}",
-            )
-        specs = (*self.manifest.partitions, spec)
-        problem = layout_problem(self.data_dir, specs, self.manifest.retired)
-        if problem:
-            raise UsageError(f"--path {spec.path}: {problem}", "choose a directory of its own")
+        shown = str(spec.directory(self.data_dir))  # what was typed is the CLI's to name
+        error = new_partition_error(self.data_dir, self.manifest, spec, shown)
+        if error is not None:
+            raise error
 
     def switch(self, manifest: Manifest) -> None:
         """Make `manifest` the layout, atomically on disk; close partitions it no longer lists.
@@ -416,6 +435,7 @@ class Store:
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
                 self.partitions.pop(name).close()
+            self._drop_read_only()  # one of a partition now retired would pin its files
 
     def bury_retired(self) -> None:
         """Delete the files of retired partitions, then forget them (finishes a remove)."""
@@ -451,7 +471,10 @@ class Store:
 
     def close(self) -> None:
         """Close every partition, release the directory lock and the private umask."""
-        self.close_partitions()
+        with self.lease.exclusive():
+            self.closed = True  # a chunk that comes late (a queued thread) opens nothing
+            self.close_partitions()
+            self._drop_read_only()
         self._lock.release()
         if self._holds_umask:
             self._holds_umask = False
@@ -459,6 +482,28 @@ class Store:
 
 
 _ADDING = "MQTT_BACKUP_ADDING"
+
+
+def new_partition_error(
+    data_dir: Path, manifest: Manifest, spec: PartitionSpec, shown: str
+) -> UsageError | None:
+    """Why `spec` cannot join this layout (None: it can); `shown` names its directory.
+
+    The CLI asks first, naming --path as it was typed; the store asks again when it opens it.
+    """
+    path = spec.directory(data_dir).resolve()
+    if path.is_relative_to(data_dir.resolve()) and path.parent != (data_dir / PARTITIONS).resolve():
+        # Everything else in the data directory is the store's own (the restore reader's
+        # scratch space is wiped at every start).
+        return UsageError(
+            f"{shown} lies among the data directory's own files",
+            f"leave --path out ({spec.name} then goes to {data_dir / PARTITIONS / spec.name}), "
+            f"or choose a directory outside {data_dir}",
+        )
+    problem = layout_problem(data_dir, (*manifest.partitions, spec), manifest.retired)
+    if problem:
+        return UsageError(f"{shown}: {problem}", "choose a directory of its own")
+    return None
 
 
 def _create_partition_dir(name: str, path: Path, mark: str) -> None:
@@ -688,9 +733,15 @@ class LiveReader:
         self.data_dir = store.data_dir
         self._fallback: dict[str, tuple[int, Partition]] = {}
         self._falling_back = threading.Lock()
+        self._closed = False
+        store.drop_read_only.append(self._close_fallback)
 
     def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of a device's messages; StorageError when its partition cannot be read."""
+        """The next chunk of a device's messages; StorageError when its partition cannot be read.
+
+        StorageError too once the reader or the store is closed: a chunk queued in a worker
+        thread may run after the shutdown, and must not open a handle nobody closes.
+        """
         return _messages(cursor.device, self.read_rows(cursor, limit))
 
     def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
@@ -701,6 +752,8 @@ class LiveReader:
         """
         store = self.store
         with store.lease.shared():
+            if self._closed or store.closed:
+                raise StorageError(f"{self.data_dir} is closed (the bridge is stopping)")
             name = store.home(device_key(cursor.device))
             part = store.partitions.get(name)
             if part is not None:
@@ -730,8 +783,15 @@ class LiveReader:
             self._fallback.clear()
 
     def close(self) -> None:
-        """Close the read-only handles of a storage failure (the writer's are not ours)."""
-        self._close_fallback()
+        """Close the read-only handles of a storage failure (the writer's are not ours).
+
+        Under the exclusive lease: no chunk is under way, and none after it opens another.
+        """
+        with self.store.lease.exclusive():
+            self._closed = True
+            self._close_fallback()
+            if self._close_fallback in self.store.drop_read_only:
+                self.store.drop_read_only.remove(self._close_fallback)
 
 
 def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:

@@ -30,7 +30,7 @@ from tests.faults.harness import (
     tally,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # alone: see tests/test_disk_full.py
 TMPFS_MB = 64  # the ballast is an 8th of it; the bridge wants 16 MiB free to start
 
 
