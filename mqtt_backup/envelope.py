@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from mqtt_backup.records import Properties, Record
+from mqtt_backup.records import (
+    Properties,
+    Record,
+    RecordFields,
+    is_dup,
+    is_retain,
+    qos_of,
+    stored_flags,
+)
 from mqtt_backup.times import NS_PER_S, format_ts
 
 CSV_COLUMNS = ("device", "topic", "ts", "qos", "retain", "dup", "encoding", "payload")
@@ -66,28 +74,52 @@ class EnvelopeText:
         self._device = f', "device": {encode_basestring(device)}, "topic": '
         self._topic = ("", encode_basestring(""))
         self._second = (-1, "")
+        self._middles: dict[int, str] = {}
 
     def text(self, seq: int, ts_ns: int, record: Record) -> str:
         """The envelope of message number `seq` (from 1), as JSON text."""
-        topic, topic_json = self._topic
-        if record.topic != topic:
-            topic_json = encode_basestring(record.topic)
-            self._topic = (record.topic, topic_json)
+        flags = stored_flags(record.qos, record.retain, record.dup)
+        return self.fields_text(
+            seq, (ts_ns, flags, record.topic, record.properties, record.payload)
+        )
+
+    def fields_text(self, seq: int, fields: RecordFields) -> str:
+        """`text` from a record's stored fields (`records.decode_fields`): the restore's path."""
+        ts_ns, flags, topic, props, payload = fields
+        last_topic, topic_json = self._topic
+        if topic != last_topic:
+            topic_json = encode_basestring(topic)
+            self._topic = (topic, topic_json)
         seconds, nanos = divmod(ts_ns, NS_PER_S)
         second, whole = self._second
         if seconds != second:
             whole = format_ts(seconds * NS_PER_S)[:-11]  # without ".000000000Z"
             self._second = (seconds, whole)
-        encoding, payload = encode_payload(record.payload)
-        props = record.properties
+        try:
+            text, kind = payload.decode("utf-8"), flags & _FLAG_BITS
+        except UnicodeDecodeError:
+            text, kind = base64.b64encode(payload).decode("ascii"), flags & _FLAG_BITS | _BASE64
+        middle = self._middles.get(kind) or self._middle(kind)
         extra = "" if props is None else ', "properties": ' + _dumps(properties_json(props))
         return (
             f'{self._open}{seq}{self._device}{topic_json}, "ts": "{whole}.{nanos:09d}Z", '
-            f'"qos": {record.qos}, "retain": {_BOOL[record.retain]}, "dup": {_BOOL[record.dup]}, '
-            f'"encoding": "{encoding}", "payload": {encode_basestring(payload)}{extra}}}'
+            f"{middle}{encode_basestring(text)}{extra}}}"
         )
 
+    def _middle(self, kind: int) -> str:
+        # From qos to the payload's key: the same for every message of a kind (flags, encoding).
+        encoding = "base64" if kind & _BASE64 else "utf8"
+        middle = (
+            f'"qos": {qos_of(kind)}, "retain": {_BOOL[is_retain(kind)]}, '
+            f'"dup": {_BOOL[is_dup(kind)]}, "encoding": "{encoding}", "payload": '
+        )
+        self._middles[kind] = middle
+        return middle
 
+
+# The stored flags an envelope shows (QoS, retain, DUP), and a bit above them for base64.
+_FLAG_BITS = stored_flags(3, retain=True, dup=True)
+_BASE64 = 0x100
 _BOOL = {False: "false", True: "true"}
 
 

@@ -34,7 +34,7 @@ from mqtt_backup.mqtt.codec import CodecConnection
 from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.placement import Weighted, place
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
 from mqtt_backup.storage import store as store_module
 from mqtt_backup.storage.units import Units
 from mqtt_backup.topics import Router, parse_template
@@ -567,15 +567,15 @@ def test_stopping_the_bridge_mid_restore_stops_cleanly_with_everything_stored(
                 await client.publish(f"backup/restore/{unique}", b"", qos=1)
 
     reading, release = threading.Event(), threading.Event()
-    real_read = LiveReader.read
+    real_read = LiveReader.read_rows
 
-    def read_then_hold(self: LiveReader, cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def read_then_hold(self: LiveReader, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         got = real_read(self, cursor, limit)
         reading.set()
         release.wait(20)  # a chunk in flight on its worker thread while the bridge stops
         return got
 
-    monkeypatch.setattr(LiveReader, "read", read_then_hold)
+    monkeypatch.setattr(LiveReader, "read_rows", read_then_hold)
     asyncio.run(ask_many())  # nobody listens to the answers: only their sending matters
     assert reading.wait(20)
     bridge.bridge.stop()  # asks; the bridge's thread stops

@@ -5,11 +5,14 @@ Real RocksDB in temp dirs; faults are injected only to hold a scan open at a cho
 
 from __future__ import annotations
 
+import tempfile
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mqtt_backup.errors import StorageError
 from mqtt_backup.keys import device_key
@@ -78,6 +81,86 @@ def test_chunks_read_every_message_once_in_either_order(store: Store, reverse: b
     assert got == (expected[::-1] if reverse else expected)
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3, 64])
+def test_stray_keys_in_a_range_are_skipped_and_no_chunk_ends_it_early(
+    store: Store, limit: int
+) -> None:
+    # Damage (tests/test_checks.py): keys of the wrong length among a device's records. They are
+    # not messages; a chunk that met them is topped up, so a short chunk still means the end.
+    _write(store, "dev-a", 0, 10)
+    name, dev_key = store.locate("dev-a")
+    records = store.partitions[name]._db  # the records family, raw
+    keys = [
+        key for key, _ in store.partitions[name].read_range(dev_key, None, None, False, None, 99)
+    ]
+    for key in keys[2], keys[5], keys[9]:
+        records[key + b"!"] = b"not a record"  # longer: just after its record
+        records[key[:24]] = b"not a record"  # shorter: just before it
+    expected = [b"%d" % i for i in range(10)]
+    for reverse in False, True:
+        got = _read_all(LiveReader(store), "dev-a", limit, reverse)
+        assert got == (expected[::-1] if reverse else expected)
+
+
+def _neighbours(store: Store) -> tuple[str, str]:
+    """Two devices of one partition, the second just after the first in key order."""
+    homes: dict[str, list[tuple[bytes, str]]] = {}
+    for i in range(200):
+        name, dev_key = store.locate(f"dev-{i}")
+        homes.setdefault(name, []).append((dev_key, f"dev-{i}"))
+    crowded = max(homes.values(), key=len)
+    (_, first), (_, second) = sorted(crowded)[:2]
+    return first, second
+
+
+def test_a_chunk_never_holds_another_devices_records(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: an item iterator that ignores its upper bound (as rocksdict's did when
+    # its read options were dropped first) reads on into the next device's records.
+    first, second = _neighbours(store)
+    _write(store, first, 0, 10)
+    _write(store, second, 100, 10)
+
+    def unbounded(self: Partition, lower: bytes, _opts: object) -> Iterator[tuple[bytes, bytes]]:
+        return self._db.items(from_key=lower)  # type: ignore[return-value]
+
+    monkeypatch.setattr(Partition, "forward_items", unbounded)
+    for limit in 3, 64:
+        assert _read_all(LiveReader(store), first, limit) == [b"%d" % i for i in range(10)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=40),
+    limit=st.integers(1, 45),
+    max_bytes=st.none() | st.integers(0, 20_000),
+    skip=st.integers(0, 5),
+)
+def test_a_forward_chunk_holds_what_the_checked_scan_reads(
+    sizes: list[int], limit: int, max_bytes: int | None, skip: int
+) -> None:
+    # The fast path (the item iterator, taken a few records at a time under a byte budget)
+    # stops exactly where the record-by-record scan does.
+    with tempfile.TemporaryDirectory() as scratch:
+        opened = Store.open(Path(scratch) / "data", partitions=1)
+        try:
+            name, dev_key = opened.locate("dev-a")
+            items = [
+                Pending("dev-a", dev_key, BASE_NS + i, Record("d/dev-a/t", b"x" * n))
+                for i, n in enumerate(sizes)
+            ]
+            opened.write(name, items)
+            part = opened.partitions[name]
+            keys = [k for k, _ in part.read_range(dev_key, None, None, False, None, 99)]
+            after = keys[skip - 1] if 0 < skip <= len(keys) else None
+            fast = part.read_range(dev_key, None, None, False, after, limit, max_bytes)
+            checked = part._read_checked(dev_key, None, None, False, after, limit, max_bytes)
+            assert fast == checked
+        finally:
+            opened.close()
+
+
 def test_a_restore_across_a_partition_add_reads_every_message_once(store: Store) -> None:
     device = _moving_device(store, "p-new")
     _write(store, device, 0, MESSAGES)
@@ -118,18 +201,26 @@ def test_a_restore_racing_add_and_remove_reads_every_message_once(store: Store) 
 
 
 def _held_scan(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
-    """Fault injection: the next scan stops after its first record until `go` is set."""
+    """Fault injection: the next scan stops after its first record until `go` is set.
+
+    Both ways a chunk reads hold: the forward item iterator and the checked scan.
+    """
     started, go = threading.Event(), threading.Event()
-    real = Partition.scan
 
-    def scan(self: Partition, *args: object, **kwargs: object) -> Generator[tuple[bytes, bytes]]:
-        for n, item in enumerate(real(self, *args, **kwargs)):  # type: ignore[arg-type]
-            yield item
-            if n == 0 and not started.is_set():
-                started.set()
-                go.wait(10)
+    def held(
+        real: Callable[..., Iterator[tuple[bytes, bytes]]],
+    ) -> Callable[..., Generator[tuple[bytes, bytes]]]:
+        def scan(self: Partition, *args: object) -> Generator[tuple[bytes, bytes]]:
+            for n, item in enumerate(real(self, *args)):  # the real iterator stays open
+                yield item
+                if n == 0 and not started.is_set():
+                    started.set()
+                    go.wait(10)
 
-    monkeypatch.setattr(Partition, "scan", scan)
+        return scan
+
+    monkeypatch.setattr(Partition, "scan", held(Partition.scan))
+    monkeypatch.setattr(Partition, "forward_items", held(Partition.forward_items))
     return started, go
 
 

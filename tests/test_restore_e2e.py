@@ -23,7 +23,7 @@ from mqtt_backup.config import Settings
 from mqtt_backup.records import Record
 from mqtt_backup.restore import reply as reply_module
 from mqtt_backup.restore import service as restore_module
-from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoredMessage, StoreReader
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, StoreReader
 from mqtt_backup.times import format_ts
 from tests.conftest import (
     REPO,
@@ -421,11 +421,11 @@ def test_a_big_restore_does_not_stall_ingest(
     streaming = threading.Event()
     confirmed: list[int] = []  # bursts the test saw stored
     waited: list[tuple[int, bool]] = []  # (point, whether ingest got there in time)
-    real_read = LiveReader.read
+    real_read = LiveReader.read_rows
     step = total // rounds
     read_so_far: dict[int, int] = {}  # messages each restore (cursor) has read
 
-    def slow_read(self: LiveReader, cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def slow_read(self: LiveReader, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         found = real_read(self, cursor, limit)
         if cursor.device == device:
             before = read_so_far.get(id(cursor), 0)
@@ -438,7 +438,7 @@ def test_a_big_restore_does_not_stall_ingest(
             streaming.set()
         return found
 
-    monkeypatch.setattr(LiveReader, "read", slow_read)
+    monkeypatch.setattr(LiveReader, "read_rows", slow_read)
     answers: list[list[Message]] = []
     asker = threading.Thread(
         target=lambda: answers.append(ask(broker, device, {"id": "big"}, timeout=120))

@@ -22,7 +22,7 @@ from mqtt_backup.config import Settings
 from mqtt_backup.control import call
 from mqtt_backup.keys import device_key
 from mqtt_backup.placement import Weighted, place
-from mqtt_backup.storage import Cursor, LiveReader, StoredMessage
+from mqtt_backup.storage import Cursor, LiveReader
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -133,13 +133,13 @@ def test_a_restore_racing_a_partition_move_answers_every_message_once(
     op: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = LiveReader.read
+    real = LiveReader.read_rows
 
-    def slow_read(self: LiveReader, cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def slow_read(self: LiveReader, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         time.sleep(0.3)  # a slow disk: the restore is still reading when the move is done
         return real(self, cursor, limit)
 
-    monkeypatch.setattr(LiveReader, "read", slow_read)
+    monkeypatch.setattr(LiveReader, "read_rows", slow_read)
     _start(run_bridge, make_settings(broker, data_dir))
     device = _moving_device(unique, ["p0", "p1", "p2"], "p3")
     sent = [f"m{i}" for i in range(3000)]

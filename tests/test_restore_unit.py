@@ -22,7 +22,7 @@ import pytest
 
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
-from mqtt_backup.records import Properties, Record
+from mqtt_backup.records import Properties, Record, decode_fields
 from mqtt_backup.restore import service as restore_module
 from mqtt_backup.restore.reply import Pacer
 from mqtt_backup.restore.request import (
@@ -34,7 +34,7 @@ from mqtt_backup.restore.request import (
     response_topic,
 )
 from mqtt_backup.restore.service import FIRST_CHUNK, DroppedWatcher, RestoreService
-from mqtt_backup.storage import Cursor, Pending, Store, StoredMessage, StoreReader, ballast
+from mqtt_backup.storage import Cursor, Pending, Store, StoreReader, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.storage.store import CHUNK_BYTES
 from mqtt_backup.times import format_ts
@@ -1242,9 +1242,9 @@ def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rou
     The records still come from the real store, chunk by chunk as the service asks for them (in
     its worker threads), so the service sees a long, slow scan exactly where RocksDB would be slow.
     """
-    real = reader.read
+    real = reader.read_rows
 
-    def read(cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def read(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         if cursor.device != "dev-1":
             return real(cursor, limit)
         whole = Cursor(cursor.device, cursor.since_ns, cursor.until_ns, cursor.reverse)
@@ -1257,7 +1257,7 @@ def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rou
         cursor.done = at + len(chunk) >= len(copies)
         return chunk
 
-    monkeypatch.setattr(reader, "read", read)
+    monkeypatch.setattr(reader, "read_rows", read)
 
 
 def test_a_long_scan_does_not_hold_up_another_restore(
@@ -1326,14 +1326,14 @@ def test_a_limit_ends_the_scan_at_the_last_message_sent(
 ) -> None:
     _slow_scan_of_dev1(reader, monkeypatch, rounds=100)  # 500 records: several chunks
     chunks: list[int] = []
-    real = reader.read
+    real = reader.read_rows
 
-    def counting(cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         found = real(cursor, limit)
         chunks.append(len(found))
         return found
 
-    monkeypatch.setattr(reader, "read", counting)
+    monkeypatch.setattr(reader, "read_rows", counting)
     bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
     assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
     assert chunks == [FIRST_CHUNK]  # the first chunk held both: no further chunk was read
@@ -1344,13 +1344,13 @@ def test_a_limit_bounds_the_chunk_read(
 ) -> None:
     # Without a topic filter every record read is sent: `limit 1` reads one, not a chunk.
     asked: list[int] = []
-    real = reader.read
+    real = reader.read_rows
 
-    def counting(cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         asked.append(limit)
         return real(cursor, limit)
 
-    monkeypatch.setattr(reader, "read", counting)
+    monkeypatch.setattr(reader, "read_rows", counting)
     assert payloads(stream(reader, {"limit": 1})) == [DEV1[0].payload]
     assert asked == [1]
 
@@ -1361,14 +1361,14 @@ def test_a_restore_of_big_values_reads_byte_bounded_chunks_and_sends_all(
     big = [Record("devices/dev-5/t", bytes([i]) * (CHUNK_BYTES // 3)) for i in range(10)]
     write(own_store, "dev-5", [(BASE_NS + i, r) for i, r in enumerate(big)])
     chunks: list[int] = []
-    real = own_reader.read
+    real = own_reader.read_rows
 
-    def counting(cursor: Cursor, limit: int) -> list[StoredMessage]:
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         found = real(cursor, limit)
-        chunks.append(sum(len(m.record.payload) for m in found))
+        chunks.append(sum(len(decode_fields(value)[4]) for _, value in found))  # payloads
         return found
 
-    monkeypatch.setattr(own_reader, "read", counting)
+    monkeypatch.setattr(own_reader, "read_rows", counting)
     bodies = stream(own_reader, {}, topic=f"{PREFIX}/dev-5")
     assert payloads(bodies) == [r.payload for r in big]
     assert len(chunks) > 1
@@ -1443,6 +1443,22 @@ def test_corrupt_gap_log_ends_the_stream_with_an_error(own_reader: StoreReader) 
     messages, body = split(ask(own_reader))
     assert len(messages) == 5
     assert "gaps.jsonl" in body["error"]
+
+
+@pytest.mark.parametrize("request_body", [b"", b'{"format": "raw"}', b'{"mode": "replay"}'])
+def test_a_corrupt_record_ends_the_stream_with_an_error_after_what_came_before(
+    own_store: Store, own_reader: StoreReader, request_body: bytes
+) -> None:
+    # Restores decode stored bytes themselves (no Record per message): the checksum is still
+    # checked, and a damaged record is reported, never sent or skipped.
+    name, dev_key = own_store.locate("dev-1")
+    part = own_store.partitions[name]
+    rows = part.read_range(dev_key, None, None, False, None, 99)
+    key, value = rows[3]
+    part._db[key] = value[:-1] + bytes([value[-1] ^ 1])  # one bit of the payload flipped
+    messages, body = split(ask(own_reader, request_body))
+    assert len(messages) <= 3  # never the damaged one, nor any after it
+    assert body["error"] == "corrupt record: checksum mismatch", body
 
 
 # ---- 4. window and pacer ------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, OutProps, Window
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
+from mqtt_backup.records import RecordFields, is_dup, is_retain, qos_of
 from mqtt_backup.restore.request import PROTOCOL, BadRequest
-from mqtt_backup.storage import StoredMessage
 from mqtt_backup.storage.journal import Gap
 from mqtt_backup.tally import TALLY
 from mqtt_backup.times import format_ts
@@ -75,16 +75,26 @@ class Reply:
             head["instance"] = self.instance
         return {**head, **body} if head else body
 
-    def json_message(self, stored: StoredMessage) -> Outgoing:
-        """One stored message as a JSON envelope with `id` and `seq`."""
-        self.sent += 1
-        text = self._envelopes(stored.device).text(self.sent, stored.ts_ns, stored.record)
-        # backslashreplace, as in _encode: the same bytes json.dumps's text would give.
-        payload = text.encode("utf-8", "backslashreplace")
+    def json_messages(self, device: str) -> Callable[[RecordFields], Outgoing]:
+        """The builder of this answer's JSON envelopes (with `id` and `seq`) of `device`.
+
+        One call per stored message, from its fields (`records.decode_fields`): what every
+        message of the answer shares (topic, properties, the envelope's head) is made here once.
+        """
+        texts = self._envelopes(device)
+        topic = self.topic
         # Correlation data only: every MQTT 5 property costs the receiving client parse time.
         if self._data_props is None:
             self._data_props = self._props()
-        return Outgoing(self.topic, payload, 1, False, self._data_props)
+        props = self._data_props
+
+        def build(fields: RecordFields) -> Outgoing:
+            self.sent += 1
+            # backslashreplace, as in _encode: the same bytes json.dumps's text would give.
+            payload = texts.fields_text(self.sent, fields).encode("utf-8", "backslashreplace")
+            return Outgoing(topic, payload, 1, False, props)
+
+        return build
 
     def _envelopes(self, device: str) -> EnvelopeText:
         # One writer per answer: its head (id, instance) and device are written once.
@@ -96,24 +106,23 @@ class Reply:
             self._texts = (key, EnvelopeText(head, device))
         return self._texts[1]
 
-    def raw_message(self, stored: StoredMessage) -> Outgoing:
+    def raw_message(self, device: str, fields: RecordFields) -> Outgoing:
         """One stored message as its original bytes; its metadata in user properties."""
         self.sent += 1
-        record = stored.record
+        ts_ns, flags, topic, original, payload = fields
         user = [
             ("mqtt-backup-seq", str(self.sent)),
-            ("mqtt-backup-device", stored.device),
-            ("mqtt-backup-topic", record.topic),
-            ("mqtt-backup-ts", format_ts(stored.ts_ns)),
-            ("mqtt-backup-qos", str(record.qos)),
-            ("mqtt-backup-retain", str(record.retain).lower()),
-            ("mqtt-backup-dup", str(record.dup).lower()),
+            ("mqtt-backup-device", device),
+            ("mqtt-backup-topic", topic),
+            ("mqtt-backup-ts", format_ts(ts_ns)),
+            ("mqtt-backup-qos", str(qos_of(flags))),
+            ("mqtt-backup-retain", str(is_retain(flags)).lower()),
+            ("mqtt-backup-dup", str(is_dup(flags)).lower()),
         ]
         if self.request_id is not None:
             user.append(("mqtt-backup-id", self.request_id))
         if self.instance is not None:
             user.append(("mqtt-backup-instance", self.instance))
-        original = record.properties
         if original is not None:
             user.extend(original.user)
         if self.marked:
@@ -123,7 +132,7 @@ class Reply:
             content_type=original.content_type if original else None,
             payload_format=original.payload_format if original else None,
         ) + encode_user(user)
-        return Outgoing(self.topic, record.payload, 1, False, props)
+        return Outgoing(self.topic, payload, 1, False, props)
 
     def done(self, device: str, count: int, gaps: list[Gap], drops_known: bool = True) -> Outgoing:
         """The terminal `done` message, with completeness for the requested window.
@@ -150,14 +159,13 @@ class Reply:
         return Outgoing(self.topic, payload, 1, False, props)
 
 
-def replayed(stored: StoredMessage, retain: bool) -> Outgoing:
+def replayed(fields: RecordFields, retain: bool) -> Outgoing:
     """A stored message back on its own topic: marked so ingest never stores it again.
 
     `retain`: keep its stored retain flag (a replay asked for it).
     """
-    record = stored.record
-    original = record.properties
-    user = ((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(stored.ts_ns)))
+    ts_ns, flags, topic, original, payload = fields
+    user = ((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(ts_ns)))
     if original is None:
         props = encode_user(user)
     else:
@@ -169,10 +177,10 @@ def replayed(stored: StoredMessage, retain: bool) -> Outgoing:
             message_expiry=original.message_expiry,
             response_topic=original.response_topic,
         )
-    return Outgoing(record.topic, record.payload, record.qos, retain and record.retain, props)
+    return Outgoing(topic, payload, qos_of(flags), retain and is_retain(flags), props)
 
 
-def too_large(outgoing: Outgoing, limit: int, raw: bool, stored: StoredMessage) -> TooLarge:
+def too_large(outgoing: Outgoing, limit: int, raw: bool, fields: RecordFields) -> TooLarge:
     """The error for a message the broker would refuse as larger than its Maximum Packet Size.
 
     It names the stored message (its own topic, shortened, and time), not the packet's topic
@@ -183,10 +191,10 @@ def too_large(outgoing: Outgoing, limit: int, raw: bool, stored: StoredMessage) 
         if raw
         else 'ask with "format": "raw", or export it with \'mqtt-backup export\''
     )
-    topic = stored.record.topic
+    ts_ns, _, topic, _, _ = fields
     shown = topic if len(topic) <= SHOWN_TOPIC else topic[:SHOWN_TOPIC] + "..."
     return TooLarge(
-        f"the stored message of {format_ts(stored.ts_ns)} on {shown!r} needs a "
+        f"the stored message of {format_ts(ts_ns)} on {shown!r} needs a "
         f"{outgoing.size():,}-byte packet, more than the broker's maximum packet size "
         f"({limit:,} bytes); {way_out}"
     )
@@ -350,21 +358,29 @@ class Batches:
         self._batch: list[Outgoing] = []
         self._holding = False
 
+    def put(self, packet: Outgoing) -> bool:
+        """Queue one packet; True when it is to be sent now (`flush`): a full batch, or paced.
+
+        Not a coroutine: a restore queues every message, and most need no await.
+        """
+        batch = self._batch
+        batch.append(packet)
+        return len(batch) >= BATCH or self._pacer.rate is not None
+
     async def add(self, packet: Outgoing) -> None:
         """Queue one packet; send when the batch is full, or at once when paced."""
-        if self._pacer.rate:
-            await self._pacer.wait()
-            self._batch.append(packet)
-            await self.flush()
-            return
-        self._batch.append(packet)
-        if len(self._batch) >= BATCH:
+        if self.put(packet):
             await self.flush()
 
     async def flush(self) -> None:
-        """Send what is queued (after taking a restore slot, the first time)."""
+        """Send what is queued (after taking a restore slot, the first time).
+
+        A paced replay queues one packet at a time: it goes out when it is due.
+        """
         if not self._batch:
             return
+        if self._pacer.rate:
+            await self._pacer.wait()
         if not self._holding:
             # Taken here, not at the start: a scan that finds nothing to send (a filter that
             # matches nothing in a long history) never keeps another restore waiting.

@@ -28,6 +28,7 @@ from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
 from mqtt_backup.mqtt import CodecConnection, Delivery, Inbound, TlsFiles
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
+from mqtt_backup.records import RecordFields, decode_fields
 from mqtt_backup.restore.reply import (
     Batches,
     CodecOutbox,
@@ -41,7 +42,7 @@ from mqtt_backup.restore.reply import (
     too_large,
 )
 from mqtt_backup.restore.request import BadRequest, Request, parse_request, response_topic
-from mqtt_backup.storage import Cursor, StoredMessage
+from mqtt_backup.storage import Cursor
 from mqtt_backup.storage.journal import DroppedReading, Gap, GapLog
 from mqtt_backup.times import NS_PER_S, format_ts
 from mqtt_backup.topics import DEFAULT_GROUP, filter_matches
@@ -71,8 +72,8 @@ RETAINED_TOLD_MAX = 1024
 class MessageSource(Protocol):
     """Where restores read: the writer's own handles (`LiveReader`) or a `StoreReader`."""
 
-    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of the cursor's device (blocking: called in a worker thread)."""
+    def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        """The next chunk of the cursor's device, (key, stored bytes) (blocking: worker thread)."""
         ...
 
 
@@ -199,10 +200,7 @@ class RestoreService:
 
     async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
-        # The topic filter is applied here, not in the reader, so that every *scanned* record
-        # counts towards the next yield: a filter that matches nothing in a long history must
-        # not hold the loop (and every other restore) for the whole scan.
-        stored = self._chunks(
+        chunks = self._chunks(
             Cursor(request.device, request.since_ns, request.until_ns, request.descending),
             request.limit if request.topic is None else None,  # a filter may skip records
         )
@@ -212,19 +210,8 @@ class RestoreService:
         build = self._builder(request, reply)
         count = 0
         try:
-            scanned = 0
-            async for message in stored:
-                scanned += 1
-                if scanned % _YIELD_EVERY == 0:
-                    await batches.flush()
-                    await asyncio.sleep(0)  # let other restores and the connection breathe
-                if request.topic is not None and not filter_matches(
-                    request.topic, message.record.topic
-                ):
-                    continue
-                count += 1
-                packet = build(message)
-                await batches.add(_fitting(packet, self._limit(outbox), request, message))
+            async for rows in chunks:
+                count = await self._publish(rows, count, request, build, batches, outbox)
                 if request.limit is not None and count >= request.limit:
                     break  # before scanning on for a next match that would not be sent
             await batches.finish()
@@ -236,31 +223,66 @@ class RestoreService:
             raise
         finally:
             batches.release()
-            await stored.aclose()
+            await chunks.aclose()
         return count
 
-    async def _chunks(self, cursor: Cursor, most: int | None) -> AsyncGenerator[StoredMessage]:
-        """The cursor's messages (up to `most`), read chunk by chunk in worker threads."""
+    async def _publish(
+        self,
+        rows: list[tuple[bytes, bytes]],
+        count: int,
+        request: Request,
+        build: Callable[[RecordFields], Outgoing],
+        batches: Batches,
+        outbox: Outbox,
+    ) -> int:
+        """Queue one chunk's messages (decoded here, on the loop); returns the count so far.
+
+        The restore's inner loop: no object per message but its fields and its packet. The
+        topic filter is applied here, not in the reader, so that every *scanned* record counts
+        towards the next yield: a filter that matches nothing in a long history must not hold
+        the loop (and every other restore) for the whole scan.
+        """
+        limit, wanted, matching = self._limit(outbox), request.limit, request.topic
+        for scanned, (_, value) in enumerate(rows, 1):
+            if scanned % _YIELD_EVERY == 0:
+                await batches.flush()
+                await asyncio.sleep(0)  # let other restores and the connection breathe
+            fields = decode_fields(value)  # CorruptRecord: the stream ends with an error
+            if matching is not None and not filter_matches(matching, fields[2]):
+                continue
+            count += 1
+            packet = build(fields)
+            if limit is not None and packet.size() > limit:
+                raise too_large(packet, limit, request.raw or request.replay, fields)
+            if batches.put(packet):
+                await batches.flush()
+            if wanted is not None and count >= wanted:
+                break
+        return count
+
+    async def _chunks(
+        self, cursor: Cursor, most: int | None
+    ) -> AsyncGenerator[list[tuple[bytes, bytes]]]:
+        """The cursor's stored records (up to `most`), chunk by chunk, read in worker threads."""
         limit = FIRST_CHUNK
         while not cursor.done:
             if most is not None:
                 limit = min(limit, most)
-            chunk = await asyncio.to_thread(self.reader.read, cursor, limit)
+            chunk = await asyncio.to_thread(self.reader.read_rows, cursor, limit)
             if most is not None:
                 most -= len(chunk)
                 if most <= 0:
                     cursor.done = True  # read to the limit: nothing more is sent
-            for message in chunk:
-                yield message
+            yield chunk
             limit = CHUNK
 
     @staticmethod
-    def _builder(request: Request, reply: Reply) -> Callable[[StoredMessage], Outgoing]:
+    def _builder(request: Request, reply: Reply) -> Callable[[RecordFields], Outgoing]:
         if request.replay:
-            return lambda m: replayed(m, request.retain)
+            return lambda fields: replayed(fields, request.retain)
         if request.raw:
-            return reply.raw_message
-        return reply.json_message
+            return lambda fields: reply.raw_message(request.device, fields)
+        return reply.json_messages(request.device)
 
     async def stop(self) -> None:
         """Cancel restores in progress (they get no terminal: the bridge is going away)."""
@@ -278,15 +300,6 @@ class RestoreService:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
-
-
-def _fitting(
-    packet: Outgoing, limit: int | None, request: Request, stored: StoredMessage
-) -> Outgoing:
-    """The packet, unless the broker would refuse it (and drop the connection) as too large."""
-    if limit is not None and packet.size() > limit:
-        raise too_large(packet, limit, request.raw or request.replay, stored)
-    return packet
 
 
 def _checked(request: Request, refused_topic: str | None) -> Request:

@@ -16,8 +16,11 @@ import logging
 import struct
 import tempfile
 import zlib
+from bisect import bisect_left
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,6 +53,44 @@ from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
 
 log = logging.getLogger(__name__)
+_KEY_OF = itemgetter(0)
+_VALUE_OF = itemgetter(1)
+# Records taken from the item iterator at a time when a chunk has a byte budget: the budget is
+# checked between takes, and what a take read past it is dropped at once.
+_TAKE = 32
+
+
+def _take(
+    items: Iterator[tuple[bytes, bytes]], limit: int, max_bytes: int | None
+) -> tuple[list[tuple[bytes, bytes]], bool, int]:
+    """(rows, whether `items` ran out, their values' bytes): as `read_range`'s loop would stop.
+
+    Up to `limit` rows; with `max_bytes`, up to and including the row whose value reaches it.
+    A take is never more rows than the budget left holds at the largest value seen so far
+    (the first, one row), so big values are read a few at a time.
+    """
+    if max_bytes is None:
+        found = list(islice(items, limit))
+        return found, len(found) < limit, 0
+    found = []
+    spent = biggest = 0
+    while len(found) < limit:
+        room = max_bytes - spent
+        want = min(limit - len(found), _TAKE, max(1, room // biggest) if biggest else 1)
+        took = list(islice(items, want))
+        sizes = list(map(len, map(_VALUE_OF, took)))
+        totals = list(accumulate(sizes))
+        if totals and totals[-1] >= room:  # the budget is reached in this take: stop there
+            end = bisect_left(totals, room) + 1
+            found += took[:end]
+            return found, False, spent + totals[end - 1]
+        found += took
+        spent += totals[-1] if totals else 0
+        if len(took) < want:
+            return found, True, spent
+        biggest = max(biggest, *sizes)
+    return found, False, spent
+
 
 CF_INDEX = "index"
 CF_META = "meta"
@@ -605,7 +646,55 @@ class Partition:
         A live iterator keeps the database open (see storage/lease.py): a chunk never outlives
         the read lease it was taken under.
         """
+        if reverse:
+            return self._read_checked(dev_key, since_ns, until_ns, True, after, limit, max_bytes)
+        # Forward (every restore unless it asks for newest first): the chunk through rocksdict's
+        # item iterator, one call per record instead of five (a quarter of the time). That
+        # iterator ends quietly at a damaged block, so wherever it runs out the rest of the
+        # range is read by `scan`, whose end is checked: a chunk is short only at the true end.
+        lower, upper = device_range(dev_key, since_ns, until_ns)
+        if after is not None:
+            lower = max(lower, after + b"\x00")  # the smallest key above `after`
+        opts = ReadOptions()
+        opts.set_iterate_upper_bound(upper)
+        # The item iterator points into `opts` (its upper bound) without keeping it alive: a
+        # dropped `opts` let it read on into other devices' records. It goes first, here.
+        items = self.forward_items(lower, opts)
+        found, ran_out, spent = _take(items, limit, max_bytes)
+        del items  # closes its RocksDB iterator now, under the caller's read lease
+        if found and found[-1][0] >= upper:  # the bound not honoured: never another device's
+            found, ran_out = found[: bisect_left(found, (upper,))], True
+            spent = sum(map(len, map(_VALUE_OF, found)))
+        if set(map(len, map(_KEY_OF, found))) - {KEY_LEN}:  # stray keys (damage): rare
+            return self._read_checked(dev_key, since_ns, until_ns, False, after, limit, max_bytes)
+        if not ran_out:
+            return found
+        last = found[-1][0] if found else after
+        left = max_bytes - spent if max_bytes is not None else None
+        more = limit - len(found)
+        return found + self._read_checked(dev_key, since_ns, until_ns, False, last, more, left)
+
+    def forward_items(self, lower: bytes, opts: ReadOptions) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) from `lower` on, in key order, within `opts`' bounds (`read_range`).
+
+        Unchecked: it ends quietly at a damaged block. Every key, of any length. An open
+        RocksDB iterator until it is dropped, which must be before `opts` is.
+        """
+        return self._db.items(from_key=lower, read_opt=opts)  # type: ignore[return-value]
+
+    def _read_checked(
+        self,
+        dev_key: bytes,
+        since_ns: int | None,
+        until_ns: int | None,
+        reverse: bool,
+        after: bytes | None,
+        limit: int,
+        max_bytes: int | None,
+    ) -> list[tuple[bytes, bytes]]:
         found: list[tuple[bytes, bytes]] = []
+        if limit <= 0:
+            return found
         budget = max_bytes if max_bytes is not None else -1
         scan = self.scan(dev_key, since_ns, until_ns, reverse, after)
         try:

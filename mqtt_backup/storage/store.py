@@ -87,10 +87,10 @@ class Cursor:
     done: bool = False
 
 
-def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessage]:
-    """The next (up to) `limit` messages of the cursor's device in `part`; moves the cursor.
+def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+    """The next (up to) `limit` (key, stored bytes) of the cursor's device in `part`; moves it.
 
-    The chunk also ends once its values reach CHUNK_BYTES (one message at least).
+    The chunk also ends once its values reach CHUNK_BYTES (one record at least).
     """
     rows = part.read_range(
         device_key(cursor.device),
@@ -105,10 +105,14 @@ def _read_chunk(part: Partition, cursor: Cursor, limit: int) -> list[StoredMessa
     cursor.done = len(rows) < limit and sum(len(value) for _, value in rows) < CHUNK_BYTES
     if rows:
         cursor.after = rows[-1][0]
+    return rows
+
+
+def _messages(device: str, rows: list[tuple[bytes, bytes]]) -> list[StoredMessage]:
     found = []
     for key, value in rows:
         ts_ns, record = decode_record(value)
-        found.append(StoredMessage(cursor.device, ts_ns, split_key(key)[2], record))
+        found.append(StoredMessage(device, ts_ns, split_key(key)[2], record))
     return found
 
 
@@ -712,11 +716,15 @@ class StoreReader:
 
     def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
         """The next chunk of a device's messages (a secondary reader catches up at the first)."""
+        return _messages(cursor.device, self.read_rows(cursor, limit))
+
+    def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        """`read`'s chunk undecoded: (key, stored bytes), for `records.decode_fields`."""
         with self._reading:
             if cursor.after is None:
                 self.refresh(cursor.device)
             dev_key = device_key(cursor.device)
-            return _read_chunk(self.partitions[self.home(dev_key)], cursor, limit)
+            return _read_rows(self.partitions[self.home(dev_key)], cursor, limit)
 
     def close(self) -> None:
         """Close every partition."""
@@ -751,6 +759,14 @@ class LiveReader:
         StorageError too once the reader or the store is closed: a chunk queued in a worker
         thread may run after the shutdown, and must not open a handle nobody closes.
         """
+        return _messages(cursor.device, self.read_rows(cursor, limit))
+
+    def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        """`read`'s chunk undecoded: (key, stored bytes), for `records.decode_fields`.
+
+        What a restore reads (in a worker thread): decoding is left to the caller, which builds
+        each answer straight from the stored fields, with no `StoredMessage` per message.
+        """
         store = self.store
         with store.lease.shared():
             if self._closed or store.closed:
@@ -760,9 +776,9 @@ class LiveReader:
             if part is not None:
                 if self._fallback:
                     self._close_fallback()
-                return _read_chunk(part, cursor, limit)
+                return _read_rows(part, cursor, limit)
             with self._falling_back:
-                return _read_chunk(self._read_only(name), cursor, limit)
+                return _read_rows(self._read_only(name), cursor, limit)
 
     def _read_only(self, name: str) -> Partition:
         # Under the shared lease: the writer cannot reopen (and write) while this is in use.
