@@ -124,9 +124,9 @@ class FakeBroker:
             self.resets.append(conn)
         except ConnectionError:
             pass
-        finally:
-            writer.close()
-            self.ended.append(conn)
+        # Not in a `finally`: a session still open when the test's loop stops is closed with it.
+        writer.close()
+        self.ended.append(conn)
 
     async def _read(
         self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

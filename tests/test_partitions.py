@@ -371,11 +371,17 @@ class _Waves:
 
         monkeypatch.setattr(Partition, "copy_keys_from", copy_keys_from)
 
-    def publish_when_due(self, broker: Broker) -> None:
+    def publish_when_due(self, broker: Broker, result: list[dict[str, Any]]) -> None:
         for wave, devices in self.waves.items():
-            assert self.due[wave].wait(60), f"the move to reach wave {wave}"
+            self._wait_due(wave, result)
             publish(broker, [Sent(f"devices/{d}/t", wave.encode()) for d in devices])
             self.published[wave].set()
+
+    def _wait_due(self, wave: str, result: list[dict[str, Any]]) -> None:
+        # The add's answer, when it comes first, says why the move never got there.
+        due = self.due[wave]
+        wait_until(lambda: due.is_set() or bool(result), 60, lambda: f"wave {wave}: {result}")
+        assert due.is_set(), f"the add ended before wave {wave}: {result}"
 
     def acknowledged_during_the_move(self, wave: str, total: int) -> None:
         """The wave was held during one unit, then acknowledged at a later unit of the move."""
@@ -435,7 +441,7 @@ def test_a_move_in_units_acknowledges_new_messages_before_it_ends(
         target=lambda: result.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
     )
     adder.start()
-    waves.publish_when_due(broker)
+    waves.publish_when_due(broker, result)
     adder.join(120)
     assert result, "the add answered"
     waves.events.append(("add done", bridge.bridge.snapshot().acknowledged))

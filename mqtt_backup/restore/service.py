@@ -471,11 +471,17 @@ class DroppedWatcher:
                 value,
             )
         elif self._from_earlier_run:
+            # Its counter, at 0, covers everything since its start: only the time before that,
+            # while the bridge was away, is unknown. (Our estimate of the start comes no earlier
+            # than the real one: the uptime read may be an interval old, never from the future.)
+            until = max(previous.seen_ns, min(self._started_ns or now_ns, now_ns))
             log.warning(
-                "the broker restarted while the bridge was away (since %s): what it dropped "
-                "before its restart cannot be seen; recorded as a broker-dropped gap",
+                "the broker restarted while the bridge was away (between %s and %s): what it "
+                "dropped before its restart cannot be seen; recorded as a broker-dropped gap",
                 since,
+                format_ts(until),
             )
+            return Gap(previous.seen_ns, until, "broker-dropped")
         else:
             log.info("the broker restarted; its dropped-message counter starts again at 0")
             return None
