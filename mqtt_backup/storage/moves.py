@@ -183,7 +183,9 @@ def removing(store: Store, name: str, dry_run: bool = False) -> Units[PartitionR
         raise UsageError("cannot remove the last partition")
     keep = tuple(s for s in specs if s.name != name)
     gone = next(s for s in specs if s.name == name)
-    after = dataclasses.replace(store.manifest, partitions=keep, retired=(gone,))
+    # Retired ones of a remove stopped before its burial stay listed: buried with this one.
+    retired = (*store.manifest.retired, gone)
+    after = dataclasses.replace(store.manifest, partitions=keep, retired=retired)
     if dry_run:
         planned = yield from _planned(store, after.weighted)
         return PartitionRemoved(name, Moves.of([m for m in planned if m.source == name], True))
