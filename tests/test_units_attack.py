@@ -6,10 +6,22 @@ places them, units made small).
 
 from __future__ import annotations
 
+import pytest
+
+from mqtt_backup.errors import StorageUnavailable
 from mqtt_backup.storage import Store, StoreReader, moves
 from mqtt_backup.storage import maintenance as maint
+from mqtt_backup.storage.partition import Partition
 from mqtt_backup.storage.units import step
-from tests.test_units import Fleet, assert_placed_once, drive, fleet, small_units, store
+from tests.test_units import (
+    Fleet,
+    _away_from_home,
+    assert_placed_once,
+    drive,
+    fleet,
+    small_units,
+    store,
+)
 
 __all__ = ["fleet", "small_units", "store"]  # the fixtures, used by name
 
@@ -52,4 +64,31 @@ def test_a_remove_after_one_cut_short_after_its_switch_buries_both(
     partitions = store.data_dir / "partitions"
     assert sorted(p.name for p in partitions.iterdir()) == ["p0"]
     assert store.manifest.retired == ()
+    assert_placed_once(store, fleet.sent)
+
+
+def test_a_merge_whose_count_failed_is_counted_by_the_rebalance_run_again(
+    store: Store, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's records are home, its index write fails (a full disk; a kill -9 between
+    the two writes does the same): a re-run found home holding the copy's newest key, took the
+    entry for a finished copy and deleted the copy away: the index kept not counting the
+    merged history (`verify` failed for good, `devices` said 1 message of 13)."""
+    device = "stray"
+    _away_from_home(store, fleet, device)
+    fleet.publish([device])  # home has an entry now, with one message
+    real = Partition.reindex
+
+    def full_disk(_part: Partition, _dev_key: bytes, _device: str) -> None:
+        raise StorageUnavailable("write failed: IO error: No space left on device (injected)")
+
+    monkeypatch.setattr(Partition, "reindex", full_disk)
+    with pytest.raises(StorageUnavailable):
+        moves.rebalance(store)
+    monkeypatch.setattr(Partition, "reindex", real)
+    moves.rebalance(store)
+    with StoreReader(store.data_dir) as reader:
+        got = [m.record.payload for m in reader.messages(device)]
+    assert sorted(got) == sorted(fleet.sent[device])
+    fleet.sent[device] = got
     assert_placed_once(store, fleet.sent)

@@ -211,7 +211,11 @@ def rebalancing(store: Store, dry_run: bool = False) -> Units[Moves]:
         return Moves.of(moves, dry_run)
     budget, dirty = Budget(), set[str]()
     for move in moves:
-        if not _holds(store, move):
+        if _holds(store, move):
+            # Counted again: a merge cut short between its last copy and its count (a kill -9,
+            # a full disk) left the newest key home, and the entry not counting the history.
+            store.partitions[move.target].reindex(move.dev_key, move.device, changed_only=True)
+        else:
             yield from _merge(store, move, budget)
         removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
         dirty.add(move.source)

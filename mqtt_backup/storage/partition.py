@@ -793,12 +793,13 @@ class Partition:
             self._entries.pop(dev_key)
         return (rows[-1][0] if rows else after), len(rows)
 
-    def reindex(self, dev_key: bytes, device_id: str) -> None:
+    def reindex(self, dev_key: bytes, device_id: str, *, changed_only: bool = False) -> None:
         """Count the device's records here again and write its index entry (after a merge).
 
         A device copied into the partition that already receives its new messages (a rebalance
         finishing a move the layout made earlier) ends with records from both: the entry is
-        made from what is there, in one scan.
+        made from what is there, in one scan. `changed_only`: written only when the stored
+        entry says otherwise (a check, nothing to sync when it is right).
         """
         first = last = count = size = dups = 0
         for key, value in self.scan(dev_key):
@@ -808,8 +809,9 @@ class Partition:
             count += 1
             size += len(key) + len(value)
             dups += _is_dup(value)
-        if count:
-            self._put_entry(dev_key, IndexEntry(device_id, first, last, count, size, dups))
+        counted = IndexEntry(device_id, first, last, count, size, dups)
+        if count and not (changed_only and self.index_entry(dev_key) == counted):
+            self._put_entry(dev_key, counted)
 
     def _put_entry(self, dev_key: bytes, entry: IndexEntry) -> None:
         clock = max(self.clock_ns, entry.last_ns)
