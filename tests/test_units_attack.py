@@ -6,14 +6,21 @@ places them, units made small).
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import pytest
 
 from mqtt_backup.errors import StorageUnavailable
-from mqtt_backup.storage import Store, StoreReader, moves
+from mqtt_backup.keys import device_key
+from mqtt_backup.placement import Weighted, place
+from mqtt_backup.records import Record
+from mqtt_backup.storage import Pending, Store, StoreReader, checks, moves, units
 from mqtt_backup.storage import maintenance as maint
 from mqtt_backup.storage.partition import Partition
 from mqtt_backup.storage.units import step
 from tests.test_units import (
+    BASE_NS,
     Fleet,
     _away_from_home,
     assert_placed_once,
@@ -92,3 +99,37 @@ def test_a_merge_whose_count_failed_is_counted_by_the_rebalance_run_again(
     assert sorted(got) == sorted(fleet.sent[device])
     fleet.sent[device] = got
     assert_placed_once(store, fleet.sent)
+
+
+def test_a_move_holds_a_bounded_number_of_bytes_of_large_records(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit is counted in records: a device of large payloads (camera snapshots) was read
+    whole into memory, and again into the write (10,000 one-MB records: ~20 GB, an OOM kill,
+    and a re-run killed the same way). Each read and write of a copy now ends at a byte bound."""
+    monkeypatch.setattr(units, "UNIT_KEYS", 10_000)  # the real unit
+    after = [*[Weighted(f"p{i}") for i in range(3)], Weighted("p3")]
+    device = next(
+        f"cam-{i}" for i in itertools.count() if place(device_key(f"cam-{i}"), after) == "p3"
+    )
+    big = 1 << 20
+    sent = [b"%02d" % n + b"x" * big for n in range(24)]
+    partition, dev_key = store.locate(device)
+    items = [Pending(device, dev_key, BASE_NS + n, Record("cams/t", p)) for n, p in enumerate(sent)]
+    store.write(partition, items)
+    held: list[int] = []
+    real = Partition.read_range
+
+    def observed(part: Partition, *args: Any, **options: Any) -> list[tuple[bytes, bytes]]:
+        rows = real(part, *args, **options)
+        held.append(sum(len(value) for _, value in rows))
+        return rows
+
+    monkeypatch.setattr(Partition, "read_range", observed)
+    result = moves.add(store, "p3")
+    monkeypatch.undo()
+    assert [m.device for m in result.moves.moves] == [device]
+    assert max(held) <= 9 * big + 1024, held  # 8 MiB, and the record that reached it
+    with StoreReader(store.data_dir) as reader:
+        assert [m.record.payload for m in reader.messages(device)] == sent
+    assert checks.verify(store.data_dir).ok
