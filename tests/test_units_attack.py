@@ -133,3 +133,18 @@ def test_a_move_holds_a_bounded_number_of_bytes_of_large_records(
     with StoreReader(store.data_dir) as reader:
         assert [m.record.payload for m in reader.messages(device)] == sent
     assert checks.verify(store.data_dir).ok
+
+
+def test_an_add_again_after_a_remove_cut_short_after_its_switch(store: Store, fleet: Fleet) -> None:
+    """`partitions add p3`, `remove p3` stopped between its switch and its burial, `add p3`:
+    refused with 'partitions p3 and p3 overlap' (the retired p3 still listed, its files there)."""
+    moves.add(store, "p3")
+    work = moves.removing(store, "p3")
+    while not store.manifest.retired:
+        assert step(work) is None
+    work.close()
+    result, _ = drive(moves.adding(store, "p3"), lambda _n: fleet.publish(["dev-001", "dev-002"]))
+    assert isinstance(result, moves.PartitionAdded)
+    assert result.moves.devices > 0
+    assert store.manifest.retired == ()
+    assert_placed_once(store, fleet.sent)

@@ -151,6 +151,8 @@ def adding(
         # Already switched (an earlier run crashed before deleting old copies): finish it.
         return PartitionAdded(name, (yield from rebalancing(store, dry_run)))
     spec = PartitionSpec(name, path or f"partitions/{name}", weight)
+    if not dry_run:
+        store.bury_retired()  # a remove stopped after its switch: its files may be where this goes
     after = dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec))
     if dry_run:
         planned = yield from _planned(store, after.weighted)
