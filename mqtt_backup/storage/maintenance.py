@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mqtt_backup.errors import StorageError, UsageError
+from mqtt_backup.keys import split_key
 from mqtt_backup.storage.files import fsync_dir
 from mqtt_backup.storage.journal import GAPS, STATE
 from mqtt_backup.storage.manifest import Manifest, PartitionSpec, save_manifest
-from mqtt_backup.storage.partition import Removal
+from mqtt_backup.storage.partition import Partition, Removal
 from mqtt_backup.storage.store import Store
 from mqtt_backup.storage.units import Budget, Units, to_the_end
 from mqtt_backup.times import format_ts
@@ -234,15 +235,34 @@ def forget(
 def forgetting(
     store: Store, device: str, before_ns: int | None = None, dry_run: bool = False
 ) -> Units[Forgotten]:
-    """`forget` in units: one partition each (its range delete, index update and reclaim)."""
+    """`forget` in units: one partition each (its range delete, index update and reclaim).
+
+    Each partition is cut at what it held when the forget began: a message stored between two
+    units came after the command, was acknowledged, and stays (keys only grow in a partition).
+    """
     partition, dev_key = store.locate(device)
     removal = store.partitions[partition].measure(dev_key, before_ns)
     if not dry_run:
-        for name in list(store.partitions):
+        cuts = {
+            name: _held_at_start(part, dev_key, before_ns)
+            for name, part in store.partitions.items()
+        }
+        for name, cut in cuts.items():
             yield
             part = store.partitions[name]
-            gone = part.delete_device_range(dev_key, before_ns)
+            gone = part.delete_device_range(dev_key, cut)
             part.reclaim([dev_key])  # also when a first run deleted it and could not reclaim
             if name == partition:
                 removal = gone
     return Forgotten(dry_run, before_ns, _removed(device, removal))
+
+
+def _held_at_start(part: Partition, dev_key: bytes, before_ns: int | None) -> int:
+    """The cut (exclusive) taking what the partition holds of the device now (before `before_ns`).
+
+    Past the partition's clock, which every later write of it exceeds; past the device's last
+    key there too (a merge cut short by a crash may leave keys beyond the clock).
+    """
+    last = part.last_key(dev_key)
+    cut = max(part.clock_ns, split_key(last)[1] if last is not None else 0) + 1
+    return cut if before_ns is None else min(before_ns, cut)

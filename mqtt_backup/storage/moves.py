@@ -151,6 +151,8 @@ def adding(
         # Already switched (an earlier run crashed before deleting old copies): finish it.
         return PartitionAdded(name, (yield from rebalancing(store, dry_run)))
     spec = PartitionSpec(name, path or f"partitions/{name}", weight)
+    if not dry_run:
+        store.bury_retired()  # a remove stopped after its switch: its files may be where this goes
     after = dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec))
     if dry_run:
         planned = yield from _planned(store, after.weighted)
@@ -183,7 +185,9 @@ def removing(store: Store, name: str, dry_run: bool = False) -> Units[PartitionR
         raise UsageError("cannot remove the last partition")
     keep = tuple(s for s in specs if s.name != name)
     gone = next(s for s in specs if s.name == name)
-    after = dataclasses.replace(store.manifest, partitions=keep, retired=(gone,))
+    # Retired ones of a remove stopped before its burial stay listed: buried with this one.
+    retired = (*store.manifest.retired, gone)
+    after = dataclasses.replace(store.manifest, partitions=keep, retired=retired)
     if dry_run:
         planned = yield from _planned(store, after.weighted)
         return PartitionRemoved(name, Moves.of([m for m in planned if m.source == name], True))
@@ -209,7 +213,11 @@ def rebalancing(store: Store, dry_run: bool = False) -> Units[Moves]:
         return Moves.of(moves, dry_run)
     budget, dirty = Budget(), set[str]()
     for move in moves:
-        if not _holds(store, move):
+        if _holds(store, move):
+            # Counted again: a merge cut short between its last copy and its count (a kill -9,
+            # a full disk) left the newest key home, and the entry not counting the history.
+            store.partitions[move.target].reindex(move.dev_key, move.device, changed_only=True)
+        else:
             yield from _merge(store, move, budget)
         removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
         dirty.add(move.source)

@@ -110,6 +110,9 @@ _crc32 = zlib.crc32
 # Index entries kept in memory per partition, for the write path; the rest are read back from the
 # index column family when their device writes again (memory stays flat whatever the fleet size).
 INDEX_CACHE_ENTRIES = 4096
+# A move's copy reads and writes at most this many bytes of values at once (one record at least):
+# its unit counts records, and 10,000 large payloads would otherwise be held twice in memory.
+COPY_BYTES = 8 * 1024 * 1024
 
 
 class Pending(tuple[str, bytes, int, int, bytes, bytes]):
@@ -859,17 +862,40 @@ class Partition:
     ) -> tuple[bytes | None, int]:
         """Copy up to `limit` of the device's records that follow key `after` in `source`.
 
-        Keys are copied as they are (a copy done twice is the same copy), in one write, synced
-        unless `sync` is False. Returns the last key copied (`after` when none) and how many
-        were: fewer than `limit` means the device's end in `source` was reached, and then (with
-        `entry`) its index entry is taken from `source` in the same write, and this partition's
-        clock raised to the device's last receive time, so its later messages sort after these.
+        Keys are copied as they are (a copy done twice is the same copy), in writes of at most
+        COPY_BYTES of values each (a unit counts records: large payloads must not all be held at
+        once), the last synced unless `sync` is False. Returns the last key copied (`after` when
+        none) and how many were: fewer than `limit` means the device's end in `source` was
+        reached, and then (with `entry`) its index entry is taken from `source` in the last
+        write, and this partition's clock raised to the device's last receive time, so its later
+        messages sort after these.
         """
-        rows = source.read_range(dev_key, None, None, False, after, limit)
+        copied = 0
+        while True:
+            want = limit - copied
+            rows = source.read_range(dev_key, None, None, False, after, want, COPY_BYTES)
+            cut = sum(len(value) for _, value in rows) >= COPY_BYTES  # by bytes, not at the end
+            ended = len(rows) < want and not cut
+            last = ended or len(rows) == want
+            self._copy_rows(source, dev_key, rows, entry and ended, sync and last)
+            copied += len(rows)
+            after = rows[-1][0] if rows else after
+            if last:
+                return after, copied
+
+    def _copy_rows(
+        self,
+        source: Partition,
+        dev_key: bytes,
+        rows: list[tuple[bytes, bytes]],
+        entry: bool,
+        sync: bool,
+    ) -> None:
+        """One write of `copy_keys_from`: the rows, and (with `entry`) the device's entry."""
         batch = WriteBatch(raw_mode=True)
         for key, value in rows:
             batch.put(key, value)
-        taken = source.index_entry(dev_key) if entry and len(rows) < limit else None
+        taken = source.index_entry(dev_key) if entry else None
         clock = self.clock_ns
         if taken is not None:
             clock = max(clock, taken.last_ns)
@@ -880,14 +906,14 @@ class Partition:
         if taken is not None:
             self.clock_ns = clock
             self._entries.pop(dev_key)
-        return (rows[-1][0] if rows else after), len(rows)
 
-    def reindex(self, dev_key: bytes, device_id: str) -> None:
+    def reindex(self, dev_key: bytes, device_id: str, *, changed_only: bool = False) -> None:
         """Count the device's records here again and write its index entry (after a merge).
 
         A device copied into the partition that already receives its new messages (a rebalance
         finishing a move the layout made earlier) ends with records from both: the entry is
-        made from what is there, in one scan.
+        made from what is there, in one scan. `changed_only`: written only when the stored
+        entry says otherwise (a check, nothing to sync when it is right).
         """
         first = last = count = size = dups = 0
         for key, value in self.scan(dev_key):
@@ -897,8 +923,9 @@ class Partition:
             count += 1
             size += len(key) + len(value)
             dups += _is_dup(value)
-        if count:
-            self._put_entry(dev_key, IndexEntry(device_id, first, last, count, size, dups))
+        counted = IndexEntry(device_id, first, last, count, size, dups)
+        if count and not (changed_only and self.index_entry(dev_key) == counted):
+            self._put_entry(dev_key, counted)
 
     def _put_entry(self, dev_key: bytes, entry: IndexEntry) -> None:
         clock = max(self.clock_ns, entry.last_ns)

@@ -517,7 +517,8 @@ def new_partition_error(
             f"leave --path out ({spec.name} then goes to {data_dir / PARTITIONS / spec.name}), "
             f"or choose a directory outside {data_dir}",
         )
-    problem = layout_problem(data_dir, (*manifest.partitions, spec), manifest.retired)
+    # Not against retired partitions: an add buries them first (a remove stopped before it).
+    problem = layout_problem(data_dir, (*manifest.partitions, spec))
     if problem:
         return UsageError(f"{shown}: {problem}", "choose a directory of its own")
     return None
