@@ -219,10 +219,7 @@ def rebalancing(store: Store, dry_run: bool = False) -> Units[Moves]:
             store.partitions[move.target].reindex(move.dev_key, move.device, changed_only=True)
         else:
             yield from _merge(store, move, budget)
-        removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
-        dirty.add(move.source)
-        store.on_progress()
-        if budget.spend(removal.count):
+        if _delete_copy(store, move, budget, dirty):
             _sync(store, dirty)
             yield
     _sync(store, dirty)
@@ -355,13 +352,18 @@ def _drop(store: Store, moves: list[Move]) -> Units[None]:
     """Delete the copies the moves left behind, a unit's worth at a time (synced at its end)."""
     budget, dirty = Budget(), set[str]()
     for move in moves:
-        removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
-        dirty.add(move.source)
-        store.on_progress()
-        if budget.spend(removal.count):
+        if _delete_copy(store, move, budget, dirty):
             _sync(store, dirty)
             yield
     _sync(store, dirty)
+
+
+def _delete_copy(store: Store, move: Move, budget: Budget, dirty: set[str]) -> bool:
+    """Delete (unsynced) what a move left at its source; whether that spent the unit's budget."""
+    removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
+    dirty.add(move.source)
+    store.on_progress()
+    return budget.spend(removal.count)
 
 
 def _sync(store: Store, names: set[str]) -> None:
