@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -809,11 +809,3 @@ class LiveReader:
             self._close_fallback()
             if self._close_fallback in self.store.drop_read_only:
                 self.store.drop_read_only.remove(self._close_fallback)
-
-
-def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
-    """{partition: [pending...]} keeping receive order within each partition."""
-    groups: dict[str, list[Pending]] = {}
-    for name, item in items:
-        groups.setdefault(name, []).append(item)
-    return groups
