@@ -618,7 +618,6 @@ class StoreReader:
         self.gaps = GapLog(data_dir)
         self._secondary = secondary
         self.partitions: dict[str, Partition] = {}
-        self._reading = threading.Lock()  # `read` runs in worker threads; refresh reopens
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
         self.manifest = _NO_LAYOUT
@@ -713,18 +712,6 @@ class StoreReader:
             ts_ns, record = decode_record(value)
             if topic_filter is None or filter_matches(topic_filter, record.topic):
                 yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
-
-    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of a device's messages (a secondary reader catches up at the first)."""
-        return _messages(cursor.device, self.read_rows(cursor, limit))
-
-    def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
-        """`read`'s chunk undecoded: (key, stored bytes), for `records.decode_fields`."""
-        with self._reading:
-            if cursor.after is None:
-                self.refresh(cursor.device)
-            dev_key = device_key(cursor.device)
-            return _read_rows(self.partitions[self.home(dev_key)], cursor, limit)
 
     def close(self) -> None:
         """Close every partition."""
