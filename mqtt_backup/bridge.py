@@ -80,16 +80,13 @@ class Bridge:
         self._requests: queue.Queue[tuple[str, Mapping[str, Any], Future[dict[str, Any]]]] = (
             queue.Queue()
         )
-        self._router = Router(settings.templates, settings.namespace)
         # The store and the client-id check, side by side (docs/design-notes.md, "Start-up").
         if startup is None:
             startup = Startup(settings)
             startup.check_client_id()
-        self.store = startup.store()
-        self.identity = startup_identity(settings, self.store.client_id)
-        self._client_id_check: status.ClientIdCheck | None = startup.take_check(self.identity)
+        self.store = startup.store()  # on failure, it cancels the check itself
+        self._client_id_check: status.ClientIdCheck | None = None
         self._started_ns = time.time_ns()
-        self._state = BridgeState.load(settings.data)
         self._clock = _Clock()
         self._stop_metrics: Callable[[], None] = lambda: None
         self._acknowledged = 0
@@ -100,19 +97,25 @@ class Bridge:
         self._background: set[asyncio.Task[None]] = set()  # retention passes beside ingest
         self._disk_bytes: tuple[float, dict[str, int]] | None = None  # when read, what
         try:
+            # From the store's open on, a failure lets go of it (and its lock) and of the check.
+            self._router = Router(settings.templates, settings.namespace)
+            self.identity = startup_identity(settings, self.store.client_id)
+            self._client_id_check = startup.take_check(self.identity)
+            self._state = BridgeState.load(settings.data)
             self.store.gaps.all()  # a corrupt gap log is a start-up error, not a later one
             self._transport = self._make_transport()
+            self.pipeline = CommitPipeline(
+                wrap_store(self.store) if wrap_store else self.store,
+                self._router,
+                self._ack,
+                batch_max=settings.batch_max,
+                batch_ms=settings.batch_ms,
+            )
         except BaseException:
+            startup.cancel_check()
             self._cancel_client_id_check()
             self.store.discard_new()
             raise
-        self.pipeline = CommitPipeline(
-            wrap_store(self.store) if wrap_store else self.store,
-            self._router,
-            self._ack,
-            batch_max=settings.batch_max,
-            batch_ms=settings.batch_ms,
-        )
         # Until this run catches up, what the last run knew holds (a gap never starts later).
         self.pipeline.caught_up(self._state.last_alive_ns)
 
@@ -325,7 +328,7 @@ class Bridge:
         return future
 
     def _run_requests(self) -> None:
-        # Between two commits, on the ingest thread: no write interleaves with the operation.
+        # paho: between two commits, on the ingest thread: no write interleaves with the operation.
         while not self._requests.empty():
             op, args, future = self._requests.get_nowait()
             try:
@@ -340,7 +343,37 @@ class Bridge:
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
 
     def _before_operation(self, frees_space: bool) -> None:
-        """Commit what is pending (it goes where the current layout says), unless storage fails.
+        """paho: commit what is pending first (it goes where the current layout says).
+
+        On the ingest thread, which commits there anyway; not when storage fails or the disk is
+        full (`_ready_without_commit`). A failure starts the storage stall, as the transport's
+        own commit would, and the operation runs as on a stalled bridge.
+        """
+        if self._ready_without_commit(frees_space, self._transport.stall.active):
+            return
+        try:
+            self.pipeline.commit()
+        except StorageUnavailable as exc:
+            self._transport.stall.failed(exc)
+            self._ready_without_commit(frees_space, stalled=True)
+
+    async def _before_units(self, transport: AsyncIngest, frees_space: bool) -> None:
+        """asyncio: `_before_operation`, with the loop left free (it reads, pings, answers).
+
+        The commit in flight in the transport's worker thread is awaited, then what is pending is
+        committed there too (`AsyncIngest.commit_held`); the transport settles both, and a
+        failure starts the stall. Whatever opens or releases room runs in a worker thread as
+        well. Commits are held already: none starts meanwhile.
+        """
+        await transport.settled()
+        if await self._in_worker(self._ready_without_commit, frees_space, transport.stall.active):
+            return
+        await transport.commit_held()
+        if transport.stall.active:  # that commit failed: run as on a stalled bridge
+            await self._in_worker(self._ready_without_commit, frees_space, True)
+
+    def _ready_without_commit(self, frees_space: bool, stalled: bool) -> bool:
+        """Whether the operation runs without a commit first; if so, the store is ready for it.
 
         On a full disk, or while ingest is stalled on storage, a commit would fail (and fail the
         operation with it) or take the room that a prune or forget frees: what is pending is
@@ -348,43 +381,31 @@ class Bridge:
         operation then owns the room: the ballast is released for it, and no ingest commit runs
         until its reclaim is done and compactions are on again (`Store.done_freeing`).
         """
-        self._settle_commit()
-        stalled = self._transport.stall.active
         full = frees_space and self.store.make_room(stalled=stalled)
         if full or stalled:
             self.store.ensure_open()  # a failed write closed them: reopen before operating
-            return
-        self.pipeline.commit()
+            return True
+        return False
 
-    def _settle_commit(self) -> None:
-        """Wait for the commit in flight in the transport's worker thread, and finish it.
-
-        Whatever touches the store from the loop comes after it, so nothing interleaves with its
-        writes; its outcome counts for the storage stall as if the transport had seen it.
-        """
-        stall = self._transport.stall
-        try:
-            stored = self.pipeline.settle()
-        except StorageUnavailable as exc:
-            stall.failed(exc)  # held again; retried as usual
-            return
-        if stored is not None:
-            stall.cleared()
+    @staticmethod
+    async def _in_worker(work: Callable[..., _R], *args: object) -> _R:
+        return await _to_thread_to_the_end(functools.partial(work, *args), "preparing the store")
 
     def _while_serving(self, work: Callable[[], _R]) -> _R:
-        """Run a long operation on this thread while the connection stays answered.
+        """paho: run a long operation on the ingest thread while the connection stays answered.
 
         Messages that arrive meanwhile are held, not committed (nothing interleaves with the
         operation's writes), and placed again afterwards, in case the partition set changed.
         """
-        self._settle_commit()
+        transport = self._transport
+        assert not isinstance(transport, AsyncIngest)  # its operations run in units, beside it
         last = time.monotonic()
 
         def breathe() -> None:
             nonlocal last
             if time.monotonic() - last >= BREATHE_EVERY_S:
                 last = time.monotonic()
-                self._transport.keep_alive()
+                transport.keep_alive()
 
         self.store.on_progress = breathe
         try:
@@ -401,48 +422,47 @@ class Bridge:
     async def _beside_ingest(self, what: str, work: Units[_R], frees_space: bool) -> _R:
         """Run a long operation's units in a worker thread, committing between them.
 
-        Operations run one at a time, between two commits: the commit in flight is settled and
-        what is pending committed first (`_before_operation`); then no commit starts while a
-        unit runs (`AsyncIngest.hold`): what arrives meanwhile is held within the broker's
-        window, reading paused when the hold is full. Between two units it is placed again (a
-        unit may have switched the layout), stored and acknowledged (`_between_units`). The loop
-        keeps the connection and answers restores meanwhile (docs/design-notes.md).
+        Operations run one at a time, between two commits: no commit starts while one runs
+        (`AsyncIngest.hold`), the commit in flight is awaited and what is pending committed
+        first (`_before_units`); what arrives meanwhile is held within the broker's window,
+        reading paused when the hold is full. Between two units it is placed again (a unit may
+        have switched the layout), stored and acknowledged (`_between_units`). The loop keeps
+        the connection and answers restores meanwhile (docs/design-notes.md).
         """
-        assert isinstance(self._transport, AsyncIngest)
+        transport = self._transport
+        assert isinstance(transport, AsyncIngest)
         if self._one_operation is None:
             self._one_operation = asyncio.Lock()
         async with self._one_operation:
             if self._stop.is_set():
                 raise BackupError("the bridge is stopping; run the command again")
-            self._transport.hold(True)
+            transport.hold(True)
             self._operating = True
             try:
-                self._before_operation(frees_space)
+                await self._before_units(transport, frees_space)
                 while True:
                     done = await _to_thread_to_the_end(functools.partial(step, work), what)
                     if done is not None:
                         return done.result
-                    await self._between_units()
+                    await self._between_units(transport)
             finally:
                 work.close()  # cancelled between units (a retention pass at a stop): it ends there
                 self._operating = False
                 self.pipeline.regroup()
-                self._transport.hold(False)
+                transport.hold(False)
 
-    async def _between_units(self) -> None:
+    async def _between_units(self, transport: AsyncIngest) -> None:
         """Store and acknowledge what arrived during the last unit, before the next one.
 
         Not while storage fails (the stall retries after the operation) nor while a deleting
         operation owns the room it frees on a full disk. A commit that fails here fails the
         operation, as its own write would: the handles are closed, and a re-run finishes it.
         """
-        assert isinstance(self._transport, AsyncIngest)
         self.pipeline.regroup()  # the unit may have switched the layout
-        stall = self._transport.stall
+        stall = transport.stall
         if stall.active or self.store.freeing_space:
             return
-        await self._transport.commit_held()
-        self._settle_commit()
+        await transport.commit_held()
         if stall.active:
             raise StorageUnavailable("a commit between two units of the operation failed")
 
@@ -481,8 +501,7 @@ class Bridge:
             return
         work = functools.partial(maintenance.prune, self.store, older, budget)
         try:
-            self._settle_commit()
-            self.pipeline.commit()
+            self._before_operation(frees_space=False)  # as an operation from the socket
             pruned = self._while_serving(work)
         except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
             _retention_failed(exc)

@@ -79,13 +79,13 @@ def small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
 def write_round(store: Store, devices: list[str], clock: int, size: int) -> int:
     """One message of `size` payload bytes per device, in batches of 50 as ingest would."""
     for start in range(0, len(devices), 50):
-        items = []
+        groups: dict[str, list[Pending]] = {}  # one write per partition, in receive order
         for device in devices[start : start + 50]:
             clock += 1000
             partition, dev_key = store.locate(device)
             record = Record(f"devices/{device}/t", os.urandom(size))
-            items.append((partition, Pending(device, dev_key, clock, record)))
-        for partition, group in store_mod.group_by_partition(items).items():
+            groups.setdefault(partition, []).append(Pending(device, dev_key, clock, record))
+        for partition, group in groups.items():
             store.write(partition, group)
     return clock
 
@@ -127,13 +127,13 @@ def index_after(data_dir: Path, batches: list[list[tuple[str, int, bool]]]) -> d
     try:
         clock = BASE_NS
         for batch in batches:
-            items = []
+            groups: dict[str, list[Pending]] = {}
             for device, size, dup in batch:
                 clock += 1000
                 partition, dev_key = store.locate(device)
                 record = Record(f"devices/{device}/t", b"x" * size, dup=dup)
-                items.append((partition, Pending(device, dev_key, clock, record)))
-            for partition, group in store_mod.group_by_partition(items).items():
+                groups.setdefault(partition, []).append(Pending(device, dev_key, clock, record))
+            for partition, group in groups.items():
                 store.write(partition, group)
         return {
             key: entry.encode()

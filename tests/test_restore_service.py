@@ -34,7 +34,7 @@ from tests.conftest import (
 )
 
 if TYPE_CHECKING:
-    from mqtt_backup.storage import StoreReader
+    from mqtt_backup.storage import LiveReader
     from mqtt_backup.storage.journal import GapLog
 
 RunBridge = Callable[[Settings], BridgeThread]
@@ -113,7 +113,7 @@ def test_retained_requests_are_told_once_per_topic_at_info(
     # Found in review: every retained request was an INFO line, replayed at every reconnect.
     caplog.set_level(logging.DEBUG, logger="mqtt_backup.restore")
     # Telling needs neither the store nor the gap log.
-    service = RestoreService(cast("StoreReader", None), cast("GapLog", None))
+    service = RestoreService(cast("LiveReader", None), cast("GapLog", None))
     for _ in range(3):
         for n in range(RETAINED_TOLD_MAX + 10):
             service._ignore_retained(f"backup/restore/dev-{n}")

@@ -1,7 +1,7 @@
 """The restore protocol without a broker: parsing, response topics, the service on a real store.
 
-The store is real RocksDB in temp dirs (a writer and a secondary reader, as in the bridge); only
-the network is faked, by a publisher that records what the service publishes.
+The store is real RocksDB in temp dirs, read through the writer's own handles as in the bridge;
+only the network is faked, by a publisher that records what the service publishes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mqtt_backup.restore.request import (
     response_topic,
 )
 from mqtt_backup.restore.service import FIRST_CHUNK, DroppedWatcher, RestoreService
-from mqtt_backup.storage import Cursor, Pending, Store, StoreReader, ballast
+from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.storage.store import CHUNK_BYTES
 from mqtt_backup.times import format_ts
@@ -156,14 +156,8 @@ def _open_filled(data: Path) -> Store:
     return opened
 
 
-def _secondary(data: Path, scratch: Path) -> StoreReader:
-    """A secondary reader beside the open writer, as the bridge's restore service has."""
-    scratch.mkdir()  # the bridge passes a fresh mkdtemp(); RocksDB creates only the last level
-    return StoreReader(data, secondary=scratch)
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, StoreReader]]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, LiveReader]]:
     """One filled store and reader for the tests that only read (most of them).
 
     Opening a store per test was two thirds of this module's time. A test that writes messages,
@@ -173,24 +167,25 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, St
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ballast, "MAX_BYTES", 1024 * 1024)  # as clean_env does for each test
         opened = _open_filled(root / "data")
-    secondary = _secondary(opened.data_dir, root / "sec")
+    live = LiveReader(opened)
     before = {p.name for p in opened.data_dir.iterdir()}
-    yield opened, secondary
+    yield opened, live
     written = {p.name for p in opened.data_dir.iterdir()} - before
-    secondary.close()
+    live.close()
     opened.close()
     assert written == set(), f"a test wrote {written} beside the shared store: use own_reader"
 
 
 @pytest.fixture
-def store(shared: tuple[Store, StoreReader]) -> Store:
+def store(shared: tuple[Store, LiveReader]) -> Store:
     """The shared store: read it, never write to it (use `own_store`)."""
     return shared[0]
 
 
 @pytest.fixture
-def reader(shared: tuple[Store, StoreReader]) -> StoreReader:
-    """The shared secondary reader (its data dir must not change: use `own_reader`)."""
+def reader(shared: tuple[Store, LiveReader]) -> LiveReader:
+    """The shared store's reader, as the bridge's restore service has one (its data dir must not
+    change: use `own_reader`)."""
     return shared[1]
 
 
@@ -203,15 +198,15 @@ def own_store(data_dir: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def own_reader(own_store: Store, tmp_path: Path) -> Iterator[StoreReader]:
-    """A secondary reader of `own_store`."""
-    opened = _secondary(own_store.data_dir, tmp_path / "sec")
+def own_reader(own_store: Store) -> Iterator[LiveReader]:
+    """A reader of `own_store`, through its own handles."""
+    opened = LiveReader(own_store)
     yield opened
     opened.close()
 
 
 def ask(
-    reader: StoreReader,
+    reader: LiveReader,
     payload: bytes = b"",
     *,
     topic: str = REQUEST,
@@ -250,7 +245,7 @@ def split(sent: list[Published]) -> tuple[list[Published], dict[str, Any]]:
     return messages, body
 
 
-def stream(reader: StoreReader, fields: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
+def stream(reader: LiveReader, fields: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
     """JSON envelopes of a json/response request that must end in `done` with a matching count."""
     messages, done = split(ask(reader, json.dumps(fields).encode(), **kwargs))
     assert done.get("done") is True, done
@@ -587,7 +582,7 @@ def test_a_refused_payload_keeps_the_id_a_lenient_read_finds(
     assert bad(payload).request_id == request_id
 
 
-def test_an_error_reply_carries_the_id_of_a_payload_with_infinity(reader: StoreReader) -> None:
+def test_an_error_reply_carries_the_id_of_a_payload_with_infinity(reader: LiveReader) -> None:
     # `restore --rate inf` once sent this: without its id, the client waited and exited 3.
     sent = ask(reader, b'{"id": "r-inf", "mode": "replay", "rate": Infinity}')
     only_error(sent)
@@ -702,7 +697,7 @@ def test_response_topic_follows_the_namespace() -> None:
 # ---- 3. the service on a real store -------------------------------------------------------------
 
 
-def test_everything_as_json_envelopes(reader: StoreReader) -> None:
+def test_everything_as_json_envelopes(reader: LiveReader) -> None:
     sent = ask(reader)
     messages, done = split(sent)
     assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 5, "complete": True}
@@ -736,20 +731,20 @@ def test_everything_as_json_envelopes(reader: StoreReader) -> None:
     assert all(b["device"] == "dev-1" for b in bodies)
 
 
-def test_envelope_ts_has_nine_digits(reader: StoreReader) -> None:
+def test_envelope_ts_has_nine_digits(reader: LiveReader) -> None:
     for body in stream(reader, {}):
         ts = body["ts"]
         assert ts.endswith("Z")
         assert len(ts.split(".")[1]) == 10  # nine digits and the Z
 
 
-def test_binary_payload_round_trips_exactly(reader: StoreReader) -> None:
+def test_binary_payload_round_trips_exactly(reader: LiveReader) -> None:
     body = stream(reader, {})[2]
     assert body["encoding"] == "base64"
     assert base64.b64decode(body["payload"], validate=True) == BINARY
 
 
-def test_unicode_payload_and_properties(reader: StoreReader) -> None:
+def test_unicode_payload_and_properties(reader: LiveReader) -> None:
     body = stream(reader, {})[3]
     assert (body["encoding"], body["payload"]) == ("utf8", "héllo ✓")
     assert body["properties"] == {
@@ -762,7 +757,7 @@ def test_unicode_payload_and_properties(reader: StoreReader) -> None:
     }
 
 
-def test_id_in_every_message_when_requested(reader: StoreReader) -> None:
+def test_id_in_every_message_when_requested(reader: LiveReader) -> None:
     sent = ask(reader, b'{"id": "req-42"}')
     messages, done = split(sent)
     assert len(messages) == 5
@@ -780,7 +775,7 @@ def test_id_in_every_message_when_requested(reader: StoreReader) -> None:
     }
 
 
-def test_correlation_data_and_response_topic_on_every_message(reader: StoreReader) -> None:
+def test_correlation_data_and_response_topic_on_every_message(reader: LiveReader) -> None:
     reply = f"{PREFIX}/dev-1/mine"
     sent = ask(reader, b'{"limit": 3}', response=reply, correlation=b"\x00corr\xff")
     split(sent)
@@ -791,26 +786,26 @@ def test_correlation_data_and_response_topic_on_every_message(reader: StoreReade
         assert published.props.correlation_data == b"\x00corr\xff"
 
 
-def test_no_correlation_data_when_the_request_had_none(reader: StoreReader) -> None:
+def test_no_correlation_data_when_the_request_had_none(reader: LiveReader) -> None:
     sent = ask(reader)
     assert all(p.props is not None and p.props.correlation_data is None for p in sent)
 
 
-def test_limit_in_the_service(reader: StoreReader) -> None:
+def test_limit_in_the_service(reader: LiveReader) -> None:
     assert payloads(stream(reader, {"limit": 2})) == [DEV1[0].payload, DEV1[1].payload]
     assert len(stream(reader, {"limit": 1})) == 1
     assert len(stream(reader, {"limit": 5})) == 5
     assert len(stream(reader, {"limit": 500})) == 5
 
 
-def test_desc(reader: StoreReader) -> None:
+def test_desc(reader: LiveReader) -> None:
     bodies = stream(reader, {"order": "desc"})
     assert payloads(bodies) == [r.payload for r in reversed(DEV1)]
     assert [b["seq"] for b in bodies] == [1, 2, 3, 4, 5]
     assert [b["ts"] for b in bodies] == [format_ts(t) for t in reversed(T)]
 
 
-def test_desc_with_limit_gives_the_newest(reader: StoreReader) -> None:
+def test_desc_with_limit_gives_the_newest(reader: LiveReader) -> None:
     bodies = stream(reader, {"order": "desc", "limit": 2})
     assert payloads(bodies) == [DEV1[4].payload, DEV1[3].payload]
 
@@ -827,13 +822,13 @@ def test_desc_with_limit_gives_the_newest(reader: StoreReader) -> None:
         ("devices/dev-1", []),
     ],
 )
-def test_topic_filter(reader: StoreReader, topic: str, expect: list[int]) -> None:
+def test_topic_filter(reader: LiveReader, topic: str, expect: list[int]) -> None:
     bodies = stream(reader, {"topic": topic})
     assert payloads(bodies) == [DEV1[i].payload for i in expect]
     assert [b["seq"] for b in bodies] == list(range(1, len(expect) + 1))
 
 
-def test_topic_filter_with_limit_and_desc(reader: StoreReader) -> None:
+def test_topic_filter_with_limit_and_desc(reader: LiveReader) -> None:
     bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "order": "desc", "limit": 2})
     assert payloads(bodies) == [DEV1[3].payload, DEV1[2].payload]
 
@@ -854,20 +849,20 @@ def test_topic_filter_with_limit_and_desc(reader: StoreReader) -> None:
     ],
 )
 def test_time_window(
-    reader: StoreReader, since: str | float | None, until: str | float | None, expect: list[int]
+    reader: LiveReader, since: str | float | None, until: str | float | None, expect: list[int]
 ) -> None:
     fields = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
     bodies = stream(reader, fields)
     assert payloads(bodies) == [DEV1[i].payload for i in expect]
 
 
-def test_time_window_desc(reader: StoreReader) -> None:
+def test_time_window_desc(reader: LiveReader) -> None:
     bodies = stream(reader, {"since": format_ts(T[1]), "until": format_ts(T[4]), "order": "desc"})
     assert payloads(bodies) == [DEV1[i].payload for i in (3, 2, 1)]
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
-def test_since_equal_until_is_done_with_nothing(reader: StoreReader, order: str) -> None:
+def test_since_equal_until_is_done_with_nothing(reader: LiveReader, order: str) -> None:
     at = format_ts(T[2])  # exactly on a stored message
     sent = ask(reader, json.dumps({"since": at, "until": at, "order": order}).encode())
     messages, done = split(sent)
@@ -875,14 +870,14 @@ def test_since_equal_until_is_done_with_nothing(reader: StoreReader, order: str)
     assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 0, "complete": True}
 
 
-def test_since_after_until_is_one_error(reader: StoreReader) -> None:
+def test_since_after_until_is_one_error(reader: LiveReader) -> None:
     fields = {"since": format_ts(T[3]), "until": format_ts(T[1]), "id": "w"}
     sent = ask(reader, json.dumps(fields).encode())
     assert "'since' is after 'until'" in only_error(sent)
     assert sent[0].body()["id"] == "w"
 
 
-def test_other_device_is_separate(reader: StoreReader) -> None:
+def test_other_device_is_separate(reader: LiveReader) -> None:
     sent = ask(reader, topic=f"{PREFIX}/dev-2")
     messages, done = split(sent)
     assert done == {"done": True, "protocol": 1, "device": "dev-2", "count": 3, "complete": True}
@@ -893,7 +888,7 @@ def test_other_device_is_separate(reader: StoreReader) -> None:
 
 
 @pytest.mark.parametrize("device", ["nobody", "dev-", "dev-10", "Gerät ✓"])
-def test_unknown_device_is_done_with_nothing(reader: StoreReader, device: str) -> None:
+def test_unknown_device_is_done_with_nothing(reader: LiveReader, device: str) -> None:
     sent = ask(reader, topic=f"{PREFIX}/{device}")
     assert len(sent) == 1
     assert split(sent)[1] == {
@@ -906,7 +901,7 @@ def test_unknown_device_is_done_with_nothing(reader: StoreReader, device: str) -
     assert sent[0].topic == f"{PREFIX}/{device}/response"
 
 
-def test_raw_format(reader: StoreReader) -> None:
+def test_raw_format(reader: LiveReader) -> None:
     reply = f"{PREFIX}/dev-1/raw"
     sent = ask(reader, b'{"format": "raw", "id": "r"}', response=reply, correlation=b"c1")
     messages, done = split(sent)
@@ -940,7 +935,7 @@ def test_raw_format(reader: StoreReader) -> None:
         assert published.props.payload_format == (original.payload_format if original else None)
 
 
-def test_raw_format_without_id_has_no_id_property(reader: StoreReader) -> None:
+def test_raw_format_without_id_has_no_id_property(reader: LiveReader) -> None:
     messages, _ = split(ask(reader, b'{"format": "raw", "limit": 1}'))
     assert len(messages) == 1
     assert "mqtt-backup-id" not in messages[0].user
@@ -955,7 +950,7 @@ def replayed(sent: list[Published]) -> tuple[list[Published], dict[str, Any]]:
     return messages, done
 
 
-def test_replay(reader: StoreReader) -> None:
+def test_replay(reader: LiveReader) -> None:
     sent = ask(reader, b'{"mode": "replay"}', correlation=b"k")
     messages, done = replayed(sent)
     assert done == {"done": True, "protocol": 1, "device": "dev-1", "count": 5, "complete": True}
@@ -972,7 +967,7 @@ def test_replay(reader: StoreReader) -> None:
     assert sent[-1].props.correlation_data == b"k"
 
 
-def test_replay_keeps_the_original_properties(reader: StoreReader) -> None:
+def test_replay_keeps_the_original_properties(reader: LiveReader) -> None:
     messages, _ = replayed(ask(reader, b'{"mode": "replay"}'))
     assert messages[3].props == OutProps(
         correlation_data=PROPS.correlation_data,
@@ -987,12 +982,12 @@ def test_replay_keeps_the_original_properties(reader: StoreReader) -> None:
     )
 
 
-def test_replay_with_retain_keeps_stored_retain_flags(reader: StoreReader) -> None:
+def test_replay_with_retain_keeps_stored_retain_flags(reader: LiveReader) -> None:
     messages, _ = replayed(ask(reader, b'{"mode": "replay", "retain": true}'))
     assert [m.retain for m in messages] == [r.retain for r in DEV1]
 
 
-def test_replay_with_filter_limit_and_desc(reader: StoreReader) -> None:
+def test_replay_with_filter_limit_and_desc(reader: LiveReader) -> None:
     request = b'{"mode": "replay", "topic": "devices/dev-1/status", "order": "desc", "limit": 1}'
     messages, done = replayed(ask(reader, request))
     assert [(m.topic, m.payload) for m in messages] == [("devices/dev-1/status", b"offline")]
@@ -1029,7 +1024,7 @@ def paced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float | None, FakeClock
 
 
 def test_replay_rate_is_held(
-    reader: StoreReader, paced: list[tuple[float | None, FakeClock]]
+    reader: LiveReader, paced: list[tuple[float | None, FakeClock]]
 ) -> None:
     messages, _ = replayed(ask(reader, b'{"mode": "replay", "rate": 100}'))
     assert len(messages) == 5
@@ -1039,7 +1034,7 @@ def test_replay_rate_is_held(
 
 
 def test_rate_does_not_slow_a_response(
-    reader: StoreReader, paced: list[tuple[float | None, FakeClock]]
+    reader: LiveReader, paced: list[tuple[float | None, FakeClock]]
 ) -> None:
     assert len(stream(reader, {"rate": 1})) == 5
     [(rate, clock)] = paced
@@ -1048,7 +1043,7 @@ def test_rate_does_not_slow_a_response(
 
 
 @pytest.mark.parametrize("fields", [{"mode": "replay"}, {"format": "raw"}])
-def test_replay_and_raw_need_mqtt5(reader: StoreReader, fields: dict[str, Any]) -> None:
+def test_replay_and_raw_need_mqtt5(reader: LiveReader, fields: dict[str, Any]) -> None:
     conn = FakeConn(mqtt5=False)
     sent = ask(reader, json.dumps({**fields, "id": "v3"}).encode(), conn=conn)
     assert "MQTT 5" in only_error(sent)
@@ -1056,14 +1051,14 @@ def test_replay_and_raw_need_mqtt5(reader: StoreReader, fields: dict[str, Any]) 
     assert sent[0].body()["id"] == "v3"
 
 
-def test_json_response_works_on_mqtt_3(reader: StoreReader) -> None:
+def test_json_response_works_on_mqtt_3(reader: LiveReader) -> None:
     sent = ask(reader, b'{"id": "v3"}', conn=FakeConn(mqtt5=False))
     messages, done = split(sent)
     assert len(messages) == 5
     assert done["count"] == 5
 
 
-def test_retained_request_is_ignored(reader: StoreReader) -> None:
+def test_retained_request_is_ignored(reader: LiveReader) -> None:
     retained = FakeConn()
     live = FakeConn()
 
@@ -1084,7 +1079,7 @@ def test_retained_request_is_ignored(reader: StoreReader) -> None:
     assert split(live.sent)[1]["count"] == 5
 
 
-def test_gaps_overlapping_the_window_make_it_incomplete(own_reader: StoreReader) -> None:
+def test_gaps_overlapping_the_window_make_it_incomplete(own_reader: LiveReader) -> None:
     log = GapLog(own_reader.data_dir)
     inside = Gap(T[1] - SEC // 2, T[1] + SEC // 2, "session-lost")
     across_start = Gap(T[0] - 10 * SEC, T[0] + 1, "downtime")
@@ -1112,7 +1107,7 @@ def test_gaps_overlapping_the_window_make_it_incomplete(own_reader: StoreReader)
     assert done["gaps"][0]["since"] == "2026-01-01T00:00:00.623456789Z"
 
 
-def test_gaps_outside_the_window_leave_it_complete(own_reader: StoreReader) -> None:
+def test_gaps_outside_the_window_leave_it_complete(own_reader: LiveReader) -> None:
     log = GapLog(own_reader.data_dir)
     log.record(Gap(T[0] - 10 * SEC, T[0] - 5 * SEC, "downtime"))
     log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "session-lost"))
@@ -1120,7 +1115,7 @@ def test_gaps_outside_the_window_leave_it_complete(own_reader: StoreReader) -> N
     assert split(ask(own_reader, json.dumps(fields).encode()))[1]["complete"] is True
 
 
-def test_every_gap_counts_without_a_window(own_reader: StoreReader) -> None:
+def test_every_gap_counts_without_a_window(own_reader: LiveReader) -> None:
     log = GapLog(own_reader.data_dir)
     log.record(Gap(1, 2, "downtime"))
     log.record(Gap(T[4] + SEC, T[4] + 2 * SEC, "broker-dropped"))
@@ -1134,7 +1129,7 @@ def test_every_gap_counts_without_a_window(own_reader: StoreReader) -> None:
     assert done["id"] == "g"
 
 
-def test_gaps_are_reported_for_an_unknown_device_too(own_reader: StoreReader) -> None:
+def test_gaps_are_reported_for_an_unknown_device_too(own_reader: LiveReader) -> None:
     GapLog(own_reader.data_dir).record(Gap(T[0], T[1], "session-lost"))
     done = split(ask(own_reader, topic=f"{PREFIX}/nobody"))[1]
     assert (done["count"], done["complete"]) == (0, False)
@@ -1164,7 +1159,7 @@ def test_gaps_are_reported_for_an_unknown_device_too(own_reader: StoreReader) ->
     ],
 )
 def test_bad_request_is_one_error_and_nothing_else(
-    reader: StoreReader, payload: bytes, reason: str
+    reader: LiveReader, payload: bytes, reason: str
 ) -> None:
     sent = ask(reader, payload, correlation=b"bad")
     assert reason in only_error(sent)
@@ -1174,7 +1169,7 @@ def test_bad_request_is_one_error_and_nothing_else(
     assert "id" not in sent[0].body()
 
 
-def test_bad_request_error_carries_the_id(reader: StoreReader) -> None:
+def test_bad_request_error_carries_the_id(reader: LiveReader) -> None:
     sent = ask(reader, b'{"id": "req-9", "limt": 5}')
     only_error(sent)
     body = sent[0].body()
@@ -1183,7 +1178,7 @@ def test_bad_request_error_carries_the_id(reader: StoreReader) -> None:
     assert "'limt'" in body["error"]
 
 
-def test_refused_response_topic_is_one_error_on_the_default_topic(reader: StoreReader) -> None:
+def test_refused_response_topic_is_one_error_on_the_default_topic(reader: LiveReader) -> None:
     sent = ask(reader, b'{"id": "t"}', response="other/topic", correlation=b"c")
     assert "other/topic" in only_error(sent)
     assert sent[0].topic == DEFAULT_REPLY
@@ -1192,7 +1187,7 @@ def test_refused_response_topic_is_one_error_on_the_default_topic(reader: StoreR
     assert sent[0].props.correlation_data == b"c"
 
 
-def test_response_topic_under_another_device_is_refused(reader: StoreReader) -> None:
+def test_response_topic_under_another_device_is_refused(reader: LiveReader) -> None:
     # dev-1's requester must not plant answers (or read dev-1's history) in dev-2's subtree.
     sent = ask(reader, b'{"id": "x"}', response=f"{PREFIX}/dev-2/r/x", correlation=b"c")
     assert f"{PREFIX}/dev-2/r/x" in only_error(sent)
@@ -1200,32 +1195,32 @@ def test_response_topic_under_another_device_is_refused(reader: StoreReader) -> 
     assert sent[0].body()["id"] == "x"
 
 
-def test_response_topic_under_another_device_when_any_is_allowed(reader: StoreReader) -> None:
+def test_response_topic_under_another_device_when_any_is_allowed(reader: LiveReader) -> None:
     sent = ask(reader, b"", response=f"{PREFIX}/dev-2/r/x", any_response_topic=True)
     split(sent)
     assert {p.topic for p in sent} == {f"{PREFIX}/dev-2/r/x"}
 
 
-def test_any_response_topic_when_the_operator_allows_it(reader: StoreReader) -> None:
+def test_any_response_topic_when_the_operator_allows_it(reader: LiveReader) -> None:
     sent = ask(reader, b"", response="my/inbox", any_response_topic=True)
     split(sent)
     assert {p.topic for p in sent} == {"my/inbox"}
 
 
-def test_request_without_device_is_one_error(reader: StoreReader) -> None:
+def test_request_without_device_is_one_error(reader: LiveReader) -> None:
     sent = ask(reader, b"", topic=f"{PREFIX}/")
     assert "no device" in only_error(sent)
     assert sent[0].topic == f"{PREFIX}//response"
 
 
-def test_namespace_is_honoured(reader: StoreReader) -> None:
+def test_namespace_is_honoured(reader: LiveReader) -> None:
     sent = ask(reader, b'{"limit": 1}', topic="site/a/restore/dev-1", namespace="site/a")
     messages, done = split(sent)
     assert (len(messages), done["device"]) == (1, "dev-1")
     assert {p.topic for p in sent} == {"site/a/restore/dev-1/response"}
 
 
-def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: StoreReader) -> None:
+def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: LiveReader) -> None:
     assert len(stream(own_reader, {})) == 5
     late = Record("devices/dev-1/late", b"late")
     write(own_store, "dev-1", [(BASE_NS + 200 * SEC, late)])
@@ -1236,7 +1231,7 @@ def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: S
     assert payloads(stream(own_reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
 
 
-def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
+def _slow_scan_of_dev1(reader: LiveReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
     """Fault injection: dev-1's history reads as `rounds` copies of itself, each record slow.
 
     The records still come from the real store, chunk by chunk as the service asks for them (in
@@ -1261,7 +1256,7 @@ def _slow_scan_of_dev1(reader: StoreReader, monkeypatch: pytest.MonkeyPatch, rou
 
 
 def test_a_long_scan_does_not_hold_up_another_restore(
-    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+    reader: LiveReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A filter that matches nothing in a long history used to scan without ever yielding.
     _slow_scan_of_dev1(reader, monkeypatch, rounds=400)  # 2,000 records scanned
@@ -1291,7 +1286,7 @@ def test_a_long_scan_does_not_hold_up_another_restore(
 
 
 def test_scans_that_find_nothing_keep_no_other_restore_waiting(
-    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+    reader: LiveReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # More such scans than restores may run at once used to take every slot: an unrelated
     # restore waited for whole scans to end (issue 8, item 10).
@@ -1322,7 +1317,7 @@ def test_scans_that_find_nothing_keep_no_other_restore_waiting(
 
 
 def test_a_limit_ends_the_scan_at_the_last_message_sent(
-    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+    reader: LiveReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _slow_scan_of_dev1(reader, monkeypatch, rounds=100)  # 500 records: several chunks
     chunks: list[int] = []
@@ -1339,9 +1334,7 @@ def test_a_limit_ends_the_scan_at_the_last_message_sent(
     assert chunks == [FIRST_CHUNK]  # the first chunk held both: no further chunk was read
 
 
-def test_a_limit_bounds_the_chunk_read(
-    reader: StoreReader, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_limit_bounds_the_chunk_read(reader: LiveReader, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without a topic filter every record read is sent: `limit 1` reads one, not a chunk.
     asked: list[int] = []
     real = reader.read_rows
@@ -1356,7 +1349,7 @@ def test_a_limit_bounds_the_chunk_read(
 
 
 def test_a_restore_of_big_values_reads_byte_bounded_chunks_and_sends_all(
-    own_store: Store, own_reader: StoreReader, monkeypatch: pytest.MonkeyPatch
+    own_store: Store, own_reader: LiveReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = [Record("devices/dev-5/t", bytes([i]) * (CHUNK_BYTES // 3)) for i in range(10)]
     write(own_store, "dev-5", [(BASE_NS + i, r) for i, r in enumerate(big)])
@@ -1375,7 +1368,7 @@ def test_a_restore_of_big_values_reads_byte_bounded_chunks_and_sends_all(
     assert max(chunks) < CHUNK_BYTES + CHUNK_BYTES // 3  # the budget, overshot by one value
 
 
-def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: StoreReader) -> None:
+def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: LiveReader) -> None:
     write(
         own_store, "dev-4", [(BASE_NS + i, Record("devices/dev-4/t", b"%d" % i)) for i in range(30)]
     )
@@ -1388,7 +1381,7 @@ def test_window_bounds_publishes_in_flight(own_store: Store, own_reader: StoreRe
     assert conn.in_flight_at_terminal == [0]  # the terminal goes out after every PUBACK
 
 
-def test_a_failed_publish_ends_the_stream_with_an_error(reader: StoreReader) -> None:
+def test_a_failed_publish_ends_the_stream_with_an_error(reader: LiveReader) -> None:
     class Failing(FakeConn):
         async def publish(
             self,
@@ -1410,7 +1403,7 @@ def test_a_failed_publish_ends_the_stream_with_an_error(reader: StoreReader) -> 
     assert not any(m.terminal == "done" for m in sent)
 
 
-def test_a_dead_connection_does_not_raise(reader: StoreReader) -> None:
+def test_a_dead_connection_does_not_raise(reader: LiveReader) -> None:
     class Dead(FakeConn):
         async def publish(
             self,
@@ -1429,16 +1422,14 @@ def test_a_dead_connection_does_not_raise(reader: StoreReader) -> None:
 
 
 @pytest.mark.parametrize("payload", [b'{"id": "\\ud800"}', b'{"id": "\\udfff", "limt": 1}'])
-def test_id_that_is_not_unicode_still_gets_one_terminal(
-    reader: StoreReader, payload: bytes
-) -> None:
+def test_id_that_is_not_unicode_still_gets_one_terminal(reader: LiveReader, payload: bytes) -> None:
     # A lone surrogate ("\ud800") is valid JSON but cannot be encoded to UTF-8: the id check
     # refuses it, so the one terminal (an error) can be sent; once nothing at all was published.
     sent = ask(reader, payload)
     assert "'id'" in only_error(sent)
 
 
-def test_corrupt_gap_log_ends_the_stream_with_an_error(own_reader: StoreReader) -> None:
+def test_corrupt_gap_log_ends_the_stream_with_an_error(own_reader: LiveReader) -> None:
     GapLog(own_reader.data_dir).path.write_text("garbage\n", encoding="utf-8")
     messages, body = split(ask(own_reader))
     assert len(messages) == 5
@@ -1447,7 +1438,7 @@ def test_corrupt_gap_log_ends_the_stream_with_an_error(own_reader: StoreReader) 
 
 @pytest.mark.parametrize("request_body", [b"", b'{"format": "raw"}', b'{"mode": "replay"}'])
 def test_a_corrupt_record_ends_the_stream_with_an_error_after_what_came_before(
-    own_store: Store, own_reader: StoreReader, request_body: bytes
+    own_store: Store, own_reader: LiveReader, request_body: bytes
 ) -> None:
     # Restores decode stored bytes themselves (no Record per message): the checksum is still
     # checked, and a damaged record is reported, never sent or skipped.
@@ -1855,7 +1846,7 @@ def test_no_retained_value_after_a_long_absence_makes_the_downtime_unknown(
     assert DroppedWatcher(log, tmp_path, BROKER).unknown(50 * SEC, 150 * SEC) is True
 
 
-def test_done_says_broker_drops_unknown_without_a_reading(own_reader: StoreReader) -> None:
+def test_done_says_broker_drops_unknown_without_a_reading(own_reader: LiveReader) -> None:
     watcher = DroppedWatcher(GapLog(own_reader.data_dir), own_reader.data_dir, BROKER)
     done = split(ask(own_reader, dropped=watcher))[1]
     assert done == {
@@ -1872,7 +1863,7 @@ def test_done_says_broker_drops_unknown_without_a_reading(own_reader: StoreReade
     assert done["complete"] is True
 
 
-def test_done_says_broker_drops_unknown_over_an_unknown_span(own_reader: StoreReader) -> None:
+def test_done_says_broker_drops_unknown_over_an_unknown_span(own_reader: LiveReader) -> None:
     data = own_reader.data_dir
     DroppedWatcher(GapLog(data), data, BROKER).observe(b"0", now_ns=T[0] - 1000 * SEC)
     watcher = DroppedWatcher(GapLog(data), data, BROKER)
@@ -1914,7 +1905,7 @@ def test_dropped_watcher_uses_the_clock(tmp_path: Path) -> None:
     assert before <= gap.since_ns <= gap.until_ns <= after
 
 
-def test_dropped_gap_shows_in_a_restore(own_reader: StoreReader) -> None:
+def test_dropped_gap_shows_in_a_restore(own_reader: LiveReader) -> None:
     watcher = DroppedWatcher(GapLog(own_reader.data_dir))
     watcher.observe(b"100", now_ns=T[1])
     watcher.observe(b"101", now_ns=T[2])

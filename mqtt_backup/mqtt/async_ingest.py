@@ -697,12 +697,24 @@ class AsyncIngest:
             elif not self.stall.active:
                 wire.resume()
 
+    async def settled(self) -> None:
+        """Until the commit in flight, if any, is settled: the loop reads on meanwhile.
+
+        The worker's commit is awaited; `_committed`, its done callback, settles it first (a
+        failure starts the stall). For the bridge's operations, with commits held: no other
+        starts after it.
+        """
+        sink, done = self.sink, self._commit_done
+        if sink is not None and sink.committing and done is not None:
+            await asyncio.wait([done])
+
     async def commit_held(self) -> None:
-        """Between two units of an operation: store what is held and acknowledge it.
+        """Store what is held and acknowledge it, while an operation holds commits.
 
         One commit in the worker thread, as any other (the loop reads on meanwhile); the hold is
-        on again before it returns, so no commit follows it into the next unit. Nothing happens
-        without a connection to acknowledge on: what is held waits for the operation's end.
+        on again before it returns, so no commit follows it into the operation. A failure starts
+        the stall, as always. Nothing happens without a connection to acknowledge on: what is
+        held waits for the operation's end.
         """
         wire, sink = self._wire, self.sink
         if wire is None or sink is None or not wire.serving or wire.failure is not None:
@@ -712,22 +724,7 @@ class AsyncIngest:
             self.commit_or_hold(wire)
         finally:
             self._held = True
-        done = self._commit_done
-        if sink.committing and done is not None:
-            await asyncio.wait([done])  # settled by `_committed`, whose callback comes first
-
-    def keep_alive(self) -> None:
-        """Keep the connection during a long operation on the loop: a PINGREQ when one is due.
-
-        Nothing is read meanwhile (the broker's window keeps what it has not sent); the broker
-        hears from us, and our own silence check sees its answers once the loop runs again.
-        """
-        wire = self._wire
-        if wire is None or self._loop is None:
-            return
-        now = self._loop.time()
-        if now - wire.pinged_at >= self.session.keepalive / 2:
-            self._ping(wire, now)
+        await self.settled()
 
     @staticmethod
     def _ping(wire: _Wire, now: float) -> None:

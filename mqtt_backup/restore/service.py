@@ -70,7 +70,7 @@ RETAINED_TOLD_MAX = 1024
 
 
 class MessageSource(Protocol):
-    """Where restores read: the writer's own handles (`LiveReader`) or a `StoreReader`."""
+    """Where restores read: the writer's own handles (`LiveReader`), or a fake in tests."""
 
     def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
         """The next chunk of the cursor's device, (key, stored bytes) (blocking: worker thread)."""

@@ -111,7 +111,8 @@ class BridgeState:
         try:
             raw = json.loads((data_dir / STATE).read_text(encoding="utf-8"))
             return cls(int(raw["last_alive_ns"]), [str(s) for s in raw["subscriptions"]])
-        except (OSError, ValueError, KeyError, TypeError):
+        # OverflowError: a time of 1e400 (infinity); RecursionError: JSON nested too deep.
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
             return cls()
 
     def save(self, data_dir: Path) -> None:

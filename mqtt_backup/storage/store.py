@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -619,7 +619,6 @@ class StoreReader:
         self.gaps = GapLog(data_dir)
         self._secondary = secondary
         self.partitions: dict[str, Partition] = {}
-        self._reading = threading.Lock()  # `read` runs in worker threads; refresh reopens
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
         self.manifest = _NO_LAYOUT
@@ -715,18 +714,6 @@ class StoreReader:
             if topic_filter is None or filter_matches(topic_filter, record.topic):
                 yield StoredMessage(device_id, ts_ns, split_key(key)[2], record)
 
-    def read(self, cursor: Cursor, limit: int) -> list[StoredMessage]:
-        """The next chunk of a device's messages (a secondary reader catches up at the first)."""
-        return _messages(cursor.device, self.read_rows(cursor, limit))
-
-    def read_rows(self, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
-        """`read`'s chunk undecoded: (key, stored bytes), for `records.decode_fields`."""
-        with self._reading:
-            if cursor.after is None:
-                self.refresh(cursor.device)
-            dev_key = device_key(cursor.device)
-            return _read_rows(self.partitions[self.home(dev_key)], cursor, limit)
-
     def close(self) -> None:
         """Close every partition."""
         for part in self.partitions.values():
@@ -810,11 +797,3 @@ class LiveReader:
             self._close_fallback()
             if self._close_fallback in self.store.drop_read_only:
                 self.store.drop_read_only.remove(self._close_fallback)
-
-
-def group_by_partition(items: Sequence[tuple[str, Pending]]) -> Mapping[str, list[Pending]]:
-    """{partition: [pending...]} keeping receive order within each partition."""
-    groups: dict[str, list[Pending]] = {}
-    for name, item in items:
-        groups.setdefault(name, []).append(item)
-    return groups
