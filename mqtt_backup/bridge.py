@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 
 STATE_EVERY_S = 5.0
+# A session-lost gap starts this long before the bridge's last caught-up moment: a message a
+# device published just before it may still have been inside the broker (received, not yet sent
+# to the bridge; milliseconds, more under load) and went with the session.
+GAP_LEAD_NS = NS_PER_S
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
 BREATHE_EVERY_S = 0.2
@@ -295,8 +299,9 @@ class Bridge:
         if not session_present and had_session:
             # From the last moment the bridge had everything: what the broker queued after it
             # (a backlog, or publishes during a shutdown) went with the session.
-            since = self.pipeline.caught_up_ns or now
-            downtime = (now - since) / NS_PER_S
+            caught_up = self.pipeline.caught_up_ns or now
+            downtime = (now - caught_up) / NS_PER_S
+            since = caught_up - GAP_LEAD_NS
             reason = "downtime" if downtime > self.settings.session_expiry else "session-lost"
             log.warning(
                 "the broker has no session for %s: messages published since %s may be lost "

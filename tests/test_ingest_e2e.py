@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqtt_backup import config
-from mqtt_backup.bridge import Bridge
+from mqtt_backup.bridge import GAP_LEAD_NS, Bridge
 from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest
 from mqtt_backup.mqtt.async_ingest import _Wire
@@ -204,7 +204,9 @@ def test_lost_broker_session_is_recorded_as_a_gap(
     own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
     settings = make_settings(own_broker, data_dir)
-    run_bridge(settings).stop()
+    first = run_bridge(settings)
+    first.stop()
+    caught_up = first.bridge.pipeline.caught_up_ns
     own_broker.wipe()  # the broker forgets the bridge's session and queue
     own_broker.start()
     bridge = run_bridge(settings)
@@ -214,6 +216,10 @@ def test_lost_broker_session_is_recorded_as_a_gap(
     gaps = GapLog(data_dir).all()
     assert [g.reason for g in gaps] == ["session-lost"]
     assert gaps[0].since_ns < gaps[0].until_ns
+    # From a second before the last caught-up moment: a message published just before it may
+    # still have been inside the broker, and went with the session.
+    assert caught_up is not None
+    assert gaps[0].since_ns == caught_up - GAP_LEAD_NS
 
 
 def test_the_subscriptions_are_on_disk_before_anything_is_stored(
