@@ -651,3 +651,16 @@ def test_rerunning_the_same_add_finishes_it(cwd: Path, flags: list[str]) -> None
     assert again.returncode == 0, again
     # Where p4 is, not where a new p4 would go.
     assert f"adding p4 at {(cwd / 'other' / 'p4').resolve()}: moved 0 devices" in again.stdout
+
+
+def test_the_empty_device_id_of_an_empty_topic_level_can_be_exported_and_forgotten(
+    cwd: Path,
+) -> None:
+    # `devices//x` is stored as the device "": no restore topic can name it, but it is stored.
+    fill(cwd / "data", {"": [("devices//x", b"1")], "dev-1": [("devices/dev-1/x", b"2")]})
+    exported = cli("export", "--data", "data", "--device", "", cwd=cwd)
+    assert exported.returncode == 0, exported
+    assert [json.loads(line)["topic"] for line in exported.stdout.splitlines()] == ["devices//x"]
+    forgotten = cli("forget", "", "--data", "data", "--json", cwd=cwd)
+    assert forgotten.returncode == 0, forgotten
+    assert json.loads(forgotten.stdout)["messages"] == 1

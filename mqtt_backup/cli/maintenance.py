@@ -15,7 +15,7 @@ import typer
 from mqtt_backup import control, operations
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, DryRunOpt, JsonOpt, load_settings
-from mqtt_backup.cli.types import DURATION, TIME
+from mqtt_backup.cli.types import DURATION, STORED_DEVICE_ID, TIME
 from mqtt_backup.errors import BackupError, DataDirLocked, UsageError
 from mqtt_backup.storage import Store, StoreReader, moves
 from mqtt_backup.storage.manifest import PartitionSpec, load_manifest
@@ -113,7 +113,9 @@ def prune(
 @app.command()
 def forget(
     # Any stored id, not only what a restore can name: a topic's empty level is a device too.
-    device: Annotated[str, typer.Argument(help="the device id")],
+    device: Annotated[
+        str, typer.Argument(click_type=STORED_DEVICE_ID, help="the device id (one topic level)")
+    ],
     data: DataOpt = None,
     before: Annotated[
         int | None,

@@ -63,13 +63,19 @@ class TopicFilter(click.ParamType[str]):
 
 
 class DeviceId(click.ParamType[str]):
-    """A device id that a restore request can name: one topic level, no wildcards."""
+    """A device id that a restore request can name: one topic level, no wildcards.
+
+    `stored` also takes "" (an empty topic level's device), which no restore topic can name.
+    """
 
     name = "device"
 
+    def __init__(self, stored: bool = False) -> None:
+        self.stored = stored
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         """The id; UsageError when it is not one topic level."""
-        return check_device(value)
+        return check_device(value, stored=self.stored)
 
 
 class Rate(click.ParamType[float]):
@@ -100,4 +106,6 @@ TIME = Time()
 DURATION = Duration()
 TOPIC_FILTER = TopicFilter()
 DEVICE_ID = DeviceId()
+# export and forget: every id that can be stored.
+STORED_DEVICE_ID = DeviceId(stored=True)
 RATE = Rate()
