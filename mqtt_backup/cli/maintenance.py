@@ -15,7 +15,7 @@ import typer
 from mqtt_backup import control, operations
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, DryRunOpt, JsonOpt, load_settings
-from mqtt_backup.cli.types import DURATION, STORED_DEVICE_ID, TIME
+from mqtt_backup.cli.types import DURATION, STORED_DEVICE_ID, TIME, WEIGHT
 from mqtt_backup.errors import BackupError, DataDirLocked, UsageError
 from mqtt_backup.storage import Store, StoreReader, moves
 from mqtt_backup.storage.manifest import PartitionSpec, load_manifest
@@ -242,6 +242,7 @@ def partitions_add(
     weight: Annotated[
         float | None,
         typer.Option(
+            click_type=WEIGHT,
             help="share of devices relative to the others [default: 1; an existing partition's "
             "own]",
             show_default=False,

@@ -1,4 +1,4 @@
-"""Click parameter types: a bad time, duration, topic filter, device id or rate fails at parse time.
+"""Click parameter types: a bad time, duration, filter, device id, rate or weight fails at parse.
 
 Each type calls the project's pure validator with the option's own name, so the one line the user
 sees is the validator's (`--since 'x' is neither RFC 3339 ... nor epoch seconds`), the same text a
@@ -78,6 +78,29 @@ class DeviceId(click.ParamType[str]):
         return check_device(value, stored=self.stored)
 
 
+def _positive(value: Any, what: str) -> float:
+    """A finite number > 0; UsageError naming `what` for text, 0, a negative, inf or nan."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{what} must be a finite number > 0, not {value!r}") from None
+    if not 0 < number < math.inf:  # also refuses nan, which JSON cannot carry
+        raise UsageError(f"{what} must be a finite number > 0, not {number:g}")
+    return number
+
+
+class Weight(click.ParamType[float]):
+    """A partition's placement weight: a finite number > 0."""
+
+    name = "weight"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        """The weight; UsageError naming the option for text, 0, a negative, inf or nan."""
+        return _positive(value, _name(param))
+
+
 class Rate(click.ParamType[float]):
     """Messages per second: a finite number, at least MIN_RATE."""
 
@@ -88,12 +111,7 @@ class Rate(click.ParamType[float]):
     ) -> float:
         """The rate; UsageError for text, 0, a negative, inf, nan or less than MIN_RATE."""
         what = _name(param)
-        try:
-            rate = float(value)
-        except ValueError:
-            raise UsageError(f"{what} must be a finite number > 0, not {value!r}") from None
-        if not 0 < rate < math.inf:  # also refuses nan, which JSON cannot carry
-            raise UsageError(f"{what} must be a finite number > 0, not {rate:g}")
+        rate = _positive(value, what)
         if rate < MIN_RATE:
             raise UsageError(
                 f"{what} must be at least {MIN_RATE} messages per second "
@@ -109,3 +127,4 @@ DEVICE_ID = DeviceId()
 # export and forget: every id that can be stored.
 STORED_DEVICE_ID = DeviceId(stored=True)
 RATE = Rate()
+WEIGHT = Weight()
