@@ -339,6 +339,14 @@ class Bridge:
             except Exception as exc:
                 log.exception("operation %s failed", op)
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
+            finally:
+                self._announce_layout()
+
+    def _announce_layout(self) -> None:
+        """After an operation: the retained status names the partitions there are now."""
+        presence = self._presence()
+        if presence != self._transport.session.presence:
+            self._transport.announce(presence)
 
     def _before_operation(self, frees_space: bool) -> None:
         """Commit what is pending (it goes where the current layout says), unless storage fails.
@@ -429,6 +437,7 @@ class Bridge:
                 self._operating = False
                 self.pipeline.regroup()
                 self._transport.hold(False)
+                self._announce_layout()
 
     async def _between_units(self) -> None:
         """Store and acknowledge what arrived during the last unit, before the next one.
