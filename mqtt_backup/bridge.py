@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mqtt_backup import metrics, operations, status
+from mqtt_backup import logs, metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
@@ -216,7 +216,8 @@ class Bridge:
             self._save_state()
             self.store.close()
             self._stop_metrics()
-            log.info("stopped: %d messages stored this run", self.pipeline.counters.stored)
+            stored = logs.count(self.pipeline.counters.stored, "message")
+            log.info("stopped: %s stored this run", stored)
 
     def _run_on_one_loop(self, transport: AsyncIngest, restore: RestoreSide) -> None:
         """Ingest, restore and the control socket as tasks of the transport's event loop."""
@@ -346,6 +347,14 @@ class Bridge:
             except Exception as exc:
                 log.exception("operation %s failed", op)
                 future.set_exception(BackupError(f"{op} failed: {exc}"))
+            finally:
+                self._announce_layout()
+
+    def _announce_layout(self) -> None:
+        """After an operation: the retained status names the partitions there are now."""
+        presence = self._presence()
+        if presence != self._transport.session.presence:
+            self._transport.announce(presence)
 
     def _before_operation(self, frees_space: bool) -> None:
         """paho: commit what is pending first (it goes where the current layout says).
@@ -455,6 +464,7 @@ class Bridge:
                 self._operating = False
                 self.pipeline.regroup()
                 transport.hold(False)
+                self._announce_layout()
 
     async def _between_units(self, transport: AsyncIngest) -> None:
         """Store and acknowledge what arrived during the last unit, before the next one.
@@ -707,10 +717,10 @@ def _retention_failed(exc: Exception) -> None:
 def _retention_done(pruned: maintenance.Pruned) -> None:
     if pruned.messages:
         log.info(
-            "retention: pruned %d messages (%d bytes) of %d devices",
-            pruned.messages,
-            pruned.size,
-            len(pruned.devices),
+            "retention: pruned %s (%s) of %s",
+            logs.count(pruned.messages, "message"),
+            logs.count(pruned.size, "byte"),
+            logs.count(len(pruned.devices), "device"),
         )
 
 

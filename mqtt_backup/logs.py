@@ -24,6 +24,11 @@ MASK = "***"
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 message`, `2 messages` (`plural` for a noun that is not one `s` away)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 

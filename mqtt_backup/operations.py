@@ -95,7 +95,7 @@ def _dispatch(store: Store, op: str, args: Mapping[str, Any]) -> Units[Result]:
                     store,
                     _arg(args, "name", str),
                     _opt(args, "path", str),
-                    float(args.get("weight", 1.0)),
+                    _weight(args),
                     dry_run,
                 )
             )
@@ -112,6 +112,16 @@ def _arg(args: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
     if not isinstance(value, kind):
         raise UsageError(f"operation argument {name!r} must be {kind.__name__}")
     return value
+
+
+def _weight(args: Mapping[str, Any]) -> float | None:
+    # JSON carries 2.0 as 2 from some writers: any number will do.
+    weight = args.get("weight")
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise UsageError("operation argument 'weight' must be a number")
+    return float(weight)
 
 
 def _opt(args: Mapping[str, Any], name: str, kind: type[_T]) -> _T | None:

@@ -103,12 +103,13 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, *, stored: bool = False) -> str:
     """The device id; UsageError unless it is one non-empty topic level without wildcards.
 
-    What a restore request can name: its topic is `<namespace>/restore/<device>`.
+    What a restore request can name: its topic is `<namespace>/restore/<device>`. `stored`
+    also takes "", the id an empty topic level is stored under (export and forget reach it).
     """
-    if not device or any(c in device for c in "/+#"):
+    if (not device and not stored) or any(c in device for c in "/+#"):
         raise UsageError(
             f"device {device!r} must be one topic level (no '/', '+' or '#')",
             "mqtt-backup devices lists the stored ids",

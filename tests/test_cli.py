@@ -77,6 +77,20 @@ def test_version_from_the_console_entry_point() -> None:
         (["export", "--topic", "a/#/b"], "topic filter 'a/#/b' misplaces a wildcard"),
         (["restore", "a/b"], "device 'a/b' must be one topic level"),
         (["restore", "+"], "device '+' must be one topic level"),
+        # Found by a new user: export and forget took what restore refuses, and exited 0.
+        (["export", "--device", "a/b"], "device 'a/b' must be one topic level"),
+        (["export", "--device", "dev-1", "--device", "#"], "device '#' must be one topic level"),
+        (["forget", "a/b"], "device 'a/b' must be one topic level"),
+        (["forget", "+", "--dry-run"], "device '+' must be one topic level"),
+        # Found by a new user: "weight must be a positive number, got 0.0", naming no option.
+        (
+            ["partitions", "add", "p9", "--weight", "0"],
+            "--weight must be a finite number > 0, not 0",
+        ),
+        (["partitions", "add", "p9", "--weight", "-1"], "--weight must be a finite number > 0"),
+        (["partitions", "add", "p9", "--weight", "inf"], "--weight must be a finite number > 0"),
+        (["partitions", "add", "p9", "--weight", "nan"], "--weight must be a finite number > 0"),
+        (["partitions", "add", "p9", "--weight", "x"], "--weight must be a finite number > 0"),
         (["restore", "dev-1", "--since", "2026-01-01T00:00:00"], "--since"),
         (["restore", "dev-1", "--until", "-1"], "--until must not be before 1970"),
         (["restore", "dev-1", "--topic", "x#"], "topic filter 'x#'"),

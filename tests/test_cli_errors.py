@@ -607,3 +607,60 @@ def test_tables_show_device_ids_as_they_are(runner: CliRunner, tmp_path: Path, d
 def test_a_mistyped_command_is_suggested_once(args: tuple[str, ...], said: str, cwd: Path) -> None:
     # click and typer both suggested a command, so the hint came twice.
     assert one_line_error(cli(*args, cwd=cwd), EXIT_USAGE) == f"mqtt-backup: {said}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--weight", "5"], "--weight 5"),
+        (["--path", "elsewhere/p0"], "--path elsewhere/p0"),
+        (["--path", "elsewhere/p0", "--weight", "2"], "--path elsewhere/p0"),
+    ],
+)
+def test_adding_an_existing_partition_with_other_flags_is_refused(
+    cwd: Path, flags: list[str], named: str
+) -> None:
+    # Found by a new user: the add printed "adding p0 at ...: moved 0 devices", exit 0, and
+    # nothing changed (the branch that finishes an interrupted add took it).
+    Store.open(cwd / "mqtt-backup-data", 3).close()
+    before = manifest_path(cwd / "mqtt-backup-data").read_bytes()
+    line = one_line_error(cli("partitions", "add", "p0", *flags, cwd=cwd), EXIT_USAGE)
+    home = (cwd / "mqtt-backup-data").resolve()
+    assert f"partition p0 exists already at {home / 'partitions' / 'p0'} with weight 1" in line
+    assert named in line
+    assert "Try:" in line
+    assert "partitions remove p0" in line
+    assert manifest_path(cwd / "mqtt-backup-data").read_bytes() == before
+    assert not (cwd / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--weight", "2"],
+        ["--path", "other/p4"],
+        ["--path", "other/p4", "--weight", "2"],
+    ],
+)
+def test_rerunning_the_same_add_finishes_it(cwd: Path, flags: list[str]) -> None:
+    Store.open(cwd / "mqtt-backup-data", 3).close()
+    first = cli("partitions", "add", "p4", "--path", "other/p4", "--weight", "2", cwd=cwd)
+    assert first.returncode == 0, first
+    again = cli("partitions", "add", "p4", *flags, cwd=cwd)
+    assert again.returncode == 0, again
+    # Where p4 is, not where a new p4 would go.
+    assert f"adding p4 at {(cwd / 'other' / 'p4').resolve()}: moved 0 devices" in again.stdout
+
+
+def test_the_empty_device_id_of_an_empty_topic_level_can_be_exported_and_forgotten(
+    cwd: Path,
+) -> None:
+    # `devices//x` is stored as the device "": no restore topic can name it, but it is stored.
+    fill(cwd / "data", {"": [("devices//x", b"1")], "dev-1": [("devices/dev-1/x", b"2")]})
+    exported = cli("export", "--data", "data", "--device", "", cwd=cwd)
+    assert exported.returncode == 0, exported
+    assert [json.loads(line)["topic"] for line in exported.stdout.splitlines()] == ["devices//x"]
+    forgotten = cli("forget", "", "--data", "data", "--json", cwd=cwd)
+    assert forgotten.returncode == 0, forgotten
+    assert json.loads(forgotten.stdout)["messages"] == 1

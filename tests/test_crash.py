@@ -102,3 +102,17 @@ def test_sigterm_stores_pending_and_exits_zero(
     text = log.read_text()
     assert "stopped: 200 messages stored this run" in text
     assert "Traceback" not in text
+
+
+def test_the_stop_line_counts_one_message_as_one(
+    broker: Broker, data_dir: Path, unique: str, tmp_path: Path
+) -> None:
+    # Found by a new user: "stopped: 1 messages stored this run".
+    log = tmp_path / "bridge.log"
+    proc = bridge_process(broker, data_dir, log=log)
+    _wait_running(proc, log)
+    asyncio.run(_publish_with_ledger(broker, [Sent(f"devices/{unique}/t", b"1")], []))
+    wait_until(lambda: stored_count(data_dir) >= 1, 30, "the message")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "stopped: 1 message stored this run" in log.read_text()

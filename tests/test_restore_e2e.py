@@ -376,6 +376,26 @@ def test_cli_exit_codes(
     assert cli(f"{unique}-x", "--since", "garbage").returncode == 2
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_cli_replay_summary_says_replayed(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    tmp_path: Path,
+    count: int,
+) -> None:
+    # Found by a new user: a replay's summary said "restored", and "1 messages".
+    device = f"{unique}-again"
+    _fill_store(data_dir, device, count)
+    _start(run_bridge, make_settings(broker, data_dir))
+    done = run_cli("restore", device, "--replay", "--broker", broker.url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    noun = "message" if count == 1 else "messages"
+    assert done.stderr.startswith(f"replayed {count} {noun} of {device} "), done.stderr
+    assert "restored" not in done.stderr
+
+
 def _fill_store(data: Path, device: str, count: int) -> None:
     store = Store.open(data, partitions=3)
     try:

@@ -97,6 +97,31 @@ def test_a_running_bridge_is_online_and_a_clean_stop_says_offline(
     assert state_of(broker, ns, "a") == "offline"
 
 
+def test_the_status_names_the_partitions_after_a_layout_change(
+    broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    # Found by a new user: `status --json` listed the old partitions after `partitions add`.
+    ns = f"ns{unique}"
+    bridge = run_bridge(make_settings(broker, data_dir, namespace=ns, group="g1", instance="a"))
+
+    def partitions() -> list[str] | None:
+        member = members(broker, ns).get("a")
+        return None if member is None else list(member.body["partitions"])
+
+    wait_until(lambda: partitions() == ["p0", "p1", "p2"], 10, "the online status")
+    cli = CliRunner()
+    added = cli.invoke(app, ["partitions", "add", "p3", "--data", str(data_dir)])
+    assert added.exit_code == 0, added.output
+    wait_until(lambda: partitions() == ["p0", "p1", "p2", "p3"], 10, lambda: f"{partitions()}")
+    removed = cli.invoke(app, ["partitions", "remove", "p0", "--data", str(data_dir)])
+    assert removed.exit_code == 0, removed.output
+    wait_until(lambda: partitions() == ["p1", "p2", "p3"], 10, lambda: f"{partitions()}")
+    assert state_of(broker, ns, "a") == "online"
+    bridge.stop()
+    assert state_of(broker, ns, "a") == "offline"
+    assert partitions() == ["p1", "p2", "p3"]
+
+
 def test_an_ungrouped_bridge_is_named_by_its_client_id(
     broker: Broker, data_dir: Path, unique: str, run_bridge: Callable[..., BridgeThread]
 ) -> None:

@@ -43,8 +43,10 @@ if [ -z "${MQTT_BACKUP_BROKER:-}" ]; then
   .venv/bin/python -m tools.devbroker render --conf dev.conf --port "$PORT" --state-dir .run/mosquitto > .run/mosquitto.conf
   mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
   # Its own session: Ctrl-C reaches the bridge only, which then stores, acks and disconnects
-  # before the trap below stops the broker.
-  setsid "$mosquitto_bin" -c .run/mosquitto.conf 2> >(sed -u 's/^/[mosquitto] /' >&2) &
+  # before the trap below stops the broker. The sed that prefixes its log is in our group, so it
+  # ignores Ctrl-C: it ends when the broker closes its stderr, after the broker's last lines.
+  setsid "$mosquitto_bin" -c .run/mosquitto.conf \
+    2> >(trap '' INT; exec sed -u 's/^/[mosquitto] /' >&2) &
   broker_pid=$!
   for _ in $(seq 100); do port_in_use && break; sleep 0.05; done
   port_in_use || { echo "mqtt-backup: mosquitto did not start; see the lines above" >&2; exit 3; }
@@ -55,6 +57,9 @@ fi
 .venv/bin/mqtt-backup run "$@" &
 bridge_pid=$!
 trap 'kill -TERM $bridge_pid 2>/dev/null || true' INT TERM
+# A trapped Ctrl-C or TERM cuts a `wait` short (status 130 or 143) while the bridge is still
+# stopping: wait again until it is gone, then once more for its own status (bash keeps it).
+while kill -0 "$bridge_pid" 2>/dev/null; do wait "$bridge_pid" || true; done
+rc=0
 wait "$bridge_pid" || rc=$?
-wait "$bridge_pid" 2>/dev/null || true
-exit "${rc:-0}"
+exit "$rc"

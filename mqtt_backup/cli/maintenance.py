@@ -15,9 +15,9 @@ import typer
 from mqtt_backup import control, operations
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, DryRunOpt, JsonOpt, load_settings
-from mqtt_backup.cli.types import DURATION, TIME
+from mqtt_backup.cli.types import DURATION, STORED_DEVICE_ID, TIME, WEIGHT
 from mqtt_backup.errors import BackupError, DataDirLocked, UsageError
-from mqtt_backup.storage import Store, StoreReader
+from mqtt_backup.storage import Store, StoreReader, moves
 from mqtt_backup.storage.manifest import PartitionSpec, load_manifest
 from mqtt_backup.storage.store import new_partition_error
 
@@ -113,7 +113,9 @@ def prune(
 @app.command()
 def forget(
     # Any stored id, not only what a restore can name: a topic's empty level is a device too.
-    device: Annotated[str, typer.Argument(help="the device id")],
+    device: Annotated[
+        str, typer.Argument(click_type=STORED_DEVICE_ID, help="the device id (one topic level)")
+    ],
     data: DataOpt = None,
     before: Annotated[
         int | None,
@@ -201,21 +203,30 @@ def new_partition_path(data: Path, name: str, path: Path | None) -> tuple[str | 
     return (str(where.relative_to(home)) if where.is_relative_to(home) else str(where)), where
 
 
-def _check_new_path(data: Path, spec: PartitionSpec, shown: str) -> None:
-    """The store's check of a new partition's directory, made here first to name --path as typed.
+def _check_add(
+    data: Path, name: str, stored: str | None, weight: float | None, shown: str
+) -> PartitionSpec | None:
+    """The store's checks of an add, made here first to name --path as typed.
 
-    (The store knows only the path it keeps, relative to the data directory.) A missing manifest,
-    or a partition that is there already (an add to finish), is the operation's to answer.
+    Returns the partition if it exists already (a re-run of its add, to finish). (The store
+    knows only the path it keeps, relative to the data directory.) A missing manifest is the
+    operation's to answer.
     """
     try:
         manifest = load_manifest(data)
     except BackupError:
-        return
-    if spec.name in {p.name for p in manifest.partitions}:
-        return
-    error = new_partition_error(data, manifest, spec, shown)
+        return None
+    existing = next((p for p in manifest.partitions if p.name == name), None)
+    if existing is not None:
+        error = moves.readd_error(data, existing, stored, weight, shown)
+    elif stored is not None:
+        spec = PartitionSpec(name, stored, 1.0 if weight is None else weight)
+        error = new_partition_error(data, manifest, spec, shown)
+    else:
+        error = None
     if error is not None:
         raise error
+    return existing
 
 
 @partitions.command("add")
@@ -228,7 +239,15 @@ def partitions_add(
             "[default: partitions/NAME in the data directory]"
         ),
     ] = None,
-    weight: Annotated[float, typer.Option(help="share of devices relative to the others")] = 1.0,
+    weight: Annotated[
+        float | None,
+        typer.Option(
+            click_type=WEIGHT,
+            help="share of devices relative to the others [default: 1; an existing partition's "
+            "own]",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: DryRunOpt = False,
     data: DataOpt = None,
     as_json: JsonOpt = False,
@@ -237,8 +256,9 @@ def partitions_add(
     """Add a partition; only the devices it wins move (about 1/(n+1) of them)."""
     settings = load_settings(config_file, data=data)
     stored, where = new_partition_path(settings.data, name, path)
-    if path is not None:
-        _check_new_path(settings.data, PartitionSpec(name, stored or "", weight), f"--path {path}")
+    existing = _check_add(settings.data, name, stored, weight, f"--path {path}")
+    if existing is not None:
+        where = existing.directory(settings.data.resolve()).resolve()
     args = {"name": name, "path": stored, "weight": weight, "dry_run": dry_run}
     result = {**writer_operation(settings.data, "partitions-add", args), "path": str(where)}
     _show(result, as_json, f"adding {name} at {where}: " + _moves_text(result, dry_run))

@@ -60,7 +60,7 @@ def note(text: str) -> None:
 
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """`1 message`, `2 messages` (`plural` for a noun that is not one `s` away)."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+    return logs.count(n, noun, plural)
 
 
 def error_line(message: str) -> None:

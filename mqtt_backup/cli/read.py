@@ -13,7 +13,7 @@ import typer
 
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import ConfigOpt, DataOpt, JsonOpt, load_settings
-from mqtt_backup.cli.types import TIME, TOPIC_FILTER
+from mqtt_backup.cli.types import STORED_DEVICE_ID, TIME, TOPIC_FILTER
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
 from mqtt_backup.errors import StorageError, UsageError
 from mqtt_backup.storage import DeviceInfo, StoreReader, checks
@@ -102,7 +102,8 @@ class ExportFormat(Enum):
 def export(
     data: DataOpt = None,
     device: Annotated[
-        list[str] | None, typer.Option("--device", help="only this device; repeatable")
+        list[str] | None,
+        typer.Option("--device", click_type=STORED_DEVICE_ID, help="only this device; repeatable"),
     ] = None,
     since: SinceOpt = None,
     until: UntilOpt = None,

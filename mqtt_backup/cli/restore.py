@@ -96,9 +96,9 @@ class _Stream:
 _PROTOCOL_ONLY = ("id", "seq", "instance")
 
 
-def _summary(device: str, terminal: dict[str, Any], written: int) -> str:
+def _summary(device: str, terminal: dict[str, Any], written: int, replay: bool = False) -> str:
     count = terminal.get("count", written)
-    text = f"restored {output.count(count, 'message')} of {device}"
+    text = f"{'replayed' if replay else 'restored'} {output.count(count, 'message')} of {device}"
     if terminal.get("complete", True):
         return text + " (complete)"
     spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in terminal["gaps"])
@@ -186,7 +186,7 @@ def restore(
         return
     if "error" in terminal:
         raise BridgeRefused(terminal["error"])
-    output.note(_summary(device, terminal, stream.count))
+    output.note(_summary(device, terminal, stream.count, replay))
 
 
 def _as_client(work: Coroutine[Any, Any, _T]) -> _T:
@@ -209,7 +209,10 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
     if gathered.errors or gathered.silent:
         _finish(question.request.device, gathered)  # raises: nothing is replayed then
     sent = _as_client(republish(question, collected, rate))
-    output.note(f"replayed {sent} messages of {question.request.device} from {_names(gathered)}")
+    output.note(
+        f"replayed {output.count(sent, 'message')} of {question.request.device} "
+        f"from {_names(gathered)}"
+    )
     _finish(question.request.device, gathered, quiet=True)
     return True
 

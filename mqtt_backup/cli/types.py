@@ -1,4 +1,4 @@
-"""Click parameter types: a bad time, duration, topic filter, device id or rate fails at parse time.
+"""Click parameter types: a bad time, duration, filter, device id, rate or weight fails at parse.
 
 Each type calls the project's pure validator with the option's own name, so the one line the user
 sees is the validator's (`--since 'x' is neither RFC 3339 ... nor epoch seconds`), the same text a
@@ -63,13 +63,42 @@ class TopicFilter(click.ParamType[str]):
 
 
 class DeviceId(click.ParamType[str]):
-    """A device id that a restore request can name: one topic level, no wildcards."""
+    """A device id that a restore request can name: one topic level, no wildcards.
+
+    `stored` also takes "" (an empty topic level's device), which no restore topic can name.
+    """
 
     name = "device"
 
+    def __init__(self, stored: bool = False) -> None:
+        self.stored = stored
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         """The id; UsageError when it is not one topic level."""
-        return check_device(value)
+        return check_device(value, stored=self.stored)
+
+
+def _positive(value: Any, what: str) -> float:
+    """A finite number > 0; UsageError naming `what` for text, 0, a negative, inf or nan."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{what} must be a finite number > 0, not {value!r}") from None
+    if not 0 < number < math.inf:  # also refuses nan, which JSON cannot carry
+        raise UsageError(f"{what} must be a finite number > 0, not {number:g}")
+    return number
+
+
+class Weight(click.ParamType[float]):
+    """A partition's placement weight: a finite number > 0."""
+
+    name = "weight"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        """The weight; UsageError naming the option for text, 0, a negative, inf or nan."""
+        return _positive(value, _name(param))
 
 
 class Rate(click.ParamType[float]):
@@ -82,12 +111,7 @@ class Rate(click.ParamType[float]):
     ) -> float:
         """The rate; UsageError for text, 0, a negative, inf, nan or less than MIN_RATE."""
         what = _name(param)
-        try:
-            rate = float(value)
-        except ValueError:
-            raise UsageError(f"{what} must be a finite number > 0, not {value!r}") from None
-        if not 0 < rate < math.inf:  # also refuses nan, which JSON cannot carry
-            raise UsageError(f"{what} must be a finite number > 0, not {rate:g}")
+        rate = _positive(value, what)
         if rate < MIN_RATE:
             raise UsageError(
                 f"{what} must be at least {MIN_RATE} messages per second "
@@ -100,4 +124,7 @@ TIME = Time()
 DURATION = Duration()
 TOPIC_FILTER = TopicFilter()
 DEVICE_ID = DeviceId()
+# export and forget: every id that can be stored.
+STORED_DEVICE_ID = DeviceId(stored=True)
 RATE = Rate()
+WEIGHT = Weight()

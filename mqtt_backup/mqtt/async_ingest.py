@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import struct
@@ -49,6 +50,7 @@ from mqtt_backup.mqtt.session import (
     REPLAY_PROPERTY,
     SESSION_TAKEN_OVER,
     Hooks,
+    Presence,
     Session,
     Sink,
     Stall,
@@ -686,6 +688,18 @@ class AsyncIngest:
         wire.resume()
         if drained_at is not None and self.sink is not None:
             self.sink.caught_up(drained_at)
+
+    def announce(self, presence: Presence) -> None:
+        """A new retained status (the partitions changed), published now when connected.
+
+        It is also the one of the next connect and of the stop. The will set at connect keeps
+        the old body until the next connect (MQTT cannot change a will): the broker publishes
+        it only when the bridge dies, with `"state": "offline"`.
+        """
+        self.session = dataclasses.replace(self.session, presence=presence)
+        wire = self._wire
+        if wire is not None and wire.serving and wire.failure is None:
+            self._announce(wire, online=True)
 
     def hold(self, on: bool) -> None:
         """Commit nothing while on (an operation owns the store); off: commit what was held."""

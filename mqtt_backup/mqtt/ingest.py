@@ -6,6 +6,7 @@ driven by its own loop so that a batch closes the moment the socket has nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import select
 import ssl
@@ -37,6 +38,7 @@ from mqtt_backup.mqtt.session import (
     REPLAY_PROPERTY,
     SESSION_TAKEN_OVER,
     Hooks,
+    Presence,
     Session,
     Sink,
     Stall,
@@ -307,6 +309,16 @@ class PahoIngest:
         # unacknowledged messages held the rest back: count only batches below any window.
         if drained_at is not None and stored < CAUGHT_UP_BELOW:
             sink.caught_up(drained_at)
+
+    def announce(self, presence: Presence) -> None:
+        """A new retained status (the partitions changed), published now when connected.
+
+        It is also the one of the next connect and of the stop (the will keeps the old body
+        until the next connect: MQTT cannot change a will).
+        """
+        self.session = dataclasses.replace(self.session, presence=presence)
+        if self._connected:
+            self._announce(online=True)
 
     def keep_alive(self) -> None:
         """Service the connection without committing: answer keepalives, hold what arrives.

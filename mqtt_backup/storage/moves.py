@@ -21,6 +21,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mqtt_backup.errors import UsageError
@@ -36,6 +37,7 @@ __all__ = [
     "PartitionRemoved",
     "add",
     "adding",
+    "readd_error",
     "rebalance",
     "rebalancing",
     "remove",
@@ -133,24 +135,36 @@ class PartitionRemoved:
 
 
 def add(
-    store: Store, name: str, path: str | None = None, weight: float = 1.0, dry_run: bool = False
+    store: Store,
+    name: str,
+    path: str | None = None,
+    weight: float | None = None,
+    dry_run: bool = False,
 ) -> PartitionAdded:
     """Add a partition; only the devices it wins by rendezvous hashing move onto it."""
     return to_the_end(adding(store, name, path, weight, dry_run))
 
 
 def adding(
-    store: Store, name: str, path: str | None = None, weight: float = 1.0, dry_run: bool = False
+    store: Store,
+    name: str,
+    path: str | None = None,
+    weight: float | None = None,
+    dry_run: bool = False,
 ) -> Units[PartitionAdded]:
-    """`add` in units."""
+    """`add` in units; `path` and `weight` left out mean the default ones (or the ones it has)."""
     if not _NAME.match(name):
         raise UsageError(f"partition name {name!r} must be 1-64 letters, digits, '-' or '_'")
-    if not 0 < weight < math.inf:
+    if weight is not None and not 0 < weight < math.inf:
         raise UsageError(f"weight must be a positive number, got {weight}")
-    if name in {s.name for s in store.manifest.partitions}:
+    existing = next((s for s in store.manifest.partitions if s.name == name), None)
+    if existing is not None:
+        error = readd_error(store.data_dir, existing, path, weight, f"--path {path}")
+        if error is not None:
+            raise error
         # Already switched (an earlier run crashed before deleting old copies): finish it.
         return PartitionAdded(name, (yield from rebalancing(store, dry_run)))
-    spec = PartitionSpec(name, path or f"partitions/{name}", weight)
+    spec = PartitionSpec(name, path or f"partitions/{name}", 1.0 if weight is None else weight)
     if not dry_run:
         store.bury_retired()  # a remove stopped after its switch: its files may be where this goes
     after = dataclasses.replace(store.manifest, partitions=(*store.manifest.partitions, spec))
@@ -166,6 +180,30 @@ def adding(
         raise
     yield from _drop(store, moves)
     return PartitionAdded(name, Moves.of(moves, dry_run=False))
+
+
+def readd_error(
+    data_dir: Path, existing: PartitionSpec, path: str | None, weight: float | None, shown: str
+) -> UsageError | None:
+    """Why an add of `existing`'s name is not a re-run of its add (None: it is one, to finish).
+
+    A re-run that changed nothing would otherwise pass for a move or a new weight; `shown` names
+    the asked path as the user typed it.
+    """
+    at = existing.directory(data_dir).resolve()
+    differs = []
+    if path is not None and (data_dir / path).resolve() != at:
+        differs.append(shown)
+    if weight is not None and weight != existing.weight:
+        differs.append(f"--weight {weight:g}")
+    if not differs:
+        return None
+    return UsageError(
+        f"partition {existing.name} exists already at {at} with weight {existing.weight:g}, "
+        f"not {' '.join(differs)}",
+        f"leave --path and --weight out to finish an interrupted add; to move it or change its "
+        f"weight, mqtt-backup partitions remove {existing.name}, then add it again",
+    )
 
 
 def remove(store: Store, name: str, dry_run: bool = False) -> PartitionRemoved:
