@@ -423,6 +423,8 @@ def test_a_move_in_units_acknowledges_new_messages_before_it_ends(
     fill(data_dir)  # 1,000 devices x 4 messages on p0-p2: about 1,000 records move to p3
     bridge = run_bridge(make_settings(broker, data_dir, transport=Transport.ASYNCIO))
     wait_until(lambda: bridge.bridge._transport.connected, 20, "the bridge to connect")
+    # Connected comes first; the control socket is bound when the loop starts, a moment later.
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
     waves = _Waves(
         bridge,
         {
@@ -437,9 +439,15 @@ def test_a_move_in_units_acknowledges_new_messages_before_it_ends(
     waves.install(monkeypatch)
     acked_before = bridge.bridge.snapshot().acknowledged
     result: list[dict[str, Any]] = []
-    adder = threading.Thread(
-        target=lambda: result.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
-    )
+
+    def add() -> None:
+        try:
+            result.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
+        except Exception as exc:  # the wait for the waves reports it
+            result.append({"error": f"{exc!r}"})
+            raise
+
+    adder = threading.Thread(target=add)
     adder.start()
     waves.publish_when_due(broker, result)
     adder.join(120)
