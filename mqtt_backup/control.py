@@ -17,6 +17,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -31,6 +32,10 @@ POLL_S = 0.5
 # AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
 _MAX_SUN_PATH = 100
 _MAX_LINE = 1 << 20
+# A bridge binds its socket once connected to the broker, a moment after it took the lock: a
+# command in between waits this long for the socket before saying it does not answer.
+STARTING_S = 3.0
+_RETRY_S = 0.05
 Submit = Callable[[str, Mapping[str, Any]], "Future[dict[str, Any]]"]
 Operate = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -213,19 +218,38 @@ class AsyncControlServer:
         self.path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _connected(data_dir: Path) -> Iterator[socket.socket]:
+    """A connection to the control socket; a socket not there (yet) is waited for a moment."""
+    path = data_dir / SOCKET
+    deadline = time.monotonic() + STARTING_S
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _address(path) as address:
+            try:
+                sock.connect(address)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() < deadline:  # a bridge starting: not bound or listening yet
+                    time.sleep(_RETRY_S)
+                    continue
+                raise _no_answer(data_dir, exc) from exc
+            except OSError as exc:
+                raise _no_answer(data_dir, exc) from exc
+            yield sock
+            return
+
+
+def _no_answer(data_dir: Path, exc: OSError) -> DataDirLocked:
+    return DataDirLocked(
+        f"{data_dir} is held by another process and its control socket does not answer "
+        f"({exc.strerror or exc})",
+        "stop that process, or wait for it to finish",
+    )
+
+
 def call(data_dir: Path, op: str, args: Mapping[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Ask the process holding `data_dir` to run an operation; its errors come back as ours."""
-    path = data_dir / SOCKET
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, _address(path) as address:
+    with _connected(data_dir) as sock:
         sock.settimeout(timeout)
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            raise DataDirLocked(
-                f"{data_dir} is held by another process and its control socket does not answer "
-                f"({exc.strerror or exc})",
-                "stop that process, or wait for it to finish",
-            ) from exc
         sock.sendall(json.dumps({"op": op, "args": dict(args)}).encode() + b"\n")
         line = sock.makefile("rb").readline()
     if not line:

@@ -9,15 +9,17 @@ import json
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mqtt_backup import operations
+from mqtt_backup import control, operations
 from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
+from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.storage import Store
 from mqtt_backup.storage.units import Units
 from tests.conftest import (
@@ -169,3 +171,33 @@ def _quiet_call(data: Path) -> None:
         call(data, "rebalance", {})
     except Exception:  # noqa: BLE001 - the bridge stops meanwhile: either outcome is fine here
         return
+
+
+def test_a_command_waits_a_moment_for_a_starting_bridges_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge takes the lock first and binds its socket once connected: a command in between
+    waits for the socket (here bound 0.3 s late) instead of saying it does not answer."""
+    path = tmp_path / "control.sock"
+    served: list[bytes] = []
+
+    def bind_late() -> None:
+        time.sleep(0.3)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(path))
+            server.listen(1)
+            conn, _ = server.accept()
+            with conn:
+                served.append(conn.makefile("rb").readline())
+                conn.sendall(b'{"ok": true, "result": {"devices": 0}}\n')
+
+    late = threading.Thread(target=bind_late)
+    late.start()
+    assert call(tmp_path, "rebalance", {"dry_run": True}, timeout=10) == {"devices": 0}
+    late.join(10)
+    assert json.loads(served[0])["op"] == "rebalance"
+
+    monkeypatch.setattr(control, "STARTING_S", 0.2)  # a socket that never comes: refused
+    path.unlink()
+    with pytest.raises(DataDirLocked, match="control socket does not answer"):
+        call(tmp_path, "rebalance", {"dry_run": True}, timeout=10)
