@@ -10,6 +10,7 @@ import asyncio
 import base64
 import inspect
 import json
+import logging
 import os
 import stat
 import time
@@ -1656,6 +1657,17 @@ def test_dropped_watcher(tmp_path: Path) -> None:
     # Restarted again, at 0, while the bridge ran: a new baseline.
     assert watcher.observe(b"0", now_ns=6_000) is None
     assert len(log.all()) == 3
+
+
+def test_dropped_watcher_counts_in_words(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    watcher = DroppedWatcher(GapLog(tmp_path))
+    watcher.observe(b"10", now_ns=1_000)
+    with caplog.at_level(logging.WARNING):
+        watcher.observe(b"11", now_ns=2_000)  # one more
+        watcher.observe(b"1", now_ns=3_000)  # restarted, one since
+    texts = [r.getMessage() for r in caplog.records]
+    assert any("the broker dropped 1 message since" in t for t in texts), texts
+    assert any("has dropped 1 message since" in t for t in texts), texts
 
 
 BROKER = "127.0.0.1:1883"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mqtt_backup.config import BrokerAddress, ProtocolVersion
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
+from mqtt_backup.logs import count
 from mqtt_backup.mqtt import CodecConnection, Delivery, Inbound, TlsFiles
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
@@ -459,16 +460,15 @@ class DroppedWatcher:
             if value <= previous.dropped:
                 return None
             log.warning(
-                "the broker dropped %d messages since %s; recorded as a gap",
-                value - previous.dropped,
+                "the broker dropped %s since %s; recorded as a gap",
+                count(value - previous.dropped, "message"),
                 since,
             )
         elif value > 0:
             log.warning(
-                "the broker restarted since %s and has dropped %d messages since; "
-                "recorded as a gap",
+                "the broker restarted since %s and has dropped %s since; recorded as a gap",
                 since,
-                value,
+                count(value, "message"),
             )
         elif self._from_earlier_run:
             # Its counter, at 0, covers everything since its start: only the time before that,
