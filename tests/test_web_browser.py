@@ -175,6 +175,37 @@ def test_device_page_draws_a_plot_per_field_with_gaps_shaded(web: WebServer, tab
     assert tab.errors == []
 
 
+# Pixels of the mean's orange (#c05621) and the rate's blue (#2b6cb0), antialiased edges included.
+SERIES_PIXELS = """
+(canvas) => {
+  const ctx = canvas.getContext("2d");
+  const {data} = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  let orange = 0, blue = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    const [r, g, b, a] = [data[i], data[i + 1], data[i + 2], data[i + 3]];
+    if (a > 0 && r > 150 && g > 50 && g < 130 && b < 80) orange++;
+    if (a > 0 && b > 140 && b - r > 80 && g > 80 && g < 140) blue++;
+  }
+  return [orange, blue];
+}
+"""
+
+
+def test_a_lone_message_is_drawn_as_a_point(web: WebServer, tab: Watched) -> None:
+    # One message in the window: one bucket with a value between empty ones, so no line joins
+    # it to anything; uPlot hides points on a dense axis, which left the plot blank.
+    page = tab.visit(web.url + f"/devices/{encode_device('hall.temp')}?range=1d", "lone")
+    page.wait_for_selector("#plots[data-drawn=true]")
+    assert page.locator(".plot .u-title").all_inner_texts() == ["messages per minute", "v"]
+    rate, field = page.locator(".plot canvas").all()
+    assert rate.evaluate(SERIES_PIXELS)[1] > 0
+    assert field.evaluate(SERIES_PIXELS)[0] > 0  # the mean's point
+    summary = page.locator("p.summary").inner_text()
+    assert summary.startswith("1 message ("), summary
+    assert "(1 record read)" in page.locator("p.note").inner_text()
+    assert tab.errors == []
+
+
 def test_stored_script_is_shown_as_text(web: WebServer, tab: Watched) -> None:
     page = tab.visit(f"{web.url}/devices/{encode_device('xss<b>')}?range=all", "xss")
     assert page.locator("h1.device-id").inner_text() == "xss<b>"

@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mqtt_backup import logs
 from mqtt_backup.errors import BackupError, StorageError, UsageError
 from mqtt_backup.web import auth, history, pages
 from mqtt_backup.web.paths import decode_device, encode_device
@@ -46,6 +47,7 @@ def _templates() -> Jinja2Templates:
     env.filters["encode_device"] = encode_device
     env.filters["size"] = _size
     env.filters["duration"] = _duration
+    env.filters["count"] = logs.count  # `{{ n | count("message") }}`: 1 message, 2 messages
     env.globals["spark_points"] = history.spark_points
     env.globals["display"] = pages.display
     env.globals["flags"] = pages.flags

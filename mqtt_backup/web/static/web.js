@@ -23,7 +23,27 @@
     };
   }
 
+  // uPlot hides points where the x axis is dense, and a value between two empty buckets has no
+  // line to either: a sparse device's plot came out blank. Such lone values are drawn as points.
+  function lonePoints(u, seriesIdx, show) {
+    if (show) {
+      return null; // every point is drawn already
+    }
+    const ys = u.data[seriesIdx];
+    const lone = [];
+    for (let i = 0; i < ys.length; i++) {
+      if (ys[i] != null && (i === 0 || ys[i - 1] == null) && (i === ys.length - 1 || ys[i + 1] == null)) {
+        lone.push(i);
+      }
+    }
+    return lone.length ? lone : null;
+  }
+
   function plot(container, title, series, data, gaps, width) {
+    for (const s of series) {
+      s.points = { filter: lonePoints };
+    }
+
     const box = document.createElement("div");
     box.className = "plot";
     box.dataset.field = title;
