@@ -211,18 +211,23 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
     sent = _as_client(republish(question, collected, rate))
     output.note(
         f"replayed {output.count(sent, 'message')} of {question.request.device} "
-        f"from {_names(gathered)}"
+        f"from {_names(gathered)}{_completeness(gathered)}"
     )
-    _finish(question.request.device, gathered, quiet=True)
     return True
 
 
 def _names(gathered: Gathered) -> str:
     names = gathered.answered
-    return f"{len(names)} instance{'s' if len(names) != 1 else ''} ({', '.join(names)})"
+    return f"{output.count(len(names), 'instance')} ({', '.join(names)})"
 
 
-def _finish(device: str, gathered: Gathered, quiet: bool = False) -> None:
+def _completeness(gathered: Gathered) -> str:
+    """` (complete)`, or which spans may miss messages (gaps any instance reported)."""
+    spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in gathered.gaps)
+    return f" (INCOMPLETE: may have missed messages in {spans})" if spans else " (complete)"
+
+
+def _finish(device: str, gathered: Gathered) -> None:
     """The summary line of a gathered restore; an error or a silent instance is exit 1."""
     if gathered.errors:
         said = "; ".join(f"{name}: {reason}" for name, reason in gathered.errors.items())
@@ -237,9 +242,4 @@ def _finish(device: str, gathered: Gathered, quiet: bool = False) -> None:
             "look at that instance's log (mqtt-backup status shows whether it is online), "
             "or raise --timeout",
         )
-    spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in gathered.gaps)
-    if not quiet:
-        output.note(
-            text
-            + (f" (INCOMPLETE: may have missed messages in {spans})" if spans else " (complete)")
-        )
+    output.note(text + _completeness(gathered))

@@ -83,14 +83,6 @@ class Gathered:
             for gap in s.terminal.get("gaps", [])
         ]
 
-    @property
-    def broker_drops_unknown(self) -> bool:
-        """Whether any instance could not see the broker's dropped counter."""
-        return any(
-            s.terminal is not None and s.terminal.get("broker_drops") == "unknown"
-            for s in self.streams.values()
-        )
-
 
 def choose_group(live: list[Member], wanted: str | None) -> list[Member]:
     """The members that answer: those of `wanted`, or of the one group online (UsageError)."""
