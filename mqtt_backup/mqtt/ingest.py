@@ -323,10 +323,21 @@ class PahoIngest:
     def keep_alive(self) -> None:
         """Service the connection without committing: answer keepalives, hold what arrives.
 
-        For long operations on the ingest thread; the broker's window bounds what is held.
+        During a unit of a long operation on the ingest thread (`commit_held` stores what it
+        holds between units); the broker's window bounds what is held.
         """
         if self._connected and self._sink is not None:
             self._pump(0, read=self._sink.can_hold())
+
+    def commit_held(self) -> None:
+        """Store what is held and acknowledge it, between two units of a long operation.
+
+        On the ingest thread, as every commit here (paho's callbacks run on it too). A failure
+        starts the stall, as always. Nothing happens without a connection to acknowledge on:
+        what is held waits for the operation's end.
+        """
+        if self._connected and self._sink is not None and self._sink.has_work:
+            self._commit(self._sink, self.stall)
 
     def _readable(self) -> bool:
         sock = self._client.socket()
