@@ -15,9 +15,10 @@ import pytest
 
 from mqtt_backup.config import BrokerAddress, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, codec, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
+from mqtt_backup.records import Properties
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
 from tools.devbroker import free_port
 
@@ -51,7 +52,7 @@ async def _receive_forever(conn: CodecConnection, into: list[Delivery]) -> None:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_round_trip_in_order_with_properties(broker: Broker, unique: str, protocol: str) -> None:
     topic = f"codec/{unique}/t"
-    props = OutProps(
+    props = Properties(
         correlation_data=b"\x00corr", user=(("k", "v"),), content_type="x/y", response_topic="r/t"
     )
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from mqtt_backup.cli import app
 from mqtt_backup.config import parse_broker_url
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps
+from mqtt_backup.mqtt import CodecConnection, Delivery
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.client import Ask, LostOnTheWay, ask, request_for
 from tests.conftest import Broker
 
@@ -33,7 +34,7 @@ async def _fake_bridge(
         await conn.subscribe([f"backup/restore/{device}"])
         ready.set()
         request = (await conn.receive())[0]
-        props = OutProps(correlation_data=request.correlation_data)
+        props = Properties(correlation_data=request.correlation_data)
         for topic, body in answer(request):
             await conn.publish(topic, json.dumps(body).encode(), props=props)
 

@@ -34,7 +34,8 @@ from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, Co
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.packets import Outgoing, read5
 from mqtt_backup.mqtt.session import describe
-from mqtt_backup.mqtt.values import OutProps, TlsFiles
+from mqtt_backup.mqtt.values import Delivery, TlsFiles
+from mqtt_backup.records import Properties
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0
@@ -47,28 +48,11 @@ Writer = Callable[[mqtt5.Packet], bytes]
 Acked = Callable[[int], None]
 CONNECTION_LOST = -1
 _PUBACK = 0x40
+_NO_PROPERTIES = Properties()  # what a publish without properties, or on MQTT 3.1.1, sends
 
 
 def _write5(packet: mqtt5.Packet) -> bytes:
     return packet.write()
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An incoming PUBLISH; `ack` it once it is processed (QoS 1: `packet_id` is set)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-    packet_id: int | None
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user: tuple[tuple[str, str], ...] = ()
-    content_type: str | None = None
-    payload_format: int = 0
-    message_expiry: int | None = None
 
 
 def _delivery(packet: mqtt5.PublishPacket) -> Delivery:
@@ -583,7 +567,7 @@ class CodecConnection:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        props: OutProps | None = None,
+        props: Properties | None = None,
     ) -> None:
         """Publish; at QoS 1 wait for the PUBACK (BrokerRefused on a failure reason code)."""
 
@@ -612,10 +596,10 @@ class CodecConnection:
         payload: bytes,
         qos: int,
         retain: bool,
-        props: OutProps | None,
+        props: Properties | None,
         packet_id: int | None,
     ) -> mqtt5.PublishPacket:
-        p = props if props is not None and self.mqtt5 else OutProps()
+        p = props if props is not None and self.mqtt5 else _NO_PROPERTIES
         return mqtt5.PublishPacket(
             topic,
             payload,

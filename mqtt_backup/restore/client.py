@@ -19,7 +19,8 @@ from typing import Any
 
 from mqtt_backup.config import BrokerAddress
 from mqtt_backup.errors import BackupError, BrokerError, UsageError
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.request import BadRequest, Request
 from mqtt_backup.topics import check_device
 
@@ -76,7 +77,7 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
         default_topic = f"{request_topic}/response"
         own = _Own(f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic, request_id)
         await conn.subscribe(list(dict.fromkeys((own.topic, default_topic))), qos=1)
-        props = OutProps(response_topic=own.topic, correlation_data=own.correlation)
+        props = Properties(response_topic=own.topic, correlation_data=own.correlation)
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         try:
             terminal = await _read_answer(conn, own, question.timeout, on_message)

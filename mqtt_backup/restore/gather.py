@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqtt_backup.errors import UsageError
-from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Delivery, OutProps
+from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Delivery
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.client import Ask, LostOnTheWay, NoAnswer
 from mqtt_backup.restore.request import Request
 from mqtt_backup.status import STATUS_PROTOCOL, Member, read_members, update_members
@@ -144,7 +145,7 @@ async def gather(
         request = dataclasses.replace(question.request, request_id=request_id, group=group_name)
         own_topic = f"{request_topic}/{request_id}" if conn.mqtt5 else f"{request_topic}/response"
         await conn.subscribe(list(dict.fromkeys((own_topic, f"{request_topic}/response"))), qos=1)
-        props = OutProps(response_topic=own_topic, correlation_data=request_id.encode())
+        props = Properties(response_topic=own_topic, correlation_data=request_id.encode())
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         merge = _Merge([m.name for m in chosen], request, on_message)
         await _read(conn, question, request_id, merge, known)
@@ -289,12 +290,12 @@ def _payload(body: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def _props(body: dict[str, Any]) -> OutProps:
+def _props(body: dict[str, Any]) -> Properties:
     given = body.get("properties") or {}
     user = [(REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", str(body.get("ts", "")))]
     user += [(str(k), str(v)) for k, v in given.get("user_properties", [])]
     correlation = given.get("correlation_data")
-    return OutProps(
+    return Properties(
         correlation_data=base64.b64decode(correlation) if correlation is not None else None,
         user=tuple(user),
         content_type=given.get("content_type"),
