@@ -24,7 +24,7 @@ from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
-from mqtt_backup.mqtt import AsyncIngest, Session, TlsFiles
+from mqtt_backup.mqtt import AsyncIngest, Session
 from mqtt_backup.mqtt.session import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.startup import Startup, start_check
@@ -136,15 +136,11 @@ class Bridge:
     def _session(self) -> Session:
         s = self.settings
         return Session(
-            address=s.broker_address,
+            target=s.broker_target,
             client_id=self.store.client_id,
-            protocol=s.protocol,
             keepalive=s.keepalive,
             session_expiry=s.session_expiry,
             receive_maximum=min(65535, max(s.batch_max, 100)),
-            ca=str(s.ca) if s.ca else None,
-            cert=str(s.cert) if s.cert else None,
-            key=str(s.key) if s.key else None,
             presence=self._presence(),
         )
 
@@ -645,15 +641,7 @@ class RestoreSide:
         self._settings = settings
         self._instance = instance or client_id
         self._listening = listening
-        self._options = ServeOptions(
-            address=settings.broker_address,
-            client_id=client_id,
-            protocol=settings.protocol,
-            tls_files=TlsFiles(
-                *(str(p) if p else None for p in (settings.ca, settings.cert, settings.key))
-            ),
-            keepalive=settings.keepalive,
-        )
+        self._options = ServeOptions(settings.broker_target, client_id, settings.keepalive)
         self._reader = reader
         self._gaps = reader.store.gaps
         self._bridge = bridge  # told the dropped-counter watcher, for the metrics

@@ -22,9 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerAddress, ProtocolVersion
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt.values import Delivery, TlsFiles
+from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
 log = logging.getLogger(__name__)
@@ -69,21 +69,19 @@ def _delivery(message: aiomqtt.Message) -> Delivery:
 
 
 class AsyncConnection:
-    """`async with AsyncConnection(address, ...) as conn:` one MQTT client on the running loop."""
+    """`async with AsyncConnection(target, ...) as conn:` one MQTT client on the running loop."""
 
     def __init__(
         self,
-        address: BrokerAddress,
+        target: BrokerTarget,
         client_id: str | None = None,
         *,
-        protocol: str = "5",
-        tls_files: TlsFiles | None = None,
         keepalive: int = 30,
         max_inflight: int = DEFAULT_INFLIGHT,
     ) -> None:
-        self.address = address
+        self.address = address = target.address
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
-        self.mqtt5 = protocol == ProtocolVersion.V5
+        self.mqtt5 = target.mqtt5
         self._options: dict[str, Any] = {
             "logger": _AIOMQTT_LOG,
             "username": address.username,
@@ -96,7 +94,7 @@ class AsyncConnection:
             "max_queued_incoming_messages": 10_000,
         }
         if address.tls:
-            files = tls_files or TlsFiles()
+            files = target.tls_files
             self._options["tls_params"] = aiomqtt.TLSParameters(
                 ca_certs=files.ca, certfile=files.cert, keyfile=files.key
             )

@@ -29,12 +29,12 @@ from typing import Any, Self
 
 import mqtt5
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.packets import Outgoing, read5
 from mqtt_backup.mqtt.session import describe
-from mqtt_backup.mqtt.values import Delivery, TlsFiles
+from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
 DEFAULT_RECEIVE_MAX = 256
@@ -382,7 +382,7 @@ class _Wire(asyncio.Protocol):
 
 
 class CodecConnection:
-    """`async with CodecConnection(address, ...) as conn:` one MQTT client on the running loop.
+    """`async with CodecConnection(target, ...) as conn:` one MQTT client on the running loop.
 
     BrokerUnreachable when the broker cannot be reached or the connection drops, BrokerRefused
     when it says no (CONNACK, SUBACK or PUBACK reason codes), each with a hint.
@@ -390,11 +390,9 @@ class CodecConnection:
 
     def __init__(
         self,
-        address: BrokerAddress,
+        target: BrokerTarget,
         client_id: str | None = None,
         *,
-        protocol: str = "5",
-        tls_files: TlsFiles | None = None,
         keepalive: int = 30,
         receive_max: int = DEFAULT_RECEIVE_MAX,
         session_expiry: int | None = None,
@@ -402,10 +400,10 @@ class CodecConnection:
         """`session_expiry` (s): resume and keep a broker session; None: a fresh one."""
         if not 0 < receive_max <= _MAX_PACKET_ID:
             raise ValueError("receive_max must be 1..65535")
-        self.address = address
+        self.address = target.address
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
-        self.mqtt5 = protocol == "5"
-        self.tls_files = tls_files or TlsFiles()
+        self.mqtt5 = target.mqtt5
+        self.tls_files = target.tls_files
         self.keepalive = keepalive
         self.receive_max = receive_max
         self.session_expiry = session_expiry

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mqtt_backup.config import BrokerTarget, TlsFiles
 
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """CA file for an mqtts:// broker; client certificate and key for mTLS."""
-
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+__all__ = ["BrokerTarget", "Delivery", "TlsFiles"]
 
 
 @dataclass(frozen=True, slots=True)

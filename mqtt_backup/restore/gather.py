@@ -122,9 +122,7 @@ async def gather(
     request_id = uuid.uuid4().hex
     device = question.request.device
     request_topic = f"{question.namespace}/restore/{device}"
-    async with CodecConnection(
-        question.address, protocol=question.protocol, tls_files=question.tls_files
-    ) as conn:
+    async with CodecConnection(question.target) as conn:
         known = await read_members(conn, question.namespace)
         # A status without `protocol` is no bridge that can gather (bridges before scale-out
         # publish none): anyone may write one on a broker without the ACL, and taking it for an
@@ -270,9 +268,7 @@ async def republish(question: Ask, bodies: list[dict[str, Any]], rate: float | N
     original receive time in `mqtt-backup-ts`, retain flags only with `retain` in the request.
     """
     interval = 1.0 / rate if rate else 0.0
-    async with CodecConnection(
-        question.address, protocol=question.protocol, tls_files=question.tls_files
-    ) as conn:
+    async with CodecConnection(question.target) as conn:
         for body in bodies:
             retain = question.request.retain and bool(body.get("retain"))
             await conn.publish(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mqtt_backup.config import BrokerAddress, ProtocolVersion
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
-from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.records import RecordFields, decode_fields
@@ -557,12 +557,10 @@ def _restarted(previous: DroppedReading, value: int, started_ns: int | None) -> 
 
 @dataclass
 class ServeOptions:
-    """How the restore side connects: broker, identity, protocol, TLS files."""
+    """How the restore side connects: to which broker, as whom."""
 
-    address: BrokerAddress
+    target: BrokerTarget
     client_id: str
-    protocol: str = "5"
-    tls_files: TlsFiles | None = None
     keepalive: int = 30
 
 
@@ -615,22 +613,11 @@ if TYPE_CHECKING:
 
 def _connection(options: ServeOptions, window: int) -> Connection:
     """MQTT 5: the codec connection, whose one window all restores share; 3.1.1: aiomqtt."""
-    if options.protocol != ProtocolVersion.V5:
+    if not options.target.mqtt5:
         from mqtt_backup.mqtt import AsyncConnection  # noqa: PLC0415 - aiomqtt for 3.1.1 only
 
-        return AsyncConnection(
-            options.address,
-            options.client_id,
-            protocol=options.protocol,
-            tls_files=options.tls_files,
-            keepalive=options.keepalive,
-        )
-    conn = CodecConnection(
-        options.address,
-        options.client_id,
-        tls_files=options.tls_files,
-        keepalive=options.keepalive,
-    )
+        return AsyncConnection(options.target, options.client_id, keepalive=options.keepalive)
+    conn = CodecConnection(options.target, options.client_id, keepalive=options.keepalive)
     conn.send_window = window
     return conn
 
