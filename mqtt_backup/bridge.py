@@ -24,7 +24,7 @@ from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import AsyncControlServer, ControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
-from mqtt_backup.mqtt import AsyncIngest, Session, TlsFiles
+from mqtt_backup.mqtt import AsyncIngest, Session
 from mqtt_backup.mqtt.session import Presence
 from mqtt_backup.restore import DroppedWatcher, RestoreService, ServeOptions, serve
 from mqtt_backup.startup import Startup, start_check
@@ -136,15 +136,11 @@ class Bridge:
     def _session(self) -> Session:
         s = self.settings
         return Session(
-            address=s.broker_address,
+            target=s.broker_target,
             client_id=self.store.client_id,
-            protocol=s.protocol,
             keepalive=s.keepalive,
             session_expiry=s.session_expiry,
             receive_maximum=min(65535, max(s.batch_max, 100)),
-            ca=str(s.ca) if s.ca else None,
-            cert=str(s.cert) if s.cert else None,
-            key=str(s.key) if s.key else None,
             presence=self._presence(),
         )
 
@@ -339,9 +335,7 @@ class Bridge:
             op, args, future = self._requests.get_nowait()
             try:
                 self._before_operation(operations.frees_space(op, args))
-                future.set_result(
-                    self._while_serving(functools.partial(operations.run, self.store, op, args))
-                )
+                future.set_result(self._while_serving(operations.units(self.store, op, args)))
             except BackupError as exc:
                 future.set_exception(exc)
             except Exception as exc:
@@ -405,14 +399,17 @@ class Bridge:
     async def _in_worker(work: Callable[..., _R], *args: object) -> _R:
         return await _to_thread_to_the_end(functools.partial(work, *args), "preparing the store")
 
-    def _while_serving(self, work: Callable[[], _R]) -> _R:
-        """paho: run a long operation on the ingest thread while the connection stays answered.
+    def _while_serving(self, work: Units[_R]) -> _R:
+        """paho: run a long operation's units on the ingest thread, committing between them.
 
-        Messages that arrive meanwhile are held, not committed (nothing interleaves with the
-        operation's writes), and placed again afterwards, in case the partition set changed.
+        paho's callbacks run on this thread too (the transport drives its loop here), so no
+        lock is needed: during a unit, the store's progress calls keep the connection answered
+        and hold what arrives, within the broker's window (`PahoIngest.keep_alive`); between two
+        units it is placed again (a unit may have switched the layout), stored and acknowledged
+        (`_between_units_here`), as the asyncio transport does (`_between_units`).
         """
         transport = self._transport
-        assert not isinstance(transport, AsyncIngest)  # its operations run in units, beside it
+        assert not isinstance(transport, AsyncIngest)  # its operations run in a worker thread
         last = time.monotonic()
 
         def breathe() -> None:
@@ -422,11 +419,36 @@ class Bridge:
                 transport.keep_alive()
 
         self.store.on_progress = breathe
+        self._operating = True
         try:
-            return work()
+            while True:
+                done = step(work)
+                if done is not None:
+                    return done.result
+                self._between_units_here(transport)
         finally:
+            work.close()  # failed between units: the operation ends there
+            self._operating = False
             self.store.on_progress = lambda: None
             self.pipeline.regroup()
+
+    def _between_units_here(self, transport: PahoIngest) -> None:
+        """paho: `_between_units` on the ingest thread, reading what waits first."""
+        transport.keep_alive()
+        if self._may_commit_between_units(transport.stall.active):
+            transport.commit_held()
+            if transport.stall.active:
+                raise StorageUnavailable("a commit between two units of the operation failed")
+
+    def _may_commit_between_units(self, stalled: bool) -> bool:
+        """Place what is held again; whether a commit may come between two units now.
+
+        Not while storage fails (the stall retries after the operation) nor while a deleting
+        operation owns the room it frees on a full disk. A commit that fails there fails the
+        operation, as its own write would: the handles are closed, and a re-run finishes it.
+        """
+        self.pipeline.regroup()  # the unit may have switched the layout
+        return not (stalled or self.store.freeing_space)
 
     async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """An operation from the control socket, on the loop (the asyncio transport)."""
@@ -469,16 +491,12 @@ class Bridge:
     async def _between_units(self, transport: AsyncIngest) -> None:
         """Store and acknowledge what arrived during the last unit, before the next one.
 
-        Not while storage fails (the stall retries after the operation) nor while a deleting
-        operation owns the room it frees on a full disk. A commit that fails here fails the
-        operation, as its own write would: the handles are closed, and a re-run finishes it.
+        Only when `_may_commit_between_units` says so; a failed commit fails the operation.
         """
-        self.pipeline.regroup()  # the unit may have switched the layout
-        stall = transport.stall
-        if stall.active or self.store.freeing_space:
+        if not self._may_commit_between_units(transport.stall.active):
             return
         await transport.commit_held()
-        if stall.active:
+        if transport.stall.active:
             raise StorageUnavailable("a commit between two units of the operation failed")
 
     def _fail_requests(self) -> None:
@@ -514,10 +532,9 @@ class Bridge:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
-        work = functools.partial(maintenance.prune, self.store, older, budget)
         try:
             self._before_operation(frees_space=False)  # as an operation from the socket
-            pruned = self._while_serving(work)
+            pruned = self._while_serving(maintenance.pruning(self.store, older, budget))
         except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
             _retention_failed(exc)
             return
@@ -624,15 +641,7 @@ class RestoreSide:
         self._settings = settings
         self._instance = instance or client_id
         self._listening = listening
-        self._options = ServeOptions(
-            address=settings.broker_address,
-            client_id=client_id,
-            protocol=settings.protocol,
-            tls_files=TlsFiles(
-                *(str(p) if p else None for p in (settings.ca, settings.cert, settings.key))
-            ),
-            keepalive=settings.keepalive,
-        )
+        self._options = ServeOptions(settings.broker_target, client_id, settings.keepalive)
         self._reader = reader
         self._gaps = reader.store.gaps
         self._bridge = bridge  # told the dropped-counter watcher, for the metrics

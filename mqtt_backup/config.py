@@ -90,6 +90,40 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """CA file for an mqtts:// broker; client certificate and key for mTLS."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+_NO_TLS_FILES = TlsFiles()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTarget:
+    """A broker to connect to: where and how to log in, the MQTT version, the TLS files.
+
+    What every connection takes (ingest, restore service, restore client, status, simulate); the
+    client id, which differs per connection, comes beside it.
+    """
+
+    address: BrokerAddress
+    protocol: ProtocolVersion = ProtocolVersion.V5
+    tls_files: TlsFiles = _NO_TLS_FILES
+
+    @property
+    def mqtt5(self) -> bool:
+        """Whether the broker is spoken to in MQTT 5."""
+        return self.protocol == ProtocolVersion.V5
+
+    def __str__(self) -> str:
+        """The broker's URL without the password, for logs."""
+        return str(self.address)
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user:pass@]host[:port]` or `mqtts://...`; ConfigError says what is wrong.
 
@@ -492,6 +526,12 @@ class Settings:
                 "a broker password needs a user name", "put it in the URL: mqtts://USER@host:8883"
             )
         return dataclasses.replace(address, password=password)
+
+    @property
+    def broker_target(self) -> BrokerTarget:
+        """The broker as connections take it: address, protocol and TLS files together."""
+        files = TlsFiles(*(str(p) if p else None for p in (self.ca, self.cert, self.key)))
+        return BrokerTarget(self.broker_address, self.protocol, files)
 
     @property
     def derived_client_id(self) -> str | None:

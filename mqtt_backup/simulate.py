@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import UsageError
-from mqtt_backup.mqtt import AsyncConnection, TlsFiles, Window
+from mqtt_backup.mqtt import AsyncConnection, Window
 
 SHAPES: Final = ("telemetry", "raw", "tasmota", "zigbee2mqtt")
 _TEMPLATES: Final = {
@@ -68,14 +68,12 @@ _MIN_SLEEP_S: Final = 0.001
 class FleetSpec:
     """What to simulate; a spec that cannot run raises UsageError naming the option to fix."""
 
-    address: BrokerAddress
+    target: BrokerTarget
     devices: int
     rate: float
     duration: float
     prefix: str = "sim"
     qos: int = 1
-    protocol: str = "5"
-    tls_files: TlsFiles | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -149,11 +147,6 @@ def _check_spec(spec: FleetSpec) -> None:
             "--duration 30",
         ),
         (spec.qos in (0, 1), f"--qos must be 0 or 1, got {spec.qos}", "--qos 1"),
-        (
-            spec.protocol in ("5", "3.1.1"),
-            f"--protocol must be 5 or 3.1.1, got {spec.protocol!r}",
-            "--protocol 5",
-        ),
         (
             bool(spec.prefix) and not any(c in spec.prefix for c in "/+#\0"),
             f"--prefix must be one topic level without '/', '+' or '#', got {spec.prefix!r}",
@@ -408,9 +401,7 @@ async def run_fleet(
     window = _Window(WINDOW)
     loop = asyncio.get_running_loop()
     client_id = f"mqtt-backup-simulate-{spec.prefix}-{uuid.uuid4().hex[:8]}"
-    async with AsyncConnection(
-        spec.address, client_id, protocol=spec.protocol, tls_files=spec.tls_files
-    ) as conn:
+    async with AsyncConnection(spec.target, client_id) as conn:
         start = loop.time()
         try:
             await _announce(conn, spec, window)

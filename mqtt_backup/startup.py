@@ -87,14 +87,10 @@ def identity(settings: Settings, client_id: str) -> Identity:
 
 def start_check(settings: Settings, client_id: str) -> ClientIdCheck:
     """Start checking that no running bridge holds `client_id` (see status.py)."""
-    from mqtt_backup.mqtt import TlsFiles  # noqa: PLC0415 - see the module docstring
-    from mqtt_backup.status import ClientIdCheck  # noqa: PLC0415
+    from mqtt_backup.status import ClientIdCheck  # noqa: PLC0415 - see the module docstring
 
     s = settings
-    files = TlsFiles(*(str(p) if p else None for p in (s.ca, s.cert, s.key)))
-    return ClientIdCheck(
-        s.broker_address, identity(s, client_id), s.keepalive, protocol=s.protocol, tls_files=files
-    )
+    return ClientIdCheck(s.broker_target, identity(s, client_id), s.keepalive)
 
 
 def known_client_id(settings: Settings) -> str | None:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import mqtt_backup
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BrokerError, ClientIdInUse
-from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery
 from mqtt_backup.restore.request import PROTOCOL
 from mqtt_backup.times import format_ts
 from mqtt_backup.topics import DEFAULT_GROUP, status_topic
@@ -222,19 +222,16 @@ def holder(members: Mapping[str, Member], client_id: str) -> Member | None:
 
 
 async def wait_for_client_id(
-    address: BrokerAddress,
+    target: BrokerTarget,
     identity: Identity,
     keepalive: int,
-    *,
-    protocol: str = "5",
-    tls_files: TlsFiles | None = None,
 ) -> None:
     """Return once no running bridge holds our client id; ClientIdInUse after 1.5 keepalives.
 
     A bridge that crashed is offline by then: the broker publishes its will once it misses
     1.5 keepalives (at once when the socket closed, as after a kill -9).
     """
-    async with CodecConnection(address, protocol=protocol, tls_files=tls_files) as conn:
+    async with CodecConnection(target) as conn:
         members = await read_members(conn, identity.namespace)
         await _wait_while_held(conn, identity, members, keepalive)
 
@@ -320,16 +317,12 @@ class ClientIdCheck:
 
     def __init__(
         self,
-        address: BrokerAddress,
+        target: BrokerTarget,
         identity: Identity,
         keepalive: int,
-        *,
-        protocol: str = "5",
-        tls_files: TlsFiles | None = None,
     ) -> None:
         self.identity = identity
-        self._address, self._keepalive = address, keepalive
-        self._protocol, self._tls_files = protocol, tls_files
+        self._target, self._keepalive = target, keepalive
         self.read = threading.Event()  # the retained statuses are in
         self._loop = asyncio.new_event_loop()
         self._until = asyncio.Event()
@@ -340,9 +333,7 @@ class ClientIdCheck:
     async def _check(self) -> None:
         namespace = self.identity.namespace
         try:
-            async with CodecConnection(
-                self._address, protocol=self._protocol, tls_files=self._tls_files
-            ) as conn:
+            async with CodecConnection(self._target) as conn:
                 members = await read_members(conn, namespace)
                 self.read.set()
                 await _listen_until(conn, namespace, members, self._until)
@@ -352,13 +343,7 @@ class ClientIdCheck:
         except BrokerError:
             if not self._until.is_set():
                 raise  # the broker cannot be reached: the same error as checking at connect
-        await wait_for_client_id(
-            self._address,
-            self.identity,
-            self._keepalive,
-            protocol=self._protocol,
-            tls_files=self._tls_files,
-        )
+        await wait_for_client_id(self._target, self.identity, self._keepalive)
 
     def _main(self) -> None:
         with contextlib.suppress(BaseException):  # the outcome is the task's: `result()` says

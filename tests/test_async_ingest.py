@@ -22,7 +22,7 @@ import pytest
 
 from mqtt_backup import config
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
@@ -196,7 +196,9 @@ def _pipeline(
 def _ingest(
     address: BrokerAddress, hooks: Hooks, *filters: str, keepalive: int = 10
 ) -> AsyncIngest:
-    session = Session(address, "ingest-test", keepalive=keepalive, receive_maximum=100)
+    session = Session(
+        BrokerTarget(address), "ingest-test", keepalive=keepalive, receive_maximum=100
+    )
     return AsyncIngest(session, list(filters or ["devices/+/#"]), hooks)
 
 
@@ -512,7 +514,7 @@ def test_no_local_is_never_set_on_a_shared_subscription(
 ) -> None:
     """MQTT-3.8.3-4: Mosquitto 2.0 tolerates it, EMQX and HiveMQ may disconnect."""
     with FakeBroker(accept()) as broker:
-        session = Session(broker.address, "share-test")
+        session = Session(BrokerTarget(broker.address), "share-test")
         ingest = kind(session, ["devices/+/#", "$share/g/tele/+/x"], Hooks())
         pipeline = _pipeline(store, Faults(), ingest.ack)
         ingest.connect(pipeline, [])

@@ -24,7 +24,7 @@ import pytest
 
 from mqtt_backup import operations
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.config import BrokerAddress, Transport
+from mqtt_backup.config import BrokerAddress, BrokerTarget, Transport
 from mqtt_backup.control import call
 from mqtt_backup.errors import BackupError, BrokerError, StorageError
 from mqtt_backup.ingest import CommitPipeline
@@ -397,7 +397,9 @@ def test_a_publish_the_codec_panics_on_fails_a_client_connection_as_malformed() 
     bad = _HOSTILE["surrogate in the topic, with a property"]
 
     async def run() -> BrokerError | None:
-        conn = CodecConnection(BrokerAddress("127.0.0.1", 1883))  # its reader, unconnected
+        conn = CodecConnection(
+            BrokerTarget(BrokerAddress("127.0.0.1", 1883))
+        )  # its reader, unconnected
         wire = codec._Wire(conn._read, inbox_limit=10)
         wire.data_received(_GOOD.write() + bad)
         assert len(wire.inbox) == 1  # what came before it is delivered

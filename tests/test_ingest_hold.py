@@ -14,7 +14,7 @@ import pytest
 
 from mqtt_backup import bridge as bridge_module
 from mqtt_backup.bridge import Bridge
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import StorageUnavailable
 from mqtt_backup.ingest import AckCallback, CommitPipeline
 from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
@@ -99,7 +99,7 @@ def test_a_full_hold_waits_for_storage_before_taking_a_new_connection(
 ) -> None:
     """Each connection may bring one more broker window; with no room left, storage comes first."""
     faults, hooks = Faults(failing=True), _Hooks()
-    session = Session(BrokerAddress("127.0.0.1", broker.port), f"hold-{unique}")
+    session = Session(BrokerTarget(BrokerAddress("127.0.0.1", broker.port)), f"hold-{unique}")
     kind = AsyncIngest if transport == "asyncio" else PahoIngest
     ingest = kind(session, [f"devices/{unique}/#"], hooks)
     pipeline = _pipeline(store, faults, ingest.ack, batch_max=10)

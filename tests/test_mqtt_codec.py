@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import mqtt5
 import pytest
 
-from mqtt_backup.config import BrokerAddress, parse_broker_url
+from mqtt_backup.config import BrokerAddress, BrokerTarget, ProtocolVersion, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles, codec, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
+from mqtt_backup.records import Properties
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
 from tools.devbroker import free_port
 
@@ -27,6 +28,10 @@ PROTOCOLS = ["5", "3.1.1"]
 def _address(broker: Broker, user: str | None = None, password: str | None = None) -> BrokerAddress:
     base = parse_broker_url(broker.url)
     return BrokerAddress(base.host, base.port, base.tls, user, password)
+
+
+def _target(broker: Broker, protocol: str = "5") -> BrokerTarget:
+    return BrokerTarget(_address(broker), ProtocolVersion(protocol))
 
 
 async def _collect(conn: CodecConnection, count: int) -> list[Delivery]:
@@ -51,14 +56,14 @@ async def _receive_forever(conn: CodecConnection, into: list[Delivery]) -> None:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_round_trip_in_order_with_properties(broker: Broker, unique: str, protocol: str) -> None:
     topic = f"codec/{unique}/t"
-    props = OutProps(
+    props = Properties(
         correlation_data=b"\x00corr", user=(("k", "v"),), content_type="x/y", response_topic="r/t"
     )
 
     async def scenario() -> list[Delivery]:
         async with (
-            CodecConnection(_address(broker), protocol=protocol) as sub,
-            CodecConnection(_address(broker), protocol=protocol) as pub,
+            CodecConnection(_target(broker, protocol)) as sub,
+            CodecConnection(_target(broker, protocol)) as pub,
         ):
             await sub.subscribe([topic], qos=1)
             for i in range(300):
@@ -89,8 +94,8 @@ def test_nothing_past_the_window_until_acknowledged(
 
     async def scenario() -> tuple[int, list[Delivery]]:
         async with (
-            CodecConnection(_address(broker), protocol=protocol, receive_max=5) as sub,
-            CodecConnection(_address(broker)) as pub,
+            CodecConnection(_target(broker, protocol), receive_max=5) as sub,
+            CodecConnection(_target(broker)) as pub,
         ):
             await sub.subscribe([topic], qos=1)
             for i in range(total):
@@ -115,7 +120,7 @@ def test_nothing_past_the_window_until_acknowledged(
 def test_user_and_password(auth_broker: Broker, unique: str, protocol: str) -> None:
     async def connect(password: str) -> None:
         address = _address(auth_broker, BRIDGE_USER, password)
-        async with CodecConnection(address, protocol=protocol) as conn:
+        async with CodecConnection(BrokerTarget(address, ProtocolVersion(protocol))) as conn:
             await conn.subscribe([f"codec/{unique}/#"])
 
     asyncio.run(connect(BRIDGE_PASSWORD))
@@ -127,7 +132,7 @@ def test_user_and_password(auth_broker: Broker, unique: str, protocol: str) -> N
 
 def test_tls_needs_the_ca(tls_broker: Broker, unique: str) -> None:
     async def connect(files: TlsFiles) -> None:
-        async with CodecConnection(_address(tls_broker), tls_files=files) as conn:
+        async with CodecConnection(BrokerTarget(_address(tls_broker), tls_files=files)) as conn:
             await conn.subscribe([f"codec/{unique}/#"])
             await conn.publish(f"codec/{unique}/x", b"over TLS")
 
@@ -139,7 +144,7 @@ def test_tls_needs_the_ca(tls_broker: Broker, unique: str) -> None:
 
 def test_nobody_listening_is_unreachable() -> None:
     async def connect() -> None:
-        async with CodecConnection(BrokerAddress("127.0.0.1", free_port())):
+        async with CodecConnection(BrokerTarget(BrokerAddress("127.0.0.1", free_port()))):
             pass
 
     with pytest.raises(BrokerUnreachable) as unreachable:
@@ -170,7 +175,7 @@ def test_a_cancellation_that_comes_with_the_connack_is_not_swallowed(
 
     async def connect() -> None:
         nonlocal entered
-        async with CodecConnection(_address(broker), protocol=protocol):
+        async with CodecConnection(_target(broker, protocol)):
             entered = True
 
     async def scenario() -> bool:
@@ -190,8 +195,8 @@ def test_broker_gone_mid_stream_hands_out_what_arrived_then_a_clear_error(
     async def scenario() -> tuple[list[Delivery], BrokerError]:
         got: list[Delivery] = []
         async with (
-            CodecConnection(_address(own_broker)) as sub,
-            CodecConnection(_address(own_broker)) as pub,
+            CodecConnection(_target(own_broker)) as sub,
+            CodecConnection(_target(own_broker)) as pub,
         ):
             await sub.subscribe([topic])
             for i in range(3):
@@ -215,7 +220,7 @@ Script = Callable[[mqtt5.Packet, asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def scripted_broker(script: Script) -> AsyncIterator[BrokerAddress]:
+async def scripted_broker(script: Script) -> AsyncIterator[BrokerTarget]:
     """A TCP server that parses MQTT 5 packets and lets `script` answer each."""
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -235,7 +240,7 @@ async def scripted_broker(script: Script) -> AsyncIterator[BrokerAddress]:
     server = await asyncio.start_server(session, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield BrokerAddress("127.0.0.1", port)
+        yield BrokerTarget(BrokerAddress("127.0.0.1", port))
     finally:
         server.close()
 

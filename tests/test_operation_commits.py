@@ -8,28 +8,32 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mqtt_backup import bridge as bridge_module
+from mqtt_backup import operations
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.config import Transport
-from mqtt_backup.control import call
+from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import StorageError
 from mqtt_backup.ingest import PipelineStore
 from mqtt_backup.mqtt import AsyncIngest
 from mqtt_backup.records import Record
-from mqtt_backup.storage import Pending, Store
+from mqtt_backup.storage import Pending, Store, checks
+from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.journal import STATE, BridgeState
+from mqtt_backup.storage.units import Units, step
 from tests.conftest import (
     BridgeThread,
     Broker,
     Sent,
     make_settings,
     publish,
+    read_all,
     stored_count,
     wait_until,
 )
@@ -207,6 +211,65 @@ def test_a_failed_commit_before_an_operation_on_paho_starts_the_stall(
     finally:
         bridge._cancel_client_id_check()
         bridge.store.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_failed_commit_between_units_on_paho_fails_the_operation_and_loses_nothing(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+) -> None:
+    """paho commits between units too: one that fails there fails the operation (exit 4).
+
+    The stall starts; what was held is stored once storage works again, and the add, run again,
+    finishes the move.
+    """
+    monkeypatch.setattr(units_module, "UNIT_KEYS", 20)
+    fill(data_dir, devices=200, per_device=2)
+    faults = Faults()
+    settings = make_settings(broker, data_dir, protocol=protocol, transport=Transport.PAHO)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+    real = operations.units
+    sent = [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(5)]
+
+    def failing_after_the_first_unit(
+        store: Store, op: str, args: Mapping[str, Any]
+    ) -> Units[dict[str, Any]]:
+        work = real(store, op, args)
+        assert step(work) is None, "the add takes more than one unit"
+        received = bridge.bridge.snapshot().received
+        publish(broker, sent)
+
+        def read() -> bool:  # the ingest thread runs this unit: let it read, as a copy does
+            store.on_progress()
+            return bridge.bridge.snapshot().received >= received + len(sent)
+
+        wait_until(read, 20, "the messages held during the unit")
+        faults.failing = True  # the disk fills: the commit after this unit fails
+        yield
+        return (yield from work)
+
+    monkeypatch.setattr(operations, "units", failing_after_the_first_unit)
+    with pytest.raises(RemoteError) as failed:
+        call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)
+    assert failed.value.exit_code == 4, failed.value
+    assert "between two units" in str(failed.value)
+    transport = bridge.bridge._transport
+    assert transport.stall.active, "the failure started the stall"
+    assert faults.calls["write_failed"] >= 1
+    monkeypatch.setattr(operations, "units", real)
+    faults.failing = False
+    wait_until(lambda: stored_count(data_dir) == 400 + len(sent), 30, "the held messages stored")
+    wait_until(lambda: not transport.stall.active, 20, "the stall to end")
+    assert call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)["added"] == "p3"
+    bridge.stop()
+    stored = [m.record.payload for m in read_all(data_dir)[unique] if not m.record.dup]
+    assert sorted(stored) == sorted(s.payload for s in sent)
+    assert checks.verify(data_dir).ok
 
 
 @pytest.mark.usefixtures("transport")

@@ -16,9 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from mqtt_backup.cli import app
-from mqtt_backup.config import parse_broker_url
+from mqtt_backup.config import BrokerTarget, parse_broker_url
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps
+from mqtt_backup.mqtt import CodecConnection, Delivery
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.client import Ask, LostOnTheWay, ask, request_for
 from tests.conftest import Broker
 
@@ -29,11 +30,11 @@ async def _fake_bridge(
     broker: Broker, device: str, ready: asyncio.Event, answer: Callable[[Delivery], Answer]
 ) -> None:
     """Take one request for `device`; publish what `answer` makes of it, with its correlation."""
-    async with CodecConnection(parse_broker_url(broker.url)) as conn:
+    async with CodecConnection(BrokerTarget(parse_broker_url(broker.url))) as conn:
         await conn.subscribe([f"backup/restore/{device}"])
         ready.set()
         request = (await conn.receive())[0]
-        props = OutProps(correlation_data=request.correlation_data)
+        props = Properties(correlation_data=request.correlation_data)
         for topic, body in answer(request):
             await conn.publish(topic, json.dumps(body).encode(), props=props)
 
@@ -53,7 +54,9 @@ def _restore(
         bridge = asyncio.create_task(_fake_bridge(broker, device, ready, answer))
         await ready.wait()
         question = Ask(
-            parse_broker_url(broker.url), request_for(device, fields or {}), timeout=timeout
+            BrokerTarget(parse_broker_url(broker.url)),
+            request_for(device, fields or {}),
+            timeout=timeout,
         )
         try:
             return await ask(question, lines.append)

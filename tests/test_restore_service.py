@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import Settings, parse_broker_url
+from mqtt_backup.config import BrokerTarget, Settings, parse_broker_url
 from mqtt_backup.mqtt import AsyncConnection
 from mqtt_backup.restore.service import DROPPED_TOPIC, RETAINED_TOLD_MAX, RestoreService
 from mqtt_backup.times import parse_time
@@ -182,7 +182,7 @@ def test_a_socket_closed_under_a_pending_write_is_one_warning_line(
     # aiomqtt schedules add_writer(fd) from paho's callback; when the connection drops first,
     # add_writer meets a closed descriptor. The same race, forced on a connected client's loop:
     async def scenario() -> None:
-        async with AsyncConnection(parse_broker_url(broker.url), protocol="5"):
+        async with AsyncConnection(BrokerTarget(parse_broker_url(broker.url))):
             loop = asyncio.get_running_loop()
             gone = socket.socket()
             fd = gone.fileno()
@@ -211,7 +211,7 @@ def test_other_loop_errors_still_reach_the_previous_handler(broker: Broker) -> N
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _loop, context: seen.append(context["message"]))
-        async with AsyncConnection(parse_broker_url(broker.url), protocol="5"):
+        async with AsyncConnection(BrokerTarget(parse_broker_url(broker.url))):
             loop.call_soon(_boom)
             await _after_the_callbacks_before(loop)
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from mqtt_backup.errors import BrokerUnreachable, UsageError
-from mqtt_backup.mqtt import REPLAY_PROPERTY, Inbound, OutProps, Window
+from mqtt_backup.mqtt import REPLAY_PROPERTY, Delivery, Window
 from mqtt_backup.records import Properties, Record, decode_fields
 from mqtt_backup.restore import service as restore_module
 from mqtt_backup.restore.reply import Pacer
@@ -79,7 +79,7 @@ class Published:
     payload: bytes
     qos: int
     retain: bool
-    props: OutProps | None
+    props: Properties | None
 
     @property
     def user(self) -> dict[str, str]:
@@ -115,7 +115,7 @@ class FakeConn:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        props: OutProps | None = None,
+        props: Properties | None = None,
     ) -> None:
         """Record, then take a little time as a PUBACK round trip would."""
         published = Published(topic, payload, qos, retain, props)
@@ -221,7 +221,7 @@ def ask(
 
     async def run() -> None:
         service = RestoreService(reader, GapLog(reader.data_dir), **options)
-        message = Inbound(
+        message = Delivery(
             topic=topic,
             payload=payload,
             qos=1,
@@ -970,7 +970,7 @@ def test_replay(reader: LiveReader) -> None:
 
 def test_replay_keeps_the_original_properties(reader: LiveReader) -> None:
     messages, _ = replayed(ask(reader, b'{"mode": "replay"}'))
-    assert messages[3].props == OutProps(
+    assert messages[3].props == Properties(
         correlation_data=PROPS.correlation_data,
         user=((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(T[3])), *PROPS.user),
         content_type=PROPS.content_type,
@@ -978,7 +978,7 @@ def test_replay_keeps_the_original_properties(reader: LiveReader) -> None:
         message_expiry=PROPS.message_expiry,
         response_topic=PROPS.response_topic,
     )
-    assert messages[0].props == OutProps(
+    assert messages[0].props == Properties(
         user=((REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", format_ts(T[0])))
     )
 
@@ -1065,10 +1065,10 @@ def test_retained_request_is_ignored(reader: LiveReader) -> None:
 
     async def run() -> None:
         service = RestoreService(reader, GapLog(reader.data_dir))
-        service.submit(Inbound(REQUEST, b"", qos=1, retain=True), retained)
+        service.submit(Delivery(REQUEST, b"", qos=1, retain=True), retained)
         # The marker: the same request, live and submitted after. An answer to the retained one
         # would be the same work started first on this loop, so it would end before this one.
-        service.submit(Inbound(REQUEST, b"", qos=1, retain=False), live)
+        service.submit(Delivery(REQUEST, b"", qos=1, retain=False), live)
         for _ in range(500):
             if live.sent and live.sent[-1].terminal is not None:
                 break
@@ -1275,8 +1275,8 @@ def test_a_long_scan_does_not_hold_up_another_restore(
 
     async def run() -> None:
         service = RestoreService(reader, GapLog(reader.data_dir))
-        slow = Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1)
-        fast = Inbound(f"{PREFIX}/dev-2", b"", qos=1)
+        slow = Delivery(REQUEST, b'{"topic": "nothing/#"}', qos=1)
+        fast = Delivery(f"{PREFIX}/dev-2", b"", qos=1)
         service.submit(slow, Conn("slow"))
         service.submit(fast, Conn("fast"))
         while len(terminals) < 2:
@@ -1307,9 +1307,9 @@ def test_scans_that_find_nothing_keep_no_other_restore_waiting(
     async def run() -> None:
         service = RestoreService(reader, GapLog(reader.data_dir), max_active=2)
         for _ in range(6):
-            service.submit(Inbound(REQUEST, b'{"topic": "nothing/#"}', qos=1), Conn("slow"))
+            service.submit(Delivery(REQUEST, b'{"topic": "nothing/#"}', qos=1), Conn("slow"))
         await asyncio.sleep(0)  # the scans are under way
-        service.submit(Inbound(f"{PREFIX}/dev-2", b"", qos=1), Conn("fast"))
+        service.submit(Delivery(f"{PREFIX}/dev-2", b"", qos=1), Conn("fast"))
         while len(terminals) < 7:
             await asyncio.sleep(0.01)
 
@@ -1390,7 +1390,7 @@ def test_a_failed_publish_ends_the_stream_with_an_error(reader: LiveReader) -> N
             payload: bytes,
             qos: int = 1,
             retain: bool = False,
-            props: OutProps | None = None,
+            props: Properties | None = None,
         ) -> None:
             await super().publish(topic, payload, qos, retain, props)
             if len(self.sent) == 2:
@@ -1412,7 +1412,7 @@ def test_a_dead_connection_does_not_raise(reader: LiveReader) -> None:
             payload: bytes,
             qos: int = 1,
             retain: bool = False,
-            props: OutProps | None = None,
+            props: Properties | None = None,
         ) -> None:
             await super().publish(topic, payload, qos, retain, props)
             raise BrokerUnreachable("not connected")

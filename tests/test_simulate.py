@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from mqtt_backup.config import BrokerAddress, Settings, parse_broker_url
+from mqtt_backup.config import (
+    BrokerAddress,
+    BrokerTarget,
+    ProtocolVersion,
+    Settings,
+    parse_broker_url,
+)
 from mqtt_backup.errors import BrokerUnreachable, UsageError
 from mqtt_backup.mqtt import AsyncConnection
 from mqtt_backup.simulate import (
@@ -43,7 +49,7 @@ RunBridge = Callable[[Settings], BridgeThread]
 
 def _spec(broker: Broker, prefix: str, /, **changes: Any) -> FleetSpec:
     values: dict[str, Any] = {
-        "address": parse_broker_url(broker.url),
+        "target": BrokerTarget(parse_broker_url(broker.url)),
         "devices": 10,
         "rate": 100.0,
         "duration": 2.0,
@@ -54,8 +60,8 @@ def _spec(broker: Broker, prefix: str, /, **changes: Any) -> FleetSpec:
     return FleetSpec(**values)
 
 
-async def _clear(address: BrokerAddress, topics: tuple[str, ...]) -> None:
-    async with AsyncConnection(address) as conn:
+async def _clear(target: BrokerTarget, topics: tuple[str, ...]) -> None:
+    async with AsyncConnection(target) as conn:
         for topic in topics:
             await conn.publish(topic, b"", qos=1, retain=True)
 
@@ -66,7 +72,7 @@ def retained_cleanup() -> Iterator[list[FleetSpec]]:
     fleets: list[FleetSpec] = []
     yield fleets
     for spec in fleets:
-        asyncio.run(_clear(spec.address, spec.status_topics))
+        asyncio.run(_clear(spec.target, spec.status_topics))
 
 
 def _stored_of(data: Path, prefix: str) -> int:
@@ -247,7 +253,6 @@ def test_stop_ends_an_endless_fleet_promptly(
         ({"duration": -1.0}, "--duration"),
         ({"duration": float("inf")}, "--duration"),
         ({"qos": 2}, "--qos"),
-        ({"protocol": "4"}, "--protocol"),
         ({"prefix": "a/b"}, "--prefix"),
         ({"prefix": ""}, "--prefix"),
     ],
@@ -260,7 +265,9 @@ def test_bad_spec_names_the_field(broker: Broker, changes: dict[str, Any], named
 
 
 def test_unreachable_broker(unique: str) -> None:
-    spec = FleetSpec(BrokerAddress("127.0.0.1", free_port()), 3, 10.0, 1.0, prefix=unique)
+    spec = FleetSpec(
+        BrokerTarget(BrokerAddress("127.0.0.1", free_port())), 3, 10.0, 1.0, prefix=unique
+    )
     with pytest.raises(BrokerUnreachable):
         asyncio.run(run_fleet(spec))
 
@@ -268,7 +275,15 @@ def test_unreachable_broker(unique: str) -> None:
 def test_qos0_on_mqtt311_sends_the_scheduled_count(
     broker: Broker, unique: str, retained_cleanup: list[FleetSpec]
 ) -> None:
-    spec = _spec(broker, unique, devices=2, rate=40.0, duration=0.5, qos=0, protocol="3.1.1")
+    spec = _spec(
+        broker,
+        unique,
+        devices=2,
+        rate=40.0,
+        duration=0.5,
+        qos=0,
+        target=BrokerTarget(parse_broker_url(broker.url), ProtocolVersion.V311),
+    )
     retained_cleanup.append(spec)
 
     report = asyncio.run(run_fleet(spec))

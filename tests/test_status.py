@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from mqtt_backup import status as status_module
 from mqtt_backup.cli import app
-from mqtt_backup.config import parse_broker_url
+from mqtt_backup.config import BrokerTarget, parse_broker_url
 from mqtt_backup.errors import EXIT_BROKER, EXIT_RUNTIME, ClientIdInUse
 from mqtt_backup.mqtt import CodecConnection
 from mqtt_backup.status import STATUS_PROTOCOL, ClientIdCheck, Identity, Member, read_members
@@ -53,7 +53,7 @@ def members(broker: Broker, namespace: str) -> dict[str, Member]:
     """The status messages now retained under the namespace, by instance name."""
 
     async def read() -> dict[str, Member]:
-        async with CodecConnection(parse_broker_url(broker.url)) as conn:
+        async with CodecConnection(BrokerTarget(parse_broker_url(broker.url))) as conn:
             found = await read_members(conn, namespace)
         return {m.name: m for m in found.values()}
 
@@ -222,7 +222,7 @@ def announce(broker: Broker, namespace: str, client_id: str, state: str) -> None
 
 def early_check(broker: Broker, namespace: str, client_id: str) -> ClientIdCheck:
     identity = Identity(namespace, client_id)
-    return ClientIdCheck(parse_broker_url(broker.url), identity, KEEPALIVE)
+    return ClientIdCheck(BrokerTarget(parse_broker_url(broker.url)), identity, KEEPALIVE)
 
 
 def test_a_check_started_early_waits_for_a_bridge_that_came_online_since(

@@ -16,7 +16,7 @@ import mqtt5
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerError
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, _properties, _Wire
 from mqtt_backup.mqtt.session import REPLAY_PROPERTY, Session
@@ -80,7 +80,7 @@ def feed(chunks: list[bytes]) -> tuple[list[Heard], _Wire]:
     """Run a wire (not serving: nothing commits) over the chunks, as reads of the socket."""
 
     async def run() -> tuple[list[Heard], _Wire]:
-        session = Session(BrokerAddress("127.0.0.1", 1883), "parse-test")
+        session = Session(BrokerTarget(BrokerAddress("127.0.0.1", 1883)), "parse-test")
         sink = RecordingSink()
         ingest = AsyncIngest(session, ["devices/+/#"], hooks=None)  # type: ignore[arg-type]
         wire = _Wire(ingest, sink, GENERATION)  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ import mqtt5
 
 from bench import data
 from mqtt_backup.cli.run import quieter_gc
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, _Wire
 from mqtt_backup.mqtt.session import Session
@@ -116,7 +116,7 @@ def thread_seconds() -> dict[str, float]:
 
 async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float]:
     store = Store.open(root / "data", 4)
-    session = Session(BrokerAddress("127.0.0.1", 1883), "profile")
+    session = Session(BrokerTarget(BrokerAddress("127.0.0.1", 1883)), "profile")
     ingest = AsyncIngest(session, ["devices/+/#"], _Hooks())
     pipeline = CommitPipeline(
         store, Router([parse_template("devices/{device}/#")], "mqtt-backup"), ingest.ack

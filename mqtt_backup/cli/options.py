@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 
 from mqtt_backup import config
-from mqtt_backup.mqtt import TlsFiles
 
 
 def _setting(name: str) -> Any:
@@ -39,8 +38,3 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="only say what would 
 def load_settings(config_file: Path | None, **flags: Any) -> config.Settings:
     """Settings for a command: defaults < file < MQTT_BACKUP_* < flags."""
     return config.load(flags, os.environ, config_file)
-
-
-def tls_files(settings: config.Settings) -> TlsFiles:
-    """The TLS files of the settings, as the MQTT clients take them."""
-    return TlsFiles(*(str(p) if p else None for p in (settings.ca, settings.cert, settings.key)))

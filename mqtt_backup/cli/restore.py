@@ -19,7 +19,6 @@ from mqtt_backup.cli.options import (
     NamespaceOpt,
     ProtocolOpt,
     load_settings,
-    tls_files,
 )
 from mqtt_backup.cli.read import OutputOpt, SinceOpt, TopicFilterOpt, UntilOpt, check_window
 from mqtt_backup.cli.types import DEVICE_ID, RATE
@@ -165,11 +164,9 @@ def restore(
     if not timeout > 0:
         raise UsageError("--timeout must be > 0")
     question = Ask(
-        address=settings.broker_address,
+        target=settings.broker_target,
         request=request,
         namespace=settings.namespace,
-        protocol=settings.protocol,
-        tls_files=tls_files(settings),
         timeout=timeout,
     )
     if group is not None:

@@ -18,7 +18,6 @@ from mqtt_backup.cli.options import (
     KeyOpt,
     ProtocolOpt,
     load_settings,
-    tls_files,
 )
 from mqtt_backup.simulate import FleetProgress, FleetReport, FleetSpec, run_fleet
 
@@ -46,14 +45,12 @@ def simulate(
         config_file, broker=broker, protocol=protocol, ca=ca, cert=cert, key=key
     )
     spec = FleetSpec(
-        address=settings.broker_address,
+        target=settings.broker_target,
         devices=devices,
         rate=rate,
         duration=duration,
         prefix=prefix,
         qos=qos,
-        protocol=settings.protocol,
-        tls_files=tls_files(settings),
     )
     templates = " ".join(f"--topic '{t}'" for t in spec.topics_for_bridge)
     output.note(

@@ -18,7 +18,6 @@ from mqtt_backup.cli.options import (
     NamespaceOpt,
     ProtocolOpt,
     load_settings,
-    tls_files,
 )
 from mqtt_backup.config import Settings
 from mqtt_backup.errors import BackupError, BrokerRefused, StatusClientRefused, UsageError
@@ -33,9 +32,7 @@ class NoBridge(BackupError):
 
 
 async def _members(settings: Settings, wait: float) -> list[Member]:
-    async with CodecConnection(
-        settings.broker_address, protocol=settings.protocol, tls_files=tls_files(settings)
-    ) as conn:
+    async with CodecConnection(settings.broker_target) as conn:
         found = await read_members(conn, settings.namespace, wait)
     return sorted(found.values(), key=lambda m: (m.group, m.name))
 

@@ -7,8 +7,8 @@
 - `codec`: an asyncio connection on the `mqtt5` codec (and `v311` for MQTT 3.1.1) that
   acknowledges a message only when its consumer is done with it, and publishes pre-encoded
   packets (`packets`) within one window: the restore client, and the restore service on MQTT 5.
-- `values` (`TlsFiles`, `Inbound`, `OutProps`) and `window` (`Window`): plain types every
-  connection shares.
+- `values` (`TlsFiles`, `Delivery`) and `window` (`Window`): plain types every connection
+  shares; a message's MQTT 5 properties, stored or outgoing, are `records.Properties`.
 
 paho and aiomqtt load only with the module that needs them: `AsyncConnection` and `PahoIngest`
 are imported on first use, so `mqtt-backup run` on the default transport loads neither
@@ -21,9 +21,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 from mqtt_backup.mqtt.async_ingest import AsyncIngest, Beside
-from mqtt_backup.mqtt.codec import CodecConnection, Delivery
+from mqtt_backup.mqtt.codec import CodecConnection
 from mqtt_backup.mqtt.session import REPLAY_PROPERTY, Session, Stall
-from mqtt_backup.mqtt.values import Inbound, OutProps, TlsFiles
+from mqtt_backup.mqtt.values import Delivery, TlsFiles
 from mqtt_backup.mqtt.window import Window
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ __all__ = [
     "Beside",
     "CodecConnection",
     "Delivery",
-    "Inbound",
-    "OutProps",
     "PahoIngest",
     "Session",
     "Stall",

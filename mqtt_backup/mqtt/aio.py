@@ -1,7 +1,7 @@
 """An asyncio MQTT connection on aiomqtt, for the restore service and the restore client.
 
-It speaks in plain values (`Inbound`, `OutProps`) so callers never touch aiomqtt or paho, and it
-turns their errors into ours: BrokerUnreachable, BrokerRefused.
+It speaks in plain values (`Delivery`, `records.Properties`) so callers never touch aiomqtt or
+paho, and it turns their errors into ours: BrokerUnreachable, BrokerRefused.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerAddress, ProtocolVersion
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt.values import Inbound, OutProps, TlsFiles
+from mqtt_backup.mqtt.values import Delivery
+from mqtt_backup.records import Properties
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _AIOMQTT_LOG = logging.getLogger("mqtt_backup.aiomqtt")
 _AIOMQTT_LOG.setLevel(logging.ERROR)
 
 
-def _to_paho(out: OutProps) -> PahoProperties:
+def _to_paho(out: Properties) -> PahoProperties:
     """The PUBLISH properties object of paho."""
     props = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if out.correlation_data is not None:
@@ -53,10 +54,10 @@ def _to_paho(out: OutProps) -> PahoProperties:
     return props
 
 
-def _inbound(message: aiomqtt.Message) -> Inbound:
+def _delivery(message: aiomqtt.Message) -> Delivery:
     props = message.properties
     user = getattr(props, "UserProperty", None) if props is not None else None
-    return Inbound(
+    return Delivery(
         topic=message.topic.value,
         payload=bytes(message.payload),
         qos=message.qos,
@@ -68,21 +69,19 @@ def _inbound(message: aiomqtt.Message) -> Inbound:
 
 
 class AsyncConnection:
-    """`async with AsyncConnection(address, ...) as conn:` one MQTT client on the running loop."""
+    """`async with AsyncConnection(target, ...) as conn:` one MQTT client on the running loop."""
 
     def __init__(
         self,
-        address: BrokerAddress,
+        target: BrokerTarget,
         client_id: str | None = None,
         *,
-        protocol: str = "5",
-        tls_files: TlsFiles | None = None,
         keepalive: int = 30,
         max_inflight: int = DEFAULT_INFLIGHT,
     ) -> None:
-        self.address = address
+        self.address = address = target.address
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
-        self.mqtt5 = protocol == ProtocolVersion.V5
+        self.mqtt5 = target.mqtt5
         self._options: dict[str, Any] = {
             "logger": _AIOMQTT_LOG,
             "username": address.username,
@@ -95,12 +94,12 @@ class AsyncConnection:
             "max_queued_incoming_messages": 10_000,
         }
         if address.tls:
-            files = tls_files or TlsFiles()
+            files = target.tls_files
             self._options["tls_params"] = aiomqtt.TLSParameters(
                 ca_certs=files.ca, certfile=files.cert, keyfile=files.key
             )
         self._client: aiomqtt.Client | None = None
-        self._last_props: tuple[OutProps, PahoProperties] | None = None
+        self._last_props: tuple[Properties, PahoProperties] | None = None
 
     async def __aenter__(self) -> Self:
         """Connect; BrokerRefused on a negative CONNACK, BrokerUnreachable otherwise."""
@@ -169,7 +168,7 @@ class AsyncConnection:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        props: OutProps | None = None,
+        props: Properties | None = None,
     ) -> None:
         """Publish and wait for the broker's PUBACK (QoS 1); BrokerUnreachable when it fails."""
         properties = self._paho_props(props)
@@ -179,7 +178,7 @@ class AsyncConnection:
         except aiomqtt.MqttError as exc:
             raise BrokerUnreachable(f"{self.address}: publish failed: {exc}") from exc
 
-    def _paho_props(self, props: OutProps | None) -> PahoProperties | None:
+    def _paho_props(self, props: Properties | None) -> PahoProperties | None:
         # A restore stream sends the same properties with every message: build them once.
         if props is None or not self.mqtt5:
             return None
@@ -187,11 +186,11 @@ class AsyncConnection:
             self._last_props = (props, _to_paho(props))
         return self._last_props[1]
 
-    async def messages(self) -> AsyncIterator[Inbound]:
+    async def messages(self) -> AsyncIterator[Delivery]:
         """Incoming messages until the connection drops (then BrokerUnreachable)."""
         try:
             async for message in self._live().messages:
-                yield _inbound(message)
+                yield _delivery(message)
         except aiomqtt.MqttError as exc:
             raise BrokerUnreachable(f"{self.address}: connection lost: {exc}") from exc
 

@@ -343,7 +343,7 @@ class AsyncIngest:
     """Ingest transport on asyncio + `mqtt5`: MQTT 5, persistent session, acks after the sync."""
 
     def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
-        if session.protocol != "5":
+        if not session.target.mqtt5:
             raise ConfigError(
                 "the asyncio transport speaks MQTT 5 only",
                 "use --transport paho with --protocol 3.1.1",
@@ -376,11 +376,11 @@ class AsyncIngest:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.session.address.tls:
             return None
-        s = self.session
+        files = self.session.target.tls_files
         try:
-            context = ssl.create_default_context(cafile=s.ca)
-            if s.cert is not None:
-                context.load_cert_chain(s.cert, s.key)
+            context = ssl.create_default_context(cafile=files.ca)
+            if files.cert is not None:
+                context.load_cert_chain(files.cert, files.key)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
         return context

@@ -29,12 +29,13 @@ from typing import Any, Self
 
 import mqtt5
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.packets import Outgoing, read5
 from mqtt_backup.mqtt.session import describe
-from mqtt_backup.mqtt.values import OutProps, TlsFiles
+from mqtt_backup.mqtt.values import Delivery
+from mqtt_backup.records import Properties
 
 DEFAULT_RECEIVE_MAX = 256
 CONNECT_TIMEOUT_S = 10.0
@@ -47,28 +48,11 @@ Writer = Callable[[mqtt5.Packet], bytes]
 Acked = Callable[[int], None]
 CONNECTION_LOST = -1
 _PUBACK = 0x40
+_NO_PROPERTIES = Properties()  # what a publish without properties, or on MQTT 3.1.1, sends
 
 
 def _write5(packet: mqtt5.Packet) -> bytes:
     return packet.write()
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An incoming PUBLISH; `ack` it once it is processed (QoS 1: `packet_id` is set)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-    packet_id: int | None
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user: tuple[tuple[str, str], ...] = ()
-    content_type: str | None = None
-    payload_format: int = 0
-    message_expiry: int | None = None
 
 
 def _delivery(packet: mqtt5.PublishPacket) -> Delivery:
@@ -398,7 +382,7 @@ class _Wire(asyncio.Protocol):
 
 
 class CodecConnection:
-    """`async with CodecConnection(address, ...) as conn:` one MQTT client on the running loop.
+    """`async with CodecConnection(target, ...) as conn:` one MQTT client on the running loop.
 
     BrokerUnreachable when the broker cannot be reached or the connection drops, BrokerRefused
     when it says no (CONNACK, SUBACK or PUBACK reason codes), each with a hint.
@@ -406,11 +390,9 @@ class CodecConnection:
 
     def __init__(
         self,
-        address: BrokerAddress,
+        target: BrokerTarget,
         client_id: str | None = None,
         *,
-        protocol: str = "5",
-        tls_files: TlsFiles | None = None,
         keepalive: int = 30,
         receive_max: int = DEFAULT_RECEIVE_MAX,
         session_expiry: int | None = None,
@@ -418,10 +400,10 @@ class CodecConnection:
         """`session_expiry` (s): resume and keep a broker session; None: a fresh one."""
         if not 0 < receive_max <= _MAX_PACKET_ID:
             raise ValueError("receive_max must be 1..65535")
-        self.address = address
+        self.address = target.address
         self.client_id = client_id or f"mqtt-backup-{uuid.uuid4().hex[:12]}"
-        self.mqtt5 = protocol == "5"
-        self.tls_files = tls_files or TlsFiles()
+        self.mqtt5 = target.mqtt5
+        self.tls_files = target.tls_files
         self.keepalive = keepalive
         self.receive_max = receive_max
         self.session_expiry = session_expiry
@@ -583,7 +565,7 @@ class CodecConnection:
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        props: OutProps | None = None,
+        props: Properties | None = None,
     ) -> None:
         """Publish; at QoS 1 wait for the PUBACK (BrokerRefused on a failure reason code)."""
 
@@ -612,10 +594,10 @@ class CodecConnection:
         payload: bytes,
         qos: int,
         retain: bool,
-        props: OutProps | None,
+        props: Properties | None,
         packet_id: int | None,
     ) -> mqtt5.PublishPacket:
-        p = props if props is not None and self.mqtt5 else OutProps()
+        p = props if props is not None and self.mqtt5 else _NO_PROPERTIES
         return mqtt5.PublishPacket(
             topic,
             payload,

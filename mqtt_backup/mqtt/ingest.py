@@ -22,7 +22,6 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import ProtocolVersion
 from mqtt_backup.errors import (
     BrokerError,
     BrokerRefused,
@@ -88,7 +87,7 @@ class PahoIngest:
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
-        v5 = self.session.protocol == ProtocolVersion.V5
+        v5 = self._is_v5()
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.session.client_id,
@@ -100,10 +99,9 @@ class PahoIngest:
         if addr.username is not None:
             client.username_pw_set(addr.username, addr.password)
         if addr.tls:
+            files = self.session.target.tls_files
             try:
-                client.tls_set(
-                    ca_certs=self.session.ca, certfile=self.session.cert, keyfile=self.session.key
-                )
+                client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
         presence = self.session.presence
@@ -178,7 +176,7 @@ class PahoIngest:
         assert self._sink is not None
         self._generation = self._sink.new_connection()
         properties = None
-        if self.session.protocol == ProtocolVersion.V5:
+        if self._is_v5():
             properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.session.session_expiry
             properties.ReceiveMaximum = self.session.receive_maximum
@@ -221,7 +219,7 @@ class PahoIngest:
             self._client.publish(presence.topic, payload, qos=1, retain=True)
 
     def _is_v5(self) -> bool:
-        return self.session.protocol == ProtocolVersion.V5
+        return self.session.target.mqtt5
 
     def _subscribe(self, filters: Sequence[str]) -> None:
         if not filters:
@@ -323,10 +321,21 @@ class PahoIngest:
     def keep_alive(self) -> None:
         """Service the connection without committing: answer keepalives, hold what arrives.
 
-        For long operations on the ingest thread; the broker's window bounds what is held.
+        During a unit of a long operation on the ingest thread (`commit_held` stores what it
+        holds between units); the broker's window bounds what is held.
         """
         if self._connected and self._sink is not None:
             self._pump(0, read=self._sink.can_hold())
+
+    def commit_held(self) -> None:
+        """Store what is held and acknowledge it, between two units of a long operation.
+
+        On the ingest thread, as every commit here (paho's callbacks run on it too). A failure
+        starts the stall, as always. Nothing happens without a connection to acknowledge on:
+        what is held waits for the operation's end.
+        """
+        if self._connected and self._sink is not None and self._sink.has_work:
+            self._commit(self._sink, self.stall)
 
     def _readable(self) -> bool:
         sock = self._client.socket()

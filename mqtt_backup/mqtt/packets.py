@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import mqtt5
 
-from mqtt_backup.mqtt.values import OutProps
+from mqtt_backup.records import Properties
 
 _PAYLOAD_FORMAT = 0x01
 _MESSAGE_EXPIRY = 0x02
@@ -123,11 +123,11 @@ class Outgoing:
         length = len(topic) + (2 if self.qos else 0) + len(props) + len(self.payload)
         return 1 + _varint_size(length) + length
 
-    def out_props(self) -> OutProps:
+    def out_props(self) -> Properties:
         """The properties as a value (for a connection that takes them so, e.g. aiomqtt)."""
         packet, _ = mqtt5.read(memoryview(self.encode(1)))
         assert isinstance(packet, mqtt5.PublishPacket)
-        return OutProps(
+        return Properties(
             correlation_data=packet.correlation_data,
             user=tuple(packet.user_properties),
             content_type=packet.content_type,

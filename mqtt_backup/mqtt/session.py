@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import SessionTakenOver, StorageUnavailable
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.records import Record
@@ -54,18 +54,19 @@ def taken_over(client_id: str) -> SessionTakenOver:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """How the bridge connects: who it is and how long the broker keeps its session."""
+    """How the bridge connects: to which broker, as whom, how long the broker keeps its session."""
 
-    address: BrokerAddress
+    target: BrokerTarget
     client_id: str
-    protocol: str = "5"
     keepalive: int = 30
     session_expiry: int = 7 * 24 * 3600
     receive_maximum: int = 1000
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
     presence: Presence | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker's address (its URL without the password is what logs show)."""
+        return self.target.address
 
 
 class Sink(Protocol):

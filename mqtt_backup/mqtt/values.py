@@ -8,36 +8,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mqtt_backup.config import BrokerTarget, TlsFiles
 
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """CA file for an mqtts:// broker; client certificate and key for mTLS."""
-
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+__all__ = ["BrokerTarget", "Delivery", "TlsFiles"]
 
 
 @dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message as a restore request or a response: what the receiver needs of it."""
+class Delivery:
+    """An incoming PUBLISH, from any connection: a restore request, a response, a reading.
+
+    On the codec connection, `ack` it once it is processed (QoS 1: `packet_id` is set); aiomqtt
+    acknowledges by itself (`packet_id` None). Its MQTT 5 properties are flat fields: the
+    restore client and service read one or two of them per message.
+    """
 
     topic: str
     payload: bytes
     qos: int = 0
     retain: bool = False
+    dup: bool = False
+    packet_id: int | None = None
     response_topic: str | None = None
-    correlation_data: bytes | None = None
-    user: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class OutProps:
-    """MQTT 5 properties of an outgoing message (ignored on MQTT 3.1.1)."""
-
     correlation_data: bytes | None = None
     user: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
-    payload_format: int | None = None
+    payload_format: int = 0
     message_expiry: int | None = None
-    response_topic: str | None = None

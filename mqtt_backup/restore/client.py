@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mqtt_backup.config import BrokerAddress
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BackupError, BrokerError, UsageError
-from mqtt_backup.mqtt import CodecConnection, Delivery, OutProps, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.request import BadRequest, Request
 from mqtt_backup.topics import check_device
 
@@ -36,11 +37,9 @@ class LostOnTheWay(BackupError):
 class Ask:
     """One restore request as the client sends it."""
 
-    address: BrokerAddress
+    target: BrokerTarget
     request: Request
     namespace: str = "backup"
-    protocol: str = "5"
-    tls_files: TlsFiles | None = None
     timeout: float = 10.0
 
 
@@ -68,15 +67,13 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
     request_id = uuid.uuid4().hex
     request = dataclasses.replace(question.request, request_id=request_id)
     request_topic = f"{question.namespace}/restore/{request.device}"
-    async with CodecConnection(
-        question.address, protocol=question.protocol, tls_files=question.tls_files
-    ) as conn:
+    async with CodecConnection(question.target) as conn:
         # MQTT 5: a topic of our own. The default <request>/response is heard too (filtered by
         # id): a bridge on MQTT 3.1.1 cannot see our response topic and answers there.
         default_topic = f"{request_topic}/response"
         own = _Own(f"{request_topic}/{request_id}" if conn.mqtt5 else default_topic, request_id)
         await conn.subscribe(list(dict.fromkeys((own.topic, default_topic))), qos=1)
-        props = OutProps(response_topic=own.topic, correlation_data=own.correlation)
+        props = Properties(response_topic=own.topic, correlation_data=own.correlation)
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         try:
             terminal = await _read_answer(conn, own, question.timeout, on_message)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqtt_backup.errors import UsageError
-from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Delivery, OutProps
+from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Delivery
+from mqtt_backup.records import Properties
 from mqtt_backup.restore.client import Ask, LostOnTheWay, NoAnswer
 from mqtt_backup.restore.request import Request
 from mqtt_backup.status import STATUS_PROTOCOL, Member, read_members, update_members
@@ -113,9 +114,7 @@ async def gather(
     request_id = uuid.uuid4().hex
     device = question.request.device
     request_topic = f"{question.namespace}/restore/{device}"
-    async with CodecConnection(
-        question.address, protocol=question.protocol, tls_files=question.tls_files
-    ) as conn:
+    async with CodecConnection(question.target) as conn:
         known = await read_members(conn, question.namespace)
         # A status without `protocol` is no bridge that can gather (bridges before scale-out
         # publish none): anyone may write one on a broker without the ACL, and taking it for an
@@ -136,7 +135,7 @@ async def gather(
         request = dataclasses.replace(question.request, request_id=request_id, group=group_name)
         own_topic = f"{request_topic}/{request_id}" if conn.mqtt5 else f"{request_topic}/response"
         await conn.subscribe(list(dict.fromkeys((own_topic, f"{request_topic}/response"))), qos=1)
-        props = OutProps(response_topic=own_topic, correlation_data=request_id.encode())
+        props = Properties(response_topic=own_topic, correlation_data=request_id.encode())
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         merge = _Merge([m.name for m in chosen], request, on_message)
         await _read(conn, question, request_id, merge, known)
@@ -261,9 +260,7 @@ async def republish(question: Ask, bodies: list[dict[str, Any]], rate: float | N
     original receive time in `mqtt-backup-ts`, retain flags only with `retain` in the request.
     """
     interval = 1.0 / rate if rate else 0.0
-    async with CodecConnection(
-        question.address, protocol=question.protocol, tls_files=question.tls_files
-    ) as conn:
+    async with CodecConnection(question.target) as conn:
         for body in bodies:
             retain = question.request.retain and bool(body.get("retain"))
             await conn.publish(
@@ -281,12 +278,12 @@ def _payload(body: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def _props(body: dict[str, Any]) -> OutProps:
+def _props(body: dict[str, Any]) -> Properties:
     given = body.get("properties") or {}
     user = [(REPLAY_PROPERTY, "1"), ("mqtt-backup-ts", str(body.get("ts", "")))]
     user += [(str(k), str(v)) for k, v in given.get("user_properties", [])]
     correlation = given.get("correlation_data")
-    return OutProps(
+    return Properties(
         correlation_data=base64.b64decode(correlation) if correlation is not None else None,
         user=tuple(user),
         content_type=given.get("content_type"),

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 from mqtt_backup.envelope import EnvelopeText
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, OutProps, Window
+from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Window
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
-from mqtt_backup.records import RecordFields, is_dup, is_retain, qos_of
+from mqtt_backup.records import Properties, RecordFields, is_dup, is_retain, qos_of
 from mqtt_backup.restore.request import PROTOCOL, BadRequest
 from mqtt_backup.storage.journal import Gap
 from mqtt_backup.tally import TALLY
@@ -302,7 +302,7 @@ class Publisher(Protocol):
         payload: bytes,
         qos: int = 1,
         retain: bool = False,
-        props: OutProps | None = None,
+        props: Properties | None = None,
     ) -> None:
         """Publish and wait for the broker to take it (PUBACK at QoS 1)."""
 
@@ -324,14 +324,14 @@ class _PublisherFlow(Flow):
     def __init__(self, conn: Publisher, window: Window) -> None:
         self._conn = conn
         self._window = window
-        self._last: tuple[bytes, OutProps] = (b"", OutProps())
+        self._last: tuple[bytes, Properties] = (b"", Properties())
 
     async def send(self, packets: Sequence[Outgoing]) -> None:
         for p in packets:
             props = self._props(p)
             await self._window.send(self._conn.publish(p.topic, p.payload, p.qos, p.retain, props))
 
-    def _props(self, packet: Outgoing) -> OutProps:
+    def _props(self, packet: Outgoing) -> Properties:
         # The messages of a JSON answer share their properties: decoded once, not per message.
         if self._last[0] is not packet.properties:
             self._last = (packet.properties, packet.out_props())

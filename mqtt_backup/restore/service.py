@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mqtt_backup.config import BrokerAddress, ProtocolVersion
+from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
 from mqtt_backup.logs import count
-from mqtt_backup.mqtt import CodecConnection, Delivery, Inbound, TlsFiles
+from mqtt_backup.mqtt import CodecConnection, Delivery
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.packets import Outgoing
 from mqtt_backup.records import RecordFields, decode_fields
@@ -111,7 +111,7 @@ class RestoreService:
         """The restore prefix: `<namespace>/restore`."""
         return f"{self.namespace}/restore"
 
-    def submit(self, message: Inbound, conn: Outbox | Publisher) -> None:
+    def submit(self, message: Delivery, conn: Outbox | Publisher) -> None:
         """Answer one request in its own task; requests are independent."""
         if message.retain:
             # A retained request, live or stale, would be answered again at every reconnect of
@@ -140,7 +140,7 @@ class RestoreService:
             topic,
         )
 
-    async def answer(self, message: Inbound, conn: Outbox | Publisher) -> None:
+    async def answer(self, message: Delivery, conn: Outbox | Publisher) -> None:
         """Parse, scan and publish one request; any problem becomes one error terminal."""
         outbox = conn if isinstance(conn, Outbox) else PublisherOutbox(conn, self.window)
         device = message.topic.removeprefix(self.prefix + "/")
@@ -557,12 +557,10 @@ def _restarted(previous: DroppedReading, value: int, started_ns: int | None) -> 
 
 @dataclass
 class ServeOptions:
-    """How the restore side connects: broker, identity, protocol, TLS files."""
+    """How the restore side connects: to which broker, as whom."""
 
-    address: BrokerAddress
+    target: BrokerTarget
     client_id: str
-    protocol: str = "5"
-    tls_files: TlsFiles | None = None
     keepalive: int = 30
 
 
@@ -615,22 +613,11 @@ if TYPE_CHECKING:
 
 def _connection(options: ServeOptions, window: int) -> Connection:
     """MQTT 5: the codec connection, whose one window all restores share; 3.1.1: aiomqtt."""
-    if options.protocol != ProtocolVersion.V5:
+    if not options.target.mqtt5:
         from mqtt_backup.mqtt import AsyncConnection  # noqa: PLC0415 - aiomqtt for 3.1.1 only
 
-        return AsyncConnection(
-            options.address,
-            options.client_id,
-            protocol=options.protocol,
-            tls_files=options.tls_files,
-            keepalive=options.keepalive,
-        )
-    conn = CodecConnection(
-        options.address,
-        options.client_id,
-        tls_files=options.tls_files,
-        keepalive=options.keepalive,
-    )
+        return AsyncConnection(options.target, options.client_id, keepalive=options.keepalive)
+    conn = CodecConnection(options.target, options.client_id, keepalive=options.keepalive)
     conn.send_window = window
     return conn
 
@@ -664,7 +651,7 @@ async def _dispatch(service: RestoreService, conn: Connection, watcher: DroppedW
             service.submit(message, outbox)
 
 
-async def _incoming(conn: Connection) -> AsyncIterator[Inbound]:
+async def _incoming(conn: Connection) -> AsyncIterator[Delivery]:
     """Requests and $SYS readings until the connection drops (then BrokerUnreachable)."""
     if not isinstance(conn, CodecConnection):  # aiomqtt (MQTT 3.1.1)
         async for message in conn.messages():
@@ -673,20 +660,8 @@ async def _incoming(conn: Connection) -> AsyncIterator[Inbound]:
     while True:
         batch = await conn.receive()
         for delivery in batch:
-            yield _inbound(delivery)
+            yield delivery
         conn.ack(batch)  # a request is a task of its own by now
-
-
-def _inbound(delivery: Delivery) -> Inbound:
-    return Inbound(
-        topic=delivery.topic,
-        payload=delivery.payload,
-        qos=delivery.qos,
-        retain=delivery.retain,
-        response_topic=delivery.response_topic,
-        correlation_data=delivery.correlation_data,
-        user=delivery.user,
-    )
 
 
 async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:

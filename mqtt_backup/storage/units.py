@@ -3,8 +3,8 @@
 An operation (a partition move, a prune, a forget) is a generator: it yields where a commit of
 ingest may come in, and returns its result. Each stretch of work between two yields (a unit)
 runs with nothing else writing to the store; between units the running bridge stores and
-acknowledges what it received meanwhile (docs/design-notes.md, "Operations run by the writer").
-Offline, and on the paho transport, the units simply run one after the other (`to_the_end`).
+acknowledges what it received meanwhile (docs/design-notes.md, "Operations run by the writer"),
+on either transport. Offline the units simply run one after the other (`to_the_end`).
 
 A unit is about UNIT_KEYS records copied, deleted or scanned (at least one device), so that
 acknowledgements wait for one unit, not for the whole operation.
@@ -42,7 +42,7 @@ def step(units: Units[_R]) -> Done[_R] | None:
 
 
 def to_the_end(units: Units[_R]) -> _R:
-    """Run every unit, one after the other (offline, paho, and a final unit's own catch-up)."""
+    """Run every unit, one after the other (offline, and a final unit's own catch-up)."""
     while True:
         done = step(units)
         if done is not None:

@@ -31,7 +31,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import parse_broker_url
+from mqtt_backup.config import BrokerTarget, parse_broker_url
 from mqtt_backup.restore.client import Ask, ask, request_for
 from mqtt_backup.storage.journal import Gap
 from tests.conftest import REPO, wait_until
@@ -413,7 +413,7 @@ def restored(url: str, devices: Sequence[str]) -> Restored:
     result = Restored([], [])
     for device in devices:
         lines: list[dict[str, Any]] = []
-        question = Ask(parse_broker_url(url), request_for(device, {}), timeout=30)
+        question = Ask(BrokerTarget(parse_broker_url(url)), request_for(device, {}), timeout=30)
         end = asyncio.run(ask(question, lines.append))
         result.terminals.append({**end, "lines": len(lines)})
         result.copies += [c for c in map(_copy, lines) if c is not None]
@@ -422,7 +422,7 @@ def restored(url: str, devices: Sequence[str]) -> Restored:
 
 def terminal(url: str, device: str, **fields: Any) -> dict[str, Any]:
     """The terminal message of an MQTT restore request (done with count/complete/gaps, or error)."""
-    question = Ask(parse_broker_url(url), request_for(device, fields), timeout=30)
+    question = Ask(BrokerTarget(parse_broker_url(url)), request_for(device, fields), timeout=30)
     return asyncio.run(ask(question, lambda _body: None))
 
 

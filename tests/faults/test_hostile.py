@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import parse_broker_url
+from mqtt_backup.config import BrokerTarget, parse_broker_url
 from mqtt_backup.restore.client import Ask, ask, request_for
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import BrokerFactory, Report
@@ -314,7 +314,9 @@ def test_hostile_messages_are_stored_byte_exact(
         # Oldest first up to the big message, then newest first down to it: all but that one.
         for fields in ({}, {"order": "desc"}):
             lines: list[dict[str, Any]] = []
-            question = Ask(parse_broker_url(broker.url), request_for(device, fields), timeout=30)
+            question = Ask(
+                BrokerTarget(parse_broker_url(broker.url)), request_for(device, fields), timeout=30
+            )
             end = asyncio.run(ask(question, lines.append))
             restored.update(_decoded(line) for line in lines)
             if "error" in end:

@@ -21,7 +21,7 @@ import aiomqtt
 import pytest
 
 from mqtt_backup import control
-from mqtt_backup.config import parse_broker_url
+from mqtt_backup.config import BrokerTarget, parse_broker_url
 from mqtt_backup.errors import BackupError
 from mqtt_backup.restore.client import Ask, NoAnswer, ask, request_for
 from mqtt_backup.storage import StoreReader
@@ -64,7 +64,9 @@ def _count(data: Path, device: str) -> int:
 
 def _ask(url: str, device: str, fields: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
     """The terminal of one restore, or {"no answer": reason} when none came."""
-    question = Ask(parse_broker_url(url), request_for(device, fields), timeout=timeout)
+    question = Ask(
+        BrokerTarget(parse_broker_url(url)), request_for(device, fields), timeout=timeout
+    )
     try:
         return asyncio.run(ask(question, lambda _line: None))
     except NoAnswer as exc:
