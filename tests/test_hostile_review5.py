@@ -1,0 +1,157 @@
+"""Hostile review of the paho commits between units (and the folded MQTT value types).
+
+The paho transport (`--protocol 3.1.1`, `--transport paho`) now stores and acknowledges what it
+holds between the units of a long operation. These tests attack that with real processes and a
+real Mosquitto: a kill -9 in the middle of a partition add must lose nothing the bridge
+acknowledged, and a re-run must finish the add. Faults (a slow copy, a small unit) are injected
+into the bridge process only to stretch the operation over many units.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqtt_backup.control import call
+from mqtt_backup.storage import checks
+from tests.conftest import (
+    REPO,
+    Broker,
+    Sent,
+    bridge_process,
+    device_client,
+    read_all,
+    stored_count,
+    wait_until,
+)
+from tests.test_operations import fill
+
+pytestmark = pytest.mark.slow  # real processes killed by signals
+
+# The bridge with small units and a slow copy: an add of ~100 devices takes seconds, in many
+# units, so a kill lands in its middle and commits come between its units meanwhile.
+_SLOW_ADD = """
+import sys, time
+from mqtt_backup.storage import partition, units
+units.UNIT_KEYS = 20
+_copy = partition.Partition.copy_keys_from
+def _slow(self, *args, **kwargs):
+    time.sleep(0.05)
+    return _copy(self, *args, **kwargs)
+partition.Partition.copy_keys_from = _slow
+sys.argv = ["mqtt-backup", *sys.argv[1:]]
+from mqtt_backup.cli import main
+main()
+"""
+
+
+def _slow_bridge(broker: Broker, data: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-c", _SLOW_ADD, "run", "--broker", broker.url, "--data", str(data)]
+    out = log.open("ab")
+    return subprocess.Popen(
+        [*cmd, "--partitions", "3", "--batch-max", "50", "--batch-ms", "10", *args],
+        stdout=out,
+        stderr=out,
+        cwd=REPO,
+    )
+
+
+def _wait_running(proc: subprocess.Popen[bytes], log: Path) -> None:
+    def running() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return log.exists() and log.read_text().count("mqtt-backup running") >= runs
+
+    runs = log.read_text().count("mqtt-backup running") + 1 if log.exists() else 1
+    wait_until(running, 20, "the bridge to start")
+
+
+def _publish_in_thread(
+    broker: Broker, messages: list[Sent], ledger: list[Sent]
+) -> threading.Thread:
+    """Publish QoS 1, a little at a time; a message enters the ledger once the broker has it."""
+
+    async def publish() -> None:
+        async with device_client(broker) as client:
+            for i, msg in enumerate(messages):
+                await client.publish(msg.topic, msg.payload, qos=1)
+                ledger.append(msg)
+                if i % 20 == 19:
+                    await asyncio.sleep(0.02)
+
+    thread = threading.Thread(target=lambda: asyncio.run(publish()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_kill_9_during_an_add_on_paho_loses_nothing_acknowledged_between_units(
+    broker: Broker, data_dir: Path, unique: str, tmp_path: Path, protocol: str
+) -> None:
+    """Messages acknowledged between the units of an add survive a kill -9 in its middle.
+
+    The add is killed after the bridge stored messages during it (on paho, only the commits
+    between units store anything while an operation runs). After a restart every message the
+    broker took is stored (the broker resends what the bridge had not acknowledged; one it had
+    acknowledged and lost would never come back), and running the add again finishes it.
+    """
+    fill(data_dir, devices=200, per_device=2)
+    before = stored_count(data_dir)
+    log = tmp_path / "bridge.log"
+    proc = _slow_bridge(broker, data_dir, log, "--protocol", protocol, "--transport", "paho")
+    _wait_running(proc, log)
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+    messages = [Sent(f"devices/{unique}-{i % 20}/t", b"m%d" % i) for i in range(3000)]
+    ledger: list[Sent] = []
+    publisher = _publish_in_thread(broker, messages, ledger)
+    wait_until(lambda: stored_count(data_dir) >= before + 50, 30, "ingest before the add")
+    answers: list[Any] = []
+
+    def add() -> None:
+        try:
+            answers.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
+        except Exception as exc:  # noqa: BLE001 - the kill ends the call: handed to the test
+            answers.append(exc)
+
+    adding = threading.Thread(target=add, daemon=True)
+    adding.start()
+    started = stored_count(data_dir)
+    # Stored while the add runs: acknowledged between its units (nothing else commits then).
+    wait_until(lambda: stored_count(data_dir) >= started + 200, 60, "commits during the add")
+    assert not answers, "the add ended before the kill: make it slower"
+    proc.kill()
+    assert proc.wait(10) == -signal.SIGKILL
+    adding.join(30)
+    publisher.join(120)
+    assert len(ledger) == len(messages)
+
+    proc = bridge_process(broker, data_dir, "--protocol", protocol, "--transport", "paho", log=log)
+    try:
+        _wait_running(proc, log)
+        wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+        wait_until(
+            lambda: stored_count(data_dir) >= before + len(messages), 60, "every ledgered message"
+        )
+        assert call(data_dir, "partitions-add", {"name": "p3"}, timeout=120)["added"] == "p3"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+    stored = [m for msgs in read_all(data_dir).values() for m in msgs]
+    copies = Counter(
+        m.record.payload for m in stored if m.record.topic.startswith("devices/" + unique)
+    )
+    missing = [m.payload for m in ledger if copies[m.payload] == 0]
+    assert missing == [], f"{len(missing)} acknowledged messages lost"
+    firsts = Counter(
+        m.record.payload for m in stored if not m.record.dup and unique in m.record.topic
+    )
+    assert all(n == 1 for n in firsts.values()), "a message stored twice without the DUP flag"
+    assert checks.verify(data_dir).ok
