@@ -10,18 +10,22 @@ into the bridge process only to stretch the operation over many units.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
+from typer.testing import CliRunner
 
 from mqtt_backup import operations
+from mqtt_backup.cli import app
 from mqtt_backup.config import Transport
 from mqtt_backup.control import call
 from mqtt_backup.storage import Store, checks
@@ -35,12 +39,14 @@ from tests.conftest import (
     bridge_process,
     device_client,
     make_settings,
+    make_test_ca,
     publish,
     read_all,
     stored_count,
     wait_until,
 )
 from tests.test_operations import fill
+from tests.test_production_broker import _client_certificate
 
 pytestmark = pytest.mark.slow  # real processes killed by signals
 
@@ -308,3 +314,66 @@ def test_the_broker_going_away_in_the_middle_of_an_operation_on_paho_loses_nothi
     assert set(firsts) == sent
     assert all(n == 1 for n in firsts.values()), firsts
     assert checks.verify(data_dir).ok
+
+
+# ---- the broker target (address, protocol, TLS files) reaching every connection ----------------
+
+
+@pytest.fixture
+def mtls_broker(tmp_path: Path) -> Iterator[Broker]:
+    """dev.conf + tls.conf + mtls.conf: TLS that requires a client certificate of its CA."""
+    state = tmp_path / "mtls-broker"
+    state.mkdir()
+    make_test_ca(state)
+    broker = Broker("dev.conf", state, ("tls.conf", "mtls.conf"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_every_connection_of_every_command_takes_the_client_certificate(
+    mtls_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, protocol: str
+) -> None:
+    """On a broker that requires a client certificate, each command gets through with one.
+
+    `run` (its client-id check, ingest and restore service), `simulate`, `status` and `restore`
+    each open their own connection from the same --ca/--cert/--key and --protocol: one that
+    dropped the certificate or the protocol fails here (the broker refuses the handshake).
+    """
+    cert, key = _client_certificate(mtls_broker.state_dir, f"bridge-{unique}")
+    ca = mtls_broker.state_dir / "ca.crt"
+    tls = ["--ca", str(ca), "--cert", str(cert), "--key", str(key), "--protocol", protocol]
+    url = ["--broker", mtls_broker.url]
+    log = tmp_path / "bridge.log"
+    cmd = [sys.executable, "-m", "mqtt_backup", "run", *url, *tls, "--data", str(data_dir)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=REPO)
+    try:
+        _wait_running(proc, log)
+        wait_until(lambda: "restore service listening" in log.read_text(), 20, "restore service")
+        runner = CliRunner()
+        fleet = ["--devices", "1", "--rate", "20", "--duration", "0.5", "--prefix", unique[:8]]
+        simulated = runner.invoke(app, ["simulate", *url, *tls, *fleet])
+        assert simulated.exit_code == 0, simulated.output
+
+        async def send() -> None:
+            params = aiomqtt.TLSParameters(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
+            async with aiomqtt.Client("127.0.0.1", mtls_broker.port, tls_params=params) as client:
+                await client.publish(f"devices/{unique}/t", b"over mTLS", qos=1)
+
+        asyncio.run(send())
+        wait_until(lambda: stored_count(data_dir) >= 1, 20, "the message over mTLS")
+        status = runner.invoke(app, ["status", *url, *tls, "--json"])
+        assert status.exit_code == 0, status.output
+        assert "online" in status.stdout
+        restored = runner.invoke(app, ["restore", unique, *url, *tls, "--timeout", "20"])
+        assert restored.exit_code == 0, restored.output
+        lines = [json.loads(line) for line in restored.stdout.splitlines()]
+        assert [line["payload"] for line in lines] == ["over mTLS"], lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
