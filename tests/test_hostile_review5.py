@@ -28,7 +28,7 @@ from mqtt_backup import operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Transport
 from mqtt_backup.control import call
-from mqtt_backup.storage import Store, checks
+from mqtt_backup.storage import Store, ballast, checks
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.units import Units, step
 from tests.conftest import (
@@ -45,6 +45,7 @@ from tests.conftest import (
     stored_count,
     wait_until,
 )
+from tests.faulty import Faults
 from tests.test_operations import fill
 from tests.test_production_broker import _client_certificate
 
@@ -377,3 +378,66 @@ def test_every_connection_of_every_command_takes_the_client_certificate(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+# ---- a deleting operation on a full disk owns the room it frees, on paho too -----------------
+
+
+@pytest.mark.parametrize(
+    ("client", "protocol"), [(Transport.ASYNCIO, "5"), (Transport.PAHO, "3.1.1")]
+)
+def test_no_commit_comes_between_the_units_of_a_prune_that_frees_a_full_disk(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: Callable[..., BridgeThread],
+    monkeypatch: pytest.MonkeyPatch,
+    client: Transport,
+    protocol: str,
+) -> None:
+    """The disk is full (not stalled): a prune releases the ballast and owns what it frees.
+
+    Messages that arrive during its units are held, not written between them (a commit there
+    would take the room the prune frees before its reclaim); they are stored once it ends.
+    """
+    monkeypatch.setattr(units_module, "UNIT_KEYS", 20)
+    fill(data_dir, devices=200, per_device=2)
+    faults = Faults()
+    settings = make_settings(broker, data_dir, protocol=protocol, transport=client)
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+    monkeypatch.setattr(ballast, "short_of_space", lambda _data: True)  # the disk is full
+    real = operations.units
+    sent = [Sent(f"devices/{unique}/t", b"h%d" % i) for i in range(5)]
+    during: list[int] = []
+
+    def watched(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
+        work = real(store, op, args)
+        assert step(work) is None, "the prune takes more than one unit"
+        assert store.freeing_space, "the full disk made the prune own the room"
+        writes = faults.calls["write"]
+        received = bridge.bridge.snapshot().received
+        publish(broker, sent)
+
+        def read() -> bool:
+            store.on_progress()  # paho reads during a unit only so
+            return bridge.bridge.snapshot().received >= received + len(sent)
+
+        wait_until(read, 20, "the messages held during the prune")
+        while True:
+            yield
+            during.append(faults.calls["write"] - writes)
+            done = step(work)
+            if done is not None:
+                return done.result
+
+    monkeypatch.setattr(operations, "units", watched)
+    answer = call(data_dir, "prune", {"max_bytes_per_device": 10}, timeout=60)
+    pruned = answer["messages"]
+    assert pruned > 0
+    assert during, "units came after the messages arrived"
+    assert set(during) == {0}, f"writes between the units of the prune: {during}"
+    left = 400 - pruned + len(sent)
+    wait_until(lambda: stored_count(data_dir) == left, 30, "the held messages stored")
+    bridge.stop()
+    assert not bridge.bridge.store.freeing_space
