@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from mqtt_backup import operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Transport
-from mqtt_backup.control import call
+from mqtt_backup.control import RemoteError, call
 from mqtt_backup.storage import Store, ballast, checks
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.units import Units, step
@@ -441,3 +441,90 @@ def test_no_commit_comes_between_the_units_of_a_prune_that_frees_a_full_disk(
     wait_until(lambda: stored_count(data_dir) == left, 30, "the held messages stored")
     bridge.stop()
     assert not bridge.bridge.store.freeing_space
+
+
+# ---- acknowledgements in receive order across units and a failed commit between them ---------
+
+
+def _record_acks(
+    bridge: BridgeThread, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], list[int]]:
+    """Packet ids of this test's messages as paho receives them, and of every ack it sends."""
+    client = bridge.bridge._transport._client
+    received: list[int] = []
+    acked: list[int] = []
+    on_message, ack = client.on_message, client.ack
+
+    def receiving(c: Any, userdata: Any, msg: Any) -> None:  # on the ingest thread
+        if unique in msg.topic:
+            received.append(msg.mid)
+        on_message(c, userdata, msg)
+
+    def acking(mid: int, qos: int) -> Any:
+        acked.append(mid)
+        return ack(mid, qos)
+
+    client.on_message = receiving
+    monkeypatch.setattr(client, "ack", acking)
+    return received, acked
+
+
+def test_paho_acks_in_receive_order_across_units_and_a_failed_commit_between_them(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: Callable[..., BridgeThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MQTT 3.1.1 wants PUBACKs in the order the PUBLISHes came (MQTT-4.6.0-2).
+
+    Messages stream in while an add runs in units on paho; a commit between two of its units
+    fails (disk full: the add fails, exit 4) and storage comes back. Every message is
+    acknowledged exactly once, in the order it was received, and stored.
+    """
+    monkeypatch.setattr(units_module, "UNIT_KEYS", 20)
+    fill(data_dir, devices=200, per_device=2)
+    faults = Faults()
+    settings = make_settings(broker, data_dir, protocol="3.1.1")
+    bridge = run_bridge(settings, wrap_store=faults.wrap)
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+    received, acked = _record_acks(bridge, unique, monkeypatch)
+    real = operations.units
+    units_seen = [0]
+
+    def failing_once(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
+        work = real(store, op, args)
+        while (done := step(work)) is None:
+            units_seen[0] += 1
+            store.on_progress()
+            if units_seen[0] == 6:
+                faults.failing = True  # the commit after this unit fails
+            yield
+        return done.result
+
+    sent = [Sent(f"devices/{unique}-{i % 9}/t", b"o%d" % i) for i in range(600)]
+    ledger: list[Sent] = []
+    publisher = _publish_in_thread(broker, sent, ledger)
+    wait_until(lambda: len(received) >= 50, 30, "messages before the add")
+    monkeypatch.setattr(operations, "units", failing_once)
+    answer: Any
+    try:
+        answer = call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)
+    except RemoteError as exc:
+        answer = exc
+    faults.failing = False
+    publisher.join(60)
+    assert len(ledger) == len(sent)
+    assert isinstance(answer, RemoteError), "the commit between units failed the add"
+    assert answer.exit_code == 4, answer
+    monkeypatch.setattr(operations, "units", real)
+    assert call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)["added"] == "p3"
+    wait_until(lambda: len(received) >= len(sent), 30, "every message received")
+    wait_until(lambda: set(received) <= set(acked), 30, "every message acknowledged")
+    bridge.stop()
+    ours = set(received)
+    in_ack_order = [mid for mid in acked if mid in ours]
+    assert in_ack_order == received, "acknowledged out of receive order, or twice"
+    assert faults.calls["write_failed"] >= 1, "the failure was injected between units"
+    stored = {m.record.payload for msgs in read_all(data_dir).values() for m in msgs}
+    assert {m.payload for m in sent} <= stored
