@@ -28,6 +28,7 @@ from mqtt_backup import operations
 from mqtt_backup.cli import app
 from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
+from mqtt_backup.mqtt.ingest import PahoIngest
 from mqtt_backup.storage import Store, ballast, checks
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.units import Units, step
@@ -450,10 +451,13 @@ def _record_acks(
     bridge: BridgeThread, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[int], list[int]]:
     """Packet ids of this test's messages as paho receives them, and of every ack it sends."""
-    client = bridge.bridge._transport._client
+    transport = bridge.bridge._transport
+    assert isinstance(transport, PahoIngest)
+    client = transport._client
     received: list[int] = []
     acked: list[int] = []
     on_message, ack = client.on_message, client.ack
+    assert on_message is not None
 
     def receiving(c: Any, userdata: Any, msg: Any) -> None:  # on the ingest thread
         if unique in msg.topic:
