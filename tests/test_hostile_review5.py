@@ -29,7 +29,7 @@ from mqtt_backup.cli import app
 from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.mqtt.ingest import PahoIngest
-from mqtt_backup.storage import Store, ballast, checks
+from mqtt_backup.storage import Store, ballast, checks, moves
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.units import Units, step
 from tests.conftest import (
@@ -107,6 +107,22 @@ def _publish_in_thread(
     return thread
 
 
+def _assert_whole(data: Path, unique: str, ledger: list[Sent]) -> None:
+    """Every ledgered message stored, none twice unflagged, every device where placement says."""
+    stored = [m for msgs in read_all(data).values() for m in msgs if unique in m.record.topic]
+    copies = Counter(m.record.payload for m in stored)
+    missing = [m.payload for m in ledger if copies[m.payload] == 0]
+    assert missing == [], f"{len(missing)} acknowledged messages lost"
+    firsts = Counter(m.record.payload for m in stored if not m.record.dup)
+    assert all(n == 1 for n in firsts.values()), "a message stored twice without the DUP flag"
+    store = Store.open(data, create=False)
+    try:
+        assert moves.rebalance(store, dry_run=True).devices == 0, "a copy left behind"
+    finally:
+        store.close()
+    assert checks.verify(data).ok
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_kill_9_during_an_add_on_paho_loses_nothing_acknowledged_between_units(
     broker: Broker, data_dir: Path, unique: str, tmp_path: Path, protocol: str
@@ -160,17 +176,7 @@ def test_kill_9_during_an_add_on_paho_loses_nothing_acknowledged_between_units(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
-    stored = [m for msgs in read_all(data_dir).values() for m in msgs]
-    copies = Counter(
-        m.record.payload for m in stored if m.record.topic.startswith("devices/" + unique)
-    )
-    missing = [m.payload for m in ledger if copies[m.payload] == 0]
-    assert missing == [], f"{len(missing)} acknowledged messages lost"
-    firsts = Counter(
-        m.record.payload for m in stored if not m.record.dup and unique in m.record.topic
-    )
-    assert all(n == 1 for n in firsts.values()), "a message stored twice without the DUP flag"
-    assert checks.verify(data_dir).ok
+    _assert_whole(data_dir, unique, ledger)
 
 
 def test_sigterm_during_an_add_on_paho_finishes_it_and_stores_what_it_held(
@@ -235,11 +241,7 @@ def test_sigterm_during_an_add_on_paho_finishes_it_and_stores_what_it_held(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
-    stored = [m for msgs in read_all(data_dir).values() for m in msgs]
-    copies = Counter(m.record.payload for m in stored if unique in m.record.topic)
-    missing = [m.payload for m in ledger if copies[m.payload] == 0]
-    assert missing == [], f"{len(missing)} acknowledged messages lost"
-    assert checks.verify(data_dir).ok
+    _assert_whole(data_dir, unique, ledger)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
