@@ -534,3 +534,67 @@ def test_paho_acks_in_receive_order_across_units_and_a_failed_commit_between_the
     assert faults.calls["write_failed"] >= 1, "the failure was injected between units"
     stored = {m.record.payload for msgs in read_all(data_dir).values() for m in msgs}
     assert {m.payload for m in sent} <= stored
+
+
+# ---- the same bad TLS input, the same answer from every command ------------------------------
+
+
+def _error_line(stderr: str) -> str:
+    """The one error line (simulate says what it will do first), without a traceback."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("mqtt-backup: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", "--wait", "0.5"],
+        ["restore", "dev-1", "--timeout", "1"],
+        ["simulate", "--devices", "1", "--duration", "0.3"],
+    ],
+    ids=["status", "restore", "simulate"],
+)
+def test_a_client_key_that_does_not_match_is_a_configuration_error_in_every_command(
+    tls_broker: Broker, tmp_path: Path, command: list[str], protocol: str
+) -> None:
+    """--cert with the wrong --key: exit 2, `cannot load the TLS files`, whatever the command.
+
+    `simulate` (aiomqtt) said `cannot reach the broker ... Try: check --broker and that the
+    broker runs` with exit 3: the broker was never the problem.
+    """
+    state = tmp_path / "ca"
+    state.mkdir()
+    make_test_ca(state)
+    cert, _ = _client_certificate(state, "client")
+    ca = tls_broker.state_dir / "ca.crt"
+    args = ["--broker", tls_broker.url, "--protocol", protocol, "--ca", str(ca)]
+    args += ["--cert", str(cert), "--key", str(state / "ca.key")]  # not the certificate's key
+    result = CliRunner().invoke(app, [*command, *args])
+    assert result.exit_code == 2, result.output
+    line = _error_line(result.stderr)
+    assert line.startswith("mqtt-backup: bad configuration: cannot load the TLS files:"), line
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status", "--wait", "0.5"],
+        ["restore", "dev-1", "--timeout", "1"],
+        ["simulate", "--devices", "1", "--duration", "0.3"],
+    ],
+    ids=["status", "restore", "simulate"],
+)
+def test_a_broker_certificate_not_trusted_says_check_ca_in_every_command(
+    tls_broker: Broker, command: list[str], protocol: str
+) -> None:
+    """No --ca for a broker whose CA the system does not trust: exit 3, `Try: check --ca`."""
+    args = ["--broker", tls_broker.url, "--protocol", protocol]
+    result = CliRunner().invoke(app, [*command, *args])
+    assert result.exit_code == 3, result.output
+    line = _error_line(result.stderr)
+    assert "CERTIFICATE_VERIFY_FAILED" in line, line
+    assert line.endswith("Try: check --ca"), line
