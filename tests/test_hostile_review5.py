@@ -49,6 +49,8 @@ from tests.conftest import (
 from tests.faulty import Faults
 from tests.test_operations import fill
 from tests.test_production_broker import _client_certificate
+from tests.test_scaleout_restore import restore as scaleout_restore
+from tests.test_scaleout_restore import two_instances
 
 pytestmark = pytest.mark.slow  # real processes killed by signals
 
@@ -598,3 +600,26 @@ def test_a_broker_certificate_not_trusted_says_check_ca_in_every_command(
     line = _error_line(result.stderr)
     assert "CERTIFICATE_VERIFY_FAILED" in line, line
     assert line.endswith("Try: check --ca"), line
+
+
+# ---- a group replay over MQTT 3.1.1 cannot mark its messages -------------------------------
+
+
+def test_a_group_replay_over_mqtt_311_is_refused_and_stores_nothing_again(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    """A replay is marked (`mqtt-backup-replay`, an MQTT 5 user property) so that no bridge stores
+    it again; MQTT 3.1.1 has no properties. A bridge refuses a replay request on 3.1.1
+    (`test_replay_and_raw_need_mqtt5`); the client-side replay of a group must refuse too,
+    instead of republishing unmarked copies that the group stores as new messages.
+    """
+    ns, dirs = two_instances(broker, tmp_path, unique, run_bridge)
+    publish(broker, [Sent(f"t{unique}/d1", f"r{i}".encode()) for i in range(10)])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 10, 20, "10 stored")
+    result = scaleout_restore(broker, ns, "d1", "--replay", "--protocol", "3.1.1")
+    publish(broker, [Sent(f"t{unique}/d1", b"barrier")])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 11, 20, "the barrier stored")
+    assert sum(stored_count(d) for d in dirs) == 11, "the replay was stored again"
+    assert result.exit_code == 2, result.output
+    line = _error_line(result.stderr)
+    assert "MQTT 5" in line, line

@@ -203,6 +203,14 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
     gathered = _as_client(gather(asking, group, collected.append))
     if gathered is None:
         return False
+    if not question.target.mqtt5:
+        # The mark that keeps a replay from being stored again is an MQTT 5 user property: on
+        # 3.1.1 the group would store every republished message as a new one.
+        raise UsageError(
+            "a replay from a group is republished by this client, which needs MQTT 5 to mark "
+            "it as a replay (on 3.1.1 the bridges would store it again)",
+            "use --protocol 5",
+        )
     if gathered.errors or gathered.silent:
         _finish(question.request.device, gathered)  # raises: nothing is replayed then
     sent = _as_client(republish(question, collected, rate))
