@@ -150,6 +150,7 @@ class Bridge:
             [spec.name for spec in self.store.manifest.partitions],
             self.settings.keepalive,
             self._started_ns,
+            self.settings.protocol,
         )
         return Presence(
             self.identity.topic,

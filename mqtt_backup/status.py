@@ -65,13 +65,18 @@ class Identity:
 
 
 def announcement(
-    identity: Identity, partitions: list[str], keepalive: int, started_ns: int
+    identity: Identity, partitions: list[str], keepalive: int, started_ns: int, mqtt: str = "5"
 ) -> dict[str, Any]:
-    """The online status body (the will is the same with `"state": "offline"`)."""
+    """The online status body (the will is the same with `"state": "offline"`).
+
+    `mqtt`: the MQTT version the bridge reads on ("5" or "3.1.1"): a group replay needs 5, where
+    the replay mark is seen.
+    """
     return {
         "state": ONLINE,
         "protocol": STATUS_PROTOCOL,
         "version": mqtt_backup.__version__,
+        "mqtt": mqtt,
         "group": identity.group or DEFAULT_GROUP,
         "instance": identity.name,
         "client_id": identity.client_id,
@@ -108,6 +113,11 @@ class Member:
         """Its MQTT client id, when it said."""
         value = self.body.get("client_id")
         return value if isinstance(value, str) else None
+
+    @property
+    def mqtt5(self) -> bool:
+        """Whether it reads on MQTT 5 (and so sees the replay mark); a status without says so."""
+        return str(self.body.get("mqtt", "5")) == "5"
 
     @property
     def protocol(self) -> int:

@@ -10,6 +10,7 @@ into the bridge process only to stretch the operation over many units.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import subprocess
@@ -51,6 +52,7 @@ from tests.test_operations import fill
 from tests.test_production_broker import _client_certificate
 from tests.test_scaleout_restore import restore as scaleout_restore
 from tests.test_scaleout_restore import two_instances
+from tests.test_status import state_of
 
 pytestmark = pytest.mark.slow  # real processes killed by signals
 
@@ -623,3 +625,38 @@ def test_a_group_replay_over_mqtt_311_is_refused_and_stores_nothing_again(
     assert result.exit_code == 2, result.output
     line = _error_line(result.stderr)
     assert "MQTT 5" in line, line
+
+
+def test_a_group_replay_to_bridges_that_read_on_mqtt_311_is_refused_and_stores_nothing_again(
+    broker: Broker, tmp_path: Path, unique: str, run_bridge: Callable[..., BridgeThread]
+) -> None:
+    """The client marks its replay on MQTT 5, but bridges reading on 3.1.1 cannot see the mark.
+
+    They stored every replayed message again as a new one. Their status now says which MQTT
+    they read on (`"mqtt"`), and the client refuses before asking anything.
+    """
+    ns = f"ns{unique}"
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for name, data in zip(("a", "b"), dirs, strict=True):
+        settings = make_settings(
+            broker,
+            data,
+            namespace=ns,
+            group=f"g{unique}",
+            instance=name,
+            topic=(f"t{unique}/{{device}}",),
+            protocol="3.1.1",
+        )
+        run_bridge(settings)
+        online = functools.partial(state_of, broker, ns, name)
+        wait_until(lambda: online() == "online", 10, f"{name} online")  # noqa: B023 - now
+    publish(broker, [Sent(f"t{unique}/d1", f"r{i}".encode()) for i in range(10)])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 10, 20, "10 stored")
+    result = scaleout_restore(broker, ns, "d1", "--replay")
+    publish(broker, [Sent(f"t{unique}/d1", b"barrier")])
+    wait_until(lambda: sum(stored_count(d) for d in dirs) >= 11, 20, "the barrier stored")
+    assert sum(stored_count(d) for d in dirs) == 11, "the replay was stored again"
+    assert result.exit_code == 2, result.output
+    line = _error_line(result.stderr)
+    assert "a, b of group" in line, line
+    assert "MQTT 3.1.1" in line, line

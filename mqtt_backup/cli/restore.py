@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TextIO, TypeVar
 
@@ -26,6 +27,7 @@ from mqtt_backup.errors import BackupError, BrokerRefused, RestoreClientRefused,
 from mqtt_backup.restore.client import Ask, ask, request_for
 from mqtt_backup.restore.gather import Gathered, gather, republish
 from mqtt_backup.restore.request import MIN_RATE, Request
+from mqtt_backup.status import Member
 from mqtt_backup.topics import check_member_name
 
 app = typer.Typer()
@@ -200,17 +202,10 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
     asking = dataclasses.replace(
         question, request=dataclasses.replace(question.request, replay=False, rate=None)
     )
-    gathered = _as_client(gather(asking, group, collected.append))
+    can_replay = functools.partial(_can_replay, question)
+    gathered = _as_client(gather(asking, group, collected.append, members=can_replay))
     if gathered is None:
         return False
-    if not question.target.mqtt5:
-        # The mark that keeps a replay from being stored again is an MQTT 5 user property: on
-        # 3.1.1 the group would store every republished message as a new one.
-        raise UsageError(
-            "a replay from a group is republished by this client, which needs MQTT 5 to mark "
-            "it as a replay (on 3.1.1 the bridges would store it again)",
-            "use --protocol 5",
-        )
     if gathered.errors or gathered.silent:
         _finish(question.request.device, gathered)  # raises: nothing is replayed then
     sent = _as_client(republish(question, collected, rate))
@@ -219,6 +214,27 @@ def _replay_gathered(question: Ask, group: str | None, rate: float | None) -> bo
         f"from {_names(gathered)}{_completeness(gathered)}"
     )
     return True
+
+
+def _can_replay(question: Ask, members: list[Member]) -> None:
+    """UsageError, before anything is asked, when the group would store this replay again.
+
+    The mark that keeps a replay from being stored again is an MQTT 5 user property: this client
+    must publish it on MQTT 5, and the group's bridges must read on MQTT 5 to see it.
+    """
+    if not question.target.mqtt5:
+        raise UsageError(
+            "a replay from a group is republished by this client, which needs MQTT 5 to mark "
+            "it as a replay (on 3.1.1 the bridges would store it again)",
+            "use --protocol 5",
+        )
+    blind = [m.name for m in members if not m.mqtt5]
+    if blind:
+        raise UsageError(
+            f"{', '.join(blind)} of group {members[0].group} read on MQTT 3.1.1, where the "
+            "replay mark cannot be seen: they would store the replay again",
+            "restore without --replay, or run the group on MQTT 5",
+        )
 
 
 def _names(gathered: Gathered) -> str:
