@@ -660,3 +660,54 @@ def test_a_group_replay_to_bridges_that_read_on_mqtt_311_is_refused_and_stores_n
     line = _error_line(result.stderr)
     assert "a, b of group" in line, line
     assert "MQTT 3.1.1" in line, line
+
+
+# ---- a remove on paho while devices publish ---------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_remove_on_paho_while_devices_publish_places_every_message_once(
+    broker: Broker,
+    data_dir: Path,
+    unique: str,
+    run_bridge: Callable[..., BridgeThread],
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+) -> None:
+    """Devices publish while a remove moves a third of the store, in small units, on paho.
+
+    What arrives is committed between the units (to the old partition until the switch, then
+    copied on); afterwards every message is stored once, where placement says, and no copy of
+    a moved device is left behind.
+    """
+    monkeypatch.setattr(units_module, "UNIT_KEYS", 20)
+    fill(data_dir, devices=200, per_device=2)
+    settings = make_settings(broker, data_dir, protocol=protocol, transport=Transport.PAHO)
+    bridge = run_bridge(settings)
+    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
+    # Devices of the store itself (dev-N, some of them on p2) and new ones.
+    topics = [f"devices/dev-{d}/{unique}" for d in range(0, 200, 7)]
+    topics += [f"devices/{unique}-{d}/t" for d in range(20)]
+    sent = [Sent(topics[i % len(topics)], b"%s %d" % (unique.encode(), i)) for i in range(1500)]
+    ledger: list[Sent] = []
+    publisher = _publish_in_thread(broker, sent, ledger)
+    wait_until(lambda: len(ledger) >= 100, 30, "publishing under way")
+    acked = bridge.bridge.snapshot().acknowledged
+    answer = call(data_dir, "partitions-remove", {"name": "p2"}, timeout=120)
+    assert answer["removed"] == "p2", answer
+    assert len(ledger) < len(sent), "the remove ended after the publisher: nothing interleaved"
+    assert bridge.bridge.snapshot().acknowledged > acked
+    publisher.join(60)
+    wait_until(lambda: stored_count(data_dir) >= 400 + len(sent), 30, "every message stored")
+    bridge.stop()
+    stored = [m for msgs in read_all(data_dir).values() for m in msgs]
+    firsts = Counter(m.record.payload for m in stored if unique.encode() in m.record.payload)
+    assert set(firsts) == {m.payload for m in sent}
+    assert all(n == 1 for n in firsts.values()), "a message stored twice"
+    store = Store.open(data_dir, create=False)
+    try:
+        assert [s.name for s in store.manifest.partitions] == ["p0", "p1"]
+        assert moves.rebalance(store, dry_run=True).devices == 0, "a copy left behind"
+    finally:
+        store.close()
+    assert checks.verify(data_dir).ok
