@@ -688,6 +688,22 @@ class FaultyStore(Store):
         super().write(partition, items, prepared)
         self.writes += 1
 
+    def write_many(
+        self,
+        writes: Sequence[tuple[str, Sequence[Pending], object | None]],
+        stored: list[str] | None = None,
+    ) -> None:
+        """The real one, with the databases of partitions in `failing` failing their writes.
+
+        The pipeline drops the handles after a failure: its reopen brings healthy ones back.
+        """
+        for name in self.failing:
+            part = self.partitions.get(name)
+            if part is not None and not isinstance(part._db, _FailingDb):
+                part._db = _FailingDb(part._db)  # type: ignore[assignment]
+        super().write_many(writes, stored)
+        self.writes += len(writes)
+
 
 @pytest.fixture
 def faulty(data_dir: Path) -> Iterator[FaultyStore]:
