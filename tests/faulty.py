@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mqtt_backup.errors import StorageUnavailable
-from mqtt_backup.ingest import PipelineStore
+from mqtt_backup.ingest import PipelineStore, Preparer
 from mqtt_backup.storage import Pending
 
 DISK_FULL = "IO error: No space left on device (injected)"
@@ -62,6 +62,10 @@ class FaultyStore:
         """What the real store prepares."""
         return self.inner.prepare(partition, items)
 
+    def preparing(self, partition: str, after: object | None) -> Preparer | None:
+        """What the real store prepares as messages arrive."""
+        return self.inner.preparing(partition, after)
+
     def write(
         self, partition: str, items: Sequence[Pending], prepared: object | None = None
     ) -> None:
@@ -80,8 +84,10 @@ class FaultyStore:
         writes: Sequence[tuple[str, Sequence[Pending], object | None]],
         stored: list[str] | None = None,
     ) -> None:
-        """Each write through `write` (each synced: a valid `write_many`), so that the switches
-        and a subclass's `write` govern it."""
+        """Each write through `write` (each synced: a valid `write_many`).
+
+        So the switches and a subclass's `write` govern it.
+        """
         for partition, items, prepared in writes:
             self.write(partition, items, prepared)
             if stored is not None:
