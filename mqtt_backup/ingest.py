@@ -122,13 +122,15 @@ class PipelineStore(Protocol):
         self,
         writes: Sequence[tuple[str, Sequence[Pending], object | None]],
         stored: list[str] | None = None,
+        unsure: list[str] | None = None,
     ) -> None:
         """`write` of each (partition, items, prepared), all durable once it returns.
 
         A store may sync them together (`storage.Store`: one syncfs per filesystem) or one by
         one. `stored` gets each partition's name once its write is durable. Raises
         StorageUnavailable when a write or the sync fails: only what `stored` names counts as
-        stored then (the rest may be on disk, unsynced: the pipeline writes it again).
+        stored then; `unsure` names those written but not known durable (a copy may be on
+        disk: the pipeline writes them again with the DUP flag).
         """
         ...
 
@@ -386,11 +388,11 @@ class CommitPipeline:
 
     def _take(self) -> _Batch | None:
         """The open batch, now in flight, leaving an empty one; None when nothing waits."""
+        self._preparing, self._flight = {}, {}
         if not self._size and not self._tokens:
             return None
         batch = _Batch(self._groups, self._tokens, self._size, self._opened)
         batch.written_to = frozenset(self._groups)
-        self._preparing, self._flight = {}, {}
         # In flight before the open batch empties: `pending`, read from other threads (metrics,
         # tests), may count a batch twice for a moment but never drops it.
         self._in_flight = batch
@@ -411,11 +413,14 @@ class CommitPipeline:
             groups, prepared = batch.groups, batch.prepared
             writes = [(p, items, prepared.get(p)) for p, items in groups.items()]
             stored: list[str] = []
+            unsure: list[str] = []
             try:
-                self._store.write_many(writes, stored)
+                self._store.write_many(writes, stored, unsure)
             except StorageError:
                 self._broken = True
                 self._store.close_partitions()
+                for partition in unsure:  # a copy may be stored: the next one says so
+                    groups[partition] = _flagged_dup(groups[partition])
                 raise
             finally:
                 for partition in stored:
@@ -449,6 +454,7 @@ class CommitPipeline:
     def _finish(self, batch: _Batch) -> int:
         """The batch is stored: count it and acknowledge it in receive order."""
         stored = self._count(batch)
+        self._flight = {}  # it holds the partitions' handles: only while the commit is in flight
         self._in_flight = None  # after the count: `stored` grows before `pending` shrinks
         if self._recovering:
             self._recovering = False
@@ -537,6 +543,17 @@ class CommitPipeline:
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""
         self._tokens = [t for t in self._tokens if keep(t)]
+
+
+def _flagged_dup(items: list[Pending]) -> list[Pending]:
+    """The items with the DUP flag, as a broker's redelivery would be.
+
+    Written once already, unsynced, before a failed sync, they may be stored twice once written
+    again.
+    """
+    return [
+        _new_pending(Pending, (d, k, r, flags | DUP_FLAG, m, p)) for d, k, r, flags, m, p in items
+    ]
 
 
 def _drop_frames(exc: BaseException) -> None:

@@ -83,6 +83,7 @@ class FaultyStore:
         self,
         writes: Sequence[tuple[str, Sequence[Pending], object | None]],
         stored: list[str] | None = None,
+        unsure: list[str] | None = None,  # noqa: ARG002 - synced writes leave nothing unsure
     ) -> None:
         """Each write through `write` (each synced: a valid `write_many`).
 

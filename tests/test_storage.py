@@ -699,6 +699,7 @@ class FaultyStore(Store):
         self,
         writes: Sequence[tuple[str, Sequence[Pending], object | None]],
         stored: list[str] | None = None,
+        unsure: list[str] | None = None,
     ) -> None:
         """The real one, with the databases of partitions in `failing` failing their writes.
 
@@ -708,7 +709,7 @@ class FaultyStore(Store):
             part = self.partitions.get(name)
             if part is not None and not isinstance(part._db, _FailingDb):
                 part._db = _FailingDb(part._db)  # type: ignore[assignment]
-        super().write_many(writes, stored)
+        super().write_many(writes, stored, unsure)
         self.writes += len(writes)
 
 
@@ -959,6 +960,11 @@ def test_pipeline_acks_nothing_while_syncfs_fails_and_everything_after(
     stored = all_payloads(data_dir)
     assert {d: list(dict.fromkeys(p)) for d, p in stored.items()} == want
     assert pipeline.counters.stored == 10
+    # Every copy beyond the first carries the DUP flag, as a broker's redelivery does.
+    report = verify(data_dir)
+    assert report.problems == []
+    assert report.records > 10
+    assert report.duplicates == report.records - 10
 
 
 def _wal_bytes(path: Path) -> int:

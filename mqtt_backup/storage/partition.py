@@ -15,6 +15,7 @@ import functools
 import logging
 import struct
 import tempfile
+import weakref
 import zlib
 from bisect import bisect_left
 from collections.abc import Generator, Iterator, Sequence
@@ -192,7 +193,9 @@ class Preparing:
     """
 
     def __init__(self, partition: Partition, after: Prepared | None = None) -> None:
-        self.partition = partition
+        # Weakly: a strong reference would keep the database handle, and RocksDB's lock, alive
+        # after the partition is closed (an operation reopening it would meet its own lock).
+        self._partition = weakref.ref(partition)
         self.batch = WriteBatch(raw_mode=True)
         if after is None:
             self.clock, self.seq, self._after = partition.clock_ns, partition.seq, {}
@@ -212,7 +215,7 @@ class Preparing:
         """
         put = self.batch.put
         clock, seq = self.clock, self.seq
-        cached = self.partition._entries.get
+        cached = self._open()._entries.get
         after = self._after.get
         stats, names, unread = self.stats, self.names, self.unread
         for device, dev_key, received, flags, middle, payload in items:
@@ -240,12 +243,18 @@ class Preparing:
         self.clock, self.seq = clock, seq
         self.count += len(items)
 
+    def _open(self) -> Partition:
+        part = self._partition()
+        if part is None:
+            raise StorageUnavailable("the partition was closed while a batch was prepared")
+        return part
+
     def finish(self) -> Prepared:
         """The index entries and the partition's clock added: the write, ready to apply.
 
         StorageError when reading the index entries of devices not in the cache fails.
         """
-        part, batch, stats, names = self.partition, self.batch, self.stats, self.names
+        part, batch, stats, names = self._open(), self.batch, self.stats, self.names
         if self.unread:
             part._add_stored(stats, self.unread)
         index = part._index

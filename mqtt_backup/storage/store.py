@@ -419,6 +419,7 @@ class Store:
         self,
         writes: Sequence[tuple[str, Sequence[Pending], object | None]],
         stored: list[str] | None = None,
+        unsure: list[str] | None = None,
     ) -> None:
         """Store each (partition, items, prepared) in one write, all made durable together.
 
@@ -426,7 +427,8 @@ class Store:
         filesystem of theirs (4 WAL fsyncs one after the other cost more than one syncfs); no
         syncfs on this system: synced writes one after the other. `stored` gets each partition
         once its write is durable. StorageUnavailable when a write or the sync fails: when a
-        write fails, those before it are synced (and noted) still; when the sync fails, nothing.
+        write fails, those before it are synced (and noted) still; when the sync fails, nothing,
+        and `unsure` gets the partitions written unsynced (a copy may be on disk, or not).
         """
         parts: list[Partition] = []
         for partition, _, _ in writes:
@@ -455,14 +457,21 @@ class Store:
                     stored.append(part.name)
         except StorageError:
             if together and written:
-                self._durable(written, stored)  # what was written counts once synced
+                self._durable(written, stored, unsure)  # what was written counts once synced
             raise
         if together:
-            self._durable(written, stored)
+            self._durable(written, stored, unsure)
 
-    def _durable(self, parts: Sequence[Partition], stored: list[str] | None) -> None:
+    def _durable(
+        self, parts: Sequence[Partition], stored: list[str] | None, unsure: list[str] | None
+    ) -> None:
         """One syncfs per filesystem of `parts`, then each counts as stored."""
-        self._fs_sync.sync((p.device for p in parts), "the partitions' filesystem")
+        try:
+            self._fs_sync.sync((p.device for p in parts), "the partitions' filesystem")
+        except StorageUnavailable:
+            if unsure is not None:
+                unsure.extend(p.name for p in parts)
+            raise
         if stored is not None:
             stored.extend(p.name for p in parts)
 
