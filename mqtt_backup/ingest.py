@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,21 +64,8 @@ class _Batch:
     opened: float
     prepared: dict[str, object] = field(default_factory=dict)  # partition -> `prepare`'s work
     written: list[list[Pending]] = field(default_factory=list)  # stored so far, per partition
-    written_to: Collection[str] = ()  # the partitions it writes
     future: Future[None] | None = None
     seconds: float = 0.0  # how long its writes took
-
-
-class Preparer(Protocol):
-    """A `prepare` built message by message (`storage.Preparing` is one)."""
-
-    count: int  # messages added so far
-
-    def add(self, items: Sequence[Pending]) -> None:
-        """Encode these too (in receive order, after those added before)."""
-
-    def finish(self) -> object:
-        """What `prepare` would have made of everything added; StorageError when a read fails."""
 
 
 class PipelineStore(Protocol):
@@ -96,14 +83,6 @@ class PipelineStore(Protocol):
         """The CPU half of `write` done ahead, on the caller's thread (None: not now).
 
         Raises StorageError when it has to read and the read fails.
-        """
-        ...
-
-    def preparing(self, partition: str, after: object | None) -> Preparer | None:
-        """A `prepare` to build as messages arrive, starting after `after` (None: not now).
-
-        `after`: what `prepare` made for the commit in flight, when that commit writes this
-        partition; None when nothing writes it meanwhile.
         """
         ...
 
@@ -178,11 +157,6 @@ class CommitPipeline:
         # topic -> (partition, device, device key, stored topic bytes); None: not to be stored.
         self._routes: dict[bytes, _Route | None] = {}
         self._in_flight: _Batch | None = None
-        # The open batch encoded as it arrives, per partition (None: not for this batch), while
-        # a commit is in flight: the loop encodes while the worker writes. `_flight` is what
-        # that commit prepared, which the encoding continues from.
-        self._preparing: dict[str, Preparer | None] = {}
-        self._flight: dict[str, object] = {}
         self._writing_since: float | None = None  # monotonic; read from other threads (health)
 
     @property
@@ -261,30 +235,7 @@ class CommitPipeline:
             # (else the batch looks empty and nothing commits it).
             self._size = size
             self.counters.skipped += skipped
-        if self._in_flight is not None and not self._broken:
-            self._prepare_arrived()
         return size >= self.batch_max
-
-    def _prepare_arrived(self) -> None:
-        """Encode what arrived for the next commit, while the worker writes the one in flight."""
-        preparing, flight, flight_groups = self._preparing, self._flight, self._in_flight_groups()
-        try:
-            for partition, items in self._groups.items():
-                if partition in preparing:
-                    preparer = preparing[partition]
-                elif partition in flight_groups and partition not in flight:
-                    preparer = None  # the commit in flight writes it, unprepared: cannot follow
-                else:
-                    preparer = self._store.preparing(partition, flight.get(partition))
-                preparing[partition] = preparer
-                if preparer is not None and preparer.count < len(items):
-                    preparer.add(items[preparer.count :])
-        except StorageError:
-            self._preparing = {}
-
-    def _in_flight_groups(self) -> Collection[str]:
-        flight = self._in_flight
-        return () if flight is None else flight.written_to
 
     def _route(self, topic: bytes) -> _Route | None:
         """Where a topic's messages go, remembered (telemetry repeats its few topics).
@@ -358,13 +309,11 @@ class CommitPipeline:
         """
         if self._in_flight is not None:
             return None
-        preparing = self._preparing
         batch = self._take()
         if batch is None:
             return None
         if not self._broken:
-            self._prepare(batch, preparing)
-        self._flight = dict(batch.prepared)  # the worker lets go of its own once written
+            self._prepare(batch)
         batch.future = executor.submit(self._store_batch, batch)
         return batch.future
 
@@ -388,11 +337,9 @@ class CommitPipeline:
 
     def _take(self) -> _Batch | None:
         """The open batch, now in flight, leaving an empty one; None when nothing waits."""
-        self._preparing, self._flight = {}, {}
         if not self._size and not self._tokens:
             return None
         batch = _Batch(self._groups, self._tokens, self._size, self._opened)
-        batch.written_to = frozenset(self._groups)
         # In flight before the open batch empties: `pending`, read from other threads (metrics,
         # tests), may count a batch twice for a moment but never drops it.
         self._in_flight = batch
@@ -433,19 +380,11 @@ class CommitPipeline:
             batch.prepared.clear()  # it holds the partitions' handles (and RocksDB's locks)
         batch.seconds = time.perf_counter() - started
 
-    def _prepare(self, batch: _Batch, preparing: dict[str, Preparer | None]) -> None:
-        """Encode the batch here, so that the commit thread mostly waits without the GIL.
-
-        What `preparing` encoded already as it arrived is finished (the rest added first).
-        """
+    def _prepare(self, batch: _Batch) -> None:
+        """Encode the batch here, so that the commit thread mostly waits without the GIL."""
         try:
             for partition, items in batch.groups.items():
-                preparer = preparing.get(partition)
-                if preparer is not None:
-                    preparer.add(items[preparer.count :])
-                    prepared = preparer.finish()
-                else:
-                    prepared = self._store.prepare(partition, items)
+                prepared = self._store.prepare(partition, items)
                 if prepared is not None:
                     batch.prepared[partition] = prepared
         except StorageError:
@@ -454,7 +393,6 @@ class CommitPipeline:
     def _finish(self, batch: _Batch) -> int:
         """The batch is stored: count it and acknowledge it in receive order."""
         stored = self._count(batch)
-        self._flight = {}  # it holds the partitions' handles: only while the commit is in flight
         self._in_flight = None  # after the count: `stored` grows before `pending` shrinks
         if self._recovering:
             self._recovering = False
@@ -472,7 +410,6 @@ class CommitPipeline:
         holds); all of its tokens wait for a later commit.
         """
         stored = self._count(batch)
-        self._preparing, self._flight = {}, {}  # made on top of a commit that did not hold
         for partition, items in self._groups.items():
             batch.groups.setdefault(partition, []).extend(items)
         self._groups = batch.groups
@@ -535,7 +472,6 @@ class CommitPipeline:
         self._routes.clear()  # they name partitions
         held = [item for items in self._groups.values() for item in items]
         self._groups = {}
-        self._preparing = {}
         for item in held:  # a device's items stay in receive order
             partition, _ = self._store.locate(item.device_id)
             self._groups.setdefault(partition, []).append(item)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mqtt_backup.errors import StorageUnavailable
-from mqtt_backup.ingest import PipelineStore, Preparer
+from mqtt_backup.ingest import PipelineStore
 from mqtt_backup.storage import Pending
 
 DISK_FULL = "IO error: No space left on device (injected)"
@@ -61,10 +61,6 @@ class FaultyStore:
     def prepare(self, partition: str, items: Sequence[Pending]) -> object | None:
         """What the real store prepares."""
         return self.inner.prepare(partition, items)
-
-    def preparing(self, partition: str, after: object | None) -> Preparer | None:
-        """What the real store prepares as messages arrive."""
-        return self.inner.preparing(partition, after)
 
     def write(
         self, partition: str, items: Sequence[Pending], prepared: object | None = None

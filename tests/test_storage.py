@@ -6,10 +6,8 @@ import dataclasses
 import errno
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader, sync
 from mqtt_backup.storage.checks import verify
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.storage.manifest import MANIFEST, Manifest, load_manifest
-from mqtt_backup.storage.partition import Partition, Prepared, Preparing
+from mqtt_backup.storage.partition import Partition
 from mqtt_backup.topics import Router, parse_template
 
 real_syncfs = syncfs.syncfs
@@ -976,80 +974,3 @@ def _pending(store: Store, partition: str, payload: bytes) -> Pending:
     device = next(f"dev-{i}" for i in range(1000) if store.locate(f"dev-{i}")[0] == partition)
     record = Record(f"devices/{device}/t", payload)
     return Pending(device, device_key(device), time.time_ns(), record)
-
-
-# ---- the next batch encoded while the commit before it writes ------------------------------------
-
-
-class _CountingPreparer(FaultyStore):
-    """The real store; counts the batches prepared as they arrived and those prepared whole."""
-
-    def __init__(self, data_dir: Path, manifest: Manifest, lock: Any) -> None:
-        super().__init__(data_dir, manifest, lock)
-        self.followed = 0  # `preparing` after a commit in flight
-        self.whole = 0
-
-    def preparing(self, partition: str, after: object | None) -> Preparing | None:
-        self.followed += after is not None
-        return super().preparing(partition, after)
-
-    def prepare(self, partition: str, items: Sequence[Pending]) -> Prepared | None:
-        self.whole += 1
-        return super().prepare(partition, items)
-
-
-def _offer_wire(pipeline: CommitPipeline, first: int, count: int, devices: int) -> None:
-    topics = [f"devices/dev-{n % devices}/t".encode() for n in range(first, first + count)]
-    payloads = [f"m{n}".encode() for n in range(first, first + count)]
-    pipeline.offer_publishes(
-        topics, payloads, [0] * count, list(range(first, first + count)), time.time_ns()
-    )
-
-
-def test_the_next_batch_encoded_during_a_commit_makes_the_same_store(data_dir: Path) -> None:
-    store = _CountingPreparer.open(data_dir, 3)
-    assert isinstance(store, _CountingPreparer)
-    acks = Acks()
-    pipeline = CommitPipeline(store, Router([parse_template("devices/{device}/#")], "b"), acks)
-    executor = ThreadPoolExecutor(1)
-    release = threading.Event()
-    real_write_many = store.write_many
-
-    def slow_write_many(*args: Any) -> None:
-        assert release.wait(30)
-        real_write_many(*args)
-
-    try:
-        _offer_wire(pipeline, 0, 20, 7)  # the devices' index entries in the cache
-        assert pipeline.commit() == 20
-        store.write_many = slow_write_many  # type: ignore[method-assign,assignment]
-        _offer_wire(pipeline, 20, 40, 7)
-        pipeline.commit_in_background(executor)
-        for first in (60, 75, 90):  # three reads arrive while that commit writes
-            _offer_wire(pipeline, first, 15, 11)
-        release.set()
-        assert pipeline.settle() == 40
-        pipeline.commit_in_background(executor)
-        _offer_wire(pipeline, 105, 30, 5)
-        assert pipeline.settle() == 45
-        assert pipeline.commit() == 30
-    finally:
-        executor.shutdown()
-        store.close()
-    assert store.followed >= 2, "the batches arriving during a commit were encoded as they came"
-    assert acks.tokens == list(range(135))
-    report = verify(data_dir)
-    assert report.problems == [], report.problems
-    assert report.records == 135
-    stored = all_payloads(data_dir)
-    for device, got in stored.items():
-        n = int(device.removeprefix("dev-"))
-        assert got == [f"m{i}" for i in _sent_to(n)], device
-
-
-def _sent_to(device: int) -> list[int]:
-    """Which of the messages above went to dev-N."""
-    batches = [(0, 20, 7), (20, 40, 7), (60, 15, 11), (75, 15, 11), (90, 15, 11), (105, 30, 5)]
-    return [
-        i for first, count, m in batches for i in range(first, first + count) if i % m == device
-    ]

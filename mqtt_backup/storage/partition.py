@@ -15,7 +15,6 @@ import functools
 import logging
 import struct
 import tempfile
-import weakref
 import zlib
 from bisect import bisect_left
 from collections.abc import Generator, Iterator, Sequence
@@ -176,94 +175,14 @@ class Prepared:
     clock_ns: int  # the partition's clock and sequence once it is applied
     seq: int
     touched: dict[bytes, _Stats]  # device key -> its index entry's figures once applied
-    clock_from: int  # the partition's clock it was prepared from (see `Preparing`)
+    clock_from: int = 0  # the partition's clock it was prepared from
+
+    def __post_init__(self) -> None:
+        self.clock_from = self.partition.clock_ns
 
     def fits(self, partition: Partition) -> bool:
         """Made by this partition object, and nothing written to it since."""
         return self.partition is partition and self.clock_from == partition.clock_ns
-
-
-class Preparing:
-    """A `Partition.prepare` built as the messages arrive: `add` per read, `finish` once.
-
-    `after`: the `Prepared` of this partition in a commit not applied yet (the ingest pipeline's
-    commit in flight): this one starts where it ends (its clock, sequence and index figures), so
-    the loop can encode the next batch while the worker writes the one before. `fits` then holds
-    once that one is applied and nothing else was written.
-    """
-
-    def __init__(self, partition: Partition, after: Prepared | None = None) -> None:
-        # Weakly: a strong reference would keep the database handle, and RocksDB's lock, alive
-        # after the partition is closed (an operation reopening it would meet its own lock).
-        self._partition = weakref.ref(partition)
-        self.batch = WriteBatch(raw_mode=True)
-        if after is None:
-            self.clock, self.seq, self._after = partition.clock_ns, partition.seq, {}
-        else:
-            self.clock, self.seq, self._after = after.clock_ns, after.seq, after.touched
-        self.clock_from = self.clock
-        # device key -> its index entry's figures after this batch (lists: cheap to update)
-        self.stats: dict[bytes, _Stats] = {}
-        self.names: dict[bytes, str] = {}
-        self.unread: list[Any] = []  # device keys not in the cache: their entries are read last
-        self.count = 0  # messages added
-
-    def add(self, items: Sequence[Pending]) -> None:
-        """Encode these messages too.
-
-        It runs over every message: kept flat (no calls but the packing and the put) for speed.
-        """
-        put = self.batch.put
-        clock, seq = self.clock, self.seq
-        cached = self._open()._entries.get
-        after = self._after.get
-        stats, names, unread = self.stats, self.names, self.unread
-        for device, dev_key, received, flags, middle, payload in items:
-            clock = received if received > clock else clock + 1
-            seq = (seq + 1) & SEQ_MASK
-            # records.encode_parts, inlined: the time stamp, then the parts made at receive time.
-            # (crc32 chained over the three parts and one join measured slower than this copy.)
-            body = _STAMP_PACK(flags, clock) + middle + payload
-            value = _HEAD_PACK(FORMAT_VERSION, _crc32(body)) + body
-            put(dev_key + key_tail(clock, seq), value)  # keys.record_key, inlined
-            known = stats.get(dev_key)
-            if known is None:
-                known = after(dev_key) or cached(dev_key)
-                if known is None:
-                    known = [clock, clock, 0, 0, 0]
-                    unread.append(dev_key)
-                else:
-                    known = known[:]
-                stats[dev_key] = known
-                names[dev_key] = device
-            known[1] = clock
-            known[2] += 1
-            known[3] += KEY_LEN + len(value)
-            known[4] += flags >> 3 & 1  # records' DUP flag (`records.is_dup`)
-        self.clock, self.seq = clock, seq
-        self.count += len(items)
-
-    def _open(self) -> Partition:
-        part = self._partition()
-        if part is None:
-            raise StorageUnavailable("the partition was closed while a batch was prepared")
-        return part
-
-    def finish(self) -> Prepared:
-        """The index entries and the partition's clock added: the write, ready to apply.
-
-        StorageError when reading the index entries of devices not in the cache fails.
-        """
-        part, batch, stats, names = self._open(), self.batch, self.stats, self.names
-        if self.unread:
-            part._add_stored(stats, self.unread)
-        index = part._index
-        for dev_key, figures in stats.items():  # IndexEntry.encode, inlined
-            batch.put(
-                dev_key, _INDEX_PACK(_INDEX_VERSION, *figures) + names[dev_key].encode(), index
-            )
-        part._put_meta(batch, self.clock, self.seq)
-        return Prepared(part, batch, self.clock, self.seq, stats, self.clock_from)
 
 
 @dataclass(slots=True)
@@ -581,12 +500,49 @@ class Partition:
 
         No I/O but one read of the index for the devices not in its cache; nothing changes until
         `apply`. This is the Python half of a write (the synced write releases the GIL): the
-        ingest loop does it, so that its commit thread holds the GIL only for a moment.
-        StorageError when the index read fails.
+        ingest loop does it, so that its commit thread holds the GIL only for a moment. It runs
+        once per partition per commit over every message: the loop is kept flat (no calls but
+        the packing and the put) for speed. StorageError when the index read fails.
         """
-        preparing = Preparing(self)
-        preparing.add(items)
-        return preparing.finish()
+        batch = WriteBatch(raw_mode=True)
+        put = batch.put
+        clock, seq = self.clock_ns, self.seq
+        cached = self._entries.get
+        # device key -> its index entry's figures after this batch (lists: cheap to update)
+        stats: dict[bytes, _Stats] = {}
+        names: dict[bytes, str] = {}
+        unread: list[Any] = []  # device keys not in the cache: their entries are read below
+        for device, dev_key, received, flags, middle, payload in items:
+            clock = received if received > clock else clock + 1
+            seq = (seq + 1) & SEQ_MASK
+            # records.encode_parts, inlined: the time stamp, then the parts made at receive time.
+            # (crc32 chained over the three parts and one join measured slower than this copy.)
+            body = _STAMP_PACK(flags, clock) + middle + payload
+            value = _HEAD_PACK(FORMAT_VERSION, _crc32(body)) + body
+            put(dev_key + key_tail(clock, seq), value)  # keys.record_key, inlined
+            known = stats.get(dev_key)
+            if known is None:
+                known = cached(dev_key)
+                if known is None:
+                    known = [clock, clock, 0, 0, 0]
+                    unread.append(dev_key)
+                else:
+                    known = known[:]
+                stats[dev_key] = known
+                names[dev_key] = device
+            known[1] = clock
+            known[2] += 1
+            known[3] += KEY_LEN + len(value)
+            known[4] += flags >> 3 & 1  # records' DUP flag (`records.is_dup`)
+        if unread:
+            self._add_stored(stats, unread)
+        index = self._index
+        for dev_key, figures in stats.items():  # IndexEntry.encode, inlined
+            batch.put(
+                dev_key, _INDEX_PACK(_INDEX_VERSION, *figures) + names[dev_key].encode(), index
+            )
+        self._put_meta(batch, clock, seq)
+        return Prepared(self, batch, clock, seq, stats)
 
     def _add_stored(self, stats: dict[bytes, _Stats], dev_keys: list[Any]) -> None:
         """Add the stored index figures of devices the cache did not hold: one read for all.

@@ -31,7 +31,7 @@ from mqtt_backup.storage.manifest import (
     new_manifest,
     save_manifest,
 )
-from mqtt_backup.storage.partition import Partition, Pending, Prepared, Preparing
+from mqtt_backup.storage.partition import Partition, Pending, Prepared
 from mqtt_backup.storage.syncfs import FsSync
 from mqtt_backup.topics import filter_matches
 
@@ -384,20 +384,6 @@ class Store:
         """
         part = self.partitions.get(partition)
         return None if part is None else part.prepare(items)
-
-    def preparing(self, partition: str, after: object | None) -> Preparing | None:
-        """A `prepare` of `partition` to build as messages arrive (None: not open now).
-
-        `after`: what `prepare` (or a `Preparing`) made for the commit not applied yet, when it
-        writes this partition: the new one starts where it ends. None: from the partition as it
-        is (nothing may be writing to it meanwhile).
-        """
-        part = self.partitions.get(partition)
-        if part is None or (after is not None and not isinstance(after, Prepared)):
-            return None
-        if after is not None and after.partition is not part:
-            return None  # made for a partition object since closed
-        return Preparing(part, after)
 
     def write(
         self, partition: str, items: Sequence[Pending], prepared: object | None = None
