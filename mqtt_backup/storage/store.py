@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
-from mqtt_backup.placement import Weighted, place
+from mqtt_backup.placement import Placement
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage import ballast
 from mqtt_backup.storage.cache import RecentCache
@@ -140,7 +140,7 @@ class Store:
         self.manifest = manifest
         self.gaps = GapLog(data_dir)
         self._lock = lock
-        self._weighted = manifest.weighted
+        self._place = Placement(manifest.weighted)
         self._located: RecentCache[str, tuple[str, bytes]] = RecentCache(LOCATE_CACHE_ENTRIES)
         self.partitions: dict[str, Partition] = {}
         # Set when an operation found the disk full: it reclaims what it deletes at once.
@@ -237,7 +237,7 @@ class Store:
         start simply lays out again.
         """
         self.manifest = new_manifest(partitions, client_id)
-        self._weighted = self.manifest.weighted
+        self._place = Placement(self.manifest.weighted)
         self.open_partitions(create=True)
         save_manifest(self.data_dir, self.manifest)
 
@@ -355,7 +355,7 @@ class Store:
 
     def home(self, dev_key: bytes) -> str:
         """The partition placement gives this device key now (uncached: any thread)."""
-        return place(dev_key, self._weighted)
+        return self._place(dev_key)
 
     def locate(self, device_id: str) -> tuple[str, bytes]:
         """(partition name, device key) of a device; cached, as this runs per message."""
@@ -366,7 +366,7 @@ class Store:
         found = located.get(device_id)
         if found is None:
             dev_key = device_key(device_id)
-            found = (place(dev_key, self._weighted), dev_key)
+            found = (self._place(dev_key), dev_key)
             located.put(device_id, found)
         return found
 
@@ -447,7 +447,7 @@ class Store:
             for spec in manifest.partitions:  # an added partition is ours for good now
                 (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
             self.manifest = manifest
-            self._weighted = manifest.weighted
+            self._place = Placement(manifest.weighted)
             self._located = RecentCache(LOCATE_CACHE_ENTRIES)  # not clear(): see `locate`
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
@@ -622,7 +622,7 @@ class StoreReader:
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
         self.manifest = _NO_LAYOUT
-        self._weighted: list[Weighted] = []
+        self._place = Placement([])
         self._follow_layout()
 
     def _follow_layout(self) -> None:
@@ -647,7 +647,7 @@ class StoreReader:
             raise
         # Only a complete open counts: a failed one is retried at the next refresh.
         self.manifest = manifest
-        self._weighted = manifest.weighted
+        self._place = Placement(manifest.weighted)
         for part in self.partitions.values():
             part.catch_up()
 
@@ -677,7 +677,7 @@ class StoreReader:
 
     def home(self, dev_key: bytes) -> str:
         """The partition placement gives this device key."""
-        return place(dev_key, self._weighted)
+        return self._place(dev_key)
 
     def devices(self) -> list[DeviceInfo]:
         """Every device with its index entry, sorted by device id."""
