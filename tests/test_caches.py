@@ -168,9 +168,10 @@ def test_index_entries_read_back_for_a_batch_add_up_as_cached_ones(
 def test_the_route_map_stays_bounded_and_forgets_long_topics(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Bounded by count and by topic length: a route holds its topic twice, and an MQTT topic may
+    # Bounded by bytes and by topic length: a route holds its topic twice, and an MQTT topic may
     # be 65,535 bytes long, so a long one is routed afresh on each message, never remembered.
-    monkeypatch.setattr(ingest_mod, "TOPIC_CACHE_ENTRIES", 8)
+    budget = 8 * (ingest_mod.ROUTE_BYTES + 2 * len(b"devices/dev-1/t") + len("dev-1"))
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", budget)
     store = Store.open(data_dir, 2)
     acked: list[object] = []
     router = Router([parse_template("devices/{device}/#")], "backup")
@@ -183,6 +184,7 @@ def test_the_route_map_stays_bounded_and_forgets_long_topics(
             before = pipeline.cached_routes
             pipeline.offer_publishes([topic], [b"p%d" % n], [flag], [n], BASE_NS + n)
             assert pipeline.cached_routes <= 8
+            assert pipeline.route_bytes <= budget
             if topic == long_topic:
                 assert pipeline.cached_routes == before
         assert pipeline.commit() == 22
@@ -194,3 +196,31 @@ def test_the_route_map_stays_bounded_and_forgets_long_topics(
         stored = list(reader.messages("dev-long"))
     assert [m.record.topic.encode() for m in stored] == [long_topic, long_topic]
     assert [m.record.payload for m in stored] == [b"p21", b"p22"]
+
+
+def test_a_full_route_map_forgets_its_oldest_routes_only(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Telemetry comes round device by device: a map that emptied when full would miss on every
+    # message of a fleet just larger than it. The oldest eighth goes; the rest stays routed.
+    cost = ingest_mod.ROUTE_BYTES + 2 * len(b"devices/dev-100/t") + len("dev-100")
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", 80 * cost)
+    store = Store.open(data_dir, 2)
+    pipeline = CommitPipeline(
+        store, Router([parse_template("devices/{device}/#")], "b"), lambda _: None
+    )
+    topics = [f"devices/dev-{n}/t".encode() for n in range(100, 181)]  # one more than fit
+    flag = stored_flags(1, retain=False, dup=False)
+    try:
+        for n, topic in enumerate(topics):
+            pipeline.offer_publishes([topic], [b"p"], [flag], [n], BASE_NS + n)
+        assert pipeline.cached_routes == 81 - 11  # 80 fitted; the 81st evicted 80 // 8 + 1
+        assert pipeline.route_bytes == pipeline.cached_routes * cost
+        kept = set(pipeline._routes)
+        assert kept == set(topics[11:])
+        located: list[str] = []
+        monkeypatch.setattr(store, "locate", located.append)
+        pipeline.offer_publishes(topics[11:], [b"p"] * 70, [flag] * 70, list(range(70)), BASE_NS)
+        assert located == []  # every remembered route served without routing again
+    finally:
+        store.close()

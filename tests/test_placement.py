@@ -385,7 +385,12 @@ def test_placement_object_breaks_ties_and_infinities_as_place_does(
     monkeypatch: pytest.MonkeyPatch, h: int, names: list[str]
 ) -> None:
     # Every partition hashes alike: equal scores (infinite ones at the top), the smaller name wins.
-    monkeypatch.setattr(placement, "_digest", lambda key, seed: (h, 0))
+    def digest(key: bytes, seed: int) -> tuple[int, int]:
+        assert key
+        assert seed == 0
+        return h, 0
+
+    monkeypatch.setattr(placement, "_digest", digest)
     monkeypatch.setattr(placement, "mmh3", SimpleNamespace(hash64=_FixedHash(h).hash64))
     weighted = [Weighted(n) for n in names]
     assert placement.Placement(weighted)(b"\x00" * 16) == place(b"\x00" * 16, weighted)
