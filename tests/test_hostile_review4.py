@@ -117,7 +117,7 @@ def test_a_placement_read_racing_a_partitions_add_is_not_cached_stale(
     and empties the placement cache, and then cache its stale answer. `regroup` after the
     operation asks `locate` again, gets the stale partition, and the device's messages are
     written outside its home from then on. Injected: the switch lands inside the placement.
-    (The store places with `Placement`: the switch is injected there.)
+    (`locate` keeps no cache now; the test holds it to answering from the new layout after.)
     """
     device = _a_device_that_moves_to(store, "p9")
     real_place = Placement.__call__
