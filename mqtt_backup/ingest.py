@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 AckToken = object
 HOLD_BATCHES = 10
 # The route map: topics whose route is remembered (on a miss the router splits and matches the
-# topic, and placement hashes the device once per partition: ~5 us). Bounded by a memory budget,
+# topic, and placement hashes the device once per partition: ~4 us). Bounded by a memory budget,
 # not a count: a route costs ROUTE_BYTES plus its topic twice (key and stored field) and its
-# device id, ~360 B for a 29-byte topic, so ROUTE_MAP_BYTES holds ~140k such routes: a fleet of
+# device id, ~370 B for a 29-byte topic, so ROUTE_MAP_BYTES holds ~136k such routes: a fleet of
 # 100k devices with a topic each stays routed. When full, the oldest eighth goes (first in, first
 # out): telemetry comes round device by device, and emptying the map (as it was) made a fleet
 # just larger than it miss on every message. A topic longer than TOPIC_CACHE_BYTES is routed
