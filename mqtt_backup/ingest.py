@@ -12,6 +12,7 @@ interleaves with its writes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,11 +30,16 @@ log = logging.getLogger(__name__)
 
 AckToken = object
 HOLD_BATCHES = 10
-# Topics whose device is remembered (the router splits and matches a topic on a miss); the map is
-# emptied when full, so memory stays flat whatever the fleet size. A topic longer than
-# TOPIC_CACHE_BYTES is routed afresh each time: an entry holds the topic twice (key and stored
-# field), and MQTT allows 65,535 bytes, so a count alone would bound it at ~2 GiB.
-TOPIC_CACHE_ENTRIES = 16384
+# The route map: topics whose route is remembered (on a miss the router splits and matches the
+# topic, and placement hashes the device once per partition: ~4 us). Bounded by a memory budget,
+# not a count: a route costs ROUTE_BYTES plus its topic twice (key and stored field) and its
+# device id, ~370 B for a 29-byte topic, so ROUTE_MAP_BYTES holds ~136k such routes: a fleet of
+# 100k devices with a topic each stays routed. When full, the oldest eighth goes (first in, first
+# out): telemetry comes round device by device, and emptying the map (as it was) made a fleet
+# just larger than it miss on every message. A topic longer than TOPIC_CACHE_BYTES is routed
+# afresh each time (MQTT allows 65,535 bytes: one would take the room of hundreds of routes).
+ROUTE_MAP_BYTES = 48 * 1024 * 1024
+ROUTE_BYTES = 300  # a route's fixed part: dict slot, tuple, bytes and str headers, device key
 TOPIC_CACHE_BYTES = 256
 AckCallback = Callable[[Sequence[AckToken]], None]
 _Route = tuple[str, str, bytes, bytes]
@@ -155,7 +161,9 @@ class CommitPipeline:
         self.caught_up_ns = 0
         self.connecting_ns = 0  # when the current connection was opened
         # topic -> (partition, device, device key, stored topic bytes); None: not to be stored.
+        # In insertion order: the first ones are the oldest, evicted first.
         self._routes: dict[bytes, _Route | None] = {}
+        self._route_bytes = 0  # what the routes cost, as `_route_cost` estimates it
         self._in_flight: _Batch | None = None
         self._writing_since: float | None = None  # monotonic; read from other threads (health)
 
@@ -252,15 +260,30 @@ class CommitPipeline:
             partition, dev_key = self._store.locate(device)
             route = (partition, device, dev_key, topic_field(topic))
         if len(topic) <= TOPIC_CACHE_BYTES:
-            if len(routes) >= TOPIC_CACHE_ENTRIES:
-                routes.clear()
+            self._route_bytes += _route_cost(topic, route)
+            if self._route_bytes > ROUTE_MAP_BYTES:
+                self._evict_routes()
             routes[topic] = route
         return route
 
+    def _evict_routes(self) -> None:
+        """Forget the oldest eighth of the routes (one at least)."""
+        routes = self._routes
+        oldest = list(itertools.islice(routes, len(routes) // 8 + 1))
+        freed = 0
+        for topic in oldest:
+            freed += _route_cost(topic, routes.pop(topic))
+        self._route_bytes -= freed
+
     @property
     def cached_routes(self) -> int:
-        """Topics whose route is remembered now (bounded by TOPIC_CACHE_ENTRIES)."""
+        """Topics whose route is remembered now."""
         return len(self._routes)
+
+    @property
+    def route_bytes(self) -> int:
+        """What the remembered routes cost, as estimated (bounded by ROUTE_MAP_BYTES)."""
+        return self._route_bytes
 
     def full(self) -> bool:
         """The batch reached its size limit: commit before reading more."""
@@ -470,6 +493,7 @@ class CommitPipeline:
     def regroup(self) -> None:
         """Place what is held again: an operation may have changed the partition set."""
         self._routes.clear()  # they name partitions
+        self._route_bytes = 0
         held = [item for items in self._groups.values() for item in items]
         self._groups = {}
         for item in held:  # a device's items stay in receive order
@@ -490,6 +514,11 @@ def _flagged_dup(items: list[Pending]) -> list[Pending]:
     return [
         _new_pending(Pending, (d, k, r, flags | DUP_FLAG, m, p)) for d, k, r, flags, m, p in items
     ]
+
+
+def _route_cost(topic: bytes, route: _Route | None) -> int:
+    """The memory a remembered route takes, estimated: its fixed part, the topic twice, the id."""
+    return ROUTE_BYTES + 2 * len(topic) + (len(route[1]) if route is not None else 0)
 
 
 def _drop_frames(exc: BaseException) -> None:

@@ -148,6 +148,7 @@ class Router:
         self._templates = tuple(templates)
         self._namespace = namespace
         self._own_prefix = namespace + "/"
+        self._matchers = tuple(_matcher(t) for t in self._templates)
 
     @property
     def filters(self) -> list[str]:
@@ -159,8 +160,30 @@ class Router:
         if topic.startswith(self._own_prefix) or topic == self._namespace:
             return None
         levels = topic.split("/")
-        for template in self._templates:
-            device = template.device_of(levels)
-            if device is not None:
-                return device
+        count = len(levels)
+        # = Template.device_of of each template in turn, with what it checks worked out once:
+        # a new topic comes with every message of a fleet larger than the route map.
+        for literals, device_level, size, open_ended in self._matchers:
+            if count >= size if open_ended else count == size:
+                for i, want in literals:
+                    if levels[i] != want:
+                        break
+                else:
+                    return levels[device_level]
         return None
+
+
+# A template as `Router.device_of` matches it: (level index, text) of its literal levels, the
+# device level, the level count (without a final '#'), whether a final '#' takes any rest.
+_Matcher = tuple[tuple[tuple[int, str], ...], int, int, bool]
+
+
+def _matcher(template: Template) -> _Matcher:
+    """What `_levels_match(template.levels, levels, template.device_level)` checks."""
+    levels = template.levels
+    open_ended = levels[-1] == "#"  # '#' is always the last level (parse_template)
+    size = len(levels) - 1 if open_ended else len(levels)
+    literals = tuple(
+        (i, lvl) for i, lvl in enumerate(levels[:size]) if lvl != "+" and i != template.device_level
+    )
+    return literals, template.device_level, size, open_ended

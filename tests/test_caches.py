@@ -18,13 +18,11 @@ from mqtt_backup.placement import place
 from mqtt_backup.records import Record, stored_flags
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
-from mqtt_backup.storage import store as store_mod
 from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.topics import Router, parse_template
 
 BASE_NS = 1_767_225_600 * 10**9
 INDEX_BOUND = 16
-LOCATE_BOUND = 32
 
 
 def test_cache_never_holds_more_than_its_size() -> None:
@@ -59,7 +57,7 @@ def test_put_all_is_put_of_each_entry() -> None:
     assert (cache.get(1), cache.get(4)) == (10, 40)  # not the previous generation's 1
     cache.pop(1)
     assert cache.get(1) is None  # no stale copy left behind
-    cache.put_all({n: -n for n in range(100, 110)})  # more than a generation: put by put
+    cache.put_all({n: -n for n in range(100, 110)})  # more than a generation: its last half
     assert len(cache) <= 8
     assert [cache.get(n) for n in (106, 107, 108, 109)] == [-106, -107, -108, -109]
 
@@ -71,9 +69,8 @@ def test_cache_size_must_leave_room() -> None:
 
 @pytest.fixture
 def small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shrink both caches so a few hundred devices overflow them."""
+    """Shrink the index cache so a few hundred devices overflow it."""
     monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", INDEX_BOUND)
-    monkeypatch.setattr(store_mod, "LOCATE_CACHE_ENTRIES", LOCATE_BOUND)
 
 
 def write_round(store: Store, devices: list[str], clock: int, size: int) -> int:
@@ -98,12 +95,10 @@ def test_caches_stay_bounded_and_evicted_entries_read_back(data_dir: Path) -> No
         clock = write_round(store, devices, BASE_NS, 10)
         for part in store.partitions.values():
             assert part.cached_entries <= INDEX_BOUND
-        assert store.cached_locations <= LOCATE_BOUND
         # A second round: every device's index entry was evicted and is read back from RocksDB.
         clock = write_round(store, devices, clock, 20)
         for part in store.partitions.values():
             assert part.cached_entries <= INDEX_BOUND
-        assert store.cached_locations <= LOCATE_BOUND
         placed = {d: store.locate(d)[0] for d in devices[:5]}
     finally:
         store.close()
@@ -168,9 +163,10 @@ def test_index_entries_read_back_for_a_batch_add_up_as_cached_ones(
 def test_the_route_map_stays_bounded_and_forgets_long_topics(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Bounded by count and by topic length: a route holds its topic twice, and an MQTT topic may
+    # Bounded by bytes and by topic length: a route holds its topic twice, and an MQTT topic may
     # be 65,535 bytes long, so a long one is routed afresh on each message, never remembered.
-    monkeypatch.setattr(ingest_mod, "TOPIC_CACHE_ENTRIES", 8)
+    budget = 8 * (ingest_mod.ROUTE_BYTES + 2 * len(b"devices/dev-1/t") + len("dev-1"))
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", budget)
     store = Store.open(data_dir, 2)
     acked: list[object] = []
     router = Router([parse_template("devices/{device}/#")], "backup")
@@ -183,6 +179,7 @@ def test_the_route_map_stays_bounded_and_forgets_long_topics(
             before = pipeline.cached_routes
             pipeline.offer_publishes([topic], [b"p%d" % n], [flag], [n], BASE_NS + n)
             assert pipeline.cached_routes <= 8
+            assert pipeline.route_bytes <= budget
             if topic == long_topic:
                 assert pipeline.cached_routes == before
         assert pipeline.commit() == 22
@@ -194,3 +191,43 @@ def test_the_route_map_stays_bounded_and_forgets_long_topics(
         stored = list(reader.messages("dev-long"))
     assert [m.record.topic.encode() for m in stored] == [long_topic, long_topic]
     assert [m.record.payload for m in stored] == [b"p21", b"p22"]
+
+
+def test_a_full_route_map_forgets_its_oldest_routes_only(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Telemetry comes round device by device: a map that emptied when full would miss on every
+    # message of a fleet just larger than it. The oldest eighth goes; the rest stays routed.
+    cost = ingest_mod.ROUTE_BYTES + 2 * len(b"devices/dev-100/t") + len("dev-100")
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", 80 * cost)
+    store = Store.open(data_dir, 2)
+    pipeline = CommitPipeline(
+        store, Router([parse_template("devices/{device}/#")], "b"), lambda _: None
+    )
+    topics = [f"devices/dev-{n}/t".encode() for n in range(100, 181)]  # one more than fit
+    flag = stored_flags(1, retain=False, dup=False)
+    try:
+        for n, topic in enumerate(topics):
+            pipeline.offer_publishes([topic], [b"p"], [flag], [n], BASE_NS + n)
+        assert pipeline.cached_routes == 81 - 11  # 80 fitted; the 81st evicted 80 // 8 + 1
+        assert pipeline.route_bytes == pipeline.cached_routes * cost
+        kept = set(pipeline._routes)
+        assert kept == set(topics[11:])
+        located: list[str] = []
+        monkeypatch.setattr(store, "locate", located.append)
+        pipeline.offer_publishes(topics[11:], [b"p"] * 70, [flag] * 70, list(range(70)), BASE_NS)
+        assert located == []  # every remembered route served without routing again
+    finally:
+        store.close()
+
+
+def test_put_all_that_does_not_fit_turns_a_generation_at_once() -> None:
+    cache: RecentCache[int, int] = RecentCache(8)
+    for n in range(3):  # the current generation holds 0-2, with room for one more
+        cache.put(n, n)
+    cache.put_all({10: 10, 11: 11})  # does not fit: 0-2 become the previous generation
+    assert dict(cache.items()) == {0: 0, 1: 1, 2: 2, 10: 10, 11: 11}
+    cache.put_all({20: 20, 21: 21, 22: 22})  # turns again: 0-2 go, 10 and 11 stay
+    assert dict(cache.items()) == {10: 10, 11: 11, 20: 20, 21: 21, 22: 22}
+    assert cache.get(0) is None
+    assert cache.get(10) == 10

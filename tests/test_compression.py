@@ -20,7 +20,12 @@ from mqtt_backup.cli import app
 from mqtt_backup.keys import device_key
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store
-from mqtt_backup.storage.partition import BLOCK_BYTES, ZSTD_LEVEL, Partition
+from mqtt_backup.storage.partition import (
+    BLOCK_BYTES,
+    MEMTABLE_BLOOM_RATIO,
+    ZSTD_LEVEL,
+    Partition,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 STORE_V1 = FIXTURES / "store-v1"
@@ -169,3 +174,23 @@ def test_a_release_1_store_is_read_written_and_compacted_into_zstd(store_v1: Pat
     added = [json.loads(x) for x in lines if x not in expected]
     assert sorted(a["payload"] for a in added) == sorted(f"new-{n}" for n in range(len(devices)))
     assert len(lines) == len(expected) + len(devices)
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_the_index_family_filters_lookups_in_tables_and_memtables(
+    tmp_path: Path, reopen: bool
+) -> None:
+    """A new device's index lookup (every one, in a fleet larger than the cache) is answered by
+    bloom filters, in the memtable and in table files; the records' family has none (scans)."""
+    path = tmp_path / "p0"
+    path.mkdir()
+    Partition.open_writer("p0", path, create=True).close()
+    if reopen:  # options loaded from an OPTIONS file get them too
+        Partition.open_writer("p0", path).close()
+    sections = options_file(path)
+    index = sections['[CFOptions "index"]']
+    assert index["memtable_whole_key_filtering"] == "true"
+    assert float(index["memtable_prefix_bloom_size_ratio"]) == MEMTABLE_BLOOM_RATIO
+    assert sections['[TableOptions/BlockBasedTable "index"]']["filter_policy"] == "bloomfilter"
+    assert sections['[TableOptions/BlockBasedTable "default"]']["filter_policy"] == "nullptr"
+    assert sections['[CFOptions "default"]']["memtable_whole_key_filtering"] == "false"

@@ -76,12 +76,15 @@ def test_device_key(entry: dict[str, Any]) -> None:
 def test_placement(entry: dict[str, Any]) -> None:
     dev_key = bytes.fromhex(entry["device_key"])
     for set_name, pairs in VECTORS["partition_sets"].items():
-        got = placement.place(dev_key, make_golden.partitions_from_json(pairs))
+        partitions = make_golden.partitions_from_json(pairs)
+        got = placement.place(dev_key, partitions)
         want = entry["placement"][set_name]
         assert got == want, (
             f"device {entry['id']!r} on partition set {set_name!r} is placed on {got}, "
             f"golden {want}; {CONTRACT}"
         )
+        fast = placement.Placement(partitions)(dev_key)  # what the store places with
+        assert fast == want, f"Placement puts device {entry['id']!r} on {fast}, golden {want}"
 
 
 @pytest.mark.parametrize("entry", DEVICES, ids=_ids(DEVICES, "id"))

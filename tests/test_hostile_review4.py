@@ -32,10 +32,9 @@ from mqtt_backup.keys import device_key
 from mqtt_backup.mqtt import AsyncIngest, codec
 from mqtt_backup.mqtt.codec import CodecConnection
 from mqtt_backup.mqtt.packets import read5
-from mqtt_backup.placement import Weighted, place
+from mqtt_backup.placement import Placement, Weighted, place
 from mqtt_backup.records import Record
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store
-from mqtt_backup.storage import store as store_module
 from mqtt_backup.storage.units import Units
 from mqtt_backup.topics import Router, parse_template
 from tests import test_disk_full as disk_full
@@ -117,14 +116,15 @@ def test_a_placement_read_racing_a_partitions_add_is_not_cached_stale(
     device's place from the old layout, lose the GIL while the operation switches the layout
     and empties the placement cache, and then cache its stale answer. `regroup` after the
     operation asks `locate` again, gets the stale partition, and the device's messages are
-    written outside its home from then on. Injected: the switch lands inside `place`.
+    written outside its home from then on. Injected: the switch lands inside the placement.
+    (`locate` keeps no cache now; the test holds it to answering from the new layout after.)
     """
     device = _a_device_that_moves_to(store, "p9")
-    real_place = place
+    real_place = Placement.__call__
     raced = threading.Event()
 
-    def place_while_the_layout_switches(dev_key: bytes, partitions: list[Weighted]) -> str:
-        answer = real_place(dev_key, partitions)
+    def place_while_the_layout_switches(placer: Placement, dev_key: bytes) -> str:
+        answer = real_place(placer, dev_key)
         if dev_key == device_key(device) and not raced.is_set():
             raced.set()
             worker = threading.Thread(
@@ -134,7 +134,7 @@ def test_a_placement_read_racing_a_partitions_add_is_not_cached_stale(
             worker.join()
         return answer
 
-    monkeypatch.setattr(store_module, "place", place_while_the_layout_switches)
+    monkeypatch.setattr(Placement, "__call__", place_while_the_layout_switches)
     store.locate(device)  # on the loop, as a message of the device arrives
     assert raced.is_set()
     assert "p9" in store.partitions

@@ -361,3 +361,42 @@ def test_infinite_score_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(placement, "score", top_for_p7)
     assert place(b"\x00" * 16, parts(8)) == "p7"
+
+
+# --- Placement: the fast form the store uses, held to `place` ----------------------------------
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(device=device_ids, partitions=partition_sets)
+def test_placement_object_places_as_place_does(device: str, partitions: list[Weighted]) -> None:
+    dev_key = keys.device_key(device)
+    assert placement.Placement(partitions)(dev_key) == place(dev_key, partitions)
+
+
+@pytest.mark.parametrize("weighted", [parts(4), parts(7, 2.5), [Weighted("a", 3.0), Weighted("b")]])
+def test_placement_object_places_a_fleet_as_place_does(weighted: list[Weighted]) -> None:
+    placer = placement.Placement(weighted)
+    assert [placer(k) for k in fleet_keys()] == placements(weighted)
+
+
+@pytest.mark.parametrize("h", [0, 2**62, 2**64 - 2**12, 2**64 - 1])
+@pytest.mark.parametrize("names", [["p0", "p1"], ["p2", "p10", "p1"], ["zz", "z", "Z"]])
+def test_placement_object_breaks_ties_and_infinities_as_place_does(
+    monkeypatch: pytest.MonkeyPatch, h: int, names: list[str]
+) -> None:
+    # Every partition hashes alike: equal scores (infinite ones at the top), the smaller name wins.
+    def digest(key: bytes, seed: int) -> tuple[int, int]:
+        assert key
+        assert seed == 0
+        return h, 0
+
+    monkeypatch.setattr(placement, "_digest", digest)
+    monkeypatch.setattr(placement, "mmh3", SimpleNamespace(hash64=_FixedHash(h).hash64))
+    weighted = [Weighted(n) for n in names]
+    assert placement.Placement(weighted)(b"\x00" * 16) == place(b"\x00" * 16, weighted)
+    assert place(b"\x00" * 16, weighted) == min(names)
+
+
+def test_placement_object_without_partitions_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one partition"):
+        placement.Placement([])(keys.device_key("d"))

@@ -299,3 +299,34 @@ def test_check_namespace_rejects(namespace: str, problem: str) -> None:
     assert problem in str(info.value)
     assert repr(namespace) in str(info.value)
     assert "--namespace backup" in str(info.value)
+
+
+_LEVEL = st.sampled_from(["a", "b", "", "ü", "x y"])
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(
+    shapes=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(["a", "b", "+", ""]), max_size=3),
+            st.lists(st.sampled_from(["a", "+", "b"]), max_size=3),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    topic=st.lists(_LEVEL, min_size=1, max_size=7),
+)
+def test_router_matches_as_its_templates_do(
+    shapes: list[tuple[list[str], list[str], bool]], topic: list[str]
+) -> None:
+    """The router's precompiled match is each template's own `device_of`, first match wins."""
+    templates = [
+        parse_template("/".join([*before, "{device}", *after, *(["#"] if hashed else [])]))
+        for before, after, hashed in shapes
+    ]
+    want = next(
+        (d for t in templates if (d := t.device_of(topic)) is not None),
+        None,
+    )
+    assert Router(templates, "backup").device_of("/".join(topic)) == want

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable, UsageError
 from mqtt_backup.keys import device_key, split_key
-from mqtt_backup.placement import Weighted, place
+from mqtt_backup.placement import Placement
 from mqtt_backup.records import Record, decode_record
 from mqtt_backup.storage import ballast, syncfs
-from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.storage.files import PRIVATE_UMASK_HOLD, DirLock, fsync_dir, make_private
 from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.lease import Lease
@@ -39,8 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 4
 PARTITIONS = "partitions"
-# Devices whose placement is kept in memory (placement hashes once per partition on a miss).
-LOCATE_CACHE_ENTRIES = 16384
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
 # A chunk read ends once its values reach this many bytes (always one record at least): counted
 # in records alone, 512 one-MB payloads were half a GB held by each restore.
@@ -141,8 +138,7 @@ class Store:
         self.manifest = manifest
         self.gaps = GapLog(data_dir)
         self._lock = lock
-        self._weighted = manifest.weighted
-        self._located: RecentCache[str, tuple[str, bytes]] = RecentCache(LOCATE_CACHE_ENTRIES)
+        self._place = Placement(manifest.weighted)
         self.partitions: dict[str, Partition] = {}
         # Set when an operation found the disk full: it reclaims what it deletes at once.
         self.freeing_space = False
@@ -239,7 +235,7 @@ class Store:
         start simply lays out again.
         """
         self.manifest = new_manifest(partitions, client_id)
-        self._weighted = self.manifest.weighted
+        self._place = Placement(self.manifest.weighted)
         self.open_partitions(create=True)
         save_manifest(self.data_dir, self.manifest)
 
@@ -357,25 +353,19 @@ class Store:
 
     def home(self, dev_key: bytes) -> str:
         """The partition placement gives this device key now (uncached: any thread)."""
-        return place(dev_key, self._weighted)
+        return self._place(dev_key)
 
     def locate(self, device_id: str) -> tuple[str, bytes]:
-        """(partition name, device key) of a device; cached, as this runs per message."""
-        # The cache first, then the layout: `switch` (an operation's thread, while the loop
-        # reads on) sets the layout first, then a new cache, so an answer from the old layout
-        # can only land in the old cache, never outlive the switch.
-        located = self._located
-        found = located.get(device_id)
-        if found is None:
-            dev_key = device_key(device_id)
-            found = (place(dev_key, self._weighted), dev_key)
-            located.put(device_id, found)
-        return found
+        """(partition name, device key) of a device, by placement (any thread).
 
-    @property
-    def cached_locations(self) -> int:
-        """Device placements held in memory now (bounded by LOCATE_CACHE_ENTRIES)."""
-        return len(self._located)
+        Not cached here: the ingest path calls it once per new topic, and its route map keeps
+        the answer with the rest of the route (a cache here, 16,384 devices, cost a lookup and
+        an insertion per new device and held a second copy; docs/design-notes.md, "Memory:
+        bounded per-message caches"). An operation's `switch` replaces the placement in one
+        assignment, so an answer is from the old layout or the new one, never a mix.
+        """
+        dev_key = device_key(device_id)
+        return self._place(dev_key), dev_key
 
     def prepare(self, partition: str, items: Sequence[Pending]) -> Prepared | None:
         """The Python half of `write` for these items, done ahead (None: not open now).
@@ -509,8 +499,7 @@ class Store:
             for spec in manifest.partitions:  # an added partition is ours for good now
                 (spec.directory(self.data_dir) / _ADDING).unlink(missing_ok=True)
             self.manifest = manifest
-            self._weighted = manifest.weighted
-            self._located = RecentCache(LOCATE_CACHE_ENTRIES)  # not clear(): see `locate`
+            self._place = Placement(manifest.weighted)
             listed = {spec.name for spec in manifest.partitions}
             for name in [n for n in self.partitions if n not in listed]:
                 self.partitions.pop(name).close()
@@ -685,7 +674,7 @@ class StoreReader:
         if secondary is not None:
             secondary.mkdir(parents=True, exist_ok=True)
         self.manifest = _NO_LAYOUT
-        self._weighted: list[Weighted] = []
+        self._place = Placement([])
         self._follow_layout()
 
     def _follow_layout(self) -> None:
@@ -710,7 +699,7 @@ class StoreReader:
             raise
         # Only a complete open counts: a failed one is retried at the next refresh.
         self.manifest = manifest
-        self._weighted = manifest.weighted
+        self._place = Placement(manifest.weighted)
         for part in self.partitions.values():
             part.catch_up()
 
@@ -740,7 +729,7 @@ class StoreReader:
 
     def home(self, dev_key: bytes) -> str:
         """The partition placement gives this device key."""
-        return place(dev_key, self._weighted)
+        return self._place(dev_key)
 
     def devices(self) -> list[DeviceInfo]:
         """Every device with its index entry, sorted by device id."""
