@@ -103,22 +103,6 @@ class PipelineStore(Protocol):
         """
         ...
 
-    def write_many(
-        self,
-        writes: Sequence[tuple[str, Sequence[Pending], object | None]],
-        stored: list[str] | None = None,
-        unsure: list[str] | None = None,
-    ) -> None:
-        """`write` of each (partition, items, prepared), all durable once it returns.
-
-        A store may sync them together (`storage.Store`: one syncfs per filesystem) or one by
-        one. `stored` gets each partition's name once its write is durable. Raises
-        StorageUnavailable when a write or the sync fails: only what `stored` names counts as
-        stored then; `unsure` names those written but not known durable (a copy may be on
-        disk: the pipeline writes them again with the DUP flag).
-        """
-        ...
-
     def open_partitions(self) -> None:
         """Open every partition's database again, all or none.
 
@@ -298,7 +282,7 @@ class CommitPipeline:
         return max(0.0, self._batch_s - (time.monotonic() - self._opened))
 
     def commit(self) -> int:
-        """Store the batch (a write per partition, durable together), then acknowledge it in order.
+        """Store the batch (one synced write per partition), then acknowledge it in receive order.
 
         A commit in flight is settled first (its acks go out before this batch's). Raises
         StorageUnavailable when a write fails: what is not stored stays pending and
@@ -370,31 +354,23 @@ class CommitPipeline:
         return batch
 
     def _store_batch(self, batch: _Batch) -> None:
-        """One write per partition, durable together; on the committing thread, the only one.
-
-        What `write_many` reports durable counts as stored, even when it then fails: the rest is
-        written again.
-        """
+        """One synced write per partition; on the committing thread, the only one on the store."""
         started = time.perf_counter()
         self._writing_since = time.monotonic()
         try:
             if self._broken:
                 self._reopen()
-            groups, prepared = batch.groups, batch.prepared
-            writes = [(p, items, prepared.get(p)) for p, items in groups.items()]
-            stored: list[str] = []
-            unsure: list[str] = []
-            try:
-                self._store.write_many(writes, stored, unsure)
-            except StorageError:
-                self._broken = True
-                self._store.close_partitions()
-                for partition in unsure:  # a copy may be stored: the next one says so
-                    groups[partition] = _flagged_dup(groups[partition])
-                raise
-            finally:
-                for partition in stored:
-                    batch.written.append(groups.pop(partition))
+            groups = batch.groups
+            for partition in list(groups):
+                items = groups[partition]
+                try:
+                    self._store.write(partition, items, batch.prepared.get(partition))
+                except StorageError:
+                    self._broken = True
+                    self._store.close_partitions()
+                    raise
+                del groups[partition]
+                batch.written.append(items)
         except StorageError as exc:
             _drop_frames(exc)
             raise
@@ -503,17 +479,6 @@ class CommitPipeline:
     def drop_tokens(self, keep: Callable[[AckToken], bool]) -> None:
         """Forget ack tokens the transport can no longer use (from a closed connection)."""
         self._tokens = [t for t in self._tokens if keep(t)]
-
-
-def _flagged_dup(items: list[Pending]) -> list[Pending]:
-    """The items with the DUP flag, as a broker's redelivery would be.
-
-    Written once already, unsynced, before a failed sync, they may be stored twice once written
-    again.
-    """
-    return [
-        _new_pending(Pending, (d, k, r, flags | DUP_FLAG, m, p)) for d, k, r, flags, m, p in items
-    ]
 
 
 def _route_cost(topic: bytes, route: _Route | None) -> int:

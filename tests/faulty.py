@@ -75,21 +75,6 @@ class FaultyStore:
         self.inner.write(partition, items, prepared)
         f.count("write", len(items))
 
-    def write_many(
-        self,
-        writes: Sequence[tuple[str, Sequence[Pending], object | None]],
-        stored: list[str] | None = None,
-        unsure: list[str] | None = None,  # noqa: ARG002 - synced writes leave nothing unsure
-    ) -> None:
-        """Each write through `write` (each synced: a valid `write_many`).
-
-        So the switches and a subclass's `write` govern it.
-        """
-        for partition, items, prepared in writes:
-            self.write(partition, items, prepared)
-            if stored is not None:
-                stored.append(partition)
-
     def open_partitions(self) -> None:
         """Reopen the real partitions (a full disk still opens: RocksDB reads the WAL)."""
         self.faults.count("open_partitions")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,13 @@ from mqtt_backup.errors import (
     UsageError,
 )
 from mqtt_backup.ingest import CommitPipeline
-from mqtt_backup.keys import KEY_LEN, device_key
+from mqtt_backup.keys import KEY_LEN
 from mqtt_backup.records import Properties, Record, encode_record
-from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader, syncfs
-from mqtt_backup.storage.checks import verify
+from mqtt_backup.storage import Pending, Store, StoredMessage, StoreReader
 from mqtt_backup.storage.journal import BridgeState, Gap, GapLog
 from mqtt_backup.storage.manifest import MANIFEST, Manifest, load_manifest
 from mqtt_backup.storage.partition import Partition
 from mqtt_backup.topics import Router, parse_template
-
-real_syncfs = syncfs.syncfs
 
 BASE_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
 DISK_FULL = "IO error: No space left on device"
@@ -693,23 +688,6 @@ class FaultyStore(Store):
         super().write(partition, items, prepared)
         self.writes += 1
 
-    def write_many(
-        self,
-        writes: Sequence[tuple[str, Sequence[Pending], object | None]],
-        stored: list[str] | None = None,
-        unsure: list[str] | None = None,
-    ) -> None:
-        """The real one, with the databases of partitions in `failing` failing their writes.
-
-        The pipeline drops the handles after a failure: its reopen brings healthy ones back.
-        """
-        for name in self.failing:
-            part = self.partitions.get(name)
-            if part is not None and not isinstance(part._db, _FailingDb):
-                part._db = _FailingDb(part._db)  # type: ignore[assignment]
-        super().write_many(writes, stored, unsure)
-        self.writes += len(writes)
-
 
 @pytest.fixture
 def faulty(data_dir: Path) -> Iterator[FaultyStore]:
@@ -873,104 +851,3 @@ def test_a_secondary_reader_catches_up_with_the_partition_of_one_device(
         assert list(reader.messages(b)) == [], "b's partition was not caught up"
         reader.refresh()
         assert payloads(list(reader.messages(b))) == ["m1"]
-
-
-# ---- one syncfs per commit ----------------------------------------------------------------------
-
-
-class _FailingSyncfs:
-    """Stands for libc's syncfs: fails with EIO (a writeback error) while `failing`."""
-
-    def __init__(self) -> None:
-        self.failing = True
-        self.calls = 0
-
-    def __call__(self, fd: int) -> None:
-        self.calls += 1
-        if self.failing:
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        real_syncfs(fd)
-
-
-def test_syncfs_reports_the_error_it_returns() -> None:
-    # The real call: a bad descriptor must come back as an error, not as a silent 0.
-    assert syncfs.available()
-    with pytest.raises(OSError, match="Bad file descriptor") as caught:
-        real_syncfs(-1)
-    assert caught.value.errno == errno.EBADF
-
-
-def test_write_many_syncs_once_per_filesystem_and_the_wal_reached_the_os_first(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    names = sorted(store.partitions)
-    wals_before = {n: _wal_bytes(store.partitions[n].path) for n in names}
-    seen: list[dict[str, int]] = []
-
-    def observing(fd: int) -> None:
-        seen.append({n: _wal_bytes(store.partitions[n].path) for n in names})
-        real_syncfs(fd)
-
-    monkeypatch.setattr(syncfs, "syncfs", observing)
-    stored: list[str] = []
-    writes = [(n, [_pending(store, n, b"x" * 100)], None) for n in names]
-    store.write_many(writes, stored)
-
-    assert len(seen) == 1, "one syncfs for partitions on one filesystem"
-    assert all(seen[0][n] > wals_before[n] for n in names), "each WAL write was in the OS first"
-    assert stored == names
-
-
-def test_write_many_counts_nothing_when_syncfs_fails(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    failing = _FailingSyncfs()
-    monkeypatch.setattr(syncfs, "syncfs", failing)
-    stored: list[str] = []
-    writes = [(n, [_pending(store, n, b"m")], None) for n in sorted(store.partitions)]
-    with pytest.raises(StorageUnavailable, match="sync of the partitions' filesystem failed"):
-        store.write_many(writes, stored)
-    assert failing.calls == 1
-    assert stored == []
-
-
-def test_pipeline_acks_nothing_while_syncfs_fails_and_everything_after(
-    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    failing = _FailingSyncfs()
-    monkeypatch.setattr(syncfs, "syncfs", failing)
-    acks = Acks()
-    pipeline = make_pipeline(store, acks)
-    want = offer_ten(pipeline)
-
-    for _ in range(2):
-        with pytest.raises(StorageUnavailable, match="Input/output error"):
-            pipeline.commit()
-        assert acks.calls == []
-        assert pipeline.pending == 10
-        assert pipeline.counters.stored == 0
-
-    failing.failing = False
-    assert pipeline.commit() == 10
-    assert acks.calls == [[f"t{n}" for n in range(10)]]
-    # Written unsynced before each failed sync, so possibly stored more than once: at least once,
-    # in receive order per device.
-    stored = all_payloads(data_dir)
-    assert {d: list(dict.fromkeys(p)) for d, p in stored.items()} == want
-    assert pipeline.counters.stored == 10
-    # Every copy beyond the first carries the DUP flag, as a broker's redelivery does.
-    report = verify(data_dir)
-    assert report.problems == []
-    assert report.records > 10
-    assert report.duplicates == report.records - 10
-
-
-def _wal_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.log"))
-
-
-def _pending(store: Store, partition: str, payload: bytes) -> Pending:
-    """A message of a device that placement gives `partition`."""
-    device = next(f"dev-{i}" for i in range(1000) if store.locate(f"dev-{i}")[0] == partition)
-    record = Record(f"devices/{device}/t", payload)
-    return Pending(device, device_key(device), time.time_ns(), record)

@@ -386,8 +386,6 @@ class Partition:
     def __init__(self, name: str, path: Path, db: Rdict, writable: bool) -> None:
         self.name = name
         self.path = path
-        # Its filesystem (its WAL is in `path`): one syncfs per filesystem makes a commit durable.
-        self.device = path.stat().st_dev
         self._db = db
         self._writable = writable
         self._index = db.get_column_family_handle(CF_INDEX)
@@ -579,13 +577,9 @@ class Partition:
                 figures[3] += entry.size
                 figures[4] += entry.dups
 
-    def apply(self, prepared: Prepared, sync: bool = True) -> None:
-        """The write of a `prepare` of this partition that `fits` it still, synced unless told.
-
-        Unsynced, the write is in the OS's page cache (RocksDB writes each WAL record out unless
-        `manual_wal_flush`), made durable by a later `syncfs` of its filesystem or `sync()`.
-        """
-        self._commit(prepared.batch, sync)
+    def apply(self, prepared: Prepared) -> None:
+        """The synced write of a `prepare` of this partition that `fits` it still."""
+        self._commit(prepared.batch)
         self.clock_ns, self.seq = prepared.clock_ns, prepared.seq
         self._entries.put_all(prepared.touched)  # on the commit thread, with the GIL: one update
 

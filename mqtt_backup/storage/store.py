@@ -16,7 +16,7 @@ from mqtt_backup.errors import ForeignDataDir, StorageError, StorageUnavailable,
 from mqtt_backup.keys import device_key, split_key
 from mqtt_backup.placement import Placement
 from mqtt_backup.records import Record, decode_record
-from mqtt_backup.storage import ballast, syncfs
+from mqtt_backup.storage import ballast
 from mqtt_backup.storage.files import PRIVATE_UMASK_HOLD, DirLock, fsync_dir, make_private
 from mqtt_backup.storage.journal import STATE, GapLog
 from mqtt_backup.storage.lease import Lease
@@ -31,7 +31,6 @@ from mqtt_backup.storage.manifest import (
     save_manifest,
 )
 from mqtt_backup.storage.partition import Partition, Pending, Prepared
-from mqtt_backup.storage.syncfs import FsSync
 from mqtt_backup.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,6 @@ class Store:
         # Devices written since a move began watching (None: no move watches): a move copies
         # them again before its switch, so nothing a commit between its units stored is left behind.
         self._written: set[bytes] | None = None
-        self._fs_sync = FsSync()  # a descriptor per filesystem of the partitions (`write_many`)
 
     @classmethod
     def open(
@@ -391,66 +389,6 @@ class Store:
         if self._written is not None:
             self._written.update(prepared.touched)
 
-    def write_many(
-        self,
-        writes: Sequence[tuple[str, Sequence[Pending], object | None]],
-        stored: list[str] | None = None,
-        unsure: list[str] | None = None,
-    ) -> None:
-        """Store each (partition, items, prepared) in one write, all made durable together.
-
-        One partition: its synced write. Several: each written unsynced, then one syncfs(2) per
-        filesystem of theirs (4 WAL fsyncs one after the other cost more than one syncfs); no
-        syncfs on this system: synced writes one after the other. `stored` gets each partition
-        once its write is durable. StorageUnavailable when a write or the sync fails: when a
-        write fails, those before it are synced (and noted) still; when the sync fails, nothing,
-        and `unsure` gets the partitions written unsynced (a copy may be on disk, or not).
-        """
-        parts: list[Partition] = []
-        for partition, _, _ in writes:
-            part = self.partitions.get(partition)
-            if part is None:
-                raise StorageUnavailable(f"partition {partition} is not open")
-            parts.append(part)
-        together = len(parts) > 1 and syncfs.available()
-        if together:
-            for part in parts:  # open before the first unsynced write: syncfs reports from then
-                try:
-                    self._fs_sync.watch(part.device, part.path)
-                except OSError as exc:
-                    raise StorageUnavailable(f"cannot open {part.path}: {exc}") from exc
-        written: list[Partition] = []
-        try:
-            for part, (_, items, ready) in zip(parts, writes, strict=True):
-                prepared = ready if isinstance(ready, Prepared) and ready.fits(part) else None
-                if prepared is None:
-                    prepared = part.prepare(items)
-                part.apply(prepared, sync=not together)
-                written.append(part)
-                if self._written is not None:
-                    self._written.update(prepared.touched)
-                if not together and stored is not None:
-                    stored.append(part.name)
-        except StorageError:
-            if together and written:
-                self._durable(written, stored, unsure)  # what was written counts once synced
-            raise
-        if together:
-            self._durable(written, stored, unsure)
-
-    def _durable(
-        self, parts: Sequence[Partition], stored: list[str] | None, unsure: list[str] | None
-    ) -> None:
-        """One syncfs per filesystem of `parts`, then each counts as stored."""
-        try:
-            self._fs_sync.sync((p.device for p in parts), "the partitions' filesystem")
-        except StorageUnavailable:
-            if unsure is not None:
-                unsure.extend(p.name for p in parts)
-            raise
-        if stored is not None:
-            stored.extend(p.name for p in parts)
-
     def watch_writes(self, on: bool) -> None:
         """Start (or stop) noting which devices `write` stores messages of (`written`)."""
         self._written = set() if on else None
@@ -543,7 +481,6 @@ class Store:
             self.closed = True  # a chunk that comes late (a queued thread) opens nothing
             self.close_partitions()
             self._drop_read_only()
-            self._fs_sync.close()
         self._lock.release()
         if self._holds_umask:
             self._holds_umask = False

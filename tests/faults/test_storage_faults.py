@@ -6,10 +6,8 @@ real damage to the RocksDB files.
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from mqtt_backup.config import Settings
-from mqtt_backup.storage import syncfs
 from mqtt_backup.storage.manifest import load_manifest
 from tests.conftest import BridgeThread, Broker, make_settings, wait_until
 from tests.faults.conftest import Report
@@ -40,7 +37,6 @@ from tests.faulty import Faults
 from tests.test_checks import device_records, raw_partition
 
 pytestmark = pytest.mark.slow
-real_syncfs = syncfs.syncfs
 RunBridge = Callable[..., BridgeThread]
 
 
@@ -69,46 +65,6 @@ def test_disk_full_injected_during_a_continuous_publish(
         restore=back.restore,
         failed_writes=faults.calls["write_failed"],
     )
-    assert_nothing_lost(back)
-
-
-def test_syncfs_failing_during_a_continuous_publish(
-    own_broker: Broker,
-    data_dir: Path,
-    unique: str,
-    run_bridge: RunBridge,
-    report: Report,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """syncfs(2) reports a writeback error (injected EIO) for a while, then works again"""
-    failing = threading.Event()
-    calls = {"failed": 0, "synced": 0}
-
-    def flaky_syncfs(fd: int) -> None:
-        if failing.is_set():
-            calls["failed"] += 1
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        real_syncfs(fd)
-        calls["synced"] += 1
-
-    monkeypatch.setattr(syncfs, "syncfs", flaky_syncfs)
-    bridge = run_bridge(make_settings(own_broker, data_dir))
-    counters = bridge.bridge.pipeline.counters
-    publisher = Publisher(own_broker.port, fleet(unique, 4), rate=RATE).start()
-    publisher.wait_accepted(size(250, 1000))
-    wait_until(lambda: calls["synced"] > 0, 60, "a commit synced by syncfs")
-    failing.set()
-    wait_until(lambda: calls["failed"] >= 2, 60, "failing syncs")
-    stored = counters.stored  # the commit in flight when it started may still count: once
-    wait_until(lambda: calls["failed"] >= 4, 60, "more failing syncs")
-    assert counters.stored == stored, "a commit whose sync failed counted as stored"
-    failing.clear()
-    wait_until(above(lambda: counters.stored, stored), 60, "the bridge to resume")
-    publisher.wait_accepted(size(250, 1000))
-    ledger = publisher.stop()
-    back = read_back(ledger, data_dir, own_broker.url)
-    bridge.stop()
-    report(export=back.export, restore=back.restore, failed_syncs=calls["failed"])
     assert_nothing_lost(back)
 
 
