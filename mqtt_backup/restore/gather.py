@@ -108,7 +108,8 @@ async def gather(
     """Ask every live member of the group and merge; None when there is nothing to gather.
 
     None means: no bridge announced itself with scale-out support (an older bridge, or none), or
-    one bridge without a group answers: the caller asks the one-answer way (`client.ask`).
+    one bridge without a group answers and the caller named no group: the caller asks the
+    one-answer way (`client.ask`).
     `members` hears who will be asked.
     """
     request_id = uuid.uuid4().hex
@@ -128,8 +129,10 @@ async def gather(
                 f"no bridge of group {group!r} is online",
                 "mqtt-backup status lists the groups and their instances",
             )
-        if len(chosen) == 1 and chosen[0].group == DEFAULT_GROUP:
+        if group is None and len(chosen) == 1 and chosen[0].group == DEFAULT_GROUP:
             return None  # one bridge without a group: the one answer it always gave
+        # A group named by the caller goes in the request, even `default`: a request without
+        # one is answered by every bridge of every group.
         members(chosen)
         group_name = chosen[0].group
         request = dataclasses.replace(question.request, request_id=request_id, group=group_name)
