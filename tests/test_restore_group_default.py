@@ -12,6 +12,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from mqtt_backup.cli.restore import _can_replay
+from mqtt_backup.config import BrokerTarget, parse_broker_url
+from mqtt_backup.errors import UsageError
+from mqtt_backup.restore.client import Ask
+from mqtt_backup.restore.request import Request
+from mqtt_backup.status import STATUS_PROTOCOL, Member
 from tests.conftest import (
     BridgeThread,
     Broker,
@@ -70,3 +78,24 @@ def test_group_default_is_only_the_ungrouped_bridge_beside_another_group(
         "g1",
         "g2",
     ]
+
+
+def _member(name: str, mqtt: str) -> Member:
+    body = {"state": "online", "protocol": STATUS_PROTOCOL, "mqtt": mqtt}
+    return Member(topic=f"backup/status/fleet/{name}", group="fleet", name=name, body=body)
+
+
+def test_the_replay_refusal_reads_right_for_one_member_and_for_several() -> None:
+    ask = Ask(target=BrokerTarget(parse_broker_url("mqtt://127.0.0.1:1883")), request=Request("d"))
+    with pytest.raises(UsageError) as one:
+        _can_replay(ask, [_member("b1", "5"), _member("b2", "3.1.1")])
+    assert str(one.value).startswith(
+        "b2 of group fleet reads on MQTT 3.1.1, where the replay mark cannot be seen: it would "
+        "store the replay again"
+    )
+    with pytest.raises(UsageError) as two:
+        _can_replay(ask, [_member("b1", "3.1.1"), _member("b2", "3.1.1")])
+    assert str(two.value).startswith(
+        "b1, b2 of group fleet read on MQTT 3.1.1, where the replay mark cannot be seen: they "
+        "would store the replay again"
+    )

@@ -230,9 +230,10 @@ def _can_replay(question: Ask, members: list[Member]) -> None:
         )
     blind = [m.name for m in members if not m.mqtt5]
     if blind:
+        reads, they = ("reads", "it") if len(blind) == 1 else ("read", "they")
         raise UsageError(
-            f"{', '.join(blind)} of group {members[0].group} read on MQTT 3.1.1, where the "
-            "replay mark cannot be seen: they would store the replay again",
+            f"{', '.join(blind)} of group {members[0].group} {reads} on MQTT 3.1.1, where the "
+            f"replay mark cannot be seen: {they} would store the replay again",
             "restore without --replay, or run the group on MQTT 5",
         )
 
