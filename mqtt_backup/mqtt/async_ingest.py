@@ -42,7 +42,7 @@ from mqtt_backup.errors import (
     StorageUnavailable,
 )
 from mqtt_backup.mqtt.backoff import Backoff
-from mqtt_backup.mqtt.codec import _not_mqtt, _refused
+from mqtt_backup.mqtt.codec import _not_mqtt, _refused, lost_connection
 from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.mqtt.session import (
     CAUGHT_UP_BELOW,
@@ -322,8 +322,7 @@ class _Wire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The first reason wins; everyone waiting learns it."""
-        detail = f"connection lost: {describe(exc)}" if exc else "the broker closed the connection"
-        self.fail(BrokerUnreachable(detail))
+        self.fail(lost_connection(exc))
         if not self.lost.done():
             self.lost.set_result(None)
 

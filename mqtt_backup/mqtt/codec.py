@@ -349,8 +349,7 @@ class _Wire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The first reason wins; everyone waiting learns it."""
-        detail = f"connection lost: {describe(exc)}" if exc else "the broker closed the connection"
-        self.fail(BrokerUnreachable(detail))
+        self.fail(lost_connection(exc))
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -768,10 +767,40 @@ def _refused(address: BrokerAddress, connack: mqtt5.ConnAckPacket) -> BrokerRefu
     return BrokerRefused(detail, _CONNACK_HINTS.get(int(code), "look at the broker's log"))
 
 
+_LOST = "connection lost: "
+_CLOSED = "the broker closed the connection"
+
+
+def lost_connection(exc: Exception | None) -> BrokerUnreachable:
+    """The error of a connection that ended without a DISCONNECT; `exc` (if any) is its cause."""
+    error = BrokerUnreachable(f"{_LOST}{describe(exc)}" if exc else _CLOSED)
+    error.__cause__ = exc
+    return error
+
+
 def _not_mqtt(address: BrokerAddress, mqtt5_on: bool, exc: BrokerError) -> BrokerError:
-    """A CONNACK that does not parse: most likely a broker without MQTT 5 (or no broker)."""
+    """No usable CONNACK: a broker without MQTT 5, or one that dropped the connection first."""
     if mqtt5_on and exc.detail.startswith("malformed packet"):
         return BrokerRefused(
             f"{address} did not answer in MQTT 5 ({exc.detail})", "try --protocol 3.1.1"
         )
+    if exc.detail.startswith(_LOST) or exc.detail == _CLOSED:
+        reason = exc.detail.removeprefix(_LOST)
+        return BrokerUnreachable(
+            f"{address} closed the connection before its CONNACK ({reason})",
+            _dropped_hint(address, exc.__cause__),
+        )
     return exc
+
+
+def _dropped_hint(address: BrokerAddress, cause: BaseException | None) -> str:
+    """Why a broker drops a connection before answering: mostly TLS on one side only."""
+    if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in (cause.reason or ""):
+        return "the broker requires a client certificate: give --cert and --key"
+    if address.tls:
+        # A listener that requires a client certificate may reset the socket before its alert.
+        return (
+            "check --cert and --key (a listener may require a client certificate) and the "
+            "broker's log"
+        )
+    return "check --broker (a TLS listener needs mqtts://) and the broker's log"
