@@ -152,14 +152,27 @@ def _moves_text(result: dict[str, Any], dry_run: bool) -> str:
     )
 
 
+# Rows of a dry run's table: a big fleet moves thousands of devices (`--json` lists them all).
+DRY_RUN_ROWS = 50
+
+
 def _moves_table(result: dict[str, Any], as_json: bool) -> None:
     """The devices of a dry run, for people (scripts read --json)."""
-    if not result["dry_run"] or as_json or not result["moves"]:
+    moves = result["moves"]
+    if not result["dry_run"] or as_json or not moves:
         return
     output.table(
         ("device", "from", "to", "messages", "bytes"),
-        ((m["device"], m["from"], m["to"], m["messages"], m["bytes"]) for m in result["moves"]),
+        (
+            (m["device"], m["from"], m["to"], m["messages"], m["bytes"])
+            for m in moves[:DRY_RUN_ROWS]
+        ),
     )
+    if len(moves) > DRY_RUN_ROWS:
+        output.say(
+            f"... and {output.count(len(moves) - DRY_RUN_ROWS, 'more device', 'more devices')} "
+            "(--json lists every one)"
+        )
 
 
 _LISTED = ("name", "path", "weight", "devices", "messages", "bytes")
