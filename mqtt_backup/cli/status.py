@@ -71,12 +71,13 @@ def status(
         output.print_json([m.row() for m in members])
     elif members:
         output.table(
-            ("group", "instance", "state", "client id", "started", "partitions"),
+            ("group", "instance", "state", "mqtt", "client id", "started", "partitions"),
             (
                 (
                     m.group,
                     m.name,
                     m.body.get("state"),
+                    m.body.get("mqtt"),  # what it reads on: a group replay needs 5 everywhere
                     m.client_id,
                     m.body.get("started"),
                     len(m.body.get("partitions") or ()),
