@@ -41,3 +41,18 @@ def test_a_small_dry_run_lists_every_move(tmp_path: Path) -> None:
     assert moves
     assert all(f" {m['device']} " in result.stdout for m in moves)
     assert "more devices" not in result.stdout
+
+
+def test_a_prune_shows_at_most_a_page_of_devices_and_says_how_many_more(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    fill(data, devices=120, per_device=1)
+    args = ["prune", "--older-than", "1s", "--data", str(data), "--dry-run"]
+    devices = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)["devices"]
+    assert len(devices) == 120
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    listed = [d["device"] for d in devices if f" {d['device']} " in result.stdout]
+    assert listed == [d["device"] for d in devices[:DRY_RUN_ROWS]]
+    assert result.stdout.rstrip().endswith(
+        f"... and {120 - DRY_RUN_ROWS} more devices (--json lists every one)"
+    )

@@ -104,9 +104,9 @@ def prune(
     )
     _show(result, as_json, text)
     if not as_json and result["devices"]:
-        output.table(
+        _bounded_table(
             ("device", "messages", "bytes"),
-            ((d["device"], d["messages"], d["bytes"]) for d in result["devices"]),
+            [(d["device"], d["messages"], d["bytes"]) for d in result["devices"]],
         )
 
 
@@ -152,8 +152,16 @@ def _moves_text(result: dict[str, Any], dry_run: bool) -> str:
     )
 
 
-# Rows of a dry run's table: a big fleet moves thousands of devices (`--json` lists them all).
+# Rows of a table of devices: a big fleet moves or prunes thousands (`--json` lists them all).
 DRY_RUN_ROWS = 50
+
+
+def _bounded_table(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+    """The first DRY_RUN_ROWS rows, and how many more there are."""
+    output.table(columns, rows[:DRY_RUN_ROWS])
+    if len(rows) > DRY_RUN_ROWS:
+        more = output.count(len(rows) - DRY_RUN_ROWS, "more device", "more devices")
+        output.say(f"... and {more} (--json lists every one)")
 
 
 def _moves_table(result: dict[str, Any], as_json: bool) -> None:
@@ -161,18 +169,10 @@ def _moves_table(result: dict[str, Any], as_json: bool) -> None:
     moves = result["moves"]
     if not result["dry_run"] or as_json or not moves:
         return
-    output.table(
+    _bounded_table(
         ("device", "from", "to", "messages", "bytes"),
-        (
-            (m["device"], m["from"], m["to"], m["messages"], m["bytes"])
-            for m in moves[:DRY_RUN_ROWS]
-        ),
+        [(m["device"], m["from"], m["to"], m["messages"], m["bytes"]) for m in moves],
     )
-    if len(moves) > DRY_RUN_ROWS:
-        output.say(
-            f"... and {output.count(len(moves) - DRY_RUN_ROWS, 'more device', 'more devices')} "
-            "(--json lists every one)"
-        )
 
 
 _LISTED = ("name", "path", "weight", "devices", "messages", "bytes")
