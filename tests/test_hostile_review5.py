@@ -580,6 +580,8 @@ def test_a_client_key_that_does_not_match_is_a_configuration_error_in_every_comm
     assert result.exit_code == 2, result.output
     line = _error_line(result.stderr)
     assert line.startswith("mqtt-backup: bad configuration: cannot load the TLS files:"), line
+    # Which file: the certificate and the key that do not belong together.
+    assert f"client certificate {cert} with key {state / 'ca.key'}" in line, line
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -23,9 +23,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from mqtt_backup.config import BrokerTarget, TlsFiles
-from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
-from mqtt_backup.mqtt.session import describe
+from mqtt_backup.config import BrokerTarget
+from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
+from mqtt_backup.mqtt.session import describe, tls_context
 from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
@@ -54,17 +54,6 @@ def _to_paho(out: Properties) -> PahoProperties:
     if out.response_topic is not None:
         props.ResponseTopic = out.response_topic
     return props
-
-
-def _tls_context(files: TlsFiles) -> ssl.SSLContext:
-    """The TLS context of an mqtts:// connection; ConfigError when a file does not load."""
-    try:
-        context = ssl.create_default_context(cafile=files.ca)
-        if files.cert is not None:
-            context.load_cert_chain(files.cert, files.key)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
-    return context
 
 
 def _delivery(message: aiomqtt.Message) -> Delivery:
@@ -109,7 +98,7 @@ class AsyncConnection:
         if address.tls:
             # Loaded here, as the other connections load them: a file that does not load is bad
             # configuration (exit 2), not an unreachable broker.
-            self._options["tls_context"] = _tls_context(target.tls_files)
+            self._options["tls_context"] = tls_context(target.tls_files)
         self._client: aiomqtt.Client | None = None
         self._last_props: tuple[Properties, PahoProperties] | None = None
 

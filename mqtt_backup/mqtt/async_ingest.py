@@ -56,6 +56,7 @@ from mqtt_backup.mqtt.session import (
     Stall,
     describe,
     taken_over,
+    tls_context,
 )
 from mqtt_backup.records import Properties, Record, stored_flags
 
@@ -375,14 +376,7 @@ class AsyncIngest:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.session.address.tls:
             return None
-        files = self.session.target.tls_files
-        try:
-            context = ssl.create_default_context(cafile=files.ca)
-            if files.cert is not None:
-                context.load_cert_chain(files.cert, files.key)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
-        return context
+        return tls_context(self.session.target.tls_files)
 
     def _run_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
         if self._loop is None or self._loop.is_closed():

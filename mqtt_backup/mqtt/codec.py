@@ -30,10 +30,10 @@ from typing import Any, Self
 import mqtt5
 
 from mqtt_backup.config import BrokerAddress, BrokerTarget
-from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable, ConfigError
+from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.packets import Outgoing, read5
-from mqtt_backup.mqtt.session import describe
+from mqtt_backup.mqtt.session import describe, tls_context
 from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
@@ -455,14 +455,7 @@ class CodecConnection:
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.address.tls:
             return None
-        files = self.tls_files
-        try:
-            context = ssl.create_default_context(cafile=files.ca)
-            if files.cert is not None:
-                context.load_cert_chain(files.cert, files.key)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
-        return context
+        return tls_context(self.tls_files)
 
     async def _handshake(self, wire: _Wire) -> None:
         password = self.address.password

@@ -26,7 +26,6 @@ from mqtt_backup.errors import (
     BrokerError,
     BrokerRefused,
     BrokerUnreachable,
-    ConfigError,
     SessionTakenOver,
     StorageUnavailable,
 )
@@ -43,6 +42,7 @@ from mqtt_backup.mqtt.session import (
     Stall,
     describe,
     taken_over,
+    tls_context,
 )
 from mqtt_backup.records import Properties, Record
 
@@ -99,11 +99,7 @@ class PahoIngest:
         if addr.username is not None:
             client.username_pw_set(addr.username, addr.password)
         if addr.tls:
-            files = self.session.target.tls_files
-            try:
-                client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise ConfigError(f"cannot load the TLS files: {describe(exc)}") from exc
+            client.tls_set_context(tls_context(self.session.target.tls_files))
         presence = self.session.presence
         if presence is not None:
             client.will_set(presence.topic, presence.offline, qos=1, retain=True)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mqtt_backup.config import BrokerAddress, BrokerTarget
-from mqtt_backup.errors import SessionTakenOver, StorageUnavailable
+from mqtt_backup.config import BrokerAddress, BrokerTarget, TlsFiles
+from mqtt_backup.errors import ConfigError, SessionTakenOver, StorageUnavailable
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.records import Record
 from mqtt_backup.tally import TALLY
@@ -128,6 +128,28 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """The TLS context of an mqtts:// connection; ConfigError naming the file that does not load.
+
+    Every connection takes it (paho's too, through `tls_set_context`), so every command says
+    the same thing about the same files.
+    """
+    try:
+        context = ssl.create_default_context(cafile=files.ca)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        what = f"CA file {files.ca}" if files.ca else "the system's CA certificates"
+        raise ConfigError(f"cannot load the TLS files: {what}: {describe(exc)}") from exc
+    if files.cert is not None:
+        try:
+            context.load_cert_chain(files.cert, files.key)
+        except (OSError, ValueError) as exc:
+            key = f" with key {files.key}" if files.key else ""
+            raise ConfigError(
+                f"cannot load the TLS files: client certificate {files.cert}{key}: {describe(exc)}"
+            ) from exc
+    return context
 
 
 class Stall:
