@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mqtt_backup import ingest as ingest_mod
 from mqtt_backup.ingest import CommitPipeline
@@ -20,6 +22,7 @@ from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
 from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.topics import Router, parse_template
+from tests.conftest import examples
 
 BASE_NS = 1_767_225_600 * 10**9
 INDEX_BOUND = 16
@@ -261,3 +264,35 @@ def test_a_commit_of_more_devices_than_half_the_cache_keeps_every_count(
     evicting = index_after(tmp_path / "evicting", batches)
     assert evicting[device_key("dev-a")] == roomy[device_key("dev-a")]
     assert evicting == roomy
+
+
+_CACHE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 20)),
+        st.tuples(st.just("put_all"), st.lists(st.integers(0, 20), max_size=14, unique=True)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(size=st.integers(2, 12), ops=_CACHE_OPS)
+def test_the_cache_answers_the_latest_value_or_nothing(
+    size: int, ops: list[tuple[str, int | list[int]]]
+) -> None:
+    """Whatever the puts, put_alls, gets and pops: never an older value of a key, never too many."""
+    cache: RecentCache[int, int] = RecentCache(size)
+    latest: dict[int, int] = {}
+    for step, (op, arg) in enumerate(ops):
+        if isinstance(arg, list):
+            cache.put_all(dict.fromkeys(arg, step))
+            latest.update(dict.fromkeys(arg, step))
+        elif op == "put":
+            cache.put(arg, step)
+            latest[arg] = step
+        elif op == "get":
+            assert cache.get(arg) in (None, latest.get(arg))
+        else:
+            cache.pop(arg)
+            latest.pop(arg, None)
+        assert len(cache) <= size
