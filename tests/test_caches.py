@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mqtt_backup import ingest as ingest_mod
 from mqtt_backup.ingest import CommitPipeline
@@ -20,6 +22,7 @@ from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
 from mqtt_backup.storage.cache import RecentCache
 from mqtt_backup.topics import Router, parse_template
+from tests.conftest import examples
 
 BASE_NS = 1_767_225_600 * 10**9
 INDEX_BOUND = 16
@@ -231,3 +234,65 @@ def test_put_all_that_does_not_fit_turns_a_generation_at_once() -> None:
     assert dict(cache.items()) == {10: 10, 11: 11, 20: 20, 21: 21, 22: 22}
     assert cache.get(0) is None
     assert cache.get(10) == 10
+
+
+def test_put_all_of_more_than_a_generation_leaves_no_stale_entry_behind() -> None:
+    # A commit that touches more devices than half the cache keeps only the last ones it touched;
+    # the figures of a device among the first ones must not be read back from an older
+    # generation (the next commit of that device would write a stale index entry back).
+    cache: RecentCache[int, int] = RecentCache(8)
+    cache.put_all({1: 10})
+    cache.put_all({1: 11, 2: 2, 3: 3, 4: 4, 5: 5})  # 1 is among the first: not kept
+    assert cache.get(1) in (None, 11)
+    assert [cache.get(n) for n in (2, 3, 4, 5)] == [2, 3, 4, 5]
+    assert len(cache) <= 8
+
+
+def test_a_commit_of_more_devices_than_half_the_cache_keeps_every_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A device written, then first in a commit of more devices than half the index cache, then
+    # again: its index entry must count all three writes (verify compares it with the records).
+    others = [f"dev-{n}" for n in range(4 * INDEX_BOUND)]
+    batches = [
+        [("dev-a", 10, False)],
+        [("dev-a", 11, False), *((d, 12, False) for d in others)],
+        [("dev-a", 13, False)],
+    ]
+    roomy = index_after(tmp_path / "roomy", batches)
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", INDEX_BOUND)
+    evicting = index_after(tmp_path / "evicting", batches)
+    assert evicting[device_key("dev-a")] == roomy[device_key("dev-a")]
+    assert evicting == roomy
+
+
+_CACHE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 20)),
+        st.tuples(st.just("put_all"), st.lists(st.integers(0, 20), max_size=14, unique=True)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(size=st.integers(2, 12), ops=_CACHE_OPS)
+def test_the_cache_answers_the_latest_value_or_nothing(
+    size: int, ops: list[tuple[str, int | list[int]]]
+) -> None:
+    """Whatever the puts, put_alls, gets and pops: never an older value of a key, never too many."""
+    cache: RecentCache[int, int] = RecentCache(size)
+    latest: dict[int, int] = {}
+    for step, (op, arg) in enumerate(ops):
+        if isinstance(arg, list):
+            cache.put_all(dict.fromkeys(arg, step))
+            latest.update(dict.fromkeys(arg, step))
+        elif op == "put":
+            cache.put(arg, step)
+            latest[arg] = step
+        elif op == "get":
+            assert cache.get(arg) in (None, latest.get(arg))
+        else:
+            cache.pop(arg)
+            latest.pop(arg, None)
+        assert len(cache) <= size

@@ -240,6 +240,7 @@ BAD_MANIFESTS: dict[str, tuple[Callable[[dict[str, Any]], object], str]] = {
     "negative weight": (weight(-1.0), "weight -1.0"),
     "NaN weight": (weight(math.nan), "weight nan"),
     "infinite weight": (weight(math.inf), "weight inf"),
+    "weight past the float range": (weight(10**400), "weight 1000000"),
     "zero weight": (weight(0), "weight 0"),
     "weight as text": (weight("1"), "weight '1'"),
     "duplicate name": (lambda raw: raw["partitions"][1].update(name="p0"), "'p0' is listed twice"),

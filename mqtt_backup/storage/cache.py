@@ -52,17 +52,23 @@ class RecentCache(Generic[K, V]):
         looks there first, `pop` drops both) and goes with it at the next turn. The turn comes
         a little early (the current generation may have had room for some): one `put` per entry
         cost ~0.5 us each, once per message when a commit's devices are mostly new (a fleet
-        larger than the cache). More entries than half the size: the last ones are kept.
+        larger than the cache). More entries than half the size: the last ones are kept, and
+        both generations are theirs: the current one could hold the older value of an entry not
+        kept, which `get` would then answer (a stale index figure written back by the next
+        commit of that device).
         """
         current, half = self._current, self._half
-        if len(current) + len(entries) <= half:
+        count = len(entries)
+        if len(current) + count <= half:
             current.update(entries)
             return
-        self._previous = current
-        if len(entries) <= half:
+        if count <= half:
+            self._previous = current
             self._current = dict(entries)
-        else:
-            self._current = dict(itertools.islice(entries.items(), len(entries) - half, None))
+            return
+        items = entries.items()
+        self._previous = dict(itertools.islice(items, max(0, count - 2 * half), count - half))
+        self._current = dict(itertools.islice(items, count - half, None))
 
     def _add(self, key: K, value: V) -> None:
         if len(self._current) >= self._half:

@@ -140,7 +140,13 @@ def _spec(raw: Any) -> PartitionSpec:
     # Rendezvous placement needs a positive finite weight: anything else sends devices astray.
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
         raise ValueError(f"partition {name} has weight {weight!r}; it must be a positive number")
-    return PartitionSpec(name, path, float(weight))
+    try:
+        return PartitionSpec(name, path, float(weight))
+    except OverflowError:  # an integer past the float range (a hand edit): no finite weight
+        raise ValueError(
+            f"partition {name} has weight {weight!r}; it must be a positive number within a "
+            "float's range"
+        ) from None
 
 
 def layout_problem(
