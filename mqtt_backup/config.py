@@ -396,7 +396,7 @@ class Settings:
     # The store picks the count of a new data directory; an existing one keeps its own.
     partitions: int | None = field(
         default=None,
-        metadata=setting("partitions of a new data directory", bounds=(1, 1024), default_text="4"),
+        metadata=setting("partitions of a new data directory", bounds=(1, 1024), default_text="1"),
     )
     namespace: str = field(
         default="backup",

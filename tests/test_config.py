@@ -27,6 +27,7 @@ from mqtt_backup.config import (
     parse_broker_url,
 )
 from mqtt_backup.errors import EXIT_USAGE, ConfigError
+from mqtt_backup.storage.store import DEFAULT_PARTITIONS
 
 
 def load(
@@ -262,7 +263,8 @@ def test_help_shows_the_default() -> None:
     assert config.help_for("data") == "data directory [default: ./mqtt-backup-data]"
     assert config.help_for("topic").endswith("[default: devices/{device}/#]")
     assert config.help_for("protocol") == "5 or 3.1.1 [default: 5]"
-    assert config.help_for("partitions").endswith("[default: 4]")
+    # The text is the store's own default (config does not import the store, to stay light).
+    assert config.help_for("partitions").endswith(f"[default: {DEFAULT_PARTITIONS}]")
     assert config.help_for("metrics_port") == "serve Prometheus metrics on 127.0.0.1:PORT/metrics"
 
 

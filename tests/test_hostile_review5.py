@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -501,14 +502,19 @@ def test_paho_acks_in_receive_order_across_units_and_a_failed_commit_between_the
     received, acked = _record_acks(bridge, unique, monkeypatch)
     real = operations.units
     units_seen = [0]
+    armed: list[bool] = []
 
     def failing_once(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         work = real(store, op, args)
         while (done := step(work)) is None:
             units_seen[0] += 1
+            time.sleep(0.05)  # a unit's worth of time: the publisher's messages arrive meanwhile
             store.on_progress()
-            if units_seen[0] == 6:
-                faults.failing = True  # the commit after this unit fails
+            # The commit after this unit fails: from the 6th unit on, at the first one that has
+            # messages held (a loaded machine may have stored everything by the 6th).
+            if units_seen[0] >= 6 and bridge.bridge.pipeline.pending and not armed:
+                armed.append(True)
+                faults.failing = True
             yield
         return done.result
 
@@ -525,6 +531,7 @@ def test_paho_acks_in_receive_order_across_units_and_a_failed_commit_between_the
     faults.failing = False
     publisher.join(60)
     assert len(ledger) == len(sent)
+    assert armed, "no unit from the 6th on had messages held: nothing was tested"
     assert isinstance(answer, RemoteError), "the commit between units failed the add"
     assert answer.exit_code == 4, answer
     monkeypatch.setattr(operations, "units", real)

@@ -35,7 +35,7 @@ from mqtt_backup.topics import filter_matches
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARTITIONS = 4
+DEFAULT_PARTITIONS = 1
 PARTITIONS = "partitions"
 _MIN_FREE_BYTES = ballast.FULL_BELOW_BYTES
 # A chunk read ends once its values reach this many bytes (always one record at least): counted
