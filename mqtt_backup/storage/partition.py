@@ -109,7 +109,8 @@ _HEAD_PACK = struct.Struct(">BI").pack  # format version, crc32: what precedes a
 _crc32 = zlib.crc32
 # Index entries kept in memory per partition, for the write path; the rest are read back from the
 # index column family when their device writes again (memory stays flat whatever the fleet size).
-INDEX_CACHE_ENTRIES = 4096
+# 16,384: what 4 partitions of 4,096 held when a new store had 4; it has 1 now (~300 B an entry).
+INDEX_CACHE_ENTRIES = 16384
 # A move's copy reads and writes at most this many bytes of values at once (one record at least):
 # its unit counts records, and 10,000 large payloads would otherwise be held twice in memory.
 COPY_BYTES = 8 * 1024 * 1024
