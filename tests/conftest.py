@@ -300,6 +300,14 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     yield from _start_broker("dev.conf", state, "tls.conf")
 
 
+@pytest.fixture(scope="session")
+def mtls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """dev.conf + tls.conf + mtls.conf: TLS that requires a client certificate of its CA."""
+    state = tmp_path_factory.mktemp("mtls-broker")
+    make_test_ca(state)
+    yield from _start_broker("dev.conf", state, "tls.conf", "mtls.conf")
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No MQTT_BACKUP_* from the developer's shell, and no ./mqtt-backup.toml from the repo."""

@@ -7,28 +7,13 @@ connection lost: Connection reset by peer` (no address, no hint).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from typer.testing import CliRunner
 
 from mqtt_backup.cli import app
-from tests.conftest import Broker, make_test_ca
+from tests.conftest import Broker
 
 COMMANDS = [["status", "--wait", "0.5"], ["restore", "dev-1", "--timeout", "1"]]
-
-
-@pytest.fixture(scope="module")
-def mtls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """dev.conf + tls.conf + mtls.conf: TLS that requires a client certificate of its CA."""
-    state = tmp_path_factory.mktemp("mtls-broker")
-    make_test_ca(state)
-    broker = Broker("dev.conf", state, ("tls.conf", "mtls.conf"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def _error_line(stderr: str) -> str:

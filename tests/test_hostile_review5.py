@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -326,20 +326,6 @@ def test_the_broker_going_away_in_the_middle_of_an_operation_on_paho_loses_nothi
 
 
 # ---- the broker target (address, protocol, TLS files) reaching every connection ----------------
-
-
-@pytest.fixture
-def mtls_broker(tmp_path: Path) -> Iterator[Broker]:
-    """dev.conf + tls.conf + mtls.conf: TLS that requires a client certificate of its CA."""
-    state = tmp_path / "mtls-broker"
-    state.mkdir()
-    make_test_ca(state)
-    broker = Broker("dev.conf", state, ("tls.conf", "mtls.conf"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

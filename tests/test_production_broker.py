@@ -379,19 +379,6 @@ def _client_certificate(ca_dir: Path, name: str) -> tuple[Path, Path]:
     return ca_dir / f"{name}.crt", ca_dir / f"{name}.key"
 
 
-@pytest.fixture(scope="module")
-def mtls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """dev.conf + tls.conf + mtls.conf: TLS that requires a client certificate of its CA."""
-    state = tmp_path_factory.mktemp("mtls-broker")
-    make_test_ca(state)
-    broker = Broker("dev.conf", state, ("tls.conf", "mtls.conf"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 @pytest.mark.usefixtures("transport")
 def test_mutual_tls_with_a_client_certificate(
     mtls_broker: Broker, data_dir: Path, unique: str

@@ -145,10 +145,11 @@ def _assert_spread(
     # meanwhile, so their spread says more about the machine than about the pacing.)
     paced = sorted(m.ts_ns for m in messages if not m.record.retain)
     assert paced[-1] > paced[0], "stored over time, not at one instant"
-    first_second = [t.published for t in ticks if t.elapsed <= 1.2]
-    assert first_second, ticks
-    # 100 msg/s over 2 s: about half by the first second's tick, surely not all of it.
-    assert max(first_second) < published, "everything was published in the first second"
+    # 100 msg/s over 2 s: a tick before the end (about once a second; a loaded machine may give
+    # the first one late, as at 1.49 s in a CI run) has seen some of it, surely not all.
+    before_the_end = [t.published for t in ticks if t.elapsed < 1.9]
+    assert before_the_end, ticks
+    assert max(before_the_end) < published, "everything was published in a burst"
 
 
 def _by_shape(messages: list[StoredMessage]) -> dict[str, list[StoredMessage]]:
