@@ -5,6 +5,7 @@ Real RocksDB in temp dirs; faults are injected only to hold a scan open at a cho
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -138,25 +139,37 @@ def test_a_chunk_never_holds_another_devices_records(
     skip=st.integers(0, 5),
 )
 def test_a_forward_chunk_holds_what_the_checked_scan_reads(
-    sizes: list[int], limit: int, max_bytes: int | None, skip: int
+    one_store: Store, sizes: list[int], limit: int, max_bytes: int | None, skip: int
 ) -> None:
     # The fast path (the item iterator, taken a few records at a time under a byte budget)
-    # stops exactly where the record-by-record scan does.
+    # stops exactly where the record-by-record scan does. Each example writes a device of its
+    # own into one store (opening a store per example took most of 40 s).
+    device = f"dev-{next(_EXAMPLES)}"
+    name, dev_key = one_store.locate(device)
+    items = [
+        Pending(device, dev_key, BASE_NS + i, Record(f"d/{device}/t", b"x" * n))
+        for i, n in enumerate(sizes)
+    ]
+    if items:
+        one_store.write(name, items)
+    part = one_store.partitions[name]
+    keys = [k for k, _ in part.read_range(dev_key, None, None, False, None, 99)]
+    after = keys[skip - 1] if 0 < skip <= len(keys) else None
+    fast = part.read_range(dev_key, None, None, False, after, limit, max_bytes)
+    checked = part._read_checked(dev_key, None, None, False, after, limit, max_bytes)
+    assert fast == checked
+
+
+_EXAMPLES = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def one_store() -> Iterator[Store]:
+    """A one-partition store the examples of a property test share (each its own device)."""
     with tempfile.TemporaryDirectory() as scratch:
         opened = Store.open(Path(scratch) / "data", partitions=1)
         try:
-            name, dev_key = opened.locate("dev-a")
-            items = [
-                Pending("dev-a", dev_key, BASE_NS + i, Record("d/dev-a/t", b"x" * n))
-                for i, n in enumerate(sizes)
-            ]
-            opened.write(name, items)
-            part = opened.partitions[name]
-            keys = [k for k, _ in part.read_range(dev_key, None, None, False, None, 99)]
-            after = keys[skip - 1] if 0 < skip <= len(keys) else None
-            fast = part.read_range(dev_key, None, None, False, after, limit, max_bytes)
-            checked = part._read_checked(dev_key, None, None, False, after, limit, max_bytes)
-            assert fast == checked
+            yield opened
         finally:
             opened.close()
 

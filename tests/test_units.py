@@ -357,7 +357,8 @@ def _kill_points(base: Path, scratch: Path, killed: str) -> list[int]:
         store.close()
     first_after = switched.index(True) + 1
     assert first_after > 6, switched
-    points = [1, first_after // 2, first_after - 2, first_after - 1, first_after, len(switched)]
+    # After the first unit, mid-copy, the last unit before the switch, the switch, the end.
+    points = [1, first_after // 2, first_after - 1, first_after, len(switched)]
     return sorted(set(points))
 
 
