@@ -189,10 +189,10 @@ class Bridge:
         """Ingest until `stop()`; then store what is pending, acknowledge it and close."""
         s = self.settings
         log.info(
-            "mqtt-backup running: broker %s, data %s, %d partitions, client id %s, topics %s",
+            "mqtt-backup running: broker %s, data %s, %s, client id %s, topics %s",
             s.broker_address,
             s.data,
-            len(self.store.manifest.partitions),
+            logs.count(len(self.store.manifest.partitions), "partition"),
             self.store.client_id,
             ", ".join(s.topic),
         )

@@ -207,6 +207,7 @@ def test_the_images_command_and_health_check_work(broker: Broker, tmp_path: Path
     text = log.read_text(encoding="utf-8")
     assert proc.returncode == 0, text
     assert "mqtt-backup running" in text
+    assert ", 1 partition, client id" in text  # a new data directory's one partition, in words
 
 
 # ---- ports and paths agree ----------------------------------------------------------------
