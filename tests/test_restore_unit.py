@@ -34,7 +34,7 @@ from mqtt_backup.restore.request import (
     parse_request,
     response_topic,
 )
-from mqtt_backup.restore.service import FIRST_CHUNK, DroppedWatcher, RestoreService
+from mqtt_backup.restore.service import CHUNK, FIRST_CHUNK, DroppedWatcher, RestoreService
 from mqtt_backup.storage import Cursor, LiveReader, Pending, Store, ballast
 from mqtt_backup.storage.journal import Gap, GapLog
 from mqtt_backup.storage.store import CHUNK_BYTES
@@ -1333,6 +1333,59 @@ def test_a_limit_ends_the_scan_at_the_last_message_sent(
     bodies = stream(reader, {"topic": "devices/dev-1/telemetry", "limit": 2})
     assert [b["topic"] for b in bodies] == ["devices/dev-1/telemetry"] * 2
     assert chunks == [FIRST_CHUNK]  # the first chunk held both: no further chunk was read
+
+
+def test_the_next_chunk_is_read_while_this_one_is_sent(
+    reader: LiveReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading each chunk only after the last was queued, the window ran dry at chunk ends.
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=300)  # 1,500 records: four chunks
+    conn = FakeConn(delay=0.002)  # a PUBACK round trip
+    sent_at_read: list[int] = []
+    real = reader.read_rows
+
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        sent_at_read.append(len(conn.sent))
+        return real(cursor, limit)
+
+    monkeypatch.setattr(reader, "read_rows", counting)
+    assert len(stream(reader, {}, conn=conn)) == 1500
+    assert len(sent_at_read) == 4
+    # The third chunk was asked for as the second came, not once the second was queued.
+    assert sent_at_read[2] < FIRST_CHUNK + CHUNK // 2, sent_at_read
+
+
+def test_a_restore_waiting_for_its_slot_reads_one_chunk(
+    reader: LiveReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading ahead starts once a restore sends: 64 waiting restores hold a chunk each, not two.
+    _slow_scan_of_dev1(reader, monkeypatch, rounds=300)
+    reads: list[str] = []
+    real = reader.read_rows
+
+    def counting(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        reads.append(cursor.device)
+        return real(cursor, limit)
+
+    monkeypatch.setattr(reader, "read_rows", counting)
+    ended: list[int] = []
+
+    class Conn(FakeConn):
+        async def publish(self, topic: str, payload: bytes, *args: Any, **kw: Any) -> None:
+            if b'"done"' in payload:
+                ended.append(len(reads))
+            await super().publish(topic, payload, *args, **kw)
+
+    async def run() -> None:
+        service = RestoreService(reader, GapLog(reader.data_dir), max_active=1)
+        service.submit(Delivery(f"{PREFIX}/dev-2", b"", qos=1), Conn(delay=0.2))  # 3 records
+        service.submit(Delivery(REQUEST, b"", qos=1), Conn())  # dev-1: 1,500 records
+        while len(ended) < 2:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    # dev-2's restore held the slot to its end: dev-1's read its first chunk, then waited.
+    assert reads[: ended[0]].count("dev-1") == 1, reads
 
 
 def test_a_limit_bounds_the_chunk_read(reader: LiveReader, monkeypatch: pytest.MonkeyPatch) -> None:

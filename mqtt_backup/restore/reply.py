@@ -358,6 +358,10 @@ class Batches:
         self._batch: list[Outgoing] = []
         self._holding = False
 
+    def holding(self) -> bool:
+        """Whether the stream holds its restore slot (it has sent, and may send on)."""
+        return self._holding
+
     def put(self, packet: Outgoing) -> bool:
         """Queue one packet; True when it is to be sent now (`flush`): a full batch, or paced.
 

@@ -201,12 +201,13 @@ class RestoreService:
 
     async def _stream(self, request: Request, reply: Reply, outbox: Outbox) -> int:
         """Publish the device's messages in the window; returns how many went out."""
+        batches = Batches(
+            outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
+        )
         chunks = self._chunks(
             Cursor(request.device, request.since_ns, request.until_ns, request.descending),
             request.limit if request.topic is None else None,  # a filter may skip records
-        )
-        batches = Batches(
-            outbox.flow(), self._active, Pacer(request.rate if request.replay else None)
+            batches.holding,
         )
         build = self._builder(request, reply)
         count = 0
@@ -262,20 +263,38 @@ class RestoreService:
         return count
 
     async def _chunks(
-        self, cursor: Cursor, most: int | None
+        self, cursor: Cursor, most: int | None, ahead: Callable[[], bool] = lambda: False
     ) -> AsyncGenerator[list[tuple[bytes, bytes]]]:
-        """The cursor's stored records (up to `most`), chunk by chunk, read in worker threads."""
+        """The cursor's stored records (up to `most`), chunk by chunk, read in worker threads.
+
+        While `ahead()` holds (the restore has its slot and sends), the next chunk is read
+        while this one is sent: waiting for each read, the window ran dry at every other
+        chunk. A restore waiting for its slot holds one chunk, as before.
+        """
         limit = FIRST_CHUNK
-        while not cursor.done:
-            if most is not None:
-                limit = min(limit, most)
-            chunk = await asyncio.to_thread(self.reader.read_rows, cursor, limit)
-            if most is not None:
-                most -= len(chunk)
-                if most <= 0:
-                    cursor.done = True  # read to the limit: nothing more is sent
-            yield chunk
-            limit = CHUNK
+        pending: asyncio.Future[list[tuple[bytes, bytes]]] | None = None
+        try:
+            while pending is not None or not cursor.done:
+                if pending is None:
+                    pending = self._read(cursor, limit if most is None else min(limit, most))
+                chunk = await pending
+                pending = None
+                if most is not None:
+                    most -= len(chunk)
+                    if most <= 0:
+                        cursor.done = True  # read to the limit: nothing more is sent
+                limit = CHUNK
+                if not cursor.done and ahead():
+                    pending = self._read(cursor, limit if most is None else min(limit, most))
+                yield chunk
+        finally:
+            if pending is not None:
+                # Abandoned: the worker may still finish it; its rows (or error) are dropped.
+                pending.cancel()
+
+    def _read(self, cursor: Cursor, limit: int) -> asyncio.Future[list[tuple[bytes, bytes]]]:
+        """The next chunk, read in a worker thread (a task: it runs while the loop sends)."""
+        return asyncio.ensure_future(asyncio.to_thread(self.reader.read_rows, cursor, limit))
 
     @staticmethod
     def _builder(request: Request, reply: Reply) -> Callable[[RecordFields], Outgoing]:
