@@ -64,7 +64,13 @@ def leaves_out_slow(markexpr: str) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A `serial` test must be `slow` too: `make test-fast` spreads what it runs over workers."""
+    """A `serial` test must be `slow` too: `make test-fast` spreads what it runs over workers.
+
+    The slow tests run first (in collection order otherwise): pytest-xdist hands tests out in
+    this order as workers free up, and a long test handed out last left the other worker idle
+    for its whole run (the unit kill test and the browser tests, collected near the end, did);
+    ending on the many short tests evens out the finish.
+    """
     lone = [
         i.nodeid
         for i in items
@@ -72,6 +78,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ]
     if lone:
         raise pytest.UsageError(f"marked serial but not slow (mark them slow too): {lone}")
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
 
 
 def examples(full: int) -> int:
