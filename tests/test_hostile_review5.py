@@ -112,6 +112,38 @@ def _publish_in_thread(
     return thread
 
 
+def _publish_to(
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    broker: Broker,
+    data: Path,
+    messages: list[Sent],
+    ledger: list[Sent],
+) -> threading.Thread:
+    """Once the bridge runs, publish in a thread (`_publish_in_thread`) until 50 are stored."""
+    before = stored_count(data)
+    _wait_running(proc, log)
+    wait_until((data / "control.sock").exists, 20, "the control socket")
+    publisher = _publish_in_thread(broker, messages, ledger)
+    wait_until(lambda: stored_count(data) >= before + 50, 30, "ingest before the add")
+    return publisher
+
+
+def _add_in_thread(data: Path) -> tuple[threading.Thread, list[Any]]:
+    """`partitions-add p3` through the control socket in a thread; its answer, or what ended it."""
+    answers: list[Any] = []
+
+    def add() -> None:
+        try:
+            answers.append(call(data, "partitions-add", {"name": "p3"}, timeout=120))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            answers.append(exc)
+
+    adding = threading.Thread(target=add, daemon=True)
+    adding.start()
+    return adding, answers
+
+
 def _assert_whole(data: Path, unique: str, ledger: list[Sent]) -> None:
     """Every ledgered message stored, none twice unflagged, every device where placement says."""
     stored = [m for msgs in read_all(data).values() for m in msgs if unique in m.record.topic]
@@ -143,22 +175,10 @@ def test_kill_9_during_an_add_on_paho_loses_nothing_acknowledged_between_units(
     before = stored_count(data_dir)
     log = tmp_path / "bridge.log"
     proc = _slow_bridge(broker, data_dir, log, "--protocol", protocol, "--transport", "paho")
-    _wait_running(proc, log)
-    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
     messages = [Sent(f"devices/{unique}-{i % 20}/t", b"m%d" % i) for i in range(3000)]
     ledger: list[Sent] = []
-    publisher = _publish_in_thread(broker, messages, ledger)
-    wait_until(lambda: stored_count(data_dir) >= before + 50, 30, "ingest before the add")
-    answers: list[Any] = []
-
-    def add() -> None:
-        try:
-            answers.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
-        except Exception as exc:  # noqa: BLE001 - the kill ends the call: handed to the test
-            answers.append(exc)
-
-    adding = threading.Thread(target=add, daemon=True)
-    adding.start()
+    publisher = _publish_to(proc, log, broker, data_dir, messages, ledger)
+    adding, answers = _add_in_thread(data_dir)  # the kill ends its call: an error in answers
     started = stored_count(data_dir)
     # Stored while the add runs: acknowledged between its units (nothing else commits then).
     wait_until(lambda: stored_count(data_dir) >= started + 200, 60, "commits during the add")
@@ -197,22 +217,10 @@ def test_sigterm_during_an_add_on_paho_finishes_it_and_stores_what_it_held(
     before = stored_count(data_dir)
     log = tmp_path / "bridge.log"
     proc = _slow_bridge(broker, data_dir, log, "--protocol", "3.1.1")
-    _wait_running(proc, log)
-    wait_until((data_dir / "control.sock").exists, 20, "the control socket")
     messages = [Sent(f"devices/{unique}-{i % 20}/t", b"s%d" % i) for i in range(1500)]
     ledger: list[Sent] = []
-    publisher = _publish_in_thread(broker, messages, ledger)
-    wait_until(lambda: stored_count(data_dir) >= before + 50, 30, "ingest before the add")
-    answers: list[Any] = []
-
-    def add() -> None:
-        try:
-            answers.append(call(data_dir, "partitions-add", {"name": "p3"}, timeout=120))
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            answers.append(exc)
-
-    adding = threading.Thread(target=add, daemon=True)
-    adding.start()
+    publisher = _publish_to(proc, log, broker, data_dir, messages, ledger)
+    adding, answers = _add_in_thread(data_dir)
     started = stored_count(data_dir)
     wait_until(lambda: stored_count(data_dir) >= started + 100, 60, "commits during the add")
     assert not answers, "the add ended before the signal: make it slower"

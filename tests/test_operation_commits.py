@@ -106,6 +106,22 @@ def _operate(data: Path, op: str, args: dict[str, Any], into: list[Any]) -> thre
     return thread
 
 
+def _rebalance_behind_a_commit(
+    bridge: BridgeThread, broker: Broker, data: Path, gate: Gate, unique: str
+) -> tuple[int, threading.Thread, list[Any]]:
+    """A commit waiting at the (closed) gate, 4 messages pending behind it, then a rebalance.
+
+    Returns the received count before the first message, the rebalance's thread and its answer.
+    """
+    received = bridge.bridge.snapshot().received
+    publish(broker, [Sent(f"devices/{unique}/t", b"m0")])
+    wait_until(lambda: gate.entered == 1, 20, "a commit to wait at the gate")
+    publish(broker, [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(1, 5)])
+    wait_until(lambda: bridge.bridge.snapshot().received >= received + 5, 20, "pending messages")
+    result: list[Any] = []
+    return received, _operate(data, "rebalance", {}, result), result
+
+
 def test_the_commits_before_an_operation_leave_the_loop_reading_and_answering(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -122,13 +138,7 @@ def test_the_commits_before_an_operation_leave_the_loop_reading_and_answering(
     publish(broker, [Sent(f"devices/{unique}-old/t", b"old")])
     wait_until(lambda: stored_count(data_dir) >= 1, 20, "the first message stored")
     gate.closed = True
-    received = bridge.bridge.snapshot().received
-    publish(broker, [Sent(f"devices/{unique}/t", b"m0")])
-    wait_until(lambda: gate.entered == 1, 20, "a commit to wait at the gate")
-    publish(broker, [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(1, 5)])
-    wait_until(lambda: bridge.bridge.snapshot().received >= received + 5, 20, "pending messages")
-    result: list[Any] = []
-    operating = _operate(data_dir, "rebalance", {}, result)
+    received, operating, result = _rebalance_behind_a_commit(bridge, broker, data_dir, gate, unique)
     try:
         wait_until(lambda: bridge.bridge._operating, 20, "the operation to wait for the commit")
         publish(broker, [Sent(f"devices/{unique}/t", b"m5")])
@@ -167,13 +177,7 @@ def test_a_failed_commit_before_an_operation_starts_the_stall_and_the_operation_
     bridge = _start(run_bridge, broker, data_dir, gate)
     transport = bridge.bridge._transport
     assert isinstance(transport, AsyncIngest)
-    received = bridge.bridge.snapshot().received
-    publish(broker, [Sent(f"devices/{unique}/t", b"m0")])
-    wait_until(lambda: gate.entered == 1, 20, "a commit to wait at the gate")
-    publish(broker, [Sent(f"devices/{unique}/t", b"m%d" % i) for i in range(1, 5)])
-    wait_until(lambda: bridge.bridge.snapshot().received >= received + 5, 20, "pending messages")
-    result: list[Any] = []
-    operating = _operate(data_dir, "rebalance", {}, result)
+    _, operating, result = _rebalance_behind_a_commit(bridge, broker, data_dir, gate, unique)
     try:
         wait_until(lambda: bridge.bridge._operating, 20, "the operation to wait for the commit")
         gate.let_one_through()  # the commit in flight is stored

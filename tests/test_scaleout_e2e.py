@@ -140,19 +140,23 @@ def group(broker: Broker, tmp_path: Path, unique: str) -> Iterator[Group]:
         running.kill_all()
 
 
-@pytest.mark.usefixtures("transport")  # before `group`: its processes take the transport
+# Before `group`: its processes take the transport. Paho only: on asyncio, the full-size test
+# below runs the same steps with ten times the messages (a 2,000-message asyncio run, as this
+# test was on both transports, proved nothing that one does not).
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("transport", ["paho"], indirect=True)
 def test_three_instances_keep_every_message_and_restore_merges_them(
     group: Group, unique: str
 ) -> None:
-    """2,000 messages over 20 devices, on each ingest transport."""
+    """2,000 messages over 20 devices, on paho (`--transport paho`)."""
     _keep_every_message_and_merge(group, unique, 2_000, 20)
 
 
 def test_three_instances_keep_every_message_at_full_size(group: Group, unique: str) -> None:
-    """20,000 messages over 100 devices, once: on MQTT 5's default transport (asyncio).
+    """20,000 messages over 100 devices: on MQTT 5's default transport (asyncio).
 
     What the transport does is the same at either size; what grows is the load the group
-    shares and the restore it gathers.
+    shares and the restore it gathers. Paho's run is the 2,000-message one above.
     """
     _keep_every_message_and_merge(group, unique, 20_000, 100)
 

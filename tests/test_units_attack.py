@@ -20,15 +20,13 @@ from mqtt_backup.storage import maintenance as maint
 from mqtt_backup.storage.partition import Partition
 from mqtt_backup.storage.units import step
 from tests.test_units import (
-    BASE_NS,
-    Fleet,
     _away_from_home,
     assert_placed_once,
-    drive,
     fleet,
     small_units,
     store,
 )
+from tests.unit_fleet import BASE_NS, Fleet, drive
 
 __all__ = ["fleet", "small_units", "store"]  # the fixtures, used by name
 

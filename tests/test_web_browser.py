@@ -24,7 +24,9 @@ from tests.webstore import BASE_NS, ODD_IDS, SCRIPT, S, exported, fleet_store
 # A real Chromium costs 15-30 s of CPU: `make test` only. test_web checks the same pages' HTML,
 # links, escaping and downloads in this process; here are what only a browser shows (the plots
 # drawn, the copy button, navigation by the links' accessible names).
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+# One worker for the module: its Chromium, store and web server are module fixtures, which a
+# second pytest-xdist worker would build again (4-5 s on a loaded machine).
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
 CHROMIUM = "/usr/bin/chromium"
 NOW_NS = BASE_NS + 6000 * S
