@@ -24,7 +24,6 @@ import aiomqtt
 import hypothesis
 import pytest
 from _pytest.mark.expression import Expression
-from _pytest.nodeid import NodeId
 
 from mqtt_backup import config, control
 from mqtt_backup.bridge import Bridge
@@ -64,7 +63,7 @@ def leaves_out_slow(markexpr: str) -> bool:
     return selected() and not selected("slow")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A `serial` test must be `slow` too: `make test-fast` spreads what it runs over workers.
 
     The slow tests run first (in collection order otherwise): pytest-xdist hands tests out in
@@ -80,25 +79,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if lone:
         raise pytest.UsageError(f"marked serial but not slow (mark them slow too): {lone}")
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
-    if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under loadgroup
-        _pin_xdist_groups(items)
-
-
-def _pin_xdist_groups(items: list[pytest.Item]) -> None:
-    """Suffix `@group` to the node id of each test marked `xdist_group`, as pytest-xdist means to.
-
-    pytest-xdist 3.8 does it by setting `item._nodeid`, which pytest 9.2 no longer reads (its node
-    id is `item._id`; pytest-xdist#1386): no group held, and a module's tests could be split over
-    the workers, each of which built the module fixtures again (the install tests' wheel: ~30 s).
-    Private API, so checked: once pytest-xdist's own suffix shows, this leaves the ids alone.
-    """
-    for item in items:
-        names = {
-            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-            for mark in item.iter_markers("xdist_group")
-        }
-        if names and "@" not in item.nodeid:
-            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
 
 
 def examples(full: int) -> int:
