@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     sizes = (scenarios.SCALE if args.scale else scenarios.DEFAULT).scaled(args.factor)
     chosen = args.only or [s for s in SCENARIOS if s != "busy" or args.scale]
     specs = variants(args)
-    work = args.work or Path(tempfile.mkdtemp(prefix="mqtt-backup-bench-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="mqtt-backup-bench-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ctx = scenarios.Context(sizes, work, specs, say=console.log)
     load_before = machine.load_average()

@@ -295,6 +295,13 @@ class SysWatch:
 # ---- the bridge ---------------------------------------------------------------------------------
 
 
+# Every mqtt-backup process the bench starts runs from here, not from the bench's directory:
+# `python -m` puts the working directory first on the import path, ahead of PYTHONPATH, so a
+# `--bridge-command "env PYTHONPATH=<other tree> python -m mqtt_backup"` started in a source tree
+# ran that tree's code, and an A/B of two trees compared one with itself.
+PRODUCT_CWD = "/"
+
+
 def default_bridge_command() -> list[str]:
     """`python -m mqtt_backup` of this interpreter: the command before `run`."""
     return [sys.executable, "-m", "mqtt_backup"]
@@ -353,7 +360,7 @@ class Bridge:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_BACKUP_")}
         out = self.log.open("ab")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=out, env=env)
+        self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=out, env=env, cwd=PRODUCT_CWD)
         return self
 
     @property

@@ -24,6 +24,7 @@ import mqtt_backup
 from bench import data, wire
 from bench.measure import Drain, drain, first_reaching, percentile
 from bench.procs import (
+    PRODUCT_CWD,
     BenchError,
     Bridge,
     BridgeSpec,
@@ -734,7 +735,7 @@ def _rebalance(ctx: Context, spec: BridgeSpec) -> Row:
     data.prefill(where, data.fleet_messages(n, ctx.sizes.fleet))
     argv = [*spec.command, "partitions", "add", "p4", "--data", str(where), "--json"]
     start = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, check=False)
+    done = subprocess.run(argv, capture_output=True, check=False, cwd=PRODUCT_CWD)
     seconds = time.monotonic() - start
     if done.returncode != 0:
         raise BenchError(f"partitions add failed: {done.stderr.decode(errors='replace').strip()}")

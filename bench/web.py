@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import data
 from bench.measure import percentile
-from bench.procs import BenchError, cpu_seconds
+from bench.procs import PRODUCT_CWD, BenchError, cpu_seconds
 from bench.scenarios import Context, Row, Sizes
 from mqtt_backup.web.history import READ_BUDGET
 from tools import devbroker
@@ -90,7 +90,7 @@ class WebView:
         argv = [*command, "web", "--data", str(data_dir), "--bind", f"127.0.0.1:{self.port}"]
         self.log = log
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=_env())
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=_env(), cwd=PRODUCT_CWD)
 
     def __enter__(self) -> WebView:
         return self
@@ -327,7 +327,7 @@ def _export(
 
 def _run(argv: list[str]) -> tuple[float, bytes]:
     start = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, check=False, env=_env())
+    done = subprocess.run(argv, capture_output=True, check=False, env=_env(), cwd=PRODUCT_CWD)
     took = time.monotonic() - start
     if done.returncode != 0:
         raise BenchError(f"export failed: {done.stderr.decode(errors='replace').strip()}")
