@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench import report
 from bench.__main__ import main
 from bench.measure import drain, percentile
+from bench.procs import PRODUCT_CWD, Bridge, BridgeSpec
 
 
 def test_drain_fits_a_line_through_the_samples_inside() -> None:
@@ -27,6 +30,29 @@ def test_short_drain_uses_the_consumers_events() -> None:
     found = drain(samples, since=0.0, full=1000, base=0, events=(0.5, 1.0))
     assert found.method == "consumer-events"
     assert found.rate == pytest.approx(2000.0)
+
+
+def test_the_bridge_runs_from_a_directory_that_shadows_no_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--bridge-command "env PYTHONPATH=<tree> python -m mqtt_backup"` must run <tree>'s code.
+
+    `python -m` puts the working directory first on `sys.path`: started from the bench's own
+    directory (a source tree), the bridge imported that tree instead of the one named.
+    """
+    shadow = tmp_path / "tree"
+    (shadow / "mqtt_backup").mkdir(parents=True)
+    (shadow / "mqtt_backup" / "__init__.py").write_text("")
+    (shadow / "mqtt_backup" / "__main__.py").write_text("print('the shadowing tree ran')\n")
+    monkeypatch.chdir(shadow)
+    probe = "import os, sys; print('cwd', os.getcwd())"
+    spec = BridgeSpec("probe", [sys.executable, "-c", probe])
+    broker = SimpleNamespace(url="mqtt://127.0.0.1:1")
+    bridge = Bridge(spec, broker, tmp_path / "data", "probe", tmp_path / "bridge.log")  # type: ignore[arg-type]
+    bridge.start()
+    assert bridge.proc is not None
+    assert bridge.proc.wait(30) == 0
+    assert (tmp_path / "bridge.log").read_text().strip() == f"cwd {PRODUCT_CWD}"
 
 
 def test_percentile_is_nearest_rank() -> None:
