@@ -7,6 +7,7 @@ correctly), not by measuring the process's memory.
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,37 @@ def test_a_full_route_map_forgets_its_oldest_routes_only(
         assert located == []  # every remembered route served without routing again
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("id_bytes", [10, 200])
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\u0800", "\U0001f600"])
+def test_the_route_map_stays_within_its_budget_whatever_the_ids_characters(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, char: str, id_bytes: int
+) -> None:
+    # The estimate counts what a route's objects take, so a map full of ids of 1- to 4-byte
+    # characters (a str stores 1, 2 or 4 bytes a character, behind a header of its kind) holds
+    # what its budget says: counted in characters, such maps took 1.02-1.21x their budget.
+    budget = 4 * 1024 * 1024
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", budget)
+    store = Store.open(data_dir, 1)
+    pipeline = CommitPipeline(
+        store, Router([parse_template("devices/{device}/#")], "b"), lambda _: None
+    )
+    stem = char * (id_bytes // len(char.encode()))  # topics within TOPIC_CACHE_BYTES
+    try:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(30_000):  # enough to fill the budget and evict, whatever the chars
+                pipeline._route(f"devices/{stem}{n}/t".encode())
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    finally:
+        store.close()
+    assert pipeline.route_bytes <= budget
+    assert pipeline.cached_routes < 30_000  # it did evict
+    assert held <= budget, f"{held / budget:.2f}x the budget"
 
 
 def test_put_all_that_does_not_fit_turns_a_generation_at_once() -> None:
