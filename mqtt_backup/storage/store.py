@@ -30,7 +30,7 @@ from mqtt_backup.storage.manifest import (
     new_manifest,
     save_manifest,
 )
-from mqtt_backup.storage.partition import Partition, Pending, Prepared
+from mqtt_backup.storage.partition import Partition, Pending, Prepared, index_cache_share
 from mqtt_backup.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,13 @@ class Store:
             self.close_partitions()
             self.opened += 1
             try:
+                share = index_cache_share(len(self.manifest.partitions))
                 for spec in self.manifest.partitions:
                     path = spec.directory(self.data_dir)
                     if create:
                         path.mkdir(parents=True, exist_ok=True)
                     self.partitions[spec.name] = Partition.open_writer(
-                        spec.name, path, create, compactions=not self.freeing_space
+                        spec.name, path, create, not self.freeing_space, share
                     )
             except BaseException:
                 self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
