@@ -557,8 +557,8 @@ class Partition:
                     known = [clock, clock, 0, 0, 0]
                     unread.append(dev_key)
                 else:  # as stored: version, first, last, count, size, dups, then the id
-                    known = list(_INDEX_UNPACK(raw))
-                    del known[0]
+                    _, first, _, count, size, dups = _INDEX_UNPACK(raw)
+                    known = [first, clock, count, size, dups]  # ~0.25 us more than a list copy
                 stats[dev_key] = known
                 names[dev_key] = device
             known[1] = clock

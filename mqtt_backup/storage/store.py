@@ -416,7 +416,10 @@ class Store:
                 _create_partition_dir(spec.name, path, mark)
         except OSError as exc:
             raise UsageError(f"cannot use {path}: {exc.strerror or exc}") from exc
-        part = Partition.open_writer(spec.name, path)
+        # Its share of the index cache as one more partition (the others keep theirs until they
+        # are opened again): the budget stays per store, not per partition.
+        share = index_cache_share(len(self.manifest.partitions) + 1)
+        part = Partition.open_writer(spec.name, path, cache_entries=share)
         with self.lease.exclusive():
             self.partitions[spec.name] = part
         return part
