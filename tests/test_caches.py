@@ -7,7 +7,9 @@ correctly), not by measuring the process's memory.
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +22,7 @@ from mqtt_backup.placement import place
 from mqtt_backup.records import Record, stored_flags
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
-from mqtt_backup.storage.cache import RecentCache
+from mqtt_backup.storage.cache import FifoCache, RecentCache
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import examples
 
@@ -224,6 +226,37 @@ def test_a_full_route_map_forgets_its_oldest_routes_only(
         store.close()
 
 
+@pytest.mark.parametrize("id_bytes", [10, 200])
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\u0800", "\U0001f600"])
+def test_the_route_map_stays_within_its_budget_whatever_the_ids_characters(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, char: str, id_bytes: int
+) -> None:
+    # The estimate counts what a route's objects take, so a map full of ids of 1- to 4-byte
+    # characters (a str stores 1, 2 or 4 bytes a character, behind a header of its kind) holds
+    # what its budget says: counted in characters, such maps took 1.02-1.21x their budget.
+    budget = 4 * 1024 * 1024
+    monkeypatch.setattr(ingest_mod, "ROUTE_MAP_BYTES", budget)
+    store = Store.open(data_dir, 1)
+    pipeline = CommitPipeline(
+        store, Router([parse_template("devices/{device}/#")], "b"), lambda _: None
+    )
+    stem = char * (id_bytes // len(char.encode()))  # topics within TOPIC_CACHE_BYTES
+    try:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(30_000):  # enough to fill the budget and evict, whatever the chars
+                pipeline._route(f"devices/{stem}{n}/t".encode())
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    finally:
+        store.close()
+    assert pipeline.route_bytes <= budget
+    assert pipeline.cached_routes < 30_000  # it did evict
+    assert held <= budget, f"{held / budget:.2f}x the budget"
+
+
 def test_put_all_that_does_not_fit_turns_a_generation_at_once() -> None:
     cache: RecentCache[int, int] = RecentCache(8)
     for n in range(3):  # the current generation holds 0-2, with room for one more
@@ -296,3 +329,104 @@ def test_the_cache_answers_the_latest_value_or_nothing(
             cache.pop(arg)
             latest.pop(arg, None)
         assert len(cache) <= size
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(size=st.integers(2, 12), ops=_CACHE_OPS)
+def test_the_fifo_cache_answers_the_latest_value_or_nothing(
+    size: int, ops: list[tuple[str, int | list[int]]]
+) -> None:
+    """As `RecentCache` must: never an older value of a key, never more entries than its size."""
+    cache: FifoCache[int, int] = FifoCache(size)
+    latest: dict[int, int] = {}
+    for step, (op, arg) in enumerate(ops):
+        if isinstance(arg, list):
+            cache.put_all(dict.fromkeys(arg, step))
+            latest.update(dict.fromkeys(arg, step))
+        elif op == "put":
+            cache.put(arg, step)
+            latest[arg] = step
+        elif op == "get":
+            assert cache.get(arg) in (None, latest.get(arg))
+        else:
+            cache.pop(arg)
+            latest.pop(arg, None)
+        assert len(cache) <= size
+    assert all(latest[key] == value for key, value in cache.items())
+
+
+def test_the_fifo_cache_keeps_a_fleet_that_fits_and_forgets_its_oldest_eighth() -> None:
+    # Telemetry comes round device by device: every device of a fleet up to the size stays
+    # cached, however it comes round (two generations of half the size would keep only half).
+    cache: FifoCache[int, int] = FifoCache(96)
+    for round_ in range(3):
+        for start in range(0, 96, 16):
+            batch = range(start, start + 16)
+            assert [cache.get(n) for n in batch] == [round_ - 1 if round_ else None] * 16
+            cache.put_all(dict.fromkeys(batch, round_))
+    assert len(cache) == 96
+    cache.put(1000, 0)  # one more than fits: the oldest eighth (and the one over) go
+    assert len(cache) == 96 - 12
+    assert [n for n in range(96) if cache.get(n) is None] == list(range(13))
+    with pytest.raises(ValueError, match="room for 2"):
+        FifoCache[int, int](1)
+
+
+class _CountingIndex:
+    """An index column family that counts the device keys read from it."""
+
+    def __init__(self, cf: Any) -> None:
+        self._cf = cf
+        self.read: list[bytes] = []
+
+    def get(self, keys: Any) -> Any:
+        self.read += keys if isinstance(keys, list) else [keys]
+        return self._cf.get(keys)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cf, name)
+
+
+def test_a_fleet_within_the_index_cache_is_never_read_back(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-partition store keeps the whole budget: 300 devices of a 384-entry budget, round
+    # after round, have their index entries in memory (as lists in two generations of 192, they
+    # were read back on every message), and the entries stay right.
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", 384)
+    devices = [f"dev-{n}" for n in range(300)]
+    store = Store.open(data_dir, 1)
+    try:
+        (part,) = store.partitions.values()
+        counting = _CountingIndex(part._index_cf)
+        monkeypatch.setattr(part, "_index_cf", counting)
+        clock = write_round(store, devices, BASE_NS, 10)
+        assert len(counting.read) == 300  # new devices: looked up once (bloom filters answer)
+        for size in (20, 30):
+            clock = write_round(store, devices, clock, size)
+        assert len(counting.read) == 300
+        assert part.cached_entries == 300
+    finally:
+        store.close()
+    with StoreReader(data_dir) as reader:
+        for info in reader.devices():
+            msgs = list(reader.messages(info.device))
+            assert info.count == len(msgs) == 3
+            assert (info.first_ns, info.last_ns) == (msgs[0].ts_ns, msgs[-1].ts_ns)
+
+
+def test_a_store_shares_the_index_cache_among_its_partitions(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The budget is per store, so memory does not grow with the partition count.
+    monkeypatch.setattr(partition_mod, "INDEX_CACHE_ENTRIES", 64)
+    devices = [f"dev-{n}" for n in range(400)]
+    store = Store.open(data_dir, 4)
+    try:
+        write_round(store, devices, BASE_NS, 10)
+        assert [p.cached_entries <= 16 for p in store.partitions.values()] == [True] * 4
+    finally:
+        store.close()
+    assert partition_mod.index_cache_share(4) == 16
+    assert partition_mod.index_cache_share(1) == 64
+    assert partition_mod.index_cache_share(100) == 2

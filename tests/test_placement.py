@@ -400,3 +400,43 @@ def test_placement_object_breaks_ties_and_infinities_as_place_does(
 def test_placement_object_without_partitions_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one partition"):
         placement.Placement([])(keys.device_key("d"))
+
+
+# --- Placement with one partition: no hash, the same answer -------------------------------------
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    device=device_ids,
+    name=st.text(min_size=1, max_size=12),
+    weight=st.floats(min_value=0.0) | st.floats(min_value=1e-300, max_value=1e300),
+)
+def test_placement_object_with_one_partition_places_as_place_does(
+    device: str, name: str, weight: float
+) -> None:
+    # Any weight >= 0, zero and +inf included, though a manifest allows only positive finite
+    # ones: the score is >= 0 (or +inf), so it beats `place`'s start of -inf. The shortcut is
+    # `place`'s answer, not an approximation of it. (A negative weight could score -inf.)
+    dev_key = keys.device_key(device)
+    only = [Weighted(name, weight)]
+    assert placement.Placement(only)(dev_key) == place(dev_key, only) == name
+
+
+@pytest.mark.parametrize("h", [0, 2**62, 2**64 - 2**12, 2**64 - 1])
+def test_placement_object_with_one_partition_never_hashes(
+    monkeypatch: pytest.MonkeyPatch, h: int
+) -> None:
+    # `place` hashes and scores it (an infinite score at the top included); Placement does not.
+    hashed: list[bytes] = []
+
+    def digest(key: bytes, seed: int) -> tuple[int, int]:
+        hashed.append(key)
+        return h, seed
+
+    monkeypatch.setattr(placement, "_digest", digest)
+    monkeypatch.setattr(placement, "mmh3", SimpleNamespace(hash64=_FixedHash(h).hash64))
+    only = [Weighted("p0", 0.25)]
+    placer = placement.Placement(only)
+    assert [placer(k) for k in fleet_keys()[:100]] == ["p0"] * 100
+    assert hashed == []
+    assert place(b"\x00" * 16, only) == "p0"

@@ -522,8 +522,8 @@ class _FailingDb:
         return getattr(self._db, name)
 
 
-def _snapshot(part: Partition) -> tuple[int, int, dict[bytes, list[int]]]:
-    entries = {k: list(v) for k, v in part._entries.items()}
+def _snapshot(part: Partition) -> tuple[int, int, dict[bytes, bytes]]:
+    entries = dict(part._entries.items())  # device key -> index entry as stored
     return part.clock_ns, part.seq, entries
 
 

@@ -1,6 +1,7 @@
 """Profile the ingest path without a broker: recorded PUBLISH bytes fed to the real wire and store.
 
-    .venv/bin/python -m tools.ingest_profile [--messages 100000] [--window 1000] [--profile]
+    .venv/bin/python -m tools.ingest_profile [--messages 100000] [--devices 1000] [--partitions 1]
+        [--window 1000] [--profile]
 
 A fake transport stands for the socket: it hands the bridge's `_Wire` the packets a broker would
 send (QoS 1, no properties, ~100 B JSON, 1,000 devices round-robin), never more than `--window`
@@ -115,7 +116,7 @@ def thread_seconds() -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace, root: Path) -> tuple[float, float, float]:
-    store = Store.open(root / "data", 4)
+    store = Store.open(root / "data", args.partitions)
     session = Session(BrokerTarget(BrokerAddress("127.0.0.1", 1883)), "profile")
     ingest = AsyncIngest(session, ["devices/+/#"], _Hooks())
     pipeline = CommitPipeline(
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--partitions", type=int, default=1, help="of a new store (default 1)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=30)

@@ -30,7 +30,7 @@ from mqtt_backup.storage.manifest import (
     new_manifest,
     save_manifest,
 )
-from mqtt_backup.storage.partition import Partition, Pending, Prepared
+from mqtt_backup.storage.partition import Partition, Pending, Prepared, index_cache_share
 from mqtt_backup.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,13 @@ class Store:
             self.close_partitions()
             self.opened += 1
             try:
+                share = index_cache_share(len(self.manifest.partitions))
                 for spec in self.manifest.partitions:
                     path = spec.directory(self.data_dir)
                     if create:
                         path.mkdir(parents=True, exist_ok=True)
                     self.partitions[spec.name] = Partition.open_writer(
-                        spec.name, path, create, compactions=not self.freeing_space
+                        spec.name, path, create, not self.freeing_space, share
                     )
             except BaseException:
                 self.close_partitions()  # all or none: a half-open store would hold RocksDB locks
@@ -415,7 +416,10 @@ class Store:
                 _create_partition_dir(spec.name, path, mark)
         except OSError as exc:
             raise UsageError(f"cannot use {path}: {exc.strerror or exc}") from exc
-        part = Partition.open_writer(spec.name, path)
+        # Its share of the index cache as one more partition (the others keep theirs until they
+        # are opened again): the budget stays per store, not per partition.
+        share = index_cache_share(len(self.manifest.partitions) + 1)
+        part = Partition.open_writer(spec.name, path, cache_entries=share)
         with self.lease.exclusive():
             self.partitions[spec.name] = part
         return part
