@@ -21,7 +21,6 @@ from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import StorageError
 from mqtt_backup.ingest import PipelineStore
-from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, checks
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.journal import STATE, BridgeState
