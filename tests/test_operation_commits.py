@@ -222,8 +222,7 @@ def test_a_failed_commit_between_units_on_paho_fails_the_operation_and_loses_not
         received = bridge.bridge.snapshot().received
         publish(broker, sent)
 
-        def read() -> bool:  # the ingest thread runs this unit: let it read, as a copy does
-            store.on_progress()
+        def read() -> bool:  # the loop reads on during the unit
             return bridge.bridge.snapshot().received >= received + len(sent)
 
         wait_until(read, 20, "the messages held during the unit")
