@@ -5,9 +5,10 @@ external-loop API: the socket is watched with `loop.add_reader` / `add_writer` (
 on_socket_open / on_socket_close / on_socket_register_write / on_socket_unregister_write),
 `loop_misc` runs at every tick. The reader callback reads while the socket has data (a select
 with timeout 0, plus `pending()` on TLS) and the batch has room: its end is "nothing more to
-read", and the batch goes to a worker thread for its synced writes, as on the asyncio transport
-(`async_ingest`), whose commit, hold and operation paths this one follows step for step. paho's
-connect (name lookup, TCP, the TLS handshake) blocks: it runs in a worker thread too.
+read", and the batch goes to a worker thread for its synced writes: the commit, hold, operation,
+reconnect and shutdown paths are `loop_ingest.LoopIngest`'s, shared with the asyncio transport
+(`async_ingest`). paho's connect (name lookup, TCP, the TLS handshake) blocks: it runs in a
+worker thread too.
 
 So the paho bridge is one loop as well: ingest, restore and the control socket are its tasks.
 """
@@ -16,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import logging
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import paho.mqtt.client as paho
@@ -35,30 +33,22 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.errors import (
-    BrokerError,
     BrokerRefused,
     BrokerUnreachable,
     SessionTakenOver,
-    StorageUnavailable,
 )
-from mqtt_backup.mqtt.async_ingest import TICK_S, Beside, PipelinedSink, _commit_now, _sleep
-from mqtt_backup.mqtt.backoff import Backoff
+from mqtt_backup.mqtt.loop_ingest import TICK_S, LoopIngest, PipelinedSink
 from mqtt_backup.mqtt.session import (
-    CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
     SESSION_TAKEN_OVER,
     Hooks,
-    Presence,
     Session,
-    Stall,
     describe,
     taken_over,
     tls_context,
 )
 from mqtt_backup.records import Properties, Record
-
-log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
 _T = TypeVar("_T")
@@ -84,30 +74,19 @@ def _is_replay(props: Properties | None) -> bool:
     return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
 
 
-class PahoIngest:
+class PahoIngest(LoopIngest):
     """Ingest transport on paho-mqtt: persistent session, QoS 1, manual acks after the sync."""
 
     def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
-        self.session = session
-        self.filters = list(filters)
-        self._hooks = hooks
-        self.sink: PipelinedSink | None = None
+        super().__init__(session, filters, hooks)
         self._generation = 0  # the sink's number of the open connection
         self._connack: tuple[bool, ReasonCode | None] | None = None
         self._suback: list[ReasonCode] | None = None
-        self._connected = False
-        self._serving = False  # commit what arrives (only once the handshake is through)
         self.taken_over: SessionTakenOver | None = None
-        self.stall = Stall()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._news: asyncio.Event | None = None  # a CONNACK, a SUBACK, a lost connection
         self._sock: socket.socket | None = None  # the socket the loop watches
         self._paused = False
         self._heard_at = 0.0  # monotonic: the last read
-        self._executor: ThreadPoolExecutor | None = None  # the commit's worker thread
-        self._drained_at: int | None = None  # the socket ran dry, the broker had nothing more
-        self._held = False  # an operation owns the store: commit nothing, hold what comes
-        self._commit_done: asyncio.Future[None] | None = None  # the last commit started
         self._failure: BaseException | None = None  # raised inside a paho callback: a bug
         self._client = self._make_client()
 
@@ -137,11 +116,6 @@ class PahoIngest:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection to the broker is up."""
-        return self._connected
 
     @property
     def paused(self) -> bool:
@@ -254,8 +228,8 @@ class PahoIngest:
             self._wake()
             return
         self._heard_at = time.monotonic()
-        if self._serving:
-            self.commit_or_hold(drained_at=None if sink.full() else time.time_ns())
+        if self._connected:
+            self.commit_or_hold(self, drained_at=None if sink.full() else time.time_ns())
 
     def _readable(self) -> bool:
         sock = self._client.socket()
@@ -265,13 +239,14 @@ class PahoIngest:
             return True
         return bool(select.select([sock], [], [], 0)[0])
 
-    def _pause(self) -> None:
+    def pause(self) -> None:
         """Stop reading (the broker keeps what it has not sent; its window bounds the rest)."""
         if not self._paused and self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock)
             self._paused = True
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Read again, and what TLS holds decrypted already."""
         if self._paused and self._sock is not None and self._loop is not None:
             self._loop.add_reader(self._sock, self._on_readable)
             self._paused = False
@@ -283,48 +258,30 @@ class PahoIngest:
         if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
             self._loop.call_soon(self._on_readable)
 
+    def quiet(self) -> bool:
+        """Whether a tick went by with nothing read."""
+        return time.monotonic() - self._heard_at >= TICK_S
+
     def _wake(self) -> None:
         if self._news is not None:
             self._news.set()
 
     # ---- the loop of its own (the bridge's) -------------------------------------------------
 
-    def _run_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(work)
-
     def _close_loop(self) -> None:
         sock = self._client.socket()
         if sock is not None:  # a connection that never got through, or one left at an error
             self._unwatch(sock)
             sock.close()
-        if self._executor is not None:
-            # A commit still in flight (only after an error) ends first: unacknowledged, safe.
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+        super()._close_loop()
 
     # ---- connecting --------------------------------------------------------------------------
 
-    def connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
-        """First connection: BrokerError when the broker cannot be reached or refuses.
-
-        Messages may arrive as soon as the broker answers (a stored queue), so the sink comes first.
-
-        Returns whether the broker still had the session. `known_filters` are the subscriptions
-        the session had before, so MQTT 3.1.1 need not subscribe again (which re-sends retained).
-        """
-        self.sink = sink
-        try:
-            return self._run_loop(self._first_connect(sink, known_filters))
-        except BaseException:
-            self._close_loop()
-            raise
+    def _reading(self) -> PahoIngest | None:
+        return self if self._connected else None
 
     async def _first_connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        """`known_filters`: 3.1.1 need not subscribe to those again (that re-sends retained)."""
         addr = self.session.address
         try:
             await self._open_socket(sink)
@@ -334,6 +291,10 @@ class PahoIngest:
                 f"{addr}: {describe(exc)}",
                 hint if isinstance(exc, ssl.SSLError) else hint + "the broker runs",
             ) from exc
+        return await self._handshake(sink, known_filters)
+
+    async def _connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        await self._open_socket(sink)
         return await self._handshake(sink, known_filters)
 
     async def _open_socket(self, sink: PipelinedSink) -> None:
@@ -382,10 +343,9 @@ class PahoIngest:
             self._client.unsubscribe(gone)
         self._announce(online=True)
         self._connected = True
-        self._serving = True
         self._hooks.connected(session_present, self.filters)
         if sink.has_work:
-            self.commit_or_hold()  # what arrived during the handshake
+            self.commit_or_hold(self)  # what arrived during the handshake
         return session_present
 
     def _announce(self, online: bool) -> None:
@@ -448,40 +408,9 @@ class PahoIngest:
 
     # ---- running -----------------------------------------------------------------------------
 
-    def run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None = None) -> None:
-        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order.
-
-        `beside`: the bridge's other services, on this loop from start to end: started first,
-        settled before the last commit (nothing of theirs touches the store after it), stopped
-        after the shutdown.
-        """
-        self.sink = sink
-        try:
-            self._run_loop(self._run(sink, stop, beside))
-        finally:
-            self._close_loop()
-
-    async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
+    async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         if self._news is None:
             self._news = asyncio.Event()
-        try:
-            try:
-                if beside is not None:
-                    await beside.start()  # inside: what it started is stopped if it fails
-                await self._serve(sink, stop)
-            finally:
-                if beside is not None:
-                    await beside.settle()
-                await self._shutdown(sink)
-        finally:
-            if beside is not None:
-                await beside.stop()
-            # loop.close() does not wait for it: a restore's chunk read queued there would run
-            # after the store closed.
-            await asyncio.get_running_loop().shutdown_default_executor()
-
-    async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
-        assert self._news is not None
         while not stop.is_set():
             if self._failure is not None:
                 raise self._failure
@@ -495,124 +424,14 @@ class PahoIngest:
                 async with asyncio.timeout(TICK_S):
                     await self._news.wait()  # or a lost connection, at once
             if self._connected:
-                self._housekeeping(sink)
+                self._housekeeping()
             self._hooks.tick()
 
-    def _housekeeping(self, sink: PipelinedSink) -> None:
-        """Between reads: retry a stalled commit when due, keepalive, caught up when quiet."""
-        if self._paused and not self.stall.active and not sink.committing and not self._held:
-            self._resume()  # the commit it waited for was settled by the bridge (an operation)
-        if self.stall.active and self.stall.seconds_left() == 0:
-            self.commit_or_hold(retry=True)
-        elif not self.stall.active and sink.has_work:
-            self.commit_or_hold()  # a batch left over (an operation's end, a handshake)
-        quiet = time.monotonic() - self._heard_at >= TICK_S
-        if quiet and not self.stall.active and not sink.has_work:
-            sink.caught_up(time.time_ns())  # a tick went by with nothing from the broker
+    def _housekeeping(self) -> None:
+        """Between reads: the commit path's (`_between_reads`), then paho's keepalive."""
+        self._between_reads(self)
         # PINGREQ when due; a PINGRESP missing for a keepalive closes the socket (on_disconnect).
         self._client.loop_misc()
-
-    def commit_or_hold(self, retry: bool = False, drained_at: int | None = None) -> None:
-        """Start committing the batch in the worker thread; while storage fails, hold.
-
-        One commit at a time: what arrives meanwhile makes the next batch; reading pauses only
-        when the hold is full, as while storage fails or an operation holds commits.
-        `drained_at`: the reads found the socket empty then.
-        """
-        sink = self.sink
-        if sink is None:
-            return
-        if drained_at is not None and sink.pending < CAUGHT_UP_BELOW:
-            # Drained, with fewer unacknowledged than any broker's window: the broker had nothing
-            # held back, so all it had sent by then is stored once the next batch is.
-            self._drained_at = drained_at
-        if sink.committing or (self.stall.active and not retry) or self._held:
-            if not sink.can_hold():
-                self._pause()  # resumed when a commit returns, or by the housekeeping
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest.commit")
-        done = sink.commit_in_background(self._executor)
-        drained_at, self._drained_at = self._drained_at, None
-        if done is None:  # nothing to store or acknowledge
-            self._stored(drained_at)
-            return
-        wrapped = asyncio.wrap_future(done)
-        wrapped.add_done_callback(lambda _: self._committed(done, drained_at, wrapped))
-        self._commit_done = wrapped
-
-    def _committed(
-        self, done: Future[None], drained_at: int | None, wrapped: asyncio.Future[None]
-    ) -> None:
-        """A commit returned from the worker thread: settle it here (acks), then start the next."""
-        if not wrapped.cancelled():
-            wrapped.exception()  # read: a failure is the stall's, not asyncio's to log
-        sink = self.sink
-        if sink is None:
-            return
-        try:
-            stored = sink.settle(done)
-        except StorageUnavailable as exc:
-            self.stall.failed(exc)
-            if sink.can_hold():
-                self._resume()  # hold what comes, within the broker's window
-            else:
-                self._pause()
-            return
-        if stored is None:
-            return  # settled already, by a commit on the loop (an operation, the shutdown)
-        self._stored(drained_at)
-        if self._connected and self._serving and sink.has_work:
-            self.commit_or_hold()  # what arrived meanwhile: the next group commit
-
-    def _stored(self, drained_at: int | None) -> None:
-        """A commit worked: storage is fine, reading goes on."""
-        self.stall.cleared()
-        if not self._held:
-            self._resume()
-        if drained_at is not None and self.sink is not None:
-            self.sink.caught_up(drained_at)
-
-    def announce(self, presence: Presence) -> None:
-        """A new retained status (the partitions changed), published now when connected.
-
-        It is also the one of the next connect and of the stop (the will keeps the old body
-        until the next connect: MQTT cannot change a will).
-        """
-        self.session = dataclasses.replace(self.session, presence=presence)
-        if self._connected:
-            self._announce(online=True)
-
-    def hold(self, on: bool) -> None:
-        """Commit nothing while on (an operation owns the store); off: commit what was held."""
-        self._held = on
-        if not on and self._connected and self._serving:
-            if self.sink is not None and self.sink.has_work:
-                self.commit_or_hold()  # resumes reading once it is stored
-            elif not self.stall.active:
-                self._resume()
-
-    async def settled(self) -> None:
-        """Until the commit in flight, if any, is settled: the loop reads on meanwhile."""
-        sink, done = self.sink, self._commit_done
-        if sink is not None and sink.committing and done is not None:
-            await asyncio.wait([done])
-
-    async def commit_held(self) -> None:
-        """Store what is held and acknowledge it, while an operation holds commits.
-
-        One commit in the worker thread (the loop reads on meanwhile); the hold is on again
-        before it returns. A failure starts the stall, as always. Nothing happens without a
-        connection to acknowledge on: what is held waits for the operation's end.
-        """
-        if not (self._connected and self._serving) or self.sink is None:
-            return
-        self._held = False
-        try:
-            self.commit_or_hold()
-        finally:
-            self._held = True
-        await self.settled()
 
     def ack(self, tokens: Sequence[object]) -> None:
         """Acknowledge stored messages in receive order (tokens of old connections are skipped).
@@ -631,80 +450,16 @@ class PahoIngest:
             client.loop_write()
 
     def _connection_lost(self, why: str) -> None:
-        if self._connected:
-            self._connected = False
-            self._hooks.disconnected(why)
-        self._serving = False
+        super()._connection_lost(why)
         self._wake()
 
-    async def _reconnect(self, sink: PipelinedSink, stop: threading.Event) -> None:
-        """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
-        self._serving = False
-        # Acks of the closed connection are void (a packet id means nothing on another one).
-        # Its messages stay held: the broker resends only those whose expiry has not passed.
-        sink.drop_tokens(lambda _token: False)
-        backoff = Backoff()
-        while not stop.is_set():
-            if not self._room_for_a_connection(sink):
-                self._hooks.tick()
-                await _sleep(max(self.stall.seconds_left(), 0.1), stop)
-                continue
-            try:
-                await self._open_socket(sink)
-                await self._handshake(sink, self.filters)
-            except (OSError, BrokerError) as exc:  # ssl.SSLError is an OSError
-                delay = backoff.next()
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1fs",
-                    self.session.address,
-                    exc,
-                    delay,
-                )
-                self._hooks.tick()  # operations and bookkeeping go on while the broker is away
-                await _sleep(delay, stop)
-                continue
-            log.info("reconnected to %s", self.session.address)
-            return
+    async def _drop(self) -> None:
+        """Nothing to do: paho's next connect closes the old socket (the loop stops watching)."""
 
-    def _room_for_a_connection(self, sink: PipelinedSink) -> bool:
-        """Whether the sink can take the window a new connection brings (retrying storage first).
-
-        Held copies are never dropped, so during a storage stall each connection may add one
-        broker window to them; connecting only while there is room keeps what is held bounded.
-        """
-        if not sink.can_hold() and self.stall.seconds_left() == 0 and not self._held:
-            try:
-                _commit_now(sink)
-            except StorageUnavailable as exc:
-                self.stall.failed(exc)
-            else:
-                self.stall.cleared()
-        return sink.can_hold()
-
-    async def _shutdown(self, sink: PipelinedSink) -> None:
-        """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
-        if not self._connected:
-            self._serving = False
-            # Keep what was received on the lost connection: storing it twice is safe.
-            try:
-                _commit_now(sink)
-            except StorageUnavailable as exc:
-                log.warning("storage still failing while disconnected: %s", exc.detail)
-            return
-        self._pause()
-        try:
-            _commit_now(sink)
-        except StorageUnavailable as exc:
-            log.error(
-                "could not store %d pending messages at shutdown (not acknowledged: the "
-                "broker resends those that have not expired): %s",
-                sink.pending,
-                exc.detail,
-            )
+    async def _goodbye(self) -> None:
+        """Offline status and DISCONNECT (paho closes the socket once they are written)."""
         self._announce(online=False)  # a clean DISCONNECT discards the will
-        self._connected = False  # a disconnect we asked for is not a lost connection
-        self._serving = False
-        self._client.disconnect()  # paho closes the socket once it is written
+        self._client.disconnect()
         await self._flushed()
 
     async def _flushed(self) -> None:
