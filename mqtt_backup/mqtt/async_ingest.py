@@ -8,13 +8,11 @@ synced writes. The loop goes on reading meanwhile; when the commit returns, all 
 batch leave in one `transport.write` and what arrived in between is committed next (one commit in
 flight: under load the group commit grows by itself).
 
-One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
-`PahoIngest`. `run` also runs the bridge's other services (restore, control socket) as a task of
-the same loop (`beside`). The bridge's `tick` runs on the loop; whatever in it touches the store
-settles the commit in flight first. While a unit of an operation owns the store the bridge
-`hold`s commits: what arrives is held exactly as while storage fails (within the broker's window,
-reading paused when the hold is full), one hold path; between two units it is committed
-(`commit_held`).
+All of that but the wire (the commit in flight, the hold path, `hold` / `commit_held` /
+`settled` for the bridge's operations, reconnect and shutdown, `connect` and `run` on the loop of
+its own that also runs the bridge's restore and control socket) is `loop_ingest.LoopIngest`'s,
+shared with `PahoIngest`; this module is the wire: the Protocol `_Wire`, the handshake, keepalive,
+PUBACKs, the half-close at the end.
 """
 
 from __future__ import annotations
