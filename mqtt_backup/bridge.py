@@ -9,19 +9,17 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from mqtt_backup import logs, metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
-from mqtt_backup.control import AsyncControlServer, ControlServer
+from mqtt_backup.control import AsyncControlServer
 from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, Session
@@ -40,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
+_Transport: TypeAlias = "AsyncIngest | PahoIngest"
 
 STATE_EVERY_S = 5.0
 # A session-lost gap starts this long before the bridge's last caught-up moment: a message a
@@ -48,7 +47,6 @@ STATE_EVERY_S = 5.0
 GAP_LEAD_NS = NS_PER_S
 RATE_LOG_EVERY_S = 30.0
 RETENTION_EVERY_S = 3600.0
-BREATHE_EVERY_S = 0.2
 # A scrape walks the partitions' files at most this often (a scraper polling every few ms, as the
 # bench's restart scenario does, would otherwise keep a core busy with directory walks).
 DISK_BYTES_EVERY_S = 1.0
@@ -81,9 +79,6 @@ class Bridge:
         self.settings = settings
         self._stop = threading.Event()
         self.restore_listening = threading.Event()
-        self._requests: queue.Queue[tuple[str, Mapping[str, Any], Future[dict[str, Any]]]] = (
-            queue.Queue()
-        )
         # The store and the client-id check, side by side (docs/design-notes.md, "Start-up").
         if startup is None:
             startup = Startup(settings)
@@ -96,7 +91,7 @@ class Bridge:
         self._acknowledged = 0
         self._connections = 0
         self._dropped: DroppedWatcher | None = None  # set by the restore service
-        self._one_operation: asyncio.Lock | None = None  # made on the loop (asyncio transport)
+        self._one_operation: asyncio.Lock | None = None  # made on the loop
         self._operating = False  # an operation owns the store (tick leaves it alone)
         self._background: set[asyncio.Task[None]] = set()  # retention passes beside ingest
         self._disk_bytes: tuple[float, dict[str, int]] | None = None  # when read, what
@@ -123,7 +118,7 @@ class Bridge:
         # Until this run catches up, what the last run knew holds (a gap never starts later).
         self.pipeline.caught_up(self._state.last_alive_ns)
 
-    def _make_transport(self) -> AsyncIngest | PahoIngest:
+    def _make_transport(self) -> _Transport:
         # asyncio + mqtt5 is the fast path (docs/design-notes.md); paho is 3.1.1 and the fallback.
         kind = self.settings.transport or ("asyncio" if self.settings.protocol == "5" else "paho")
         filters = [shared(f, self.settings.group) for f in self._router.filters]
@@ -205,10 +200,7 @@ class Bridge:
             instance=self.identity.name,
         )
         try:
-            if isinstance(self._transport, AsyncIngest):
-                self._run_on_one_loop(self._transport, restore)
-            else:
-                self._run_on_threads(self._transport, restore)
+            self._run_on_one_loop(self._transport, restore)
         finally:
             self._save_state()
             self.store.close()
@@ -216,27 +208,18 @@ class Bridge:
             stored = logs.count(self.pipeline.counters.stored, "message")
             log.info("stopped: %s stored this run", stored)
 
-    def _run_on_one_loop(self, transport: AsyncIngest, restore: RestoreSide) -> None:
-        """Ingest, restore and the control socket as tasks of the transport's event loop."""
+    def _run_on_one_loop(self, transport: _Transport, restore: RestoreSide) -> None:
+        """Ingest, restore and the control socket as tasks of the transport's event loop.
+
+        Both transports run one (paho through its external-loop API): no thread of the bridge's
+        own but the metrics server, and workers for what blocks (commits, operations).
+        """
         control = AsyncControlServer(self.settings.data, self._operate)
         control.bind()
         try:
             transport.run(self.pipeline, self._stop, beside=_LoopServices(self, restore, control))
         finally:
             control.stop()
-
-    def _run_on_threads(self, transport: PahoIngest, restore: RestoreSide) -> None:
-        """paho: its select loop here, restore and the control socket on threads of their own."""
-        restoring = RestoreThread(restore)
-        control = ControlServer(self.settings.data, self.submit)
-        control.start()  # before any other thread: it sets the process umask for a moment
-        restoring.start()
-        try:
-            transport.run(self.pipeline, self._stop)
-        finally:
-            control.stop()
-            self._fail_requests()
-            restoring.stop()
 
     def snapshot(self) -> metrics.Snapshot:
         """The bridge's counters and state right now (for /metrics)."""
@@ -324,55 +307,20 @@ class Bridge:
         """Note when the connection dropped; the transport reconnects by itself."""
         log.warning("lost the broker connection (%s); reconnecting", reason)
 
-    def submit(self, op: str, args: Mapping[str, Any]) -> Future[dict[str, Any]]:
-        """Queue an operation from the control socket for the ingest thread (any thread)."""
-        future: Future[dict[str, Any]] = Future()
-        self._requests.put((op, args, future))
-        return future
-
-    def _run_requests(self) -> None:
-        # paho: between two commits, on the ingest thread: no write interleaves with the operation.
-        while not self._requests.empty():
-            op, args, future = self._requests.get_nowait()
-            try:
-                self._before_operation(operations.frees_space(op, args))
-                future.set_result(self._while_serving(operations.units(self.store, op, args)))
-            except BackupError as exc:
-                future.set_exception(exc)
-            except Exception as exc:
-                log.exception("operation %s failed", op)
-                future.set_exception(BackupError(f"{op} failed: {exc}"))
-            finally:
-                self._announce_layout()
-
     def _announce_layout(self) -> None:
         """After an operation: the retained status names the partitions there are now."""
         presence = self._presence()
         if presence != self._transport.session.presence:
             self._transport.announce(presence)
 
-    def _before_operation(self, frees_space: bool) -> None:
-        """paho: commit what is pending first (it goes where the current layout says).
+    async def _before_units(self, transport: _Transport, frees_space: bool) -> None:
+        """Commit what is pending first (it goes where the current layout says), loop left free.
 
-        On the ingest thread, which commits there anyway; not when storage fails or the disk is
-        full (`_ready_without_commit`). A failure starts the storage stall, as the transport's
-        own commit would, and the operation runs as on a stalled bridge.
-        """
-        if self._ready_without_commit(frees_space, self._transport.stall.active):
-            return
-        try:
-            self.pipeline.commit()
-        except StorageUnavailable as exc:
-            self._transport.stall.failed(exc)
-            self._ready_without_commit(frees_space, stalled=True)
-
-    async def _before_units(self, transport: AsyncIngest, frees_space: bool) -> None:
-        """asyncio: `_before_operation`, with the loop left free (it reads, pings, answers).
-
-        The commit in flight in the transport's worker thread is awaited, then what is pending is
-        committed there too (`AsyncIngest.commit_held`); the transport settles both, and a
-        failure starts the stall. Whatever opens or releases room runs in a worker thread as
-        well. Commits are held already: none starts meanwhile.
+        Not when storage fails or the disk is full (`_ready_without_commit`). The commit in
+        flight in the transport's worker thread is awaited, then what is pending is committed
+        there too (`commit_held`); the transport settles both, and a failure starts the stall
+        (the operation then runs as on a stalled bridge). Whatever opens or releases room runs
+        in a worker thread as well. Commits are held already: none starts meanwhile.
         """
         await transport.settled()
         if await self._in_worker(self._ready_without_commit, frees_space, transport.stall.active):
@@ -400,47 +348,6 @@ class Bridge:
     async def _in_worker(work: Callable[..., _R], *args: object) -> _R:
         return await _to_thread_to_the_end(functools.partial(work, *args), "preparing the store")
 
-    def _while_serving(self, work: Units[_R]) -> _R:
-        """paho: run a long operation's units on the ingest thread, committing between them.
-
-        paho's callbacks run on this thread too (the transport drives its loop here), so no
-        lock is needed: during a unit, the store's progress calls keep the connection answered
-        and hold what arrives, within the broker's window (`PahoIngest.keep_alive`); between two
-        units it is placed again (a unit may have switched the layout), stored and acknowledged
-        (`_between_units_here`), as the asyncio transport does (`_between_units`).
-        """
-        transport = self._transport
-        assert not isinstance(transport, AsyncIngest)  # its operations run in a worker thread
-        last = time.monotonic()
-
-        def breathe() -> None:
-            nonlocal last
-            if time.monotonic() - last >= BREATHE_EVERY_S:
-                last = time.monotonic()
-                transport.keep_alive()
-
-        self.store.on_progress = breathe
-        self._operating = True
-        try:
-            while True:
-                done = step(work)
-                if done is not None:
-                    return done.result
-                self._between_units_here(transport)
-        finally:
-            work.close()  # failed between units: the operation ends there
-            self._operating = False
-            self.store.on_progress = lambda: None
-            self.pipeline.regroup()
-
-    def _between_units_here(self, transport: PahoIngest) -> None:
-        """paho: `_between_units` on the ingest thread, reading what waits first."""
-        transport.keep_alive()
-        if self._may_commit_between_units(transport.stall.active):
-            transport.commit_held()
-            if transport.stall.active:
-                raise StorageUnavailable("a commit between two units of the operation failed")
-
     def _may_commit_between_units(self, stalled: bool) -> bool:
         """Place what is held again; whether a commit may come between two units now.
 
@@ -452,7 +359,7 @@ class Bridge:
         return not (stalled or self.store.freeing_space)
 
     async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """An operation from the control socket, on the loop (the asyncio transport)."""
+        """An operation from the control socket, on the loop."""
         work = operations.units(self.store, op, args)
         return await self._beside_ingest(op, work, operations.frees_space(op, args))
 
@@ -467,7 +374,6 @@ class Bridge:
         the connection and answers restores meanwhile (docs/design-notes.md).
         """
         transport = self._transport
-        assert isinstance(transport, AsyncIngest)
         if self._one_operation is None:
             self._one_operation = asyncio.Lock()
         async with self._one_operation:
@@ -489,7 +395,7 @@ class Bridge:
                 transport.hold(False)
                 self._announce_layout()
 
-    async def _between_units(self, transport: AsyncIngest) -> None:
+    async def _between_units(self, transport: _Transport) -> None:
         """Store and acknowledge what arrived during the last unit, before the next one.
 
         Only when `_may_commit_between_units` says so; a failed commit fails the operation.
@@ -500,15 +406,8 @@ class Bridge:
         if transport.stall.active:
             raise StorageUnavailable("a commit between two units of the operation failed")
 
-    def _fail_requests(self) -> None:
-        while not self._requests.empty():
-            _, _, future = self._requests.get_nowait()
-            future.set_exception(BackupError("the bridge is stopping; run the command again"))
-
     def tick(self) -> None:
-        """Periodic work, called from the transport loop: operations, state file, rate log."""
-        if not self._requests.empty():
-            self._run_requests()
+        """Periodic work, called from the transport loop: state file, rate log, retention."""
         if self._operating:
             return  # the store is the operation's until it ends (the state file comes after it)
         now = time.monotonic()
@@ -526,20 +425,11 @@ class Bridge:
             return
         older = parse_duration(s.prune_older_than) if s.prune_older_than else None
         budget = s.prune_max_bytes_per_device
-        if isinstance(self._transport, AsyncIngest):
-            # Beside ingest, in units, as an operation from the control socket is.
-            units = maintenance.pruning(self.store, older, budget)
-            task = asyncio.get_running_loop().create_task(self._retention(units))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return
-        try:
-            self._before_operation(frees_space=False)  # as an operation from the socket
-            pruned = self._while_serving(maintenance.pruning(self.store, older, budget))
-        except Exception as exc:  # noqa: BLE001 - one failed pass must not stop the bridge
-            _retention_failed(exc)
-            return
-        _retention_done(pruned)
+        # Beside ingest, in units, as an operation from the control socket is.
+        units = maintenance.pruning(self.store, older, budget)
+        task = asyncio.get_running_loop().create_task(self._retention(units))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _retention(self, work: Units[maintenance.Pruned]) -> None:
         try:
@@ -683,38 +573,6 @@ class RestoreSide:
             self._listening.set()
         else:
             self._listening.clear()
-
-
-class RestoreThread:
-    """The restore side on a thread and event loop of its own (the paho transport's bridge)."""
-
-    def __init__(self, side: RestoreSide) -> None:
-        self._side = side
-        self._thread = threading.Thread(target=self._main, name="restore", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-
-    def start(self) -> None:
-        """Start serving; returns once the thread's loop runs."""
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        await self._side.serve(self._stop)
-
-    def stop(self) -> None:
-        """Stop serving (restores in progress are cancelled) and wait for the thread."""
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 def _retention_failed(exc: Exception) -> None:

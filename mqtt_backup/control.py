@@ -4,8 +4,7 @@
 `{"ok": true, "result": {...}}` or `{"ok": false, "error": "...", "exit_code": 4}`. Its only door
 is the filesystem: the socket is mode 0600 in the data directory.
 
-`AsyncControlServer` serves it as a task of the bridge's event loop (the asyncio transport);
-`ControlServer` on a thread of its own (the paho transport). Both answer the same way.
+`AsyncControlServer` serves it as a task of the bridge's event loop (either ingest transport).
 """
 
 from __future__ import annotations
@@ -15,20 +14,14 @@ import contextlib
 import json
 import os
 import socket
-import socketserver
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from mqtt_backup.errors import BackupError, DataDirLocked, NoReply, StorageError
 
 SOCKET = "control.sock"
-# How often the serving thread looks for a stop: a stopping bridge waits up to this long for it.
-# The tests turn it down (they stop hundreds of bridges).
-POLL_S = 0.5
 # AF_UNIX paths are limited to 107 bytes; longer ones are reached through the directory's fd.
 _MAX_SUN_PATH = 100
 _MAX_LINE = 1 << 20
@@ -36,7 +29,6 @@ _MAX_LINE = 1 << 20
 # command in between waits this long for the socket before saying it does not answer.
 STARTING_S = 3.0
 _RETRY_S = 0.05
-Submit = Callable[[str, Mapping[str, Any]], "Future[dict[str, Any]]"]
 Operate = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -80,63 +72,6 @@ def _failed(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "error": f"bad control request: {exc}", "exit_code": 2}
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        line = self.rfile.readline(_MAX_LINE)
-        try:
-            op, args = _parse(line)
-            reply: dict[str, Any] = {"ok": True, "result": self.server.submit(op, args).result()}
-        except (BackupError, ValueError, KeyError, TypeError) as exc:
-            reply = _failed(exc)
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    submit: Submit
-
-
-class ControlServer:
-    """Serves the control socket on a thread; requests go to `submit` (the ingest thread)."""
-
-    def __init__(self, data_dir: Path, submit: Submit) -> None:
-        self.path = data_dir / SOCKET
-        self._submit = submit
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Bind (replacing a stale socket: we hold the data directory's lock) and serve."""
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise _cannot_bind(self.path, exc) from exc
-        with _address(self.path) as address:
-            server = _Server(address, _Handler, bind_and_activate=False)
-            server.submit = self._submit
-            old_umask = os.umask(0o177)  # the socket is born 0600
-            try:
-                server.server_bind()
-            finally:
-                os.umask(old_umask)
-            server.server_activate()
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(POLL_S,), name="control", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving and remove the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.path.unlink(missing_ok=True)
-
-
 class AsyncControlServer:
     """Serves the control socket on the running event loop; requests go to `operate`."""
 
@@ -152,7 +87,7 @@ class AsyncControlServer:
     def bind(self) -> None:
         """Bind (replacing a stale socket: we hold the data directory's lock), before the loop.
 
-        An error here is a start-up error (StorageError), as with `ControlServer.start`.
+        An error here is a start-up error (StorageError).
         """
         try:
             self.path.unlink(missing_ok=True)

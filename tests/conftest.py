@@ -25,7 +25,7 @@ import hypothesis
 import pytest
 from _pytest.mark.expression import Expression
 
-from mqtt_backup import config, control
+from mqtt_backup import config
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.mqtt import backoff
 from mqtt_backup.storage import StoredMessage, StoreReader, ballast
@@ -334,15 +334,13 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     Retries still back off (0.5 s, then 1 s, with jitter), but stop doubling at 1 s, not 30 s: a
     broker back or a disk freed after a few seconds is seen within about a second, not after the
-    4-8 s a grown delay takes. A stopping bridge's control thread notices in 0.02 s, not 0.5 s.
+    4-8 s a grown delay takes.
     """
     turn_down_timing(monkeypatch)
 
 
 def turn_down_timing(patch: pytest.MonkeyPatch) -> None:
     """What `quick_timing` sets; also for module fixtures that run a bridge (they start first)."""
-    if hasattr(control, "POLL_S"):  # a control socket served by polling (the paho bridge's)
-        patch.setattr(control, "POLL_S", 0.02)
     patch.setattr(backoff, "MAX_S", 1.0)  # reconnects (ingest, restore), storage stalls
 
 

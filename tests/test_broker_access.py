@@ -96,6 +96,24 @@ def test_bridge_connects_over_tls_with_the_ca(
     assert [m.record.payload for m in read_all(data_dir)[unique]] == [b"\x00secret\xff"]
 
 
+def test_a_queued_burst_over_tls_past_a_batch_is_stored_whole_and_in_order(
+    tls_broker: Broker, data_dir: Path, unique: str
+) -> None:
+    """A session's queue over TLS, many batches long: the reads stop at each full batch and
+    come back once it is stored (paho also for bytes TLS decrypted already: `pending()`), well
+    before the next keepalive (60 s here) would wake them; every message stored, in order."""
+    settings = make_settings(
+        tls_broker, data_dir, ca=tls_broker.state_dir / "ca.crt", batch_max=5, keepalive=60
+    )
+    BridgeThread(settings).stop()  # the broker keeps the session: it queues what comes now
+    sent = [Sent(f"devices/{unique}/t", b"m%03d" % i) for i in range(300)]
+    publish(tls_broker, sent)
+    bridge = BridgeThread(settings)
+    wait_until(lambda: stored_count(data_dir) >= len(sent), 30, "the queued burst over TLS")
+    bridge.stop()
+    assert [m.record.payload for m in read_all(data_dir)[unique]] == [m.payload for m in sent]
+
+
 def test_tls_without_the_right_ca_fails_verification(tls_broker: Broker, data_dir: Path) -> None:
     settings = make_settings(tls_broker, data_dir)  # system CAs do not know the test CA
     with pytest.raises(BrokerUnreachable, match="CERTIFICATE_VERIFY_FAILED") as caught:

@@ -209,7 +209,7 @@ def test_sigterm_during_an_add_on_paho_finishes_it_and_stores_what_it_held(
 ) -> None:
     """A SIGTERM in the middle of an add on 3.1.1: exit 0, the add answered, nothing lost.
 
-    The operation runs on the ingest thread, so the stop waits for it; what arrived meanwhile is
+    The stop waits for the operation (its units run in a worker thread); what arrived meanwhile is
     stored between its units or at the shutdown, and every message the broker took is stored
     after a restart.
     """
@@ -282,9 +282,8 @@ def test_the_broker_going_away_in_the_middle_of_an_operation_on_paho_loses_nothi
     first = [Sent(f"devices/{unique}-{i % 7}/t", b"a%d" % i) for i in range(30)]
     second = [Sent(f"devices/{unique}-{i % 7}/t", b"b%d" % i) for i in range(30)]
 
-    def read(store: Store, count: int) -> Callable[[], bool]:
-        def check() -> bool:  # on the ingest thread, as a long copy lets it read
-            store.on_progress()
+    def read(count: int) -> Callable[[], bool]:
+        def check() -> bool:  # the loop reads on during the unit
             return bridge.bridge.snapshot().received >= count
 
         return check
@@ -296,16 +295,15 @@ def test_the_broker_going_away_in_the_middle_of_an_operation_on_paho_loses_nothi
         assert step(work) is None, "the add takes more than one unit"
         received, acked = bridge.bridge.snapshot().received, bridge.bridge.snapshot().acknowledged
         publish(own_broker, first)
-        wait_until(read(store, received + len(first)), 20, "the first messages held")
+        wait_until(read(received + len(first)), 20, "the first messages held")
         yield  # stored and acknowledged here
         assert bridge.bridge.snapshot().acknowledged >= acked + len(first)
         assert step(work) is None, "the add takes more than two units"
         publish(own_broker, second)
-        wait_until(read(store, received + 60), 20, "the second messages held")
+        wait_until(read(received + 60), 20, "the second messages held")
         own_broker.stop()
 
         def gone() -> bool:
-            store.on_progress()
             return not transport.connected
 
         wait_until(gone, 20, "the bridge to notice the broker gone")
@@ -421,8 +419,7 @@ def test_no_commit_comes_between_the_units_of_a_prune_that_frees_a_full_disk(
         received = bridge.bridge.snapshot().received
         publish(broker, sent)
 
-        def read() -> bool:
-            store.on_progress()  # paho reads during a unit only so
+        def read() -> bool:  # the loop reads on during the unit
             return bridge.bridge.snapshot().received >= received + len(sent)
 
         wait_until(read, 20, "the messages held during the prune")
@@ -460,7 +457,7 @@ def _record_acks(
     on_message, ack = client.on_message, client.ack
     assert on_message is not None
 
-    def receiving(c: Any, userdata: Any, msg: Any) -> None:  # on the ingest thread
+    def receiving(c: Any, userdata: Any, msg: Any) -> None:  # on the loop
         if unique in msg.topic:
             received.append(msg.mid)
         on_message(c, userdata, msg)
@@ -503,7 +500,6 @@ def test_paho_acks_in_receive_order_across_units_and_a_failed_commit_between_the
         while (done := step(work)) is None:
             units_seen[0] += 1
             time.sleep(0.05)  # a unit's worth of time: the publisher's messages arrive meanwhile
-            store.on_progress()
             # The commit after this unit fails: from the 6th unit on, at the first one that has
             # messages held (a loaded machine may have stored everything by the 6th).
             if units_seen[0] >= 6 and bridge.bridge.pipeline.pending and not armed:

@@ -1,4 +1,7 @@
-"""The running bridge on MQTT 5: ingest, restore and the control socket as tasks of one loop.
+"""The running bridge: ingest, restore and the control socket as tasks of one loop.
+
+On either ingest transport (the `transport` fixture): the asyncio one, and paho through its
+external-loop API.
 
 Real Mosquitto, real bridges and RocksDB; a slow operation is injected by wrapping the dispatcher.
 """
@@ -17,7 +20,6 @@ from typing import Any
 import pytest
 
 from mqtt_backup import control, operations
-from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import DataDirLocked
 from mqtt_backup.storage import Store
@@ -37,7 +39,7 @@ RunBridge = Callable[..., BridgeThread]
 
 
 def _start(run_bridge: RunBridge, broker: Broker, data: Path, **changes: Any) -> BridgeThread:
-    bridge = run_bridge(make_settings(broker, data, transport=Transport.ASYNCIO, **changes))
+    bridge = run_bridge(make_settings(broker, data, **changes))  # the `transport` fixture's
     wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service to subscribe")
     return bridge
 
@@ -51,6 +53,7 @@ def _raw(data: Path, line: bytes) -> dict[str, Any]:
     return reply
 
 
+@pytest.mark.usefixtures("transport")
 def test_one_loop_runs_ingest_restore_and_control(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -94,6 +97,7 @@ def test_a_data_dir_past_the_socket_path_limit_is_reached_through_its_fd(
     assert call(data, "rebalance", {"dry_run": True})["dry_run"] is True
 
 
+@pytest.mark.usefixtures("transport")
 def test_during_an_operation_the_loop_reads_on_holds_and_answers_restores(
     broker: Broker,
     data_dir: Path,
@@ -135,6 +139,7 @@ def test_during_an_operation_the_loop_reads_on_holds_and_answers_restores(
     wait_until(lambda: bridge.bridge.snapshot().acknowledged >= acked + 10, 20, "their acks")
 
 
+@pytest.mark.usefixtures("transport")
 def test_stopping_during_an_operation_waits_for_it(
     broker: Broker,
     data_dir: Path,

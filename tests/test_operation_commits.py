@@ -21,8 +21,6 @@ from mqtt_backup.config import Transport
 from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import StorageError
 from mqtt_backup.ingest import PipelineStore
-from mqtt_backup.mqtt import AsyncIngest
-from mqtt_backup.records import Record
 from mqtt_backup.storage import Pending, Store, checks
 from mqtt_backup.storage import units as units_module
 from mqtt_backup.storage.journal import STATE, BridgeState
@@ -88,7 +86,7 @@ class _GatedStore(FaultyStore):
 
 
 def _start(run_bridge: RunBridge, broker: Broker, data: Path, gate: Gate) -> BridgeThread:
-    settings = make_settings(broker, data, transport=Transport.ASYNCIO)
+    settings = make_settings(broker, data)  # the `transport` fixture's, or asyncio
     bridge = run_bridge(settings, wrap_store=gate.wrap)
     wait_until(bridge.bridge.restore_listening.is_set, 20, "the restore service to subscribe")
     return bridge
@@ -122,6 +120,7 @@ def _rebalance_behind_a_commit(
     return received, _operate(data, "rebalance", {}, result), result
 
 
+@pytest.mark.usefixtures("transport")
 def test_the_commits_before_an_operation_leave_the_loop_reading_and_answering(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -163,6 +162,7 @@ def test_the_commits_before_an_operation_leave_the_loop_reading_and_answering(
     assert faults.calls["write_failed"] == 0
 
 
+@pytest.mark.usefixtures("transport")
 def test_a_failed_commit_before_an_operation_starts_the_stall_and_the_operation_runs(
     broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge
 ) -> None:
@@ -176,7 +176,6 @@ def test_a_failed_commit_before_an_operation_starts_the_stall_and_the_operation_
     gate = Gate(faults)
     bridge = _start(run_bridge, broker, data_dir, gate)
     transport = bridge.bridge._transport
-    assert isinstance(transport, AsyncIngest)
     _, operating, result = _rebalance_behind_a_commit(bridge, broker, data_dir, gate, unique)
     try:
         wait_until(lambda: bridge.bridge._operating, 20, "the operation to wait for the commit")
@@ -194,27 +193,6 @@ def test_a_failed_commit_before_an_operation_starts_the_stall_and_the_operation_
     faults.failing = False
     wait_until(lambda: stored_count(data_dir) == 5, 30, "the stall's retry to store the rest")
     wait_until(lambda: not transport.stall.active, 20, "the stall to end")
-
-
-def test_a_failed_commit_before_an_operation_on_paho_starts_the_stall(
-    broker: Broker, data_dir: Path, unique: str
-) -> None:
-    """The paho bridge runs an operation from its tick: the same commit first, the same stall."""
-    faults = Faults()
-    bridge = Bridge(
-        make_settings(broker, data_dir, transport=Transport.PAHO), wrap_store=faults.wrap
-    )
-    try:
-        bridge.pipeline.offer(Record(f"devices/{unique}/t", b"m0"), None)
-        faults.failing = True
-        answer = bridge.submit("rebalance", {})
-        bridge.tick()
-        assert answer.result(0)["dry_run"] is False  # it ran, as on a stalled bridge
-        assert bridge._transport.stall.active
-        assert bridge.pipeline.pending == 1
-    finally:
-        bridge._cancel_client_id_check()
-        bridge.store.close()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -248,8 +226,7 @@ def test_a_failed_commit_between_units_on_paho_fails_the_operation_and_loses_not
         received = bridge.bridge.snapshot().received
         publish(broker, sent)
 
-        def read() -> bool:  # the ingest thread runs this unit: let it read, as a copy does
-            store.on_progress()
+        def read() -> bool:  # the loop reads on during the unit
             return bridge.bridge.snapshot().received >= received + len(sent)
 
         wait_until(read, 20, "the messages held during the unit")

@@ -357,14 +357,8 @@ class _Waves:
         return self._real(part, source, dev_key, after, limit, **options)
 
     def _reads(self, count: int) -> bool:
-        """Whether the bridge has read `count` messages, letting it read meanwhile.
-
-        On paho the move runs on the ingest thread, which reads during a unit only when the
-        store reports progress (as a long copy does); the asyncio transport reads on its loop.
-        """
-        bridge = self.bridge.bridge
-        bridge.store.on_progress()
-        return bridge.snapshot().received >= count
+        """Whether the bridge has read `count` messages (its loop reads on during a unit)."""
+        return self.bridge.bridge.snapshot().received >= count
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Observe every copy of a move from now on."""
@@ -438,7 +432,7 @@ def test_a_move_in_units_acknowledges_new_messages_before_it_ends(
 
     Messages published while it copies are stored and acknowledged between its units, before it
     ends; afterwards every message is where placement says, once. Ordering only, no timing. On
-    each transport: paho runs the units on its ingest thread and commits between them there.
+    each transport (both run the units in a worker thread and commit between them on the loop).
     """
     monkeypatch.setattr(units, "UNIT_KEYS", 20)
     fill(data_dir)  # 1,000 devices x 4 messages on p0-p2: about 1,000 records move to p3

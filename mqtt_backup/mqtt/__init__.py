@@ -2,7 +2,10 @@
 
 - `async_ingest`: the MQTT 5 ingest transport on asyncio + `mqtt5` (the default on MQTT 5).
 - `ingest`: the paho ingest transport (MQTT 3.1.1, and `--transport paho`).
-- `session`: what both ingest transports share (`Session`, `Sink`, `Hooks`, `Stall`, `Presence`).
+- `loop_ingest`: what both ingest transports share on the bridge's loop (`LoopIngest`: the one
+  commit in flight, the hold path, reconnect and shutdown; `Beside`).
+- `session`: the plain types both ingest transports share (`Session`, `Sink`, `Hooks`, `Stall`,
+  `Presence`).
 - `aio`: an asyncio connection on aiomqtt for the restore service on MQTT 3.1.1.
 - `codec`: an asyncio connection on the `mqtt5` codec (and `v311` for MQTT 3.1.1) that
   acknowledges a message only when its consumer is done with it, and publishes pre-encoded
@@ -20,8 +23,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from mqtt_backup.mqtt.async_ingest import AsyncIngest, Beside
+from mqtt_backup.mqtt.async_ingest import AsyncIngest
 from mqtt_backup.mqtt.codec import CodecConnection
+from mqtt_backup.mqtt.loop_ingest import Beside
 from mqtt_backup.mqtt.session import REPLAY_PROPERTY, Session, Stall
 from mqtt_backup.mqtt.values import Delivery, TlsFiles
 from mqtt_backup.mqtt.window import Window

@@ -8,28 +8,24 @@ synced writes. The loop goes on reading meanwhile; when the commit returns, all 
 batch leave in one `transport.write` and what arrived in between is committed next (one commit in
 flight: under load the group commit grows by itself).
 
-One event loop of its own runs it; `connect` and `run` keep the blocking signatures of
-`PahoIngest`. `run` also runs the bridge's other services (restore, control socket) as a task of
-the same loop (`beside`). The bridge's `tick` runs on the loop; whatever in it touches the store
-settles the commit in flight first. While a unit of an operation owns the store the bridge
-`hold`s commits: what arrives is held exactly as while storage fails (within the broker's window,
-reading paused when the hold is full), one hold path; between two units it is committed
-(`commit_held`).
+All of that but the wire (the commit in flight, the hold path, `hold` / `commit_held` /
+`settled` for the bridge's operations, reconnect and shutdown, `connect` and `run` on the loop of
+its own that also runs the bridge's restore and control socket) is `loop_ingest.LoopIngest`'s,
+shared with `PahoIngest`; this module is the wire: the Protocol `_Wire`, the handshake, keepalive,
+PUBACKs, the half-close at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Sequence
+from typing import TypeVar, cast
 
 import mqtt5
 
@@ -39,21 +35,16 @@ from mqtt_backup.errors import (
     BrokerUnreachable,
     ConfigError,
     SessionTakenOver,
-    StorageUnavailable,
 )
-from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.mqtt.codec import _not_mqtt, _refused, lost_connection
+from mqtt_backup.mqtt.loop_ingest import TICK_S, LoopIngest, PipelinedSink
 from mqtt_backup.mqtt.packets import read5
 from mqtt_backup.mqtt.session import (
-    CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
     SESSION_TAKEN_OVER,
     Hooks,
-    Presence,
     Session,
-    Sink,
-    Stall,
     describe,
     taken_over,
     tls_context,
@@ -65,50 +56,12 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 # asyncio reads at most 256 KiB at a time; a shorter read means the socket was empty.
 DRAINED_BELOW_BYTES = 64 * 1024
-TICK_S = 0.1  # how often the bridge's periodic work runs and `stop` is looked at
 _PUBLISH = mqtt5.PublishPacket
 _PINGREQ = mqtt5.PingReqPacket().write()
 _DISCONNECT = mqtt5.DisconnectPacket().write()
 # Our own packet ids: SUBSCRIBE 1, UNSUBSCRIBE 2, the status publishes (online, offline) 3 and 4.
 _ONLINE_ID, _OFFLINE_ID = 3, 4
 _T = TypeVar("_T")
-
-
-class PipelinedSink(Sink, Protocol):
-    """A sink that can commit in a worker thread (`ingest.CommitPipeline` is one)."""
-
-    @property
-    def committing(self) -> bool:
-        """A commit runs in the worker thread, not settled yet."""
-
-    def commit_in_background(self, executor: Executor) -> Future[None] | None:
-        """Start storing the batch on `executor`; None when nothing waits or one is in flight."""
-
-    def settle(self, which: Future[None] | None = None) -> int | None:
-        """Finish the commit in flight (acks in receive order); StorageUnavailable if it failed."""
-
-    def offer_publishes(
-        self,
-        topics: Sequence[bytes],
-        payloads: Sequence[bytes],
-        flags: Sequence[int],
-        tokens: Sequence[int],
-        received_ns: int,
-    ) -> bool:
-        """Take messages without properties from their wire parts; whether the batch is full."""
-
-
-class Beside(Protocol):
-    """Services that run on the ingest loop beside it (the bridge's restore and control socket)."""
-
-    async def start(self) -> None:
-        """Start them (the loop runs; ingest is connected)."""
-
-    async def settle(self) -> None:
-        """Before the last commit: end what touches the store, and start nothing more."""
-
-    async def stop(self) -> None:
-        """After the shutdown: stop them."""
 
 
 def _properties(packet: mqtt5.PublishPacket) -> Properties | None:
@@ -321,6 +274,10 @@ class _Wire(asyncio.Protocol):
             self.heard_at = asyncio.get_running_loop().time()
             self.unanswered_since = None
 
+    def quiet(self) -> bool:
+        """Whether a tick went by with nothing read."""
+        return asyncio.get_running_loop().time() - self.heard_at >= TICK_S
+
     def connection_lost(self, exc: Exception | None) -> None:
         """The first reason wins; everyone waiting learns it."""
         self.fail(lost_connection(exc))
@@ -339,7 +296,7 @@ class _Wire(asyncio.Protocol):
             self.transport.close()
 
 
-class AsyncIngest:
+class AsyncIngest(LoopIngest):
     """Ingest transport on asyncio + `mqtt5`: MQTT 5, persistent session, acks after the sync."""
 
     def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
@@ -348,25 +305,10 @@ class AsyncIngest:
                 "the asyncio transport speaks MQTT 5 only",
                 "use --transport paho with --protocol 3.1.1",
             )
-        self.session = session
-        self.filters = list(filters)
-        self._hooks = hooks
-        self.sink: PipelinedSink | None = None
-        self.stall = Stall()
-        self._executor: ThreadPoolExecutor | None = None  # the commit's worker thread
-        self._drained_at: int | None = None  # the socket ran dry, the broker had nothing more
+        super().__init__(session, filters, hooks)
         self._ssl = self._ssl_context()
         self._generation = 0  # the low 16 bits of the sink's number of the open connection
         self._wire: _Wire | None = None
-        self._connected = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._held = False  # an operation owns the store: commit nothing, hold what comes
-        self._commit_done: asyncio.Future[None] | None = None  # the last commit started
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection to the broker is up."""
-        return self._connected
 
     @property
     def paused(self) -> bool:
@@ -378,34 +320,18 @@ class AsyncIngest:
             return None
         return tls_context(self.session.target.tls_files)
 
-    def _run_loop(self, work: Coroutine[Any, Any, _T]) -> _T:
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(work)
-
-    def _close_loop(self) -> None:
-        if self._executor is not None:
-            # A commit still in flight (only after an error) ends first: unacknowledged, safe.
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
-
     # ---- connecting ----------------------------------------------------------------------------
 
-    def connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
-        """First connection: BrokerError when the broker cannot be reached or refuses.
+    def _reading(self) -> _Wire | None:
+        wire = self._wire
+        return wire if wire is not None and wire.serving and wire.failure is None else None
 
-        Returns whether the broker still had the session. MQTT 5 subscribes every filter each
-        time (retain handling 1 re-sends nothing); `known_filters` no longer configured go.
+    async def _first_connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        """MQTT 5 subscribes every filter each time (retain handling 1 re-sends nothing).
+
+        `known_filters` no longer configured go.
         """
-        self.sink = sink
-        try:
-            return self._run_loop(self._connect(sink, known_filters, first=True))
-        except BaseException:
-            self._close_loop()
-            raise
+        return await self._connect(sink, known_filters, first=True)
 
     async def _connect(
         self, sink: PipelinedSink, known_filters: Sequence[str], first: bool = False
@@ -469,7 +395,7 @@ class AsyncIngest:
         gone = [f for f in known_filters if f not in self.filters]
         if gone and connack.session_present:
             wire.write(mqtt5.UnsubscribePacket(2, gone).write())
-        self._announce(wire, online=True)
+        self._announce(online=True)
         wire.serving = True
         self._connected = True
         self._hooks.connected(connack.session_present, self.filters)
@@ -483,10 +409,10 @@ class AsyncIngest:
             presence.topic, payload=presence.offline, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True
         )
 
-    def _announce(self, wire: _Wire, online: bool) -> None:
+    def _announce(self, online: bool) -> None:
         """Publish the retained status (QoS 1; its PUBACK is only looked at for a refusal)."""
-        presence = self.session.presence
-        if presence is not None:
+        presence, wire = self.session.presence, self._wire
+        if presence is not None and wire is not None:
             packet = mqtt5.PublishPacket(
                 presence.topic,
                 presence.online if online else presence.offline,
@@ -536,36 +462,6 @@ class AsyncIngest:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None = None) -> None:
-        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order.
-
-        `beside`: the bridge's other services, on this loop from start to end: started first,
-        settled before the last commit (nothing of theirs touches the store after it), stopped
-        after the shutdown.
-        """
-        self.sink = sink
-        try:
-            self._run_loop(self._run(sink, stop, beside))
-        finally:
-            self._close_loop()
-
-    async def _run(self, sink: PipelinedSink, stop: threading.Event, beside: Beside | None) -> None:
-        try:
-            try:
-                if beside is not None:
-                    await beside.start()  # inside: what it started is stopped if it fails
-                await self._serve(sink, stop)
-            finally:
-                if beside is not None:
-                    await beside.settle()
-                await self._shutdown(sink)
-        finally:
-            if beside is not None:
-                await beside.stop()
-            # loop.close() does not wait for it: a restore's chunk read queued there would run
-            # after the store closed.
-            await asyncio.get_running_loop().shutdown_default_executor()
-
     async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
         while not stop.is_set():
             wire = self._wire
@@ -583,20 +479,13 @@ class AsyncIngest:
                 continue
             # Right after the wait, so that what the socket held was read first (a long
             # operation in `tick` blocks the loop: the broker's answers wait meanwhile).
-            self._housekeeping(wire, sink)
+            self._housekeeping(wire)
             self._hooks.tick()
 
-    def _housekeeping(self, wire: _Wire, sink: PipelinedSink) -> None:
-        """Between reads: retry a stalled commit when due, ping, notice a silent broker."""
-        if wire.paused and not self.stall.active and not sink.committing and not self._held:
-            wire.resume()  # the commit it waited for was settled by the bridge (an operation)
-        if self.stall.active and self.stall.seconds_left() == 0:
-            self.commit_or_hold(wire, retry=True)
-        elif not self.stall.active and sink.has_work:
-            self.commit_or_hold(wire)  # a batch left over from the handshake
+    def _housekeeping(self, wire: _Wire) -> None:
+        """Between reads: the commit path's (`_between_reads`), ping, notice a silent broker."""
+        self._between_reads(wire)
         now = asyncio.get_running_loop().time()
-        if not self.stall.active and not sink.has_work and now - wire.heard_at >= TICK_S:
-            sink.caught_up(time.time_ns())  # a tick went by with nothing from the broker
         keepalive = self.session.keepalive
         asked = wire.unanswered_since
         # Only a PINGREQ left unanswered for a keepalive condemns the broker (silence alone may
@@ -606,132 +495,6 @@ class AsyncIngest:
             wire.fail(BrokerUnreachable(f"no answer from the broker for {silent:.0f} s"))
         elif now - wire.pinged_at >= keepalive / 2:
             self._ping(wire, now)
-
-    def commit_or_hold(
-        self, wire: _Wire, retry: bool = False, drained_at: int | None = None
-    ) -> None:
-        """Start committing the batch in the worker thread; while storage fails, hold.
-
-        One commit at a time: while one is in flight, what arrives makes the next batch, which
-        grows past `batch_max` if it must (reading on is what overlaps the parse with the
-        fsyncs); reading pauses only when the hold is full, as while storage fails.
-        `drained_at`: a read found the socket empty then.
-        """
-        sink = self.sink
-        if sink is None:
-            return
-        if drained_at is not None and sink.pending < CAUGHT_UP_BELOW:
-            # Drained, with fewer unacknowledged than any broker's window: the broker had nothing
-            # held back, so all it had sent by then is stored once the next batch is.
-            self._drained_at = drained_at
-        if sink.committing:
-            if not sink.can_hold():
-                wire.pause()  # resumed when the commit in flight returns
-            return
-        if (self.stall.active and not retry) or self._held:
-            if not sink.can_hold():
-                wire.pause()
-            return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest.commit")
-        done = sink.commit_in_background(self._executor)
-        drained_at, self._drained_at = self._drained_at, None
-        if done is None:  # nothing to store or acknowledge
-            self._stored(wire, drained_at)
-            return
-        wrapped = asyncio.wrap_future(done)
-        wrapped.add_done_callback(lambda _: self._committed(wire, done, drained_at, wrapped))
-        self._commit_done = wrapped
-
-    def _committed(
-        self,
-        wire: _Wire,
-        done: Future[None],
-        drained_at: int | None,
-        wrapped: asyncio.Future[None] | None = None,
-    ) -> None:
-        """A commit returned from the worker thread: settle it here, then start the next.
-
-        Its outcome is read from `done`; the loop's wrapper of it is marked read too, or a
-        failed commit would also be logged by asyncio as a never-retrieved exception.
-        """
-        if wrapped is not None and not wrapped.cancelled():
-            wrapped.exception()
-        sink = self.sink
-        if sink is None:
-            return
-        try:
-            stored = sink.settle(done)
-        except StorageUnavailable as exc:
-            self.stall.failed(exc)
-            if sink.can_hold():
-                wire.resume()  # hold what comes, within the broker's window
-            else:
-                wire.pause()
-            return
-        if stored is None:
-            return  # settled already, by a commit on the loop (an operation, the shutdown)
-        self._stored(wire, drained_at)
-        if wire is self._wire and wire.serving and wire.failure is None and sink.has_work:
-            self.commit_or_hold(wire)  # what arrived meanwhile: the next group commit
-
-    def _stored(self, wire: _Wire, drained_at: int | None) -> None:
-        """A commit worked: storage is fine, reading goes on."""
-        self.stall.cleared()
-        wire.resume()
-        if drained_at is not None and self.sink is not None:
-            self.sink.caught_up(drained_at)
-
-    def announce(self, presence: Presence) -> None:
-        """A new retained status (the partitions changed), published now when connected.
-
-        It is also the one of the next connect and of the stop. The will set at connect keeps
-        the old body until the next connect (MQTT cannot change a will): the broker publishes
-        it only when the bridge dies, with `"state": "offline"`.
-        """
-        self.session = dataclasses.replace(self.session, presence=presence)
-        wire = self._wire
-        if wire is not None and wire.serving and wire.failure is None:
-            self._announce(wire, online=True)
-
-    def hold(self, on: bool) -> None:
-        """Commit nothing while on (an operation owns the store); off: commit what was held."""
-        self._held = on
-        wire = self._wire
-        if not on and wire is not None and wire.serving and wire.failure is None:
-            if self.sink is not None and self.sink.has_work:
-                self.commit_or_hold(wire)  # resumes reading once it is stored
-            elif not self.stall.active:
-                wire.resume()
-
-    async def settled(self) -> None:
-        """Until the commit in flight, if any, is settled: the loop reads on meanwhile.
-
-        The worker's commit is awaited; `_committed`, its done callback, settles it first (a
-        failure starts the stall). For the bridge's operations, with commits held: no other
-        starts after it.
-        """
-        sink, done = self.sink, self._commit_done
-        if sink is not None and sink.committing and done is not None:
-            await asyncio.wait([done])
-
-    async def commit_held(self) -> None:
-        """Store what is held and acknowledge it, while an operation holds commits.
-
-        One commit in the worker thread, as any other (the loop reads on meanwhile); the hold is
-        on again before it returns, so no commit follows it into the operation. A failure starts
-        the stall, as always. Nothing happens without a connection to acknowledge on: what is
-        held waits for the operation's end.
-        """
-        wire, sink = self._wire, self.sink
-        if wire is None or sink is None or not wire.serving or wire.failure is not None:
-            return
-        self._held = False
-        try:
-            self.commit_or_hold(wire)
-        finally:
-            self._held = True
-        await self.settled()
 
     @staticmethod
     def _ping(wire: _Wire, now: float) -> None:
@@ -755,11 +518,6 @@ class AsyncIngest:
         if acks:
             wire.write(struct.pack(f">{len(acks)}I", *acks))
 
-    def _connection_lost(self, why: str) -> None:
-        if self._connected:
-            self._connected = False
-            self._hooks.disconnected(why)
-
     async def _drop(self) -> None:
         """Close the connection at once and let its socket go."""
         wire, self._wire = self._wire, None
@@ -769,74 +527,11 @@ class AsyncIngest:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await asyncio.shield(wire.lost)
 
-    async def _reconnect(self, sink: PipelinedSink, stop: threading.Event) -> None:
-        """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
-        self._connected = False
-        await self._drop()
-        # Acks of the closed connection are void (a packet id means nothing on another one).
-        # Its messages stay held: the broker resends only those whose expiry has not passed.
-        sink.drop_tokens(lambda _token: False)
-        backoff = Backoff()
-        while not stop.is_set():
-            if not self._room_for_a_connection(sink):
-                self._hooks.tick()
-                await _sleep(max(self.stall.seconds_left(), 0.1), stop)
-                continue
-            try:
-                await self._connect(sink, self.filters)
-            except (OSError, BrokerError) as exc:
-                delay = backoff.next()
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1fs",
-                    self.session.address,
-                    exc,
-                    delay,
-                )
-                self._hooks.tick()  # operations and bookkeeping go on while the broker is away
-                await _sleep(delay, stop)
-                continue
-            log.info("reconnected to %s", self.session.address)
-            return
-
-    def _room_for_a_connection(self, sink: PipelinedSink) -> bool:
-        """Whether the sink can take the window a new connection brings (retrying storage first).
-
-        Held copies are never dropped, so during a storage stall each connection may add one
-        broker window to them; connecting only while there is room keeps what is held bounded.
-        """
-        if not sink.can_hold() and self.stall.seconds_left() == 0 and not self._held:
-            try:
-                _commit_now(sink)
-            except StorageUnavailable as exc:
-                self.stall.failed(exc)
-            else:
-                self.stall.cleared()
-        return sink.can_hold()
-
-    async def _shutdown(self, sink: PipelinedSink) -> None:
-        """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
+    async def _goodbye(self) -> None:
+        """Offline status, DISCONNECT, half-close; what comes is dropped until the broker closes."""
         wire = self._wire
-        if not self._connected or wire is None or wire.failure is not None:
-            self._connected = False
-            await self._drop()
-            # Keep what was received on the lost connection: storing it twice is safe.
-            try:
-                _commit_now(sink)
-            except StorageUnavailable as exc:
-                log.warning("storage still failing while disconnected: %s", exc.detail)
-            return
-        wire.pause()
-        try:
-            _commit_now(sink)
-        except StorageUnavailable as exc:
-            log.error(
-                "could not store %d pending messages at shutdown (not acknowledged: the "
-                "broker resends those that have not expired): %s",
-                sink.pending,
-                exc.detail,
-            )
-        self._connected = False  # a disconnect we asked for is not a lost connection
-        self._announce(wire, online=False)  # a clean DISCONNECT discards the will
+        assert wire is not None
+        self._announce(online=False)  # a clean DISCONNECT discards the will
         wire.write(_DISCONNECT)
         wire.failure = BrokerUnreachable("disconnected")  # what is read from now on is dropped
         assert wire.transport is not None
@@ -863,21 +558,3 @@ def _close_after_the_broker(transport: asyncio.Transport) -> None:
         transport.write_eof()
     else:
         transport.close()
-
-
-def _commit_now(sink: PipelinedSink) -> int:
-    """Commit on the loop: the commit in flight first, then a fresh try at everything held.
-
-    StorageUnavailable when that try fails; a commit in flight that failed just holds again.
-    """
-    with contextlib.suppress(StorageUnavailable):
-        sink.settle()
-    return sink.commit()
-
-
-async def _sleep(seconds: float, stop: threading.Event) -> None:
-    """Sleep, but wake within a tick when `stop` is set (a threading event: polled)."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + seconds
-    while not stop.is_set() and (left := until - loop.time()) > 0:
-        await asyncio.sleep(min(left, TICK_S))

@@ -1,14 +1,24 @@
-"""The ingest transport on paho-mqtt.
+"""The ingest transport on paho-mqtt, driven by the bridge's asyncio loop.
 
-`PahoIngest` is the ingest transport: a paho client with a persistent session and manual acks,
-driven by its own loop so that a batch closes the moment the socket has nothing more to read.
+`PahoIngest` is a paho client with a persistent session and manual acks, run through paho's
+external-loop API: the socket is watched with `loop.add_reader` / `add_writer` (paho's
+on_socket_open / on_socket_close / on_socket_register_write / on_socket_unregister_write),
+`loop_misc` runs at every tick. The reader callback reads while the socket has data (a select
+with timeout 0, plus `pending()` on TLS) and the batch has room: its end is "nothing more to
+read", and the batch goes to a worker thread for its synced writes: the commit, hold, operation,
+reconnect and shutdown paths are `loop_ingest.LoopIngest`'s, shared with the asyncio transport
+(`async_ingest`). paho's connect (name lookup, TCP, the TLS handshake) blocks: it runs in a
+worker thread too.
+
+So the paho bridge is one loop as well: ingest, restore and the control socket are its tasks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import asyncio
+import contextlib
 import select
+import socket
 import ssl
 import threading
 import time
@@ -23,32 +33,26 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.errors import (
-    BrokerError,
     BrokerRefused,
     BrokerUnreachable,
     SessionTakenOver,
-    StorageUnavailable,
 )
-from mqtt_backup.mqtt.backoff import Backoff
+from mqtt_backup.mqtt.loop_ingest import TICK_S, LoopIngest, PipelinedSink
 from mqtt_backup.mqtt.session import (
-    CAUGHT_UP_BELOW,
     CONNECT_TIMEOUT_S,
     REPLAY_PROPERTY,
     SESSION_TAKEN_OVER,
     Hooks,
-    Presence,
     Session,
-    Sink,
-    Stall,
     describe,
     taken_over,
     tls_context,
 )
 from mqtt_backup.records import Properties, Record
 
-log = logging.getLogger(__name__)
-
+FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
 _T = TypeVar("_T")
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def _paho_properties(props: Any) -> Properties | None:
@@ -70,20 +74,20 @@ def _is_replay(props: Properties | None) -> bool:
     return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
 
 
-class PahoIngest:
+class PahoIngest(LoopIngest):
     """Ingest transport on paho-mqtt: persistent session, QoS 1, manual acks after the sync."""
 
     def __init__(self, session: Session, filters: Sequence[str], hooks: Hooks) -> None:
-        self.session = session
-        self.filters = list(filters)
-        self._hooks = hooks
-        self._sink: Sink | None = None
+        super().__init__(session, filters, hooks)
         self._generation = 0  # the sink's number of the open connection
         self._connack: tuple[bool, ReasonCode | None] | None = None
         self._suback: list[ReasonCode] | None = None
-        self._connected = False
         self.taken_over: SessionTakenOver | None = None
-        self.stall = Stall()
+        self._news: asyncio.Event | None = None  # a CONNACK, a SUBACK, a lost connection
+        self._sock: socket.socket | None = None  # the socket the loop watches
+        self._paused = False
+        self._heard_at = 0.0  # monotonic: the last read
+        self._failure: BaseException | None = None  # raised inside a paho callback: a bug
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -107,94 +111,229 @@ class PahoIngest:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
-    # ---- paho callbacks (run inside loop_read on this thread) -------------------------------
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused (the hold is full)."""
+        return self._paused
+
+    # ---- paho callbacks (on the loop, inside loop_read / loop_write / loop_misc) -------------
 
     def _on_connect(
         self, _c: paho.Client, _u: object, flags: paho.ConnectFlags, rc: ReasonCode, _p: object
     ) -> None:
         self._connack = (flags.session_present, rc)
+        self._wake()
 
     def _on_subscribe(
         self, _c: paho.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object
     ) -> None:
         self._suback = codes
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection to the broker is up."""
-        return self._connected
+        self._wake()
 
     def _on_disconnect(
         self, _c: paho.Client, _u: object, _f: object, rc: ReasonCode, _p: object
     ) -> None:
         if isinstance(rc, ReasonCode) and rc.value == SESSION_TAKEN_OVER:
             self.taken_over = taken_over(self.session.client_id)
-        if self._connected:
-            self._connected = False
-            self._hooks.disconnected(str(rc))
+        self._connection_lost(str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        if self._sink is None:
+        if self.sink is None:
             return
         props = _paho_properties(msg.properties)
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
         record = Record(msg.topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), props)
         token = (self._generation, msg.mid, msg.qos) if msg.qos else None
-        self._sink.offer(record, token, _is_replay(props))
+        self.sink.offer(record, token, _is_replay(props))
+
+    # ---- the socket on the loop (paho's external-loop callbacks) ----------------------------
+    #
+    # paho's connect runs in a worker thread: what it calls there is left alone (the loop
+    # stopped watching the old socket before, and watches the new one after).
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop runs on this thread: paho's connect in a worker
+            return False
+
+    def _on_socket_open(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        if self._on_loop():
+            self._watch(sock)
+
+    def _on_socket_close(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        if self._on_loop():
+            self._unwatch(sock)
+            self._wake()
+
+    def _on_socket_register_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        watched = self._watched(sock)
+        if watched is not None and self._loop is not None:
+            self._loop.add_writer(watched, self._on_writable)
+
+    def _on_socket_unregister_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        watched = self._watched(sock)
+        if watched is not None and self._loop is not None:
+            self._loop.remove_writer(watched)
+
+    def _watched(self, sock: object) -> socket.socket | None:
+        """The socket the loop watches, if it is `sock` and this runs on the loop."""
+        return self._sock if sock is self._sock and self._on_loop() else None
+
+    def _watch(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        self._sock = sock
+        self._paused = False
+        self._heard_at = time.monotonic()
+        self._loop.add_reader(sock, self._on_readable)
+        if self._client.want_write():
+            self._loop.add_writer(sock, self._on_writable)
+
+    def _unwatch(self, sock: object) -> None:
+        watched = self._sock
+        if watched is None or sock is not watched:
+            return
+        self._sock = None
+        if self._loop is not None and not self._loop.is_closed() and watched.fileno() >= 0:
+            self._loop.remove_reader(watched)
+            self._loop.remove_writer(watched)
+
+    def _on_writable(self) -> None:
+        self._client.loop_write()  # a failure closes the socket and calls on_disconnect
+
+    def _on_readable(self) -> None:
+        """Read while the socket has data and the batch has room; then commit (or hold) it.
+
+        The end of these reads is DESIGN section 3's "nothing more to read": the batch closes.
+        """
+        sink = self.sink
+        if self._paused or self._sock is None or sink is None:
+            return
+        try:
+            while True:
+                rc = self._client.loop_read()
+                if rc != _SUCCESS:
+                    self._connection_lost(paho.error_string(rc))
+                    return
+                if sink.full() or not self._readable():
+                    break
+        except Exception as exc:  # noqa: BLE001 - raised in a callback of ours: `run` raises it
+            self._failure = exc
+            self._wake()
+            return
+        self._heard_at = time.monotonic()
+        if self._connected:
+            self.commit_or_hold(self, drained_at=None if sink.full() else time.time_ns())
+
+    def _readable(self) -> bool:
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+
+    def pause(self) -> None:
+        """Stop reading (the broker keeps what it has not sent; its window bounds the rest)."""
+        if not self._paused and self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+            self._paused = True
+
+    def resume(self) -> None:
+        """Read again, and what TLS holds decrypted already."""
+        if self._paused and self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock, self._on_readable)
+            self._paused = False
+        self._read_what_tls_holds()
+
+    def _read_what_tls_holds(self) -> None:
+        """TLS may hold decrypted bytes the reader left (a full batch): no select sees those."""
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
+            self._loop.call_soon(self._on_readable)
+
+    def quiet(self) -> bool:
+        """Whether a tick went by with nothing read."""
+        return time.monotonic() - self._heard_at >= TICK_S
+
+    def _wake(self) -> None:
+        if self._news is not None:
+            self._news.set()
+
+    # ---- the loop of its own (the bridge's) -------------------------------------------------
+
+    def _close_loop(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:  # a connection that never got through, or one left at an error
+            self._unwatch(sock)
+            sock.close()
+        super()._close_loop()
 
     # ---- connecting --------------------------------------------------------------------------
 
-    def connect(self, sink: Sink, known_filters: Sequence[str]) -> bool:
-        """First connection: BrokerError when the broker cannot be reached or refuses.
+    def _reading(self) -> PahoIngest | None:
+        return self if self._connected else None
 
-        Messages may arrive as soon as the broker answers (a stored queue), so the sink comes first.
-
-        Returns whether the broker still had the session. `known_filters` are the subscriptions
-        the session had before, so MQTT 3.1.1 need not subscribe again (which re-sends retained).
-        """
-        self._sink = sink
+    async def _first_connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        """`known_filters`: 3.1.1 need not subscribe to those again (that re-sends retained)."""
         addr = self.session.address
         try:
-            self._open_socket()
+            await self._open_socket(sink)
         except OSError as exc:  # ssl.SSLError (e.g. certificate verify failed) included
             hint = "check --ca" if isinstance(exc, ssl.SSLError) else "check --broker and that "
             raise BrokerUnreachable(
                 f"{addr}: {describe(exc)}",
                 hint if isinstance(exc, ssl.SSLError) else hint + "the broker runs",
             ) from exc
-        return self._handshake(known_filters)
+        return await self._handshake(sink, known_filters)
 
-    def _open_socket(self) -> None:
+    async def _connect(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        await self._open_socket(sink)
+        return await self._handshake(sink, known_filters)
+
+    async def _open_socket(self, sink: PipelinedSink) -> None:
+        """Connect with paho in a worker thread (it blocks); then the loop watches the socket."""
+        if self._news is None:
+            self._news = asyncio.Event()
         self._connack = None
         # A new connection voids the acks of the old one; count it before any packet is read.
-        assert self._sink is not None
-        self._generation = self._sink.new_connection()
-        properties = None
+        self._generation = sink.new_connection()
+        self._unwatch(self._sock)  # paho's connect closes it, in the worker thread
+        await asyncio.to_thread(self._connect_blocking)
+        sock = self._client.socket()
+        if not isinstance(sock, socket.socket):
+            raise BrokerUnreachable(f"{self.session.address} closed the connection")
+        self._watch(sock)
+
+    def _connect_blocking(self) -> None:
+        addr = self.session.address
         if self._is_v5():
             properties = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.session.session_expiry
             properties.ReceiveMaximum = self.session.receive_maximum
             self._client.connect(
-                self.session.address.host,
-                self.session.address.port,
+                addr.host,
+                addr.port,
                 self.session.keepalive,
                 # paho's default (FIRST_ONLY) wipes the session at every process start.
                 clean_start=False,
                 properties=properties,
             )
         else:
-            self._client.connect(
-                self.session.address.host, self.session.address.port, self.session.keepalive
-            )
+            self._client.connect(addr.host, addr.port, self.session.keepalive)
 
-    def _handshake(self, known_filters: Sequence[str]) -> bool:
-        session_present, rc = self._wait_for("CONNACK", lambda: self._connack)
+    async def _handshake(self, sink: PipelinedSink, known_filters: Sequence[str]) -> bool:
+        session_present, rc = await self._wait_for("CONNACK", lambda: self._connack)
         if rc is not None and rc.is_failure:
             self._client.disconnect()
             raise BrokerRefused(f"{self.session.address}: {rc}", "check the user name and password")
-        self._subscribe(
+        await self._subscribe(
             self.filters
             if self._is_v5() or not session_present
             else [f for f in self.filters if f not in known_filters]
@@ -205,10 +344,12 @@ class PahoIngest:
         self._announce(online=True)
         self._connected = True
         self._hooks.connected(session_present, self.filters)
+        if sink.has_work:
+            self.commit_or_hold(self)  # what arrived during the handshake
         return session_present
 
     def _announce(self, online: bool) -> None:
-        """Publish the retained status (written with the next loop_write, before any ack)."""
+        """Publish the retained status (written before any ack that follows it)."""
         presence = self.session.presence
         if presence is not None:
             payload = presence.online if online else presence.offline
@@ -217,7 +358,7 @@ class PahoIngest:
     def _is_v5(self) -> bool:
         return self.session.target.mqtt5
 
-    def _subscribe(self, filters: Sequence[str]) -> None:
+    async def _subscribe(self, filters: Sequence[str]) -> None:
         if not filters:
             return
         self._suback = None
@@ -239,7 +380,7 @@ class PahoIngest:
             )
         else:
             self._client.subscribe([(f, 1) for f in filters])
-        codes = self._wait_for("SUBACK", lambda: self._suback)
+        codes = await self._wait_for("SUBACK", lambda: self._suback)
         refused = [f for f, rc in zip(filters, codes, strict=False) if rc.is_failure]
         if refused:
             raise BrokerRefused(
@@ -247,220 +388,84 @@ class PahoIngest:
                 "check the broker's ACL for the bridge's user",
             )
 
-    def _wait_for(self, what: str, ready: Callable[[], _T | None]) -> _T:
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    async def _wait_for(self, what: str, ready: Callable[[], _T | None]) -> _T:
+        assert self._news is not None
+        assert self._loop is not None
+        deadline = self._loop.time() + CONNECT_TIMEOUT_S
         while (value := ready()) is None:
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(f"no {what} from {self.session.address} in time")
-            # Not client.loop(): it would add a wake-up socketpair write to every later ack.
-            if not self._pump(0.1) and (value := ready()) is None:
+            if self._client.socket() is None:
                 raise BrokerUnreachable(
                     f"{self.session.address} closed the connection before {what}"
                 )
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise BrokerUnreachable(f"no {what} from {self.session.address} in time")
+            self._news.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, TICK_S)):
+                    await self._news.wait()
         return value
 
     # ---- running -----------------------------------------------------------------------------
 
-    def run(self, sink: Sink, stop: threading.Event) -> None:
-        """Feed the sink until `stop` is set, reconnecting with backoff; then shut down in order."""
-        self._sink = sink
+    async def _serve(self, sink: PipelinedSink, stop: threading.Event) -> None:
+        if self._news is None:
+            self._news = asyncio.Event()
         while not stop.is_set():
-            self._hooks.tick()
+            if self._failure is not None:
+                raise self._failure
             if not self._connected:
                 if self.taken_over is not None:
-                    self._commit_unacked(sink)  # storing twice is safe; the acks are void
-                    raise self.taken_over
-                self._reconnect(stop)
+                    raise self.taken_over  # the shutdown stores what is held; its acks are void
+                await self._reconnect(sink, stop)
                 continue
-            self._serve(sink, self.stall)
-        self._shutdown(sink)
+            self._news.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await self._news.wait()  # or a lost connection, at once
+            if self._connected:
+                self._housekeeping()
+            self._hooks.tick()
 
-    def _serve(self, sink: Sink, stall: Stall) -> None:
-        if stall.active:
-            # Storage is failing: keep reading (keepalive answers; the broker's window of
-            # unacknowledged messages bounds what arrives), hold it, retry later.
-            self._pump(min(stall.seconds_left(), 0.2), read=sink.can_hold())
-            if stall.seconds_left() == 0:
-                self._commit(sink, stall)
-            return
-        wait = sink.seconds_left() if sink.has_work else 0.5
-        self._pump(wait, read=not sink.full())
-        if not sink.has_work:
-            sink.caught_up(time.time_ns())  # a whole wait went by with nothing to store
-        elif sink.due() or not self._readable():
-            self._commit(sink, stall)
-
-    def _commit(self, sink: Sink, stall: Stall) -> None:
-        drained_at = None if sink.full() or self._readable() else time.time_ns()
-        try:
-            stored = sink.commit()
-        except StorageUnavailable as exc:
-            stall.failed(exc)
-            return
-        stall.cleared()
-        self._client.loop_write()
-        # A drained socket means the broker had sent all it had, unless its window of
-        # unacknowledged messages held the rest back: count only batches below any window.
-        if drained_at is not None and stored < CAUGHT_UP_BELOW:
-            sink.caught_up(drained_at)
-
-    def announce(self, presence: Presence) -> None:
-        """A new retained status (the partitions changed), published now when connected.
-
-        It is also the one of the next connect and of the stop (the will keeps the old body
-        until the next connect: MQTT cannot change a will).
-        """
-        self.session = dataclasses.replace(self.session, presence=presence)
-        if self._connected:
-            self._announce(online=True)
-
-    def keep_alive(self) -> None:
-        """Service the connection without committing: answer keepalives, hold what arrives.
-
-        During a unit of a long operation on the ingest thread (`commit_held` stores what it
-        holds between units); the broker's window bounds what is held.
-        """
-        if self._connected and self._sink is not None:
-            self._pump(0, read=self._sink.can_hold())
-
-    def commit_held(self) -> None:
-        """Store what is held and acknowledge it, between two units of a long operation.
-
-        On the ingest thread, as every commit here (paho's callbacks run on it too). A failure
-        starts the stall, as always. Nothing happens without a connection to acknowledge on:
-        what is held waits for the operation's end.
-        """
-        if self._connected and self._sink is not None and self._sink.has_work:
-            self._commit(self._sink, self.stall)
-
-    def _readable(self) -> bool:
-        sock = self._client.socket()
-        if sock is None:
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        return bool(select.select([sock], [], [], 0)[0])
-
-    def _pump(self, timeout: float, read: bool = True) -> bool:
-        """Wait up to `timeout` for the socket, then read while it has data and the batch has room.
-
-        Returns False when the connection is gone.
-        """
-        client = self._client
-        sock = client.socket()
-        if sock is None:
-            return self._connection_lost("socket closed")
-        wlist = [sock] if client.want_write() else []
-        rlist = [sock] if read else []
-        try:
-            readable, writable, _ = select.select(rlist, wlist, [], timeout)
-        except (OSError, ValueError):
-            return self._connection_lost("socket error")
-        if writable and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return self._connection_lost("write failed")
-        if read and (readable or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
-            rc = self._read_available()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return self._connection_lost(paho.error_string(rc))
-        if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return self._connection_lost("keepalive timed out")
-        return True
-
-    def _read_available(self) -> MQTTErrorCode:
-        sink = self._sink
-        while True:
-            rc = self._client.loop_read()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return rc
-            if (sink is not None and sink.full()) or not self._readable():
-                return rc
-
-    def _connection_lost(self, why: str) -> bool:
-        if self._connected:
-            self._connected = False
-            self._hooks.disconnected(why)
-        return False
-
-    def _reconnect(self, stop: threading.Event) -> None:
-        """Reconnect with exponential backoff and jitter until it works or `stop` is set."""
-        sink = self._sink
-        if sink is not None:
-            # Acks of the closed connection are void (a packet id means nothing on another one).
-            # Its messages stay held: the broker resends only those whose expiry has not passed.
-            sink.drop_tokens(lambda _token: False)
-        backoff = Backoff()
-        while not stop.is_set():
-            if sink is not None and not self._room_for_a_connection(sink):
-                self._hooks.tick()
-                stop.wait(max(self.stall.seconds_left(), 0.1))
-                continue
-            try:
-                self._open_socket()
-                self._handshake(self.filters)
-            except (OSError, ssl.SSLError, BrokerError) as exc:
-                delay = backoff.next()
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1fs",
-                    self.session.address,
-                    exc,
-                    delay,
-                )
-                self._hooks.tick()  # operations and bookkeeping go on while the broker is away
-                stop.wait(delay)
-                continue
-            log.info("reconnected to %s", self.session.address)
-            return
-
-    def _room_for_a_connection(self, sink: Sink) -> bool:
-        """Whether the sink can take the window a new connection brings (retrying storage first).
-
-        Held copies are never dropped, so during a storage stall each connection may add one
-        broker window to them; connecting only while there is room keeps what is held bounded.
-        """
-        if not sink.can_hold() and self.stall.seconds_left() == 0:
-            self._commit(sink, self.stall)
-        return sink.can_hold()
-
-    def _commit_unacked(self, sink: Sink) -> None:
-        # Keep what was received on the lost connection: storing it twice is safe, losing it is not.
-        try:
-            sink.commit()
-        except StorageUnavailable as exc:
-            log.warning("storage still failing while disconnected: %s", exc.detail)
-
-    def _shutdown(self, sink: Sink) -> None:
-        """Stop reading, store what is pending, send its acks, disconnect, let the broker close."""
-        if self._connected:
-            try:
-                sink.commit()
-            except StorageUnavailable as exc:
-                log.error(
-                    "could not store %d pending messages at shutdown (not acknowledged: the "
-                    "broker resends those that have not expired): %s",
-                    sink.pending,
-                    exc.detail,
-                )
-            self._announce(online=False)  # a clean DISCONNECT discards the will
-            self._flush_writes()
-            self._connected = False  # a disconnect we asked for is not a lost connection
-            self._client.disconnect()
-            self._flush_writes()
-        else:
-            self._commit_unacked(sink)
-        self._connected = False
-
-    def _flush_writes(self) -> None:
-        deadline = time.monotonic() + 5
-        while self._client.want_write() and time.monotonic() < deadline:
-            if self._client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
-            time.sleep(0.001)
+    def _housekeeping(self) -> None:
+        """Between reads: the commit path's (`_between_reads`), then paho's keepalive."""
+        self._between_reads(self)
+        # PINGREQ when due; a PINGRESP missing for a keepalive closes the socket (on_disconnect).
+        self._client.loop_misc()
 
     def ack(self, tokens: Sequence[object]) -> None:
-        """Acknowledge stored messages in receive order (tokens of old connections are skipped)."""
-        ack = self._client.ack
+        """Acknowledge stored messages in receive order (tokens of old connections are skipped).
+
+        On the loop, as every call into paho; written at once, not at the next writable turn.
+        """
+        client = self._client
         generation = self._generation
+        sent = False
         for token in tokens:
             gen, mid, qos = cast("tuple[int, int, int]", token)
             if gen == generation:
-                ack(mid, qos)
+                client.ack(mid, qos)
+                sent = True
+        if sent and self._sock is not None:
+            client.loop_write()
+
+    def _connection_lost(self, why: str) -> None:
+        super()._connection_lost(why)
+        self._wake()
+
+    async def _drop(self) -> None:
+        """Nothing to do: paho's next connect closes the old socket (the loop stops watching)."""
+
+    async def _goodbye(self) -> None:
+        """Offline status and DISCONNECT (paho closes the socket once they are written)."""
+        self._announce(online=False)  # a clean DISCONNECT discards the will
+        self._client.disconnect()
+        await self._flushed()
+
+    async def _flushed(self) -> None:
+        """Until paho wrote what it queued (the writer callback writes), or a timeout."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while self._client.want_write() and self._client.socket() is not None:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.001)
