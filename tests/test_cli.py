@@ -266,6 +266,28 @@ def test_one_message_is_one_message() -> None:
     )
 
 
+def test_the_summary_says_when_broker_drops_are_unknown() -> None:
+    # Found by a new-user run against a broker without $SYS: the bridge's `done` said
+    # "broker_drops": "unknown", and `mqtt-backup restore` summed it up as "(complete)".
+    from mqtt_backup.cli.restore import _completeness, _summary  # noqa: PLC0415 - under test
+    from mqtt_backup.restore.gather import Gathered, Stream  # noqa: PLC0415 - its input
+
+    unknown = {"count": 1, "complete": True, "broker_drops": "unknown"}
+    assert _summary("d1", unknown, 1) == (
+        "restored 1 message of d1 (complete as far as the bridge can see; broker drops unknown: "
+        "the broker's dropped-message counter was out of its sight)"
+    )
+    gap = {"since": "a", "until": "b", "reason": "downtime"}
+    incomplete = {**unknown, "complete": False, "gaps": [gap]}
+    assert _summary("d1", incomplete, 1).endswith("in a .. b (downtime); broker drops unknown)")
+    known = Stream("b1", terminal={"count": 1, "complete": True})
+    blind = Stream("b2", terminal=unknown)
+    assert _completeness(Gathered({"b1": known}, [])) == " (complete)"
+    assert _completeness(Gathered({"b1": known, "b2": blind}, [])).startswith(
+        " (complete as far as the bridges can see; broker drops unknown"
+    )
+
+
 def test_counts_in_summaries_agree_with_their_number() -> None:
     # Found by a new-user run: "would delete 1 messages", "(+1 retained statuses)".
     from mqtt_backup.cli.output import count  # noqa: PLC0415 - the one helper under test
