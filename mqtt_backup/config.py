@@ -470,8 +470,8 @@ class Settings:
     batch_max: int = field(
         default=1000,
         metadata=setting(
-            "messages a batch closes at (on asyncio, what arrives while a commit is in flight "
-            "joins the next, up to 10x this held)",
+            "messages a batch closes at (on either transport, what arrives while a commit is "
+            "in flight joins the next, up to 10x this held)",
             bounds=(1, 100_000),
         ),
     )

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -46,8 +46,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str, ensure_ascii=False)
 
 
+class _Shown:
+    """A log call's argument as `%s`, `%r` or a format spec shows it, with the secrets masked."""
+
+    def __init__(self, value: object, hide: Callable[[str], str]) -> None:
+        self._value, self._hide = value, hide
+
+    def __str__(self) -> str:
+        return self._hide(str(self._value))
+
+    def __repr__(self) -> str:
+        return self._hide(repr(self._value))
+
+    def __format__(self, spec: str) -> str:
+        return self._hide(format(self._value, spec))
+
+
 class Redact(logging.Filter):
-    """Replaces each secret in a record's final text (and fields) by `***`."""
+    """Replaces each secret in a record's arguments (or its whole text) and fields by `***`."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -57,7 +73,7 @@ class Redact(logging.Filter):
         """Rewrite the record in place; never drops it."""
         if not self._secrets:
             return True
-        record.msg, record.args = self._hide(record.getMessage()), None
+        record.msg, record.args = self._message(record), None
         for key, value in vars(record).items():
             if key not in _STANDARD and isinstance(value, str):
                 setattr(record, key, self._hide(value))
@@ -66,6 +82,31 @@ class Redact(logging.Filter):
         if record.exc_text:
             record.exc_text = self._hide(record.exc_text)
         return True
+
+    def _message(self, record: logging.LogRecord) -> str:
+        """The final text, the secrets masked where they can come in.
+
+        A template with arguments is the program's own text: the secret comes in through the
+        arguments only, and masking the template too would turn a password that is also a word
+        ("pass") into "--***word-file", showing by where the stars fall what it is.
+        """
+        args = record.args
+        values = args.values() if isinstance(args, Mapping) else args or ()
+        if not values or not isinstance(record.msg, str) or any(map(self._in_number, values)):
+            return self._hide(record.getMessage())
+        try:
+            if isinstance(args, Mapping):
+                return record.msg % {key: self._shown(value) for key, value in args.items()}
+            return record.msg % tuple(self._shown(value) for value in values)
+        except (TypeError, ValueError, KeyError):  # a template the arguments do not fit
+            return self._hide(record.getMessage())
+
+    def _in_number(self, value: object) -> bool:
+        # A number stays a number for `%d`, so a password of digits in one masks the whole text.
+        return isinstance(value, int | float) and self._hide(str(value)) != str(value)
+
+    def _shown(self, value: object) -> object:
+        return value if isinstance(value, int | float) else _Shown(value, self._hide)
 
     def _hide(self, text: str) -> str:
         for secret in self._secrets:

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from mqtt_backup import __version__, config
 from mqtt_backup.cli import app
 from mqtt_backup.errors import EXIT_STORAGE, EXIT_USAGE
+from mqtt_backup.records import Record
 from mqtt_backup.restore.request import MIN_RATE
-from mqtt_backup.storage import StoreReader
+from mqtt_backup.storage import Pending, Store, StoreReader
 from tests.test_cli_errors import REPO
 from tests.test_partitions import fill
 
@@ -265,6 +266,28 @@ def test_one_message_is_one_message() -> None:
     )
 
 
+def test_the_summary_says_when_broker_drops_are_unknown() -> None:
+    # Found by a new-user run against a broker without $SYS: the bridge's `done` said
+    # "broker_drops": "unknown", and `mqtt-backup restore` summed it up as "(complete)".
+    from mqtt_backup.cli.restore import _completeness, _summary  # noqa: PLC0415 - under test
+    from mqtt_backup.restore.gather import Gathered, Stream  # noqa: PLC0415 - its input
+
+    unknown = {"count": 1, "complete": True, "broker_drops": "unknown"}
+    assert _summary("d1", unknown, 1) == (
+        "restored 1 message of d1 (complete as far as the bridge can see; broker drops unknown: "
+        "the broker's dropped-message counter was out of its sight)"
+    )
+    gap = {"since": "a", "until": "b", "reason": "downtime"}
+    incomplete = {**unknown, "complete": False, "gaps": [gap]}
+    assert _summary("d1", incomplete, 1).endswith("in a .. b (downtime); broker drops unknown)")
+    known = Stream("b1", terminal={"count": 1, "complete": True})
+    blind = Stream("b2", terminal=unknown)
+    assert _completeness(Gathered({"b1": known}, [])) == " (complete)"
+    assert _completeness(Gathered({"b1": known, "b2": blind}, [])).startswith(
+        " (complete as far as the bridges can see; broker drops unknown"
+    )
+
+
 def test_counts_in_summaries_agree_with_their_number() -> None:
     # Found by a new-user run: "would delete 1 messages", "(+1 retained statuses)".
     from mqtt_backup.cli.output import count  # noqa: PLC0415 - the one helper under test
@@ -273,6 +296,27 @@ def test_counts_in_summaries_agree_with_their_number() -> None:
     assert count(0, "message") == "0 messages"
     assert count(1, "retained status", "retained statuses") == "1 retained status"
     assert count(2, "retained status", "retained statuses") == "2 retained statuses"
+
+
+def test_a_one_partition_store_says_one_partition(tmp_path: Path) -> None:
+    # Found by a new-user run: a new data directory has one partition, and `verify` and
+    # `snapshot` said "ok: 1 partitions, ..." and "snapshot of 1 partitions written to ...".
+    data = tmp_path / "data"
+    store = Store.open(data, partitions=1)
+    try:
+        partition, dev_key = store.locate("dev-1")
+        store.write(partition, [Pending("dev-1", dev_key, 10**18, Record("devices/dev-1/t", b"x"))])
+    finally:
+        store.close()
+    verified = invoke("verify", "--data", str(data))
+    assert verified.exit_code == 0, verified.output
+    assert re.match(
+        r"ok: 1 partition, 1 device, 1 record, 0 redelivered copies, \d+ bytes$",
+        verified.stdout.strip(),
+    ), verified.stdout
+    snap = invoke("snapshot", str(tmp_path / "snap"), "--data", str(data))
+    assert snap.exit_code == 0, snap.output
+    assert snap.stdout.startswith("snapshot of 1 partition written to "), snap.stdout
 
 
 def test_forget_of_one_message_says_one_message(tmp_path: Path) -> None:

@@ -314,6 +314,46 @@ def test_no_log_line_shows_the_password(log_format: LogFormat) -> None:
     assert "ValueError" in text
 
 
+@pytest.mark.parametrize("log_format", list(LogFormat))
+def test_a_password_that_is_also_a_word_leaves_the_bridge_s_own_words_alone(
+    log_format: LogFormat,
+) -> None:
+    # Found by a new-user run: `run --broker mqtt://u:p@host` warned "the ***assword in
+    # --broker is visible ... ***ut it in a file ... ***ass --***assword-file FILE": masking the
+    # secret inside the bridge's own text mangled the line and, by where the stars fell, showed
+    # the password. Only what a call logs as its arguments (and fields) can hold the secret.
+    stream = io.StringIO()
+    handler = logs.configure("info", log_format, secrets=["pass"], stream=stream)
+    try:
+        config._WARNED.clear()
+        _load({"broker": "mqtt://u:pass@h:1"})  # the real warning
+        log = logging.getLogger("some.library")
+        log.info("connecting with %s, then %r, %d times", "u:pass@h", "pass", 3)
+        log.info("keyed %(url)s", {"url": "mqtt://u:pass@h"})
+        log.info("preformatted mqtt://u:pass@h")  # no arguments: the whole text is masked
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    if log_format == LogFormat.JSON:
+        lines = [json.loads(line)["message"] for line in lines]
+    warning, args, keyed, preformatted = lines
+    assert "the password in --broker is visible" in warning, warning
+    assert "pass --password-file FILE (or set MQTT_BACKUP_PASSWORD)" in warning, warning
+    assert args.endswith("connecting with u:***@h, then '***', 3 times"), args
+    assert keyed.endswith("keyed mqtt://u:***@h"), keyed
+    assert preformatted.endswith("preformatted mqtt://u:***@h"), preformatted
+
+
+def test_a_password_of_digits_is_masked_in_a_number_argument_too() -> None:
+    stream = io.StringIO()
+    handler = logs.configure("info", LogFormat.TEXT, secrets=["1883"], stream=stream)
+    try:
+        logging.getLogger("some.library").info("port %d, %s", 1883, "x")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert stream.getvalue().rstrip().endswith("port ***, x"), stream.getvalue()
+
+
 def test_the_error_line_follows_the_log_format_and_masks_secrets() -> None:
     assert logs.error_line("mqtt-backup: plain") == "mqtt-backup: plain"  # not configured
     handler = logs.configure("info", LogFormat.JSON, secrets=["hunter2"], stream=io.StringIO())

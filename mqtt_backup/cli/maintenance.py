@@ -67,8 +67,8 @@ def snapshot(
     """Write a consistent hot copy of every partition and the manifest to DEST."""
     settings = load_settings(config_file, data=data)
     result = writer_operation(settings.data, "snapshot", {"dest": str(dest.resolve())})
-    parts = len(result["partitions"])
-    _show(result, as_json, f"snapshot of {parts} partitions written to {dest}")
+    parts = output.count(len(result["partitions"]), "partition")
+    _show(result, as_json, f"snapshot of {parts} written to {dest}")
 
 
 @app.command()

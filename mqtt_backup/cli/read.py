@@ -159,9 +159,10 @@ def verify(data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOp
         output.print_json(report.as_json())
     else:
         output.say(
-            f"{'ok' if report.ok else 'PROBLEMS'}: {report.partitions} partitions, "
-            f"{report.devices} devices, {report.records} records, {report.duplicates} "
-            f"redelivered copies, {report.size} bytes"
+            f"{'ok' if report.ok else 'PROBLEMS'}: {output.count(report.partitions, 'partition')}, "
+            f"{output.count(report.devices, 'device')}, {output.count(report.records, 'record')}, "
+            f"{output.count(report.duplicates, 'redelivered copy', 'redelivered copies')}, "
+            f"{output.count(report.size, 'byte')}"
         )
         for problem in report.problems[:_SHOWN_PROBLEMS]:
             output.say(f"  {problem.describe()}")
@@ -170,7 +171,7 @@ def verify(data: DataOpt = None, as_json: JsonOpt = False, config_file: ConfigOp
             output.say(f"  ... and {rest} more (--json lists them all)")
     if not report.ok:
         raise VerifyFailed(
-            f"{len(report.problems)} problems in {settings.data}",
+            f"{output.count(len(report.problems), 'problem')} in {settings.data}",
             "'mqtt-backup partitions rebalance' when they are misplaced devices of an "
             "interrupted move; restore damaged records from a snapshot",
         )

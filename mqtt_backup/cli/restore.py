@@ -97,13 +97,26 @@ class _Stream:
 _PROTOCOL_ONLY = ("id", "seq", "instance")
 
 
+# A `done` with "broker_drops": "unknown" is complete only as far as the bridge can see.
+_DROPS_UNKNOWN = "broker drops unknown"
+_DROPS_WHY = ": the broker's dropped-message counter was out of its sight"
+
+
+def _drops_unknown(*terminals: dict[str, Any] | None) -> bool:
+    return any(t is not None and t.get("broker_drops") == "unknown" for t in terminals)
+
+
 def _summary(device: str, terminal: dict[str, Any], written: int, replay: bool = False) -> str:
     count = terminal.get("count", written)
     text = f"{'replayed' if replay else 'restored'} {output.count(count, 'message')} of {device}"
+    blind = _drops_unknown(terminal)
     if terminal.get("complete", True):
+        if blind:
+            return f"{text} (complete as far as the bridge can see; {_DROPS_UNKNOWN}{_DROPS_WHY})"
         return text + " (complete)"
     spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in terminal["gaps"])
-    return text + f" (INCOMPLETE: the bridge may have missed messages in {spans})"
+    also = f"; {_DROPS_UNKNOWN}" if blind else ""
+    return text + f" (INCOMPLETE: the bridge may have missed messages in {spans}{also})"
 
 
 @app.command()
@@ -244,9 +257,18 @@ def _names(gathered: Gathered) -> str:
 
 
 def _completeness(gathered: Gathered) -> str:
-    """` (complete)`, or which spans may miss messages (gaps any instance reported)."""
+    """` (complete)`, or which spans may miss messages (gaps any instance reported).
+
+    Either says so when an instance could not see the broker's dropped-message counter.
+    """
     spans = ", ".join(f"{g['since']} .. {g['until']} ({g['reason']})" for g in gathered.gaps)
-    return f" (INCOMPLETE: may have missed messages in {spans})" if spans else " (complete)"
+    blind = _drops_unknown(*(s.terminal for s in gathered.streams.values()))
+    if spans:
+        also = f"; {_DROPS_UNKNOWN}" if blind else ""
+        return f" (INCOMPLETE: may have missed messages in {spans}{also})"
+    if blind:
+        return f" (complete as far as the bridges can see; {_DROPS_UNKNOWN}{_DROPS_WHY})"
+    return " (complete)"
 
 
 def _finish(device: str, gathered: Gathered) -> None:

@@ -54,7 +54,8 @@ def simulate(
     )
     templates = " ".join(f"--topic '{t}'" for t in spec.topics_for_bridge)
     output.note(
-        f"simulating {devices} devices at {rate:g} msg/s on {settings.broker_address}; "
+        f"simulating {output.count(devices, 'device')} at {rate:g} msg/s "
+        f"on {settings.broker_address}; "
         f"the bridge stores every shape with: mqtt-backup run {templates}"
     )
     report = asyncio.run(_fleet_until_interrupted(spec))
