@@ -20,7 +20,7 @@ from tests.faults.harness import (
     size,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("transport")]
 
 
 def test_kill_9_during_a_continuous_publish(
