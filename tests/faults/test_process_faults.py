@@ -20,7 +20,7 @@ from tests.faults.harness import (
     size,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("transport")]
+pytestmark = pytest.mark.slow
 
 
 def test_kill_9_during_a_continuous_publish(
@@ -60,6 +60,7 @@ def _stop_under_load(
         return codes, bridge.text(), back
 
 
+@pytest.mark.usefixtures("transport")  # the goodbye is the transport's: both
 def test_sigterm_under_load(
     own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:
