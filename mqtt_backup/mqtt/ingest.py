@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import socket
 import ssl
@@ -51,6 +52,7 @@ from mqtt_backup.mqtt.session import (
 from mqtt_backup.records import Properties, Record
 
 FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
+CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the half-close: until the broker closes
 _T = TypeVar("_T")
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 
@@ -88,6 +90,8 @@ class PahoIngest(LoopIngest):
         self._paused = False
         self._heard_at = 0.0  # monotonic: the last read
         self._failure: BaseException | None = None  # raised inside a paho callback: a bug
+        self._leaving = False  # the goodbye: the socket paho closes is kept and half-closed
+        self._kept: socket.socket | None = None  # that socket, until the broker closes
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -170,6 +174,8 @@ class PahoIngest(LoopIngest):
     def _on_socket_close(self, _c: paho.Client, _u: object, sock: Any) -> None:
         if self._on_loop():
             self._unwatch(sock)
+            if self._leaving and self._kept is None:
+                self._kept = _half_closed(sock)
             self._wake()
 
     def _on_socket_register_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
@@ -457,10 +463,21 @@ class PahoIngest(LoopIngest):
         """Nothing to do: paho's next connect closes the old socket (the loop stops watching)."""
 
     async def _goodbye(self) -> None:
-        """Offline status and DISCONNECT (paho closes the socket once they are written)."""
+        """Offline status, DISCONNECT, half-close; what comes is dropped until the broker closes.
+
+        paho closes its socket once the DISCONNECT is written, unread data in it or not: the
+        socket is kept open past that close (`_on_socket_close`) and half-closed instead.
+        """
         self._announce(online=False)  # a clean DISCONNECT discards the will
-        self._client.disconnect()
-        await self._flushed()
+        self._leaving = True
+        try:
+            self._client.disconnect()
+            await self._flushed()
+        finally:
+            self._leaving = False
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            await _until_the_broker_closes(kept)
 
     async def _flushed(self) -> None:
         """Until paho wrote what it queued (the writer callback writes), or a timeout."""
@@ -469,3 +486,38 @@ class PahoIngest(LoopIngest):
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(0.001)
+
+
+def _half_closed(sock: socket.socket) -> socket.socket | None:
+    """A handle of its own on the socket paho is closing, its write side ended (a FIN).
+
+    Closing a socket with unread data in it makes the kernel send a reset, and the broker then
+    discards the acknowledgements (and the DISCONNECT) it had not read yet: they come again as
+    duplicates. paho closes its handle; this one keeps the connection open, ends the write side
+    after what was written (the acks, the DISCONNECT), and reads on until the broker closes.
+    On TLS too: the records are written whole, and what comes back is dropped unread.
+    """
+    try:
+        kept = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None  # closed already (a failed write): nothing to keep
+    try:
+        kept.shutdown(socket.SHUT_WR)
+        kept.setblocking(False)
+    except OSError:
+        kept.close()
+        return None
+    return kept
+
+
+async def _until_the_broker_closes(kept: socket.socket) -> None:
+    """Read and drop (unacknowledged, it is sent again) until the broker closes, or a timeout."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            while await loop.sock_recv(kept, 65536):
+                pass
+    except (TimeoutError, OSError):
+        pass  # closed as before: the broker may lose what it had not read
+    finally:
+        kept.close()

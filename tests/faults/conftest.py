@@ -2,6 +2,16 @@
 
 `make faults` sets FAULTS_RESULTS (and FAULTS_SCALE=big); tools/reliability.py turns the file into
 docs/reliability.md. Under `make test` nothing is written.
+
+The cases where the ingest transport's own code decides the outcome run on both transports (the
+`transport` fixture of tests/conftest.py, which bridges started as processes inherit): SIGTERM
+under load (the goodbye), the network cut (a reset read) and blackhole (keepalive), injected disk
+full (pausing and resuming reading) and message expiry during a stall (a broker restart while
+holding: the reconnect and its room check). The others stay on the default (asyncio), as each
+paho run costs seconds of `make test`'s budget: kill -9 runs no code of the transport; the broker
+restart and crash add to those reconnects mostly the broker's side (its persistence, its lost
+queue); gaps and their detection, damaged data, restores and a real full disk are the store's and
+the restore side's. All of them passed on paho when this was decided.
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ def report(request: pytest.FixtureRequest) -> Report:
     """This test's report; its case name is the test's docstring's first line, or its name."""
     doc = (request.function.__doc__ or "").strip().splitlines()
     case = doc[0] if doc else request.node.name
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "transport" in callspec.params:  # a case on both transports
+        case += f" ({callspec.params['transport']})"
     found = Report(case, request.node.nodeid.split("::", 1)[-1])
     request.node.stash[_REPORT] = found
     return found

@@ -180,6 +180,10 @@ def test_queue_overflow_while_away_is_a_gap(
         restore_complete=answer.get("complete"),
     )
     assert exported_tally.lost, "the broker's queue limit must have dropped some"
-    assert [g.reason for g in gaps] == ["broker-dropped"]
+    # Usually one gap; two when the retained counter read at the connect was an interval old
+    # (282 of 300 drops, once in ~50 runs): the live reading after it records a second gap over
+    # the same span (DroppedWatcher.observe), by design.
+    assert gaps, "no broker-dropped gap"
+    assert {g.reason for g in gaps} == {"broker-dropped"}
     assert uncovered(ledger, exported_tally.lost, gaps) == [], "a loss outside every gap"
     assert answer.get("complete") is False, answer

@@ -21,7 +21,7 @@ from tests.faults.harness import (
     size,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("transport")]  # both transports
 
 KEEPALIVE_S = 5  # the smallest --keepalive the bridge takes
 

@@ -60,6 +60,7 @@ def _stop_under_load(
         return codes, bridge.text(), back
 
 
+@pytest.mark.usefixtures("transport")  # the goodbye is the transport's: both
 def test_sigterm_under_load(
     own_broker: Broker, data_dir: Path, unique: str, tmp_path: Path, report: Report
 ) -> None:

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 RunBridge = Callable[..., BridgeThread]
 
 
+@pytest.mark.usefixtures("transport")  # the hold and its pause are the transport's
 def test_disk_full_injected_during_a_continuous_publish(
     own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
@@ -90,6 +91,7 @@ def test_slow_fsync_injected(
     assert_nothing_lost(back)
 
 
+@pytest.mark.usefixtures("transport")  # the hold across a broker restart: the reconnect's
 def test_message_expiry_during_a_storage_stall(
     own_broker: Broker, data_dir: Path, unique: str, run_bridge: RunBridge, report: Report
 ) -> None:
