@@ -436,6 +436,12 @@ class PahoIngest(LoopIngest):
     def _housekeeping(self) -> None:
         """Between reads: the commit path's (`_between_reads`), then paho's keepalive."""
         self._between_reads(self)
+        if self._paused:
+            # Its PINGRESPs wait unread in the socket (as AsyncIngest's do): paho would take that
+            # for a dead broker after a keepalive and drop the connection (the will said offline,
+            # every held message came again). Forgetting the PINGREQ sent makes paho send the
+            # next one when due instead; paho has no API for it.
+            self._client._ping_t = 0
         # PINGREQ when due; a PINGRESP missing for a keepalive closes the socket (on_disconnect).
         self._client.loop_misc()
 
