@@ -25,7 +25,13 @@ from typing import Any
 from rich.console import Console
 
 from bench import machine, report, scenarios, web
-from bench.procs import BenchError, BridgeSpec, default_bridge_command, reap_subscribers
+from bench.procs import (
+    BenchError,
+    BridgeSpec,
+    default_bridge_command,
+    reap_subscribers,
+    with_absolute_paths,
+)
 from tools.devbroker import BrokerStartError
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -77,7 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def variants(args: argparse.Namespace) -> list[BridgeSpec]:
     """The bridge variants of this run."""
-    command = shlex.split(args.bridge_command) or default_bridge_command()
+    # The bridge runs from PRODUCT_CWD: relative paths are made the caller's first.
+    command = with_absolute_paths(shlex.split(args.bridge_command)) or default_bridge_command()
     texts = args.variant or [v for v in os.environ.get("BENCH_VARIANTS", "").split(";") if v]
     return [BridgeSpec.parse(t, command) for t in texts or ["default"]]
 

@@ -302,6 +302,31 @@ class SysWatch:
 PRODUCT_CWD = "/"
 
 
+def with_absolute_paths(command: Sequence[str]) -> list[str]:
+    """`command` with its relative paths made the caller's: the bridge runs from PRODUCT_CWD.
+
+    What names something that exists from here is a path: each entry of `NAME=a:b`
+    (`PYTHONPATH=other`: else resolved from / and silently dropped, and the installed tree ran
+    instead), and a word with a slash (`.venv/bin/python`). `-m mqtt_backup` has no slash: it
+    stays a module name even where a directory of that name exists.
+    """
+
+    def absolute(word: str, path_like: bool) -> str:
+        if word.startswith("/") or not path_like or not Path(word).exists():
+            return word
+        return str(Path(word).resolve())
+
+    result = []
+    for word in command:
+        name, eq, value = word.partition("=")
+        if eq and name.isidentifier():
+            entries = (absolute(v, path_like=bool(v)) for v in value.split(":"))
+            result.append(name + "=" + ":".join(entries))
+        else:
+            result.append(absolute(word, path_like="/" in word or word in {".", ".."}))
+    return result
+
+
 def default_bridge_command() -> list[str]:
     """`python -m mqtt_backup` of this interpreter: the command before `run`."""
     return [sys.executable, "-m", "mqtt_backup"]

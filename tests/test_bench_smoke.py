@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import report
-from bench.__main__ import main
+from bench.__main__ import main, parse_args, variants
 from bench.measure import drain, percentile
 from bench.procs import PRODUCT_CWD, Bridge, BridgeSpec
 
@@ -53,6 +53,29 @@ def test_the_bridge_runs_from_a_directory_that_shadows_no_tree(
     assert bridge.proc is not None
     assert bridge.proc.wait(30) == 0
     assert (tmp_path / "bridge.log").read_text().strip() == f"cwd {PRODUCT_CWD}"
+
+
+def test_relative_paths_in_the_bridge_command_are_the_callers_not_product_cwds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--bridge-command "env PYTHONPATH=other python -P -m mqtt_backup"`, run from its parent.
+
+    The bridge starts from PRODUCT_CWD (/): a relative PYTHONPATH named nothing there, and the
+    bridge silently ran the installed tree, an A/B of one tree with itself (hostile review 6).
+    """
+    other = tmp_path / "other"
+    (other / "mqtt_backup").mkdir(parents=True)
+    (other / "mqtt_backup" / "__init__.py").write_text("")
+    (other / "mqtt_backup" / "__main__.py").write_text("print('the other tree ran')\n")
+    monkeypatch.chdir(tmp_path)
+    command = f"env PYTHONPATH=other {sys.executable} -P -m mqtt_backup"
+    (spec,) = variants(parse_args(["--bridge-command", command]))
+    broker = SimpleNamespace(url="mqtt://127.0.0.1:1")
+    bridge = Bridge(spec, broker, tmp_path / "data", "probe", tmp_path / "bridge.log")  # type: ignore[arg-type]
+    bridge.start()
+    assert bridge.proc is not None
+    bridge.proc.wait(30)
+    assert (tmp_path / "bridge.log").read_text().strip() == "the other tree ran"
 
 
 def test_percentile_is_nearest_rank() -> None:
