@@ -6,6 +6,8 @@ Real Mosquitto and real RocksDB; faults are injected only where a real part cann
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 from mqtt_backup.config import BrokerAddress, BrokerTarget
@@ -50,3 +52,34 @@ def test_paho_keeps_its_connection_while_reading_is_paused_past_the_keepalive(
     stored = [m.record.payload for m in read_all(data_dir)[unique]]
     assert stored == [m.payload for m in sent], "in order, none lost"
     assert hooks.disconnects == []
+
+
+def test_paho_resumed_reading_is_not_quiet_for_the_silence_it_was_paused(
+    broker: Broker, store: Store, unique: str
+) -> None:
+    """The silence while paused is ours: a resumed reader is not `quiet()` before a tick.
+
+    `quiet()` (a tick with nothing read) lets the housekeeping mark the bridge caught up with
+    the broker; right after a resume the socket may hold a window of unread messages, and a
+    caught-up time set then makes a later session-lost gap start too late (a restore says
+    complete for messages the broker lost). AsyncIngest's `resume()` forgets the silence;
+    paho's did not.
+    """
+    ingest = _paho(broker, Hooks(), f"devices/{unique}/#", keepalive=10)
+    pipeline = _pipeline(store, Faults(), ingest.ack)
+    ingest.connect(pipeline, [])
+    assert ingest._loop is not None
+
+    async def paused_then_resumed() -> tuple[bool, bool]:
+        ingest.pause()
+        await asyncio.sleep(0.2)  # two ticks paused
+        quiet_while_paused = ingest.quiet()
+        ingest.resume()
+        return quiet_while_paused, ingest.quiet()
+
+    quiet_while_paused, quiet_after = ingest._loop.run_until_complete(paused_then_resumed())
+    stop = threading.Event()
+    stop.set()
+    ingest.run(pipeline, stop)
+    assert quiet_while_paused
+    assert not quiet_after, "resumed: the silence before counts for nothing"

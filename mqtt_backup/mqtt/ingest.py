@@ -252,10 +252,15 @@ class PahoIngest(LoopIngest):
             self._paused = True
 
     def resume(self) -> None:
-        """Read again, and what TLS holds decrypted already."""
+        """Read again, and what TLS holds decrypted already; the silence before counts for nothing.
+
+        (A `quiet()` reader lets the housekeeping mark the bridge caught up, while the socket may
+        hold a window of what the broker sent meanwhile.)
+        """
         if self._paused and self._sock is not None and self._loop is not None:
             self._loop.add_reader(self._sock, self._on_readable)
             self._paused = False
+            self._heard_at = time.monotonic()
         self._read_what_tls_holds()
 
     def _read_what_tls_holds(self) -> None:
