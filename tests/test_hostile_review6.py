@@ -40,7 +40,7 @@ def test_paho_keeps_its_connection_while_reading_is_paused_past_the_keepalive(
     pipeline = _pipeline(store, faults, ingest.ack, batch_max=20)  # holds 200 at most
     ingest.connect(pipeline, [])
     sent = [Sent(f"devices/{unique}/t", b"%04d" % i + b"x" * 1000, qos=0) for i in range(2000)]
-    with Running(ingest, pipeline):  # type: ignore[arg-type]
+    with Running(ingest, pipeline):
         publish(broker, sent)
         wait_until(lambda: ingest.paused, 20, "reading to pause")
         retried = faults.calls["write_failed"]
