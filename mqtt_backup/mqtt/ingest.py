@@ -87,6 +87,7 @@ class PahoIngest(LoopIngest):
         self._sock: socket.socket | None = None  # the socket the loop watches
         self._paused = False
         self._heard_at = 0.0  # monotonic: the last read
+        self._publishes = 0  # PUBLISH packets paho handed over (a loop_read that read one)
         self._failure: BaseException | None = None  # raised inside a paho callback: a bug
         self._client = self._make_client()
 
@@ -144,6 +145,7 @@ class PahoIngest(LoopIngest):
         self._connection_lost(str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self._publishes += 1
         if self.sink is None:
             return
         props = _paho_properties(msg.properties)
@@ -211,17 +213,22 @@ class PahoIngest(LoopIngest):
         """Read while the socket has data and the batch has room; then commit (or hold) it.
 
         The end of these reads is DESIGN section 3's "nothing more to read": the batch closes.
+        A `loop_read` reads one packet at most, and says success whether it read one or found
+        the socket empty: after one that handed over a PUBLISH, the next read asks the socket
+        itself (an empty one raises EAGAIN inside paho: one `recv`); only a read that handed
+        over none is followed by the emptiness test (a select per packet cost more than that).
         """
         sink = self.sink
         if self._paused or self._sock is None or sink is None:
             return
         try:
             while True:
+                publishes = self._publishes
                 rc = self._client.loop_read()
                 if rc != _SUCCESS:
                     self._connection_lost(paho.error_string(rc))
                     return
-                if sink.full() or not self._readable():
+                if sink.full() or (self._publishes == publishes and not self._readable()):
                     break
         except Exception as exc:  # noqa: BLE001 - raised in a callback of ours: `run` raises it
             self._failure = exc
