@@ -74,6 +74,27 @@ def _is_replay(props: Properties | None) -> bool:
     return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
 
 
+class _Client(paho.Client):
+    """paho's client, with the PUBLISH packets the bridge sees every time decoded by `take`.
+
+    paho turns each PUBLISH into an `MQTTMessage`, on MQTT 5 with a `Properties` object (dozens
+    of dict entries built per packet), and dispatches it through its topic matcher under two
+    locks: 3/4 of the transport's CPU on MQTT 5, half on 3.1.1 (docs/design-notes.md, "Ingest
+    transport"). `take(header, body)` gets the packet (after paho's framing: `_in_packet`) and
+    says whether it took it; what it leaves (properties, QoS 2, anything odd) goes paho's way.
+    `_handle_publish` and `_in_packet` are paho's internals (1.x to 2.2):
+    tests/test_paho_publish.py pins them.
+    """
+
+    take: Callable[[int, bytearray], bool] | None = None
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        packet = self._in_packet
+        if self.take is not None and self.take(packet["command"], packet["packet"]):
+            return _SUCCESS
+        return super()._handle_publish()
+
+
 class PahoIngest(LoopIngest):
     """Ingest transport on paho-mqtt: persistent session, QoS 1, manual acks after the sync."""
 
@@ -89,11 +110,12 @@ class PahoIngest(LoopIngest):
         self._heard_at = 0.0  # monotonic: the last read
         self._publishes = 0  # PUBLISH packets paho handed over (a loop_read that read one)
         self._failure: BaseException | None = None  # raised inside a paho callback: a bug
+        self._v5 = self._is_v5()
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
         v5 = self._is_v5()
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.session.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -111,6 +133,7 @@ class PahoIngest(LoopIngest):
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.take = self._take_publish
         client.on_disconnect = self._on_disconnect
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -153,6 +176,28 @@ class PahoIngest(LoopIngest):
         record = Record(msg.topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), props)
         token = (self._generation, msg.mid, msg.qos) if msg.qos else None
         self.sink.offer(record, token, _is_replay(props))
+
+    def _take_publish(self, header: int, body: bytearray) -> bool:
+        """A QoS 0/1 PUBLISH without properties, straight to the sink; False: paho decodes it.
+
+        What `_on_message` makes of paho's message, without paho's objects: the same record.
+        """
+        qos = (header >> 1) & 3
+        end = 2 + int.from_bytes(body[:2], "big")  # after the topic
+        start = end + (2 if qos else 0) + (1 if self._v5 else 0)  # the payload's
+        if qos > 1 or end == 2 or len(body) < start or (self._v5 and body[start - 1] != 0):
+            return False  # QoS 2, no topic, too short, properties: paho's way (and its errors)
+        try:
+            topic = body[2:end].decode()
+        except UnicodeDecodeError:
+            return False
+        self._publishes += 1
+        sink = self.sink
+        if sink is not None:
+            record = Record(topic, bytes(body[start:]), qos, bool(header & 1), bool(header & 8))
+            mid = int.from_bytes(body[end : end + 2], "big")
+            sink.offer(record, (self._generation, mid, qos) if qos else None)
+        return True
 
     # ---- the socket on the loop (paho's external-loop callbacks) ----------------------------
     #
