@@ -79,11 +79,11 @@ class _Client(paho.Client):
 
     paho turns each PUBLISH into an `MQTTMessage`, on MQTT 5 with a `Properties` object (dozens
     of dict entries built per packet), and dispatches it through its topic matcher under two
-    locks: 3/4 of the transport's CPU on MQTT 5, half on 3.1.1 (docs/design-notes.md, "Ingest
-    transport"). `take(header, body)` gets the packet (after paho's framing: `_in_packet`) and
-    says whether it took it; what it leaves (properties, QoS 2, anything odd) goes paho's way.
-    `_handle_publish` and `_in_packet` are paho's internals (1.x to 2.2):
-    tests/test_paho_publish.py pins them.
+    locks: two thirds of the transport's CPU on MQTT 5, half on 3.1.1 (docs/design-notes.md,
+    "Where the paho transport's time went"). `take(header, body)` gets the packet paho framed
+    (`_in_packet`) and says whether it took it; what it leaves (properties, QoS 2, anything
+    odd) goes paho's way. `_handle_publish` and `_in_packet` are paho's internals (the same
+    since 1.x): tests/test_paho_publish.py pins them.
     """
 
     take: Callable[[int, bytearray], bool] | None = None
