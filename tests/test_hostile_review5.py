@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -469,8 +469,14 @@ def _record_acks(
         acked.append(mid)
         return ack(mid, qos)
 
+    def acking_all(mids: Sequence[int]) -> None:  # a batch's PUBACKs, in one write
+        acked.extend(mids)
+        puback_all(mids)
+
+    puback_all = client.puback_all
     monkeypatch.setattr(pipeline, "offer", receiving)
     monkeypatch.setattr(client, "ack", acking)
+    monkeypatch.setattr(client, "puback_all", acking_all)
     return received, acked
 
 

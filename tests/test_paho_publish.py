@@ -108,3 +108,62 @@ def test_paho_transport_stores_the_records_paho_decoded(
     assert [m.record for m in read_all(data_dir)[unique]] == expected
     # The retained message stays on the broker for other tests' subscriptions otherwise.
     publish(broker, [Sent(f"{topic}/d", b"", retain=True)])
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_puback_all_acknowledges_a_batch_in_one_write(
+    broker: Broker, unique: str, protocol: str
+) -> None:
+    """The broker takes the PUBACKs of one `puback_all`: none of those comes again."""
+    got: list[int] = []
+    subscribed: list[int] = []
+
+    def session() -> _Client:
+        client = _Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{unique}-acks",
+            protocol=PROTOCOLS[protocol],
+            clean_session=False if protocol == "3.1.1" else None,
+            manual_ack=True,
+        )
+        client.on_message = lambda _c, _u, msg: got.append(msg.mid)
+        client.on_subscribe = lambda _c, _u, mid, _codes, _p: subscribed.append(mid)
+        if protocol == "5":
+            props = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 60
+            client.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
+        else:
+            client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        return client
+
+    first = session()
+    first.subscribe(f"devices/{unique}/#", qos=1)
+    wait_until(lambda: bool(subscribed), 10, "the SUBACK")
+    publish(broker, [Sent(f"devices/{unique}/t", f"m{i}".encode()) for i in range(30)])
+    wait_until(lambda: len(got) == 30, 10, "thirty messages, none acknowledged")
+    first.puback_all(got)
+    wait_until(lambda: not first.want_write(), 10, "the PUBACKs written")
+    first.disconnect()
+    first.loop_stop()
+    got.clear()
+    second = session()
+    publish(broker, [Sent(f"devices/{unique}/t", b"after")])
+    wait_until(lambda: len(got) == 1, 10, "the message published after the reconnect")
+    second.ack(got[0], 1)
+    second.disconnect()
+    second.loop_stop()
+    assert len(got) == 1, "none of the thirty came again"
+
+
+def test_puback_all_queues_the_bytes_of_pahos_acks_as_one_packet() -> None:
+    """Not connected, paho keeps what is queued: one packet, paho's PUBACKs back to back."""
+    mids = [1, 300, 65535, 2]
+    ours = _Client(CallbackAPIVersion.VERSION2, manual_ack=True)
+    ours.puback_all(mids)
+    pahos = paho.Client(CallbackAPIVersion.VERSION2, manual_ack=True)
+    for mid in mids:
+        pahos.ack(mid, 1)
+    assert [p["packet"] for p in ours._out_packet] == [
+        b"".join(p["packet"] for p in pahos._out_packet)
+    ]

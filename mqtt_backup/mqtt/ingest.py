@@ -20,6 +20,7 @@ import contextlib
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from mqtt_backup.records import Properties, Record
 FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
 _T = TypeVar("_T")
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_PUBACK = struct.Struct(">BBH")  # type, remaining length 2, packet id: paho's PUBACK (no reason)
 
 
 def _paho_properties(props: Any) -> Properties | None:
@@ -82,8 +84,10 @@ class _Client(paho.Client):
     locks: two thirds of the transport's CPU on MQTT 5, half on 3.1.1 (docs/design-notes.md,
     "Where the paho transport's time went"). `take(header, body)` gets the packet paho framed
     (`_in_packet`) and says whether it took it; what it leaves (properties, QoS 2, anything
-    odd) goes paho's way. `_handle_publish` and `_in_packet` are paho's internals (the same
-    since 1.x): tests/test_paho_publish.py pins them.
+    odd) goes paho's way. `puback_all` queues a batch's PUBACKs as one packet of paho's output
+    queue (paho's `ack` queues one each, and sends each in a syscall of its own).
+    `_handle_publish`, `_in_packet` and `_packet_queue` are paho's internals (the same since
+    1.x): tests/test_paho_publish.py pins them.
     """
 
     take: Callable[[int, bytearray], bool] | None = None
@@ -93,6 +97,11 @@ class _Client(paho.Client):
         if self.take is not None and self.take(packet["command"], packet["packet"]):
             return _SUCCESS
         return super()._handle_publish()
+
+    def puback_all(self, mids: Sequence[int]) -> None:
+        """PUBACKs for `mids` in this order, queued as one write (paho's `ack`: a `send` each)."""
+        acks = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
+        self._packet_queue(paho.PUBACK, acks, 0, 1)
 
 
 class PahoIngest(LoopIngest):
@@ -113,7 +122,7 @@ class PahoIngest(LoopIngest):
         self._v5 = self._is_v5()
         self._client = self._make_client()
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _Client:
         v5 = self._is_v5()
         client = _Client(
             CallbackAPIVersion.VERSION2,
@@ -492,13 +501,16 @@ class PahoIngest(LoopIngest):
         """
         client = self._client
         generation = self._generation
-        sent = False
-        for token in tokens:
-            gen, mid, qos = cast("tuple[int, int, int]", token)
-            if gen == generation:
+        acks = [cast("tuple[int, int, int]", token) for token in tokens]
+        mine = [(mid, qos) for gen, mid, qos in acks if gen == generation]
+        if not mine:
+            return
+        if all(qos == 1 for _, qos in mine):
+            client.puback_all([mid for mid, _ in mine])  # one write for the batch
+        else:  # QoS 2 (never on the bridge's QoS 1 subscriptions): paho's PUBCOMPs
+            for mid, qos in mine:
                 client.ack(mid, qos)
-                sent = True
-        if sent and self._sock is not None:
+        if self._sock is not None:
             client.loop_write()
 
     def _connection_lost(self, why: str) -> None:
