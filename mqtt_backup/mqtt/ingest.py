@@ -123,7 +123,7 @@ class PahoIngest(LoopIngest):
         self._client = self._make_client()
 
     def _make_client(self) -> _Client:
-        v5 = self._is_v5()
+        v5 = self._v5
         client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.session.client_id,
