@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -448,26 +448,35 @@ def test_no_commit_comes_between_the_units_of_a_prune_that_frees_a_full_disk(
 def _record_acks(
     bridge: BridgeThread, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[int], list[int]]:
-    """Packet ids of this test's messages as paho receives them, and of every ack it sends."""
+    """Packet ids of this test's messages as the transport offers them, and of every ack sent.
+
+    Offered, not paho's on_message: the transport decodes plain PUBLISH packets itself.
+    """
     transport = bridge.bridge._transport
     assert isinstance(transport, PahoIngest)
     client = transport._client
+    pipeline = bridge.bridge.pipeline
     received: list[int] = []
     acked: list[int] = []
-    on_message, ack = client.on_message, client.ack
-    assert on_message is not None
+    offer, ack = pipeline.offer, client.ack
 
-    def receiving(c: Any, userdata: Any, msg: Any) -> None:  # on the loop
-        if unique in msg.topic:
-            received.append(msg.mid)
-        on_message(c, userdata, msg)
+    def receiving(record: Any, token: Any, replayed: bool = False) -> None:  # on the loop
+        if unique in record.topic:
+            received.append(token[1])
+        offer(record, token, replayed)
 
     def acking(mid: int, qos: int) -> Any:
         acked.append(mid)
         return ack(mid, qos)
 
-    client.on_message = receiving
+    def acking_all(mids: Sequence[int]) -> None:  # a batch's PUBACKs, in one write
+        acked.extend(mids)
+        puback_all(mids)
+
+    puback_all = client.puback_all
+    monkeypatch.setattr(pipeline, "offer", receiving)
     monkeypatch.setattr(client, "ack", acking)
+    monkeypatch.setattr(client, "puback_all", acking_all)
     return received, acked
 
 

@@ -21,6 +21,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the half-close: until the broker closes
 _T = TypeVar("_T")
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_PUBACK = struct.Struct(">BBH")  # type, remaining length 2, packet id: paho's PUBACK (no reason)
 
 
 def _paho_properties(props: Any) -> Properties | None:
@@ -76,6 +78,34 @@ def _is_replay(props: Properties | None) -> bool:
     return props is not None and any(k == REPLAY_PROPERTY for k, _ in props.user)
 
 
+class _Client(paho.Client):
+    """paho's client, with the PUBLISH packets the bridge sees every time decoded by `take`.
+
+    paho turns each PUBLISH into an `MQTTMessage`, on MQTT 5 with a `Properties` object (dozens
+    of dict entries built per packet), and dispatches it through its topic matcher under two
+    locks: two thirds of the transport's CPU on MQTT 5, half on 3.1.1 (docs/design-notes.md,
+    "Where the paho transport's time went"). `take(header, body)` gets the packet paho framed
+    (`_in_packet`) and says whether it took it; what it leaves (properties, QoS 2, anything
+    odd) goes paho's way. `puback_all` queues a batch's PUBACKs as one packet of paho's output
+    queue (paho's `ack` queues one each, and sends each in a syscall of its own).
+    `_handle_publish`, `_in_packet` and `_packet_queue` are paho's internals (the same since
+    1.x): tests/test_paho_publish.py pins them.
+    """
+
+    take: Callable[[int, bytearray], bool] | None = None
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        packet = self._in_packet
+        if self.take is not None and self.take(packet["command"], packet["packet"]):
+            return _SUCCESS
+        return super()._handle_publish()
+
+    def puback_all(self, mids: Sequence[int]) -> None:
+        """PUBACKs for `mids` in this order, queued as one write (paho's `ack`: a `send` each)."""
+        acks = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
+        self._packet_queue(paho.PUBACK, acks, 0, 1)
+
+
 class PahoIngest(LoopIngest):
     """Ingest transport on paho-mqtt: persistent session, QoS 1, manual acks after the sync."""
 
@@ -89,14 +119,16 @@ class PahoIngest(LoopIngest):
         self._sock: socket.socket | None = None  # the socket the loop watches
         self._paused = False
         self._heard_at = 0.0  # monotonic: the last read
+        self._publishes = 0  # PUBLISH packets paho handed over (a loop_read that read one)
         self._failure: BaseException | None = None  # raised inside a paho callback: a bug
         self._leaving = False  # the goodbye: the socket paho closes is kept and half-closed
         self._kept: socket.socket | None = None  # that socket, until the broker closes
+        self._v5 = self._is_v5()
         self._client = self._make_client()
 
-    def _make_client(self) -> paho.Client:
-        v5 = self._is_v5()
-        client = paho.Client(
+    def _make_client(self) -> _Client:
+        v5 = self._v5
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.session.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -114,6 +146,7 @@ class PahoIngest(LoopIngest):
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.take = self._take_publish
         client.on_disconnect = self._on_disconnect
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -148,6 +181,7 @@ class PahoIngest(LoopIngest):
         self._connection_lost(str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self._publishes += 1
         if self.sink is None:
             return
         props = _paho_properties(msg.properties)
@@ -155,6 +189,28 @@ class PahoIngest(LoopIngest):
         record = Record(msg.topic, payload, msg.qos, bool(msg.retain), bool(msg.dup), props)
         token = (self._generation, msg.mid, msg.qos) if msg.qos else None
         self.sink.offer(record, token, _is_replay(props))
+
+    def _take_publish(self, header: int, body: bytearray) -> bool:
+        """A QoS 0/1 PUBLISH without properties, straight to the sink; False: paho decodes it.
+
+        What `_on_message` makes of paho's message, without paho's objects: the same record.
+        """
+        qos = (header >> 1) & 3
+        end = 2 + int.from_bytes(body[:2], "big")  # after the topic
+        start = end + (2 if qos else 0) + (1 if self._v5 else 0)  # the payload's
+        if qos > 1 or end == 2 or len(body) < start or (self._v5 and body[start - 1] != 0):
+            return False  # QoS 2, no topic, too short, properties: paho's way (and its errors)
+        try:
+            topic = body[2:end].decode()
+        except UnicodeDecodeError:
+            return False
+        self._publishes += 1
+        sink = self.sink
+        if sink is not None:
+            record = Record(topic, bytes(body[start:]), qos, bool(header & 1), bool(header & 8))
+            mid = int.from_bytes(body[end : end + 2], "big")
+            sink.offer(record, (self._generation, mid, qos) if qos else None)
+        return True
 
     # ---- the socket on the loop (paho's external-loop callbacks) ----------------------------
     #
@@ -217,17 +273,22 @@ class PahoIngest(LoopIngest):
         """Read while the socket has data and the batch has room; then commit (or hold) it.
 
         The end of these reads is DESIGN section 3's "nothing more to read": the batch closes.
+        A `loop_read` reads one packet at most, and says success whether it read one or found
+        the socket empty: after one that handed over a PUBLISH, the next read asks the socket
+        itself (an empty one raises EAGAIN inside paho: one `recv`); only a read that handed
+        over none is followed by the emptiness test (a select per packet cost more than that).
         """
         sink = self.sink
         if self._paused or self._sock is None or sink is None:
             return
         try:
             while True:
+                publishes = self._publishes
                 rc = self._client.loop_read()
                 if rc != _SUCCESS:
                     self._connection_lost(paho.error_string(rc))
                     return
-                if sink.full() or not self._readable():
+                if sink.full() or (self._publishes == publishes and not self._readable()):
                     break
         except Exception as exc:  # noqa: BLE001 - raised in a callback of ours: `run` raises it
             self._failure = exc
@@ -457,13 +518,16 @@ class PahoIngest(LoopIngest):
         """
         client = self._client
         generation = self._generation
-        sent = False
-        for token in tokens:
-            gen, mid, qos = cast("tuple[int, int, int]", token)
-            if gen == generation:
+        acks = [cast("tuple[int, int, int]", token) for token in tokens]
+        mine = [(mid, qos) for gen, mid, qos in acks if gen == generation]
+        if not mine:
+            return
+        if all(qos == 1 for _, qos in mine):
+            client.puback_all([mid for mid, _ in mine])  # one write for the batch
+        else:  # QoS 2 (never on the bridge's QoS 1 subscriptions): paho's PUBCOMPs
+            for mid, qos in mine:
                 client.ack(mid, qos)
-                sent = True
-        if sent and self._sock is not None:
+        if self._sock is not None:
             client.loop_write()
 
     def _connection_lost(self, why: str) -> None:
