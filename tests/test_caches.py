@@ -22,7 +22,7 @@ from mqtt_backup.placement import place
 from mqtt_backup.records import Record, stored_flags
 from mqtt_backup.storage import Pending, Store, StoreReader
 from mqtt_backup.storage import partition as partition_mod
-from mqtt_backup.storage.cache import FifoCache, RecentCache
+from mqtt_backup.storage.cache import FifoCache
 from mqtt_backup.topics import Router, parse_template
 from tests.conftest import examples
 
@@ -31,7 +31,7 @@ INDEX_BOUND = 16
 
 
 def test_cache_never_holds_more_than_its_size() -> None:
-    cache: RecentCache[int, str] = RecentCache(10)
+    cache: FifoCache[int, str] = FifoCache(10)
     for n in range(1000):
         cache.put(n, str(n))
         assert len(cache) <= 10
@@ -39,37 +39,9 @@ def test_cache_never_holds_more_than_its_size() -> None:
     assert cache.get(0) is None
 
 
-def test_cache_keeps_what_is_used_and_drops_what_is_not() -> None:
-    cache: RecentCache[int, int] = RecentCache(8)
-    cache.put(-1, -1)
-    for n in range(100):
-        cache.put(n, n)
-        assert cache.get(-1) == -1  # used all along: never evicted
-    assert cache.get(50) is None
-    cache.put(-1, 7)  # replaced, not duplicated
-    assert cache.get(-1) == 7
-    cache.pop(-1)
-    assert cache.get(-1) is None
-    assert len(cache) <= 8
-
-
-def test_put_all_is_put_of_each_entry() -> None:
-    cache: RecentCache[int, int] = RecentCache(8)
-    for n in range(6):  # 4 and 5 in the current generation, 0-3 in the previous one
-        cache.put(n, n)
-    cache.put_all({1: 10, 4: 40})  # fits the current generation: one update
-    assert dict(cache.items()) == {0: 0, 1: 10, 2: 2, 3: 3, 4: 40, 5: 5}
-    assert (cache.get(1), cache.get(4)) == (10, 40)  # not the previous generation's 1
-    cache.pop(1)
-    assert cache.get(1) is None  # no stale copy left behind
-    cache.put_all({n: -n for n in range(100, 110)})  # more than a generation: its last half
-    assert len(cache) <= 8
-    assert [cache.get(n) for n in (106, 107, 108, 109)] == [-106, -107, -108, -109]
-
-
 def test_cache_size_must_leave_room() -> None:
     with pytest.raises(ValueError, match="room for 2"):
-        RecentCache[int, int](1)
+        FifoCache[int, int](1)
 
 
 @pytest.fixture
@@ -257,30 +229,6 @@ def test_the_route_map_stays_within_its_budget_whatever_the_ids_characters(
     assert held <= budget, f"{held / budget:.2f}x the budget"
 
 
-def test_put_all_that_does_not_fit_turns_a_generation_at_once() -> None:
-    cache: RecentCache[int, int] = RecentCache(8)
-    for n in range(3):  # the current generation holds 0-2, with room for one more
-        cache.put(n, n)
-    cache.put_all({10: 10, 11: 11})  # does not fit: 0-2 become the previous generation
-    assert dict(cache.items()) == {0: 0, 1: 1, 2: 2, 10: 10, 11: 11}
-    cache.put_all({20: 20, 21: 21, 22: 22})  # turns again: 0-2 go, 10 and 11 stay
-    assert dict(cache.items()) == {10: 10, 11: 11, 20: 20, 21: 21, 22: 22}
-    assert cache.get(0) is None
-    assert cache.get(10) == 10
-
-
-def test_put_all_of_more_than_a_generation_leaves_no_stale_entry_behind() -> None:
-    # A commit that touches more devices than half the cache keeps only the last ones it touched;
-    # the figures of a device among the first ones must not be read back from an older
-    # generation (the next commit of that device would write a stale index entry back).
-    cache: RecentCache[int, int] = RecentCache(8)
-    cache.put_all({1: 10})
-    cache.put_all({1: 11, 2: 2, 3: 3, 4: 4, 5: 5})  # 1 is among the first: not kept
-    assert cache.get(1) in (None, 11)
-    assert [cache.get(n) for n in (2, 3, 4, 5)] == [2, 3, 4, 5]
-    assert len(cache) <= 8
-
-
 def test_a_commit_of_more_devices_than_half_the_cache_keeps_every_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,33 +258,10 @@ _CACHE_OPS = st.lists(
 
 @settings(max_examples=examples(500), deadline=None)
 @given(size=st.integers(2, 12), ops=_CACHE_OPS)
-def test_the_cache_answers_the_latest_value_or_nothing(
-    size: int, ops: list[tuple[str, int | list[int]]]
-) -> None:
-    """Whatever the puts, put_alls, gets and pops: never an older value of a key, never too many."""
-    cache: RecentCache[int, int] = RecentCache(size)
-    latest: dict[int, int] = {}
-    for step, (op, arg) in enumerate(ops):
-        if isinstance(arg, list):
-            cache.put_all(dict.fromkeys(arg, step))
-            latest.update(dict.fromkeys(arg, step))
-        elif op == "put":
-            cache.put(arg, step)
-            latest[arg] = step
-        elif op == "get":
-            assert cache.get(arg) in (None, latest.get(arg))
-        else:
-            cache.pop(arg)
-            latest.pop(arg, None)
-        assert len(cache) <= size
-
-
-@settings(max_examples=examples(500), deadline=None)
-@given(size=st.integers(2, 12), ops=_CACHE_OPS)
 def test_the_fifo_cache_answers_the_latest_value_or_nothing(
     size: int, ops: list[tuple[str, int | list[int]]]
 ) -> None:
-    """As `RecentCache` must: never an older value of a key, never more entries than its size."""
+    """Whatever the puts, put_alls, gets and pops: never an older value of a key, never too many."""
     cache: FifoCache[int, int] = FifoCache(size)
     latest: dict[int, int] = {}
     for step, (op, arg) in enumerate(ops):
