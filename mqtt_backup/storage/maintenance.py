@@ -125,7 +125,6 @@ def snapshot(store: Store, dest: Path) -> Snapshot:
     for spec in store.manifest.partitions:
         relative = f"partitions/{spec.name}"
         store.partitions[spec.name].checkpoint(dest / relative)
-        store.on_progress()
         specs.append(PartitionSpec(spec.name, relative, spec.weight))
     for name in (GAPS, STATE):
         if (store.data_dir / name).exists():
@@ -199,7 +198,6 @@ def pruning(
             if removal.count:
                 devices.append(_removed(entry.device_id, removal))
                 deleted.append(dev_key)
-            store.on_progress()
             if budget.spend(removal.count):
                 yield
         if store.freeing_space:

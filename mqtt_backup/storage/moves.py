@@ -356,7 +356,6 @@ def _copy(
             _sync(store, dirty)
             units += 1
             yield
-        store.on_progress()
         if full:
             _sync(store, dirty)
             units += 1
@@ -383,7 +382,6 @@ def _merge(store: Store, move: Move, budget: Budget) -> Units[None]:
         target.sync()
         yield
     store.partitions[move.target].reindex(move.dev_key, move.device)
-    store.on_progress()
 
 
 def _drop(store: Store, moves: list[Move]) -> Units[None]:
@@ -400,7 +398,6 @@ def _delete_copy(store: Store, move: Move, budget: Budget, dirty: set[str]) -> b
     """Delete (unsynced) what a move left at its source; whether that spent the unit's budget."""
     removal = store.partitions[move.source].delete_device_range(move.dev_key, sync=False)
     dirty.add(move.source)
-    store.on_progress()
     return budget.spend(removal.count)
 
 

@@ -145,9 +145,6 @@ class Store:
         self.created_layout = False
         self._found: frozenset[str] = frozenset()  # what the directory held before this open
         self._holds_umask = False
-        # Called between the units of a long operation (a device moved, a partition copied), so
-        # a running bridge can answer keepalives meanwhile.
-        self.on_progress: Callable[[], None] = _nothing
         # Reads through these handles (LiveReader) hold it shared; opening or closing them holds
         # it exclusive. `opened` counts the opens: a fallback reader knows when it is stale.
         self.lease = Lease()
@@ -528,10 +525,6 @@ def _create_partition_dir(name: str, path: Path, mark: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     making.rename(path)
     fsync_dir(path.parent)
-
-
-def _nothing() -> None:
-    return None
 
 
 # Stands for "no manifest yet": Store.open then lays out a new data directory.
