@@ -173,9 +173,11 @@ do not edit it by hand). Every figure is measured beside its reference in the sa
 same broker, and the ratio is the figure that counts: absolute rates move with the machine.
 
 - ingest: the same preloaded queue (QoS 1, a persistent session filled while the consumer was
-  away) drained by `mosquitto_sub -c -q 1` and by the bridge into durable storage, read from the
-  broker's side (`$SYS/broker/store/messages/count` every second, a line fitted through the
-  samples inside the drain). CPU seconds per 100k messages from /proc/<pid>/stat over the drain.
+  away) drained by `mosquitto_sub -c -q 1` and by the bridge into durable storage, each on a
+  fresh broker of the same config (since 2026-11-30; before, the bridge drained second on the
+  reference's broker), read from the broker's side (`$SYS/broker/store/messages/count` every
+  second, a line fitted through the samples inside the drain). CPU seconds per 100k messages
+  from /proc/<pid>/stat over the drain.
 - live ingest: a publisher at a fixed offered rate; publish-to-stored times from the bridge's
   stored count (metrics endpoint, read every 10 ms) against the publisher's send times.
 - restore: one device's messages to `mosquitto_sub -q 1`, vs the relay ceiling: a pre-encoded
