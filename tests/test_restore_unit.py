@@ -1232,6 +1232,31 @@ def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: L
     assert payloads(stream(own_reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
 
 
+def test_a_restore_without_until_ends_at_what_was_stored_when_it_began(
+    own_store: Store, own_reader: LiveReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read to whatever was last, the restore of a device sending faster than it was read never
+    # ended: here a new message of dev-1 arrives with every chunk read (up to 300 of them).
+    monkeypatch.setattr(restore_module, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(restore_module, "CHUNK", 2)
+    real, arrived = own_reader.read_rows, [0]
+
+    def read_while_dev1_sends(cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
+        rows = real(cursor, limit)
+        if arrived[0] < 300:
+            arrived[0] += 1
+            late = Record("devices/dev-1/late", b"%d" % arrived[0])
+            write(own_store, "dev-1", [(BASE_NS + (200 + arrived[0]) * SEC, late)])
+        return rows
+
+    monkeypatch.setattr(own_reader, "read_rows", read_while_dev1_sends)
+    assert [b["topic"] for b in stream(own_reader, {})] == [r.topic for r in DEV1]
+    assert 1 < arrived[0] < 300  # messages did arrive during the restore
+    last_arrived = b"%d" % arrived[0]
+    newest_first = stream(own_reader, {"order": "desc", "limit": 1})
+    assert payloads(newest_first) == [last_arrived]  # ...and were stored
+
+
 def _slow_scan_of_dev1(reader: LiveReader, monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
     """Fault injection: dev-1's history reads as `rounds` copies of itself, each record slow.
 

@@ -87,8 +87,13 @@ class Cursor:
 def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
     """The next (up to) `limit` (key, stored bytes) of the cursor's device in `part`; moves it.
 
-    The chunk also ends once its values reach CHUNK_BYTES (one record at least).
+    The chunk also ends once its values reach CHUNK_BYTES (one record at least). An open end
+    is fixed at the first read (`_fix_open_end`).
     """
+    if cursor.until_ns is None and not cursor.reverse and cursor.after is None:
+        _fix_open_end(part, cursor)
+        if cursor.done:
+            return []
     rows = part.read_range(
         device_key(cursor.device),
         cursor.since_ns,
@@ -103,6 +108,22 @@ def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes,
     if rows:
         cursor.after = rows[-1][0]
     return rows
+
+
+def _fix_open_end(part: Partition, cursor: Cursor) -> None:
+    """End an oldest-first read without `until` after the device's last message stored now.
+
+    Read to whatever is last, a read of a device that sends faster than it is read would never
+    end. A device's receive times only grow (its partition's clock is strictly monotonic, and a
+    move raises the new partition's clock to the device's last time), so every message stored
+    before this read is below the bound, and every later one at or above it. Newest first needs
+    no bound: it starts at the top and reads away from what arrives.
+    """
+    last = part.read_range(device_key(cursor.device), cursor.since_ns, None, True, None, 1)
+    if last:
+        cursor.until_ns = split_key(last[0][0])[1] + 1
+    else:
+        cursor.done = True  # nothing in the window yet: nothing arrived before the request
 
 
 def _messages(device: str, rows: list[tuple[bytes, bytes]]) -> list[StoredMessage]:
