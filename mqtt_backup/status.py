@@ -351,8 +351,10 @@ class ClientIdCheck:
                 await _wait_while_held(conn, self.identity, members, self._keepalive)
                 return
         except BrokerError:
-            if not self._until.is_set():
-                raise  # the broker cannot be reached: the same error as checking at connect
+            if not self._until.is_set() or not self.read.is_set():
+                # The broker cannot be reached, or never answered: the same error as checking
+                # at connect (asking again would only double the wait for a silent broker).
+                raise
         await wait_for_client_id(self._target, self.identity, self._keepalive)
 
     def _main(self) -> None:

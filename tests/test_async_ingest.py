@@ -25,7 +25,8 @@ from mqtt_backup.bridge import Bridge
 from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable, ConfigError
 from mqtt_backup.ingest import AckCallback, CommitPipeline
-from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session
+from mqtt_backup.mqtt import AsyncIngest, PahoIngest, Session, async_ingest
+from mqtt_backup.mqtt import ingest as paho_ingest
 from mqtt_backup.mqtt.loop_ingest import LoopIngest
 from mqtt_backup.mqtt.session import REPLAY_PROPERTY
 from mqtt_backup.storage import Pending, Store
@@ -708,3 +709,40 @@ def test_nothing_after_a_failure_in_one_read_is_offered(store: Store, data_dir: 
             wait_until(lambda: pipeline.pending == 0, 20, "what was offered to be stored")
     stored = [m.record.payload for m in read_all(data_dir).get("d1", [])]
     assert stored == [b"before"]
+
+
+@pytest.mark.parametrize("transport", [AsyncIngest, PahoIngest])
+def test_a_stop_while_a_reconnect_waits_for_the_connack_is_seen_at_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch, transport: type[LoopIngest]
+) -> None:
+    # Connection 0 is told to go; connection 1 is closed right behind its SUBACK; connection 2's
+    # CONNECT is never answered. Before: paho took connection 1 for up (its disconnect came
+    # while the handshake ran, and nothing looked again) and sat on a dead socket for good; and
+    # on either transport a stop waited for the whole CONNACK wait of connection 2 (SIGTERM took
+    # up to ~15 s). That wait is made far longer here than Running's patience, so only a stop
+    # seen during it passes.
+    monkeypatch.setattr(async_ingest, "CONNECT_TIMEOUT_S", 600.0)
+    monkeypatch.setattr(paho_ingest, "CONNECT_TIMEOUT_S", 600.0)
+
+    def script(conn: int, packet: mqtt5.Packet) -> Answer | None:
+        if conn == 0:
+            return accept()(conn, packet)
+        if conn == 1:
+            answer = accept()(conn, packet)
+            return (answer[0], True) if isinstance(packet, mqtt5.SubscribePacket) else answer
+        return None  # the CONNECT of every later connection goes unanswered
+
+    hooks = Hooks()
+    with FakeBroker(script) as broker:
+        session = Session(BrokerTarget(broker.address), "ingest-test", receive_maximum=100)
+        ingest = transport(session, ["devices/+/#"], hooks)
+        pipeline = _pipeline(store, Faults(), ingest.ack)
+        ingest.connect(pipeline, [])
+        with Running(ingest, pipeline):
+            going = mqtt5.DisconnectPacket(
+                reason_code=mqtt5.DisconnectReasonCode.SERVER_SHUTTING_DOWN
+            )
+            broker.push(0, going.write())
+            wait_until(lambda: len(broker.got) >= 3 and broker.got[2] != [], 20, "connection 2")
+    assert isinstance(broker.got[2][0], mqtt5.ConnectPacket)
+    assert len(broker.got) == 3

@@ -15,10 +15,11 @@ import pytest
 
 from mqtt_backup.config import BrokerAddress, BrokerTarget, ProtocolVersion, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, session, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from mqtt_backup.records import Properties
+from mqtt_backup.status import ClientIdCheck, Identity
 from tests.conftest import BRIDGE_PASSWORD, BRIDGE_USER, Broker
 from tools.devbroker import free_port
 
@@ -371,6 +372,31 @@ def test_a_silent_broker_is_noticed_by_the_keepalive() -> None:
 
     with pytest.raises(BrokerUnreachable, match="no answer for"):
         asyncio.run(scenario())
+
+
+def test_a_broker_that_never_answers_the_connect_gets_a_hint_and_one_try(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A port that takes TCP and says nothing (not an MQTT listener): the start-up's client-id
+    # check connected a second time after the first CONNACK wait ran out, and the one line said
+    # "no CONNACK ... in time" with nothing to try (20 s to that exit, not 10).
+    monkeypatch.setattr(codec, "CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(session, "CONNECT_TIMEOUT_S", 0.3)
+    connects: list[mqtt5.Packet] = []
+
+    async def silent(packet: mqtt5.Packet, _writer: asyncio.StreamWriter) -> None:
+        connects.append(packet)
+
+    async def scenario() -> None:
+        async with scripted_broker(silent) as address:
+            check = ClientIdCheck(address, Identity("backup", "bridge-1", None, None), 60)
+            await asyncio.to_thread(check.result)  # the store opened first, as it usually does
+
+    with pytest.raises(BrokerUnreachable) as caught:
+        asyncio.run(scenario())
+    assert "no CONNACK from" in caught.value.message()
+    assert "names an MQTT listener" in caught.value.message()
+    assert len(connects) == 1
 
 
 # ---- the MQTT 3.1.1 codec -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from mqtt_backup.mqtt.session import (
     Hooks,
     Session,
     describe,
+    no_answer,
     taken_over,
     tls_context,
 )
@@ -427,7 +428,7 @@ class AsyncIngest(LoopIngest):
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 return await asyncio.shield(future)
         except TimeoutError:
-            raise BrokerUnreachable(f"no {what} from {self.session.address} in time") from None
+            raise no_answer(self.session.address, what) from None
         except BrokerError as exc:
             if what == "CONNACK":
                 raise _not_mqtt(self.session.address, True, exc) from exc

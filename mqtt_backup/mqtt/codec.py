@@ -33,12 +33,11 @@ from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import v311
 from mqtt_backup.mqtt.packets import Outgoing, read5
-from mqtt_backup.mqtt.session import describe, tls_context
+from mqtt_backup.mqtt.session import CONNECT_TIMEOUT_S, describe, no_answer, tls_context
 from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
 DEFAULT_RECEIVE_MAX = 256
-CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 _MAX_PACKET_ID = 0xFFFF
 
@@ -478,7 +477,7 @@ class CodecConnection:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 connack = await wire.connack
         except TimeoutError:
-            raise BrokerUnreachable(f"no CONNACK from {self.address} in time") from None
+            raise no_answer(self.address, "CONNACK") from None
         except BrokerError as exc:
             raise _not_mqtt(self.address, self.mqtt5, exc) from exc
         if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:

@@ -47,6 +47,7 @@ from mqtt_backup.mqtt.session import (
     Hooks,
     Session,
     describe,
+    no_answer,
     taken_over,
     tls_context,
 )
@@ -377,7 +378,16 @@ class PahoIngest(LoopIngest):
         # A new connection voids the acks of the old one; count it before any packet is read.
         self._generation = sink.new_connection()
         self._unwatch(self._sock)  # paho's connect closes it, in the worker thread
-        await asyncio.to_thread(self._connect_blocking)
+        connecting = asyncio.ensure_future(asyncio.to_thread(self._connect_blocking))
+        try:
+            await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # A stop: paho's connect goes on in its thread (its connect timeout bounds it). It
+            # ends first, so that no socket opens behind the shutdown's back.
+            await asyncio.wait({connecting})
+            if not connecting.cancelled():
+                connecting.exception()  # looked at: the stop is what is raised
+            raise
         sock = self._client.socket()
         if not isinstance(sock, socket.socket):
             raise BrokerUnreachable(f"{self.session.address} closed the connection")
@@ -413,6 +423,10 @@ class PahoIngest(LoopIngest):
         gone = [f for f in known_filters if f not in self.filters]
         if gone and session_present:
             self._client.unsubscribe(gone)
+        if self._client.socket() is None:
+            # Closed right behind its SUBACK: paho's disconnect came while `_connected` was
+            # still False, so nothing else would ever notice (no reconnect, no reads: stuck).
+            raise BrokerUnreachable(f"{self.session.address} closed the connection after SUBACK")
         self._announce(online=True)
         self._connected = True
         self._hooks.connected(session_present, self.filters)
@@ -471,7 +485,7 @@ class PahoIngest(LoopIngest):
                 )
             left = deadline - self._loop.time()
             if left <= 0:
-                raise BrokerUnreachable(f"no {what} from {self.session.address} in time")
+                raise no_answer(self.session.address, what)
             self._news.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, TICK_S)):

@@ -359,7 +359,10 @@ class LoopIngest(ABC):
                 await sleep_unless_stopped(max(self.stall.seconds_left(), 0.1), stop)
                 continue
             try:
-                await self._connect(sink, self.filters)
+                # A broker that takes TCP and then says nothing holds a handshake for its whole
+                # timeout: a stop must not wait for that (SIGTERM took up to ~15 s).
+                if await unless_stopped(self._connect(sink, self.filters), stop) is None:
+                    return
             except (OSError, BrokerError) as exc:  # ssl.SSLError is an OSError
                 delay = backoff.next()
                 log.warning(
@@ -423,6 +426,24 @@ def commit_now(sink: PipelinedSink) -> int:
     with contextlib.suppress(StorageUnavailable):
         sink.settle()
     return sink.commit()
+
+
+async def unless_stopped(work: Coroutine[Any, Any, _T], stop: threading.Event) -> _T | None:
+    """`work`'s result; None when `stop` is set first (then `work` is cancelled, and has ended)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            if stop.is_set():
+                task.cancel()
+                await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()  # looked at: asyncio does not log it as never retrieved
+                return None
+            await asyncio.wait({task}, timeout=TICK_S)
+    except BaseException:
+        task.cancel()  # we were cancelled ourselves: take the work down with us
+        raise
+    return task.result()
 
 
 async def sleep_unless_stopped(seconds: float, stop: threading.Event) -> None:

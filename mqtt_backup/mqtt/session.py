@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mqtt_backup.config import BrokerAddress, BrokerTarget, TlsFiles
-from mqtt_backup.errors import ConfigError, SessionTakenOver, StorageUnavailable
+from mqtt_backup.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    SessionTakenOver,
+    StorageUnavailable,
+)
 from mqtt_backup.mqtt.backoff import Backoff
 from mqtt_backup.records import Record
 from mqtt_backup.tally import TALLY
@@ -119,6 +124,15 @@ class Hooks(Protocol):
 
     def tick(self) -> None:
         """Called every loop turn, for periodic work."""
+
+
+def no_answer(address: BrokerAddress | str, what: str) -> BrokerUnreachable:
+    """The broker took the TCP connection, then said nothing: most often not an MQTT listener."""
+    return BrokerUnreachable(
+        f"no {what} from {address} within {CONNECT_TIMEOUT_S:g} s",
+        "check that --broker names an MQTT listener (mqtts:// for a TLS port; WebSocket "
+        "listeners are not supported) and that the broker is not overloaded",
+    )
 
 
 def describe(exc: BaseException) -> str:
