@@ -745,3 +745,25 @@ def test_a_stop_while_a_reconnect_waits_for_the_connack_is_seen_at_once(
             wait_until(lambda: len(broker.got) >= 3 and broker.got[2] != [], 20, "connection 2")
     assert isinstance(broker.got[2][0], mqtt5.ConnectPacket)
     assert len(broker.got) == 3
+
+
+@pytest.mark.parametrize("transport", [AsyncIngest, PahoIngest])
+def test_a_failed_reconnect_says_why_in_one_plain_line(
+    store: Store, caplog: pytest.LogCaptureFixture, transport: type[AsyncIngest | PahoIngest]
+) -> None:
+    # It said "broker mqtt://X unreachable (cannot reach the broker: mqtt://X: Connect call
+    # failed ('127.0.0.1', P)); retrying in 0.6s": the address three times, asyncio's words.
+    broker = FakeBroker(accept()).__enter__()
+    session = Session(BrokerTarget(broker.address), "ingest-test", receive_maximum=100)
+    ingest = transport(session, ["devices/+/#"], Hooks())
+    pipeline = _pipeline(store, Faults(), ingest.ack)
+    ingest.connect(pipeline, [])
+    with caplog.at_level(logging.WARNING), Running(ingest, pipeline):
+        going = mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.SERVER_SHUTTING_DOWN)
+        broker.push(0, going.write())
+        broker.__exit__(None, None, None)  # and nobody listens there any more
+        # (The first tries may still reach the closing listener: "closed the connection".)
+        wait_until(lambda: "Connection refused" in caplog.text, 20, "a refused reconnect")
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    said = f"cannot reach the broker: {broker.address}: Connection refused; retrying in "
+    assert line.startswith(said), line

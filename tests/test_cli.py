@@ -325,3 +325,15 @@ def test_forget_of_one_message_says_one_message(tmp_path: Path) -> None:
     result = invoke("forget", "dev-0000", "--data", str(data), "--dry-run")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("would delete 1 message ("), result.stdout
+
+
+def test_forget_of_a_device_not_stored_says_so(tmp_path: Path) -> None:
+    # A mistyped id answered "deleted 0 messages (0 bytes) of dev-9999", as if it had worked.
+    data = tmp_path / "data"
+    fill(data, devices=1, per_device=1)
+    result = invoke("forget", "dev-9999", "--data", str(data))
+    assert result.exit_code == 0, result.output  # forgetting twice is no error
+    assert result.stdout.strip() == (
+        "deleted 0 messages (0 bytes) of dev-9999: nothing of it is stored "
+        "(`mqtt-backup devices` lists the stored ids)"
+    )

@@ -133,6 +133,10 @@ def forget(
         f"{_verb(dry_run, 'deleted')} {output.count(result['messages'], 'message')} "
         f"({output.count(result['bytes'], 'byte')}) of {device}"
     )
+    if result["messages"] == 0:
+        # Still exit 0 (forgetting twice is no error), but a mistyped id must not look done.
+        when = " before that time" if before is not None else ""
+        text += f": nothing of it is stored{when} (`mqtt-backup devices` lists the stored ids)"
     _show(result, as_json, text)
 
 

@@ -26,7 +26,15 @@ from typing import Any, Protocol, TypeVar
 
 from mqtt_backup.errors import BrokerError, StorageUnavailable
 from mqtt_backup.mqtt.backoff import Backoff
-from mqtt_backup.mqtt.session import CAUGHT_UP_BELOW, Hooks, Presence, Session, Sink, Stall
+from mqtt_backup.mqtt.session import (
+    CAUGHT_UP_BELOW,
+    Hooks,
+    Presence,
+    Session,
+    Sink,
+    Stall,
+    describe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -365,12 +373,12 @@ class LoopIngest(ABC):
                     return
             except (OSError, BrokerError) as exc:  # ssl.SSLError is an OSError
                 delay = backoff.next()
-                log.warning(
-                    "broker %s unreachable (%s); retrying in %.1fs",
-                    self.session.address,
-                    exc,
-                    delay,
+                said = (
+                    exc.message()  # names the broker (it said "broker X unreachable (...X...)")
+                    if isinstance(exc, BrokerError)
+                    else f"cannot reach the broker: {self.session.address}: {describe(exc)}"
                 )
+                log.warning("%s; retrying in %.1fs", said, delay)
                 self._hooks.tick()  # operations and bookkeeping go on while the broker is away
                 await sleep_unless_stopped(delay, stop)
                 continue

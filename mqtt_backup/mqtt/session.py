@@ -10,6 +10,8 @@ them from here, so that `mqtt-backup run` on the default transport never loads p
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -139,6 +141,9 @@ def describe(exc: BaseException) -> str:
     """The useful part of a socket or TLS error, on one line."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno:
+        # asyncio's own text ("Connect call failed ('127.0.0.1', 1883)") repeats the address.
+        return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
