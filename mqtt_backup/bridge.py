@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from mqtt_backup import logs, metrics, operations, status
 from mqtt_backup.config import ResponseTopics, Settings
 from mqtt_backup.control import AsyncControlServer
-from mqtt_backup.errors import BackupError, StorageError, StorageUnavailable
+from mqtt_backup.errors import BackupError, OperationStopped, StorageError, StorageUnavailable
 from mqtt_backup.ingest import CommitPipeline, PipelineStore
 from mqtt_backup.mqtt import AsyncIngest, Session
 from mqtt_backup.mqtt.session import Presence
@@ -387,6 +387,10 @@ class Bridge:
                     done = await _to_thread_to_the_end(functools.partial(step, work), what)
                     if done is not None:
                         return done.result
+                    if self._stop.is_set():
+                        # Not to the end of a long move: a unit boundary is a safe place to stop
+                        # (as for a kill -9 there), and a re-run finishes the operation.
+                        raise OperationStopped(what)
                     await self._between_units(transport)
             finally:
                 work.close()  # cancelled between units (a retention pass at a stop): it ends there
@@ -576,7 +580,9 @@ class RestoreSide:
 
 
 def _retention_failed(exc: Exception) -> None:
-    if isinstance(exc, BackupError):
+    if isinstance(exc, OperationStopped):
+        log.info("retention pass stopped with the bridge (the next start runs one)")
+    elif isinstance(exc, BackupError):
         log.warning("retention pass failed (next one in an hour): %s", exc.message())
     else:
         log.error("retention pass failed (next one in an hour)", exc_info=exc)

@@ -87,6 +87,13 @@ class DataDirLocked(StorageError):
     """data directory is in use: {detail}"""
 
 
+class OperationStopped(BackupError):
+    """the bridge is stopping: the {detail} stopped between two steps (nothing is half-done)"""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail, "run the command again (on the bridge or offline) to finish it")
+
+
 class NoReply(BackupError):
     """the bridge went away before it answered: {detail}"""
 

@@ -317,3 +317,42 @@ def test_a_state_file_with_an_out_of_range_time_is_a_fresh_state(data_dir: Path)
     assert BridgeState.load(data_dir) == BridgeState()
     (data_dir / STATE).write_text("[" * 100_000 + "]" * 100_000)
     assert BridgeState.load(data_dir) == BridgeState()
+
+
+def test_a_stop_during_a_long_operation_ends_it_at_a_unit_boundary(
+    broker: Broker, data_dir: Path, run_bridge: RunBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM during a big `partitions add` waited for the whole move (and a service
+    manager's stop timeout then killed the bridge anyway): now the operation ends at the next
+    unit boundary, says so, and a re-run finishes it."""
+    fill(data_dir, devices=20, per_device=5)
+    monkeypatch.setattr(units_module, "UNIT_KEYS", 5)  # many units
+    bridge = run_bridge(make_settings(broker, data_dir))
+    steps = 0
+
+    def step_then_stop(work: Units[Any]) -> Any:
+        nonlocal steps
+        steps += 1
+        if steps == 2:
+            bridge.bridge.stop()  # what the SIGTERM handler does, during the second unit
+        return step(work)
+
+    monkeypatch.setattr(bridge_module, "step", step_then_stop)
+    with pytest.raises(RemoteError) as stopped:
+        call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)
+    assert stopped.value.message() == (
+        "the bridge is stopping: the partitions-add stopped between two steps (nothing is "
+        "half-done). Try: run the command again (on the bridge or offline) to finish it"
+    )
+    bridge.stop()
+    assert steps == 2
+    report = checks.verify(data_dir)  # a store as a kill -9 at that boundary would leave it
+    assert report.ok, [p.describe() for p in report.problems]
+    store = Store.open(data_dir, create=False)
+    try:
+        assert len(store.manifest.partitions) == 3  # stopped before its switch
+        operations.run(store, "partitions-add", {"name": "p3"})
+        assert [s.name for s in store.manifest.partitions][-1] == "p3"
+    finally:
+        store.close()
+    assert sum(len(m) for m in read_all(data_dir).values()) == 20 * 5
