@@ -140,23 +140,24 @@ def test_during_an_operation_the_loop_reads_on_holds_and_answers_restores(
 
 
 @pytest.mark.usefixtures("transport")
-def test_stopping_during_an_operation_waits_for_it(
+def test_stopping_during_an_operation_waits_for_its_running_unit(
     broker: Broker,
     data_dir: Path,
     run_bridge: RunBridge,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The store must not close under a unit in its worker thread; the operation then stops at
+    # that unit's end (tests/test_operation_commits.py), not at its own.
     bridge = _start(run_bridge, broker, data_dir)
     running, finish = threading.Event(), threading.Event()
-    ended: list[bool] = []
+    store_open: list[bool] = []
     real = operations.units
 
     def slow(store: Store, op: str, args: Mapping[str, Any]) -> Units[dict[str, Any]]:
         running.set()
         finish.wait(60)
-        done = yield from real(store, op, args)
-        ended.append(True)
-        return done
+        store_open.append(not store.closed)
+        return (yield from real(store, op, args))
 
     monkeypatch.setattr(operations, "units", slow)
     operating = threading.Thread(target=lambda: _quiet_call(data_dir), daemon=True)
@@ -165,10 +166,10 @@ def test_stopping_during_an_operation_waits_for_it(
     stopping = threading.Thread(target=bridge.stop)
     stopping.start()
     stopping.join(0.5)
-    assert stopping.is_alive(), "the bridge stopped under a running operation"
+    assert stopping.is_alive(), "the bridge stopped under a running unit"
     finish.set()
     stopping.join(30)
-    assert ended == [True]  # the store closed only after the operation ended
+    assert store_open == [True]  # the store closed only after the unit ended
 
 
 def _quiet_call(data: Path) -> None:

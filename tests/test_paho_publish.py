@@ -8,11 +8,12 @@ handing its packets over: the hook is a private method of paho's, pinned here.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
@@ -167,3 +168,43 @@ def test_puback_all_queues_the_bytes_of_pahos_acks_as_one_packet() -> None:
     assert [p["packet"] for p in ours._out_packet] == [
         b"".join(p["packet"] for p in pahos._out_packet)
     ]
+
+
+def test_a_buffered_client_reads_many_packets_with_one_recv() -> None:
+    """paho reads a packet a piece at a time (type, each length byte, the rest): `buffered`
+    serves those pieces from one `recv`, and what is left shows in `unread()`."""
+    packets = [b"\x30" + bytes([2 + 1 + len(p)]) + b"\x00\x01t" + p for p in (b"a", b"bb", b"c")]
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    class Counted:
+        recvs = 0
+
+        def recv(self, size: int) -> bytes:
+            self.recvs += 1
+            return ours.recv(size)
+
+    counted = Counted()
+    client = _Client(CallbackAPIVersion.VERSION2, manual_ack=True)
+    client.buffered = True
+    taken: list[bytes] = []
+
+    def take(_header: int, body: bytearray) -> bool:
+        taken.append(bytes(body))
+        return True
+
+    client.take = take
+    client._sock = counted  # type: ignore[assignment]
+    try:
+        theirs.sendall(b"".join(packets))
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert client.unread()  # two packets wait here, none in the socket
+        assert client.loop_read() == client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert not client.unread()
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS  # empty: paho's EAGAIN
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    assert taken == [b"\x00\x01ta", b"\x00\x01tbb", b"\x00\x01tc"]
+    assert counted.recvs == 2  # the three packets, then the empty socket

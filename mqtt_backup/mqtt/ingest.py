@@ -57,6 +57,7 @@ FLUSH_TIMEOUT_S = 5.0  # at shutdown: the acks, the status and the DISCONNECT
 CLOSE_TIMEOUT_S = 5.0  # at shutdown, after the half-close: until the broker closes
 _T = TypeVar("_T")
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+RECV_BYTES = 65536  # one read of the socket (paho's own reads are a packet piece each)
 _PUBACK = struct.Struct(">BBH")  # type, remaining length 2, packet id: paho's PUBACK (no reason)
 
 
@@ -94,6 +95,37 @@ class _Client(paho.Client):
     """
 
     take: Callable[[int, bytearray], bool] | None = None
+    # Read ahead (PahoIngest's loop, which asks `unread()`); paho's own loop selects on the
+    # socket alone, so a client run by it must not hold bytes back.
+    buffered = False
+    _unread: bytearray | None = None  # read from the socket, not yet handed to paho
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """What paho asks for, from one `recv` of up to RECV_BYTES when `buffered`.
+
+        paho reads a packet with a `recv` per piece (its type byte, each byte of its length,
+        then the rest): three system calls per PUBLISH at least. Bytes left over stay here, so
+        `unread()` is part of "is there more to read" (`PahoIngest._readable`, a resume).
+        """
+        unread = self._unread
+        if not unread:
+            if not self.buffered:
+                return super()._sock_recv(bufsize)
+            data = super()._sock_recv(RECV_BYTES)  # BlockingIOError when empty, b"" at the end
+            if len(data) <= bufsize:
+                return data
+            unread = self._unread = bytearray(data)
+        piece = bytes(unread[:bufsize])
+        del unread[:bufsize]  # cheap at the front of a bytearray
+        return piece
+
+    def unread(self) -> bool:
+        """Whether bytes read from the socket wait here for paho."""
+        return bool(self._unread)
+
+    def _sock_close(self) -> None:
+        self._unread = None  # what was left belongs to the connection that ends
+        super()._sock_close()
 
     def _handle_publish(self) -> MQTTErrorCode:
         packet = self._in_packet
@@ -136,6 +168,7 @@ class PahoIngest(LoopIngest):
             clean_session=None if v5 else False,
             manual_ack=True,
         )
+        client.buffered = True  # this loop asks `unread()` before it waits for the socket
         addr = self.session.address
         if addr.username is not None:
             client.username_pw_set(addr.username, addr.password)
@@ -303,7 +336,7 @@ class PahoIngest(LoopIngest):
         sock = self._client.socket()
         if sock is None:
             return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if self._client.unread() or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             return True
         return bool(select.select([sock], [], [], 0)[0])
 
@@ -323,12 +356,13 @@ class PahoIngest(LoopIngest):
             self._loop.add_reader(self._sock, self._on_readable)
             self._paused = False
             self._heard_at = time.monotonic()
-        self._read_what_tls_holds()
+        self._read_what_is_held()
 
-    def _read_what_tls_holds(self) -> None:
-        """TLS may hold decrypted bytes the reader left (a full batch): no select sees those."""
+    def _read_what_is_held(self) -> None:
+        """Bytes the reader left (a full batch), in TLS or our read buffer: no select sees them."""
         sock = self._sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending() and self._loop is not None:
+        held = self._client.unread() or (isinstance(sock, ssl.SSLSocket) and sock.pending())
+        if held and sock is not None and self._loop is not None:
             self._loop.call_soon(self._on_readable)
 
     def quiet(self) -> bool:
