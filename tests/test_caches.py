@@ -229,6 +229,32 @@ def test_the_route_map_stays_within_its_budget_whatever_the_ids_characters(
     assert held <= budget, f"{held / budget:.2f}x the budget"
 
 
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\u0800", "\U0001f600"])
+def test_the_route_map_counts_a_new_route_as_its_eviction_frees_it(
+    data_dir: Path, char: str
+) -> None:
+    # A new route's cost is summed inline (`_new_route`), its eviction subtracts `_route_cost`:
+    # the two must agree, or the map's count drifts from what it holds (topics of ids of 1- to
+    # 4-byte characters, an empty id, and topics not to be stored).
+    store = Store.open(data_dir, 1)
+    pipeline = CommitPipeline(
+        store, Router([parse_template("devices/{device}/#")], "b"), lambda _: None
+    )
+    topics = [f"devices/{char * n}{n}/t".encode() for n in range(20)]
+    topics += [b"devices//t", b"elsewhere/x", b"b/restore/x"]
+    try:
+        routes = [pipeline._route(topic) for topic in topics]
+    finally:
+        store.close()
+    assert routes[-1] is None
+    assert routes[-2] is None
+    expected = sum(ingest_mod._route_cost(t, r) for t, r in zip(topics, routes, strict=True))
+    assert pipeline.route_bytes == expected
+    pipeline._evict_routes()  # the oldest eighth, at their `_route_cost`
+    kept = list(pipeline._routes.items())
+    assert pipeline.route_bytes == sum(ingest_mod._route_cost(t, r) for t, r in kept)
+
+
 def test_a_commit_of_more_devices_than_half_the_cache_keeps_every_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -18,17 +19,17 @@ class FifoCache(Generic[K, V]):
     (half the size each) kept only what was used within the last half-size of insertions.
     """
 
-    __slots__ = ("_entries", "_size")
+    __slots__ = ("_entries", "_size", "get")
 
     def __init__(self, size: int) -> None:
         if size < 2:
             raise ValueError(f"a cache needs room for 2 entries or more, not {size}")
         self._size = size
         self._entries: dict[K, V] = {}
-
-    def get(self, key: K) -> V | None:
-        """The entry, or None when it is not (or no longer) cached."""
-        return self._entries.get(key)
+        # `get(key)`: the entry, or None when it is not (or no longer) cached. The dict's own
+        # method (the dict is never replaced): a lookup per new device on the write path, where
+        # a method around it cost a Python call more.
+        self.get: Callable[[K], V | None] = self._entries.get
 
     def put(self, key: K, value: V) -> None:
         """Cache an entry (replacing the one under the same key, which keeps its age)."""

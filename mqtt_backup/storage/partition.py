@@ -550,28 +550,32 @@ class Partition:
             body = _STAMP_PACK(flags, clock) + middle + payload
             value = _HEAD_PACK(FORMAT_VERSION, _crc32(body)) + body
             put(dev_key + key_tail(clock, seq), value)  # keys.record_key, inlined
+            dup = flags >> 3 & 1  # records' DUP flag (`records.is_dup`)
             known = stats.get(dev_key)
-            if known is None:
-                raw = cached(dev_key)
-                if raw is None:
-                    known = [clock, clock, 0, 0, 0]
-                    unread.append(dev_key)
-                else:  # as stored: version, first, last, count, size, dups, then the id
-                    _, first, _, count, size, dups = _INDEX_UNPACK(raw)
-                    known = [first, clock, count, size, dups]  # ~0.25 us more than a list copy
-                stats[dev_key] = known
-                names[dev_key] = device
-            known[1] = clock
-            known[2] += 1
-            known[3] += KEY_LEN + len(value)
-            known[4] += flags >> 3 & 1  # records' DUP flag (`records.is_dup`)
+            if known is not None:
+                known[1] = clock
+                known[2] += 1
+                known[3] += KEY_LEN + len(value)
+                known[4] += dup
+                continue
+            # The device's first message in this batch: its figures made in one go (a fleet
+            # that sends each device once comes here for every message).
+            raw = cached(dev_key)
+            if raw is None:
+                stats[dev_key] = [clock, clock, 1, KEY_LEN + len(value), dup]
+                unread.append(dev_key)
+            else:  # as stored: version, first, last, count, size, dups, then the id
+                _, first, _, count, size, dups = _INDEX_UNPACK(raw)  # ~0.25 us more than a copy
+                stats[dev_key] = [first, clock, count + 1, size + KEY_LEN + len(value), dups + dup]
+            names[dev_key] = device
         if unread:
             self._add_stored(stats, unread)
         index = self._index
         touched = {}  # what the cache holds once applied: the entries as stored
-        for dev_key, figures in stats.items():  # IndexEntry.encode, inlined
-            entry = _INDEX_PACK(_INDEX_VERSION, *figures) + names[dev_key].encode()
-            batch.put(dev_key, entry, index)
+        # `names` was filled beside `stats`, key for key: its values come in the same order.
+        for (dev_key, figures), device in zip(stats.items(), names.values(), strict=True):
+            entry = _INDEX_PACK(_INDEX_VERSION, *figures) + device.encode()  # IndexEntry.encode
+            put(dev_key, entry, index)
             touched[dev_key] = entry
         self._put_meta(batch, clock, seq)
         return Prepared(self, batch, clock, seq, touched)
