@@ -331,6 +331,10 @@ class PahoIngest(LoopIngest):
         self._heard_at = time.monotonic()
         if self._connected:
             self.commit_or_hold(self, drained_at=None if sink.full() else time.time_ns())
+        if not self._paused and self._client.unread() and self._loop is not None:
+            # As the socket's readiness would call again while it holds bytes (the handshake's
+            # SUBACK may wait behind a full batch there): the buffer is read on, unless paused.
+            self._loop.call_soon(self._on_readable)
 
     def _readable(self) -> bool:
         sock = self._client.socket()
