@@ -150,3 +150,50 @@ def test_replay_rate_must_be_finite_and_positive(rate: str) -> None:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     assert lines[0].startswith("mqtt-backup: --rate must be a finite number > 0"), lines
+
+
+def test_a_batch_is_flushed_before_its_messages_are_acknowledged(
+    broker: Broker, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI writes a batch's lines in one write, in `flush`: the broker must not hear that a
+    # message is done before that write (acknowledge what is written).
+    device, total = f"{unique}-flush", 600  # several batches of half our Receive Maximum
+    taken: list[int] = []
+    written: list[int] = []
+    acked: list[int] = []
+    real_ack = CodecConnection.ack
+
+    def ack(conn: CodecConnection, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            seq = json.loads(delivery.payload).get("seq")
+            if seq is not None:
+                assert seq in written, f"seq {seq} acknowledged before it was written"
+                acked.append(seq)
+        real_ack(conn, deliveries)
+
+    monkeypatch.setattr(CodecConnection, "ack", ack)
+
+    def answer(request: Delivery) -> Answer:
+        assert request.response_topic is not None
+        rid = _request_id(request)
+        messages = [(request.response_topic, {"id": rid, "seq": s}) for s in range(1, total + 1)]
+        done = {"id": rid, "done": True, "device": device, "count": total, "complete": True}
+        return [*messages, (request.response_topic, done)]
+
+    def flush() -> None:
+        written.extend(taken)
+        taken.clear()
+
+    async def scenario() -> dict[str, Any]:
+        ready = asyncio.Event()
+        bridge = asyncio.create_task(_fake_bridge(broker, device, ready, answer))
+        await ready.wait()
+        question = Ask(BrokerTarget(parse_broker_url(broker.url)), request_for(device, {}))
+        try:
+            return await ask(question, lambda body: taken.append(body["seq"]), flush)
+        finally:
+            await bridge
+
+    terminal = asyncio.run(scenario())
+    assert terminal["count"] == total
+    assert written == acked == list(range(1, total + 1))

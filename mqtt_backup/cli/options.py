@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from mqtt_backup import config
+from mqtt_backup.cli.types import TIME, TOPIC_FILTER
+from mqtt_backup.errors import UsageError
 
 
 def _setting(name: str) -> Any:
@@ -33,6 +35,24 @@ CertOpt = Annotated[Path | None, _setting("cert")]
 KeyOpt = Annotated[Path | None, _setting("key")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="only say what would change")]
+# The selectors of `export` and `restore`; here, not in `read`, so that `restore` does not
+# import the storage that `read` opens.
+SinceOpt = Annotated[
+    int | None, typer.Option(click_type=TIME, help="from (RFC 3339 or epoch s), inclusive")
+]
+UntilOpt = Annotated[
+    int | None, typer.Option(click_type=TIME, help="to (RFC 3339 or epoch s), exclusive")
+]
+TopicFilterOpt = Annotated[
+    str | None, typer.Option("--topic", click_type=TOPIC_FILTER, help="MQTT filter on the topic")
+]
+OutputOpt = Annotated[str, typer.Option("--output", help="file, or - for stdout")]
+
+
+def check_window(since_ns: int | None, until_ns: int | None) -> None:
+    """UsageError when the window ends before it starts (equal is an empty window)."""
+    if since_ns is not None and until_ns is not None and since_ns > until_ns:
+        raise UsageError("--since is after --until")
 
 
 def load_settings(config_file: Path | None, **flags: Any) -> config.Settings:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mqtt_backup import logs
+from mqtt_backup import jsontext, logs
 from mqtt_backup.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,8 +44,8 @@ def print_json(document: Any) -> None:
 
 
 def json_line(out: TextIO, document: dict[str, Any]) -> None:
-    """One JSON object on one line (export and restore output)."""
-    out.write(json.dumps(document, ensure_ascii=False) + "\n")
+    """One JSON object on one line (export and restore output): `json.dumps`'s text, UTF-8."""
+    out.write(jsontext.dumps(document) + "\n")
 
 
 def say(text: str) -> None:

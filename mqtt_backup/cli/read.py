@@ -12,32 +12,24 @@ from typing import Annotated, Any
 import typer
 
 from mqtt_backup.cli import output
-from mqtt_backup.cli.options import ConfigOpt, DataOpt, JsonOpt, load_settings
-from mqtt_backup.cli.types import STORED_DEVICE_ID, TIME, TOPIC_FILTER
+from mqtt_backup.cli.options import (
+    ConfigOpt,
+    DataOpt,
+    JsonOpt,
+    OutputOpt,
+    SinceOpt,
+    TopicFilterOpt,
+    UntilOpt,
+    check_window,
+    load_settings,
+)
+from mqtt_backup.cli.types import STORED_DEVICE_ID
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
-from mqtt_backup.errors import StorageError, UsageError
+from mqtt_backup.errors import StorageError
 from mqtt_backup.storage import DeviceInfo, StoreReader, checks
 from mqtt_backup.times import format_ts
 
 app = typer.Typer()
-
-SinceOpt = Annotated[
-    int | None, typer.Option(click_type=TIME, help="from (RFC 3339 or epoch s), inclusive")
-]
-UntilOpt = Annotated[
-    int | None, typer.Option(click_type=TIME, help="to (RFC 3339 or epoch s), exclusive")
-]
-TopicFilterOpt = Annotated[
-    str | None, typer.Option("--topic", click_type=TOPIC_FILTER, help="MQTT filter on the topic")
-]
-OutputOpt = Annotated[str, typer.Option("--output", help="file, or - for stdout")]
-
-
-def check_window(since_ns: int | None, until_ns: int | None) -> None:
-    """UsageError when the window ends before it starts (equal is an empty window)."""
-    if since_ns is not None and until_ns is not None and since_ns > until_ns:
-        raise UsageError("--since is after --until")
-
 
 # ---- devices ------------------------------------------------------------------------------------
 

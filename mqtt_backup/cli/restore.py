@@ -10,6 +10,7 @@ from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
 
+from mqtt_backup import jsontext
 from mqtt_backup.cli import output
 from mqtt_backup.cli.options import (
     BrokerOpt,
@@ -18,10 +19,14 @@ from mqtt_backup.cli.options import (
     ConfigOpt,
     KeyOpt,
     NamespaceOpt,
+    OutputOpt,
     ProtocolOpt,
+    SinceOpt,
+    TopicFilterOpt,
+    UntilOpt,
+    check_window,
     load_settings,
 )
-from mqtt_backup.cli.read import OutputOpt, SinceOpt, TopicFilterOpt, UntilOpt, check_window
 from mqtt_backup.cli.types import DEVICE_ID, RATE
 from mqtt_backup.errors import BackupError, BrokerRefused, RestoreClientRefused, UsageError
 from mqtt_backup.restore.client import Ask, ask, request_for
@@ -80,17 +85,34 @@ def restore_request(
 
 
 class _Stream:
-    """Writes restored messages as JSON lines (the export shape) and keeps count."""
+    """Writes restored messages as JSON lines (the export shape), a batch at a time; counts them.
+
+    The client calls `flush` before it acknowledges a batch: one write per batch of messages
+    (not per line), passed to the OS before the broker hears that the batch is done.
+    """
 
     def __init__(self, out: TextIO, progress: Callable[[int], None]) -> None:
         self.out = out
         self.count = 0
         self._progress = progress
+        self._lines: list[str] = []
 
     def __call__(self, body: dict[str, Any]) -> None:
-        # Exactly the lines of `export`: what only the protocol needs is left out.
-        output.json_line(self.out, {k: v for k, v in body.items() if k not in _PROTOCOL_ONLY})
+        # Exactly the lines of `export` (output.json_line): what only the protocol needs is
+        # left out, dropped from the body the client parsed for this call (no copy of it).
+        for key in _PROTOCOL_ONLY:
+            body.pop(key, None)
+        self._lines.append(jsontext.dumps(body))
         self.count += 1
+
+    def flush(self) -> None:
+        """Write the lines taken since the last flush, in one write, and flush the output."""
+        lines = self._lines
+        if lines:
+            lines.append("")  # the last line's newline
+            self.out.write("\n".join(lines))
+            lines.clear()
+        self.out.flush()
         self._progress(self.count)
 
 
@@ -190,9 +212,12 @@ def restore(
         return
     with output.output_file(to) as out, output.progress() as progress:
         stream = _Stream(out, progress)
-        gathered = _as_client(gather(question, group, stream))
-        if gathered is None:  # no bridge announced scale-out support: one answer, as before
-            terminal = _as_client(ask(question, stream))
+        try:
+            gathered = _as_client(gather(question, group, stream, flush=stream.flush))
+            if gathered is None:  # no bridge announced scale-out support: one answer, as before
+                terminal = _as_client(ask(question, stream, stream.flush))
+        finally:
+            stream.flush()  # what arrived is written, also when the answer was cut short
     if gathered is not None:
         _finish(device, gathered)
         return

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,11 @@ Acked = Callable[[int], None]
 CONNECTION_LOST = -1
 _PUBACK = 0x40
 _NO_PROPERTIES = Properties()  # what a publish without properties, or on MQTT 3.1.1, sends
+
+
+# A PUBACK with reason Success from its packet id: the 4 bytes both codecs write for it.
+_PUBACK_HEAD = _PUBACK << 8 | 2  # remaining length 2: the packet id alone
+_puback = struct.Struct(">HH").pack
 
 
 def _write5(packet: mqtt5.Packet) -> bytes:
@@ -677,9 +683,12 @@ class CodecConnection:
         wire = self._wire
         if wire is None or wire.failure is not None:
             return
-        acks = [mqtt5.PubAckPacket(d.packet_id) for d in deliveries if d.packet_id is not None]
-        if acks:
-            self._send(*acks)
+        # PUBACK, reason Success: 4 bytes on both protocols, what the codec's would write. Not
+        # a packet object per message: the restore client acks every message it restores.
+        head = _PUBACK_HEAD
+        acks = b"".join([_puback(head, d.packet_id) for d in deliveries if d.packet_id is not None])
+        if acks and wire.transport is not None:
+            wire.transport.write(acks)
 
     async def _keep_alive(self, wire: _Wire) -> None:
         """PINGREQ every half keepalive; no word from the broker for a whole one ends it."""

@@ -13,13 +13,15 @@ from mqtt_backup.config import BrokerTarget, TlsFiles
 __all__ = ["BrokerTarget", "Delivery", "TlsFiles"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """An incoming PUBLISH, from any connection: a restore request, a response, a reading.
 
     On the codec connection, `ack` it once it is processed (QoS 1: `packet_id` is set); aiomqtt
     acknowledges by itself (`packet_id` None). Its MQTT 5 properties are flat fields: the
-    restore client and service read one or two of them per message.
+    restore client and service read one or two of them per message. Not frozen, though nothing
+    changes one: a frozen dataclass sets each field through `object.__setattr__`, 5-7 us per
+    message here, a sixth of what the restore client spent on one.
     """
 
     topic: str

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mqtt_backup import jsontext
 from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BackupError, BrokerError, UsageError
 from mqtt_backup.mqtt import CodecConnection, Delivery
@@ -55,11 +55,21 @@ def request_for(device: str, fields: dict[str, Any]) -> Request:
         raise UsageError(exc.reason) from None
 
 
-async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def _nothing() -> None:
+    pass
+
+
+async def ask(
+    question: Ask,
+    on_message: Callable[[dict[str, Any]], None],
+    flush: Callable[[], None] = _nothing,
+) -> dict[str, Any]:
     """Send the request; call `on_message` per stored message; return the terminal message.
 
-    A message is acknowledged only after `on_message` returned, so a slow consumer holds the
-    broker back (within our Receive Maximum) instead of a queue here overflowing.
+    `on_message` owns the object it is given. `flush` is called before each acknowledgement:
+    what `on_message` took must be written when it returns (a consumer may batch its writes).
+    A message is acknowledged only after that, so a slow consumer holds the broker back
+    (within our Receive Maximum) instead of a queue here overflowing.
     NoAnswer when nothing arrives for `timeout` seconds; BrokerError when the broker fails;
     LostOnTheWay when the answer ended with messages missing.
     """
@@ -76,7 +86,7 @@ async def ask(question: Ask, on_message: Callable[[dict[str, Any]], None]) -> di
         props = Properties(response_topic=own.topic, correlation_data=own.correlation)
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         try:
-            terminal = await _read_answer(conn, own, question.timeout, on_message)
+            terminal = await _read_answer(conn, own, question.timeout, on_message, flush)
         except TimeoutError:
             raise own.silence(question.timeout) from None
     if not request.replay:  # a replay's messages go to their own topics
@@ -89,6 +99,7 @@ async def _read_answer(
     own: _Own,
     timeout: float,
     on_message: Callable[[dict[str, Any]], None],
+    flush: Callable[[], None],
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     # One deadline, pushed back on every batch that held an answer for us (cheaper than a
@@ -102,6 +113,7 @@ async def _read_answer(
                 if body is None:
                     continue
                 if "done" in body or "error" in body:
+                    flush()
                     conn.ack(batch[:done])
                     return body
                 ours = True
@@ -109,6 +121,7 @@ async def _read_answer(
                 on_message(body)
             if ours:
                 deadline.reschedule(loop.time() + timeout)
+            flush()
             conn.ack(batch)  # written: now the broker may send more
 
 
@@ -126,7 +139,7 @@ class _Own:
     def body(self, message: Delivery) -> dict[str, Any] | None:
         """The JSON object of a message for us; None for anything else."""
         try:
-            body = json.loads(message.payload)
+            body = jsontext.loads(message.payload)
         except ValueError:
             return None
         if not isinstance(body, dict):

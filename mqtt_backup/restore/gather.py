@@ -15,13 +15,13 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import json
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mqtt_backup import jsontext
 from mqtt_backup.errors import UsageError
 from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Delivery
 from mqtt_backup.records import Properties
@@ -104,8 +104,11 @@ async def gather(
     group: str | None,
     on_message: Callable[[dict[str, Any]], None],
     members: Callable[[list[Member]], None] = lambda _m: None,
+    flush: Callable[[], None] = lambda: None,
 ) -> Gathered | None:
     """Ask every live member of the group and merge; None when there is nothing to gather.
+
+    `on_message` and `flush` as for `client.ask`: `flush` before each acknowledgement.
 
     None means: no bridge announced itself with scale-out support (an older bridge, or none), or
     one bridge without a group answers and the caller named no group: the caller asks the
@@ -141,7 +144,7 @@ async def gather(
         props = Properties(response_topic=own_topic, correlation_data=request_id.encode())
         await conn.publish(request_topic, request.payload(), qos=1, props=props)
         merge = _Merge([m.name for m in chosen], request, on_message)
-        await _read(conn, question, request_id, merge, known)
+        await _read(conn, question, request_id, merge, known, flush)
     return merge.result()
 
 
@@ -151,6 +154,7 @@ async def _read(
     request_id: str,
     merge: _Merge,
     known: dict[str, Member],
+    flush: Callable[[], None],
 ) -> None:
     loop = asyncio.get_running_loop()
     # The timeout is raised where the `async with` ends, so it is caught outside it.
@@ -165,6 +169,7 @@ async def _read(
                         # Only an answer pushes the deadline back: status traffic (anyone's,
                         # on a broker without the ACL) must not keep a silent member waited for.
                         deadline.reschedule(loop.time() + question.timeout)
+                flush()
                 conn.ack(batch)  # written or held in the merge: the broker may send more
     if merge.nothing_arrived():
         raise NoAnswer(
@@ -176,7 +181,7 @@ async def _read(
 
 def _body(delivery: Delivery, request_id: str) -> dict[str, Any] | None:
     try:
-        body = json.loads(delivery.payload)
+        body = jsontext.loads(delivery.payload)
     except ValueError:
         return None
     if isinstance(body, dict) and body.get("id") == request_id:
