@@ -101,8 +101,9 @@ class EnvelopeText:
             text, kind = base64.b64encode(payload).decode("ascii"), flags & _FLAG_BITS | _BASE64
         middle = self._middles.get(kind) or self._middle(kind)
         extra = "" if props is None else ', "properties": ' + _dumps(properties_json(props))
+        nines = "%09d" % nanos  # noqa: UP031 - half the cost of `{nanos:09d}` in the f-string
         return (
-            f'{self._open}{seq}{self._device}{topic_json}, "ts": "{whole}.{nanos:09d}Z", '
+            f'{self._open}{seq}{self._device}{topic_json}, "ts": "{whole}.{nines}Z", '
             f"{middle}{encode_basestring(text)}{extra}}}"
         )
 

@@ -15,7 +15,7 @@ import pytest
 
 from mqtt_backup.config import BrokerAddress, BrokerTarget, ProtocolVersion, parse_broker_url
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, session, v311
+from mqtt_backup.mqtt import CodecConnection, Delivery, TlsFiles, codec, packets, session, v311
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
 from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
 from mqtt_backup.records import Properties
@@ -485,6 +485,21 @@ def test_outgoing_reads_back_as_it_was_built(size: int, qos: int, retain: bool) 
     old = outgoing.encode(7, mqtt5_on=False)  # MQTT 3.1.1: no properties
     assert outgoing.size(mqtt5_on=False) == len(old)
     assert _parsed(old) == v311.read(memoryview(old))[0]
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 127 - 20, 128, 16_383, 16_384, 2_097_152])
+def test_a_packet_encoded_as_it_is_built_is_the_same_packet(size: int) -> None:
+    # A restore's JSON answers are encoded when built (qos1_builder), their leading bytes kept
+    # per length: the same bytes and size as the packet encoded at write time, every length.
+    props = encode_properties(correlation_data=b"\x00c") + encode_user([("k", "ü")])
+    build = packets.qos1_builder("a/ü/b", props)
+    for payload in (bytes(size), b"x" * size, bytes(size)):  # the second one of a length: kept
+        built = build(payload)
+        plain = Outgoing("a/ü/b", payload, 1, False, props)
+        assert built.encode(513) == plain.encode(513)
+        assert built.size() == plain.size() == len(plain.encode(513))
+        assert built.encode(7, mqtt5_on=False) == plain.encode(7, mqtt5_on=False)
+        assert built.size(mqtt5_on=False) == plain.size(mqtt5_on=False)
 
 
 def test_publish_many_shares_one_window_within_the_receive_maximum() -> None:

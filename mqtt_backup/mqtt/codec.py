@@ -33,7 +33,7 @@ import mqtt5
 from mqtt_backup.config import BrokerAddress, BrokerTarget
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import v311
-from mqtt_backup.mqtt.packets import Outgoing, read5
+from mqtt_backup.mqtt.packets import PACKET_ID, Outgoing, read5
 from mqtt_backup.mqtt.session import CONNECT_TIMEOUT_S, describe, no_answer, tls_context
 from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
@@ -185,7 +185,7 @@ class _Wire(asyncio.Protocol):
     """Bytes in and out of one connection: parses packets, hands them on, keeps the inbox."""
 
     def __init__(self, read: Reader, inbox_limit: int, mqtt5_on: bool = True) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._read = read
         self._mqtt5 = mqtt5_on
         self._next_id = 0
@@ -218,7 +218,8 @@ class _Wire(asyncio.Protocol):
         """Parse every whole packet; keep the rest for the next call; refill the window."""
         if self.failure is not None:
             return
-        self.heard_at = asyncio.get_running_loop().time()
+        # The loop kept, not looked up: get_running_loop() is a getpid() system call per read.
+        self.heard_at = self._loop.time()
         self._buffer += data
         buffer, acks = self._buffer, self.acks
         offset, end, freed = 0, len(buffer), 0
@@ -298,7 +299,11 @@ class _Wire(asyncio.Protocol):
                     self._next_id = packet_id
                     packet_id = self.next_packet_id()  # a bounded search, or BrokerError
                 acks[packet_id] = acked
-                parts.extend(packet.parts(packet_id, mqtt5_on))
+                encoded = packet.encoded
+                if encoded is not None and mqtt5_on:  # Outgoing.parts, inlined
+                    parts += (encoded[0], PACKET_ID(packet_id), encoded[1], packet.payload)
+                else:
+                    parts.extend(packet.parts(packet_id, mqtt5_on))
             window.keep(room)
             self._next_id = packet_id
             ready.popleft()

@@ -9,6 +9,7 @@ section 3.3; on MQTT 3.1.1 the properties are left out).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -102,6 +103,9 @@ class Outgoing:
     qos: int = 1
     retain: bool = False
     properties: bytes = b""  # from encode_properties (+ encode_user); ignored on MQTT 3.1.1
+    # MQTT 5 only, made with the packet (`qos1_builder`): its bytes before the packet id (fixed
+    # header and topic) and its properties with their length; the payload follows them.
+    encoded: tuple[bytes, bytes] | None = None
 
     def encode(self, packet_id: int | None, mqtt5_on: bool = True) -> bytes:
         """The whole packet; `packet_id` for QoS 1."""
@@ -109,16 +113,21 @@ class Outgoing:
 
     def parts(self, packet_id: int | None, mqtt5_on: bool = True) -> tuple[bytes, ...]:
         """The packet as pieces to join (a batch joins all of its packets' pieces at once)."""
+        encoded = self.encoded
+        if encoded is not None and mqtt5_on:
+            return encoded[0], PACKET_ID(packet_id or 0), encoded[1], self.payload
         first, topic, props = _fixed(self.topic, self.qos, self.retain, self.properties, mqtt5_on)
         payload = self.payload
         if not self.qos:
             length = len(topic) + len(props) + len(payload)
             return _head(first, length), topic, props, payload
         length = len(topic) + 2 + len(props) + len(payload)
-        return _head(first, length), topic, _PACKET_ID(packet_id or 0), props, payload
+        return _head(first, length), topic, PACKET_ID(packet_id or 0), props, payload
 
     def size(self, mqtt5_on: bool = True) -> int:
         """Bytes on the wire, as the broker's Maximum Packet Size counts them."""
+        if self.encoded is not None and mqtt5_on:
+            return len(self.encoded[0]) + 2 + len(self.encoded[1]) + len(self.payload)
         _, topic, props = _fixed(self.topic, self.qos, self.retain, self.properties, mqtt5_on)
         length = len(topic) + (2 if self.qos else 0) + len(props) + len(self.payload)
         return 1 + _varint_size(length) + length
@@ -137,7 +146,34 @@ class Outgoing:
         )
 
 
-_PACKET_ID = struct.Struct("!H").pack
+PACKET_ID = struct.Struct("!H").pack
+
+
+def qos1_builder(topic: str, properties: bytes) -> Callable[[bytes], Outgoing]:
+    """QoS 1 packets to `topic` with `properties`, each encoded for MQTT 5 as it is built.
+
+    A restore's JSON answer: the topic and properties are encoded once, and the bytes before
+    the packet id once per packet length (a small cache): a message adds only its payload, and
+    the connection's write the packet id (`Outgoing.parts`).
+    """
+    first, topic_bytes, props = _fixed(topic, 1, False, properties, True)
+    fixed = len(topic_bytes) + 2 + len(props)
+    encoded: dict[int, tuple[bytes, bytes]] = {}
+
+    def build(payload: bytes) -> Outgoing:
+        length = fixed + len(payload)
+        pieces = encoded.get(length)
+        if pieces is None:
+            pieces = (_head(first, length) + topic_bytes, props)
+            if len(encoded) < _LENGTHS_KEPT:
+                encoded[length] = pieces
+        return Outgoing(topic, payload, 1, False, properties, pieces)
+
+    return build
+
+
+# Packet lengths whose leading bytes one answer keeps: its messages' sizes, mostly a few dozen.
+_LENGTHS_KEPT = 1024
 
 
 @lru_cache(maxsize=256)

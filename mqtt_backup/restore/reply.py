@@ -21,7 +21,7 @@ from mqtt_backup.envelope import EnvelopeText
 from mqtt_backup.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from mqtt_backup.mqtt import REPLAY_PROPERTY, CodecConnection, Window
 from mqtt_backup.mqtt.codec import CONNECTION_LOST
-from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user
+from mqtt_backup.mqtt.packets import Outgoing, encode_properties, encode_user, qos1_builder
 from mqtt_backup.records import Properties, RecordFields, is_dup, is_retain, qos_of
 from mqtt_backup.restore.request import PROTOCOL, BadRequest
 from mqtt_backup.storage.journal import Gap
@@ -81,18 +81,16 @@ class Reply:
         One call per stored message, from its fields (`records.decode_fields`): what every
         message of the answer shares (topic, properties, the envelope's head) is made here once.
         """
-        texts = self._envelopes(device)
-        topic = self.topic
+        text = self._envelopes(device).fields_text
         # Correlation data only: every MQTT 5 property costs the receiving client parse time.
         if self._data_props is None:
             self._data_props = self._props()
-        props = self._data_props
+        packet = qos1_builder(self.topic, self._data_props)
 
         def build(fields: RecordFields) -> Outgoing:
             self.sent += 1
             # backslashreplace, as in _encode: the same bytes json.dumps's text would give.
-            payload = texts.fields_text(self.sent, fields).encode("utf-8", "backslashreplace")
-            return Outgoing(topic, payload, 1, False, props)
+            return packet(text(self.sent, fields).encode("utf-8", "backslashreplace"))
 
         return build
 
@@ -268,13 +266,14 @@ class _CodecFlow(Flow):
 
     def _acked(self, reason: int) -> None:
         self._in_flight -= 1
-        if reason == CONNECTION_LOST and self._failure is None:
-            self._failure = BrokerUnreachable(f"{self._conn.address}: connection lost")
-        elif reason >= 0x80 and self._failure is None:  # an MQTT failure reason code
-            self._failure = BrokerRefused(
-                f"a restore publish was refused (reason code {reason:#04x})",
-                "check the broker's ACL for the restore client",
-            )
+        if reason and self._failure is None:  # one test per PUBACK for a success (0)
+            if reason == CONNECTION_LOST:
+                self._failure = BrokerUnreachable(f"{self._conn.address}: connection lost")
+            elif reason >= 0x80:  # an MQTT failure reason code
+                self._failure = BrokerRefused(
+                    f"a restore publish was refused (reason code {reason:#04x})",
+                    "check the broker's ACL for the restore client",
+                )
         if self._in_flight <= 0:
             self._settled.set()
 
@@ -375,6 +374,21 @@ class Batches:
         """Queue one packet; send when the batch is full, or at once when paced."""
         if self.put(packet):
             await self.flush()
+
+    async def add_all(self, packets: list[Outgoing]) -> None:
+        """Queue packets in order: `add` for each, with one test per batch, not per packet."""
+        if self._pacer.rate is not None:
+            for packet in packets:
+                await self.add(packet)
+            return
+        batch = self._batch
+        batch += packets
+        while len(batch) >= BATCH:
+            # Batches of BATCH, as `add` sends them: what waits in the connection's queue
+            # stays within `ahead` and one batch.
+            self._batch, rest = batch[:BATCH], batch[BATCH:]
+            await self.flush()
+            batch = self._batch = rest
 
     async def flush(self) -> None:
         """Send what is queued (after taking a restore slot, the first time).

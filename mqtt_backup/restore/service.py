@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mqtt_backup.config import BrokerTarget
-from mqtt_backup.errors import BackupError, BrokerRefused, StorageError
+from mqtt_backup.errors import BackupError, BrokerRefused, CorruptRecord, StorageError
 from mqtt_backup.logs import count
 from mqtt_backup.mqtt import CodecConnection, Delivery
 from mqtt_backup.mqtt.backoff import Backoff
@@ -245,6 +245,8 @@ class RestoreService:
         the loop (and every other restore) for the whole scan.
         """
         limit, wanted, matching = self._limit(outbox), request.limit, request.topic
+        if matching is None and limit is None:
+            return await self._publish_all(rows, count, wanted, build, batches)
         for scanned, (_, value) in enumerate(rows, 1):
             if scanned % _YIELD_EVERY == 0:
                 await batches.flush()
@@ -258,6 +260,42 @@ class RestoreService:
                 raise too_large(packet, limit, request.raw or request.replay, fields)
             if batches.put(packet):
                 await batches.flush()
+            if wanted is not None and count >= wanted:
+                break
+        return count
+
+    @staticmethod
+    async def _publish_all(
+        rows: list[tuple[bytes, bytes]],
+        count: int,
+        wanted: int | None,
+        build: Callable[[RecordFields], Outgoing],
+        batches: Batches,
+    ) -> int:
+        """`_publish` when every record is an answer (no filter, no size limit): the usual one.
+
+        A segment between yields is decoded in one pass, then built in another, and queued at
+        once: a loop of per-message tests and calls was a tenth of a restore's CPU. A corrupt
+        record is met before anything of its segment is built; the segment is then queued one
+        record at a time up to it, as `_publish` does, so what came before it is answered.
+        """
+        for start in range(0, len(rows), _YIELD_EVERY):
+            if start:
+                await batches.flush()
+                await asyncio.sleep(0)  # let other restores and the connection breathe
+            segment = rows[start : start + _YIELD_EVERY]
+            if wanted is not None:
+                segment = segment[: wanted - count]
+            try:
+                decoded = [decode_fields(value) for _, value in segment]
+            except CorruptRecord:
+                for _, value in segment:
+                    packet = build(decode_fields(value))  # raises at the corrupt one
+                    count += 1
+                    await batches.add(packet)
+                raise  # pragma: no cover - the loop above raised
+            count += len(decoded)
+            await batches.add_all([build(fields) for fields in decoded])
             if wanted is not None and count >= wanted:
                 break
         return count
