@@ -376,6 +376,37 @@ def test_cli_exit_codes(
     assert cli(f"{unique}-x", "--since", "garbage").returncode == 2
 
 
+def test_a_restore_nobody_answers_names_the_bridges_the_status_topic_shows_offline(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    # Before: "no bridge answered: nothing on ... for 1 s", though the status topic said the
+    # only bridge had stopped; the user was sent to check the connection.
+    ns = f"ns{unique}"
+    offline = json.dumps({"state": "offline", "protocol": 1, "client_id": "b1"}).encode()
+    publish(broker, [Sent(f"{ns}/status/default/b1", offline, retain=True)])
+    try:
+        silent = run_cli(
+            "restore",
+            "d1",
+            "--timeout",
+            "1",
+            "--namespace",
+            ns,
+            "--broker",
+            broker.url,
+            cwd=tmp_path,
+        )
+    finally:
+        publish(broker, [Sent(f"{ns}/status/default/b1", b"", retain=True)])
+    assert silent.returncode == 3, silent.stderr
+    said = silent.stderr.strip()
+    assert said.startswith(f"mqtt-backup: no bridge answered: nothing on {ns}/restore/d1/"), said
+    assert said.endswith(
+        " for 1 s; the status topic shows 1 bridge, all offline (default/b1). Try: start the "
+        "bridge ('mqtt-backup run'), or check that it reaches this broker"
+    ), said
+
+
 @pytest.mark.parametrize("count", [1, 2])
 def test_cli_replay_summary_says_replayed(
     broker: Broker,

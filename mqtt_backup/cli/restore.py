@@ -29,7 +29,7 @@ from mqtt_backup.cli.options import (
 )
 from mqtt_backup.cli.types import DEVICE_ID, RATE
 from mqtt_backup.errors import BackupError, BrokerRefused, RestoreClientRefused, UsageError
-from mqtt_backup.restore.client import Ask, ask, request_for
+from mqtt_backup.restore.client import Ask, NoAnswer, ask, request_for
 from mqtt_backup.restore.gather import Gathered, gather, republish
 from mqtt_backup.restore.request import MIN_RATE, Request
 from mqtt_backup.status import Member
@@ -212,10 +212,13 @@ def restore(
         return
     with output.output_file(to) as out, output.progress() as progress:
         stream = _Stream(out, progress)
+        known: list[Member] = []
         try:
-            gathered = _as_client(gather(question, group, stream, flush=stream.flush))
+            gathered = _as_client(
+                gather(question, group, stream, flush=stream.flush, seen=known.extend)
+            )
             if gathered is None:  # no bridge announced scale-out support: one answer, as before
-                terminal = _as_client(ask(question, stream, stream.flush))
+                terminal = _as_client(_ask(question, stream, known))
         finally:
             stream.flush()  # what arrived is written, also when the answer was cut short
     if gathered is not None:
@@ -224,6 +227,24 @@ def restore(
     if "error" in terminal:
         raise BridgeRefused(terminal["error"])
     output.note(_summary(device, terminal, stream.count, replay))
+
+
+async def _ask(question: Ask, stream: _Stream, known: list[Member]) -> dict[str, Any]:
+    """`client.ask`; when nothing came and every bridge on the status topic is offline, say so.
+
+    (Asked anyway: a bridge whose ACL keeps it off the status topic may still answer.)
+    """
+    try:
+        return await ask(question, stream, stream.flush)
+    except NoAnswer as exc:
+        if stream.count or not known or any(m.online for m in known):
+            raise
+        names = ", ".join(sorted(f"{m.group}/{m.name}" for m in known))
+        raise NoAnswer(
+            f"{exc.detail}; the status topic shows {output.count(len(known), 'bridge')}, "
+            f"all offline ({names})",
+            "start the bridge ('mqtt-backup run'), or check that it reaches this broker",
+        ) from None
 
 
 def _as_client(work: Coroutine[Any, Any, _T]) -> _T:

@@ -105,6 +105,7 @@ async def gather(
     on_message: Callable[[dict[str, Any]], None],
     members: Callable[[list[Member]], None] = lambda _m: None,
     flush: Callable[[], None] = lambda: None,
+    seen: Callable[[list[Member]], None] = lambda _m: None,
 ) -> Gathered | None:
     """Ask every live member of the group and merge; None when there is nothing to gather.
 
@@ -113,13 +114,14 @@ async def gather(
     None means: no bridge announced itself with scale-out support (an older bridge, or none), or
     one bridge without a group answers and the caller named no group: the caller asks the
     one-answer way (`client.ask`).
-    `members` hears who will be asked.
+    `members` hears who will be asked; `seen` every member on the status topic, live or not.
     """
     request_id = uuid.uuid4().hex
     device = question.request.device
     request_topic = f"{question.namespace}/restore/{device}"
     async with CodecConnection(question.target) as conn:
         known = await read_members(conn, question.namespace)
+        seen(list(known.values()))
         # A status without `protocol` is no bridge that can gather (bridges before scale-out
         # publish none): anyone may write one on a broker without the ACL, and taking it for an
         # old bridge would ask the one-answer way and mix the instances' answers.
