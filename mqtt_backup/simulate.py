@@ -390,8 +390,11 @@ async def run_fleet(
     spec: FleetSpec,
     stop: asyncio.Event | None = None,
     progress: Callable[[FleetProgress], None] | None = None,
+    connected: Callable[[], None] = lambda: None,
 ) -> FleetReport:
     """Run the fleet for `spec.duration` seconds (0: until `stop` is set) and report.
+
+    `connected` is called once the broker took the connection (before the first publish).
 
     Raises BrokerUnreachable or BrokerRefused (from AsyncConnection) when the broker cannot be
     reached, refuses the login, or goes away while publishing.
@@ -402,6 +405,7 @@ async def run_fleet(
     loop = asyncio.get_running_loop()
     client_id = f"mqtt-backup-simulate-{spec.prefix}-{uuid.uuid4().hex[:8]}"
     async with AsyncConnection(spec.target, client_id) as conn:
+        connected()
         start = loop.time()
         try:
             await _announce(conn, spec, window)

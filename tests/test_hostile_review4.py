@@ -25,7 +25,7 @@ import pytest
 from mqtt_backup import operations
 from mqtt_backup.bridge import Bridge
 from mqtt_backup.config import BrokerAddress, BrokerTarget, Transport
-from mqtt_backup.control import call
+from mqtt_backup.control import RemoteError, call
 from mqtt_backup.errors import BackupError, BrokerError, StorageError
 from mqtt_backup.ingest import CommitPipeline
 from mqtt_backup.keys import device_key
@@ -183,10 +183,11 @@ def test_hostile_control_clients_neither_block_others_nor_the_stop(
         silent.close()
 
 
-def test_a_client_whose_operation_the_stop_waited_for_gets_its_result(
+def test_a_client_whose_operation_a_stop_ended_hears_how_it_ended(
     broker: Broker, data_dir: Path, run_bridge: RunBridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM during an operation: the stop waits for it, and its client hears how it ended."""
+    """SIGTERM during an operation: the stop waits for its unit, and its client hears how it
+    ended (stopped between two units, since the stop no longer runs a whole operation first)."""
     bridge = _start(run_bridge, broker, data_dir)
     running, finish = threading.Event(), threading.Event()
     real = operations.units
@@ -215,8 +216,11 @@ def test_a_client_whose_operation_the_stop_waited_for_gets_its_result(
     stopping.join(30)
     operating.join(30)
     assert len(answers) == 1
-    assert isinstance(answers[0], dict), answers
-    assert answers[0]["dry_run"] is False
+    assert isinstance(answers[0], RemoteError), answers
+    assert answers[0].message().startswith(
+        "the bridge is stopping: the rebalance stopped between two steps"
+    )
+    assert answers[0].exit_code == 1
 
 
 # --- 1. restores through the writer's handles ------------------------------------------------

@@ -42,6 +42,7 @@ from tests.conftest import (
     read_all,
     wait_until,
 )
+from tests.test_cli_errors import cli as run_cli
 from tools.devbroker import free_port
 
 RunBridge = Callable[[Settings], BridgeThread]
@@ -265,12 +266,19 @@ def test_bad_spec_names_the_field(broker: Broker, changes: dict[str, Any], named
     assert "Try:" in caught.value.message()
 
 
-def test_unreachable_broker(unique: str) -> None:
-    spec = FleetSpec(
-        BrokerTarget(BrokerAddress("127.0.0.1", free_port())), 3, 10.0, 1.0, prefix=unique
-    )
+def test_unreachable_broker(unique: str, tmp_path: Path) -> None:
+    port = free_port()
+    spec = FleetSpec(BrokerTarget(BrokerAddress("127.0.0.1", port)), 3, 10.0, 1.0, prefix=unique)
     with pytest.raises(BrokerUnreachable):
-        asyncio.run(run_fleet(spec))
+        asyncio.run(run_fleet(spec, connected=lambda: pytest.fail("said connected")))
+    # The command's one line, and no "simulating ..." before it (it came before connecting).
+    ran = run_cli("simulate", "--broker", f"mqtt://127.0.0.1:{port}", cwd=tmp_path)
+    assert ran.returncode == 3
+    assert ran.stdout == ""
+    assert ran.stderr.strip() == (
+        f"mqtt-backup: cannot reach the broker: mqtt://127.0.0.1:{port}: Connection refused. "
+        "Try: check --broker and that the broker runs"
+    )
 
 
 def test_qos0_on_mqtt311_sends_the_scheduled_count(

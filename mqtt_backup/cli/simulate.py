@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -53,12 +54,13 @@ def simulate(
         qos=qos,
     )
     templates = " ".join(f"--topic '{t}'" for t in spec.topics_for_bridge)
-    output.note(
+    said = (
         f"simulating {output.count(devices, 'device')} at {rate:g} msg/s "
         f"on {settings.broker_address}; "
         f"the bridge stores every shape with: mqtt-backup run {templates}"
     )
-    report = asyncio.run(_fleet_until_interrupted(spec))
+    # Said once connected: a broker that is down gets its one error line, not this first.
+    report = asyncio.run(_fleet_until_interrupted(spec, lambda: output.note(said)))
     output.note(
         f"published {output.count(report.published, 'message')} "
         f"(+{output.count(report.retained, 'retained status', 'retained statuses')}) from "
@@ -67,7 +69,7 @@ def simulate(
     )
 
 
-async def _fleet_until_interrupted(spec: FleetSpec) -> FleetReport:
+async def _fleet_until_interrupted(spec: FleetSpec, connected: Callable[[], None]) -> FleetReport:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -77,4 +79,4 @@ async def _fleet_until_interrupted(spec: FleetSpec) -> FleetReport:
         if sys.stderr.isatty():
             sys.stderr.write(f"\r{progress.published} published, {progress.rate:.0f} msg/s ")
 
-    return await run_fleet(spec, stop, show)
+    return await run_fleet(spec, stop, show, connected)

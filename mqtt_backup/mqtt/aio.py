@@ -116,8 +116,9 @@ class AsyncConnection:
             cause = exc.__context__  # aiomqtt raises `from None`: the socket's error is here
             if isinstance(cause, ssl.SSLError):  # the broker's certificate, as the codec says
                 raise BrokerUnreachable(f"{self.address}: {describe(cause)}", "check --ca") from exc
+            said = describe(cause) if isinstance(cause, OSError) else str(exc)  # no "[Errno 111]"
             raise BrokerUnreachable(
-                f"{self.address}: {exc}", "check --broker and that the broker runs"
+                f"{self.address}: {said}", "check --broker and that the broker runs"
             ) from exc
         self._client = client
         return self
