@@ -217,8 +217,10 @@ def test_a_client_whose_operation_a_stop_ended_hears_how_it_ended(
     operating.join(30)
     assert len(answers) == 1
     assert isinstance(answers[0], RemoteError), answers
-    assert answers[0].message().startswith(
-        "the bridge is stopping: the rebalance stopped between two steps"
+    assert (
+        answers[0]
+        .message()
+        .startswith("the bridge is stopping: the rebalance stopped between two steps")
     )
     assert answers[0].exit_code == 1
 
