@@ -18,8 +18,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_backup.config import BrokerTarget, Settings, parse_broker_url
-from mqtt_backup.mqtt import AsyncConnection
+from mqtt_backup.config import BrokerTarget, ProtocolVersion, Settings, parse_broker_url
+from mqtt_backup.errors import BrokerUnreachable
+from mqtt_backup.mqtt import AsyncConnection, aio, async_ingest, codec
+from mqtt_backup.mqtt import ingest as paho_ingest
 from mqtt_backup.restore.service import DROPPED_TOPIC, RETAINED_TOLD_MAX, RestoreService
 from mqtt_backup.times import parse_time
 from tests.conftest import (
@@ -321,3 +323,57 @@ def test_drops_are_known_on_a_broker_with_the_counter(
     _start(run_bridge, make_settings(broker, data_dir))
     done = _restore(broker, device, "k")
     assert (done["complete"], "broker_drops" in done) == (True, False), done
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_stop_while_the_restore_service_waits_for_a_connack_is_seen_at_once(
+    own_broker: Broker,
+    data_dir: Path,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+) -> None:
+    # The broker goes; what listens on its port then takes TCP and never answers CONNECT. The
+    # ingest saw a stop during that handshake at once, but the restore service's reconnect
+    # waited for its whole CONNACK timeout: a SIGTERM then took ~10 s (and, on 3.1.1, aiomqtt's
+    # timed-out client kept its socket). The wait is made far longer than `stop`'s patience
+    # here, so only a stop seen during the handshake passes.
+    for module in (codec, aio, async_ingest, paho_ingest):
+        monkeypatch.setattr(module, "CONNECT_TIMEOUT_S", 600.0)
+    bridge = _start(run_bridge, make_settings(own_broker, data_dir, protocol=protocol))
+    own_broker.stop()
+    wait_until(lambda: not bridge.bridge.restore_listening.is_set(), 20, "the restore side down")
+    silent = socket.create_server(("127.0.0.1", own_broker.port))
+    taken: list[socket.socket] = []
+    try:
+        silent.settimeout(20)
+        while len(taken) < 2:  # the ingest's and the restore service's reconnects
+            taken.append(silent.accept()[0])
+        bridge.stop()  # joins within 30 s, or fails
+    finally:
+        for conn in taken:
+            conn.close()
+        silent.close()
+
+
+def test_a_timed_out_311_connect_leaves_no_socket_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # aiomqtt kept a CONNECT it gave up on open (and its reader task pending): against a silent
+    # broker, the restore service held one socket more per retry, and a traceback at exit.
+    monkeypatch.setattr(aio, "CONNECT_TIMEOUT_S", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    url = f"mqtt://127.0.0.1:{silent.getsockname()[1]}"
+
+    async def connect() -> None:
+        async with AsyncConnection(BrokerTarget(parse_broker_url(url), ProtocolVersion.V311)):
+            pass
+
+    try:
+        with pytest.raises(BrokerUnreachable):
+            asyncio.run(connect())
+        conn = silent.accept()[0]
+        conn.settimeout(20)
+        with conn:
+            conn.recv(1024)  # the CONNECT
+            assert conn.recv(1024) == b""  # closed by the client, not left open
+    finally:
+        silent.close()

@@ -1232,9 +1232,11 @@ def test_writes_after_the_reader_opened_are_seen(own_store: Store, own_reader: L
     assert payloads(stream(own_reader, {}, topic=f"{PREFIX}/dev-3")) == [b"new device"]
 
 
+@pytest.mark.parametrize("until", [None, BASE_NS + 10_000 * SEC])
 def test_a_restore_without_until_ends_at_what_was_stored_when_it_began(
-    own_store: Store, own_reader: LiveReader, monkeypatch: pytest.MonkeyPatch
+    own_store: Store, own_reader: LiveReader, monkeypatch: pytest.MonkeyPatch, until: int | None
 ) -> None:
+    # An `until` later than anything stored ("until tomorrow") read on just the same.
     # Read to whatever was last, the restore of a device sending faster than it was read never
     # ended: here a new message of dev-1 arrives with every chunk read (up to 300 of them).
     monkeypatch.setattr(restore_module, "FIRST_CHUNK", 2)
@@ -1250,7 +1252,8 @@ def test_a_restore_without_until_ends_at_what_was_stored_when_it_began(
         return rows
 
     monkeypatch.setattr(own_reader, "read_rows", read_while_dev1_sends)
-    assert [b["topic"] for b in stream(own_reader, {})] == [r.topic for r in DEV1]
+    window = {} if until is None else {"until": until / SEC}
+    assert [b["topic"] for b in stream(own_reader, window)] == [r.topic for r in DEV1]
     assert 1 < arrived[0] < 300  # messages did arrive during the restore
     last_arrived = b"%d" % arrived[0]
     newest_first = stream(own_reader, {"order": "desc", "limit": 1})

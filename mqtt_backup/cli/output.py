@@ -6,6 +6,7 @@ Stored data is shown as it is: a device id such as `[red]x[` is text, never rich
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,13 +83,27 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
 def output_file(path: str) -> Iterator[TextIO]:
     """The file to write, or stdout for '-'; a path that cannot be written is a usage error."""
     if path == "-":
-        yield sys.stdout
+        try:
+            yield sys.stdout
+            sys.stdout.flush()  # a full disk shows here, not as Python's own message at exit
+        except BrokenPipeError:
+            raise  # a reader that went away (`| head`): not a problem to report
+        except OSError as exc:
+            _drop_stdout()
+            raise UsageError(f"cannot write the standard output: {exc.strerror or exc}") from exc
         return
     try:
         with Path(path).open("w", encoding="utf-8", newline="") as handle:
             yield handle
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _drop_stdout() -> None:
+    """What stdout still buffers goes nowhere: a second try at exit would fail again, aloud."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BrokerRefused, BrokerUnreachable
-from mqtt_backup.mqtt.session import describe, tls_context
+from mqtt_backup.mqtt.session import CONNECT_TIMEOUT_S, describe, tls_context
 from mqtt_backup.mqtt.values import Delivery
 from mqtt_backup.records import Properties
 
@@ -91,7 +91,7 @@ class AsyncConnection:
             "identifier": self.client_id,
             "protocol": aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311,
             "keepalive": keepalive,
-            "timeout": 10,
+            "timeout": CONNECT_TIMEOUT_S,
             "max_inflight_messages": max_inflight,
             "max_queued_incoming_messages": 10_000,
         }
@@ -107,7 +107,7 @@ class AsyncConnection:
         _quiet_closed_socket_errors(asyncio.get_running_loop())
         client = aiomqtt.Client(self.address.host, self.address.port, **self._options)
         try:
-            await client.__aenter__()
+            await _enter(client)
         except MqttConnectError as exc:
             raise BrokerRefused(
                 f"{self.address}: {exc}", "check the user name and password"
@@ -239,3 +239,17 @@ def _failed(code: object) -> bool:
     if isinstance(is_failure, bool):
         return is_failure
     return code == 128
+
+
+async def _enter(client: aiomqtt.Client) -> None:
+    """`client.__aenter__()`; a failed or cancelled one leaves no socket behind.
+
+    aiomqtt leaves a timed-out (or cancelled) handshake's socket open and its reader task
+    pending: a socket more per retry against a silent broker, and a traceback at exit. paho's
+    own `__del__` closes them, later, when the loop may be gone: here it is done at once.
+    """
+    try:
+        await client.__aenter__()
+    except BaseException:
+        client._client._reset_sockets()  # paho's own cleanup, see above
+        raise

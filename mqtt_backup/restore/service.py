@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mqtt_backup.config import BrokerTarget
 from mqtt_backup.errors import BackupError, BrokerRefused, CorruptRecord, StorageError
@@ -49,6 +49,7 @@ from mqtt_backup.times import NS_PER_S, format_ts
 from mqtt_backup.topics import DEFAULT_GROUP, filter_matches
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 WINDOW = 64
 MAX_ACTIVE = 4
@@ -636,7 +637,10 @@ async def serve(
     backoff = Backoff()
     while not stop.is_set():
         try:
-            async with _connection(options, service.window) as conn:
+            async with contextlib.AsyncExitStack() as stack:
+                conn = _connection(options, service.window)
+                if await _unless_stopped(stack.enter_async_context(conn), stop) is None:
+                    break  # stopped during the handshake
                 watcher.connected()
                 await _watch_sys(conn)  # first: the current readings arrive before any request
                 # Retain-as-published: a live retained request (or the empty retained publish
@@ -719,6 +723,26 @@ async def _incoming(conn: Connection) -> AsyncIterator[Delivery]:
         for delivery in batch:
             yield delivery
         conn.ack(batch)  # a request is a task of its own by now
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, _T], stop: asyncio.Event) -> _T | None:
+    """`work`'s result; None when `stop` is set first (`work` is then cancelled, and has ended).
+
+    For the handshake: a broker that takes TCP and then says nothing holds it for its whole
+    timeout, and a stop must not wait for that (SIGTERM took ~10 s).
+    """
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:

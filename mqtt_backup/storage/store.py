@@ -87,10 +87,10 @@ class Cursor:
 def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes, bytes]]:
     """The next (up to) `limit` (key, stored bytes) of the cursor's device in `part`; moves it.
 
-    The chunk also ends once its values reach CHUNK_BYTES (one record at least). An open end
-    is fixed at the first read (`_fix_open_end`).
+    The chunk also ends once its values reach CHUNK_BYTES (one record at least). The end of
+    an oldest-first read is fixed at its first read (`_fix_open_end`).
     """
-    if cursor.until_ns is None and not cursor.reverse and cursor.after is None:
+    if not cursor.reverse and cursor.after is None:
         _fix_open_end(part, cursor)
         if cursor.done:
             return []
@@ -111,16 +111,19 @@ def _read_rows(part: Partition, cursor: Cursor, limit: int) -> list[tuple[bytes,
 
 
 def _fix_open_end(part: Partition, cursor: Cursor) -> None:
-    """End an oldest-first read without `until` after the device's last message stored now.
+    """End an oldest-first read after the device's last message in its window stored now.
 
     Read to whatever is last, a read of a device that sends faster than it is read would never
-    end. A device's receive times only grow (its partition's clock is strictly monotonic, and a
-    move raises the new partition's clock to the device's last time), so every message stored
-    before this read is below the bound, and every later one at or above it. Newest first needs
-    no bound: it starts at the top and reads away from what arrives.
+    end (also with an `until` still to come: "until tomorrow"). A device's receive times only
+    grow (its partition's clock is strictly monotonic, and a move raises the new partition's
+    clock to the device's last time), so every message stored before this read is below the
+    bound, and every later one at or above it. Newest first needs no bound: it starts at the
+    top and reads away from what arrives.
     """
-    last = part.read_range(device_key(cursor.device), cursor.since_ns, None, True, None, 1)
-    if last:
+    last = part.read_range(
+        device_key(cursor.device), cursor.since_ns, cursor.until_ns, True, None, 1
+    )
+    if last:  # below `until`, if any: the bound only comes closer
         cursor.until_ns = split_key(last[0][0])[1] + 1
     else:
         cursor.done = True  # nothing in the window yet: nothing arrived before the request
