@@ -78,6 +78,7 @@ class Bridge:
         """
         self.settings = settings
         self._stop = threading.Event()
+        self._stop_asked = False  # see `stop`
         self.restore_listening = threading.Event()
         # The store and the client-id check, side by side (docs/design-notes.md, "Start-up").
         if startup is None:
@@ -268,6 +269,13 @@ class Bridge:
 
     def stop(self) -> None:
         """Ask the bridge to stop (safe from a signal handler or another thread)."""
+        # A second signal's handler can run inside the first's Event.set, which holds the
+        # event's lock, and would wait for it forever (Ctrl-C in `make run`: the terminal's
+        # SIGINT, then the script's SIGTERM). The first call sets the event; later ones add
+        # nothing.
+        if self._stop_asked:
+            return
+        self._stop_asked = True
         self._stop.set()
 
     # ---- hooks the transport calls -----------------------------------------------------------

@@ -36,7 +36,9 @@ trap cleanup EXIT
 if [ -z "${MQTT_BACKUP_BROKER:-}" ]; then
   ensure_mosquitto
   if port_in_use; then
-    echo "mqtt-backup: port $PORT is already taken (another broker?). To back up that broker instead, run: MQTT_BACKUP_BROKER=mqtt://127.0.0.1:$PORT make run" >&2
+    # A second `make run` in the same checkout lands here too: its bridge would find the data
+    # directory locked by the first, so the hint names the data directory as well.
+    echo "mqtt-backup: port $PORT is already taken (another broker, or a make run already running?). Try: to back up that broker, MQTT_BACKUP_BROKER=mqtt://127.0.0.1:$PORT make run (beside a bridge that runs, with its own MQTT_BACKUP_DATA=DIR)" >&2
     exit 2
   fi
   mkdir -p .run/mosquitto
