@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -162,6 +163,31 @@ def test_the_visible_password_warning_is_a_json_line_under_log_format_json(
     assert len(warnings) == 1, logged
     assert "--password-file" in warnings[0]["message"]
     assert f"pw-{closed}" not in result.stderr
+
+
+@pytest.mark.parametrize("asked", ["flag", "environment"])
+def test_a_start_refused_on_its_settings_says_so_in_json_when_json_was_asked(
+    tmp_path: Path, asked: str
+) -> None:
+    # Before: the settings that did not load (here a template without {device}) decided no log
+    # format, so the one error line came as bare text, though the flag or variable said json.
+    flag = ["--log-format", "json"] if asked == "flag" else []
+    env = {**os.environ, "MQTT_BACKUP_LOG_FORMAT": "json"} if asked == "environment" else None
+    result = subprocess.run(
+        [sys.executable, "-m", "mqtt_backup", "run", *flag, "--topic", "devices/#"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**(env or os.environ), "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    said = json.loads(line)
+    assert said["level"] == "error", said
+    assert said["message"].startswith("mqtt-backup: "), said
+    assert "{device}" in said["message"], said
 
 
 class _StalledDisk(FaultyStore):

@@ -19,6 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import click
 
 from mqtt_backup import config, logs
+from mqtt_backup.errors import BackupError
 
 # The cyclic GC's youngest generation filled every ~600 messages on the ingest path (a tuple per
 # message held until its commit), and its older collections walked every object of the start-up:
@@ -69,7 +70,11 @@ def _click_type(kind: Any) -> click.ParamType[Any]:
 def _run(config_file: Path | None, **flags: Any) -> None:
     given = {name: _given(value) for name, value in flags.items()}
     with logs.held():
-        settings = config.load(given, os.environ, config_file)
+        try:
+            settings = config.load(given, os.environ, config_file)
+        except BackupError:
+            _log_as_asked(given)
+            raise
     logs.configure(
         settings.log_level, settings.log_format, secrets=[settings.broker_address.password]
     )
@@ -91,6 +96,17 @@ def _run(config_file: Path | None, **flags: Any) -> None:
     signal.signal(signal.SIGINT, stop)
     quieter_gc()
     bridge.run()
+
+
+def _log_as_asked(given: dict[str, Any]) -> None:
+    """Settings that do not load: their error line in the format a flag or the environment asked.
+
+    A log collector reading `--log-format json` must not meet a bare text line last; a format
+    asked for only in a config file that did not load cannot be known.
+    """
+    asked = given.get("log_format") or os.environ.get(config.env_name("log_format"), "")
+    if str(asked).strip().lower() == config.LogFormat.JSON.value:
+        logs.configure("ERROR", config.LogFormat.JSON)
 
 
 def quieter_gc() -> None:
