@@ -367,9 +367,17 @@ class Bridge:
         return not (stalled or self.store.freeing_space)
 
     async def _operate(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """An operation from the control socket, on the loop."""
+        """An operation from the control socket, on the loop; its start and end are logged."""
         work = operations.units(self.store, op, args)
-        return await self._beside_ingest(op, work, operations.frees_space(op, args))
+        log.info("%s asked over the control socket: running it beside ingest", op)
+        started = time.monotonic()
+        try:
+            done = await self._beside_ingest(op, work, operations.frees_space(op, args))
+        except BackupError as exc:
+            log.warning("%s ended after %.1f s: %s", op, time.monotonic() - started, exc.message())
+            raise
+        log.info("%s done in %.1f s", op, time.monotonic() - started)
+        return done
 
     async def _beside_ingest(self, what: str, work: Units[_R], frees_space: bool) -> _R:
         """Run a long operation's units in a worker thread, committing between them.

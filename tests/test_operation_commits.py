@@ -320,7 +320,11 @@ def test_a_state_file_with_an_out_of_range_time_is_a_fresh_state(data_dir: Path)
 
 
 def test_a_stop_during_a_long_operation_ends_it_at_a_unit_boundary(
-    broker: Broker, data_dir: Path, run_bridge: RunBridge, monkeypatch: pytest.MonkeyPatch
+    broker: Broker,
+    data_dir: Path,
+    run_bridge: RunBridge,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A SIGTERM during a big `partitions add` waited for the whole move (and a service
     manager's stop timeout then killed the bridge anyway): now the operation ends at the next
@@ -338,7 +342,7 @@ def test_a_stop_during_a_long_operation_ends_it_at_a_unit_boundary(
         return step(work)
 
     monkeypatch.setattr(bridge_module, "step", step_then_stop)
-    with pytest.raises(RemoteError) as stopped:
+    with caplog.at_level(logging.INFO), pytest.raises(RemoteError) as stopped:
         call(data_dir, "partitions-add", {"name": "p3"}, timeout=60)
     assert stopped.value.message() == (
         "the bridge is stopping: the partitions-add stopped between two steps (nothing is "
@@ -346,6 +350,13 @@ def test_a_stop_during_a_long_operation_ends_it_at_a_unit_boundary(
     )
     bridge.stop()
     assert steps == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "mqtt_backup.bridge"]
+    assert "partitions-add asked over the control socket: running it beside ingest" in said
+    assert any(  # the bridge's log says it too, not only the command that asked
+        line.startswith("partitions-add ended after ")
+        and line.endswith(" s: " + stopped.value.message())
+        for line in said
+    ), said
     report = checks.verify(data_dir)  # a store as a kill -9 at that boundary would leave it
     assert report.ok, [p.describe() for p in report.problems]
     store = Store.open(data_dir, create=False)
