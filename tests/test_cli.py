@@ -334,6 +334,13 @@ def test_forget_of_a_device_not_stored_says_so(tmp_path: Path) -> None:
     result = invoke("forget", "dev-9999", "--data", str(data))
     assert result.exit_code == 0, result.output  # forgetting twice is no error
     assert result.stdout.strip() == (
-        "deleted 0 messages (0 bytes) of dev-9999: nothing of it is stored "
-        "(`mqtt-backup devices` lists the stored ids)"
+        "deleted 0 messages (0 bytes) of dev-9999: nothing of it is stored; "
+        "`mqtt-backup devices` lists the stored ids"
+    )
+    # With --before the result cannot tell "nothing before then" from "nothing at all".
+    before = invoke("forget", "dev-9999", "--before", "2020-01-01T00:00:00Z", "--data", str(data))
+    assert before.exit_code == 0, before.output
+    assert before.stdout.strip() == (
+        "deleted 0 messages (0 bytes) of dev-9999: nothing of it is stored before that time "
+        "(if anything at all); `mqtt-backup devices` lists the stored ids"
     )

@@ -135,8 +135,8 @@ def forget(
     )
     if result["messages"] == 0:
         # Still exit 0 (forgetting twice is no error), but a mistyped id must not look done.
-        when = " before that time" if before is not None else ""
-        text += f": nothing of it is stored{when} (`mqtt-backup devices` lists the stored ids)"
+        when = " before that time (if anything at all)" if before is not None else ""
+        text += f": nothing of it is stored{when}; `mqtt-backup devices` lists the stored ids"
     _show(result, as_json, text)
 
 
