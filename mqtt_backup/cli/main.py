@@ -7,6 +7,7 @@ code: 0 ok, 1 runtime failure, 2 usage or bad input, 3 broker unreachable or ref
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import platform
@@ -20,7 +21,7 @@ from typer.core import TyperGroup
 
 import mqtt_backup
 from mqtt_backup.cli import run
-from mqtt_backup.cli.output import PROG, error_line
+from mqtt_backup.cli.output import PROG, drop_stdout, error_line
 from mqtt_backup.errors import EXIT_RUNTIME, EXIT_USAGE, BackupError
 
 # Interrupted by Ctrl-C: the shell's convention, 128 + SIGINT.
@@ -125,6 +126,7 @@ class Root(TyperGroup):
         extra.pop("standalone_mode", None)
         try:
             code = super().main(argv, PROG, standalone_mode=False, **extra)
+            sys.stdout.flush()  # a full disk shows here, not as Python's own complaint at exit
         except BaseException as exc:  # noqa: BLE001 - the one place every error becomes a code
             sys.exit(_report(exc, argv, self))
         sys.exit(code if isinstance(code, int) else 0)
@@ -152,6 +154,12 @@ def _report(exc: BaseException, argv: list[str], root: click.Group) -> int:  # n
             return exc.exit_code
         case SystemExit():
             raise exc
+        case OSError() if exc.errno in _DISK_FULL:
+            # Storage says its own disk errors (StorageError): a full disk here is the output's,
+            # a table or lines on stdout (`> file`), as `--output FILE` says it (exit 2).
+            drop_stdout()
+            error_line(f"cannot write the output: {os.strerror(exc.errno or 0)}")
+            return EXIT_USAGE
         case _ if os.environ.get("MQTT_BACKUP_DEBUG"):
             raise exc
         case _:
@@ -161,6 +169,9 @@ def _report(exc: BaseException, argv: list[str], root: click.Group) -> int:  # n
                 "for the traceback, and report it"
             )
             return EXIT_RUNTIME
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _sentence(text: str) -> str:

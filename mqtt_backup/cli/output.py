@@ -89,7 +89,7 @@ def output_file(path: str) -> Iterator[TextIO]:
         except BrokenPipeError:
             raise  # a reader that went away (`| head`): not a problem to report
         except OSError as exc:
-            _drop_stdout()
+            drop_stdout()
             raise UsageError(f"cannot write the standard output: {exc.strerror or exc}") from exc
         return
     try:
@@ -99,7 +99,7 @@ def output_file(path: str) -> Iterator[TextIO]:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _drop_stdout() -> None:
+def drop_stdout() -> None:
     """What stdout still buffers goes nowhere: a second try at exit would fail again, aloud."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
