@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mqtt_backup import jsontext
 from mqtt_backup.envelope import CSV_COLUMNS, csv_row, message_envelope
 from mqtt_backup.errors import UsageError
 from mqtt_backup.storage import DeviceInfo, StoreReader
@@ -233,7 +234,7 @@ def export_chunks(data_dir: Path, device: str, win: Window, fmt: str) -> Iterato
             if writer is not None:
                 writer.writerow(csv_row(envelope))
             else:
-                out.write(json.dumps(envelope, ensure_ascii=False) + "\n")
+                out.write(jsontext.dumps(envelope) + "\n")  # export's very lines
             if n % 500 == 0:
                 yield _drain(out)
         yield _drain(out)
